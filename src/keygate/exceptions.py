@@ -1,0 +1,83 @@
+"""keygate's exceptions.
+
+Every error keygate raises on purpose derives from one root::
+
+    KeyGateError
+    ├── KeyFormatError          a token is not a well-formed keygate key (prefix, length,
+    │                           alphabet, checksum); raised before any store is consulted
+    ├── KeyValidationError      key settings break the policy (unknown scope, client key
+    │                           without origins, malformed CIDR, expiry in the past, ...);
+    │                           also a ValueError, carrying one FieldError per problem
+    ├── KeyNotFound             no key record has that id
+    ├── KeyConflict             a record with that id or digest already exists
+    └── StoreError              the key store failed
+        └── StoreUnavailable    the store could not be reached or did not answer in time
+
+Messages never contain a secret: at most a key's public id or display hint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "FieldError",
+    "KeyConflict",
+    "KeyFormatError",
+    "KeyGateError",
+    "KeyNotFound",
+    "KeyValidationError",
+    "StoreError",
+    "StoreUnavailable",
+]
+
+
+class KeyGateError(Exception):
+    """The root of every error keygate raises on purpose."""
+
+
+class KeyFormatError(KeyGateError, ValueError):
+    """A token is not a well-formed keygate key.
+
+    The message says what is wrong (prefix, length, alphabet, checksum) and never repeats
+    the token itself.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class FieldError:
+    """One problem with one input field."""
+
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
+
+
+class KeyValidationError(KeyGateError, ValueError):
+    """Key settings break the key-type policy or the scope catalogue."""
+
+    def __init__(self, errors: list[FieldError]) -> None:
+        self.errors = list(errors)
+        super().__init__("; ".join(str(e) for e in self.errors))
+
+    @classmethod
+    def single(cls, field: str, message: str) -> KeyValidationError:
+        return cls([FieldError(field, message)])
+
+
+class KeyNotFound(KeyGateError, LookupError):
+    """No key record has that id."""
+
+
+class KeyConflict(KeyGateError):
+    """A key record with that id or digest already exists."""
+
+
+class StoreError(KeyGateError):
+    """The key store failed."""
+
+
+class StoreUnavailable(StoreError):
+    """The key store could not be reached, or did not answer in time."""

@@ -1,0 +1,39 @@
+"""Configuration from keyword arguments and the environment (``KEYGATE_`` prefix).
+
+Example::
+
+    KEYGATE_REDIS_URL=redis://127.0.0.1:6379/0
+    KEYGATE_SECRET=...  # python -c "import secrets; print(secrets.token_urlsafe(32))"
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["KeyGateSettings"]
+
+
+class KeyGateSettings(BaseSettings):
+    """Every knob keygate reads from the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="KEYGATE_", extra="ignore", frozen=True)
+
+    redis_url: str | None = Field(
+        default=None, description="Redis URL; unset means the in-memory store."
+    )
+    secret: SecretStr | None = Field(
+        default=None, description="Server secret keyed into every key digest (HMAC-SHA256)."
+    )
+    namespace: str = Field(default="keygate", description="Prefix of every Redis key name.")
+    redis_timeout: float = Field(default=0.5, gt=0, description="Seconds per Redis command.")
+    redis_pool_size: int = Field(default=50, ge=1, description="Redis connections at most.")
+    redis_pool_timeout: float = Field(
+        default=1.0, gt=0, description="Seconds to wait for a free pooled connection."
+    )
+    cache_size: int = Field(default=10_000, ge=1, description="Key records cached in process.")
+    cache_ttl: float = Field(default=10.0, gt=0, description="Seconds a cached record lives.")
+    negative_cache_size: int = Field(default=10_000, ge=0, description="Unknown digests kept.")
+    negative_cache_ttl: float = Field(
+        default=2.0, ge=0, description="Seconds an unknown digest is remembered."
+    )

@@ -1,0 +1,251 @@
+"""An in-process cache in front of a key store, that still revokes at once.
+
+- Bounded: at most ``max_size`` records (least recently used go first) and
+  ``negative_size`` unknown digests.
+- Fresh: an entry lives ``ttl`` seconds at most. The store's change announcements drop
+  entries sooner — synchronously for changes made in this process, through Redis pub/sub
+  for changes made elsewhere — so a revoked key is refused on the next request here and
+  within milliseconds everywhere else. If announcements stop (connection dropped),
+  staleness is still bounded by ``ttl``, and the cache is cleared when they resume.
+- Honest about unknowns: an unknown digest is remembered ``negative_ttl`` seconds, only
+  while announcements are arriving, and forgotten as soon as a key with that digest is
+  added anywhere — so it never hides a key created afterwards.
+- A lookup that raced with a change is not cached: a fetch started before an
+  announcement may have read the old record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from typing import Any
+
+from keygate.clock import Clock
+from keygate.models import ApiKey
+from keygate.stores.protocol import KeyStore, StoreListener
+
+__all__ = ["CacheEntry", "CachedStore"]
+
+
+class CacheEntry:
+    """One cached record, and room for what callers derive from it (e.g. scope sets)."""
+
+    __slots__ = ("derived", "digest", "fresh_until", "record")
+
+    def __init__(self, record: ApiKey, digest: str, fresh_until: float) -> None:
+        self.record = record
+        self.digest = digest
+        self.fresh_until = fresh_until
+        self.derived: Any = None
+
+
+class CachedStore:
+    """A :class:`~keygate.stores.protocol.KeyStore` with a bounded cache in front."""
+
+    def __init__(
+        self,
+        store: KeyStore,
+        *,
+        max_size: int = 10_000,
+        ttl: float = 10.0,
+        negative_size: int = 10_000,
+        negative_ttl: float = 2.0,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        if max_size < 1 or negative_size < 0 or ttl <= 0 or negative_ttl < 0:
+            raise ValueError("cache sizes must be positive and TTLs non-negative")
+        self.store = store
+        self.max_size = max_size
+        self.ttl = ttl
+        self.negative_size = negative_size
+        self.negative_ttl = negative_ttl
+        self._clock = clock
+        self._entries: OrderedDict[str, CacheEntry] = OrderedDict()
+        self._ids: dict[str, str] = {}  # key id -> digest of its cached entry
+        self._unknown: OrderedDict[str, float] = OrderedDict()  # digest -> fresh until
+        self._inflight: dict[str, asyncio.Future[CacheEntry | None]] = {}
+        self._epoch = 0  # bumped by every invalidation; see _fetch
+        self._listener = _Invalidator(self)
+        self._subscribed = False
+        self.hits = 0
+        self.misses = 0
+
+    def _subscribe(self) -> None:
+        # Deferred to the first lookup: a Redis store starts its listener task there,
+        # which needs a running event loop.
+        if not self._subscribed:
+            self._subscribed = True
+            self.store.add_listener(self._listener)
+
+    async def start(self, timeout: float = 1.0) -> bool:
+        """Subscribe to the store's announcements and wait, at most ``timeout`` seconds, until
+        they flow; whether they do. Lookups work either way (see the module docstring)."""
+        self._subscribe()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self.store.listening and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        return self.store.listening
+
+    # -- lookups ----------------------------------------------------------------------------
+
+    async def lookup(self, digest: str) -> CacheEntry | None:
+        """The cache entry for a key digest, fetching from the store on a miss.
+
+        ``None`` means the store has no such key. Store errors propagate.
+        """
+        entry = self._entries.get(digest)
+        now = self._clock()
+        if entry is not None:
+            if entry.fresh_until > now:
+                self._entries.move_to_end(digest)
+                self.hits += 1
+                return entry
+            self._drop(digest)
+        until = self._unknown.get(digest)
+        if until is not None:
+            if until > now and self.store.listening:
+                self.hits += 1
+                return None
+            del self._unknown[digest]
+        self.misses += 1
+        pending = self._inflight.get(digest)
+        if pending is not None:
+            # Concurrent misses for one key share one store lookup.
+            try:
+                return await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if pending.done() and pending.cancelled() and task and not task.cancelling():
+                    return await self._fetch(digest)  # the leader was cancelled, not us
+                raise
+        future: asyncio.Future[CacheEntry | None] = asyncio.get_running_loop().create_future()
+        self._inflight[digest] = future
+        try:
+            result = await self._fetch(digest)
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: the waiters, if any, get it raised
+            raise
+        else:
+            future.set_result(result)
+            return result
+        finally:
+            del self._inflight[digest]
+
+    async def find(self, digest: str) -> ApiKey | None:
+        entry = await self.lookup(digest)
+        return None if entry is None else entry.record
+
+    async def _fetch(self, digest: str) -> CacheEntry | None:
+        self._subscribe()
+        epoch = self._epoch
+        record = await self.store.find(digest)
+        now = self._clock()
+        if record is None:
+            entry = None
+            if epoch == self._epoch and self.negative_size and self.store.listening:
+                self._unknown[digest] = now + self.negative_ttl
+                while len(self._unknown) > self.negative_size:
+                    self._unknown.popitem(last=False)
+            return None
+        entry = CacheEntry(record, digest, now + self.ttl)
+        if epoch == self._epoch:  # no change was announced while we read: safe to keep
+            self._entries[digest] = entry
+            self._ids[record.id] = digest
+            while len(self._entries) > self.max_size:
+                _, evicted = self._entries.popitem(last=False)
+                self._ids.pop(evicted.record.id, None)
+        return entry
+
+    # -- invalidation -----------------------------------------------------------------------
+
+    def _drop(self, digest: str) -> None:
+        entry = self._entries.pop(digest, None)
+        if entry is not None:
+            self._ids.pop(entry.record.id, None)
+
+    def invalidate(self, key_id: str, digest: str | None = None) -> None:
+        """Forget what is cached for a key id (and a digest, e.g. of a key just added)."""
+        self._epoch += 1
+        cached = self._ids.pop(key_id, None)
+        if cached is not None:
+            self._entries.pop(cached, None)
+        if digest is not None:
+            self._unknown.pop(digest, None)
+            self._drop(digest)
+
+    def distrust(self) -> None:
+        """Announcements stopped: nothing fetched from now on is known to be current."""
+        self._epoch += 1
+
+    def clear(self) -> None:
+        """Forget everything."""
+        self._epoch += 1
+        self._entries.clear()
+        self._ids.clear()
+        self._unknown.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    # -- the rest of the store protocol, invalidating as it goes -----------------------------
+
+    @property
+    def listening(self) -> bool:
+        return self.store.listening
+
+    def add_listener(self, listener: StoreListener) -> None:
+        self.store.add_listener(listener)
+
+    async def add(self, key: ApiKey, digest: str) -> None:
+        try:
+            await self.store.add(key, digest)
+        finally:
+            self.invalidate(key.id, digest)
+
+    async def get(self, key_id: str) -> ApiKey | None:
+        return await self.store.get(key_id)
+
+    async def replace(self, key: ApiKey) -> None:
+        try:
+            await self.store.replace(key)
+        finally:
+            self.invalidate(key.id)
+
+    async def list_keys(self, *, after: str | None = None, limit: int = 100) -> list[ApiKey]:
+        return await self.store.list_keys(after=after, limit=limit)
+
+    async def ping(self) -> None:
+        await self.store.ping()
+
+    async def close(self) -> None:
+        self.clear()
+        await self.store.close()
+
+    def __repr__(self) -> str:
+        return f"CachedStore({self.store!r}, {len(self._entries)}/{self.max_size} cached)"
+
+
+class _Invalidator:
+    """The cache's ear on the store's announcements."""
+
+    __slots__ = ("_cache",)
+
+    def __init__(self, cache: CachedStore) -> None:
+        self._cache = cache
+
+    def key_changed(self, key_id: str, digest: str | None) -> None:
+        self._cache.invalidate(key_id, digest)
+
+    def resync(self) -> None:
+        self._cache.clear()
+
+    def connection_lost(self) -> None:
+        # Positive entries stay, bounded by their TTL; negative ones are no longer trusted
+        # (lookup checks store.listening before using one).
+        self._cache.distrust()

@@ -1,0 +1,66 @@
+"""The in-memory store: the embedded default, for the demo, tests and single processes."""
+
+from __future__ import annotations
+
+import bisect
+
+from keygate.exceptions import KeyConflict, KeyNotFound
+from keygate.models import ApiKey
+from keygate.stores.protocol import StoreListener
+
+__all__ = ["MemoryStore"]
+
+
+class MemoryStore:
+    """Key records in a dict. Changes reach listeners synchronously."""
+
+    def __init__(self) -> None:
+        self._records: dict[str, ApiKey] = {}
+        self._by_digest: dict[str, str] = {}
+        self._order: list[str] = []  # ids sort in creation order (see keys.new_key_id)
+        self._listeners: list[StoreListener] = []
+
+    @property
+    def listening(self) -> bool:
+        return True  # nothing happens to this store that its listeners do not hear
+
+    def add_listener(self, listener: StoreListener) -> None:
+        self._listeners.append(listener)
+
+    def _announce(self, key_id: str, digest: str | None) -> None:
+        for listener in self._listeners:
+            listener.key_changed(key_id, digest)
+
+    async def add(self, key: ApiKey, digest: str) -> None:
+        if key.id in self._records or digest in self._by_digest:
+            raise KeyConflict(f"a key with id {key.id} or the same digest already exists")
+        self._records[key.id] = key
+        self._by_digest[digest] = key.id
+        bisect.insort(self._order, key.id)
+        self._announce(key.id, digest)
+
+    async def get(self, key_id: str) -> ApiKey | None:
+        return self._records.get(key_id)
+
+    async def find(self, digest: str) -> ApiKey | None:
+        key_id = self._by_digest.get(digest)
+        return None if key_id is None else self._records.get(key_id)
+
+    async def replace(self, key: ApiKey) -> None:
+        if key.id not in self._records:
+            raise KeyNotFound(f"no key with id {key.id}")
+        self._records[key.id] = key
+        self._announce(key.id, None)
+
+    async def list_keys(self, *, after: str | None = None, limit: int = 100) -> list[ApiKey]:
+        start = 0 if after is None else bisect.bisect_right(self._order, after)
+        return [self._records[i] for i in self._order[start : start + max(limit, 0)]]
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"MemoryStore({len(self._records)} keys)"

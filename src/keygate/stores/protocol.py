@@ -1,0 +1,64 @@
+"""The one contract every key store keeps.
+
+A store holds key records (:class:`~keygate.models.ApiKey`) and an index from the
+HMAC digest of each key to its record. It never sees a plaintext key.
+
+Stores announce changes to listeners, so caches in front of them — in this process or,
+through Redis pub/sub, in every process sharing the store — drop stale entries at once.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from keygate.models import ApiKey
+
+__all__ = ["KeyStore", "StoreListener"]
+
+
+class StoreListener(Protocol):
+    """Receives a store's change announcements."""
+
+    def key_changed(self, key_id: str, digest: str | None) -> None:
+        """A record changed (updated, revoked, rotated) or was added (``digest`` given)."""
+
+    def resync(self) -> None:
+        """Announcements may have been missed: treat everything cached as stale."""
+
+    def connection_lost(self) -> None:
+        """Announcements stopped arriving until the next :meth:`resync`."""
+
+
+@runtime_checkable
+class KeyStore(Protocol):
+    """Where key records live. Methods raise :class:`~keygate.exceptions.StoreError`
+    (usually :class:`~keygate.exceptions.StoreUnavailable`) when the backend fails."""
+
+    @property
+    def listening(self) -> bool:
+        """Whether change announcements from other processes are arriving right now."""
+
+    def add_listener(self, listener: StoreListener) -> None:
+        """Deliver change announcements to ``listener`` from now on."""
+
+    async def add(self, key: ApiKey, digest: str) -> None:
+        """Store a new record; :class:`~keygate.exceptions.KeyConflict` if its id or
+        digest is taken."""
+
+    async def get(self, key_id: str) -> ApiKey | None:
+        """The record with this public id, if any."""
+
+    async def find(self, digest: str) -> ApiKey | None:
+        """The record whose key has this digest, if any (revoked and expired included)."""
+
+    async def replace(self, key: ApiKey) -> None:
+        """Overwrite an existing record; :class:`~keygate.exceptions.KeyNotFound` if none."""
+
+    async def list_keys(self, *, after: str | None = None, limit: int = 100) -> list[ApiKey]:
+        """Up to ``limit`` records in creation order, starting after the id ``after``."""
+
+    async def ping(self) -> None:
+        """Raise :class:`~keygate.exceptions.StoreUnavailable` unless the store answers."""
+
+    async def close(self) -> None:
+        """Release connections and background tasks. Idempotent."""

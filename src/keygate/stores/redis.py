@@ -1,0 +1,260 @@
+"""The Redis store (redis.asyncio): many app processes and hosts share one Redis.
+
+Layout, under a namespace (default ``keygate``)::
+
+    keygate:key:{key_...}      the record, JSON          hash-tagged by key id, so every
+    keygate:digest:<hmac>      the key id                Redis Cluster slot holds all of one
+    keygate:index              sorted set of ids         key's data (usage, limits, record)
+    keygate:events             pub/sub channel of changes
+
+No secret is stored: ``<hmac>`` is the HMAC-SHA256 of the key under the server secret.
+
+The connection pool *waits* for a free connection (``BlockingConnectionPool``) instead of
+failing with "Too many connections" under bursts, and every command has a timeout, so a
+slow or dead Redis turns into :class:`~keygate.exceptions.StoreUnavailable` quickly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from keygate.exceptions import KeyConflict, KeyNotFound, StoreError, StoreUnavailable
+from keygate.models import ApiKey
+from keygate.stores.protocol import StoreListener
+
+__all__ = ["RedisStore"]
+
+logger = logging.getLogger("keygate.store")
+
+_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)
+
+
+@contextlib.contextmanager
+def _store_errors(action: str) -> Iterator[None]:
+    """Turn redis-py's and the socket's errors into the library's own, keeping the cause."""
+    try:
+        yield
+    except _UNAVAILABLE as exc:
+        raise StoreUnavailable(
+            f"Redis is unreachable while {action}: {type(exc).__name__}"
+        ) from exc
+    except RedisError as exc:
+        raise StoreError(f"Redis failed while {action}: {type(exc).__name__}") from exc
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class RedisStore:
+    """Key records in Redis, with change announcements over pub/sub."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        namespace: str = "keygate",
+        heartbeat: float = 5.0,
+    ) -> None:
+        if not namespace or any(c in namespace for c in "{}: \n"):
+            raise ValueError(f"invalid Redis namespace {namespace!r}")
+        self.client = client
+        self.namespace = namespace
+        self.channel = f"{namespace}:events"
+        self._index = f"{namespace}:index"
+        self._heartbeat = heartbeat
+        self._listeners: list[StoreListener] = []
+        self._listening = False
+        self._listen_task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        namespace: str = "keygate",
+        pool_size: int = 50,
+        pool_timeout: float = 1.0,
+        timeout: float = 0.5,
+        client_name: str | None = None,
+        heartbeat: float = 5.0,
+    ) -> RedisStore:
+        """A store on a fresh connection pool that waits (up to ``pool_timeout``) for a free
+        connection, with ``timeout`` seconds per command and connection attempt."""
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=pool_size,
+            timeout=pool_timeout,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            # One quick retry covers a connection the server closed while idle; more would
+            # only stretch the time to an answer when Redis is really gone.
+            retry=Retry(NoBackoff(), 1),
+            client_name=client_name,
+        )
+        return cls(aioredis.Redis.from_pool(pool), namespace=namespace, heartbeat=heartbeat)
+
+    def record_key(self, key_id: str) -> str:
+        return f"{self.namespace}:key:{{{key_id}}}"
+
+    def digest_key(self, digest: str) -> str:
+        return f"{self.namespace}:digest:{digest}"
+
+    # -- change announcements -------------------------------------------------------------
+
+    @property
+    def listening(self) -> bool:
+        return self._listening
+
+    def add_listener(self, listener: StoreListener) -> None:
+        self._listeners.append(listener)
+        if self._listen_task is None and not self._closed:
+            self._listen_task = asyncio.get_running_loop().create_task(
+                self._listen(), name=f"keygate-listen-{self.namespace}"
+            )
+
+    async def _publish(self, pipe: Any, key_id: str, digest: str | None) -> None:
+        pipe.publish(self.channel, json.dumps({"id": key_id, "digest": digest}))
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        if kind == "subscribe":
+            # (Re)subscribed, perhaps after redis-py reconnected by itself: anything
+            # published in between is lost, so everything cached is suspect.
+            self._listening = True
+            for listener in self._listeners:
+                listener.resync()
+        elif kind == "message":
+            try:
+                event = json.loads(message["data"])
+                key_id, digest = str(event["id"]), event.get("digest")
+            except (ValueError, KeyError, TypeError):
+                logger.warning("ignoring a malformed message on %s", self.channel)
+                return
+            for listener in self._listeners:
+                listener.key_changed(key_id, None if digest is None else str(digest))
+
+    def _lost(self) -> None:
+        if self._listening:
+            self._listening = False
+            for listener in self._listeners:
+                listener.connection_lost()
+
+    async def _listen(self) -> None:
+        """Follow the events channel for as long as the store is open, reconnecting with
+        backoff, and probing the connection so a silent drop is noticed."""
+        delay = 0.05
+        while not self._closed:
+            pubsub = self.client.pubsub()
+            try:
+                await pubsub.subscribe(self.channel)
+                quiet = 0.0
+                while not self._closed:
+                    message = await pubsub.get_message(timeout=min(1.0, self._heartbeat))
+                    if message is None:
+                        quiet += min(1.0, self._heartbeat)
+                        if quiet >= self._heartbeat:
+                            await asyncio.wait_for(pubsub.ping(), self._heartbeat)
+                            quiet = 0.0
+                        continue
+                    quiet = 0.0
+                    self._dispatch(message)
+                    delay = 0.05
+            except asyncio.CancelledError:
+                raise
+            except (*_UNAVAILABLE, RedisError) as exc:
+                self._lost()
+                logger.warning("lost the Redis events channel (%s); retrying", type(exc).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+            finally:
+                with contextlib.suppress(*_UNAVAILABLE, RedisError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+        self._lost()
+
+    # -- records ----------------------------------------------------------------------------
+
+    async def add(self, key: ApiKey, digest: str) -> None:
+        record = key.model_dump_json()
+        with _store_errors("adding a key"):
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.set(self.record_key(key.id), record, nx=True)
+                pipe.set(self.digest_key(digest), key.id, nx=True)
+                created_record, created_digest = await pipe.execute()
+            if not (created_record and created_digest):
+                async with self.client.pipeline(transaction=False) as pipe:
+                    if created_record:
+                        pipe.delete(self.record_key(key.id))
+                    if created_digest:
+                        pipe.delete(self.digest_key(digest))
+                    await pipe.execute()
+                raise KeyConflict(f"a key with id {key.id} or the same digest already exists")
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.zadd(self._index, {key.id: 0})
+                await self._publish(pipe, key.id, digest)
+                await pipe.execute()
+
+    async def get(self, key_id: str) -> ApiKey | None:
+        with _store_errors("reading a key"):
+            raw = await self.client.get(self.record_key(key_id))
+        return None if raw is None else ApiKey.model_validate_json(raw)
+
+    async def find(self, digest: str) -> ApiKey | None:
+        with _store_errors("looking a key up"):
+            key_id = await self.client.get(self.digest_key(digest))
+            if key_id is None:
+                return None
+            raw = await self.client.get(self.record_key(_text(key_id)))
+        return None if raw is None else ApiKey.model_validate_json(raw)
+
+    async def replace(self, key: ApiKey) -> None:
+        record = key.model_dump_json()
+        with _store_errors("updating a key"):
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.set(self.record_key(key.id), record, xx=True)
+                await self._publish(pipe, key.id, None)
+                updated, _ = await pipe.execute()
+        if not updated:
+            raise KeyNotFound(f"no key with id {key.id}")
+
+    async def list_keys(self, *, after: str | None = None, limit: int = 100) -> list[ApiKey]:
+        if limit <= 0:
+            return []
+        start = b"-" if after is None else b"(" + after.encode()
+        with _store_errors("listing keys"):
+            ids = await self.client.zrangebylex(self._index, start, b"+", start=0, num=limit)
+            if not ids:
+                return []
+            raws = await self.client.mget([self.record_key(_text(i)) for i in ids])
+        return [ApiKey.model_validate_json(raw) for raw in raws if raw is not None]
+
+    async def ping(self) -> None:
+        with _store_errors("pinging"):
+            await self.client.ping()
+
+    async def close(self) -> None:
+        self._closed = True
+        task, self._listen_task = self._listen_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._listening = False
+        with contextlib.suppress(*_UNAVAILABLE, RedisError):
+            await self.client.aclose()
+
+    def __repr__(self) -> str:
+        return f"RedisStore(namespace={self.namespace!r})"

@@ -1,0 +1,183 @@
+"""Shared fixtures: every store behaviour runs against memory, fakeredis and real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import fakeredis
+import pytest
+import redis
+
+from keygate import CreatedKey, KeyHasher, KeyManager, ManualClock, MemoryStore, RedisStore
+from keygate.stores import CachedStore, KeyStore
+
+REDIS_URL = os.environ.get("KEYGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+# .ci/run sets this so that "no Redis" fails the run instead of skipping tests.
+REDIS_REQUIRED = os.environ.get("KEYGATE_TEST_REQUIRE_REDIS", "") not in ("", "0")
+SECRET = "test-server-secret-0123456789abcdef"
+
+_redis_problem: str | bool | None = False  # False: not probed yet
+
+
+def redis_problem() -> str | None:
+    """Why the real Redis cannot be used, or None when it answers."""
+    global _redis_problem
+    if _redis_problem is False:
+        try:
+            client = redis.Redis.from_url(REDIS_URL, socket_timeout=1, socket_connect_timeout=1)
+            client.ping()
+            client.close()
+            _redis_problem = None
+        except (redis.RedisError, OSError) as exc:
+            _redis_problem = f"no Redis at {REDIS_URL} ({type(exc).__name__}: {exc})"
+    assert _redis_problem is not False
+    return _redis_problem
+
+
+def require_redis() -> None:
+    """Skip (or, when Redis is required, fail) unless the real Redis answers."""
+    problem = redis_problem()
+    if problem is None:
+        return
+    message = f"{problem}; set KEYGATE_TEST_REDIS_URL to a reachable server"
+    if REDIS_REQUIRED:
+        pytest.fail(f"real Redis is required (KEYGATE_TEST_REQUIRE_REDIS): {message}")
+    pytest.skip(message)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and "redis" in callspec.id.split("-"):
+            item.add_marker(pytest.mark.redis)
+
+
+def new_namespace() -> str:
+    return "kgtest-" + secrets.token_hex(6)
+
+
+def cleanup_namespace(namespace: str) -> None:
+    """Delete what a test wrote under its own namespace; never flush the server."""
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        names = list(client.scan_iter(match=f"{namespace}:*", count=1000))
+        if names:
+            client.delete(*names)
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def redis_namespace() -> Iterator[str]:
+    """A namespace on the real Redis, cleaned up afterwards."""
+    require_redis()
+    namespace = new_namespace()
+    yield namespace
+    cleanup_namespace(namespace)
+
+
+async def _make_store(kind: str, namespace: str, **options: Any) -> RedisStore | MemoryStore:
+    if kind == "memory":
+        return MemoryStore()
+    if kind == "fakeredis":
+        server = options.pop("server", None) or fakeredis.FakeServer()
+        client = fakeredis.FakeAsyncRedis(server=server)
+        return RedisStore(client, namespace=namespace, **options)
+    return RedisStore.from_url(REDIS_URL, namespace=namespace, **options)
+
+
+BACKENDS = ["memory", "fakeredis", "redis"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
+    """A backend kind and a fresh namespace; real-Redis data is removed afterwards."""
+    kind: str = request.param
+    namespace = new_namespace()
+    if kind == "redis":
+        require_redis()
+    yield kind, namespace
+    if kind == "redis":
+        cleanup_namespace(namespace)
+
+
+@pytest.fixture
+async def store(backend: tuple[str, str]) -> AsyncIterator[KeyStore]:
+    """A bare store of each backend."""
+    kind, namespace = backend
+    made = await _make_store(kind, namespace)
+    yield made
+    await made.close()
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+def hasher() -> KeyHasher:
+    return KeyHasher(SECRET)
+
+
+@pytest.fixture
+async def cached(store: KeyStore) -> AsyncIterator[CachedStore]:
+    """The store of each backend behind a cache driven by a manual clock."""
+    cache = CachedStore(store, ttl=10.0, negative_ttl=2.0, clock=ManualClock(0.0))
+    return cache
+
+
+@pytest.fixture
+def manager(cached: CachedStore, hasher: KeyHasher, clock: ManualClock) -> KeyManager:
+    return KeyManager(cached, hasher, clock=clock)
+
+
+async def issue(manager: KeyManager, fields: dict[str, Any]) -> tuple[CreatedKey, str]:
+    """Create a key; its creation result and digest."""
+    created = await manager.create(fields)
+    return created, manager.hasher.digest(created.secret.get_secret_value())
+
+
+async def within(seconds: float, check: Callable[[], Awaitable[bool]]) -> None:
+    """Poll ``check`` until it holds; fail if it has not within ``seconds``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not await check():
+        assert loop.time() < deadline, f"not within {seconds * 1000:.0f} ms"
+        await asyncio.sleep(0.001)
+
+
+@pytest.fixture
+def unused_redis_url() -> str:
+    """A Redis URL on a loopback port where nothing listens."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"redis://127.0.0.1:{port}/0"
+
+
+class Figures:
+    """Measured figures a test reports; printed at the end of the run."""
+
+    lines: list[str] = []  # noqa: RUF012 - one list for the session
+
+    def add(self, line: str) -> None:
+        self.lines.append(line)
+
+
+@pytest.fixture
+def figures() -> Figures:
+    return Figures()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if Figures.lines:
+        terminalreporter.section("keygate figures")
+        for line in Figures.lines:
+            terminalreporter.write_line(line)

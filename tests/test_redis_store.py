@@ -1,0 +1,112 @@
+"""What only the Redis store must do: bounded pools, cluster-safe names, no secrets."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis
+
+from conftest import REDIS_URL
+from keygate import KeyHasher, KeyManager, RedisStore, StoreError, StoreUnavailable
+from keygate.stores import CachedStore
+
+
+async def test_300_concurrent_lookups_wait_for_a_bounded_pool(
+    redis_namespace: str, hasher: KeyHasher
+) -> None:
+    """300 simultaneous uncached lookups all succeed through a pool of 20 connections."""
+    name = f"{redis_namespace}-pool"
+    store = RedisStore.from_url(
+        REDIS_URL, namespace=redis_namespace, pool_size=20, pool_timeout=5.0, client_name=name
+    )
+    try:
+        manager = KeyManager(store, hasher)
+        created = [await manager.create({"name": f"k{n}", "type": "dev"}) for n in range(300)]
+        digests = [hasher.digest(c.secret.get_secret_value()) for c in created]
+        results = await asyncio.gather(*(store.find(d) for d in digests))
+        assert [r.id if r else None for r in results] == [c.key.id for c in created]
+        pool = store.client.connection_pool
+        assert len(pool._in_use_connections) + len(pool._available_connections) <= 20
+        admin = redis.Redis.from_url(REDIS_URL)
+        try:
+            assert 1 <= sum(c["name"] == name for c in admin.client_list()) <= 20
+        finally:
+            admin.close()
+    finally:
+        await store.close()
+
+
+def test_the_default_pool_waits_instead_of_failing() -> None:
+    """from_url builds a BlockingConnectionPool (redis-py's default pool raises past its cap)."""
+    from redis.asyncio import BlockingConnectionPool
+
+    store = RedisStore.from_url("redis://127.0.0.1:1/0", pool_size=7, pool_timeout=0.3)
+    pool = store.client.connection_pool
+    assert isinstance(pool, BlockingConnectionPool)
+    assert (pool.max_connections, pool.timeout) == (7, 0.3)
+
+
+async def test_names_are_hash_tagged_and_hold_no_secret(
+    redis_namespace: str, hasher: KeyHasher
+) -> None:
+    """Every name is under the namespace, records are hash-tagged by key id, and no name or
+    value contains the secret or any 8-character piece of it."""
+    store = RedisStore.from_url(REDIS_URL, namespace=redis_namespace)
+    try:
+        manager = KeyManager(CachedStore(store), hasher)
+        created = await manager.create(
+            {"name": "n", "type": "client", "allowed_origins": ["https://a.example"]}
+        )
+        await manager.revoke(created.key.id)
+        secret = created.secret.get_secret_value()
+        pieces = {secret[i : i + 8] for i in range(len(secret) - 7)}
+        admin = redis.Redis.from_url(REDIS_URL)
+        try:
+            names = [n.decode() for n in admin.scan_iter(match=f"{redis_namespace}:*")]
+            assert f"{redis_namespace}:key:{{{created.key.id}}}" in names
+            for name in names:
+                value = admin.dump(name) or b""
+                for piece in pieces:
+                    assert piece not in name
+                    assert piece.encode() not in value
+        finally:
+            admin.close()
+    finally:
+        await store.close()
+
+
+async def test_unreachable_redis_is_store_unavailable(unused_redis_url: str) -> None:
+    """Every operation against a dead Redis raises StoreUnavailable, from redis's error."""
+    store = RedisStore.from_url(unused_redis_url, timeout=0.2, pool_timeout=0.2)
+    try:
+        for call in (store.ping(), store.find("0" * 64), store.get("key_x"), store.list_keys()):
+            with pytest.raises(StoreUnavailable) as caught:
+                await call
+            assert caught.value.__cause__ is not None
+            assert "0" * 64 not in str(caught.value)
+    finally:
+        await store.close()
+
+
+async def test_redis_command_errors_are_store_errors(redis_namespace: str) -> None:
+    """A command Redis refuses (here: the record key holds the wrong type) is a StoreError."""
+    store = RedisStore.from_url(REDIS_URL, namespace=redis_namespace)
+    admin = redis.Redis.from_url(REDIS_URL)
+    try:
+        admin.hset(f"{redis_namespace}:index", "x", "y")
+        with pytest.raises(StoreError) as caught:
+            await store.list_keys()
+        assert isinstance(caught.value.__cause__, redis.ResponseError)
+    finally:
+        admin.close()
+        await store.close()
+
+
+@pytest.mark.parametrize("namespace", ["", "a:b", "a{b}", "a b"])
+def test_namespace_must_be_plain(namespace: str) -> None:
+    """A namespace that could break hash tags or key parsing is refused."""
+    import fakeredis
+
+    with pytest.raises(ValueError, match="namespace"):
+        RedisStore(fakeredis.FakeAsyncRedis(), namespace=namespace)
