@@ -11,9 +11,13 @@ from keygate.exceptions import (
     StoreError,
     StoreUnavailable,
 )
+from keygate.gate import KeyGate, KeyUser, Principal
 from keygate.keys import KeyHasher, generate_key, parse_key
 from keygate.manager import CreatedKey, KeyManager
+from keygate.middleware import KeyGateMiddleware
 from keygate.models import ApiKey, KeyPolicy, KeySettings, KeyType, KeyTypePolicy
+from keygate.responses import Refusal
+from keygate.routing import Rule, RuleTable, check_scopes, public, scopes_required
 from keygate.scopes import ScopeCatalogue
 from keygate.settings import KeyGateSettings
 from keygate.stores import CachedStore, KeyStore, MemoryStore, RedisStore, open_store
@@ -25,7 +29,9 @@ __all__ = [
     "FieldError",
     "KeyConflict",
     "KeyFormatError",
+    "KeyGate",
     "KeyGateError",
+    "KeyGateMiddleware",
     "KeyGateSettings",
     "KeyHasher",
     "KeyManager",
@@ -35,17 +41,25 @@ __all__ = [
     "KeyStore",
     "KeyType",
     "KeyTypePolicy",
+    "KeyUser",
     "KeyValidationError",
     "ManualClock",
     "MemoryStore",
+    "Principal",
     "RedisStore",
+    "Refusal",
+    "Rule",
+    "RuleTable",
     "ScopeCatalogue",
     "StoreError",
     "StoreUnavailable",
     "__version__",
+    "check_scopes",
     "generate_key",
     "open_store",
     "parse_key",
+    "public",
+    "scopes_required",
 ]
 
 __version__ = "0.1.0"

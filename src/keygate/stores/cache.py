@@ -90,6 +90,16 @@ class CachedStore:
 
     # -- lookups ----------------------------------------------------------------------------
 
+    def peek(self, digest: str) -> CacheEntry | None:
+        """The fresh cached entry for a digest, without awaiting anything; ``None`` when the
+        caller must :meth:`lookup` (not cached, stale, or known to be unknown)."""
+        entry = self._entries.get(digest)
+        if entry is not None and entry.fresh_until > self._clock():
+            self._entries.move_to_end(digest)
+            self.hits += 1
+            return entry
+        return None
+
     async def lookup(self, digest: str) -> CacheEntry | None:
         """The cache entry for a key digest, fetching from the store on a miss.
 

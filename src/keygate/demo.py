@@ -1,0 +1,235 @@
+"""The demo API: a small model of the platform's services behind keygate.
+
+``keygate demo`` serves it (in memory by default) and prints one key of each type, an
+admin key and ``curl`` lines to try. The handlers keep real state in memory: a PUT then a
+GET returns what was put.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from keygate.gate import KeyGate
+from keygate.manager import CreatedKey
+from keygate.middleware import KeyGateMiddleware
+from keygate.routing import Rule, public
+
+__all__ = ["DEMO_ORIGINS", "DEMO_RULES", "DemoState", "build_demo_app", "seed_demo_keys"]
+
+DEMO_ORIGINS = ("http://localhost:5173", "http://127.0.0.1:5173")
+
+# The central rule table: every route of the demo, and the scope each needs.
+DEMO_RULES = (
+    public("/health"),
+    Rule("GET", "/cloud/vec/databases", ["vec:read"]),
+    Rule("POST", "/cloud/vec/databases", ["vec:write"]),
+    Rule("DELETE", "/cloud/vec/databases/{name}", ["vec:delete"]),
+    Rule("GET", "/cloud/kev/{key}", ["kev:read"]),
+    Rule("PUT", "/cloud/kev/{key}", ["kev:write"]),
+    Rule("DELETE", "/cloud/kev/{key}", ["kev:delete"]),
+    Rule("POST", "/cloud/data/query", ["data:read"]),
+    Rule("POST", "/cloud/ai/infer", ["ai:inference"]),
+    Rule("GET", "/cloud/files/{path:path}", ["files:read"]),
+    Rule("PUT", "/cloud/files/{path:path}", ["files:write"]),
+)
+
+_MAX_BODY = 1 << 20
+
+
+def _error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
+async def _body(request: Request) -> bytes | Response:
+    """The request body, or a 413 answer when it is larger than 1 MiB."""
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > _MAX_BODY:
+            return _error(413, "too_large", "The body is larger than 1 MiB.")
+    return body
+
+
+async def _json_body(request: Request) -> Any:
+    body = await _body(request)
+    if isinstance(body, Response):
+        return body
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return _error(400, "invalid_json", "The body is not valid JSON.")
+
+
+@dataclass
+class DemoState:
+    """What the demo services hold."""
+
+    databases: dict[str, dict[str, Any]] = field(default_factory=dict)
+    kev: dict[str, str] = field(default_factory=dict)
+    files: dict[str, bytes] = field(default_factory=dict)
+    sql: sqlite3.Connection = field(default_factory=lambda: _demo_database())
+
+
+def _demo_database() -> sqlite3.Connection:
+    db = sqlite3.connect(":memory:", check_same_thread=False)
+    db.executescript(
+        """
+        CREATE TABLE regions (code TEXT PRIMARY KEY, name TEXT, latency_ms INTEGER);
+        INSERT INTO regions VALUES ('eu-west', 'Europe (Dublin)', 12),
+            ('us-east', 'US East (Virginia)', 85), ('ap-south', 'Asia (Mumbai)', 140);
+        """
+    )
+    db.execute("PRAGMA query_only = ON")  # data:read means read
+    return db
+
+
+def build_demo_app(gate: KeyGate, state: DemoState | None = None) -> Starlette:
+    """The demo API behind KeyGateMiddleware with :data:`DEMO_RULES`."""
+    state = state or DemoState()
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def list_databases(request: Request) -> Response:
+        return JSONResponse(
+            {"databases": sorted(state.databases.values(), key=lambda d: d["name"])}
+        )
+
+    async def create_database(request: Request) -> Response:
+        body = await _json_body(request)
+        if isinstance(body, Response):
+            return body
+        name = body.get("name") if isinstance(body, dict) else None
+        dimensions = body.get("dimensions", 384) if isinstance(body, dict) else None
+        if not isinstance(name, str) or not name or len(name) > 64:
+            return _error(422, "invalid_name", "'name' must be a string of 1-64 characters.")
+        if not isinstance(dimensions, int) or not 1 <= dimensions <= 4096:
+            return _error(422, "invalid_dimensions", "'dimensions' must be 1-4096.")
+        if name in state.databases:
+            return _error(409, "exists", f"A database named {name!r} exists.")
+        database = {"name": name, "dimensions": dimensions, "owner": request.user.identity}
+        state.databases[name] = database
+        return JSONResponse(database, status_code=201)
+
+    async def delete_database(request: Request) -> Response:
+        if state.databases.pop(request.path_params["name"], None) is None:
+            return _error(404, "not_found", "No such database.")
+        return Response(status_code=204)
+
+    async def kev(request: Request) -> Response:
+        key = request.path_params["key"]
+        if request.method == "PUT":
+            body = await _body(request)
+            if isinstance(body, Response):
+                return body
+            state.kev[key] = body.decode("utf-8", "replace")
+            return JSONResponse({"key": key, "value": state.kev[key]})
+        if request.method == "DELETE":
+            if state.kev.pop(key, None) is None:
+                return _error(404, "not_found", "No such key.")
+            return Response(status_code=204)
+        if key not in state.kev:
+            return _error(404, "not_found", "No such key.")
+        return JSONResponse({"key": key, "value": state.kev[key]})
+
+    async def query(request: Request) -> Response:
+        body = await _json_body(request)
+        if isinstance(body, Response):
+            return body
+        sql = body.get("sql") if isinstance(body, dict) else None
+        if not isinstance(sql, str) or not sql.strip():
+            return _error(422, "invalid_query", "'sql' must be a non-empty string.")
+        try:
+            cursor = state.sql.execute(sql)
+            columns = [c[0] for c in cursor.description or ()]
+            rows = cursor.fetchmany(1000)
+        except sqlite3.Error as exc:
+            return _error(400, "invalid_query", str(exc))
+        return JSONResponse({"columns": columns, "rows": rows})
+
+    async def infer(request: Request) -> Response:
+        body = await _json_body(request)
+        if isinstance(body, Response):
+            return body
+        model = body.get("model") if isinstance(body, dict) else None
+        messages = body.get("messages") if isinstance(body, dict) else None
+        if not isinstance(model, str) or not isinstance(messages, list) or not messages:
+            return _error(422, "invalid_request", "Send {'model': str, 'messages': [...]}.")
+        texts = [m.get("content", "") for m in messages if isinstance(m, Mapping)]
+        if len(texts) != len(messages) or not all(isinstance(t, str) for t in texts):
+            return _error(422, "invalid_request", "Each message needs a string 'content'.")
+        prompt_tokens = sum(len(t.split()) for t in texts) + 3 * len(texts)
+        last = texts[-1].strip() or "nothing"
+        completion = f"You said {len(last.split())} words; the demo model agrees with all of them."
+        completion_tokens = len(completion.split())
+        return JSONResponse(
+            {
+                "model": model,
+                "choices": [{"message": {"role": "assistant", "content": completion}}],
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens,
+                },
+            }
+        )
+
+    async def files(request: Request) -> Response:
+        path = request.path_params["path"]
+        if request.method == "PUT":
+            body = await _body(request)
+            if isinstance(body, Response):
+                return body
+            state.files[path] = body
+            return JSONResponse({"path": path, "size": len(body)}, status_code=201)
+        if path not in state.files:
+            return _error(404, "not_found", "No such file.")
+        return Response(state.files[path], media_type="application/octet-stream")
+
+    routes = [
+        Route("/health", health),
+        Route("/cloud/vec/databases", list_databases, methods=["GET"]),
+        Route("/cloud/vec/databases", create_database, methods=["POST"]),
+        Route("/cloud/vec/databases/{name}", delete_database, methods=["DELETE"]),
+        Route("/cloud/kev/{key}", kev, methods=["GET", "PUT", "DELETE"]),
+        Route("/cloud/data/query", query, methods=["POST"]),
+        Route("/cloud/ai/infer", infer, methods=["POST"]),
+        Route("/cloud/files/{path:path}", files, methods=["GET", "PUT"]),
+    ]
+    app = Starlette(routes=routes)
+    app.add_middleware(KeyGateMiddleware, gate=gate, rules=DEMO_RULES, deny_unmatched=True)
+    app.state.demo = state
+    return app
+
+
+async def seed_demo_keys(gate: KeyGate) -> dict[str, CreatedKey]:
+    """One key of each type and an admin key, as the demo prints them."""
+    everything = ["vec:*", "kev:*", "data:read", "ai:inference", "files:*"]
+    return {
+        "dev": await gate.manager.create(
+            {"name": "demo dev key", "type": "dev", "scopes": everything}
+        ),
+        "prod": await gate.manager.create(
+            {"name": "demo prod key", "type": "prod", "scopes": everything}
+        ),
+        "client": await gate.manager.create(
+            {
+                "name": "demo browser key",
+                "type": "client",
+                "scopes": ["vec:read", "kev:read", "ai:inference"],
+                "allowed_origins": list(DEMO_ORIGINS),
+            }
+        ),
+        "admin": await gate.manager.create(
+            {"name": "demo admin key", "type": "prod", "scopes": ["*"]}
+        ),
+    }

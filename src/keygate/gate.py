@@ -1,0 +1,143 @@
+"""KeyGate: the store, hasher, policy and clock that the middleware, the management API,
+the admin router and the command line share.
+
+One ``KeyGate`` per app: the middleware reads keys through its cache, and the manager
+writes through the same cache, so a key revoked in this process is refused on the very
+next request.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from pydantic import SecretStr
+from starlette.authentication import AuthCredentials, BaseUser
+
+from keygate.clock import Clock, system_clock, to_datetime, to_timestamp
+from keygate.keys import KeyHasher
+from keygate.manager import KeyManager
+from keygate.models import DEFAULT_POLICY, ApiKey, KeyPolicy
+from keygate.settings import KeyGateSettings
+from keygate.stores import CachedStore, KeyStore, MemoryStore, open_store
+
+__all__ = ["KeyGate", "KeyUser", "Principal"]
+
+logger = logging.getLogger("keygate")
+
+
+class KeyUser(BaseUser):
+    """``request.user`` after a key authenticated: carries the key record, never the secret."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: ApiKey) -> None:
+        self.key = key
+
+    @property
+    def is_authenticated(self) -> bool:
+        return True
+
+    @property
+    def display_name(self) -> str:
+        return self.key.name
+
+    @property
+    def identity(self) -> str:
+        return self.key.id
+
+    def __repr__(self) -> str:
+        return f"KeyUser({self.key.id}, {self.key.hint})"
+
+
+class Principal:
+    """What the middleware derives once per cached record and reuses on every request."""
+
+    __slots__ = ("auth", "catalogue", "expires", "key", "scopes", "user")
+
+    def __init__(self, key: ApiKey, policy: KeyPolicy) -> None:
+        self.key = key
+        self.catalogue = policy.catalogue
+        self.scopes = policy.catalogue.expand(key.scopes) | frozenset(key.scopes)
+        self.expires = to_timestamp(key.expires_at) if key.expires_at else float("inf")
+        self.auth = AuthCredentials(sorted(self.scopes))
+        self.user = KeyUser(key)
+
+    def grants(self, scope: str) -> bool:
+        """Whether this key holds ``scope`` (wildcards resolved)."""
+        return scope in self.scopes or self.catalogue.grants(self.key.scopes, scope)
+
+    def missing(self, scopes: Sequence[str]) -> tuple[str, ...]:
+        """Those of ``scopes`` this key does not hold."""
+        return tuple(s for s in scopes if not self.grants(s))
+
+
+def _hasher(secret: str | bytes | SecretStr | None, store: KeyStore) -> KeyHasher:
+    if isinstance(secret, SecretStr):
+        secret = secret.get_secret_value()
+    if secret is None:
+        if not isinstance(store, MemoryStore):
+            raise ValueError(
+                "a server secret is required with a shared store: pass secret= or set "
+                "KEYGATE_SECRET"
+            )
+        # Keys in a memory store die with the process, and so may the secret.
+        secret = secrets.token_bytes(32)
+    return KeyHasher(secret)
+
+
+class KeyGate:
+    """Everything keygate needs to authenticate and manage keys, configured once."""
+
+    def __init__(
+        self,
+        *,
+        store: KeyStore | str | None = None,
+        secret: str | bytes | SecretStr | None = None,
+        policy: KeyPolicy = DEFAULT_POLICY,
+        clock: Clock = system_clock,
+        settings: KeyGateSettings | None = None,
+        lookup_timeout: float = 1.0,
+    ) -> None:
+        settings = settings or KeyGateSettings()
+        if store is None or isinstance(store, str):
+            cached = open_store(store, settings)
+        elif isinstance(store, CachedStore):
+            cached = store
+        else:
+            cached = CachedStore(
+                store,
+                max_size=settings.cache_size,
+                ttl=settings.cache_ttl,
+                negative_size=settings.negative_cache_size,
+                negative_ttl=settings.negative_cache_ttl,
+            )
+        self.store = cached
+        self.hasher = _hasher(secret if secret is not None else settings.secret, cached.store)
+        self.policy = policy
+        self.clock = clock
+        self.lookup_timeout = lookup_timeout
+        self.manager = KeyManager(cached, self.hasher, policy=policy, clock=clock)
+
+    def principal(self, entry: Any) -> Principal:
+        """The derived view of a cache entry, built once per entry."""
+        derived = entry.derived
+        if derived is None:
+            derived = entry.derived = Principal(entry.record, self.policy)
+        return derived  # type: ignore[no-any-return]
+
+    def now(self) -> datetime:
+        return to_datetime(self.clock())
+
+    async def startup(self) -> None:
+        """Subscribe the cache to change announcements (lookups work before this, too)."""
+        await self.store.start()
+
+    async def aclose(self) -> None:
+        await self.store.close()
+
+    def __repr__(self) -> str:
+        return f"KeyGate({self.store!r})"

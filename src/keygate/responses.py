@@ -1,0 +1,137 @@
+"""The HTTP refusals of SPEC §4, rendered as raw ASGI messages.
+
+Every refusal is JSON ``{"error": {"code": ..., "message": ...}}`` with the status and
+headers the SPEC gives; authentication refusals carry ``WWW-Authenticate`` as RFC 6750 §3
+spells it. Static refusals are built once and sent as prebuilt bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+from starlette.exceptions import HTTPException
+from starlette.types import Message, Send
+
+from keygate.exceptions import KeyGateError
+
+__all__ = ["RAISED", "Refusal", "Refusals"]
+
+# Where code below the middleware records a refusal it raised (see Refusal).
+RAISED = "keygate.refused"
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class Refusal(HTTPException, KeyGateError):
+    """An HTTP refusal, with the SPEC's body and headers.
+
+    The middleware sends refusals as raw ASGI. Code below it (the FastAPI dependency, an
+    endpoint) raises one: as an ``HTTPException`` it is answered by whichever Starlette or
+    FastAPI app is nearest — a mounted sub-app included — and the middleware, seeing it
+    recorded in the scope (:data:`RAISED`), replaces that answer's body with the SPEC's.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        headers: Iterable[tuple[bytes, bytes]] = (),
+    ) -> None:
+        extra = list(headers)
+        super().__init__(status, message, {k.decode(): v.decode() for k, v in extra})
+        self.status = status
+        self.code = code
+        self.message = message
+        self.body = json.dumps(
+            {"error": {"code": code, "message": message}}, separators=(",", ":")
+        ).encode()
+        self.raw_headers: Headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(self.body)).encode()),
+            *extra,
+        ]
+
+    def start_message(self, extra: Headers | None = None) -> Message:
+        headers = self.raw_headers if not extra else [*self.raw_headers, *extra]
+        return {"type": "http.response.start", "status": self.status, "headers": headers}
+
+    def body_message(self) -> Message:
+        return {"type": "http.response.body", "body": self.body}
+
+    async def send(self, send: Send, extra: Headers | None = None) -> None:
+        """Send this refusal as the whole HTTP response."""
+        await send(self.start_message(extra))
+        await send(self.body_message())
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.code}: {self.message}"
+
+    def __repr__(self) -> str:
+        return f"Refusal({self.status}, {self.code!r})"
+
+
+def _quoted(value: str) -> str:
+    # RFC 7235 quoted-string: escape backslash and double quote.
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class Refusals:
+    """The refusals of one middleware instance (its realm is part of the headers)."""
+
+    def __init__(self, realm: str, retry_after: int = 1) -> None:
+        self.realm = realm
+        self._bearer = f"Bearer realm={_quoted(realm)}"
+        # RFC 6750 §3.1: no error code when the request carried no credentials.
+        self.missing = Refusal(
+            401,
+            "missing_api_key",
+            "An API key is required: send it as 'Authorization: Bearer <key>'.",
+            [(b"www-authenticate", self._bearer.encode())],
+        )
+        self.malformed = Refusal(
+            400,
+            "invalid_request",
+            "The Authorization header must be 'Bearer <key>', sent once.",
+            [self.challenge("invalid_request")],
+        )
+        self.invalid = Refusal(
+            401, "invalid_api_key", "The API key is not valid.", [self.challenge("invalid_token")]
+        )
+        self.expired = Refusal(
+            401, "expired_api_key", "The API key has expired.", [self.challenge("invalid_token")]
+        )
+        self.revoked = Refusal(
+            401,
+            "revoked_api_key",
+            "The API key has been revoked.",
+            [self.challenge("invalid_token")],
+        )
+        self.unavailable = Refusal(
+            503,
+            "auth_unavailable",
+            "The key store cannot be reached; try again shortly.",
+            [(b"retry-after", str(retry_after).encode())],
+        )
+        self.unmatched = Refusal(
+            403,
+            "insufficient_scope",
+            "No rule grants access to this route.",
+            [self.challenge("insufficient_scope")],
+        )
+
+    def challenge(self, error: str, scope: str | None = None) -> tuple[bytes, bytes]:
+        value = f"{self._bearer}, error={_quoted(error)}"
+        if scope is not None:
+            value += f", scope={_quoted(scope)}"
+        return (b"www-authenticate", value.encode())
+
+    def insufficient_scope(self, missing: Iterable[str]) -> Refusal:
+        scopes = " ".join(missing)
+        return Refusal(
+            403,
+            "insufficient_scope",
+            f"The API key lacks the scope {scopes}.",
+            [self.challenge("insufficient_scope", scopes)],
+        )

@@ -1,0 +1,208 @@
+"""The demo API: every route works with real state, and `keygate demo` does what it prints."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from keygate.demo import DEMO_ORIGINS, build_demo_app, seed_demo_keys
+from keygate.gate import KeyGate
+
+
+@pytest.fixture
+async def demo() -> AsyncIterator[tuple[httpx.AsyncClient, dict[str, str]]]:
+    gate = KeyGate(store="memory://")
+    keys = await seed_demo_keys(gate)
+    app = build_demo_app(gate)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://demo") as client:
+        yield client, {n: c.secret.get_secret_value() for n, c in keys.items()}
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def test_seeded_keys(demo: tuple[httpx.AsyncClient, dict[str, str]]) -> None:
+    """The demo seeds one key of each type plus an admin key, with the expected prefixes."""
+    _, keys = demo
+    assert keys["dev"].startswith("dev_")
+    assert keys["prod"].startswith("prod_")
+    assert keys["client"].startswith("client_")
+    assert keys["admin"].startswith("prod_")
+
+
+async def test_health_is_public(demo: tuple[httpx.AsyncClient, dict[str, str]]) -> None:
+    """GET /health answers without a key."""
+    client, _ = demo
+    response = await client.get("/health")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+
+
+async def test_vector_databases(demo: tuple[httpx.AsyncClient, dict[str, str]]) -> None:
+    """Databases can be created, listed and deleted, each with its own scope."""
+    client, keys = demo
+    made = await client.post(
+        "/cloud/vec/databases", json={"name": "docs"}, headers=bearer(keys["dev"])
+    )
+    assert made.status_code == 201
+    assert made.json()["dimensions"] == 384
+    again = await client.post(
+        "/cloud/vec/databases", json={"name": "docs"}, headers=bearer(keys["dev"])
+    )
+    assert again.status_code == 409
+    listed = await client.get("/cloud/vec/databases", headers=bearer(keys["client"]))
+    assert [d["name"] for d in listed.json()["databases"]] == ["docs"]
+    refused = await client.post(
+        "/cloud/vec/databases", json={"name": "x"}, headers=bearer(keys["client"])
+    )
+    assert refused.status_code == 403
+    assert refused.json()["error"]["code"] == "insufficient_scope"
+    gone = await client.delete("/cloud/vec/databases/docs", headers=bearer(keys["prod"]))
+    assert gone.status_code == 204
+    assert (await client.get("/cloud/vec/databases", headers=bearer(keys["dev"]))).json() == {
+        "databases": []
+    }
+
+
+async def test_key_value_store(demo: tuple[httpx.AsyncClient, dict[str, str]]) -> None:
+    """A PUT then a GET returns what was put; DELETE removes it."""
+    client, keys = demo
+    put = await client.put("/cloud/kev/greeting", content=b"hello", headers=bearer(keys["dev"]))
+    assert put.status_code == 200
+    got = await client.get("/cloud/kev/greeting", headers=bearer(keys["client"]))
+    assert got.json() == {"key": "greeting", "value": "hello"}
+    denied = await client.put("/cloud/kev/greeting", content=b"x", headers=bearer(keys["client"]))
+    assert denied.status_code == 403
+    assert 'scope="kev:write"' in denied.headers["www-authenticate"]
+    assert (
+        await client.delete("/cloud/kev/greeting", headers=bearer(keys["dev"]))
+    ).status_code == 204
+    assert (
+        await client.get("/cloud/kev/greeting", headers=bearer(keys["dev"]))
+    ).status_code == 404
+
+
+async def test_data_query_is_read_only(demo: tuple[httpx.AsyncClient, dict[str, str]]) -> None:
+    """SELECT works; writes and bad SQL are a 400, never a 500."""
+    client, keys = demo
+    rows = await client.post(
+        "/cloud/data/query",
+        json={"sql": "SELECT code FROM regions ORDER BY code"},
+        headers=bearer(keys["dev"]),
+    )
+    assert rows.json() == {"columns": ["code"], "rows": [["ap-south"], ["eu-west"], ["us-east"]]}
+    for sql in ("DELETE FROM regions", "SELEKT 1"):
+        bad = await client.post(
+            "/cloud/data/query", json={"sql": sql}, headers=bearer(keys["dev"])
+        )
+        assert bad.status_code == 400
+        assert bad.json()["error"]["code"] == "invalid_query"
+    assert (
+        await client.post("/cloud/data/query", content=b"{", headers=bearer(keys["dev"]))
+    ).status_code == 400
+
+
+async def test_ai_inference(demo: tuple[httpx.AsyncClient, dict[str, str]]) -> None:
+    """Inference answers a made-up completion with token counts; bad bodies are a 422."""
+    client, keys = demo
+    answer = await client.post(
+        "/cloud/ai/infer",
+        json={"model": "demo-1", "messages": [{"role": "user", "content": "hello there"}]},
+        headers=bearer(keys["client"]),
+    )
+    assert answer.status_code == 200
+    usage = answer.json()["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] > 0
+    bad = await client.post(
+        "/cloud/ai/infer", json={"model": "demo-1", "messages": []}, headers=bearer(keys["dev"])
+    )
+    assert bad.status_code == 422
+
+
+async def test_files(demo: tuple[httpx.AsyncClient, dict[str, str]]) -> None:
+    """Files under nested paths come back byte for byte."""
+    client, keys = demo
+    data = bytes(range(256))
+    put = await client.put("/cloud/files/a/b/c.bin", content=data, headers=bearer(keys["dev"]))
+    assert put.status_code == 201
+    got = await client.get("/cloud/files/a/b/c.bin", headers=bearer(keys["prod"]))
+    assert got.content == data
+    assert (
+        await client.get("/cloud/files/a/b/c.bin", headers=bearer(keys["client"]))
+    ).status_code == 403
+
+
+async def test_unlisted_routes_are_refused(demo: tuple[httpx.AsyncClient, dict[str, str]]) -> None:
+    """The demo denies authenticated requests that no rule covers."""
+    client, keys = demo
+    response = await client.get("/cloud/secret-admin", headers=bearer(keys["admin"]))
+    assert response.status_code == 403
+
+
+def test_client_key_has_local_origins() -> None:
+    """The demo's client key is bound to local development origins."""
+    assert all(o.startswith("http://") for o in DEMO_ORIGINS)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_keygate_demo_serves_what_it_prints() -> None:
+    """`keygate demo` prints curl lines that give 200, 401 and 403 against the live server."""
+    port = _free_port()
+    keygate = os.path.join(os.path.dirname(sys.executable), "keygate")
+    with subprocess.Popen(
+        [keygate, "demo", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    ) as server:
+        assert server.stdout is not None
+        try:
+            lines = []
+            for line in server.stdout:
+                lines.append(line)
+                if line.startswith("(200"):
+                    break
+            curls = [line.strip() for line in lines if line.strip().startswith("curl ")]
+            assert len(curls) == 3
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, "the demo never started listening"
+                    time.sleep(0.05)
+            bodies = [
+                subprocess.run(
+                    [*shlex.split(c), "-w", "\n%{http_code}"],
+                    capture_output=True,
+                    text=True,
+                    timeout=10,
+                    check=True,
+                ).stdout.rsplit("\n", 1)
+                for c in curls
+            ]
+            assert [status for _, status in bodies] == ["200", "401", "403"]
+            assert '"databases"' in bodies[0][0]
+            assert '"missing_api_key"' in bodies[1][0]
+            assert '"insufficient_scope"' in bodies[2][0]
+        finally:
+            server.terminate()
+            server.wait(timeout=10)

@@ -1,0 +1,63 @@
+"""The README's commands and Python examples stay true."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+README = (Path(__file__).parents[1] / "README.md").read_text()
+BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+
+
+def test_readme_opens_with_the_two_commands() -> None:
+    """The first two shell blocks install and run the demo, then install and run the tests."""
+    shells = re.findall(r"```sh\n(.*?)```", README, flags=re.S)
+    assert "pip install -e '.[demo]' && keygate demo" in shells[0]
+    assert "pip install -e '.[test]' && python -m pytest" in shells[1]
+
+
+def test_fastapi_example_runs_and_enforces_scopes() -> None:
+    """The FastAPI example issues a key that reads (200) but may not write (403)."""
+    namespace: dict[str, Any] = {}
+    exec(BLOCKS[0] + BLOCKS[1], namespace)
+    app, token = namespace["app"], namespace["token"]
+
+    async def drive() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        headers = {"Authorization": f"Bearer {token}"}
+        async with httpx.AsyncClient(transport=transport, base_url="http://x") as client:
+            return [
+                await client.get("/cloud/vec/databases", headers=headers),
+                await client.post("/cloud/vec/databases", headers=headers),
+                await client.get("/cloud/vec/databases"),
+            ]
+
+    read, write, anonymous = asyncio.run(drive())
+    assert read.status_code == 200
+    assert read.json() == {"databases": [], "caller": "search service"}
+    assert write.status_code == 403
+    assert write.json()["error"]["code"] == "insufficient_scope"
+    assert anonymous.status_code == 401
+    assert app.openapi()["paths"]["/cloud/vec/databases"]["post"]["security"] == [
+        {"KeyGate": ["vec:write"]}
+    ]
+
+
+def test_starlette_example_runs() -> None:
+    """The Starlette example serves /health publicly and guards the rest."""
+    namespace: dict[str, Any] = {}
+    exec(BLOCKS[2], namespace)
+    app = namespace["app"]
+
+    async def drive() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://x") as client:
+            return [await client.get("/health"), await client.put("/cloud/kev/a")]
+
+    health, put = asyncio.run(drive())
+    assert health.status_code == 200
+    assert put.status_code == 401
