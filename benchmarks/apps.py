@@ -1,0 +1,139 @@
+"""The apps the benchmarks drive: one small route, bare or behind one middleware.
+
+``bench_middleware.py`` builds its contenders from here; ``bench_server.py`` serves these
+with uvicorn (``--app-dir benchmarks``):
+
+    uvicorn --app-dir benchmarks apps:bare_app
+    KGBENCH_TOKEN_FILE=/tmp/token uvicorn --app-dir benchmarks --factory apps:keygate_app
+    KGBENCH_TOKEN_FILE=/tmp/token uvicorn --app-dir benchmarks --factory apps:authmw_app
+
+The factories issue a ``prod_`` key when their lifespan starts (keygate: through its
+manager, memory store; the do-it-yourself app: a token of the same format in a dict) and
+write it to the file named by ``KGBENCH_TOKEN_FILE``: the file appears once the app is
+about to serve.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from starlette.applications import Starlette
+from starlette.authentication import (
+    AuthCredentials,
+    AuthenticationBackend,
+    AuthenticationError,
+    SimpleUser,
+)
+from starlette.middleware import Middleware
+from starlette.middleware.authentication import AuthenticationMiddleware
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from keygate import generate_key
+from keygate.gate import KeyGate
+from keygate.middleware import KeyGateMiddleware
+
+PATH = "/cloud/vec/databases"
+SECRET = "benchmark-secret-0123456789"
+TOKEN_FILE_ENV = "KGBENCH_TOKEN_FILE"
+SCOPES = ("vec:read",)
+KEY_SETTINGS = {"name": "bench", "type": "prod", "scopes": list(SCOPES)}
+
+_DATABASES = {"databases": [{"id": "db_1", "name": "products", "dimensions": 768}]}
+
+
+async def list_databases(request: Request) -> JSONResponse:
+    return JSONResponse(_DATABASES)
+
+
+def routes() -> list[Route]:
+    return [Route(PATH, list_databases, methods=["GET"])]
+
+
+def make_app(middleware: list[Middleware] | None = None, **kwargs: object) -> Starlette:
+    """The benchmark app; every contender is this app plus one middleware."""
+    return Starlette(routes=routes(), middleware=middleware, **kwargs)  # type: ignore[arg-type]
+
+
+def memory_gate() -> KeyGate:
+    # An explicit memory:// store, whatever KEYGATE_REDIS_URL says.
+    return KeyGate(store="memory://", secret=SECRET)
+
+
+# -- the do-it-yourself baseline: AuthenticationMiddleware and a dict ---------------------------
+
+
+@dataclass(frozen=True)
+class DictKey:
+    name: str
+    scopes: tuple[str, ...]
+
+
+class DictBackend(AuthenticationBackend):
+    """``Authorization: Bearer <token>`` looked up in a dict: the baseline people write."""
+
+    def __init__(self, tokens: dict[str, DictKey]) -> None:
+        self.tokens = tokens
+
+    async def authenticate(
+        self, conn: HTTPConnection
+    ) -> tuple[AuthCredentials, SimpleUser] | None:
+        header = conn.headers.get("authorization")
+        if header is None:
+            return None
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer":
+            raise AuthenticationError("Invalid authorization scheme")
+        key = self.tokens.get(token.strip())
+        if key is None:
+            raise AuthenticationError("Invalid API key")
+        return AuthCredentials(list(key.scopes)), SimpleUser(key.name)
+
+
+# -- what uvicorn serves --------------------------------------------------------------------------
+
+bare_app = make_app()
+
+
+def write_token(path: str, token: str) -> None:
+    partial = path + ".partial"
+    with open(partial, "w", encoding="ascii") as out:
+        out.write(token)
+    os.replace(partial, path)  # the file appears whole, once the app is about to serve
+
+
+def keygate_app() -> Starlette:
+    """A uvicorn ``--factory``: the app behind keygate with a memory store."""
+    gate = memory_gate()
+    token_file = os.environ.get(TOKEN_FILE_ENV)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        created = await gate.manager.create(KEY_SETTINGS)
+        if token_file:
+            write_token(token_file, created.secret.get_secret_value())
+        yield
+        await gate.aclose()
+
+    return make_app([Middleware(KeyGateMiddleware, gate=gate)], lifespan=lifespan)
+
+
+def authmw_app() -> Starlette:
+    """A uvicorn ``--factory``: the app behind AuthenticationMiddleware and a dict."""
+    tokens: dict[str, DictKey] = {}
+    token_file = os.environ.get(TOKEN_FILE_ENV)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        token = generate_key("prod_")
+        tokens[token] = DictKey("bench", SCOPES)
+        if token_file:
+            write_token(token_file, token)
+        yield
+
+    backend = DictBackend(tokens)
+    return make_app([Middleware(AuthenticationMiddleware, backend=backend)], lifespan=lifespan)

@@ -1,0 +1,322 @@
+"""Server CPU time per request under uvicorn: the bare app against keygate (cached
+``prod_`` key, memory store), with Starlette's AuthenticationMiddleware and a dict (the
+do-it-yourself baseline) for reference.
+
+Starts one uvicorn process (one worker, no access log) per app on a free loopback port,
+then loads each from a separate client process: a small asyncio HTTP/1.1 keep-alive
+client sending a fixed number of the same request (with an ``Authorization: Bearer``
+header of the same length to every app, the bare one included) over N connections. The
+figure is the server's CPU time (utime + stime from ``/proc/<pid>/stat``, read just
+before and after each batch) divided by the requests of the batch; batches rotate among
+the servers, and each figure is the median over rounds. Linux only (it reads /proc).
+
+    python benchmarks/bench_server.py              # about a minute
+    python benchmarks/bench_server.py --quick      # a few seconds
+    python benchmarks/bench_server.py --requests 30000 --connections 16 --rounds 5
+
+uvicorn picks httptools and uvloop when they are installed (``--http auto``, ``--loop
+auto``), h11 and asyncio otherwise; the run prints which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.util
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from apps import PATH, TOKEN_FILE_ENV
+
+HERE = Path(__file__).resolve().parent
+TOKEN_ENV = "KGBENCH_TOKEN"
+TICKS = os.sysconf("SC_CLK_TCK")
+
+# -- the load client (runs in its own process) --------------------------------------------------
+
+
+async def load(port: int, token: str, requests: int, connections: int) -> dict[str, object]:
+    """Send ``requests`` GETs over ``connections`` keep-alive connections; count statuses."""
+    request = (
+        f"GET {PATH} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: kgbench/1\r\n"
+        f"Accept: */*\r\nAuthorization: Bearer {token}\r\n\r\n"
+    ).encode()
+    remaining = requests
+    statuses: Counter[int] = Counter()
+
+    async def worker() -> None:
+        nonlocal remaining
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            while remaining > 0:
+                remaining -= 1
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                status = int(head[9:12])
+                length = None
+                for line in head.split(b"\r\n")[1:]:
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                if length is None:
+                    raise RuntimeError("a response without content-length")
+                await reader.readexactly(length)
+                statuses[status] += 1
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    began = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(connections)))
+    return {
+        "seconds": time.perf_counter() - began,
+        "statuses": {str(k): v for k, v in statuses.items()},
+    }
+
+
+def client_main(args: argparse.Namespace) -> int:
+    token = os.environ[TOKEN_ENV]
+    result = asyncio.run(
+        asyncio.wait_for(load(args.port, token, args.requests, args.connections), args.timeout)
+    )
+    print(json.dumps(result))
+    return 0
+
+
+# -- the servers ---------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, in seconds (clock-tick resolution)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+        text = stat.read()
+    fields = text[text.rindex(")") + 2 :].split()  # the name may hold spaces and parens
+    return (int(fields[11]) + int(fields[12])) / TICKS  # fields 14 and 15 of proc(5)
+
+
+@dataclass
+class Server:
+    label: str
+    target: str  # apps:name
+    factory: bool
+    token_file: Path | None = None  # where the app writes its key; None: no key
+    port: int = 0
+    token: str = ""
+    process: subprocess.Popen[bytes] | None = None
+    log: Path | None = None
+    samples: list[float] = field(default_factory=list)  # server CPU µs per request
+    rates: list[float] = field(default_factory=list)  # requests per second (wall)
+
+    def start(self, workdir: Path, args: argparse.Namespace) -> None:
+        self.port = free_port()
+        name = self.target.replace(":", "-")
+        self.log = workdir / f"{name}.log"
+        env = dict(os.environ)
+        env.pop("KEYGATE_REDIS_URL", None)
+        if self.factory:
+            self.token_file = workdir / f"{name}.token"
+            env[TOKEN_FILE_ENV] = str(self.token_file)
+        command = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--app-dir",
+            str(HERE),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--no-access-log",
+            "--log-level",
+            "warning",
+            "--http",
+            args.http,
+            "--loop",
+            args.loop,
+            "--lifespan",
+            "on",
+            *(["--factory"] if self.factory else []),
+            self.target,
+        ]
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir
+            )
+
+    def wait_ready(self, deadline: float) -> None:
+        assert self.process is not None
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.label}: uvicorn exited\n{self.tail()}")
+            if self.token_file is None or self.token_file.exists():
+                with (
+                    contextlib.suppress(OSError),
+                    socket.create_connection(("127.0.0.1", self.port), timeout=0.5),
+                ):
+                    if self.token_file is not None:
+                        self.token = self.token_file.read_text(encoding="ascii").strip()
+                    return
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.label}: not serving on port {self.port} in time\n{self.tail()}")
+
+    def tail(self) -> str:
+        if self.log is None or not self.log.exists():
+            return ""
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-20:])
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+
+def run_client(server: Server, requests: int, args: argparse.Namespace) -> float:
+    """One batch against ``server``; its CPU µs per request. Checks every answer was 200."""
+    assert server.process is not None
+    env = dict(os.environ, **{TOKEN_ENV: server.token})
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--client",
+        "--port",
+        str(server.port),
+        "--requests",
+        str(requests),
+        "--connections",
+        str(args.connections),
+        "--timeout",
+        str(args.timeout),
+    ]
+    before = cpu_seconds(server.process.pid)
+    done = subprocess.run(
+        command, capture_output=True, env=env, timeout=args.timeout + 10, check=False
+    )
+    after = cpu_seconds(server.process.pid)
+    if done.returncode != 0:
+        raise RuntimeError(f"the load client failed:\n{done.stderr.decode(errors='replace')}")
+    result = json.loads(done.stdout)
+    if result["statuses"] != {"200": requests}:
+        raise RuntimeError(f"{server.label}: expected {requests} x 200, got {result['statuses']}")
+    server.rates.append(requests / result["seconds"])
+    return (after - before) / requests * 1e6
+
+
+def resolved(choice: str, fast: str, fallback: str) -> str:
+    if choice != "auto":
+        return choice
+    return fast if importlib.util.find_spec(fast) is not None else fallback
+
+
+def main(args: argparse.Namespace) -> int:
+    requests, rounds = args.requests, args.rounds
+    if args.quick:
+        requests, rounds = min(requests, 3000), min(rounds, 2)
+    servers = [
+        Server("bare Starlette app", "apps:bare_app", factory=False),
+        Server("keygate, cached prod_ key, memory store", "apps:keygate_app", factory=True),
+        Server("AuthenticationMiddleware + dict backend", "apps:authmw_app", factory=True),
+    ]
+    bare, keygate, _ = servers
+    with tempfile.TemporaryDirectory(prefix="kgbench-") as tmp:
+        workdir = Path(tmp)
+        try:
+            for server in servers:
+                server.start(workdir, args)
+            deadline = time.monotonic() + args.startup_timeout
+            for server in servers:
+                server.wait_ready(deadline)
+            bare.token = keygate.token  # the same request bytes; the bare app ignores them
+
+            for server in servers:  # warm-up (the first lookup fills keygate's cache)
+                run_client(server, max(requests // 10, 200), args)
+                server.rates.clear()
+            for number in range(rounds):
+                start = number % len(servers)
+                for server in servers[start:] + servers[:start]:
+                    server.samples.append(run_client(server, requests, args))
+        finally:
+            for server in servers:
+                server.stop()
+
+    http = resolved(args.http, "httptools", "h11")
+    loop = resolved(args.loop, "uvloop", "asyncio")
+    print(
+        f"\nServer CPU per request under uvicorn (one worker, --http {http}, --loop {loop}): "
+        f"{rounds} rounds x {requests} requests per app, {args.connections} keep-alive "
+        f"connections from a separate process; Python {sys.version.split()[0]}"
+    )
+    width = max(len(s.label) for s in servers)
+    header = (
+        f"{'app':<{width}}  {'CPU µs/request':>14}  {'rounds (µs)':<28}  {'req/s':>6}  "
+        f"{'x bare':>6}"
+    )
+    print(header)
+    print("-" * len(header))
+    for server in servers:
+        rounds_text = " ".join(f"{s:.0f}" for s in server.samples)
+        print(
+            f"{server.label:<{width}}  {server.median:>14.1f}  {rounds_text:<28}  "
+            f"{statistics.median(server.rates):>6.0f}  {server.median / bare.median:>6.3f}"
+        )
+    ratio = keygate.median / bare.median
+    auth = servers[2]
+    print(
+        f"\nFor reference, AuthenticationMiddleware + dict adds "
+        f"{auth.median - bare.median:+.1f} µs/request (x{auth.median / bare.median:.3f})."
+    )
+    print(
+        f"Target: keygate / bare server CPU per request = {ratio:.3f} <= 1.10: "
+        f"{'PASS' if ratio <= 1.10 else 'FAIL'}  "
+        f"(added {keygate.median - bare.median:+.1f} µs/request; one clock tick of "
+        f"{1000 / TICKS:.0f} ms is {1e6 / TICKS / requests:.2f} µs/request at this batch size)"
+    )
+    return 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=20_000, help="per batch (20000)")
+    parser.add_argument("--rounds", type=int, default=5, help="batches per app (5)")
+    parser.add_argument("--connections", type=int, default=8, help="keep-alive connections (8)")
+    parser.add_argument("--quick", action="store_true", help="2 rounds of 3000 requests")
+    parser.add_argument("--timeout", type=float, default=120, help="seconds per batch (120)")
+    parser.add_argument("--startup-timeout", type=float, default=20)
+    parser.add_argument("--http", default="auto", choices=["auto", "h11", "httptools"])
+    parser.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"])
+    parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.requests < 1 or args.rounds < 1 or args.connections < 1:
+        parser.error("--requests, --rounds and --connections must be positive")
+    return args
+
+
+if __name__ == "__main__":
+    arguments = parse_args()
+    sys.exit(client_main(arguments) if arguments.client else main(arguments))
