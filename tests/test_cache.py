@@ -268,3 +268,73 @@ class _Gated(_Deaf):
 def test_memory_store_shares_one_instance() -> None:
     """Two caches over one MemoryStore both hear its announcements."""
     assert MemoryStore().listening
+
+
+async def test_remembered_credentials_follow_the_entry(
+    manager: KeyManager, cached: CachedStore, other: KeyStore, clock: ManualClock
+) -> None:
+    """A remembered credential is recalled only while its entry is alive and fresh: a
+    revocation elsewhere, the TTL and a resync each end it."""
+    await listening(cached)
+    created, digest = await issue(manager, {"name": "n", "type": "prod"})
+    credential = b"Bearer " + created.secret.get_secret_value().encode()
+    entry = await cached.lookup(digest)
+    assert entry is not None
+    cached.remember(credential, entry)
+    assert cached.recall(credential) is entry
+    assert cached.recall(credential + b"x") is None
+    await KeyManager(other, manager.hasher, clock=clock).revoke(created.key.id)
+
+    async def forgotten() -> bool:
+        return cached.recall(credential) is None
+
+    await within(0.1, forgotten)
+    fresh = await cached.lookup(digest)
+    assert fresh is not None
+    assert fresh.record.revoked
+    cached.remember(credential, fresh)
+    assert cached.recall(credential) is fresh
+    cached.clear()
+    assert cached.recall(credential) is None
+
+
+async def test_remembered_credentials_expire_with_the_ttl(
+    store: KeyStore, hasher: KeyHasher
+) -> None:
+    """A remembered credential is not recalled once its entry's TTL has passed."""
+    clock = ManualClock(0.0)
+    cache = CachedStore(store, ttl=5.0, clock=clock)
+    _created, digest = await issue(KeyManager(store, hasher), {"name": "n", "type": "dev"})
+    entry = await cache.lookup(digest)
+    assert entry is not None
+    cache.remember(b"credential", entry)
+    clock.advance(4.9)
+    assert cache.recall(b"credential") is entry
+    clock.advance(0.2)
+    assert cache.recall(b"credential") is None
+
+
+async def test_remembered_credentials_are_bounded(store: KeyStore, hasher: KeyHasher) -> None:
+    """No more credentials are remembered than the cache holds entries; dead entries go first,
+    and an entry not kept by the cache (a lookup that raced a change) is never remembered."""
+    cache = CachedStore(store, max_size=3, clock=ManualClock(0.0))
+    manager = KeyManager(store, hasher)
+    entries = []
+    for n in range(5):
+        _, digest = await issue(manager, {"name": f"k{n}", "type": "dev"})
+        entry = await cache.lookup(digest)
+        assert entry is not None
+        entries.append(entry)
+    for n, entry in enumerate(entries):
+        cache.remember(f"c{n}".encode(), entry)
+    assert len(cache._remembered) <= 3
+    assert [cache.recall(f"c{n}".encode()) is not None for n in range(5)] == [
+        False,
+        False,
+        True,
+        True,
+        True,
+    ]
+    entries[2].alive = False
+    cache.remember(b"dead", entries[2])
+    assert cache.recall(b"dead") is None

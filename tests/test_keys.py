@@ -133,6 +133,10 @@ def test_digest_is_hmac_sha256_under_the_secret() -> None:
     assert KeyHasher(secret).digest(key) == expected
     assert KeyHasher(secret.decode()).digest(key) == expected
     assert KeyHasher(b"another-secret-of-16-bytes").digest(key) != expected
+    long_secret = bytes(range(256)) * 2  # longer than SHA-256's block: hashed first
+    assert KeyHasher(long_secret).digest(key) == (
+        hmac.new(long_secret, key.encode(), hashlib.sha256).hexdigest()
+    )
 
 
 def test_hasher_hides_its_secret_and_refuses_short_ones() -> None:

@@ -22,7 +22,7 @@ from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer, SecurityScopes
 
 from keygate.models import ApiKey
-from keygate.responses import RAISED
+from keygate.responses import raise_refusal
 from keygate.routing import PRINCIPAL, check_scopes
 
 __all__ = ["api_key", "bearer", "require"]
@@ -43,8 +43,7 @@ async def api_key(
     """The authenticated key's record, once it is known to hold the required scopes."""
     refusal = check_scopes(request, security_scopes.scopes)
     if refusal is not None:
-        request.scope[RAISED] = refusal
-        raise refusal
+        raise_refusal(request, refusal)
     key: ApiKey = request.scope[PRINCIPAL].key
     return key
 

@@ -58,9 +58,16 @@ def _base62(value: int, width: int) -> str:
     return "".join(reversed(digits))
 
 
+# Two base62 digits at a time: the checksum is computed on every first sight of a key.
+_PAIRS = [a + b for a in BASE62 for b in BASE62]
+
+
 def checksum(text: str) -> str:
     """The 6-character base62 CRC32 of ``text`` (62**6 > 2**32, so no value is lost)."""
-    return _base62(zlib.crc32(text.encode("ascii")), CHECKSUM_LENGTH)
+    value = zlib.crc32(text.encode("ascii"))
+    high, rest = divmod(value, 3844**2)
+    middle, low = divmod(rest, 3844)
+    return _PAIRS[high] + _PAIRS[middle] + _PAIRS[low]
 
 
 def generate_key(prefix: str) -> str:
@@ -130,22 +137,31 @@ def new_key_id(now: float | None = None) -> str:
 class KeyHasher:
     """HMAC-SHA256 of keys under the server secret; the only digest stores ever see.
 
-    The secret is held privately and never shown by ``repr``.
+    RFC 2104 spelled out with precomputed inner and outer SHA-256 states (what
+    :mod:`hmac` does, without its per-call Python wrappers). The secret is held privately
+    and never shown by ``repr``.
     """
 
-    __slots__ = ("_mac",)
+    __slots__ = ("_inner", "_outer")
 
     def __init__(self, secret: str | bytes) -> None:
         raw = secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)
         if len(raw) < 16:
             raise ValueError("the server secret must be at least 16 bytes long")
-        self._mac = hmac.new(raw, digestmod=hashlib.sha256)
+        block = hashlib.sha256().block_size
+        if len(raw) > block:
+            raw = hashlib.sha256(raw).digest()
+        raw = raw.ljust(block, b"\0")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in raw))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in raw))
 
     def digest(self, token: str) -> str:
         """The hex HMAC-SHA256 of ``token``."""
-        mac = self._mac.copy()
-        mac.update(token.encode("ascii"))
-        return mac.hexdigest()
+        inner = self._inner.copy()
+        inner.update(token.encode("ascii"))
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.hexdigest()
 
     def __repr__(self) -> str:
         return "KeyHasher(secret=<hidden>)"

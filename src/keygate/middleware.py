@@ -13,13 +13,14 @@ import re
 from collections.abc import Iterable
 
 from starlette.authentication import AuthCredentials, UnauthenticatedUser
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from keygate.exceptions import KeyFormatError, StoreError
 from keygate.gate import KeyGate, Principal
 from keygate.keys import parse_key
-from keygate.responses import RAISED, Refusal, Refusals
+from keygate.responses import Refusal, Refusals
 from keygate.routing import PRINCIPAL, REFUSALS, Rule, RuleTable, route_path
+from keygate.stores.cache import CacheEntry
 
 __all__ = ["KeyGateMiddleware"]
 
@@ -51,6 +52,7 @@ class KeyGateMiddleware:
         self.app = app
         self.gate = gate if gate is not None else KeyGate()
         self.rules = RuleTable(rules)
+        self._has_rules = bool(self.rules)
         self.deny_unmatched = deny_unmatched
         self.refusals = Refusals(realm, retry_after)
         self._prefixes = self.gate.policy.prefixes
@@ -63,18 +65,40 @@ class KeyGateMiddleware:
         if kind != "http" and kind != "websocket":
             await self.app(scope, receive, send)
             return
-        rule = (
-            self.rules.match(scope.get("method", "GET"), route_path(scope)) if self.rules else None
-        )
+        rule = None
+        if self._has_rules:
+            rule = self.rules.match(scope.get("method", "GET"), route_path(scope))
         scope[REFUSALS] = self.refusals
         if rule is not None and rule.public:
             scope["auth"] = _ANONYMOUS_AUTH
             scope["user"] = _ANONYMOUS_USER
             await self.app(scope, receive, send)
             return
-        principal = await self._authenticate(scope)
-        if isinstance(principal, Refusal):
-            await self._refuse(scope, send, principal)
+        # The hot path, inline: find the one Authorization header, and recall the cache
+        # entry those exact bytes resolved to moments ago (alive and fresh, or nothing).
+        value = None
+        for name, raw in scope["headers"]:
+            if name == b"authorization":
+                if value is not None:
+                    await self._refuse(scope, send, self.refusals.malformed)  # sent twice
+                    return
+                value = raw
+        if value is None:
+            await self._refuse(scope, send, self.refusals.missing)
+            return
+        entry = self._cache.recall(value)
+        if entry is None:
+            resolved = await self._resolve(value)
+            if isinstance(resolved, Refusal):
+                await self._refuse(scope, send, resolved)
+                return
+            entry = resolved
+        principal: Principal = entry.derived or self.gate.principal(entry)
+        if principal.key.revoked_at is not None:
+            await self._refuse(scope, send, self.refusals.revoked)
+            return
+        if self._clock() >= principal.expires:
+            await self._refuse(scope, send, self.refusals.expired)
             return
         if rule is not None:
             if rule.scopes:
@@ -88,44 +112,17 @@ class KeyGateMiddleware:
         scope["auth"] = principal.auth
         scope["user"] = principal.user
         scope[PRINCIPAL] = principal
-        if kind == "websocket":
-            await self.app(scope, receive, send)
-            return
-        started = False
-        replacing = False
-
-        async def send_wrapper(message: Message) -> None:
-            nonlocal started, replacing
-            if message["type"] == "http.response.start":
-                started = True
-                refusal = scope.get(RAISED)
-                if refusal is not None:
-                    # An app below answered a Refusal it caught; give it the SPEC's shape.
-                    replacing = True
-                    message = refusal.start_message()
-            elif replacing:
-                if message.get("more_body"):
-                    return
-                message = scope[RAISED].body_message()
-            await send(message)
-
         try:
-            await self.app(scope, receive, send_wrapper)
+            await self.app(scope, receive, send)
         except Refusal as refusal:
-            # Raised by a plain ASGI app with no exception handling of its own.
-            if started:
-                raise
+            # Raised by an app with no exception handling of its own (Starlette and FastAPI
+            # apps answer it themselves, see keygate.responses.raise_refusal). Raise it
+            # before the response starts.
             await self._refuse(scope, send, refusal)
 
-    async def _authenticate(self, scope: Scope) -> Principal | Refusal:
-        value = None
-        for name, raw in scope["headers"]:
-            if name == b"authorization":
-                if value is not None:
-                    return self.refusals.malformed  # sent twice: ambiguous
-                value = raw
-        if value is None:
-            return self.refusals.missing
+    async def _resolve(self, value: bytes) -> CacheEntry | Refusal:
+        """Parse the header, check the key's checksum, and look its digest up (the path of
+        credentials not seen moments ago)."""
         scheme, space, token = value.partition(b" ")
         # The scheme is case-insensitive (RFC 7235 §2.1); the token is compared exactly.
         if not space or scheme.lower() != b"bearer":
@@ -149,12 +146,8 @@ class KeyGateMiddleware:
                 return self.refusals.unavailable
             if entry is None:
                 return self.refusals.invalid
-        principal: Principal = entry.derived or self.gate.principal(entry)
-        if principal.key.revoked_at is not None:
-            return self.refusals.revoked
-        if self._clock() >= principal.expires:
-            return self.refusals.expired
-        return principal
+        self._cache.remember(value, entry)
+        return entry
 
     async def _refuse(self, scope: Scope, send: Send, refusal: Refusal) -> None:
         if scope["type"] == "websocket":

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from typing import NoReturn
 
 from starlette.exceptions import HTTPException
+from starlette.requests import HTTPConnection
+from starlette.responses import Response
 from starlette.types import Message, Send
 
 from keygate.exceptions import KeyGateError
 
-__all__ = ["RAISED", "Refusal", "Refusals"]
-
-# Where code below the middleware records a refusal it raised (see Refusal).
-RAISED = "keygate.refused"
+__all__ = ["Refusal", "Refusals", "raise_refusal", "refusal_handler"]
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -27,9 +27,9 @@ class Refusal(HTTPException, KeyGateError):
     """An HTTP refusal, with the SPEC's body and headers.
 
     The middleware sends refusals as raw ASGI. Code below it (the FastAPI dependency, an
-    endpoint) raises one: as an ``HTTPException`` it is answered by whichever Starlette or
-    FastAPI app is nearest — a mounted sub-app included — and the middleware, seeing it
-    recorded in the scope (:data:`RAISED`), replaces that answer's body with the SPEC's.
+    endpoint) raises one with :func:`raise_refusal`: as an ``HTTPException`` it is answered
+    by whichever Starlette or FastAPI app is nearest — a mounted sub-app included — and
+    :func:`raise_refusal` makes sure that app answers it with :func:`refusal_handler`.
     """
 
     def __init__(
@@ -53,6 +53,12 @@ class Refusal(HTTPException, KeyGateError):
             *extra,
         ]
 
+    def response(self) -> Response:
+        """This refusal as a Starlette response."""
+        response = Response(self.body, status_code=self.status)
+        response.raw_headers = list(self.raw_headers)
+        return response
+
     def start_message(self, extra: Headers | None = None) -> Message:
         headers = self.raw_headers if not extra else [*self.raw_headers, *extra]
         return {"type": "http.response.start", "status": self.status, "headers": headers}
@@ -70,6 +76,30 @@ class Refusal(HTTPException, KeyGateError):
 
     def __repr__(self) -> str:
         return f"Refusal({self.status}, {self.code!r})"
+
+
+async def refusal_handler(conn: HTTPConnection, exc: Exception) -> Response:
+    """A Starlette/FastAPI exception handler answering a :class:`Refusal` as the SPEC says.
+
+    ``app.add_exception_handler(Refusal, refusal_handler)`` registers it up front;
+    :func:`raise_refusal` registers it on first use.
+    """
+    assert isinstance(exc, Refusal)
+    return exc.response()
+
+
+# Set by Starlette's ExceptionMiddleware (and so FastAPI's) on every request: the live
+# handler tables that the app nearest to the endpoint looks exceptions up in.
+_HANDLERS = "starlette.exception_handlers"
+
+
+def raise_refusal(conn: HTTPConnection, refusal: Refusal) -> NoReturn:
+    """Raise ``refusal`` from an endpoint or dependency, so that the nearest app answers it
+    with the SPEC's body and headers — not with its generic ``{"detail": ...}``."""
+    tables = conn.scope.get(_HANDLERS)
+    if tables is not None and Refusal not in tables[0]:
+        tables[0][Refusal] = refusal_handler
+    raise refusal
 
 
 def _quoted(value: str) -> str:

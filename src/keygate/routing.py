@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from starlette.requests import HTTPConnection
-from starlette.responses import Response
 from starlette.types import Scope
 from starlette.websockets import WebSocket
 
@@ -162,13 +161,6 @@ def check_scopes(conn: HTTPConnection, scopes: Sequence[str]) -> Refusal | None:
     return refusals.insufficient_scope(missing) if missing else None
 
 
-def refusal_response(refusal: Refusal) -> Response:
-    """A Starlette response for a refusal (the middleware sends raw ASGI instead)."""
-    response = Response(refusal.body, status_code=refusal.status)
-    response.raw_headers = list(refusal.raw_headers)
-    return response
-
-
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -192,7 +184,7 @@ def scopes_required(*scopes: str) -> Callable[[F], F]:
             @functools.wraps(func)
             def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
                 refusal = check_scopes(kwargs[name] if name in kwargs else args[index], scopes)
-                return func(*args, **kwargs) if refusal is None else refusal_response(refusal)
+                return func(*args, **kwargs) if refusal is None else refusal.response()
 
             sync_wrapper.__keygate_scopes__ = tuple(scopes)  # type: ignore[attr-defined]
             return sync_wrapper  # type: ignore[return-value]
@@ -206,7 +198,7 @@ def scopes_required(*scopes: str) -> Callable[[F], F]:
             if isinstance(conn, WebSocket):
                 await conn.close(code=1008, reason=refusal.code)
                 return None
-            return refusal_response(refusal)
+            return refusal.response()
 
         wrapper.__keygate_scopes__ = tuple(scopes)  # type: ignore[attr-defined]
         return wrapper  # type: ignore[return-value]

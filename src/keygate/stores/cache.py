@@ -29,15 +29,21 @@ __all__ = ["CacheEntry", "CachedStore"]
 
 
 class CacheEntry:
-    """One cached record, and room for what callers derive from it (e.g. scope sets)."""
+    """One cached record, and room for what callers derive from it (e.g. scope sets).
 
-    __slots__ = ("derived", "digest", "fresh_until", "record")
+    ``alive`` turns false the moment the entry leaves the cache (invalidated, evicted,
+    cleared), so a reference kept elsewhere (see :meth:`CachedStore.remember`) is never
+    trusted past that moment.
+    """
+
+    __slots__ = ("alive", "derived", "digest", "fresh_until", "record")
 
     def __init__(self, record: ApiKey, digest: str, fresh_until: float) -> None:
         self.record = record
         self.digest = digest
         self.fresh_until = fresh_until
         self.derived: Any = None
+        self.alive = True
 
 
 class CachedStore:
@@ -65,6 +71,8 @@ class CachedStore:
         self._ids: dict[str, str] = {}  # key id -> digest of its cached entry
         self._unknown: OrderedDict[str, float] = OrderedDict()  # digest -> fresh until
         self._inflight: dict[str, asyncio.Future[CacheEntry | None]] = {}
+        # Credential bytes -> entry, for entries alive in the cache (see remember()).
+        self._remembered: dict[bytes, CacheEntry] = {}
         self._epoch = 0  # bumped by every invalidation; see _fetch
         self._listener = _Invalidator(self)
         self._subscribed = False
@@ -89,6 +97,28 @@ class CachedStore:
         return self.store.listening
 
     # -- lookups ----------------------------------------------------------------------------
+
+    def recall(self, credential: bytes) -> CacheEntry | None:
+        """The live, fresh entry remembered for these exact credential bytes, if any."""
+        entry = self._remembered.get(credential)
+        if entry is not None and entry.alive and entry.fresh_until > self._clock():
+            self.hits += 1
+            return entry
+        return None
+
+    def remember(self, credential: bytes, entry: CacheEntry) -> None:
+        """Remember which entry these credential bytes resolved to, so a repeat request
+        skips the checksum and the HMAC. Bounded like the cache; an entry is trusted only
+        while it is alive and fresh, so revocation and TTL apply unchanged."""
+        if not entry.alive:
+            return
+        remembered = self._remembered
+        if len(remembered) >= self.max_size:
+            for stale in [c for c, e in remembered.items() if not e.alive]:
+                del remembered[stale]
+            if len(remembered) >= self.max_size:
+                del remembered[next(iter(remembered))]
+        remembered[credential] = entry
 
     def peek(self, digest: str) -> CacheEntry | None:
         """The fresh cached entry for a digest, without awaiting anything; ``None`` when the
@@ -164,11 +194,18 @@ class CachedStore:
                     self._unknown.popitem(last=False)
             return None
         entry = CacheEntry(record, digest, now + self.ttl)
-        if epoch == self._epoch:  # no change was announced while we read: safe to keep
+        if epoch != self._epoch:
+            # A change was announced while we read: answer this once, keep nothing.
+            entry.alive = False
+        else:
+            replaced = self._entries.get(digest)
+            if replaced is not None:
+                replaced.alive = False
             self._entries[digest] = entry
             self._ids[record.id] = digest
             while len(self._entries) > self.max_size:
                 _, evicted = self._entries.popitem(last=False)
+                evicted.alive = False
                 self._ids.pop(evicted.record.id, None)
         return entry
 
@@ -177,6 +214,7 @@ class CachedStore:
     def _drop(self, digest: str) -> None:
         entry = self._entries.pop(digest, None)
         if entry is not None:
+            entry.alive = False
             self._ids.pop(entry.record.id, None)
 
     def invalidate(self, key_id: str, digest: str | None = None) -> None:
@@ -184,7 +222,7 @@ class CachedStore:
         self._epoch += 1
         cached = self._ids.pop(key_id, None)
         if cached is not None:
-            self._entries.pop(cached, None)
+            self._drop(cached)
         if digest is not None:
             self._unknown.pop(digest, None)
             self._drop(digest)
@@ -196,9 +234,12 @@ class CachedStore:
     def clear(self) -> None:
         """Forget everything."""
         self._epoch += 1
+        for entry in self._entries.values():
+            entry.alive = False
         self._entries.clear()
         self._ids.clear()
         self._unknown.clear()
+        self._remembered.clear()
 
     def __len__(self) -> int:
         return len(self._entries)
