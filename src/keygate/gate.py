@@ -15,14 +15,17 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import SecretStr
+from redis.exceptions import RedisError
 from starlette.authentication import AuthCredentials, BaseUser
 
 from keygate.clock import Clock, system_clock, to_datetime, to_timestamp
+from keygate.exceptions import StoreError
 from keygate.keys import KeyHasher
 from keygate.manager import KeyManager
 from keygate.models import DEFAULT_POLICY, ApiKey, KeyPolicy
+from keygate.ratelimit import Limiter, LimitSet, MemoryLimiter, RedisLimiter, limit_set
 from keygate.settings import KeyGateSettings
-from keygate.stores import CachedStore, KeyStore, MemoryStore, open_store
+from keygate.stores import CachedStore, KeyStore, MemoryStore, RedisStore, open_store
 
 __all__ = ["KeyGate", "KeyUser", "Principal"]
 
@@ -56,10 +59,13 @@ class KeyUser(BaseUser):
 class Principal:
     """What the middleware derives once per cached record and reuses on every request."""
 
-    __slots__ = ("auth", "catalogue", "expires", "key", "scopes", "user")
+    __slots__ = ("auth", "catalogue", "expires", "key", "limits", "scopes", "user")
 
     def __init__(self, key: ApiKey, policy: KeyPolicy) -> None:
         self.key = key
+        text = policy.rate_limit(key, key.type)
+        # The policy is named after the key type: headers never carry key material.
+        self.limits: LimitSet | None = limit_set(text, key.type.value) if text else None
         self.catalogue = policy.catalogue
         self.scopes = policy.catalogue.expand(key.scopes) | frozenset(key.scopes)
         self.expires = to_timestamp(key.expires_at) if key.expires_at else float("inf")
@@ -89,6 +95,17 @@ def _hasher(secret: str | bytes | SecretStr | None, store: KeyStore) -> KeyHashe
     return KeyHasher(secret)
 
 
+def _limiter(store: KeyStore, settings: KeyGateSettings, clock: Clock) -> Limiter:
+    if isinstance(store, RedisStore):
+        return RedisLimiter(
+            store.client,
+            namespace=store.namespace,
+            timeout=settings.rate_limit_timeout,
+            failure=settings.rate_limit_failure,
+        )
+    return MemoryLimiter(clock=clock)
+
+
 class KeyGate:
     """Everything keygate needs to authenticate and manage keys, configured once."""
 
@@ -101,6 +118,7 @@ class KeyGate:
         clock: Clock = system_clock,
         settings: KeyGateSettings | None = None,
         lookup_timeout: float = 1.0,
+        limiter: Limiter | None = None,
     ) -> None:
         settings = settings or KeyGateSettings()
         if store is None or isinstance(store, str):
@@ -121,6 +139,7 @@ class KeyGate:
         self.clock = clock
         self.lookup_timeout = lookup_timeout
         self.manager = KeyManager(cached, self.hasher, policy=policy, clock=clock)
+        self.limiter = limiter if limiter is not None else _limiter(cached.store, settings, clock)
 
     def principal(self, entry: Any) -> Principal:
         """The derived view of a cache entry, built once per entry."""
@@ -133,10 +152,20 @@ class KeyGate:
         return to_datetime(self.clock())
 
     async def startup(self) -> None:
-        """Subscribe the cache to change announcements (lookups work before this, too)."""
+        """Subscribe the cache to change announcements and load the limiter's script.
+
+        Called by the middleware when the app starts (lifespan). Everything works without
+        it, only the first requests pay for what it prepares; a store that is down now is
+        logged, not raised, so the app still starts.
+        """
         await self.store.start()
+        try:
+            await self.limiter.start()
+        except (StoreError, RedisError, OSError) as exc:
+            logger.warning("could not prepare the rate limiter: %s", type(exc).__name__)
 
     async def aclose(self) -> None:
+        await self.limiter.close()
         await self.store.close()
 
     def __repr__(self) -> str:

@@ -13,12 +13,13 @@ import re
 from collections.abc import Iterable
 
 from starlette.authentication import AuthCredentials, UnauthenticatedUser
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from keygate.exceptions import KeyFormatError, StoreError
+from keygate.exceptions import KeyFormatError, StoreError, StoreUnavailable
 from keygate.gate import KeyGate, Principal
 from keygate.keys import parse_key
-from keygate.responses import Refusal, Refusals
+from keygate.ratelimit import LimitSet
+from keygate.responses import Headers, Refusal, Refusals
 from keygate.routing import PRINCIPAL, REFUSALS, Rule, RuleTable, route_path
 from keygate.stores.cache import CacheEntry
 
@@ -48,6 +49,7 @@ class KeyGateMiddleware:
         deny_unmatched: bool = False,
         realm: str = "api",
         retry_after: int = 1,
+        legacy_rate_limit_headers: bool = False,
     ) -> None:
         self.app = app
         self.gate = gate if gate is not None else KeyGate()
@@ -59,10 +61,14 @@ class KeyGateMiddleware:
         self._cache = self.gate.store
         self._digest = self.gate.hasher.digest
         self._clock = self.gate.clock
+        self._limiter = self.gate.limiter
+        self.legacy_rate_limit_headers = legacy_rate_limit_headers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind != "http" and kind != "websocket":
+            if kind == "lifespan":
+                receive = self._lifespan(receive)
             await self.app(scope, receive, send)
             return
         rule = None
@@ -112,6 +118,11 @@ class KeyGateMiddleware:
         scope["auth"] = principal.auth
         scope["user"] = principal.user
         scope[PRINCIPAL] = principal
+        if principal.limits is not None:
+            limited = await self._limit(scope, send, principal.key.id, principal.limits)
+            if limited is None:
+                return
+            send = limited
         try:
             await self.app(scope, receive, send)
         except Refusal as refusal:
@@ -119,6 +130,36 @@ class KeyGateMiddleware:
             # apps answer it themselves, see keygate.responses.raise_refusal). Raise it
             # before the response starts.
             await self._refuse(scope, send, refusal)
+
+    async def _limit(self, scope: Scope, send: Send, key_id: str, limits: LimitSet) -> Send | None:
+        """Ask the limiter; refuse (and return None) or return a send that adds the
+        rate-limit headers to the response."""
+        try:
+            decision = await self._limiter.hit(key_id, limits)
+        except StoreUnavailable:  # failure="deny", and the limiter could not decide
+            await self._refuse(scope, send, self.refusals.limiter_unavailable)
+            return None
+        headers = decision.headers(limits)
+        if self.legacy_rate_limit_headers:
+            headers += decision.legacy_headers(limits)
+        if not decision.allowed:
+            await self._refuse(scope, send, self.refusals.rate_limited, headers)
+            return None
+        if scope["type"] != "http":
+            return send
+        return _adding_headers(send, headers)
+
+    def _lifespan(self, receive: Receive) -> Receive:
+        """Pass lifespan through, preparing the gate when the app starts."""
+        gate = self.gate
+
+        async def receive_lifespan() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await gate.startup()
+            return message
+
+        return receive_lifespan
 
     async def _resolve(self, value: bytes) -> CacheEntry | Refusal:
         """Parse the header, check the key's checksum, and look its digest up (the path of
@@ -149,9 +190,20 @@ class KeyGateMiddleware:
         self._cache.remember(value, entry)
         return entry
 
-    async def _refuse(self, scope: Scope, send: Send, refusal: Refusal) -> None:
+    async def _refuse(
+        self, scope: Scope, send: Send, refusal: Refusal, headers: Headers | None = None
+    ) -> None:
         if scope["type"] == "websocket":
             # Closing before accepting refuses the handshake; 1008 = policy violation.
             await send({"type": "websocket.close", "code": 1008, "reason": refusal.code})
             return
-        await refusal.send(send)
+        await refusal.send(send, headers)
+
+
+def _adding_headers(send: Send, headers: Headers) -> Send:
+    async def send_with_headers(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), *headers]}
+        await send(message)
+
+    return send_with_headers

@@ -1,15 +1,63 @@
-"""Rate limits, written the way :mod:`limits` writes them (``"100/minute"``,
-``"10/second;1000/hour"``). This is the only module that imports :mod:`limits`.
+"""Rate limits over exact moving (sliding-log) windows — the only module that imports
+:mod:`limits`.
+
+Limits are written the way :mod:`limits` writes them (``"100/minute"``,
+``"10/second;1000/hour"``) and parsed by it. A request is admitted only when *every*
+window of its key admits it, and a refused request consumes nothing (SPEC §4).
+
+The decision follows ``limits``' moving-window algorithm to the letter: a window keeps
+the timestamps of its last ``amount`` admissions, newest first, and refuses a request of
+cost ``c`` when the entry at index ``amount - c`` is still inside the window
+(``entry >= now - window``). ``tests/test_ratelimit.py`` drives this module and ``limits``'
+own ``MovingWindowRateLimiter`` with the same random schedules and compares every decision.
+
+Two limiters keep that contract:
+
+- :class:`MemoryLimiter` — one process; takes an injectable clock. (``limits``' own
+  ``MemoryStorage`` reads the wall clock itself and expires entries from a timer thread,
+  so it cannot take one.)
+- :class:`RedisLimiter` — any number of processes sharing one Redis: one Lua script
+  decides every window of a key atomically on Redis' own clock (``TIME``), and returns the
+  decision with the numbers for the headers in the same round trip. Requests that arrive
+  together share one pipeline; a key known to be over its limit is refused locally until
+  its next slot frees, without asking Redis (which can only refuse more, never admit more).
 """
 
 from __future__ import annotations
 
+import asyncio
+import bisect
+import logging
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Literal, Protocol
+
 import limits
 from limits import RateLimitItem
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError, RedisError
 
-__all__ = ["normalize_rate_limit", "parse_rate_limit"]
+from keygate.clock import Clock, system_clock
+from keygate.exceptions import StoreUnavailable
+
+__all__ = [
+    "Decision",
+    "LimitSet",
+    "Limiter",
+    "MemoryLimiter",
+    "RedisLimiter",
+    "limit_set",
+    "normalize_rate_limit",
+    "parse_rate_limit",
+]
+
+logger = logging.getLogger("keygate.ratelimit")
 
 _MAX_LIMIT_TEXT = 256
+FailureMode = Literal["allow", "deny"]
 
 
 def parse_rate_limit(text: str) -> list[RateLimitItem]:
@@ -38,3 +86,407 @@ def _spell(item: RateLimitItem) -> str:
     if item.multiples == 1:
         return f"{item.amount}/{unit}"
     return f"{item.amount}/{item.multiples} {unit}s"
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """``amount`` requests per ``seconds``, and the name of its header policy."""
+
+    amount: int
+    seconds: int
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSet:
+    """The windows of one limit string, with its ``RateLimit-Policy`` header value."""
+
+    text: str
+    windows: tuple[Window, ...]
+    policy_header: bytes
+
+
+@lru_cache(maxsize=4096)
+def limit_set(text: str, name: str) -> LimitSet:
+    """The parsed windows of ``text``; ``name`` (e.g. the key type) names their policies.
+
+    The name goes into response headers, so it must never carry key material.
+    """
+    items = parse_rate_limit(text)
+    windows = tuple(
+        Window(item.amount, item.get_expiry(), name if i == 0 else f"{name}-{i + 1}")
+        for i, item in enumerate(items)
+    )
+    # draft-ietf-httpapi-ratelimit-headers: a structured-field List of policy items.
+    policy = ", ".join(f'"{w.name}";q={w.amount};w={w.seconds}' for w in windows)
+    return LimitSet(text, windows, policy.encode("ascii"))
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """A limiter's answer, with what the headers need, per window of the limit set."""
+
+    allowed: bool
+    remaining: tuple[int, ...]
+    reset: tuple[int, ...]  # whole seconds until a slot of that window frees (``t``)
+    retry_after: int = 0  # whole seconds until the request could be admitted (refused only)
+    degraded: bool = False  # admitted because the limiter could not be asked
+
+    def headers(self, limits: LimitSet) -> list[tuple[bytes, bytes]]:
+        """``RateLimit-Policy`` and ``RateLimit`` (and ``Retry-After`` when refused)."""
+        items = ", ".join(
+            f'"{w.name}";r={r};t={t}'
+            for w, r, t in zip(limits.windows, self.remaining, self.reset, strict=True)
+        )
+        headers = [(b"ratelimit-policy", limits.policy_header), (b"ratelimit", items.encode())]
+        if not self.allowed:
+            headers.append((b"retry-after", str(self.retry_after).encode()))
+            headers.append((b"cache-control", b"no-store"))
+        return headers
+
+    def legacy_headers(self, limits: LimitSet) -> list[tuple[bytes, bytes]]:
+        """``X-RateLimit-Limit/Remaining/Reset`` for the tightest window (Reset in
+        seconds from now)."""
+        i = min(range(len(self.remaining)), key=self.remaining.__getitem__)
+        return [
+            (b"x-ratelimit-limit", str(limits.windows[i].amount).encode()),
+            (b"x-ratelimit-remaining", str(self.remaining[i]).encode()),
+            (b"x-ratelimit-reset", str(self.reset[i]).encode()),
+        ]
+
+
+def _seconds(value: float) -> int:
+    return max(0, math.ceil(value - 1e-9))
+
+
+def _retry_after(wait: float) -> int:
+    # A window refuses while its entry is >= now - window: at exactly `wait` seconds it
+    # still refuses, so a whole-second answer must be strictly later.
+    return math.floor(wait) + 1
+
+
+class Limiter(Protocol):
+    """Decides whether a key may make a request now."""
+
+    async def hit(self, key: str, limits: LimitSet, cost: int = 1) -> Decision:
+        """Admit (and count) or refuse (and count nothing) ``cost`` units for ``key``."""
+
+    async def start(self) -> None:
+        """Prepare (e.g. load scripts) so the first request pays nothing extra."""
+
+    async def close(self) -> None:
+        """Release resources. Idempotent."""
+
+
+class MemoryLimiter:
+    """Moving windows in this process. Bounded: at most ``max_keys`` windows are kept; the
+    least recently used goes first (an idle window has nothing left to forget)."""
+
+    def __init__(self, *, clock: Clock = system_clock, max_keys: int = 100_000) -> None:
+        self._clock = clock
+        self._max_keys = max_keys
+        # (key, window index) -> admission times, newest first, at most `amount` of them.
+        self._events: OrderedDict[tuple[str, int], list[float]] = OrderedDict()
+
+    async def hit(self, key: str, limits: LimitSet, cost: int = 1) -> Decision:
+        return self.hit_now(key, limits, cost)
+
+    def hit_now(self, key: str, limits: LimitSet, cost: int = 1) -> Decision:
+        """:meth:`hit` without the coroutine: no I/O happens here."""
+        now = self._clock()
+        windows = limits.windows
+        logs = [self._events.get((key, i)) or [] for i in range(len(windows))]
+        wait = 0.0
+        allowed = True
+        for window, log in zip(windows, logs, strict=True):
+            if cost > window.amount:
+                allowed, wait = False, max(wait, float(window.seconds))
+                continue
+            index = window.amount - cost
+            if index < len(log) and log[index] >= now - window.seconds:
+                allowed = False
+                wait = max(wait, log[index] + window.seconds - now)
+        if allowed:
+            for i, (window, log) in enumerate(zip(windows, logs, strict=True)):
+                log[:0] = [now] * cost
+                del log[window.amount :]
+                self._events[(key, i)] = log
+                self._events.move_to_end((key, i))
+            while len(self._events) > self._max_keys:
+                self._events.popitem(last=False)
+        remaining, reset = [], []
+        for window, log in zip(windows, logs, strict=True):
+            # Entries still inside the window: a prefix of the newest-first log.
+            count = bisect.bisect_right(log, -(now - window.seconds), key=lambda t: -t)
+            remaining.append(window.amount - count)
+            reset.append(
+                _seconds(log[count - 1] + window.seconds - now if count else window.seconds)
+            )
+        retry = 0 if allowed else _retry_after(wait)
+        return Decision(allowed, tuple(remaining), tuple(reset), retry)
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        self._events.clear()
+
+
+# KEYS: one list per window of the key, newest admission first (hash-tagged by key id).
+# ARGV: cost, now in ms ('' = Redis' own clock), then amount and window ms per window.
+# Returns: allowed (1/0), now ms, then per window: entries inside the window after the
+# decision, the oldest of them (-1: none), the entry that refused (-1: none).
+# Times are whole milliseconds: 13 digits, exact in Lua's doubles until the year 2286.
+_SCRIPT = """
+local cost = tonumber(ARGV[1])
+local now
+if ARGV[2] ~= '' then
+  now = tonumber(ARGV[2])
+else
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local n = #KEYS
+local allowed = 1
+local refused_by = {}
+for i = 1, n do
+  local amount = tonumber(ARGV[1 + 2 * i])
+  local window = tonumber(ARGV[2 + 2 * i])
+  refused_by[i] = -1
+  if cost > amount then
+    allowed = 0
+    refused_by[i] = now
+  else
+    local entry = redis.call('LINDEX', KEYS[i], amount - cost)
+    if entry and tonumber(entry) >= now - window then
+      allowed = 0
+      refused_by[i] = tonumber(entry)
+    end
+  end
+end
+if allowed == 1 then
+  local stamps = {}
+  for j = 1, cost do stamps[j] = now end
+  for i = 1, n do
+    local amount = tonumber(ARGV[1 + 2 * i])
+    redis.call('LPUSH', KEYS[i], unpack(stamps))
+    redis.call('LTRIM', KEYS[i], 0, amount - 1)
+    redis.call('PEXPIRE', KEYS[i], tonumber(ARGV[2 + 2 * i]))
+  end
+end
+local out = {allowed, now}
+for i = 1, n do
+  local window = tonumber(ARGV[2 + 2 * i])
+  local low, high, last = 0, redis.call('LLEN', KEYS[i]) - 1, -1
+  local oldest = -1
+  while low <= high do
+    local mid = math.floor((low + high) / 2)
+    local value = tonumber(redis.call('LINDEX', KEYS[i], mid))
+    if value >= now - window then
+      last, oldest, low = mid, value, mid + 1
+    else
+      high = mid - 1
+    end
+  end
+  out[#out + 1] = last + 1
+  out[#out + 1] = oldest
+  out[#out + 1] = refused_by[i]
+end
+return out
+"""
+
+
+class _Pending:
+    __slots__ = ("args", "future", "keys")
+
+    def __init__(self, keys: list[str], args: list[Any], future: asyncio.Future[Any]) -> None:
+        self.keys = keys
+        self.args = args
+        self.future = future
+
+
+class RedisLimiter:
+    """Moving windows in Redis, exact across every process sharing it.
+
+    ``failure`` says what happens when Redis cannot answer within ``timeout`` seconds:
+    ``"allow"`` (the default) admits the request, counts it in :attr:`passes` and logs at
+    most once per ``log_interval``; ``"deny"`` refuses it (the middleware answers 503).
+    """
+
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        namespace: str = "keygate",
+        timeout: float = 0.25,
+        failure: FailureMode = "allow",
+        log_interval: float = 60.0,
+        local_refusals: bool = True,
+    ) -> None:
+        if failure not in ("allow", "deny"):
+            raise ValueError("failure must be 'allow' or 'deny'")
+        self.client = client
+        self.namespace = namespace
+        self.timeout = timeout
+        self.failure: FailureMode = failure
+        self.log_interval = log_interval
+        self.local_refusals = local_refusals
+        self.sha = ""
+        self.passes = 0  # requests admitted without a decision (failure="allow")
+        self.round_trips = 0
+        self._blocked: dict[str, tuple[float, Decision]] = {}
+        self._pending: list[_Pending] = []
+        self._flushing = False
+        self._last_log = -math.inf
+
+    def window_key(self, key: str, limits: LimitSet, index: int) -> str:
+        window = limits.windows[index]
+        return f"{self.namespace}:rl:{{{key}}}:{window.amount}/{window.seconds}"
+
+    async def start(self) -> None:
+        """Load the script, so no request pays for a NOSCRIPT retry."""
+        self.sha = await self.client.script_load(_SCRIPT)
+
+    async def close(self) -> None:
+        self._blocked.clear()
+
+    async def hit(self, key: str, limits: LimitSet, cost: int = 1) -> Decision:
+        return await self.hit_at(key, limits, cost, None)
+
+    async def hit_at(
+        self, key: str, limits: LimitSet, cost: int = 1, now_ms: int | None = None
+    ) -> Decision:
+        """:meth:`hit` on a given Redis-side clock (for tests); ``None`` is Redis' own."""
+        if self.local_refusals and now_ms is None:
+            blocked = self._blocked.get(key)
+            if blocked is not None:
+                until, refused = blocked
+                left = until - time.monotonic()
+                if left > 0:
+                    # Still over the limit: no slot can have freed yet. No round trip.
+                    frees = tuple(min(t, _seconds(left)) for t in refused.reset)
+                    return Decision(False, refused.remaining, frees, _retry_after(left - 0.001))
+                del self._blocked[key]
+        keys = [self.window_key(key, limits, i) for i in range(len(limits.windows))]
+        args: list[Any] = [cost, "" if now_ms is None else now_ms]
+        for window in limits.windows:
+            args += [window.amount, window.seconds * 1000]
+        try:
+            async with asyncio.timeout(self.timeout):
+                raw = await self._submit(keys, args)
+        except (TimeoutError, StoreUnavailable, RedisError, OSError) as exc:
+            return self._failed(limits, exc)
+        decision = self._decide(raw, limits)
+        if not decision.allowed and self.local_refusals and now_ms is None:
+            # Nothing can free a slot before the refusing entry leaves its window.
+            if len(self._blocked) >= 100_000:  # bounded: forget the ones already free
+                now = time.monotonic()
+                self._blocked = {k: v for k, v in self._blocked.items() if v[0] > now}
+            self._blocked[key] = (time.monotonic() + self._wait(raw, limits), decision)
+        return decision
+
+    @staticmethod
+    def _wait(raw: list[Any], limits: LimitSet) -> float:
+        now = int(raw[1])
+        wait = 0.0
+        for i, window in enumerate(limits.windows):
+            refused_by = int(raw[4 + 3 * i])
+            if refused_by >= 0:
+                wait = max(wait, (refused_by + window.seconds * 1000 + 1 - now) / 1000)
+        return wait
+
+    def _decide(self, raw: list[Any], limits: LimitSet) -> Decision:
+        allowed = int(raw[0]) == 1
+        now = int(raw[1])
+        remaining, reset = [], []
+        for i, window in enumerate(limits.windows):
+            count, oldest = int(raw[2 + 3 * i]), int(raw[3 + 3 * i])
+            remaining.append(window.amount - count)
+            span = (oldest + window.seconds * 1000 - now) / 1000 if oldest >= 0 else window.seconds
+            reset.append(_seconds(span))
+        retry = 0 if allowed else _retry_after(self._wait(raw, limits) - 0.001)
+        return Decision(allowed, tuple(remaining), tuple(reset), retry)
+
+    def _failed(self, limits: LimitSet, exc: BaseException) -> Decision:
+        now = time.monotonic()
+        if now - self._last_log >= self.log_interval:
+            self._last_log = now
+            logger.warning(
+                "rate limiter unavailable (%s); %s requests (passes so far: %d)",
+                type(exc).__name__,
+                "admitting" if self.failure == "allow" else "refusing",
+                self.passes,
+            )
+        if self.failure == "deny":
+            raise StoreUnavailable("the rate limiter cannot be reached") from exc
+        self.passes += 1
+        full = tuple(w.amount for w in limits.windows)
+        return Decision(True, full, tuple(w.seconds for w in limits.windows), degraded=True)
+
+    # -- one round trip for every request that arrives together ------------------------------
+
+    def _submit(self, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._pending.append(_Pending(keys, args, future))
+        if not self._flushing:
+            self._flushing = True
+            loop.call_soon(self._launch)
+        return future
+
+    def _launch(self) -> None:
+        batch, self._pending = self._pending, []
+        self._flushing = False
+        asyncio.get_running_loop().create_task(self._flush(batch))
+
+    async def _flush(self, batch: list[_Pending]) -> None:
+        live = [p for p in batch if not p.future.done()]  # skip callers that gave up
+        if not live:
+            return
+        try:
+            results = await self._evaluate(live)
+        except (RedisError, OSError) as exc:
+            error = StoreUnavailable(f"Redis failed while rate limiting: {type(exc).__name__}")
+            error.__cause__ = exc
+            for pending in live:
+                if not pending.future.done():
+                    pending.future.set_exception(error)
+            return
+        for pending, result in zip(live, results, strict=True):
+            if pending.future.done():
+                continue
+            if isinstance(result, Exception):
+                pending.future.set_exception(result)
+            else:
+                pending.future.set_result(result)
+
+    async def _evaluate(self, batch: list[_Pending]) -> list[Any]:
+        if not self.sha:
+            await self.start()
+        self.round_trips += 1
+        if len(batch) == 1:
+            only = batch[0]
+            try:
+                return [await self._evalsha(only)]
+            except NoScriptError:  # SCRIPT FLUSH, or a restarted server
+                await self.start()
+                self.round_trips += 1
+                return [await self._evalsha(only)]
+        results = await self._pipeline(batch)
+        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+        if missing:
+            await self.start()
+            self.round_trips += 1
+            again = await self._pipeline([batch[i] for i in missing])
+            for i, result in zip(missing, again, strict=True):
+                results[i] = result
+        return results
+
+    async def _evalsha(self, pending: _Pending) -> Any:
+        return await self.client.evalsha(self.sha, len(pending.keys), *pending.keys, *pending.args)
+
+    async def _pipeline(self, batch: list[_Pending]) -> list[Any]:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for pending in batch:
+                pipe.evalsha(self.sha, len(pending.keys), *pending.keys, *pending.args)
+            return list(await pipe.execute(raise_on_error=False))

@@ -144,6 +144,18 @@ class Refusals:
             "The key store cannot be reached; try again shortly.",
             [(b"retry-after", str(retry_after).encode())],
         )
+        self.rate_limited = Refusal(
+            429, "rate_limited", "The API key is over its rate limit; see Retry-After."
+        )
+        self.quota_exceeded = Refusal(
+            429, "quota_exceeded", "The API key has used its AI token quota; see Retry-After."
+        )
+        self.limiter_unavailable = Refusal(
+            503,
+            "rate_limit_unavailable",
+            "The rate limiter cannot be reached; try again shortly.",
+            [(b"retry-after", str(retry_after).encode())],
+        )
         self.unmatched = Refusal(
             403,
             "insufficient_scope",

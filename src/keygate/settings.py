@@ -8,6 +8,8 @@ Example::
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -36,4 +38,11 @@ class KeyGateSettings(BaseSettings):
     negative_cache_size: int = Field(default=10_000, ge=0, description="Unknown digests kept.")
     negative_cache_ttl: float = Field(
         default=2.0, ge=0, description="Seconds an unknown digest is remembered."
+    )
+    rate_limit_timeout: float = Field(
+        default=0.25, gt=0, description="Seconds the rate limiter may wait for Redis."
+    )
+    rate_limit_failure: Literal["allow", "deny"] = Field(
+        default="allow",
+        description="When the limiter cannot decide: admit (and count, and log) or refuse.",
     )
