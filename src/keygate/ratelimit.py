@@ -131,6 +131,7 @@ class Decision:
     reset: tuple[int, ...]  # whole seconds until a slot of that window frees (``t``)
     retry_after: int = 0  # whole seconds until the request could be admitted (refused only)
     degraded: bool = False  # admitted because the limiter could not be asked
+    at: float = 0.0  # when it was decided, on the limiter's clock (Unix seconds)
 
     def headers(self, limits: LimitSet) -> list[tuple[bytes, bytes]]:
         """``RateLimit-Policy`` and ``RateLimit`` (and ``Retry-After`` when refused)."""
@@ -223,7 +224,7 @@ class MemoryLimiter:
                 _seconds(log[count - 1] + window.seconds - now if count else window.seconds)
             )
         retry = 0 if allowed else _retry_after(wait)
-        return Decision(allowed, tuple(remaining), tuple(reset), retry)
+        return Decision(allowed, tuple(remaining), tuple(reset), retry, at=now)
 
     async def start(self) -> None:
         return None
@@ -405,7 +406,7 @@ class RedisLimiter:
             span = (oldest + window.seconds * 1000 - now) / 1000 if oldest >= 0 else window.seconds
             reset.append(_seconds(span))
         retry = 0 if allowed else _retry_after(self._wait(raw, limits) - 0.001)
-        return Decision(allowed, tuple(remaining), tuple(reset), retry)
+        return Decision(allowed, tuple(remaining), tuple(reset), retry, at=now / 1000)
 
     def _failed(self, limits: LimitSet, exc: BaseException) -> Decision:
         now = time.monotonic()
