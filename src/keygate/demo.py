@@ -168,9 +168,13 @@ def build_demo_app(gate: KeyGate, state: DemoState | None = None) -> Starlette:
         if len(texts) != len(messages) or not all(isinstance(t, str) for t in texts):
             return _error(422, "invalid_request", "Each message needs a string 'content'.")
         prompt_tokens = sum(len(t.split()) for t in texts) + 3 * len(texts)
+        # Both quota styles: the prompt's tokens are known before the work (reserve: 429
+        # if they do not fit), the completion's only after it (record: counted, no 429).
+        await gate.quotas.reserve(request, prompt_tokens)
         last = texts[-1].strip() or "nothing"
         completion = f"You said {len(last.split())} words; the demo model agrees with all of them."
         completion_tokens = len(completion.split())
+        state = await gate.quotas.record(request, completion_tokens)
         return JSONResponse(
             {
                 "model": model,
@@ -180,7 +184,8 @@ def build_demo_app(gate: KeyGate, state: DemoState | None = None) -> Starlette:
                     "completion_tokens": completion_tokens,
                     "total_tokens": prompt_tokens + completion_tokens,
                 },
-            }
+            },
+            headers=state.header_dict() if state is not None else None,
         )
 
     async def files(request: Request) -> Response:

@@ -23,6 +23,7 @@ from keygate.exceptions import StoreError
 from keygate.keys import KeyHasher
 from keygate.manager import KeyManager
 from keygate.models import DEFAULT_POLICY, ApiKey, KeyPolicy
+from keygate.quotas import MemoryQuotaStore, Quotas, QuotaStore, RedisQuotaStore
 from keygate.ratelimit import Limiter, LimitSet, MemoryLimiter, RedisLimiter, limit_set
 from keygate.settings import KeyGateSettings
 from keygate.stores import CachedStore, KeyStore, MemoryStore, RedisStore, open_store
@@ -140,6 +141,12 @@ class KeyGate:
         self.lookup_timeout = lookup_timeout
         self.manager = KeyManager(cached, self.hasher, policy=policy, clock=clock)
         self.limiter = limiter if limiter is not None else _limiter(cached.store, settings, clock)
+        quota_store: QuotaStore = (
+            RedisQuotaStore(cached.store.client, namespace=cached.store.namespace)
+            if isinstance(cached.store, RedisStore)
+            else MemoryQuotaStore(clock=clock)
+        )
+        self.quotas = Quotas(quota_store, policy, failure=settings.rate_limit_failure)
 
     def principal(self, entry: Any) -> Principal:
         """The derived view of a cache entry, built once per entry."""
@@ -161,6 +168,7 @@ class KeyGate:
         await self.store.start()
         try:
             await self.limiter.start()
+            await self.quotas.store.start()
         except (StoreError, RedisError, OSError) as exc:
             logger.warning("could not prepare the rate limiter: %s", type(exc).__name__)
 

@@ -20,7 +20,7 @@ from keygate.gate import KeyGate, Principal
 from keygate.keys import parse_key
 from keygate.ratelimit import LimitSet
 from keygate.responses import Headers, Refusal, Refusals
-from keygate.routing import PRINCIPAL, REFUSALS, Rule, RuleTable, route_path
+from keygate.routing import MIDDLEWARE, PRINCIPAL, Rule, RuleTable, route_path
 from keygate.stores.cache import CacheEntry
 
 __all__ = ["KeyGateMiddleware"]
@@ -74,7 +74,7 @@ class KeyGateMiddleware:
         rule = None
         if self._has_rules:
             rule = self.rules.match(scope.get("method", "GET"), route_path(scope))
-        scope[REFUSALS] = self.refusals
+        scope[MIDDLEWARE] = self
         if rule is not None and rule.public:
             scope["auth"] = _ANONYMOUS_AUTH
             scope["user"] = _ANONYMOUS_USER

@@ -39,7 +39,7 @@ _CONVERTERS = {
 }
 ANY_METHOD = "*"
 PRINCIPAL = "keygate.principal"
-REFUSALS = "keygate.refusals"
+MIDDLEWARE = "keygate.middleware"
 
 
 def _pattern(path: str) -> str:
@@ -151,9 +151,10 @@ def check_scopes(conn: HTTPConnection, scopes: Sequence[str]) -> Refusal | None:
 
     Needs :class:`~keygate.middleware.KeyGateMiddleware` in front of the app.
     """
-    refusals: Refusals | None = conn.scope.get(REFUSALS)
-    if refusals is None:
+    middleware = conn.scope.get(MIDDLEWARE)
+    if middleware is None:
         raise RuntimeError("KeyGateMiddleware must be installed for per-route scopes")
+    refusals: Refusals = middleware.refusals
     principal = conn.scope.get(PRINCIPAL)
     if principal is None:
         return refusals.missing

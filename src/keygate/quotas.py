@@ -1,0 +1,248 @@
+"""AI token quotas: an hourly token budget per key (SPEC §1), spent by handlers.
+
+The budget is the key's own ``token_quota`` or its type's default. Spending is counted in
+one-minute buckets over a rolling hour: a request is measured against the tokens spent in
+the current minute and the 59 before it.
+
+Two styles, on :class:`Quotas` (``gate.quotas``):
+
+- before spending, when the cost is known: :meth:`Quotas.reserve` atomically checks that
+  ``tokens`` fit and counts them, or answers 429 ``quota_exceeded`` and counts nothing;
+- when the cost is known only afterwards: :meth:`Quotas.check` first (429 when the budget
+  is already gone; counts nothing), then :meth:`Quotas.record` with what was spent (counts
+  it, never refuses: the work is done).
+
+Each returns a :class:`QuotaState` whose :meth:`~QuotaState.headers` a handler may add to
+its response; the 429 carries them, with ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from starlette.requests import HTTPConnection
+
+from keygate.clock import Clock, system_clock
+from keygate.exceptions import StoreUnavailable
+from keygate.models import ApiKey, KeyPolicy
+from keygate.responses import Headers, Refusal, raise_refusal
+from keygate.routing import MIDDLEWARE, PRINCIPAL
+
+__all__ = ["MemoryQuotaStore", "QuotaState", "QuotaStore", "Quotas", "RedisQuotaStore"]
+
+logger = logging.getLogger("keygate.quotas")
+
+WINDOW = 3600
+_BUCKET = 60
+POLICY = "ai-tokens"
+Mode = Literal["reserve", "check", "record"]
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaState:
+    """Where a key stands against its budget after a call."""
+
+    allowed: bool
+    quota: int
+    remaining: int
+    reset: int  # seconds until the oldest counted minute leaves the rolling hour
+    degraded: bool = False
+
+    def headers(self) -> Headers:
+        """The ``RateLimit-Policy`` / ``RateLimit`` pair for the token budget (plus
+        ``Retry-After`` and ``Cache-Control`` when refused)."""
+        headers = [
+            (b"ratelimit-policy", f'"{POLICY}";q={self.quota};w={WINDOW}'.encode()),
+            (b"ratelimit", f'"{POLICY}";r={max(self.remaining, 0)};t={self.reset}'.encode()),
+        ]
+        if not self.allowed:
+            headers += [(b"retry-after", str(max(self.reset, 1)).encode())]
+            headers += [(b"cache-control", b"no-store")]
+        return headers
+
+    def header_dict(self) -> dict[str, str]:
+        """:meth:`headers` for a Starlette ``Response(headers=...)``."""
+        return {k.decode(): v.decode() for k, v in self.headers()}
+
+
+class QuotaStore(Protocol):
+    """Counts tokens per key in minute buckets over a rolling hour."""
+
+    async def spend(self, key_id: str, tokens: int, quota: int, mode: Mode) -> QuotaState: ...
+
+    async def start(self) -> None: ...
+
+
+def _admits(mode: Mode, spent: int, tokens: int, quota: int) -> bool:
+    if mode == "reserve":
+        return spent + tokens <= quota
+    if mode == "check":
+        return spent < quota
+    return True  # record: the tokens are already spent
+
+
+def _state(spent: int, oldest_minute: int | None, now: float, quota: int, ok: bool) -> QuotaState:
+    if oldest_minute is None:
+        reset = WINDOW
+    else:  # the oldest minute counted leaves the rolling hour at its start + 1 hour
+        reset = max(1, math.ceil(oldest_minute * _BUCKET + WINDOW - now))
+    return QuotaState(ok, quota, quota - spent, reset)
+
+
+class MemoryQuotaStore:
+    """Token buckets in this process (bounded to ``max_keys`` keys, least recent first)."""
+
+    def __init__(self, *, clock: Clock = system_clock, max_keys: int = 100_000) -> None:
+        self._clock = clock
+        self._max_keys = max_keys
+        self._buckets: OrderedDict[str, dict[int, int]] = OrderedDict()
+
+    async def spend(self, key_id: str, tokens: int, quota: int, mode: Mode) -> QuotaState:
+        now = self._clock()
+        minute = int(now // _BUCKET)
+        buckets = self._buckets.setdefault(key_id, {})
+        self._buckets.move_to_end(key_id)
+        for old in [m for m in buckets if m <= minute - WINDOW // _BUCKET]:
+            del buckets[old]
+        spent = sum(buckets.values())
+        ok = _admits(mode, spent, tokens, quota)
+        if ok and mode != "check":
+            buckets[minute] = buckets.get(minute, 0) + tokens
+            spent += tokens
+        while len(self._buckets) > self._max_keys:
+            self._buckets.popitem(last=False)
+        return _state(spent, min(buckets) if buckets else None, now, quota, ok)
+
+    async def start(self) -> None:
+        return None
+
+
+# KEYS[1]: the key's buckets (a hash: minute -> tokens), hash-tagged by key id.
+# ARGV: tokens, quota, mode, now in ms ('' = Redis' own clock).
+# Returns: allowed, tokens spent in the rolling hour afterwards, oldest minute (-1: none),
+# now in ms.
+_SCRIPT = """
+local tokens, quota, mode = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local now
+if ARGV[4] ~= '' then now = tonumber(ARGV[4]) else
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local minute = math.floor(now / 60000)
+local spent, oldest = 0, -1
+local fields = redis.call('HGETALL', KEYS[1])
+for i = 1, #fields, 2 do
+  local m = tonumber(fields[i])
+  if m <= minute - 60 then
+    redis.call('HDEL', KEYS[1], fields[i])
+  else
+    spent = spent + tonumber(fields[i + 1])
+    if oldest < 0 or m < oldest then oldest = m end
+  end
+end
+local ok = true
+if mode == 'reserve' then ok = spent + tokens <= quota
+elseif mode == 'check' then ok = spent < quota end
+if ok and mode ~= 'check' and tokens > 0 then
+  redis.call('HINCRBY', KEYS[1], minute, tokens)
+  redis.call('PEXPIRE', KEYS[1], 3660000)
+  spent = spent + tokens
+  if oldest < 0 then oldest = minute end
+end
+return {ok and 1 or 0, spent, oldest, now}
+"""
+
+
+class RedisQuotaStore:
+    """Token buckets in Redis: one atomic script per call, on Redis' clock."""
+
+    def __init__(self, client: Redis, *, namespace: str = "keygate") -> None:
+        self.client = client
+        self.namespace = namespace
+        self._script = client.register_script(_SCRIPT)
+
+    def bucket_key(self, key_id: str) -> str:
+        return f"{self.namespace}:quota:{{{key_id}}}"
+
+    async def spend(
+        self, key_id: str, tokens: int, quota: int, mode: Mode, now_ms: int | None = None
+    ) -> QuotaState:
+        """Count on Redis' own clock, or (tests) at ``now_ms``."""
+        args = [tokens, quota, mode, "" if now_ms is None else now_ms]
+        raw = await self._script(keys=[self.bucket_key(key_id)], args=args)
+        ok, spent, oldest, now = (int(v) for v in raw)
+        return _state(spent, oldest if oldest >= 0 else None, now / 1000, quota, ok == 1)
+
+    async def start(self) -> None:
+        await self.client.script_load(_SCRIPT)
+
+
+class Quotas:
+    """The token budgets of authenticated keys, for handlers to spend."""
+
+    def __init__(
+        self,
+        store: QuotaStore,
+        policy: KeyPolicy,
+        *,
+        failure: Literal["allow", "deny"] = "allow",
+        log_interval: float = 60.0,
+    ) -> None:
+        self.store = store
+        self.policy = policy
+        self.failure = failure
+        self.log_interval = log_interval
+        self.passes = 0
+        self._last_log = -math.inf
+
+    def quota_of(self, key: ApiKey) -> int | None:
+        """The hourly token budget in force for a key (``None``: unlimited)."""
+        return self.policy.token_quota(key, key.type)
+
+    async def spend(self, key: ApiKey, tokens: int, mode: Mode) -> QuotaState | None:
+        """Count ``tokens`` for ``key`` in ``mode``; ``None`` when the key has no budget."""
+        if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+            raise ValueError("tokens must be a non-negative integer")
+        quota = self.quota_of(key)
+        if quota is None:
+            return None
+        try:
+            return await self.store.spend(key.id, tokens, quota, mode)
+        except (StoreUnavailable, RedisError, OSError, TimeoutError) as exc:
+            now = time.monotonic()
+            if now - self._last_log >= self.log_interval:
+                self._last_log = now
+                logger.warning("token quotas unavailable (%s)", type(exc).__name__)
+            if self.failure == "deny":
+                raise StoreUnavailable("the quota store cannot be reached") from exc
+            self.passes += 1
+            return QuotaState(True, quota, quota, WINDOW, degraded=True)
+
+    async def reserve(self, conn: HTTPConnection, tokens: int) -> QuotaState | None:
+        """Before spending: count ``tokens`` if they fit the budget, else answer 429."""
+        return await self._charge(conn, tokens, "reserve")
+
+    async def check(self, conn: HTTPConnection) -> QuotaState | None:
+        """Before spending an amount not yet known: answer 429 if the budget is gone."""
+        return await self._charge(conn, 0, "check")
+
+    async def record(self, conn: HTTPConnection, tokens: int) -> QuotaState | None:
+        """After spending: count ``tokens`` (never refuses; the work is done)."""
+        return await self._charge(conn, tokens, "record")
+
+    async def _charge(self, conn: HTTPConnection, tokens: int, mode: Mode) -> QuotaState | None:
+        if PRINCIPAL not in conn.scope:
+            raise RuntimeError("token quotas need a request authenticated by KeyGateMiddleware")
+        state = await self.spend(conn.scope[PRINCIPAL].key, tokens, mode)
+        if state is not None and not state.allowed:
+            refusals = conn.scope[MIDDLEWARE].refusals
+            base = refusals.quota_exceeded
+            raise_refusal(conn, Refusal(base.status, base.code, base.message, state.headers()))
+        return state
