@@ -60,6 +60,13 @@ def _print_keys(out: TextIO, base: str, keys: dict[str, object], store: str) -> 
         f" -H 'Authorization: Bearer {secret('client')}'\n"
     )
     out.write("\n(200 with the dev key; 401 without a key; 403: the client key lacks kev:write)\n")
+    out.write(
+        "The client key is limited to 100 requests a minute (RateLimit headers on every\n"
+        "answer; the 101st gets 429 with Retry-After), and its AI token budget is 10,000 an\n"
+        f"hour: curl -s -X POST {base}/cloud/ai/infer -H 'Authorization: Bearer "
+        f'{secret("client")}\' -d \'{{"model": "demo", "messages": '
+        '[{"role": "user", "content": "hi"}]}\' -i\n'
+    )
     out.flush()
 
 
