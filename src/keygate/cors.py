@@ -1,141 +1,184 @@
-"""Origins: parsing, normalising and matching (SPEC §5).
-
-Matching is on the parsed scheme, host and port, never on strings. An allowed-origin
-entry is an exact origin (``https://app.example.com``, ``http://localhost:5173``) or a
-wildcard over subdomains (``https://*.example.com``: any depth, never the apex itself).
-Hosts are compared in lower case and in their ASCII (punycode) form; a default port is the
-same as no port (``https://a.com`` is ``https://a.com:443``).
+"""CORS for browser keys (SPEC §5): preflights answered before authentication from the
+union of every active key's allowed origins (plus the app's own), and the headers of
+actual responses. Origin parsing and matching live in :mod:`keygate.origins`.
 """
 
 from __future__ import annotations
 
-import ipaddress
-import re
-from dataclasses import dataclass
+import asyncio
+import time
+from collections.abc import Iterable
+from typing import Protocol
 
-__all__ = ["Origin", "OriginPattern", "parse_origin", "parse_origin_pattern"]
+from keygate.clock import Clock, system_clock
+from keygate.models import ApiKey
+from keygate.origins import Origin, OriginPattern, origin_allowed, parse_origin_pattern
+from keygate.stores.protocol import KeyStore
 
-_MAX_ORIGIN_LENGTH = 2048
-_SCHEME = re.compile(r"[a-z][a-z0-9+.\-]*\Z")
-_HOST = re.compile(r"[a-z0-9](?:[a-z0-9\-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9\-]*[a-z0-9])?)*\Z")
-_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
-
-
-@dataclass(frozen=True, slots=True)
-class Origin:
-    """A parsed origin: scheme, ASCII lower-case host, port (``None`` when unknown)."""
-
-    scheme: str
-    host: str
-    port: int | None
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        if self.port is None or self.port == _DEFAULT_PORTS.get(self.scheme):
-            return f"{self.scheme}://{host}"
-        return f"{self.scheme}://{host}:{self.port}"
+__all__ = ["CorsPolicy", "OriginIndex"]
 
 
-@dataclass(frozen=True, slots=True)
-class OriginPattern:
-    """An allowed-origin entry: an exact origin, or any subdomain of ``origin.host``."""
+class OriginIndex:
+    """The union of the allowed origins of every *active* key in a store: the policy that
+    answers preflights, which never carry a key (SPEC §5).
 
-    origin: Origin
-    subdomains: bool = False
-
-    def matches(self, origin: Origin) -> bool:
-        want = self.origin
-        if origin.scheme != want.scheme or origin.port != want.port:
-            return False
-        if not self.subdomains:
-            return origin.host == want.host
-        return origin.host.endswith("." + want.host)
-
-    def __str__(self) -> str:
-        if not self.subdomains:
-            return str(self.origin)
-        text = str(self.origin)
-        scheme, _, rest = text.partition("://")
-        return f"{scheme}://*.{rest}"
-
-
-def _split(text: str, *, pattern: bool) -> tuple[Origin, bool]:
-    if len(text) > _MAX_ORIGIN_LENGTH:
-        raise ValueError("the origin is too long")
-    if text.strip() != text or not text:
-        raise ValueError(f"{text!r} has surrounding whitespace or is empty")
-    if text == "null":
-        raise ValueError("the 'null' origin never matches anything")
-    scheme, sep, rest = text.partition("://")
-    scheme = scheme.lower()
-    if not sep or not _SCHEME.match(scheme):
-        raise ValueError(f"{text!r} is not an origin: it needs a scheme, as in https://host")
-    if any(c in rest for c in "/?#\\"):
-        if rest.endswith("/") and not any(c in rest[:-1] for c in "/?#\\"):
-            raise ValueError(f"{text!r} has a trailing '/': an origin has no path")
-        raise ValueError(f"{text!r} has a path, query or fragment: an origin has none")
-    if "@" in rest:
-        raise ValueError(f"{text!r} has user information: an origin has none")
-    port_text = ""
-    if rest.startswith("["):
-        end = rest.find("]")
-        if end < 0:
-            raise ValueError(f"{text!r} has an unclosed IPv6 bracket")
-        host, after = rest[1:end], rest[end + 1 :]
-        if after and not after.startswith(":"):
-            raise ValueError(f"{text!r} has text after its IPv6 address")
-        port_text = after[1:]
-        try:
-            host = ipaddress.IPv6Address(host).compressed
-        except ValueError:
-            raise ValueError(f"{text!r} has an invalid IPv6 address") from None
-        wildcard = False
-    else:
-        host, colon, port_text = rest.partition(":")
-        if colon and not port_text:
-            raise ValueError(f"{text!r} has an empty port")
-        host = host.lower()
-        wildcard = host.startswith("*.")
-        if wildcard:
-            if not pattern:
-                raise ValueError(f"{text!r}: a wildcard is not an origin")
-            host = host[2:]
-        if host.endswith("."):
-            raise ValueError(f"{text!r} has a trailing dot in its host")
-        if not host.isascii():
-            try:
-                host = host.encode("idna").decode("ascii")
-            except UnicodeError:
-                raise ValueError(f"{text!r} has an invalid internationalised host") from None
-        if not _HOST.match(host) or any(len(label) > 63 for label in host.split(".")):
-            raise ValueError(f"{text!r} has an invalid host")
-        if wildcard and ("." not in host and host != "localhost"):
-            raise ValueError(f"{text!r}: a wildcard must cover a registrable domain")
-    if port_text:
-        if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
-            raise ValueError(f"{text!r} has an invalid port")
-        port: int | None = int(port_text)
-    else:
-        port = _DEFAULT_PORTS.get(scheme)
-    return Origin(scheme, host, port), wildcard
-
-
-def parse_origin(text: str) -> Origin | None:
-    """Parse an ``Origin`` request header; ``None`` for anything that is not an origin.
-
-    Browsers send ASCII, lower-case serialisations; a host in any other form is still
-    compared case-insensitively, but an opaque ``null`` or a malformed value never matches.
+    Loaded in full once, then kept current from the store's change announcements (this
+    process at once, others through Redis pub/sub): each announced key is re-read. A resync
+    reloads everything; while announcements are not arriving, the index reloads whenever
+    it is older than ``max_age`` seconds. Expiry is checked at match time.
     """
-    try:
-        origin, _ = _split(text, pattern=False)
-    except ValueError:
+
+    def __init__(self, store: KeyStore, *, clock: Clock = system_clock, max_age: float = 10.0):
+        self.store = store
+        self.clock = clock
+        self.max_age = max_age
+        self._keys: dict[str, tuple[tuple[OriginPattern, ...], float]] = {}
+        self._loaded_at: float | None = None  # monotonic
+        self._stale: set[str] = set()
+        self._reload = True
+        self._lock = asyncio.Lock()
+        store.add_listener(self)
+
+    # -- StoreListener ---------------------------------------------------------------------
+
+    def key_changed(self, key_id: str, digest: str | None) -> None:
+        self._stale.add(key_id)
+
+    def resync(self) -> None:
+        self._reload = True
+
+    def connection_lost(self) -> None:
         return None
-    return origin
+
+    # -- queries ---------------------------------------------------------------------------
+
+    async def allows(self, origin: Origin) -> bool:
+        """Whether some active key (or nothing else) allows ``origin``."""
+        await self.refresh()
+        now = self.clock()
+        return any(
+            expires > now and origin_allowed(origin, patterns)
+            for patterns, expires in self._keys.values()
+        )
+
+    async def refresh(self) -> None:
+        """Bring the index up to date with what was announced (or reload it all)."""
+        loaded = self._loaded_at
+        if (
+            loaded is not None
+            and not self.store.listening
+            and time.monotonic() - loaded > self.max_age
+        ):
+            self._reload = True
+        if not self._reload and not self._stale:
+            return
+        async with self._lock:
+            if self._reload:
+                self._reload = False
+                self._stale.clear()
+                await self._load_all()
+            while self._stale:
+                key_id = self._stale.pop()
+                self._track(key_id, await self.store.get(key_id))
+
+    async def _load_all(self) -> None:
+        started = time.monotonic()
+        keys: dict[str, tuple[tuple[OriginPattern, ...], float]] = {}
+        after = None
+        while True:
+            page = await self.store.list_keys(after=after, limit=500)
+            for record in page:
+                entry = _entry(record)
+                if entry is not None:
+                    keys[record.id] = entry
+            if len(page) < 500:
+                break
+            after = page[-1].id
+        self._keys = keys
+        self._loaded_at = started
+
+    def _track(self, key_id: str, record: ApiKey | None) -> None:
+        entry = None if record is None else _entry(record)
+        if entry is None:
+            self._keys.pop(key_id, None)
+        else:
+            self._keys[key_id] = entry
 
 
-def parse_origin_pattern(text: str) -> OriginPattern:
-    """Parse an allowed-origin entry; ``ValueError`` with a clear message when malformed."""
-    if not isinstance(text, str):
-        raise ValueError("an origin must be a string")
-    origin, wildcard = _split(text, pattern=True)
-    return OriginPattern(origin, wildcard)
+def _entry(record: ApiKey) -> tuple[tuple[OriginPattern, ...], float] | None:
+    if record.revoked or not record.allowed_origins:
+        return None
+    expires = record.expires_at.timestamp() if record.expires_at else float("inf")
+    return tuple(parse_origin_pattern(o) for o in record.allowed_origins), expires
+
+
+class _HasOriginIndex(Protocol):
+    @property
+    def origin_index(self) -> OriginIndex: ...
+
+
+class CorsPolicy:
+    """How keygate answers browsers: preflights from the union of active keys' origins and
+    the app's own, and the headers of actual responses."""
+
+    def __init__(
+        self,
+        gate: _HasOriginIndex,
+        *,
+        origins: Iterable[str] = (),
+        methods: Iterable[str] = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"),
+        headers: Iterable[str] = ("Content-Type",),
+        expose: Iterable[str] = (),
+        max_age: int = 600,
+        require_origin: bool = False,
+    ) -> None:
+        self._gate = gate
+        self.origins = tuple(parse_origin_pattern(o) for o in origins)
+        self.methods = tuple(dict.fromkeys(m.upper() for m in methods))
+        # A "*" in Access-Control-Allow-Headers never covers Authorization (Fetch standard).
+        allowed = ["Authorization", *(h for h in headers if h.lower() != "authorization")]
+        self.allow_headers = ", ".join(dict.fromkeys(allowed)).encode()
+        self._allowed_lower = {h.lower() for h in allowed}
+        expose_list = [
+            "RateLimit",
+            "RateLimit-Policy",
+            "Retry-After",
+            "X-RateLimit-Limit",
+            "X-RateLimit-Remaining",
+            "X-RateLimit-Reset",
+            "WWW-Authenticate",
+            *expose,
+        ]
+        self.expose = ", ".join(dict.fromkeys(expose_list)).encode()
+        self.max_age = str(max_age).encode()
+        self.require_origin = require_origin
+
+    async def preflight_allows(self, origin: Origin, method: bytes, headers: bytes) -> bool:
+        """Whether a preflight from ``origin`` for ``method`` and ``headers`` is allowed."""
+        if method.decode("latin-1").upper() not in self.methods:
+            return False
+        asked = {h.strip().lower() for h in headers.decode("latin-1").split(",") if h.strip()}
+        if not asked <= self._allowed_lower:
+            return False
+        return origin_allowed(origin, self.origins) or await self._gate.origin_index.allows(origin)
+
+    def preflight_headers(self, origin: bytes) -> list[tuple[bytes, bytes]]:
+        return [
+            (b"access-control-allow-origin", origin),
+            (b"access-control-allow-methods", ", ".join(self.methods).encode()),
+            (b"access-control-allow-headers", self.allow_headers),
+            (b"access-control-max-age", self.max_age),
+            (b"vary", b"Origin, Access-Control-Request-Method, Access-Control-Request-Headers"),
+        ]
+
+    def response_headers(self, origin: bytes) -> list[tuple[bytes, bytes]]:
+        """The headers of an actual response to an allowed origin."""
+        return [
+            (b"access-control-allow-origin", origin),
+            (b"access-control-expose-headers", self.expose),
+            (b"vary", b"Origin"),
+        ]
+
+    async def union_allows(self, origin: Origin) -> bool:
+        """The key-independent policy (for answers given before a key is known)."""
+        return origin_allowed(origin, self.origins) or await self._gate.origin_index.allows(origin)

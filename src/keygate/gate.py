@@ -19,10 +19,13 @@ from redis.exceptions import RedisError
 from starlette.authentication import AuthCredentials, BaseUser
 
 from keygate.clock import Clock, system_clock, to_datetime, to_timestamp
+from keygate.cors import OriginIndex
 from keygate.exceptions import StoreError
 from keygate.keys import KeyHasher
 from keygate.manager import KeyManager
 from keygate.models import DEFAULT_POLICY, ApiKey, KeyPolicy
+from keygate.network import parse_ip_entry
+from keygate.origins import origin_allowed, parse_origin, parse_origin_pattern
 from keygate.quotas import MemoryQuotaStore, Quotas, QuotaStore, RedisQuotaStore
 from keygate.ratelimit import Limiter, LimitSet, MemoryLimiter, RedisLimiter, limit_set
 from keygate.settings import KeyGateSettings
@@ -60,7 +63,18 @@ class KeyUser(BaseUser):
 class Principal:
     """What the middleware derives once per cached record and reuses on every request."""
 
-    __slots__ = ("auth", "catalogue", "expires", "key", "limits", "scopes", "user")
+    __slots__ = (
+        "_origin_memo",
+        "auth",
+        "catalogue",
+        "expires",
+        "key",
+        "limits",
+        "networks",
+        "origins",
+        "scopes",
+        "user",
+    )
 
     def __init__(self, key: ApiKey, policy: KeyPolicy) -> None:
         self.key = key
@@ -72,6 +86,19 @@ class Principal:
         self.expires = to_timestamp(key.expires_at) if key.expires_at else float("inf")
         self.auth = AuthCredentials(sorted(self.scopes))
         self.user = KeyUser(key)
+        self.origins = tuple(parse_origin_pattern(o) for o in key.allowed_origins)
+        self.networks = tuple(parse_ip_entry(n) for n in key.allowed_ips)
+        self._origin_memo: dict[bytes, bool] = {}
+
+    def origin_ok(self, value: bytes) -> bool:
+        """Whether this key's allowed origins match an ``Origin`` header value."""
+        ok = self._origin_memo.get(value)
+        if ok is None:
+            origin = parse_origin(value)
+            ok = origin is not None and origin_allowed(origin, self.origins)
+            if len(self._origin_memo) < 64:  # bounded: a key sees few distinct origins
+                self._origin_memo[value] = ok
+        return ok
 
     def grants(self, scope: str) -> bool:
         """Whether this key holds ``scope`` (wildcards resolved)."""
@@ -147,6 +174,14 @@ class KeyGate:
             else MemoryQuotaStore(clock=clock)
         )
         self.quotas = Quotas(quota_store, policy, failure=settings.rate_limit_failure)
+        self._origins: OriginIndex | None = None
+
+    @property
+    def origin_index(self) -> OriginIndex:
+        """The union of every active key's allowed origins (built on first use)."""
+        if self._origins is None:
+            self._origins = OriginIndex(self.store, clock=self.clock, max_age=self.store.ttl)
+        return self._origins
 
     def principal(self, entry: Any) -> Principal:
         """The derived view of a cache entry, built once per entry."""

@@ -15,9 +15,12 @@ from collections.abc import Iterable
 from starlette.authentication import AuthCredentials, UnauthenticatedUser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from keygate.cors import CorsPolicy
 from keygate.exceptions import KeyFormatError, StoreError, StoreUnavailable
 from keygate.gate import KeyGate, Principal
 from keygate.keys import parse_key
+from keygate.network import ClientAddress, allowed
+from keygate.origins import Origin, parse_origin
 from keygate.ratelimit import LimitSet
 from keygate.responses import Headers, Refusal, Refusals
 from keygate.routing import MIDDLEWARE, PRINCIPAL, Rule, RuleTable, route_path
@@ -50,6 +53,13 @@ class KeyGateMiddleware:
         realm: str = "api",
         retry_after: int = 1,
         legacy_rate_limit_headers: bool = False,
+        preflight: bool = True,
+        cors_origins: Iterable[str] = (),
+        cors_methods: Iterable[str] = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"),
+        cors_headers: Iterable[str] = ("Content-Type",),
+        cors_max_age: int = 600,
+        require_origin: bool = False,
+        trusted_proxies: Iterable[str] = (),
     ) -> None:
         self.app = app
         self.gate = gate if gate is not None else KeyGate()
@@ -63,6 +73,16 @@ class KeyGateMiddleware:
         self._clock = self.gate.clock
         self._limiter = self.gate.limiter
         self.legacy_rate_limit_headers = legacy_rate_limit_headers
+        self.preflight = preflight
+        self.cors = CorsPolicy(
+            self.gate,
+            origins=cors_origins,
+            methods=cors_methods,
+            headers=cors_headers,
+            max_age=cors_max_age,
+            require_origin=require_origin,
+        )
+        self.client_address = ClientAddress(trusted_proxies)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -71,6 +91,13 @@ class KeyGateMiddleware:
                 receive = self._lifespan(receive)
             await self.app(scope, receive, send)
             return
+        if kind == "http" and scope["method"] == "OPTIONS" and self.preflight:
+            # A preflight never carries the key: answer it before authentication (SPEC §5).
+            origin = _header(scope, b"origin")
+            method = _header(scope, b"access-control-request-method")
+            if origin is not None and method is not None:
+                await self._answer_preflight(scope, send, origin, method)
+                return
         rule = None
         if self._has_rules:
             rule = self.rules.match(scope.get("method", "GET"), route_path(scope))
@@ -106,23 +133,41 @@ class KeyGateMiddleware:
         if self._clock() >= principal.expires:
             await self._refuse(scope, send, self.refusals.expired)
             return
+        extra: Headers = _NO_HEADERS
+        if principal.origins:
+            # The key's own list decides (SPEC §5); the app is never called otherwise.
+            origins = [v for k, v in scope["headers"] if k == b"origin"]
+            if origins:
+                if len(origins) > 1 or not principal.origin_ok(origins[0]):
+                    await self._refuse(scope, send, self.refusals.origin_not_allowed, [])
+                    return
+                extra = self.cors.response_headers(origins[0])
+            elif self.cors.require_origin:
+                await self._refuse(scope, send, self.refusals.origin_not_allowed, [])
+                return
+        if principal.networks and not allowed(self.client_address(scope), principal.networks):
+            await self._refuse(scope, send, self.refusals.ip_not_allowed, extra)
+            return
         if rule is not None:
             if rule.scopes:
                 missing = principal.missing(rule.scopes)
                 if missing:
-                    await self._refuse(scope, send, self.refusals.insufficient_scope(missing))
+                    refusal = self.refusals.insufficient_scope(missing)
+                    await self._refuse(scope, send, refusal, extra)
                     return
         elif self.deny_unmatched:
-            await self._refuse(scope, send, self.refusals.unmatched)
+            await self._refuse(scope, send, self.refusals.unmatched, extra)
             return
         scope["auth"] = principal.auth
         scope["user"] = principal.user
         scope[PRINCIPAL] = principal
         if principal.limits is not None:
-            limited = await self._limit(scope, send, principal.key.id, principal.limits)
+            limited = await self._limit(scope, send, principal.key.id, principal.limits, extra)
             if limited is None:
                 return
             send = limited
+        elif extra and kind == "http":
+            send = _adding_headers(send, extra)
         try:
             await self.app(scope, receive, send)
         except Refusal as refusal:
@@ -131,15 +176,17 @@ class KeyGateMiddleware:
             # before the response starts.
             await self._refuse(scope, send, refusal)
 
-    async def _limit(self, scope: Scope, send: Send, key_id: str, limits: LimitSet) -> Send | None:
+    async def _limit(
+        self, scope: Scope, send: Send, key_id: str, limits: LimitSet, extra: Headers
+    ) -> Send | None:
         """Ask the limiter; refuse (and return None) or return a send that adds the
-        rate-limit headers to the response."""
+        rate-limit (and CORS) headers to the response."""
         try:
             decision = await self._limiter.hit(key_id, limits)
         except StoreUnavailable:  # failure="deny", and the limiter could not decide
-            await self._refuse(scope, send, self.refusals.limiter_unavailable)
+            await self._refuse(scope, send, self.refusals.limiter_unavailable, extra)
             return None
-        headers = decision.headers(limits)
+        headers = decision.headers(limits) + extra
         if self.legacy_rate_limit_headers:
             headers += decision.legacy_headers(limits)
         if not decision.allowed:
@@ -193,11 +240,61 @@ class KeyGateMiddleware:
     async def _refuse(
         self, scope: Scope, send: Send, refusal: Refusal, headers: Headers | None = None
     ) -> None:
+        """Send a refusal. ``headers=None`` (refusals before the key is known): a browser
+        origin the preflight policy allows gets the CORS headers, so it can read why."""
         if scope["type"] == "websocket":
             # Closing before accepting refuses the handshake; 1008 = policy violation.
             await send({"type": "websocket.close", "code": 1008, "reason": refusal.code})
             return
+        if headers is None:
+            headers = []
+            value = _header(scope, b"origin")
+            if value is not None:
+                origin = parse_origin(value)
+                if origin is not None and await self._union_allows(origin):
+                    headers = self.cors.response_headers(value)
         await refusal.send(send, headers)
+
+    async def _union_allows(self, origin: Origin) -> bool:
+        try:
+            return await self.cors.union_allows(origin)
+        except StoreError:
+            return False
+
+    async def _answer_preflight(
+        self, scope: Scope, send: Send, origin_value: bytes, method: bytes
+    ) -> None:
+        origin = parse_origin(origin_value)
+        asked = _header(scope, b"access-control-request-headers") or b""
+        try:
+            ok = origin is not None and await self.cors.preflight_allows(origin, method, asked)
+        except StoreError:
+            ok = False  # the policy cannot be read: refuse, the browser will retry later
+        if not ok:
+            await self.refusals.preflight_refused.send(send)
+            return
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 204,
+                "headers": self.cors.preflight_headers(origin_value),
+            }
+        )
+        await send({"type": "http.response.body", "body": b""})
+
+
+_NO_HEADERS: Headers = []
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    """The value of a header sent once; ``None`` if absent or repeated (ambiguous)."""
+    found = None
+    for key, value in scope["headers"]:
+        if key == name:
+            if found is not None:
+                return None
+            found = value
+    return found
 
 
 def _adding_headers(send: Send, headers: Headers) -> Send:

@@ -28,9 +28,9 @@ from pydantic import (
 )
 
 from keygate import keys
-from keygate.cors import parse_origin_pattern
 from keygate.exceptions import FieldError, KeyValidationError
 from keygate.network import normalize_ip_entry
+from keygate.origins import parse_origin_pattern
 from keygate.ratelimit import normalize_rate_limit
 from keygate.scopes import DEFAULT_CATALOGUE, ScopeCatalogue
 

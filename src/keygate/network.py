@@ -1,4 +1,4 @@
-"""Network rules: IP allowlist entries (SPEC §6).
+"""Network rules: IP allowlist entries and the client's address (SPEC §6).
 
 Entries are single addresses or CIDR networks, IPv4 or IPv6. IPv4-mapped IPv6
 (``::ffff:10.0.0.1``) is normalised to IPv4 so one rule covers both spellings.
@@ -7,8 +7,19 @@ Entries are single addresses or CIDR networks, IPv4 or IPv6. IPv4-mapped IPv6
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 
-__all__ = ["IPNetwork", "normalize_ip_entry", "parse_ip_entry"]
+from starlette.types import Scope
+
+__all__ = [
+    "ClientAddress",
+    "IPAddress",
+    "IPNetwork",
+    "allowed",
+    "normalize_ip_entry",
+    "parse_address",
+    "parse_ip_entry",
+]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -37,3 +48,73 @@ def normalize_ip_entry(text: str) -> str:
     if network.num_addresses == 1:
         return str(network.network_address)
     return str(network)
+
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def parse_address(text: str) -> IPAddress | None:
+    """One address as a client or proxy hop gives it (``10.0.0.1``, ``::1``,
+    ``[2001:db8::1]:443``, ``10.0.0.1:8080``); IPv4-mapped IPv6 becomes IPv4. ``None``
+    for anything else."""
+    text = text.strip()
+    if not text or len(text) > 64 or not text.isascii():
+        return None
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or (text[end + 1 :] and not text[end + 1 :].startswith(":")):
+            return None
+        text = text[1:end]
+    elif text.count(":") == 1:  # IPv4 with a port
+        text = text.partition(":")[0]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+class ClientAddress:
+    """Where a request comes from (SPEC §6).
+
+    The ASGI ``client`` — unless that peer is one of ``trusted_proxies``: then
+    ``X-Forwarded-For`` is read from the right, skipping trusted hops, and the first
+    untrusted hop is the client. Nothing is taken from ``X-Forwarded-For`` by default, and a
+    malformed hop ends the walk with no address (so no allowlist admits it).
+
+    Mind the server in front: uvicorn rewrites the ASGI ``client`` from
+    ``X-Forwarded-For`` for peers in its ``--forwarded-allow-ips`` (127.0.0.1 by default)
+    unless started with ``--no-proxy-headers``; do that, and list the proxies here.
+    """
+
+    def __init__(self, trusted_proxies: Iterable[str] = ()) -> None:
+        self.trusted = tuple(parse_ip_entry(p) for p in trusted_proxies)
+
+    def _trusted(self, address: IPAddress) -> bool:
+        return any(address in network for network in self.trusted)
+
+    def __call__(self, scope: Scope) -> IPAddress | None:
+        client = scope.get("client")
+        peer = parse_address(str(client[0])) if client else None
+        if peer is None or not self.trusted or not self._trusted(peer):
+            return peer
+        hops: list[str] = []
+        for name, value in scope["headers"]:
+            if name == b"x-forwarded-for":
+                hops.extend(value.decode("latin-1").split(","))
+        address = peer
+        for hop in reversed(hops):
+            parsed = parse_address(hop)
+            if parsed is None:
+                return None
+            address = parsed
+            if not self._trusted(address):
+                return address
+        return address  # every hop was a trusted proxy: the leftmost one is the client
+
+
+def allowed(address: IPAddress | None, networks: Iterable[IPNetwork]) -> bool:
+    """Whether ``address`` is in one of ``networks`` (an unknown address never is)."""
+    return address is not None and any(address in network for network in networks)

@@ -156,6 +156,15 @@ class Refusals:
             "The rate limiter cannot be reached; try again shortly.",
             [(b"retry-after", str(retry_after).encode())],
         )
+        self.origin_not_allowed = Refusal(
+            403, "origin_not_allowed", "The API key may not be used from this origin."
+        )
+        self.ip_not_allowed = Refusal(
+            403, "ip_not_allowed", "The API key may not be used from this address."
+        )
+        self.preflight_refused = Refusal(
+            403, "origin_not_allowed", "Cross-origin requests from this origin are not allowed."
+        )
         self.unmatched = Refusal(
             403,
             "insufficient_scope",

@@ -1,0 +1,767 @@
+"""Per-request cost and throughput of keygate's Redis-backed rate limiting, in process,
+against ``limits`` used directly, slowapi and a hand-rolled one-round-trip lower bound.
+
+Every contender is the app of ``apps.py`` (``GET /cloud/vec/databases``) plus one
+middleware limiting that route with a moving window in Redis, at an amount that never
+refuses (``100000000/minute``) — except keygate's 429 path, a key over its ``1/minute``.
+The apps are called as raw ASGI (the plumbing of ``bench_middleware.py``): no HTTP client,
+no server, only the Redis round trips leave the process. Two regimes, rounds interleaved:
+
+(a) one request at a time (sequential awaits): µs per request;
+(b) 64 requests in flight (``asyncio.gather`` of 64 calls per batch): requests per second.
+
+It also counts the Redis commands each contender sends per request, from
+``INFO commandstats`` deltas. By default it starts its own ``redis-server`` on a free
+loopback port (no persistence) and stops it at the end.
+
+    python benchmarks/bench_ratelimit.py             # about a minute and a half
+    python benchmarks/bench_ratelimit.py --quick     # a few seconds
+    python benchmarks/bench_ratelimit.py --rounds 40
+
+Needs slowapi for its contender (``pip install -e '.[bench]'``); without it, that
+contender is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import os
+import secrets
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+from limits import parse as parse_limit
+from limits.aio.storage import RedisStorage
+from limits.aio.strategies import MovingWindowRateLimiter
+from starlette.middleware import Middleware
+
+from apps import PATH, SECRET, make_app
+from bench_middleware import (
+    bearer,
+    call_once,
+    command_counts,
+    command_delta,
+    describe,
+    discard,
+    fresh,
+    http_scope,
+    receive,
+    verdict,
+)
+from keygate import RedisStore
+from keygate.gate import KeyGate
+from keygate.middleware import KeyGateMiddleware
+from keygate.ratelimit import RedisLimiter, limit_set
+
+App = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
+
+LIMIT = "100000000/minute"  # never refuses during a run
+OVER_LIMIT = "1/minute"  # the 429 contender's key: hit once, then over its limit
+ORIGIN = b"https://a.example"
+IN_FLIGHT = 64
+
+# Commands only the contenders' Lua scripts call (never sent by a client here): counted
+# apart from what crosses the wire.
+IN_SCRIPT = frozenset({"time", "lindex", "lpush", "ltrim", "pexpire", "expire", "llen", "lrange"})
+SCRIPT_CALLS = frozenset({"eval", "evalsha", "eval_ro", "evalsha_ro"})
+
+# The lower bound: the least a moving window in Redis can be — one list per client, one
+# script: refuse if the entry `amount - 1` is inside the window, else push now, trim,
+# expire. One EVALSHA, nothing else.
+LOWER_BOUND_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local amount = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+local entry = redis.call('LINDEX', KEYS[1], amount - 1)
+if entry and tonumber(entry) >= now - window then
+  return 0
+end
+redis.call('LPUSH', KEYS[1], now)
+redis.call('LTRIM', KEYS[1], 0, amount - 1)
+redis.call('PEXPIRE', KEYS[1], window)
+return 1
+"""
+
+_TOO_MANY = b'{"error":"rate_limited"}'
+
+
+async def too_many(send: Any, headers: list[tuple[bytes, bytes]]) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 429,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(_TOO_MANY)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": _TOO_MANY})
+
+
+class LowerBound:
+    """Pure ASGI: exactly one ``await client.evalsha(...)`` per request, then the app."""
+
+    def __init__(self, app: App, *, client: aioredis.Redis, sha: str, key: str) -> None:
+        self.app = app
+        self.client = client
+        self.sha = sha
+        self.key = key
+        item = parse_limit(LIMIT)
+        self.amount = item.amount
+        self.window_ms = item.get_expiry() * 1000
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if await self.client.evalsha(self.sha, 1, self.key, self.amount, self.window_ms):
+            await self.app(scope, receive, send)
+        else:
+            await too_many(send, [])
+
+
+class LimitsDirect:
+    """Pure ASGI over ``limits``' async moving window: ``hit``, then ``get_window_stats``
+    for the ``X-RateLimit-*`` headers (two round trips)."""
+
+    def __init__(self, app: App, *, limiter: MovingWindowRateLimiter) -> None:
+        self.app = app
+        self.limiter = limiter
+        self.item = parse_limit(LIMIT)
+        self.amount = str(self.item.amount).encode()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        who = scope["client"][0]
+        allowed = await self.limiter.hit(self.item, who)
+        stats = await self.limiter.get_window_stats(self.item, who)
+        headers = [
+            (b"x-ratelimit-limit", self.amount),
+            (b"x-ratelimit-remaining", str(stats.remaining).encode()),
+            (b"x-ratelimit-reset", str(int(stats.reset_time)).encode()),
+        ]
+        if not allowed:
+            retry = max(1, int(stats.reset_time - time.time()) + 1)
+            await too_many(send, [*headers, (b"retry-after", str(retry).encode())])
+            return
+
+        async def send_with_headers(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), *headers]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+# -- our own Redis -----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def own_redis(binary: str, timeout: float = 10.0) -> Iterator[str]:
+    """A throwaway ``redis-server`` on a free loopback port, no persistence; stopped (and
+    its directory removed) on the way out, whatever happens."""
+    workdir = tempfile.mkdtemp(prefix="kgbench-redis-")
+    port = free_port()
+    command = [
+        binary,
+        "--port", str(port),
+        "--bind", "127.0.0.1",
+        "--save", "",
+        "--appendonly", "no",
+        "--dir", workdir,
+        "--loglevel", "warning",
+    ]  # fmt: skip
+    log = open(os.path.join(workdir, "redis.log"), "wb")  # noqa: SIM115
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"redis://127.0.0.1:{port}/0"
+        client = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {process.returncode}")
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("redis-server did not answer in time") from None
+                time.sleep(0.05)
+        client.close()
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+        log.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+# -- contenders --------------------------------------------------------------------------------
+
+
+@dataclass
+class Contender:
+    label: str
+    short: str
+    app: App
+    template: dict[str, Any]
+    status: int
+    window_keys: list[str] = field(default_factory=list)  # cleared before every round
+    round_trips: Callable[[], int] | None = None  # a client-side counter, when there is one
+    sequential: list[float] = field(default_factory=list)  # µs per request, per round
+    concurrent: list[float] = field(default_factory=list)  # requests per second, per round
+    trips: int = 0  # round trips counted during the timed runs
+    served: int = 0
+
+    @property
+    def micros(self) -> float:
+        return statistics.median(self.sequential)
+
+    @property
+    def rate(self) -> float:
+        return statistics.median(self.concurrent)
+
+
+def limited_scope(authorization: bytes | None) -> dict[str, Any]:
+    scope = http_scope(authorization)
+    scope["headers"] = [*scope["headers"], (b"origin", ORIGIN)]
+    return scope
+
+
+async def build(
+    url: str, namespace: str, async_clients: list[Any]
+) -> tuple[list[Contender], KeyGate, list[str]]:
+    """The contenders, each checked once; and the key patterns to delete at the end."""
+    contenders: list[Contender] = []
+    patterns = [f"{namespace}*"]
+
+    contenders.append(Contender("bare Starlette app", "bare", make_app(), limited_scope(None), 200))
+
+    store = RedisStore.from_url(url, namespace=namespace, client_name=namespace)
+    gate = KeyGate(store=store, secret=SECRET)
+    await gate.startup()
+    created = await gate.manager.create(
+        {
+            "name": "bench",
+            "type": "client",
+            "scopes": ["vec:read"],
+            "allowed_origins": [ORIGIN.decode()],
+            "rate_limit": LIMIT,
+        }
+    )
+    over = await gate.manager.create(
+        {
+            "name": "over",
+            "type": "client",
+            "scopes": ["vec:read"],
+            "allowed_origins": [ORIGIN.decode()],
+            "rate_limit": OVER_LIMIT,
+        }
+    )
+    limiter = gate.limiter
+    keygate_app = make_app([Middleware(KeyGateMiddleware, gate=gate)])
+    assert isinstance(limiter, RedisLimiter)
+    windows = limit_set(LIMIT, created.key.type.value)
+    window_key = limiter.window_key(created.key.id, windows, 0)
+
+    def trips() -> int:
+        return limiter.round_trips
+
+    contenders.append(
+        Contender(
+            "keygate, client key (Redis store, RedisLimiter)",
+            "keygate",
+            keygate_app,
+            limited_scope(bearer(created.secret.get_secret_value())),
+            200,
+            [window_key],
+            trips,
+        )
+    )
+
+    storage = RedisStorage(
+        "async+" + url, implementation="redispy", key_prefix=f"{namespace}-limits"
+    )
+    async_clients.append(storage)
+    limits_app = make_app([Middleware(LimitsDirect, limiter=MovingWindowRateLimiter(storage))])
+    contenders.append(
+        Contender(
+            "limits MovingWindowRateLimiter, async RedisStorage",
+            "limits",
+            limits_app,
+            limited_scope(None),
+            200,
+        )
+    )
+
+    try:
+        from slowapi import Limiter
+        from slowapi.middleware import SlowAPIASGIMiddleware
+        from slowapi.util import get_remote_address
+    except ImportError:
+        print("skipping slowapi: not installed (pip install -e '.[bench]')")
+    else:
+        slow = Limiter(
+            key_func=get_remote_address,
+            default_limits=[LIMIT],
+            headers_enabled=True,
+            strategy="moving-window",
+            storage_uri=url,
+            storage_options={"key_prefix": f"{namespace}-slowapi"},
+        )
+        slow_app = make_app([Middleware(SlowAPIASGIMiddleware)])
+        slow_app.state.limiter = slow
+        contenders.append(
+            Contender(
+                "slowapi (SlowAPIASGIMiddleware, headers on)",
+                "slowapi",
+                slow_app,
+                limited_scope(None),
+                200,
+            )
+        )
+
+    client = aioredis.Redis.from_url(url)
+    async_clients.append(client)
+    sha = await client.script_load(LOWER_BOUND_SCRIPT)
+    lower_key = f"{namespace}:lb:127.0.0.1"
+    contenders.append(
+        Contender(
+            "(lower bound) one EVALSHA per request, pure ASGI",
+            "lower bound",
+            make_app([Middleware(LowerBound, client=client, sha=sha, key=lower_key)]),
+            limited_scope(None),
+            200,
+            [lower_key],
+        )
+    )
+
+    refused = Contender(
+        "keygate 429: key over its 1/minute",
+        "keygate 429",
+        keygate_app,
+        limited_scope(bearer(over.secret.get_secret_value())),
+        429,
+        [],
+        trips,
+    )
+    contenders.append(refused)
+
+    # Check each contender once; the over-limit key is admitted once first, then refused.
+    status, body = await call_once(refused.app, refused.template)
+    if status != 200:
+        raise RuntimeError(f"the over-limit key's first request: expected 200, got {status}")
+    for contender in contenders:
+        status, body = await call_once(contender.app, contender.template)
+        if status != contender.status:
+            raise RuntimeError(
+                f"{contender.label}: expected {contender.status}, got {status} {body[:200]!r}"
+            )
+    # Find the window keys the libraries made (their naming is theirs): by prefix.
+    sync = redis.Redis.from_url(url)
+    try:
+        for contender in contenders:
+            if contender.short not in ("limits", "slowapi"):
+                continue
+            prefix = f"{namespace}-{contender.short}"
+            contender.window_keys = [
+                name.decode() for name in sync.scan_iter(match=f"{prefix}*", count=1000)
+            ]
+            if not contender.window_keys:
+                raise RuntimeError(f"{contender.label}: no window key under {prefix}")
+    finally:
+        sync.close()
+    return contenders, gate, patterns
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+
+def clear_windows(sync: redis.Redis, contenders: list[Contender]) -> None:
+    """A never-refusing limit never trims its list: start every round from empty windows,
+    so each list holds at most one round's admissions and no contender pays for the last."""
+    names = [name for c in contenders for name in c.window_keys]
+    if names:
+        sync.delete(*names)
+
+
+async def timed(contender: Contender, run: Callable[[], Awaitable[None]]) -> float:
+    gc.collect()
+    await asyncio.sleep(0)  # let background tasks (the events listener) run in between
+    trips = contender.round_trips() if contender.round_trips else 0
+    began = time.perf_counter_ns()
+    await run()
+    elapsed = time.perf_counter_ns() - began
+    if contender.round_trips:
+        contender.trips += contender.round_trips() - trips
+    return elapsed / 1e9
+
+
+async def sequential_round(
+    contenders: list[Contender], start: int, requests: int, record: bool
+) -> None:
+    for contender in contenders[start:] + contenders[:start]:
+        scopes = [fresh(contender.template) for _ in range(requests)]
+        app = contender.app
+
+        async def run(app: App = app, scopes: list[dict[str, Any]] = scopes) -> None:
+            for scope in scopes:
+                await app(scope, receive, discard)
+
+        seconds = await timed(contender, run)
+        if record:
+            contender.sequential.append(seconds / requests * 1e6)
+            contender.served += requests
+
+
+async def concurrent_round(
+    contenders: list[Contender], start: int, batches: int, record: bool
+) -> None:
+    for contender in contenders[start:] + contenders[:start]:
+        work = [[fresh(contender.template) for _ in range(IN_FLIGHT)] for _ in range(batches)]
+        app = contender.app
+
+        async def run(app: App = app, work: list[list[dict[str, Any]]] = work) -> None:
+            for batch in work:
+                await asyncio.gather(*[app(scope, receive, discard) for scope in batch])
+
+        seconds = await timed(contender, run)
+        if record:
+            contender.concurrent.append(batches * IN_FLIGHT / seconds)
+            contender.served += batches * IN_FLIGHT
+
+
+async def check_concurrent(contender: Contender) -> None:
+    """One batch of 64 in flight, every answer kept: all must get the expected status."""
+    statuses: list[int] = []
+
+    def keeper() -> Callable[[dict[str, Any]], Awaitable[None]]:
+        async def keep(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+
+        return keep
+
+    await asyncio.gather(
+        *[
+            contender.app(fresh(contender.template), receive, keeper())
+            for _ in range(IN_FLIGHT)
+        ]
+    )
+    wrong = [s for s in statuses if s != contender.status]
+    if wrong or len(statuses) != IN_FLIGHT:
+        raise RuntimeError(f"{contender.label}: {IN_FLIGHT} in flight answered {statuses}")
+
+
+@dataclass
+class Count:
+    requests: int
+    delta: dict[str, int]
+    trips: int | None
+
+    def per_request(self, names: Callable[[str], bool]) -> float:
+        return sum(n for c, n in self.delta.items() if names(c)) / self.requests
+
+
+async def count_commands(
+    sync: redis.Redis, contender: Contender, requests: int, concurrent: bool
+) -> Count:
+    """INFO commandstats over ``requests`` requests of one contender, nothing else running
+    in this process (a keygate events-channel PING may land in the window)."""
+    if concurrent:
+        batches = max(1, requests // IN_FLIGHT)
+        requests = batches * IN_FLIGHT
+        work = [[fresh(contender.template) for _ in range(IN_FLIGHT)] for _ in range(batches)]
+    else:
+        work = [[fresh(contender.template)] for _ in range(requests)]
+    trips = contender.round_trips() if contender.round_trips else 0
+    before = command_counts(sync)
+    for batch in work:
+        if len(batch) == 1:
+            await contender.app(batch[0], receive, discard)
+        else:
+            await asyncio.gather(*[contender.app(s, receive, discard) for s in batch])
+    delta = command_delta(before, command_counts(sync))
+    made = contender.round_trips() - trips if contender.round_trips else None
+    return Count(requests, delta, made)
+
+
+def on_wire(name: str) -> bool:
+    return name not in IN_SCRIPT and name != "ping"
+
+
+async def main(args: argparse.Namespace) -> int:
+    rounds, requests, batches = args.rounds, args.requests, args.batches
+    if args.quick:
+        rounds, requests, batches = min(rounds, 4), min(requests, 150), min(batches, 3)
+        args.count_requests = min(args.count_requests, 256)
+
+    if args.redis_url is not None:
+        with_server: Any = _given(args.redis_url)
+        where = f"the Redis at {args.redis_url} (commands from its other clients count too)"
+    elif (binary := shutil.which("redis-server")) is not None:
+        with_server = own_redis(binary)
+        where = "a redis-server of its own on a free loopback port (--save '' --appendonly no)"
+    else:
+        url = "redis://127.0.0.1:6379/0"
+        with_server = _given(url)
+        where = f"no redis-server binary: the Redis at {url} (other clients' commands count)"
+
+    with with_server as url:
+        namespace = f"kgbench-{os.getpid()}-{secrets.token_hex(4)}"
+        sync = redis.Redis.from_url(url)
+        version = sync.info("server")["redis_version"]
+        async_clients: list[Any] = []
+        gate: KeyGate | None = None
+        try:
+            contenders, gate, patterns = await build(url, namespace, async_clients)
+            by_short = {c.short: c for c in contenders}
+            for contender in contenders:
+                await check_concurrent(contender)
+
+            # Redis commands per request, each contender alone: one request at a time, then
+            # 64 in flight.
+            clear_windows(sync, contenders)
+            counts: dict[str, tuple[Count, Count]] = {}
+            for contender in contenders:
+                one = await count_commands(sync, contender, args.count_requests, False)
+                many = await count_commands(sync, contender, args.count_requests, True)
+                counts[contender.short] = (one, many)
+
+            # Warm-up round (not recorded), then the measured rounds: regime (a) then (b),
+            # each round starting one contender further on.
+            clear_windows(sync, contenders)
+            await sequential_round(contenders, 0, max(requests // 4, 20), record=False)
+            await concurrent_round(contenders, 0, 1, record=False)
+            for contender in contenders:
+                contender.trips = 0
+            began = time.monotonic()
+            for number in range(rounds):
+                start = number % len(contenders)
+                clear_windows(sync, contenders)
+                await sequential_round(contenders, start, requests, record=True)
+                clear_windows(sync, contenders)
+                await concurrent_round(contenders, start, batches, record=True)
+            wall = time.monotonic() - began
+
+            report(contenders, by_short, counts, rounds, requests, batches, wall, where, version)
+            return 0
+        finally:
+            if gate is not None:
+                await gate.aclose()
+            for client in async_clients:
+                await _close(client)
+            for pattern in locals().get("patterns", [f"{namespace}*"]):
+                names = list(sync.scan_iter(match=pattern, count=1000))
+                if names:
+                    sync.delete(*names)
+            sync.close()
+
+
+@contextmanager
+def _given(url: str) -> Iterator[str]:
+    yield url
+
+
+async def _close(client: Any) -> None:
+    if isinstance(client, aioredis.Redis):
+        await client.aclose()
+        return
+    # limits' RedisStorage: close its redis.asyncio connection pool.
+    bridge = getattr(client, "bridge", None)
+    storage = getattr(bridge, "storage", None)
+    if storage is not None:
+        await storage.aclose()
+
+
+def report(
+    contenders: list[Contender],
+    by_short: dict[str, Contender],
+    counts: dict[str, tuple[Count, Count]],
+    rounds: int,
+    requests: int,
+    batches: int,
+    wall: float,
+    where: str,
+    version: str,
+) -> None:
+    width = max(len(c.label) for c in contenders)
+    bare = by_short["bare"]
+    lower = by_short["lower bound"]
+    keygate = by_short["keygate"]
+    refused = by_short["keygate 429"]
+
+    print(
+        f"\nRate limiting in Redis, raw ASGI in process: {rounds} interleaved rounds "
+        f"({wall:.1f} s); limit {LIMIT} (never refuses), window lists emptied every round; "
+        f"Python {sys.version.split()[0]}, Redis {version} ({where})"
+    )
+
+    print(f"\n(a) one request at a time: {requests} sequential requests per contender per round")
+    header = (
+        f"{'#':>2}  {'contender':<{width}}  {'median µs':>9}  {'min µs':>7}  "
+        f"{'x lower bound':>13}  {'x bare':>6}  {'status':>6}"
+    )
+    print(header)
+    print("-" * len(header))
+    for number, c in enumerate(contenders, 1):
+        print(
+            f"{number:>2}  {c.label:<{width}}  {c.micros:>9.1f}  {min(c.sequential):>7.1f}  "
+            f"{c.micros / lower.micros:>13.2f}  {c.micros / bare.micros:>6.2f}  {c.status:>6}"
+        )
+
+    print(
+        f"\n(b) {IN_FLIGHT} requests in flight: {batches} batches of asyncio.gather({IN_FLIGHT} "
+        f"calls) per contender per round"
+    )
+    header = (
+        f"{'#':>2}  {'contender':<{width}}  {'median req/s':>12}  {'max req/s':>9}  "
+        f"{'µs/req':>6}  {'keygate ÷ this':>14}  {'status':>6}"
+    )
+    print(header)
+    print("-" * len(header))
+    for number, c in enumerate(contenders, 1):
+        print(
+            f"{number:>2}  {c.label:<{width}}  {c.rate:>12,.0f}  {max(c.concurrent):>9,.0f}  "
+            f"{1e6 / c.rate:>6.1f}  {keygate.rate / c.rate:>14.2f}  {c.status:>6}"
+        )
+
+    print(
+        "\nRedis commands per request (INFO commandstats deltas, each contender alone, "
+        f"{counts['bare'][0].requests} requests one at a time / "
+        f"{counts['bare'][1].requests} as batches of {IN_FLIGHT}):"
+    )
+    header = (
+        f"{'#':>2}  {'contender':<{width}}  {'sent':>5}  {'in Lua':>6}  "
+        f"{'round trips':>11}  {'sent|64':>7}  {'trips|64':>8}  commands, one at a time"
+    )
+    print(header)
+    print("-" * len(header))
+    for number, c in enumerate(contenders, 1):
+        one, many = counts[c.short]
+        sent_one = one.per_request(on_wire)
+        sent_many = many.per_request(on_wire)
+        lua = one.per_request(lambda name: name in IN_SCRIPT)
+        # Without pipelining every command sent is one round trip; keygate counts its own.
+        trips_one = one.trips / one.requests if one.trips is not None else sent_one
+        trips_many = many.trips / many.requests if many.trips is not None else sent_many
+        print(
+            f"{number:>2}  {c.label:<{width}}  {sent_one:>5.2f}  {lua:>6.2f}  "
+            f"{trips_one:>11.3f}  {sent_many:>7.2f}  {trips_many:>8.3f}  {describe(one.delta)}"
+        )
+    print(
+        "  sent: commands on the wire (EVALSHA and the like); in Lua: commands the scripts "
+        "ran; round trips: keygate's\n  own counter (RedisLimiter.round_trips), else = sent "
+        "(no pipelining); |64: with 64 in flight. PINGs (keygate's\n  events-channel "
+        "heartbeat) are left out of the per-request figures."
+    )
+    served = refused.served or 1
+    print(
+        f"  keygate 429 path over the whole timed run: {refused.trips} limiter round trips "
+        f"over {refused.served} requests = {refused.trips / served:.5f}/request (the "
+        "1/minute window frees once a minute:\n  then one request is admitted and the next "
+        "refusal asks Redis once)"
+    )
+
+    print("\nTargets:")
+    ratio = keygate.micros / lower.micros
+    print(
+        f"  (a) keygate {keygate.micros:.1f} µs / lower bound {lower.micros:.1f} µs = "
+        f"{ratio:.2f} <= 1.10: {verdict(ratio <= 1.10)}"
+    )
+    if "slowapi" in by_short:
+        slow = by_short["slowapi"]
+        ratio = keygate.rate / slow.rate
+        print(
+            f"  (b) keygate {keygate.rate:,.0f} req/s / slowapi {slow.rate:,.0f} req/s = "
+            f"{ratio:.2f} >= 3: {verdict(ratio >= 3)}"
+        )
+    else:
+        print("  (b) keygate / slowapi: skipped (slowapi not installed)")
+    lim = by_short["limits"]
+    ratio = keygate.rate / lim.rate
+    print(
+        f"  (b) keygate {keygate.rate:,.0f} req/s / limits direct {lim.rate:,.0f} req/s = "
+        f"{ratio:.2f} >= 2: {verdict(ratio >= 2)}"
+    )
+    ratio = refused.micros / bare.micros
+    print(
+        f"  (a) keygate 429 {refused.micros:.1f} µs / bare {bare.micros:.1f} µs = "
+        f"{ratio:.2f} <= 2: {verdict(ratio <= 2)}"
+    )
+    one, _ = counts["keygate 429"]
+    sent = one.per_request(on_wire) + one.per_request(lambda name: name in IN_SCRIPT)
+    trips = one.trips or 0
+    print(
+        f"  keygate 429 path: {sent:.4f} Redis commands and {trips} round trips over "
+        f"{one.requests} requests = 0: {verdict(sent == 0 and trips == 0)}"
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=30, help="measured rounds (default 30)")
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=600,
+        help="(a) sequential requests per contender per round (default 600)",
+    )
+    parser.add_argument(
+        "--batches",
+        type=int,
+        default=12,
+        help=f"(b) batches of {IN_FLIGHT} per contender per round (default 12)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a short run: at most 4 rounds of 150 requests and 3 batches",
+    )
+    parser.add_argument(
+        "--count-requests",
+        type=int,
+        default=1024,
+        help="requests over which Redis commands are counted (default 1024)",
+    )
+    parser.add_argument(
+        "--redis-url",
+        default=None,
+        help="use this Redis instead of starting a redis-server of our own",
+    )
+    args = parser.parse_args(argv)
+    if min(args.rounds, args.requests, args.batches, args.count_requests) < 1:
+        parser.error("--rounds, --requests, --batches and --count-requests must be positive")
+    return args
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main(parse_args())))

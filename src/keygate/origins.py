@@ -1,0 +1,154 @@
+"""Origins: parsing, normalising and matching (SPEC §5).
+
+Matching is on the parsed scheme, host and port, never on strings. An allowed-origin
+entry is an exact origin (``https://app.example.com``, ``http://localhost:5173``) or a
+wildcard over subdomains (``https://*.example.com``: any depth, never the apex itself).
+Hosts are compared in lower case and in their ASCII (punycode) form; a default port is the
+same as no port (``https://a.com`` is ``https://a.com:443``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+__all__ = ["Origin", "OriginPattern", "origin_allowed", "parse_origin", "parse_origin_pattern"]
+
+_MAX_ORIGIN_LENGTH = 2048
+_SCHEME = re.compile(r"[a-z][a-z0-9+.\-]*\Z")
+_HOST = re.compile(r"[a-z0-9](?:[a-z0-9\-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9\-]*[a-z0-9])?)*\Z")
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """A parsed origin: scheme, ASCII lower-case host, port (``None`` when unknown)."""
+
+    scheme: str
+    host: str
+    port: int | None
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        if self.port is None or self.port == _DEFAULT_PORTS.get(self.scheme):
+            return f"{self.scheme}://{host}"
+        return f"{self.scheme}://{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class OriginPattern:
+    """An allowed-origin entry: an exact origin, or any subdomain of ``origin.host``."""
+
+    origin: Origin
+    subdomains: bool = False
+
+    def matches(self, origin: Origin) -> bool:
+        want = self.origin
+        if origin.scheme != want.scheme or origin.port != want.port:
+            return False
+        if not self.subdomains:
+            return origin.host == want.host
+        return origin.host.endswith("." + want.host)
+
+    def __str__(self) -> str:
+        if not self.subdomains:
+            return str(self.origin)
+        text = str(self.origin)
+        scheme, _, rest = text.partition("://")
+        return f"{scheme}://*.{rest}"
+
+
+def _split(text: str, *, pattern: bool) -> tuple[Origin, bool]:
+    if len(text) > _MAX_ORIGIN_LENGTH:
+        raise ValueError("the origin is too long")
+    if text.strip() != text or not text:
+        raise ValueError(f"{text!r} has surrounding whitespace or is empty")
+    if text == "null":
+        raise ValueError("the 'null' origin never matches anything")
+    scheme, sep, rest = text.partition("://")
+    scheme = scheme.lower()
+    if not sep or not _SCHEME.match(scheme):
+        raise ValueError(f"{text!r} is not an origin: it needs a scheme, as in https://host")
+    if any(c in rest for c in "/?#\\"):
+        if rest.endswith("/") and not any(c in rest[:-1] for c in "/?#\\"):
+            raise ValueError(f"{text!r} has a trailing '/': an origin has no path")
+        raise ValueError(f"{text!r} has a path, query or fragment: an origin has none")
+    if "@" in rest:
+        raise ValueError(f"{text!r} has user information: an origin has none")
+    port_text = ""
+    if rest.startswith("["):
+        end = rest.find("]")
+        if end < 0:
+            raise ValueError(f"{text!r} has an unclosed IPv6 bracket")
+        host, after = rest[1:end], rest[end + 1 :]
+        if after and not after.startswith(":"):
+            raise ValueError(f"{text!r} has text after its IPv6 address")
+        port_text = after[1:]
+        try:
+            host = ipaddress.IPv6Address(host).compressed
+        except ValueError:
+            raise ValueError(f"{text!r} has an invalid IPv6 address") from None
+        wildcard = False
+    else:
+        host, colon, port_text = rest.partition(":")
+        if colon and not port_text:
+            raise ValueError(f"{text!r} has an empty port")
+        host = host.lower()
+        wildcard = host.startswith("*.")
+        if wildcard:
+            if not pattern:
+                raise ValueError(f"{text!r}: a wildcard is not an origin")
+            host = host[2:]
+        if host.endswith("."):
+            raise ValueError(f"{text!r} has a trailing dot in its host")
+        if not host.isascii():
+            try:
+                host = host.encode("idna").decode("ascii")
+            except UnicodeError:
+                raise ValueError(f"{text!r} has an invalid internationalised host") from None
+        if not _HOST.match(host) or any(len(label) > 63 for label in host.split(".")):
+            raise ValueError(f"{text!r} has an invalid host")
+        if wildcard and ("." not in host and host != "localhost"):
+            raise ValueError(f"{text!r}: a wildcard must cover a registrable domain")
+    if port_text:
+        if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
+            raise ValueError(f"{text!r} has an invalid port")
+        port: int | None = int(port_text)
+    else:
+        port = _DEFAULT_PORTS.get(scheme)
+    return Origin(scheme, host, port), wildcard
+
+
+def parse_origin(text: str | bytes) -> Origin | None:
+    """Parse an ``Origin`` request header; ``None`` for anything that is not an origin.
+
+    Browsers send ASCII, lower-case serialisations; a host in any other form is still
+    compared case-insensitively, but an opaque ``null``, non-ASCII bytes, a trailing dot, a
+    path or user information never match.
+    """
+    if isinstance(text, bytes):
+        if len(text) > _MAX_ORIGIN_LENGTH or not text.isascii():
+            return None
+        text = text.decode("ascii")
+    elif not text.isascii():
+        return None
+    try:
+        origin, _ = _split(text, pattern=False)
+    except ValueError:
+        return None
+    return origin
+
+
+def parse_origin_pattern(text: str) -> OriginPattern:
+    """Parse an allowed-origin entry; ``ValueError`` with a clear message when malformed."""
+    if not isinstance(text, str):
+        raise ValueError("an origin must be a string")
+    origin, wildcard = _split(text, pattern=True)
+    return OriginPattern(origin, wildcard)
+
+
+def origin_allowed(origin: Origin, patterns: Iterable[OriginPattern]) -> bool:
+    """Whether any of ``patterns`` matches ``origin``."""
+    return any(p.matches(origin) for p in patterns)
