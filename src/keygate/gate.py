@@ -72,6 +72,7 @@ class Principal:
         "limits",
         "networks",
         "origins",
+        "restricted",
         "scopes",
         "user",
     )
@@ -89,6 +90,7 @@ class Principal:
         self.origins = tuple(parse_origin_pattern(o) for o in key.allowed_origins)
         self.networks = tuple(parse_ip_entry(n) for n in key.allowed_ips)
         self._origin_memo: dict[bytes, bool] = {}
+        self.restricted = bool(self.origins or self.networks)
 
     def origin_ok(self, value: bytes) -> bool:
         """Whether this key's allowed origins match an ``Origin`` header value."""

@@ -91,7 +91,7 @@ class KeyGateMiddleware:
                 receive = self._lifespan(receive)
             await self.app(scope, receive, send)
             return
-        if kind == "http" and scope["method"] == "OPTIONS" and self.preflight:
+        if scope.get("method") == "OPTIONS" and self.preflight and kind == "http":
             # A preflight never carries the key: answer it before authentication (SPEC §5).
             origin = _header(scope, b"origin")
             method = _header(scope, b"access-control-request-method")
@@ -134,20 +134,11 @@ class KeyGateMiddleware:
             await self._refuse(scope, send, self.refusals.expired)
             return
         extra: Headers = _NO_HEADERS
-        if principal.origins:
-            # The key's own list decides (SPEC §5); the app is never called otherwise.
-            origins = [v for k, v in scope["headers"] if k == b"origin"]
-            if origins:
-                if len(origins) > 1 or not principal.origin_ok(origins[0]):
-                    await self._refuse(scope, send, self.refusals.origin_not_allowed, [])
-                    return
-                extra = self.cors.response_headers(origins[0])
-            elif self.cors.require_origin:
-                await self._refuse(scope, send, self.refusals.origin_not_allowed, [])
+        if principal.restricted:
+            checked = await self._check_origin_and_address(scope, send, principal)
+            if checked is None:
                 return
-        if principal.networks and not allowed(self.client_address(scope), principal.networks):
-            await self._refuse(scope, send, self.refusals.ip_not_allowed, extra)
-            return
+            extra = checked
         if rule is not None:
             if rule.scopes:
                 missing = principal.missing(rule.scopes)
@@ -175,6 +166,28 @@ class KeyGateMiddleware:
             # apps answer it themselves, see keygate.responses.raise_refusal). Raise it
             # before the response starts.
             await self._refuse(scope, send, refusal)
+
+    async def _check_origin_and_address(
+        self, scope: Scope, send: Send, principal: Principal
+    ) -> Headers | None:
+        """A key restricted to origins or addresses: refuse (and return None), or return
+        the CORS headers its answers carry."""
+        extra = _NO_HEADERS
+        if principal.origins:
+            # The key's own list decides (SPEC §5); the app is never called otherwise.
+            origins = [v for k, v in scope["headers"] if k == b"origin"]
+            if origins:
+                if len(origins) > 1 or not principal.origin_ok(origins[0]):
+                    await self._refuse(scope, send, self.refusals.origin_not_allowed, [])
+                    return None
+                extra = self.cors.response_headers(origins[0])
+            elif self.cors.require_origin:
+                await self._refuse(scope, send, self.refusals.origin_not_allowed, [])
+                return None
+        if principal.networks and not allowed(self.client_address(scope), principal.networks):
+            await self._refuse(scope, send, self.refusals.ip_not_allowed, extra)
+            return None
+        return extra
 
     async def _limit(
         self, scope: Scope, send: Send, key_id: str, limits: LimitSet, extra: Headers
