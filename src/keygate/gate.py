@@ -18,18 +18,20 @@ from pydantic import SecretStr
 from redis.exceptions import RedisError
 from starlette.authentication import AuthCredentials, BaseUser
 
+from keygate.alerts import Alerter, AlertRules, AlertState, MemoryAlertState, RedisAlertState
 from keygate.clock import Clock, system_clock, to_datetime, to_timestamp
 from keygate.cors import OriginIndex
 from keygate.exceptions import StoreError
 from keygate.keys import KeyHasher
 from keygate.manager import KeyManager
-from keygate.models import DEFAULT_POLICY, ApiKey, KeyPolicy
+from keygate.models import DEFAULT_POLICY, ApiKey, KeyPolicy, KeyType
 from keygate.network import parse_ip_entry
 from keygate.origins import origin_allowed, parse_origin, parse_origin_pattern
 from keygate.quotas import MemoryQuotaStore, Quotas, QuotaStore, RedisQuotaStore
 from keygate.ratelimit import Limiter, LimitSet, MemoryLimiter, RedisLimiter, limit_set
 from keygate.settings import KeyGateSettings
 from keygate.stores import CachedStore, KeyStore, MemoryStore, RedisStore, open_store
+from keygate.usage import MemoryUsageStore, RedisUsageStore, UsageRecorder, UsageStore
 
 __all__ = ["KeyGate", "KeyUser", "Principal"]
 
@@ -72,6 +74,7 @@ class Principal:
         "limits",
         "networks",
         "origins",
+        "per_client",
         "restricted",
         "scopes",
         "user",
@@ -91,6 +94,7 @@ class Principal:
         self.networks = tuple(parse_ip_entry(n) for n in key.allowed_ips)
         self._origin_memo: dict[bytes, bool] = {}
         self.restricted = bool(self.origins or self.networks)
+        self.per_client = key.type is KeyType.CLIENT  # usage by IP and origin too
 
     def origin_ok(self, value: bytes) -> bool:
         """Whether this key's allowed origins match an ``Origin`` header value."""
@@ -149,6 +153,7 @@ class KeyGate:
         settings: KeyGateSettings | None = None,
         lookup_timeout: float = 1.0,
         limiter: Limiter | None = None,
+        alert_rules: AlertRules | None = None,
     ) -> None:
         settings = settings or KeyGateSettings()
         if store is None or isinstance(store, str):
@@ -177,6 +182,44 @@ class KeyGate:
         )
         self.quotas = Quotas(quota_store, policy, failure=settings.rate_limit_failure)
         self._origins: OriginIndex | None = None
+        backend = cached.store
+        usage_store: UsageStore
+        alert_state: AlertState
+        if isinstance(backend, RedisStore):
+            usage_store = RedisUsageStore(
+                backend.client,
+                namespace=backend.namespace,
+                minute_retention=settings.usage_minute_retention,
+                day_retention=settings.usage_day_retention,
+                top_n=settings.usage_top_n,
+            )
+            alert_state = RedisAlertState(backend.client, namespace=backend.namespace)
+        else:
+            usage_store = MemoryUsageStore(
+                clock=clock,
+                minute_retention=settings.usage_minute_retention,
+                day_retention=settings.usage_day_retention,
+                top_n=settings.usage_top_n,
+            )
+            alert_state = MemoryAlertState()
+        self.usage = UsageRecorder(
+            usage_store,
+            clock=clock,
+            interval=settings.usage_flush_interval,
+            max_buckets=settings.usage_max_buckets,
+            top_n=settings.usage_top_n,
+        )
+        self.alerts = Alerter(
+            alert_rules or AlertRules(),
+            alert_state,
+            cached.get,
+            policy,
+            clock=clock,
+            webhook_url=settings.alert_webhook_url,
+        )
+        self.usage.on_flush.append(self.alerts.on_flush)
+        self.quotas.usage = self.usage
+        self.quotas.alerts = self.alerts
 
     @property
     def origin_index(self) -> OriginIndex:
@@ -209,7 +252,14 @@ class KeyGate:
         except (StoreError, RedisError, OSError) as exc:
             logger.warning("could not prepare the rate limiter: %s", type(exc).__name__)
 
+    async def shutdown(self) -> None:
+        """Flush usage (and the alerts it raises). Called by the middleware when the app
+        stops (lifespan); a graceful shutdown loses no count."""
+        await self.usage.close()
+        await self.alerts.drain()
+
     async def aclose(self) -> None:
+        await self.shutdown()
         await self.limiter.close()
         await self.store.close()
 

@@ -21,7 +21,6 @@ from keygate.gate import KeyGate, Principal
 from keygate.keys import parse_key
 from keygate.network import ClientAddress, allowed
 from keygate.origins import Origin, parse_origin
-from keygate.ratelimit import LimitSet
 from keygate.responses import Headers, Refusal, Refusals
 from keygate.routing import MIDDLEWARE, PRINCIPAL, Rule, RuleTable, route_path
 from keygate.stores.cache import CacheEntry
@@ -60,6 +59,7 @@ class KeyGateMiddleware:
         cors_max_age: int = 600,
         require_origin: bool = False,
         trusted_proxies: Iterable[str] = (),
+        record_usage: bool = True,
     ) -> None:
         self.app = app
         self.gate = gate if gate is not None else KeyGate()
@@ -83,6 +83,8 @@ class KeyGateMiddleware:
             require_origin=require_origin,
         )
         self.client_address = ClientAddress(trusted_proxies)
+        self._proxied = bool(self.client_address.trusted)
+        self._usage = self.gate.usage if record_usage else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -127,11 +129,14 @@ class KeyGateMiddleware:
                 return
             entry = resolved
         principal: Principal = entry.derived or self.gate.principal(entry)
-        if principal.key.revoked_at is not None:
-            await self._refuse(scope, send, self.refusals.revoked)
-            return
-        if self._clock() >= principal.expires:
-            await self._refuse(scope, send, self.refusals.expired)
+        now = self._clock()
+        if principal.key.revoked_at is not None or now >= principal.expires:
+            if self._usage is not None:  # SPEC §7: who still uses an old key
+                self._usage.record_refusal(principal.key.id, "inactive")
+            revoked = principal.key.revoked_at is not None
+            await self._refuse(
+                scope, send, self.refusals.revoked if revoked else self.refusals.expired
+            )
             return
         extra: Headers = _NO_HEADERS
         if principal.restricted:
@@ -144,21 +149,29 @@ class KeyGateMiddleware:
                 missing = principal.missing(rule.scopes)
                 if missing:
                     refusal = self.refusals.insufficient_scope(missing)
-                    await self._refuse(scope, send, refusal, extra)
+                    await self._refuse(scope, send, refusal, extra, principal)
                     return
         elif self.deny_unmatched:
-            await self._refuse(scope, send, self.refusals.unmatched, extra)
+            await self._refuse(scope, send, self.refusals.unmatched, extra, principal)
             return
         scope["auth"] = principal.auth
         scope["user"] = principal.user
         scope[PRINCIPAL] = principal
         if principal.limits is not None:
-            limited = await self._limit(scope, send, principal.key.id, principal.limits, extra)
+            limited = await self._limit(scope, send, principal, extra)
             if limited is None:
                 return
             send = limited
         elif extra and kind == "http":
             send = _adding_headers(send, extra)
+        usage = self._usage
+        if usage is not None and kind == "http":
+            meter = _Meter(receive, send)
+            receive, send = meter.receive, meter.send
+        else:
+            meter = None
+            if usage is not None:  # a websocket: counted once, when it is let through
+                usage.record(principal.key.id, 101, 0, 0, self._ip(scope), None, False, now)
         try:
             await self.app(scope, receive, send)
         except Refusal as refusal:
@@ -166,6 +179,35 @@ class KeyGateMiddleware:
             # apps answer it themselves, see keygate.responses.raise_refusal). Raise it
             # before the response starts.
             await self._refuse(scope, send, refusal)
+        except BaseException:
+            if meter is not None and not meter.status:
+                meter.status = 500
+            raise
+        finally:
+            if meter is not None:
+                assert usage is not None
+                if self._proxied:
+                    ip = self._ip(scope)
+                else:
+                    client = scope.get("client")
+                    ip = client[0] if client else None
+                usage.record(
+                    principal.key.id,
+                    meter.status,
+                    meter.bytes_in,
+                    meter.bytes_out,
+                    ip,
+                    extra[0][1].decode("latin-1") if extra else None,
+                    principal.per_client,
+                    now,
+                )
+
+    def _ip(self, scope: Scope) -> str | None:
+        if self._proxied:
+            address = self.client_address(scope)
+            return None if address is None else str(address)
+        client = scope.get("client")
+        return str(client[0]) if client else None
 
     async def _check_origin_and_address(
         self, scope: Scope, send: Send, principal: Principal
@@ -178,32 +220,36 @@ class KeyGateMiddleware:
             origins = [v for k, v in scope["headers"] if k == b"origin"]
             if origins:
                 if len(origins) > 1 or not principal.origin_ok(origins[0]):
-                    await self._refuse(scope, send, self.refusals.origin_not_allowed, [])
+                    refusal = self.refusals.origin_not_allowed
+                    await self._refuse(scope, send, refusal, [], principal)
                     return None
                 extra = self.cors.response_headers(origins[0])
             elif self.cors.require_origin:
-                await self._refuse(scope, send, self.refusals.origin_not_allowed, [])
+                await self._refuse(scope, send, self.refusals.origin_not_allowed, [], principal)
                 return None
         if principal.networks and not allowed(self.client_address(scope), principal.networks):
-            await self._refuse(scope, send, self.refusals.ip_not_allowed, extra)
+            await self._refuse(scope, send, self.refusals.ip_not_allowed, extra, principal)
             return None
         return extra
 
     async def _limit(
-        self, scope: Scope, send: Send, key_id: str, limits: LimitSet, extra: Headers
+        self, scope: Scope, send: Send, principal: Principal, extra: Headers
     ) -> Send | None:
         """Ask the limiter; refuse (and return None) or return a send that adds the
         rate-limit (and CORS) headers to the response."""
+        limits = principal.limits
+        assert limits is not None
         try:
-            decision = await self._limiter.hit(key_id, limits)
+            decision = await self._limiter.hit(principal.key.id, limits)
         except StoreUnavailable:  # failure="deny", and the limiter could not decide
-            await self._refuse(scope, send, self.refusals.limiter_unavailable, extra)
+            refusal = self.refusals.limiter_unavailable
+            await self._refuse(scope, send, refusal, extra, principal)
             return None
         headers = decision.headers(limits) + extra
         if self.legacy_rate_limit_headers:
             headers += decision.legacy_headers(limits)
         if not decision.allowed:
-            await self._refuse(scope, send, self.refusals.rate_limited, headers)
+            await self._refuse(scope, send, self.refusals.rate_limited, headers, principal)
             return None
         if scope["type"] != "http":
             return send
@@ -217,6 +263,8 @@ class KeyGateMiddleware:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 await gate.startup()
+            elif message["type"] == "lifespan.shutdown":
+                await gate.shutdown()  # flush usage: a graceful shutdown loses no count
             return message
 
         return receive_lifespan
@@ -251,10 +299,29 @@ class KeyGateMiddleware:
         return entry
 
     async def _refuse(
-        self, scope: Scope, send: Send, refusal: Refusal, headers: Headers | None = None
+        self,
+        scope: Scope,
+        send: Send,
+        refusal: Refusal,
+        headers: Headers | None = None,
+        principal: Principal | None = None,
     ) -> None:
         """Send a refusal. ``headers=None`` (refusals before the key is known): a browser
-        origin the preflight policy allows gets the CORS headers, so it can read why."""
+        origin the preflight policy allows gets the CORS headers, so it can read why. With
+        ``principal``, the refusal counts in the key's usage."""
+        if principal is not None and self._usage is not None:
+            used_from = None
+            if headers and headers[0][0] == b"access-control-allow-origin":
+                used_from = headers[0][1].decode("latin-1")
+            self._usage.record(
+                principal.key.id,
+                refusal.status,
+                0,
+                len(refusal.body),
+                ip=self._ip(scope),
+                origin=used_from,
+                per_client=principal.per_client,
+            )
         if scope["type"] == "websocket":
             # Closing before accepting refuses the handshake; 1008 = policy violation.
             await send({"type": "websocket.close", "code": 1008, "reason": refusal.code})
@@ -297,6 +364,33 @@ class KeyGateMiddleware:
 
 
 _NO_HEADERS: Headers = []
+
+
+class _Meter:
+    """Counts what passes through one request: body bytes in and out, and the status."""
+
+    __slots__ = ("_receive", "_send", "bytes_in", "bytes_out", "status")
+
+    def __init__(self, receive: Receive, send: Send) -> None:
+        self._receive = receive
+        self._send = send
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.status = 0
+
+    async def receive(self) -> Message:
+        message = await self._receive()
+        if message["type"] == "http.request":
+            self.bytes_in += len(message.get("body", b""))
+        return message
+
+    async def send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.body":
+            self.bytes_out += len(message.get("body", b""))
+        elif kind == "http.response.start":
+            self.status = message["status"]
+        await self._send(message)
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:

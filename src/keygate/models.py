@@ -74,6 +74,7 @@ OriginEntry = Annotated[str, AfterValidator(_origin)]
 IPEntry = Annotated[str, AfterValidator(normalize_ip_entry)]
 RateLimitText = Annotated[str | None, AfterValidator(_rate_limit)]
 UTCDatetime = Annotated[AwareDatetime | None, AfterValidator(_utc)]
+RequiredUTCDatetime = Annotated[AwareDatetime, AfterValidator(lambda m: m.astimezone(UTC))]
 MetaKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 MetaValue = Annotated[str, StringConstraints(max_length=512)]
 
@@ -109,17 +110,10 @@ class ApiKey(_KeyFields):
     id: str
     type: KeyType
     hint: str
-    created_at: UTCDatetime
+    created_at: RequiredUTCDatetime
     revoked_at: UTCDatetime = None
     replaces: str | None = None
     replaced_by: str | None = None
-
-    @field_validator("created_at")
-    @classmethod
-    def _created(cls, value: datetime | None) -> datetime:
-        if value is None:
-            raise ValueError("a key record needs its creation time")
-        return value
 
     @property
     def revoked(self) -> bool:

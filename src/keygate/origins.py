@@ -14,6 +14,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import idna
+
 __all__ = ["Origin", "OriginPattern", "origin_allowed", "parse_origin", "parse_origin_pattern"]
 
 _MAX_ORIGIN_LENGTH = 2048
@@ -105,8 +107,9 @@ def _split(text: str, *, pattern: bool) -> tuple[Origin, bool]:
             raise ValueError(f"{text!r} has a trailing dot in its host")
         if not host.isascii():
             try:
-                host = host.encode("idna").decode("ascii")
-            except UnicodeError:
+                # UTS #46, non-transitional: what browsers send ("faß.de" is not "fass.de").
+                host = idna.encode(host, uts46=True, transitional=False).decode("ascii")
+            except (idna.IDNAError, UnicodeError):
                 raise ValueError(f"{text!r} has an invalid internationalised host") from None
         if not _HOST.match(host) or any(len(label) > 63 for label in host.split(".")):
             raise ValueError(f"{text!r} has an invalid host")

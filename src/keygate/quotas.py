@@ -29,11 +29,13 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.requests import HTTPConnection
 
+from keygate.alerts import Alerter
 from keygate.clock import Clock, system_clock
 from keygate.exceptions import StoreUnavailable
 from keygate.models import ApiKey, KeyPolicy
 from keygate.responses import Headers, Refusal, raise_refusal
 from keygate.routing import MIDDLEWARE, PRINCIPAL
+from keygate.usage import UsageRecorder
 
 __all__ = ["MemoryQuotaStore", "QuotaState", "QuotaStore", "Quotas", "RedisQuotaStore"]
 
@@ -201,6 +203,8 @@ class Quotas:
         self.log_interval = log_interval
         self.passes = 0
         self._last_log = -math.inf
+        self.usage: UsageRecorder | None = None  # set by KeyGate: tokens and refusals count
+        self.alerts: Alerter | None = None  # set by KeyGate: 80/90/100 % alerts
 
     def quota_of(self, key: ApiKey) -> int | None:
         """The hourly token budget in force for a key (``None``: unlimited)."""
@@ -214,7 +218,7 @@ class Quotas:
         if quota is None:
             return None
         try:
-            return await self.store.spend(key.id, tokens, quota, mode)
+            state = await self.store.spend(key.id, tokens, quota, mode)
         except (StoreUnavailable, RedisError, OSError, TimeoutError) as exc:
             now = time.monotonic()
             if now - self._last_log >= self.log_interval:
@@ -224,6 +228,16 @@ class Quotas:
                 raise StoreUnavailable("the quota store cannot be reached") from exc
             self.passes += 1
             return QuotaState(True, quota, quota, WINDOW, degraded=True)
+        counted = state.allowed and mode != "check"
+        if self.usage is not None:
+            if counted and tokens:
+                self.usage.record_tokens(key.id, tokens)
+            elif not state.allowed:
+                self.usage.record_refusal(key.id, "quota")
+        if self.alerts is not None and counted and tokens:
+            used = quota - state.remaining
+            self.alerts.quota_spent(key.id, used - tokens, used, quota)
+        return state
 
     async def reserve(self, conn: HTTPConnection, tokens: int) -> QuotaState | None:
         """Before spending: count ``tokens`` if they fit the budget, else answer 429."""

@@ -42,6 +42,24 @@ class KeyGateSettings(BaseSettings):
     rate_limit_timeout: float = Field(
         default=0.25, gt=0, description="Seconds the rate limiter may wait for Redis."
     )
+    usage_flush_interval: float = Field(
+        default=1.0, gt=0, description="Seconds between usage flushes (one pipeline each)."
+    )
+    usage_max_buckets: int = Field(
+        default=50_000, ge=1, description="Key-minutes the usage buffer holds at most."
+    )
+    usage_minute_retention: int = Field(
+        default=86_400, ge=60, description="Seconds per-minute usage buckets are kept."
+    )
+    usage_day_retention: int = Field(
+        default=90 * 86_400, ge=86_400, description="Seconds per-day usage buckets are kept."
+    )
+    usage_top_n: int = Field(
+        default=100, ge=1, description="Busiest client IPs and origins kept per client key."
+    )
+    alert_webhook_url: str | None = Field(
+        default=None, description="Where alerts are POSTed as JSON (optional)."
+    )
     rate_limit_failure: Literal["allow", "deny"] = Field(
         default="allow",
         description="When the limiter cannot decide: admit (and count, and log) or refuse.",

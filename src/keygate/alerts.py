@@ -1,0 +1,325 @@
+"""Alerts, evaluated as usage is flushed (SPEC §7).
+
+Rules (each optional, see :class:`AlertRules`):
+
+- ``requests_per_minute`` — a key made more requests in one minute than the threshold;
+- ``error_rate`` — the share of 4xx+5xx answers in one minute passed the threshold, with
+  at least ``error_min_requests`` requests that minute;
+- ``inactive_key_in_use`` — a revoked or expired key was still presented;
+- ``new_ip`` — a production key was used from an address it had not used before (the
+  first address a key ever uses is its baseline, not an alert);
+- ``quota`` — AI token use passed 80, 90 and 100 % of the key's hourly budget;
+- ``rotation_due`` — a key is older than its type's rotation age (prod 90 days, dev a year).
+
+Each alert fires once per condition per ``cooldown`` — across processes when the store is
+Redis (``SET NX EX``) — and goes to the registered callbacks, to the ``keygate.alerts``
+log (key id only, never a secret) and, optionally, to a webhook (JSON POST with a timeout
+and bounded retries).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any, Protocol
+
+from pydantic import BaseModel, ConfigDict
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from keygate.clock import Clock, system_clock, to_datetime, to_timestamp
+from keygate.models import ApiKey, KeyPolicy, KeyType
+from keygate.usage import ERRORS_4XX, ERRORS_5XX, INACTIVE, REQUESTS, UsageBatch
+
+__all__ = ["Alert", "AlertRules", "Alerter", "MemoryAlertState", "RedisAlertState"]
+
+logger = logging.getLogger("keygate.alerts")
+
+AlertCallback = Callable[["Alert"], Awaitable[None] | None]
+
+
+class Alert(BaseModel):
+    """One alert: which rule, which key (by id), what happened."""
+
+    model_config = ConfigDict(frozen=True)
+
+    rule: str
+    key_id: str
+    message: str
+    at: datetime
+    details: dict[str, Any] = {}
+
+
+class AlertRules(BaseModel):
+    """Which rules run, and their thresholds (``None`` turns a rule off)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    requests_per_minute: int | None = None
+    error_rate: float | None = 0.5
+    error_min_requests: int = 20
+    inactive_key_in_use: bool = True
+    new_ip_for_prod: bool = True
+    quota_thresholds: tuple[float, ...] = (0.8, 0.9, 1.0)
+    rotation_due: bool = True
+    cooldown: float = 3600.0
+
+
+class AlertState(Protocol):
+    """Cool-downs and the addresses each production key has used."""
+
+    async def claim(self, name: str, cooldown: float) -> bool:
+        """True for the first caller per ``name`` in each ``cooldown`` window."""
+
+    async def new_address(self, key_id: str, ip: str) -> bool:
+        """Whether ``ip`` is new for this key (False for the very first one)."""
+
+
+class MemoryAlertState:
+    """Alert state in this process (bounded)."""
+
+    def __init__(self, *, clock: Clock = time.monotonic, max_entries: int = 100_000) -> None:
+        self._clock = clock
+        self._max = max_entries
+        self._until: dict[str, float] = {}
+        self._seen: dict[str, set[str]] = {}
+
+    async def claim(self, name: str, cooldown: float) -> bool:
+        now = self._clock()
+        if self._until.get(name, -1.0) > now:
+            return False
+        if len(self._until) >= self._max:
+            self._until = {k: v for k, v in self._until.items() if v > now}
+        self._until[name] = now + cooldown
+        return True
+
+    async def new_address(self, key_id: str, ip: str) -> bool:
+        seen = self._seen.setdefault(key_id, set())
+        if ip in seen or len(seen) >= 10_000:
+            return False
+        seen.add(ip)
+        return len(seen) > 1
+
+
+class RedisAlertState:
+    """Alert state in Redis, shared by every process (hash-tagged by key id, with TTLs)."""
+
+    def __init__(self, client: Redis, *, namespace: str = "keygate") -> None:
+        self.client = client
+        self.namespace = namespace
+
+    async def claim(self, name: str, cooldown: float) -> bool:
+        key_id, _, rule = name.partition("|")
+        redis_key = f"{self.namespace}:alert:{{{key_id}}}:{rule}"
+        return bool(await self.client.set(redis_key, b"1", nx=True, px=int(cooldown * 1000)))
+
+    async def new_address(self, key_id: str, ip: str) -> bool:
+        name = f"{self.namespace}:usage:{{{key_id}}}:seen_ips"
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.sadd(name, ip)
+            pipe.scard(name)
+            pipe.expire(name, 90 * 86_400)
+            added, size, _ = await pipe.execute()
+        return bool(added) and int(size) > 1
+
+
+class Alerter:
+    """Evaluates the rules on each usage flush and delivers what fires."""
+
+    def __init__(
+        self,
+        rules: AlertRules,
+        state: AlertState,
+        lookup: Callable[[str], Awaitable[ApiKey | None]],
+        policy: KeyPolicy,
+        *,
+        clock: Clock = system_clock,
+        webhook_url: str | None = None,
+        webhook_timeout: float = 2.0,
+        webhook_retries: int = 3,
+    ) -> None:
+        self.rules = rules
+        self.state = state
+        self.lookup = lookup
+        self.policy = policy
+        self.clock = clock
+        self.webhook_url = webhook_url
+        self.webhook_timeout = webhook_timeout
+        self.webhook_retries = webhook_retries
+        self.callbacks: list[AlertCallback] = []
+        self.fired = 0
+        self._quota: list[tuple[str, int, int, int]] = []  # key id, before, after, quota
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def subscribe(self, callback: AlertCallback) -> AlertCallback:
+        """Call ``callback(alert)`` (sync or async) for every alert; usable as a decorator."""
+        self.callbacks.append(callback)
+        return callback
+
+    def quota_spent(self, key_id: str, before: int, after: int, quota: int) -> None:
+        """Note a token spend; thresholds it crossed fire at the next flush."""
+        if quota > 0 and self.rules.quota_thresholds:
+            self._quota.append((key_id, before, after, quota))
+
+    async def on_flush(self, batch: UsageBatch, touched: dict[tuple[str, int], list[int]]) -> None:
+        rules = self.rules
+        now = self.clock()
+        for (key_id, minute), counts in touched.items():
+            requests = counts[REQUESTS]
+            if rules.requests_per_minute is not None and requests > rules.requests_per_minute:
+                await self._fire(
+                    "requests_per_minute",
+                    key_id,
+                    f"{requests} requests in one minute (threshold {rules.requests_per_minute})",
+                    {"minute": to_datetime(minute * 60).isoformat(), "requests": requests},
+                )
+            errors = counts[ERRORS_4XX] + counts[ERRORS_5XX]
+            if (
+                rules.error_rate is not None
+                and requests >= rules.error_min_requests
+                and errors / requests > rules.error_rate
+            ):
+                await self._fire(
+                    "error_rate",
+                    key_id,
+                    f"{errors} of {requests} requests failed in one minute",
+                    {"minute": to_datetime(minute * 60).isoformat(), "errors": errors},
+                )
+        for (key_id, _), counts in batch.buckets.items():
+            if rules.inactive_key_in_use and counts[INACTIVE]:
+                await self._fire(
+                    "inactive_key_in_use",
+                    key_id,
+                    "a revoked or expired key is still being used",
+                    {"attempts": counts[INACTIVE]},
+                )
+        seen: set[str] = set()
+        for key_id, last in batch.last.items():
+            if key_id in seen:
+                continue
+            seen.add(key_id)
+            if not (rules.new_ip_for_prod or rules.rotation_due) or last[0] is None:
+                continue
+            record = await self.lookup(key_id)
+            if record is None:
+                continue
+            if (
+                rules.new_ip_for_prod
+                and record.type is KeyType.PROD
+                and last[1]
+                and await self.state.new_address(key_id, last[1])
+            ):
+                await self._fire(
+                    f"new_ip:{last[1]}",
+                    key_id,
+                    f"the production key was used from a new address {last[1]}",
+                    {"ip": last[1]},
+                    rule="new_ip",
+                )
+            age = self.policy[record.type].rotation_age
+            if (
+                rules.rotation_due
+                and age is not None
+                and record.replaced_by is None
+                and now - to_timestamp(record.created_at) > age.total_seconds()
+            ):
+                await self._fire(
+                    "rotation_due",
+                    key_id,
+                    f"the key is older than its type's rotation age ({age.days} days)",
+                    {"created_at": record.created_at.isoformat()},
+                )
+        pending, self._quota = self._quota, []
+        for key_id, before, after, quota in pending:
+            for threshold in rules.quota_thresholds:
+                line = threshold * quota
+                if before < line <= after:
+                    percent = round(threshold * 100)
+                    await self._fire(
+                        f"quota_{percent}",
+                        key_id,
+                        f"AI token use passed {percent} % of the hourly budget ({quota})",
+                        {"used": after, "quota": quota},
+                        rule="quota",
+                    )
+
+    async def _fire(
+        self, name: str, key_id: str, message: str, details: dict[str, Any], rule: str = ""
+    ) -> None:
+        try:
+            if not await self.state.claim(f"{key_id}|{name}", self.rules.cooldown):
+                return
+        except (RedisError, OSError) as exc:
+            logger.warning("alert state unavailable (%s); alert not sent", type(exc).__name__)
+            return
+        alert = Alert(
+            rule=rule or name,
+            key_id=key_id,
+            message=message,
+            at=to_datetime(self.clock()),
+            details=details,
+        )
+        self.fired += 1
+        payload = alert.model_dump(mode="json")
+        logger.warning(
+            "keygate alert %s for %s: %s",
+            alert.rule,
+            key_id,
+            message,
+            extra={"keygate_alert": payload},
+        )
+        for callback in self.callbacks:
+            try:
+                result = callback(alert)
+                if asyncio.iscoroutine(result):
+                    await result
+            except Exception:  # one failing callback must not silence the others
+                logger.exception("alert callback failed")
+        if self.webhook_url:
+            task = asyncio.get_running_loop().create_task(self._post(payload))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _post(self, payload: dict[str, Any]) -> None:
+        assert self.webhook_url is not None
+        body = json.dumps(payload).encode()
+        delay = 0.2
+        for attempt in range(1, self.webhook_retries + 1):
+            try:
+                status = await asyncio.to_thread(
+                    _post_json, self.webhook_url, body, self.webhook_timeout
+                )
+                if 200 <= status < 300:
+                    return
+                if 400 <= status < 500 and status != 429:
+                    logger.warning("alert webhook refused the alert (%d)", status)
+                    return
+            except (OSError, urllib.error.URLError) as exc:
+                status = -1
+                logger.debug("alert webhook attempt %d failed: %s", attempt, type(exc).__name__)
+            if attempt < self.webhook_retries:
+                await asyncio.sleep(delay)
+                delay *= 2
+        logger.warning("alert webhook failed after %d attempts", self.webhook_retries)
+
+    async def drain(self) -> None:
+        """Wait for webhook deliveries in flight (each bounded by timeout and retries)."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _post_json(url: str, body: bytes, timeout: float) -> int:
+    request = urllib.request.Request(  # noqa: S310 - the operator configures the URL
+        url, data=body, method="POST", headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)

@@ -1,0 +1,717 @@
+"""Usage monitoring: what each key does, aggregated in process and flushed in batches
+(SPEC §7).
+
+Per key: requests, bytes in and out, 4xx and 5xx apart, requests refused by the rate limit
+or the token quota, AI tokens, attempts with a revoked or expired key, and when/where it
+was last used. Client keys also per client IP and per origin, bounded to the busiest
+``top_n``. Counts are kept as totals and as per-minute buckets (kept a day) and per-day
+buckets (kept 90 days) — both configurable — and every Redis name carries a TTL.
+
+Recording costs no I/O: :meth:`UsageRecorder.record` adds to an in-process buffer, and a
+background task flushes it every ``interval`` seconds in one pipeline. The buffer is
+bounded; what it must drop is counted in :attr:`UsageRecorder.dropped`, never silently.
+A flush that fails keeps its counts for the next one (bounded the same way). The middleware
+flushes on lifespan shutdown; :meth:`UsageRecorder.close` flushes too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections import Counter
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from keygate.clock import Clock, system_clock, to_datetime, to_timestamp
+
+__all__ = [
+    "FIELDS",
+    "LastUse",
+    "MemoryUsageStore",
+    "RedisUsageStore",
+    "UsageBatch",
+    "UsagePoint",
+    "UsageRecorder",
+    "UsageReport",
+    "UsageStore",
+    "UsageTotals",
+    "stores_for",
+]
+
+logger = logging.getLogger("keygate.usage")
+
+FIELDS = (
+    "requests",
+    "bytes_in",
+    "bytes_out",
+    "errors_4xx",
+    "errors_5xx",
+    "rate_limited",
+    "quota_exceeded",
+    "tokens",
+    "inactive_attempts",
+)
+(
+    REQUESTS,
+    BYTES_IN,
+    BYTES_OUT,
+    ERRORS_4XX,
+    ERRORS_5XX,
+    RATE_LIMITED,
+    QUOTA_EXCEEDED,
+    TOKENS,
+    INACTIVE,
+) = range(len(FIELDS))
+_N = len(FIELDS)
+MINUTE = 60
+DAY = 86_400
+Granularity = Literal["minute", "day"]
+
+
+# -- reports --------------------------------------------------------------------------------
+
+
+class UsageTotals(BaseModel):
+    """Counts over some span."""
+
+    model_config = ConfigDict(frozen=True)
+
+    requests: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    errors_4xx: int = 0
+    errors_5xx: int = 0
+    rate_limited: int = 0
+    quota_exceeded: int = 0
+    tokens: int = 0
+    inactive_attempts: int = 0
+
+    @classmethod
+    def of(cls, counts: Sequence[int]) -> UsageTotals:
+        return cls(**dict(zip(FIELDS, counts, strict=True)))
+
+
+class UsagePoint(BaseModel):
+    """One bucket of a series."""
+
+    model_config = ConfigDict(frozen=True)
+
+    start: datetime
+    counts: UsageTotals
+
+
+class LastUse(BaseModel):
+    """When and from where a key was last used (and last tried while revoked/expired)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    at: datetime | None = None
+    ip: str | None = None
+    origin: str | None = None
+    inactive_attempt_at: datetime | None = None
+
+
+class UsageReport(BaseModel):
+    """A key's usage: totals over the range, a series, the busiest IPs and origins."""
+
+    model_config = ConfigDict(frozen=True)
+
+    key_id: str
+    start: datetime
+    end: datetime
+    granularity: Granularity
+    totals: UsageTotals
+    all_time: UsageTotals
+    series: list[UsagePoint]
+    top_ips: dict[str, int]
+    top_origins: dict[str, int]
+    last_use: LastUse
+
+
+# -- what a flush carries -------------------------------------------------------------------
+
+
+# A bucket row: the FIELDS counters, then the last use seen in that minute.
+_AT, _IP, _ORIGIN, _INACTIVE_AT = range(_N, _N + 4)
+
+
+def _row() -> list[Any]:
+    return [0] * _N + [None, None, None, None]
+
+
+class UsageBatch:
+    """Counts gathered since the last flush: per minute, per key, one row each."""
+
+    __slots__ = ("ips", "minutes", "origins", "rows")
+
+    def __init__(self) -> None:
+        self.minutes: dict[int, dict[str, list[Any]]] = {}
+        self.rows = 0  # key-minutes held (the buffer's bound counts these)
+        self.ips: dict[str, Counter[str]] = {}
+        self.origins: dict[str, Counter[str]] = {}
+
+    def __bool__(self) -> bool:
+        return self.rows > 0
+
+    @property
+    def buckets(self) -> dict[tuple[str, int], list[int]]:
+        """(key id, minute) -> counters."""
+        return {
+            (key_id, minute): row[:_N]
+            for minute, table in self.minutes.items()
+            for key_id, row in table.items()
+        }
+
+    @property
+    def last(self) -> dict[str, list[Any]]:
+        """key id -> [last used at, ip, origin, last inactive attempt at] (latest wins)."""
+        out: dict[str, list[Any]] = {}
+        for minute in sorted(self.minutes):
+            for key_id, row in self.minutes[minute].items():
+                mine = out.setdefault(key_id, [None, None, None, None])
+                if row[_AT] is not None:
+                    mine[0:3] = row[_AT : _ORIGIN + 1]
+                if row[_INACTIVE_AT] is not None:
+                    mine[3] = row[_INACTIVE_AT]
+        return out
+
+    def requests(self) -> int:
+        return sum(c[REQUESTS] + c[INACTIVE] for c in self.buckets.values())
+
+    def row(self, key_id: str, minute: int) -> list[Any]:
+        table = self.minutes.setdefault(minute, {})
+        row = table.get(key_id)
+        if row is None:
+            row = table[key_id] = _row()
+            self.rows += 1
+        return row
+
+    def merge(self, other: UsageBatch, limit: int | None = None) -> int:
+        """Add ``other``'s counts into this batch; rows beyond ``limit`` are not taken.
+        Returns the requests those rows held (what was dropped)."""
+        lost = 0
+        for minute, table in other.minutes.items():
+            for key_id, row in table.items():
+                mine_table = self.minutes.get(minute)
+                present = mine_table is not None and key_id in mine_table
+                if not present and limit is not None and self.rows >= limit:
+                    lost += row[REQUESTS] + row[INACTIVE]
+                    continue
+                mine = self.row(key_id, minute)
+                for i in range(_N):
+                    mine[i] += row[i]
+                if row[_AT] is not None and (mine[_AT] is None or row[_AT] >= mine[_AT]):
+                    mine[_AT : _ORIGIN + 1] = row[_AT : _ORIGIN + 1]
+                if row[_INACTIVE_AT] is not None and (
+                    mine[_INACTIVE_AT] is None or row[_INACTIVE_AT] >= mine[_INACTIVE_AT]
+                ):
+                    mine[_INACTIVE_AT] = row[_INACTIVE_AT]
+        for table_mine, source in ((self.ips, other.ips), (self.origins, other.origins)):
+            for key_id, counter in source.items():
+                table_mine.setdefault(key_id, Counter()).update(counter)
+        return lost
+
+
+class UsageStore(Protocol):
+    """Where flushed usage lives."""
+
+    async def write(self, batch: UsageBatch) -> dict[tuple[str, int], list[int]]:
+        """Add a batch; return the new per-minute totals of the buckets it touched."""
+
+    async def series(
+        self, key_id: str, start: float, end: float, granularity: Granularity
+    ) -> list[tuple[int, list[int]]]:
+        """(bucket start, counts) for the non-empty buckets in [start, end)."""
+
+    async def totals(self, key_id: str) -> list[int]: ...
+
+    async def top(
+        self, key_id: str, kind: Literal["ips", "origins"], n: int
+    ) -> dict[str, int]: ...
+
+    async def last_use(self, key_id: str) -> LastUse: ...
+
+    async def keys(self) -> list[str]:
+        """The ids of keys with recorded usage."""
+
+
+class MemoryUsageStore:
+    """Usage in this process, with the same retention as the Redis store."""
+
+    def __init__(
+        self,
+        *,
+        clock: Clock = system_clock,
+        minute_retention: int = DAY,
+        day_retention: int = 90 * DAY,
+        top_n: int = 100,
+    ) -> None:
+        self._clock = clock
+        self.minute_retention = minute_retention
+        self.day_retention = day_retention
+        self.top_n = top_n
+        self._minutes: dict[str, dict[int, list[int]]] = {}
+        self._days: dict[str, dict[int, list[int]]] = {}
+        self._totals: dict[str, list[int]] = {}
+        self._last: dict[str, list[Any]] = {}
+        self._top: dict[tuple[str, str], Counter[str]] = {}
+
+    async def write(self, batch: UsageBatch) -> dict[tuple[str, int], list[int]]:
+        now = self._clock()
+        touched: dict[tuple[str, int], list[int]] = {}
+        for (key_id, minute), counts in batch.buckets.items():
+            for table, bucket in (
+                (self._minutes.setdefault(key_id, {}), minute),
+                (self._days.setdefault(key_id, {}), minute * MINUTE // DAY),
+            ):
+                row = table.setdefault(bucket, [0] * _N)
+                for i, value in enumerate(counts):
+                    row[i] += value
+            total = self._totals.setdefault(key_id, [0] * _N)
+            for i, value in enumerate(counts):
+                total[i] += value
+            touched[(key_id, minute)] = list(self._minutes[key_id][minute])
+        for key_id, last in batch.last.items():
+            mine = self._last.setdefault(key_id, [None, None, None, None])
+            if last[0] is not None and (mine[0] is None or last[0] >= mine[0]):
+                mine[0:3] = last[0:3]
+            if last[3] is not None and (mine[3] is None or last[3] >= mine[3]):
+                mine[3] = last[3]
+        for kind, tops in (("ips", batch.ips), ("origins", batch.origins)):
+            for key_id, counter in tops.items():
+                top = self._top.setdefault((key_id, kind), Counter())
+                top.update(counter)
+                if len(top) > self.top_n:
+                    self._top[(key_id, kind)] = Counter(dict(top.most_common(self.top_n)))
+        self._expire(now)
+        return touched
+
+    def _expire(self, now: float) -> None:
+        oldest_minute = int((now - self.minute_retention) // MINUTE)
+        oldest_day = int((now - self.day_retention) // DAY)
+        for table, oldest in ((self._minutes, oldest_minute), (self._days, oldest_day)):
+            for buckets in table.values():
+                for bucket in [b for b in buckets if b < oldest]:
+                    del buckets[bucket]
+
+    async def series(
+        self, key_id: str, start: float, end: float, granularity: Granularity
+    ) -> list[tuple[int, list[int]]]:
+        table, size = (self._minutes, MINUTE) if granularity == "minute" else (self._days, DAY)
+        buckets = table.get(key_id, {})
+        return [(b * size, list(buckets[b])) for b in sorted(buckets) if start <= b * size < end]
+
+    async def totals(self, key_id: str) -> list[int]:
+        return list(self._totals.get(key_id, [0] * _N))
+
+    async def top(self, key_id: str, kind: Literal["ips", "origins"], n: int) -> dict[str, int]:
+        return dict(self._top.get((key_id, kind), Counter()).most_common(n))
+
+    async def last_use(self, key_id: str) -> LastUse:
+        return _last_use(self._last.get(key_id))
+
+    async def keys(self) -> list[str]:
+        return sorted(self._totals)
+
+
+def _last_use(raw: Sequence[Any] | None) -> LastUse:
+    if raw is None:
+        return LastUse()
+    at, ip, origin, inactive = raw
+    return LastUse(
+        at=None if at is None else to_datetime(float(at)),
+        ip=ip or None,
+        origin=origin or None,
+        inactive_attempt_at=None if inactive is None else to_datetime(float(inactive)),
+    )
+
+
+class RedisUsageStore:
+    """Usage in Redis, every name hash-tagged by key id and carrying a TTL::
+
+    keygate:usage:{key_id}:total        hash: field -> count, and last use
+    keygate:usage:{key_id}:h:<hour>     hash: "<minute>:<field>" -> count (a day)
+    keygate:usage:{key_id}:d:<day>      hash: field -> count (90 days)
+    keygate:usage:{key_id}:ips          sorted set: the busiest client IPs
+    keygate:usage:{key_id}:origins      sorted set: the busiest origins
+    keygate:usage:index                 sorted set: key ids by last flush
+    """
+
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        namespace: str = "keygate",
+        minute_retention: int = DAY,
+        day_retention: int = 90 * DAY,
+        top_n: int = 100,
+    ) -> None:
+        self.client = client
+        self.namespace = namespace
+        self.minute_retention = minute_retention
+        self.day_retention = day_retention
+        self.top_n = top_n
+
+    def _name(self, key_id: str, suffix: str) -> str:
+        return f"{self.namespace}:usage:{{{key_id}}}:{suffix}"
+
+    async def write(self, batch: UsageBatch) -> dict[tuple[str, int], list[int]]:
+        totals_ttl = self.day_retention + DAY
+        index = f"{self.namespace}:usage:index"
+        order: list[tuple[str, int]] = []
+        buckets = batch.buckets
+        async with self.client.pipeline(transaction=False) as pipe:
+            for (key_id, minute), counts in buckets.items():
+                hour_key = self._name(key_id, f"h:{minute // 60}")
+                day_key = self._name(key_id, f"d:{minute * MINUTE // DAY}")
+                total_key = self._name(key_id, "total")
+                for i, value in enumerate(counts):
+                    # Every field, even zero: the replies give the minute's new totals.
+                    pipe.hincrby(hour_key, f"{minute}:{FIELDS[i]}", value)
+                order.append((key_id, minute))
+                for i, value in enumerate(counts):
+                    if value:
+                        pipe.hincrby(day_key, FIELDS[i], value)
+                        pipe.hincrby(total_key, FIELDS[i], value)
+                pipe.expire(hour_key, self.minute_retention + 3600)
+                pipe.expire(day_key, self.day_retention + DAY)
+                pipe.expire(total_key, totals_ttl)
+            for key_id, last in batch.last.items():
+                total_key = self._name(key_id, "total")
+                fields: dict[str | bytes, str | bytes | float | int] = {}
+                if last[0] is not None:
+                    fields["last_at"] = last[0]
+                    fields["last_ip"] = last[1] or ""
+                    fields["last_origin"] = last[2] or ""
+                if last[3] is not None:
+                    fields["last_inactive_at"] = last[3]
+                if fields:
+                    pipe.hset(total_key, mapping=fields)  # type: ignore[arg-type]
+                    pipe.expire(total_key, totals_ttl)
+                pipe.zadd(index, {key_id: last[0] or last[3] or 0})
+            for kind, table in (("ips", batch.ips), ("origins", batch.origins)):
+                for key_id, counter in table.items():
+                    name = self._name(key_id, kind)
+                    for member, count in counter.items():
+                        pipe.zincrby(name, count, member)
+                    pipe.zremrangebyrank(name, 0, -(self.top_n + 1))  # keep the busiest
+                    pipe.expire(name, totals_ttl)
+            pipe.expire(index, totals_ttl)
+            replies = await pipe.execute()
+        # Walk the replies of the per-minute HINCRBYs to hand back the minute totals.
+        touched: dict[tuple[str, int], list[int]] = {}
+        position = 0
+        for (key_id, minute), counts in buckets.items():
+            touched[(key_id, minute)] = [int(r) for r in replies[position : position + _N]]
+            position += _N + 2 * sum(1 for v in counts if v) + 3
+        return touched
+
+    async def series(
+        self, key_id: str, start: float, end: float, granularity: Granularity
+    ) -> list[tuple[int, list[int]]]:
+        if granularity == "minute":
+            first, last = int(start // 3600), math.ceil(end / 3600)
+            names = [self._name(key_id, f"h:{h}") for h in range(first, last + 1)]
+            rows: dict[int, list[int]] = {}
+            async with self.client.pipeline(transaction=False) as pipe:
+                for name in names[:2000]:  # bounded: at most ~83 days of hours
+                    pipe.hgetall(name)
+                for raw in await pipe.execute():
+                    for field, value in raw.items():
+                        minute_text, _, name = _text(field).partition(":")
+                        row = rows.setdefault(int(minute_text), [0] * _N)
+                        row[FIELDS.index(name)] += int(value)
+            return [(m * MINUTE, rows[m]) for m in sorted(rows) if start <= m * MINUTE < end]
+        first_day, last_day = int(start // DAY), math.ceil(end / DAY)
+        days = list(range(first_day, last_day + 1))[:400]
+        async with self.client.pipeline(transaction=False) as pipe:
+            for day in days:
+                pipe.hgetall(self._name(key_id, f"d:{day}"))
+            replies = await pipe.execute()
+        out = []
+        for day, raw in zip(days, replies, strict=True):
+            if raw and start <= day * DAY < end:
+                out.append((day * DAY, _counts(raw)))
+        return out
+
+    async def totals(self, key_id: str) -> list[int]:
+        raw: dict[Any, Any] = await self.client.hgetall(self._name(key_id, "total"))
+        return _counts(raw)
+
+    async def top(self, key_id: str, kind: Literal["ips", "origins"], n: int) -> dict[str, int]:
+        raw: list[Any] = await self.client.zrevrange(
+            self._name(key_id, kind), 0, n - 1, withscores=True
+        )
+        return {_text(member): int(score) for member, score in raw}
+
+    async def last_use(self, key_id: str) -> LastUse:
+        raw = await self.client.hmget(
+            self._name(key_id, "total"), "last_at", "last_ip", "last_origin", "last_inactive_at"
+        )
+        if all(v is None for v in raw):
+            return LastUse()
+        values = [None if v is None else _text(v) for v in raw]
+        return _last_use(values)
+
+    async def keys(self) -> list[str]:
+        raw: list[Any] = await self.client.zrange(f"{self.namespace}:usage:index", 0, -1)
+        return [_text(k) for k in raw]
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _counts(raw: dict[Any, Any]) -> list[int]:
+    counts = [0] * _N
+    for field, value in raw.items():
+        name = _text(field)
+        if name in FIELDS:
+            counts[FIELDS.index(name)] = int(value)
+    return counts
+
+
+class UsageRecorder:
+    """Aggregates usage in process and flushes it to a :class:`UsageStore` in batches.
+
+    ``max_buckets`` bounds the buffer (distinct key-minutes waiting to be flushed); counts
+    that do not fit are dropped and counted in :attr:`dropped` (requests). ``top_n`` bounds
+    the per-IP and per-origin tables of each client key. ``on_flush`` callbacks receive
+    each flushed batch and the new per-minute totals (alert rules hang there).
+    """
+
+    def __init__(
+        self,
+        store: UsageStore,
+        *,
+        clock: Clock = system_clock,
+        interval: float = 1.0,
+        max_buckets: int = 50_000,
+        top_n: int = 100,
+        max_retry_batches: int = 10,
+    ) -> None:
+        self.store = store
+        self._clock = clock
+        self.interval = interval
+        self.max_buckets = max_buckets
+        self.top_n = top_n
+        self.max_retry_batches = max_retry_batches
+        self.dropped = 0
+        self.flushes = 0
+        self.failed_flushes = 0
+        self.on_flush: list[Any] = []
+        self._batch = UsageBatch()
+        self._minute = -1  # the minute whose table _row() last used, in self._batch
+        self._table: dict[str, list[Any]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._flush_lock = asyncio.Lock()
+        self._last_warning = -math.inf
+
+    # -- recording (no I/O) ----------------------------------------------------------------
+
+    def _row(self, key_id: str, now: float) -> list[Any] | None:
+        minute = int(now // MINUTE)
+        if minute == self._minute:
+            table = self._table
+        else:
+            table = self._batch.minutes.setdefault(minute, {})
+            self._minute, self._table = minute, table
+        row = table.get(key_id)
+        if row is None:
+            if self._batch.rows >= self.max_buckets:
+                return None
+            row = table[key_id] = _row()
+            self._batch.rows += 1
+            if self._task is None:
+                self._ensure_task()
+        return row
+
+    def record(
+        self,
+        key_id: str,
+        status: int,
+        bytes_in: int,
+        bytes_out: int,
+        ip: str | None = None,
+        origin: str | None = None,
+        per_client: bool = False,
+        now: float | None = None,
+    ) -> None:
+        """Count one request a key made (``per_client``: also by IP and origin)."""
+        if now is None:
+            now = self._clock()
+        row = self._table.get(key_id) if int(now // MINUTE) == self._minute else None
+        if row is None:
+            row = self._row(key_id, now)
+            if row is None:
+                self._drop()
+                return
+        row[REQUESTS] += 1
+        row[BYTES_IN] += bytes_in
+        row[BYTES_OUT] += bytes_out
+        if status >= 400:
+            if status >= 500:
+                row[ERRORS_5XX] += 1
+            else:
+                row[ERRORS_4XX] += 1
+                if status == 429:
+                    row[RATE_LIMITED] += 1
+        row[_AT] = now
+        row[_IP] = ip
+        row[_ORIGIN] = origin
+        if per_client:
+            if ip is not None:
+                _bounded_add(self._batch.ips.setdefault(key_id, Counter()), ip, self.top_n)
+            if origin is not None:
+                table = self._batch.origins.setdefault(key_id, Counter())
+                _bounded_add(table, origin, self.top_n)
+
+    def record_refusal(self, key_id: str, kind: Literal["quota", "inactive"]) -> None:
+        """Count a request refused for its quota (already counted as a request by the
+        middleware) or an attempt with a revoked or expired key."""
+        now = self._clock()
+        row = self._row(key_id, now)
+        if row is None:
+            self._drop()
+            return
+        if kind == "quota":
+            row[QUOTA_EXCEEDED] += 1
+        else:
+            row[INACTIVE] += 1
+            row[_INACTIVE_AT] = now
+
+    def record_tokens(self, key_id: str, tokens: int) -> None:
+        """Count AI tokens a key consumed."""
+        row = self._row(key_id, self._clock())
+        if row is None:
+            self._drop()
+            return
+        row[TOKENS] += tokens
+
+    def _drop(self) -> None:
+        self.dropped += 1
+        now = self._clock()
+        if now - self._last_warning > 60:
+            self._last_warning = now
+            logger.warning(
+                "usage buffer full (%d key-minutes): dropping counts (%d dropped so far)",
+                self.max_buckets,
+                self.dropped,
+            )
+
+    # -- flushing --------------------------------------------------------------------------
+
+    def _ensure_task(self) -> None:
+        if self._task is None and not self._closed:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return  # recorded outside a loop: the next flush() or close() takes it
+            self._task = loop.create_task(self._run(), name="keygate-usage-flush")
+
+    async def _run(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(self.interval)
+            await self.flush()
+
+    async def flush(self) -> bool:
+        """Write what is buffered now; whether it was written (or there was nothing)."""
+        async with self._flush_lock:
+            batch, self._batch = self._batch, UsageBatch()
+            self._minute = -1
+            if not batch:
+                return True
+            try:
+                touched = await self.store.write(batch)
+            except (RedisError, OSError, TimeoutError) as exc:
+                self.failed_flushes += 1
+                self._keep(batch)
+                logger.warning("usage flush failed (%s); counts kept", type(exc).__name__)
+                return False
+            self.flushes += 1
+        for callback in self.on_flush:
+            try:
+                result = callback(batch, touched)
+                if asyncio.iscoroutine(result):
+                    await result
+            except Exception:  # an alert rule must not lose the next flush
+                logger.exception("usage flush callback failed")
+        return True
+
+    def _keep(self, batch: UsageBatch) -> None:
+        """Put a failed batch back in front of what arrived since, within the bound."""
+        newer, self._batch = self._batch, batch
+        self._minute = -1
+        self.dropped += batch.merge(newer, limit=self.max_buckets)
+
+    async def close(self) -> None:
+        """Stop the background flush and write what is left (one try)."""
+        self._closed = True
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.flush()
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def report(
+        self,
+        key_id: str,
+        *,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        granularity: Granularity = "minute",
+    ) -> UsageReport:
+        """A key's usage between ``start`` and ``end`` (default: the last hour for minutes,
+        the last 30 days for days), with totals, a series and the busiest IPs/origins."""
+        now = self._clock()
+        end_ts = to_timestamp(end) if end is not None else now
+        span = 3600 if granularity == "minute" else 30 * DAY
+        start_ts = to_timestamp(start) if start is not None else end_ts - span
+        if end_ts < start_ts:
+            raise ValueError("the report's end is before its start")
+        points = await self.store.series(key_id, start_ts, end_ts, granularity)
+        totals = [0] * _N
+        for _, counts in points:
+            for i, value in enumerate(counts):
+                totals[i] += value
+        return UsageReport(
+            key_id=key_id,
+            start=to_datetime(start_ts),
+            end=to_datetime(end_ts),
+            granularity=granularity,
+            totals=UsageTotals.of(totals),
+            all_time=UsageTotals.of(await self.store.totals(key_id)),
+            series=[UsagePoint(start=to_datetime(t), counts=UsageTotals.of(c)) for t, c in points],
+            top_ips=await self.store.top(key_id, "ips", self.top_n),
+            top_origins=await self.store.top(key_id, "origins", self.top_n),
+            last_use=await self.store.last_use(key_id),
+        )
+
+
+def _bounded_add(counter: Counter[str], member: str, cap: int) -> None:
+    """Count ``member``; past ``cap`` distinct members, the least counted makes room (a
+    space-saving sketch: the busiest stay, memory stays bounded)."""
+    if member in counter or len(counter) < cap:
+        counter[member] += 1
+        return
+    least, count = min(counter.items(), key=lambda item: item[1])
+    del counter[least]
+    counter[member] = count + 1
+
+
+def stores_for(client: Redis | None, namespace: str, clock: Clock) -> UsageStore:
+    """The usage store matching a key store: Redis when there is a client, else memory."""
+    if client is None:
+        return MemoryUsageStore(clock=clock)
+    return RedisUsageStore(client, namespace=namespace)
