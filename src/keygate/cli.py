@@ -1,19 +1,186 @@
-"""The ``keygate`` command line.
+"""The ``keygate`` command line: a thin shell over :class:`~keygate.manager.KeyManager`.
 
-Exit codes: 0 ok, 1 not found / refused, 2 usage error.
+::
+
+    keygate keys create --name "search service" --type prod --scope vec:read --expires 90d
+    keygate keys list [--type prod] [--status active] [--meta project=search]
+    keygate keys show|revoke KEY_ID
+    keygate keys update KEY_ID [--name ...] [--scope ...] [--expires 30d|2027-01-01|never]
+    keygate keys rotate KEY_ID [--grace 24h]
+    keygate usage [KEY_ID]
+    keygate scan [PATH ...]
+    keygate demo
+
+The key commands work on the shared store the app uses: ``--redis URL`` or
+``KEYGATE_REDIS_URL``, the server secret from ``KEYGATE_SECRET`` and the namespace from
+``KEYGATE_NAMESPACE`` (default ``keygate``), so a key created here works in the app at once.
+Every command but ``demo`` takes ``--json``.
+
+Exit codes: 0 ok, 1 not found / refused (also: the store cannot be reached, keys found by
+``scan``), 2 usage error.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
+import re
 import sys
-from collections.abc import Sequence
-from typing import TextIO
+from collections.abc import Callable, Coroutine, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, TextIO
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import ValidationError
 
 from keygate import __version__
+from keygate.exceptions import (
+    KeyNotFound,
+    KeyValidationError,
+    RotationRefused,
+    StoreError,
+    StoreUnavailable,
+)
+from keygate.keys import KeyHasher, generate_key
+from keygate.manager import KeyManager, key_status, record_json
+from keygate.models import DEFAULT_POLICY, ApiKey
+from keygate.scan import Finding, ScanProblem, scan_paths
+from keygate.settings import KeyGateSettings
+from keygate.stores import RedisStore
 
-__all__ = ["main"]
+__all__ = ["build_parser", "execute", "main"]
+
+_DURATION = re.compile(r"([0-9]{1,9})([smhd])")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+_STORE_SCHEMES = ("redis", "rediss", "unix")
+NEVER = "never"
+DEFAULT = "default"
+
+
+class CommandLineError(Exception):
+    """A command line that cannot be run as given (exit 2)."""
+
+
+# -- argument types ----------------------------------------------------------------------
+
+
+def duration(text: str) -> timedelta:
+    """``30d``, ``24h``, ``90m`` or ``45s`` as a timedelta."""
+    match = _DURATION.fullmatch(text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration: use a whole number and a unit, e.g. 30d, 24h, 90m, 45s"
+        )
+    try:
+        return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    except OverflowError:
+        raise argparse.ArgumentTypeError(f"{text!r} is too long a duration") from None
+
+
+def expiry(text: str) -> timedelta | datetime | str:
+    """A duration from now (``30d``), a moment (``2027-01-01T00:00:00Z``; a date, or a time
+    without a zone, is taken as UTC), or ``never``."""
+    if text.strip().lower() == NEVER:
+        return NEVER
+    if _DURATION.fullmatch(text.strip()):
+        return duration(text)
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a duration (30d, 24h, 90m, 45s), an ISO 8601 time "
+            "(2027-01-01T00:00:00Z) nor 'never'"
+        ) from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def metadata_entry(text: str) -> tuple[str, str]:
+    """``name=value``."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not name=value")
+    return name.strip(), value
+
+
+def quota(text: str) -> int | str:
+    """A whole number of tokens, or ``default``."""
+    if text.strip().lower() == DEFAULT:
+        return DEFAULT
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number or 'default'") from None
+
+
+# -- the parser --------------------------------------------------------------------------
+
+
+def _shared(*, store: bool) -> argparse.ArgumentParser:
+    options = argparse.ArgumentParser(add_help=False)
+    if store:
+        options.add_argument(
+            "--redis",
+            metavar="URL",
+            default=None,
+            help="the Redis that the app's keys live in (default: $KEYGATE_REDIS_URL)",
+        )
+    options.add_argument("--json", action="store_true", help="answer in JSON")
+    return options
+
+
+def _settings_options(parser: argparse.ArgumentParser, *, update: bool) -> None:
+    parser.add_argument(
+        "--scope",
+        dest="scopes",
+        action="append",
+        metavar="SCOPE",
+        help="a scope such as vec:read or vec:* (repeat for more)"
+        + ("; replaces the key's scopes" if update else ""),
+    )
+    parser.add_argument(
+        "--origin",
+        dest="origins",
+        action="append",
+        metavar="ORIGIN",
+        help="an allowed browser origin, e.g. https://app.example.com (repeat for more)"
+        + ("; replaces the list" if update else ""),
+    )
+    parser.add_argument(
+        "--ip",
+        dest="ips",
+        action="append",
+        metavar="IP",
+        help="an allowed client address or CIDR (repeat for more)"
+        + ("; replaces the list" if update else ""),
+    )
+    parser.add_argument(
+        "--rate-limit",
+        metavar="LIMIT",
+        help="e.g. 100/minute" + ("; 'default' for the type's" if update else ""),
+    )
+    parser.add_argument(
+        "--token-quota",
+        type=quota,
+        metavar="TOKENS",
+        help="AI tokens per hour" + ("; 'default' for the type's" if update else ""),
+    )
+    parser.add_argument(
+        "--expires",
+        type=expiry,
+        metavar="WHEN",
+        help="30d, 24h, 90m, 45s from now, or a time such as 2027-01-01T00:00:00Z (UTC if no "
+        "zone is given)" + ("; 'never' to remove the expiry" if update else ""),
+    )
+    parser.add_argument(
+        "--meta",
+        dest="meta",
+        action="append",
+        type=metadata_entry,
+        metavar="NAME=VALUE",
+        help="a metadata entry, e.g. project=search (repeat for more)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +189,87 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"keygate {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    shared = _shared(store=True)
+
+    keys = commands.add_parser(
+        "keys",
+        help="create, list, show, update, revoke and rotate keys",
+        description="Manage the keys of the shared store (--redis or KEYGATE_REDIS_URL; "
+        "KEYGATE_SECRET; KEYGATE_NAMESPACE, default keygate).",
+    )
+    actions = keys.add_subparsers(dest="action", metavar="ACTION")
+    keys.set_defaults(print_help=keys.print_help)
+
+    create = actions.add_parser("create", parents=[shared], help="issue a key")
+    create.add_argument("--name", required=True, help="what the key is for")
+    create.add_argument("--type", required=True, choices=["dev", "prod", "client"])
+    _settings_options(create, update=False)
+
+    listing = actions.add_parser("list", parents=[shared], help="list keys")
+    listing.add_argument("--type", choices=["dev", "prod", "client"])
+    listing.add_argument("--status", choices=["active", "revoked", "expired"])
+    listing.add_argument(
+        "--meta",
+        action="append",
+        type=metadata_entry,
+        metavar="NAME=VALUE",
+        help="only keys with this metadata entry (repeat to require more)",
+    )
+    listing.add_argument("--limit", type=int, default=100, help="keys per page (1-1000)")
+    listing.add_argument("--cursor", help="continue a listing where the previous page ended")
+
+    show = actions.add_parser("show", parents=[shared], help="show one key")
+    show.add_argument("key_id", metavar="KEY_ID")
+
+    update = actions.add_parser(
+        "update", parents=[shared], help="change a key's settings (never its type or secret)"
+    )
+    update.add_argument("key_id", metavar="KEY_ID")
+    update.add_argument("--name", help="a new name")
+    # Accepted only to be refused with the manager's explanation.
+    update.add_argument("--type", help=argparse.SUPPRESS)
+    _settings_options(update, update=True)
+    update.add_argument("--clear-scopes", action="store_true", help="remove every scope")
+    update.add_argument("--clear-origins", action="store_true", help="remove every origin")
+    update.add_argument("--clear-ips", action="store_true", help="remove the IP allowlist")
+    update.add_argument(
+        "--unset-meta", action="append", metavar="NAME", help="remove a metadata entry"
+    )
+
+    revoke = actions.add_parser("revoke", parents=[shared], help="revoke a key, everywhere, now")
+    revoke.add_argument("key_id", metavar="KEY_ID")
+
+    rotate = actions.add_parser(
+        "rotate",
+        parents=[shared],
+        help="issue a successor; the old key works for a grace period, then expires",
+    )
+    rotate.add_argument("key_id", metavar="KEY_ID")
+    rotate.add_argument(
+        "--grace",
+        type=duration,
+        default=timedelta(hours=24),
+        help="how long the old key keeps working: 24h (default), 7d, 0s, ...",
+    )
+
+    usage = commands.add_parser("usage", parents=[shared], help="usage of one key or of all")
+    usage.add_argument("key_id", metavar="KEY_ID", nargs="?")
+
+    scan = commands.add_parser(
+        "scan",
+        parents=[_shared(store=False)],
+        help="find keygate keys in files (exit 1 when any is found)",
+        description="Find keygate keys with valid checksums in files and folders; prints "
+        "file:line: hint for each and exits 1 when any is found. A pre-commit hook.",
+    )
+    scan.add_argument("paths", nargs="*", default=["."], metavar="PATH", help="default: .")
+    scan.add_argument(
+        "--prefix",
+        action="append",
+        metavar="PREFIX",
+        help="look for keys with this prefix too (e.g. a custom key type's 'sk_')",
+    )
+
     demo = commands.add_parser("demo", help="serve the demo API and print keys to try")
     demo.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     demo.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
@@ -67,6 +315,14 @@ def _print_keys(out: TextIO, base: str, keys: dict[str, object], store: str) -> 
         f'{secret("client")}\' -d \'{{"model": "demo", "messages": '
         '[{"role": "user", "content": "hi"}]}\' -i\n'
     )
+    out.write(
+        "\nFrom a browser: serve any page on an allowed origin (python3 -m http.server 5173,\n"
+        "then open http://localhost:5173) and run in its console:\n"
+        f"  fetch('{base}/cloud/vec/databases', {{headers: {{Authorization: "
+        f"'Bearer {secret('client')}'}}}}).then(r => r.json()).then(console.log)\n"
+        "The same call from any other origin is refused (403 origin_not_allowed).\n"
+    )
+    out.write("\nUsage: counted per key and flushed every second; alerts go to the log.\n")
     out.flush()
 
 
@@ -114,6 +370,365 @@ async def _demo(host: str, port: int, redis_url: str | None) -> int:
     return 0
 
 
+# -- output ------------------------------------------------------------------------------
+
+
+def _when(moment: datetime | None, empty: str = "-") -> str:
+    return empty if moment is None else moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _dump(out: TextIO, data: Any) -> None:
+    json.dump(data, out, indent=2)
+    out.write("\n")
+
+
+def _table(out: TextIO, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    for row in (headers, *rows):
+        out.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n")
+
+
+def _details(out: TextIO, key: ApiKey, manager: KeyManager) -> None:
+    policy = manager.policy
+    rate = key.rate_limit or f"{policy.rate_limit(key, key.type) or 'none'} (type default)"
+    tokens = policy.token_quota(key, key.type)
+    quota_text = "none" if tokens is None else f"{tokens:,} / hour"
+    if key.token_quota is None:
+        quota_text += " (type default)"
+    rows = [
+        ("id", key.id),
+        ("name", key.name),
+        ("type", key.type.value),
+        ("hint", key.hint),
+        ("status", key_status(key, manager.now()).value),
+        ("scopes", ", ".join(key.scopes) or "-"),
+        ("origins", ", ".join(key.allowed_origins) or "-"),
+        ("ips", ", ".join(key.allowed_ips) or "-"),
+        ("rate limit", rate),
+        ("token quota", quota_text),
+        ("metadata", ", ".join(f"{k}={v}" for k, v in key.metadata.items()) or "-"),
+        ("created", _when(key.created_at)),
+        ("expires", _when(key.expires_at, "never")),
+        ("revoked", _when(key.revoked_at)),
+        ("replaces", key.replaces or "-"),
+        ("replaced by", key.replaced_by or "-"),
+    ]
+    for label, value in rows:
+        out.write(f"{label:<13}{value}\n")
+
+
+def _secret(out: TextIO, secret: str) -> None:
+    out.write(f"\nsecret       {secret}\n")
+    out.write("(shown this once: keygate keeps only a keyed hash of it)\n")
+
+
+# -- the commands ------------------------------------------------------------------------
+
+
+def _resolve_expiry(value: timedelta | datetime | str, now: datetime) -> datetime | None:
+    if value == NEVER:
+        return None
+    if isinstance(value, timedelta):
+        try:
+            return now + value
+        except OverflowError:
+            raise KeyValidationError.single("expires_at", "is too far in the future") from None
+    assert isinstance(value, datetime)
+    return value
+
+
+def _settings(args: argparse.Namespace, manager: KeyManager) -> dict[str, Any]:
+    """The settings given on the command line, as the manager's field names."""
+    fields: dict[str, Any] = {}
+    for option, field, clear in (
+        ("scopes", "scopes", "clear_scopes"),
+        ("origins", "allowed_origins", "clear_origins"),
+        ("ips", "allowed_ips", "clear_ips"),
+    ):
+        values, cleared = getattr(args, option), getattr(args, clear, False)
+        if values is not None and cleared:
+            flag = option.removesuffix("s")
+            raise CommandLineError(f"give --{flag} or --{clear.replace('_', '-')}, not both")
+        if values is not None:
+            fields[field] = values
+        elif cleared:
+            fields[field] = []
+    if args.rate_limit is not None:
+        fields["rate_limit"] = None if args.rate_limit.lower() == DEFAULT else args.rate_limit
+    if args.token_quota is not None:
+        fields["token_quota"] = None if args.token_quota == DEFAULT else args.token_quota
+    if args.expires is not None:
+        fields["expires_at"] = _resolve_expiry(args.expires, manager.now())
+    return fields
+
+
+async def _create(args: argparse.Namespace, manager: KeyManager, out: TextIO) -> int:
+    fields = {"name": args.name, "type": args.type, **_settings(args, manager)}
+    if args.meta:
+        fields["metadata"] = dict(args.meta)
+    created = await manager.create(fields)
+    secret = created.secret.get_secret_value()
+    if args.json:
+        _dump(out, {"key": record_json(created.key), "secret": secret})
+    else:
+        _details(out, created.key, manager)
+        _secret(out, secret)
+    return 0
+
+
+async def _list(args: argparse.Namespace, manager: KeyManager, out: TextIO) -> int:
+    page = await manager.list(
+        type=args.type,
+        status=args.status,
+        metadata=dict(args.meta or ()),
+        cursor=args.cursor,
+        limit=args.limit,
+    )
+    if args.json:
+        _dump(out, {"keys": [record_json(k) for k in page.keys], "next": page.next})
+        return 0
+    now = manager.now()
+    if page.keys:
+        _table(
+            out,
+            ("ID", "NAME", "TYPE", "HINT", "STATUS", "CREATED", "EXPIRES"),
+            [
+                (
+                    k.id,
+                    k.name if len(k.name) <= 40 else k.name[:39] + "…",
+                    k.type.value,
+                    k.hint,
+                    key_status(k, now).value,
+                    _when(k.created_at),
+                    _when(k.expires_at, "never"),
+                )
+                for k in page.keys
+            ],
+        )
+    else:
+        out.write("no keys\n")
+    if page.next is not None:
+        out.write(f"more: keygate keys list --cursor {page.next}\n")
+    return 0
+
+
+async def _show(args: argparse.Namespace, manager: KeyManager, out: TextIO) -> int:
+    record = await manager.get(args.key_id)
+    if args.json:
+        _dump(out, {"key": record_json(record)})
+    else:
+        _details(out, record, manager)
+    return 0
+
+
+async def _update(args: argparse.Namespace, manager: KeyManager, out: TextIO) -> int:
+    fields = _settings(args, manager)
+    if args.name is not None:
+        fields["name"] = args.name
+    if args.type is not None:
+        fields["type"] = args.type  # refused by the manager, with the reason
+    if args.meta or args.unset_meta:
+        metadata = dict((await manager.get(args.key_id)).metadata)
+        metadata.update(args.meta or ())
+        for name in args.unset_meta or ():
+            metadata.pop(name, None)
+        fields["metadata"] = metadata
+    if not fields:
+        raise CommandLineError("nothing to change: give an option such as --name or --scope")
+    record = await manager.update(args.key_id, fields)
+    if args.json:
+        _dump(out, {"key": record_json(record)})
+    else:
+        _details(out, record, manager)
+    return 0
+
+
+async def _revoke(args: argparse.Namespace, manager: KeyManager, out: TextIO) -> int:
+    record = await manager.revoke(args.key_id)
+    if args.json:
+        _dump(out, {"key": record_json(record)})
+    else:
+        out.write(f"revoked {record.id} ({record.hint}) at {_when(record.revoked_at)}\n")
+    return 0
+
+
+async def _rotate(args: argparse.Namespace, manager: KeyManager, out: TextIO) -> int:
+    rotated = await manager.rotate(args.key_id, grace=args.grace)
+    secret = rotated.secret.get_secret_value()
+    if args.json:
+        _dump(
+            out,
+            {
+                "key": record_json(rotated.key),
+                "secret": secret,
+                "previous": record_json(rotated.previous),
+            },
+        )
+        return 0
+    old, new = rotated.previous, rotated.key
+    out.write(f"rotated {old.id} ({old.hint}) -> {new.id} ({new.hint})\n")
+    out.write(f"the old key works until {_when(old.expires_at)}, then it is refused\n\n")
+    _details(out, new, manager)
+    _secret(out, secret)
+    return 0
+
+
+async def _usage(args: argparse.Namespace, manager: KeyManager, out: TextIO) -> int:
+    report = await manager.usage(args.key_id)
+    if args.json:
+        _dump(out, report.model_dump(mode="json"))
+        return 0
+    out.write(f"usage of {report.key_id or 'all keys'}\n")
+    if report.note:
+        out.write(f"note: {report.note}\n")
+    for name, value in report.totals.model_dump().items():
+        out.write(f"{name.replace('_', ' '):<15}{value:,}\n")
+    out.write(f"{'last used':<15}{_when(report.last_used_at, 'never')}\n")
+    return 0
+
+
+Command = Callable[[argparse.Namespace, KeyManager, TextIO], Coroutine[Any, Any, int]]
+_COMMANDS: dict[tuple[str, str | None], Command] = {
+    ("keys", "create"): _create,
+    ("keys", "list"): _list,
+    ("keys", "show"): _show,
+    ("keys", "update"): _update,
+    ("keys", "revoke"): _revoke,
+    ("keys", "rotate"): _rotate,
+    ("usage", None): _usage,
+}
+
+
+async def execute(
+    args: argparse.Namespace,
+    manager: KeyManager,
+    out: TextIO,
+    err: TextIO,
+    *,
+    where: str = "the key store",
+) -> int:
+    """Run a parsed ``keys`` or ``usage`` command with ``manager``; its exit code. Errors are
+    one line on ``err``, never a traceback."""
+    command = _COMMANDS[(args.command, getattr(args, "action", None))]
+    try:
+        return await command(args, manager, out)
+    except CommandLineError as exc:
+        err.write(f"keygate: {exc}\n")
+        return 2
+    except KeyValidationError as exc:
+        err.write(f"keygate: invalid input: {exc}\n")
+        return 2
+    except (KeyNotFound, RotationRefused) as exc:
+        err.write(f"keygate: {exc}\n")
+        return 1
+    except StoreUnavailable as exc:
+        err.write(f"keygate: cannot reach {where}: {exc}\n")
+        return 1
+    except StoreError as exc:
+        err.write(f"keygate: {where} failed: {exc}\n")
+        return 1
+
+
+def _redacted(url: str) -> str:
+    """The URL to show in messages: no password, no query string."""
+    parts = urlsplit(url)
+    user, at, host = parts.netloc.rpartition("@")
+    if at and ":" in user:
+        user = user.partition(":")[0] + ":***"
+    return urlunsplit((parts.scheme, f"{user}{at}{host}", parts.path, "", ""))
+
+
+async def _managed(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Open the shared store named by ``--redis`` or the environment, and run the command."""
+    try:
+        settings = KeyGateSettings()
+    except ValidationError as exc:
+        problem = exc.errors(include_url=False, include_input=False)[0]
+        name = "KEYGATE_" + str(problem["loc"][0]).upper() if problem["loc"] else "KEYGATE_*"
+        raise CommandLineError(f"{name} is not valid: {problem['msg']}") from None
+    url = args.redis or settings.redis_url
+    if not url:
+        raise CommandLineError(
+            "a shared store is needed: pass --redis URL or set KEYGATE_REDIS_URL to the Redis "
+            "your app uses (keys kept in memory would vanish when this command exits)"
+        )
+    try:
+        scheme = urlsplit(url).scheme
+    except ValueError:
+        scheme = ""
+    if scheme not in _STORE_SCHEMES:
+        raise CommandLineError(
+            "the store must be a redis://, rediss:// or unix:// URL shared with your app "
+            "(keys kept in memory would vanish when this command exits)"
+        )
+    where = _redacted(url)
+    if settings.secret is None:
+        raise CommandLineError(
+            "KEYGATE_SECRET is not set: set it to your app's server secret (keys are stored "
+            "as HMACs under it, so keys made with another secret would not work in the app)"
+        )
+    try:
+        hasher = KeyHasher(settings.secret.get_secret_value())
+    except ValueError as exc:
+        raise CommandLineError(f"KEYGATE_SECRET is not usable: {exc}") from None
+    try:
+        store = RedisStore.from_url(
+            url,
+            namespace=settings.namespace,
+            pool_size=4,
+            pool_timeout=settings.redis_pool_timeout,
+            timeout=settings.redis_timeout,
+            client_name="keygate-cli",
+        )
+    except ValueError as exc:
+        reason = f"cannot use {where} (namespace {settings.namespace!r}): {exc}"
+        raise CommandLineError(reason) from None
+    try:
+        return await execute(args, KeyManager(store, hasher), out, err, where=where)
+    finally:
+        await store.close()
+
+
+def _scan(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    prefixes = set(DEFAULT_POLICY.prefixes)
+    for prefix in args.prefix or ():
+        try:
+            generate_key(prefix)  # checks the prefix's form
+        except ValueError as exc:
+            raise CommandLineError(str(exc)) from None
+        prefixes.add(prefix)
+    findings: list[Finding] = []
+    problems: list[ScanProblem] = []
+    for item in scan_paths(args.paths, prefixes):
+        if isinstance(item, Finding):
+            findings.append(item)
+            if not args.json:
+                out.write(f"{item}\n")
+        else:
+            problems.append(item)
+            err.write(f"keygate scan: cannot scan {item}\n")
+    if args.json:
+        _dump(
+            out,
+            {
+                "findings": [
+                    {"path": f.path, "line": f.line, "hint": f.hint, "prefix": f.prefix}
+                    for f in findings
+                ],
+                "problems": [{"path": p.path, "reason": p.reason} for p in problems],
+            },
+        )
+    if findings:
+        files = len({f.path for f in findings})
+        err.write(
+            f"keygate scan: found {len(findings)} key{'s' * (len(findings) != 1)} in {files} "
+            f"file{'s' * (files != 1)}. Treat them as leaked: rotate or revoke them, and "
+            "remove them from the files.\n"
+        )
+        return 1
+    return 2 if problems else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -122,6 +737,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_demo(args.host, args.port, args.redis))
         except KeyboardInterrupt:
             return 0
+    try:
+        if args.command == "scan":
+            return _scan(args, sys.stdout, sys.stderr)
+        if args.command == "keys" and args.action is None:
+            args.print_help(sys.stderr)
+            return 2
+        if args.command in ("keys", "usage"):
+            return asyncio.run(_managed(args, sys.stdout, sys.stderr))
+    except CommandLineError as exc:
+        sys.stderr.write(f"keygate: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader (e.g. `| head`) went away: stop quietly, as Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     parser.print_help(sys.stderr)
     return 2
 
