@@ -70,8 +70,10 @@ class OriginIndex:
             and time.monotonic() - loaded > self.max_age
         ):
             self._reload = True
-        if not self._reload and not self._stale:
+        if not self._reload and not self._stale and not self._lock.locked():
             return
+        # Whoever finds a refresh under way waits for it: answering from the index it is
+        # replacing (empty, on the first load) would refuse origins that are allowed.
         async with self._lock:
             if self._reload:
                 self._reload = False

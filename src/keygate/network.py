@@ -60,13 +60,20 @@ def parse_address(text: str) -> IPAddress | None:
     text = text.strip()
     if not text or len(text) > 64 or not text.isascii():
         return None
+    port: str | None = None
     if text.startswith("["):
         end = text.find("]")
-        if end < 0 or (text[end + 1 :] and not text[end + 1 :].startswith(":")):
+        if end < 0:
             return None
-        text = text[1:end]
+        text, rest = text[1:end], text[end + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                return None
+            port = rest[1:]
     elif text.count(":") == 1:  # IPv4 with a port
-        text = text.partition(":")[0]
+        text, _, port = text.partition(":")
+    if port is not None and not (port.isdigit() and int(port) < 65536):
+        return None  # an empty or malformed port makes the whole hop malformed
     try:
         address = ipaddress.ip_address(text)
     except ValueError:

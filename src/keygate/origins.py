@@ -52,7 +52,8 @@ class OriginPattern:
             return False
         if not self.subdomains:
             return origin.host == want.host
-        return origin.host.endswith("." + want.host)
+        # An IP literal has no subdomains, whatever its text ends with.
+        return origin.host.endswith("." + want.host) and not _is_ip(origin.host)
 
     def __str__(self) -> str:
         if not self.subdomains:
@@ -60,6 +61,14 @@ class OriginPattern:
         text = str(self.origin)
         scheme, _, rest = text.partition("://")
         return f"{scheme}://*.{rest}"
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _split(text: str, *, pattern: bool) -> tuple[Origin, bool]:
@@ -115,6 +124,8 @@ def _split(text: str, *, pattern: bool) -> tuple[Origin, bool]:
             raise ValueError(f"{text!r} has an invalid host")
         if wildcard and ("." not in host and host != "localhost"):
             raise ValueError(f"{text!r}: a wildcard must cover a registrable domain")
+        if wildcard and host.rsplit(".", 1)[-1].isdigit():
+            raise ValueError(f"{text!r}: a wildcard covers domain names, not IP addresses")
     if port_text:
         if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
             raise ValueError(f"{text!r} has an invalid port")

@@ -1,0 +1,1 @@
+"""Helpers for the tests that need real servers and a real browser."""
