@@ -57,6 +57,8 @@ __all__ = [
 logger = logging.getLogger("keygate.ratelimit")
 
 _MAX_LIMIT_TEXT = 256
+MAX_AMOUNT = 10_000_000
+MAX_WINDOW = 366 * 86_400
 FailureMode = Literal["allow", "deny"]
 
 
@@ -73,6 +75,11 @@ def parse_rate_limit(text: str) -> list[RateLimitItem]:
     for item in items:
         if item.amount < 1:
             raise ValueError(f"{text!r}: a limit must admit at least one request")
+        # A moving window keeps one timestamp per admission: bound what one key may hold.
+        if item.amount > MAX_AMOUNT:
+            raise ValueError(f"{text!r}: at most {MAX_AMOUNT:,} requests per window")
+        if item.get_expiry() > MAX_WINDOW:
+            raise ValueError(f"{text!r}: a window is at most a year long")
     return items
 
 
@@ -134,7 +141,10 @@ class Decision:
     at: float = 0.0  # when it was decided, on the limiter's clock (Unix seconds)
 
     def headers(self, limits: LimitSet) -> list[tuple[bytes, bytes]]:
-        """``RateLimit-Policy`` and ``RateLimit`` (and ``Retry-After`` when refused)."""
+        """``RateLimit-Policy`` and ``RateLimit`` (and ``Retry-After`` when refused); none
+        for a request admitted undecided (the limiter could not be asked: nothing is known)."""
+        if self.degraded:
+            return []
         items = ", ".join(
             f'"{w.name}";r={r};t={t}'
             for w, r, t in zip(limits.windows, self.remaining, self.reset, strict=True)
@@ -148,6 +158,8 @@ class Decision:
     def legacy_headers(self, limits: LimitSet) -> list[tuple[bytes, bytes]]:
         """``X-RateLimit-Limit/Remaining/Reset`` for the tightest window (Reset in
         seconds from now)."""
+        if self.degraded:
+            return []
         i = min(range(len(self.remaining)), key=self.remaining.__getitem__)
         return [
             (b"x-ratelimit-limit", str(limits.windows[i].amount).encode()),
@@ -180,14 +192,17 @@ class Limiter(Protocol):
 
 
 class MemoryLimiter:
-    """Moving windows in this process. Bounded: at most ``max_keys`` windows are kept; the
-    least recently used goes first (an idle window has nothing left to forget)."""
+    """Moving windows in this process. Bounded: at most ``max_keys`` windows are kept. When
+    full, windows whose entries have all left go first; only if none has, the least
+    recently used one (which can then admit again early: size ``max_keys`` for the keys
+    active within the longest window)."""
 
     def __init__(self, *, clock: Clock = system_clock, max_keys: int = 100_000) -> None:
         self._clock = clock
         self._max_keys = max_keys
         # (key, window index) -> admission times, newest first, at most `amount` of them.
         self._events: OrderedDict[tuple[str, int], list[float]] = OrderedDict()
+        self._spans: dict[tuple[str, int], int] = {}  # the same keys -> window seconds
 
     async def hit(self, key: str, limits: LimitSet, cost: int = 1) -> Decision:
         return self.hit_now(key, limits, cost)
@@ -213,8 +228,9 @@ class MemoryLimiter:
                 del log[window.amount :]
                 self._events[(key, i)] = log
                 self._events.move_to_end((key, i))
-            while len(self._events) > self._max_keys:
-                self._events.popitem(last=False)
+                self._spans[(key, i)] = window.seconds
+            if len(self._events) > self._max_keys:
+                self._evict(now)
         remaining, reset = [], []
         for window, log in zip(windows, logs, strict=True):
             # Entries still inside the window: a prefix of the newest-first log.
@@ -226,11 +242,22 @@ class MemoryLimiter:
         retry = 0 if allowed else _retry_after(wait)
         return Decision(allowed, tuple(remaining), tuple(reset), retry, at=now)
 
+    def _evict(self, now: float) -> None:
+        spans = self._spans
+        idle = [k for k, log in self._events.items() if not log or log[0] < now - spans[k]]
+        for name in idle:
+            del self._events[name]
+            del spans[name]
+        while len(self._events) > self._max_keys:
+            name, _ = self._events.popitem(last=False)
+            del spans[name]
+
     async def start(self) -> None:
         return None
 
     async def close(self) -> None:
         self._events.clear()
+        self._spans.clear()
 
 
 # KEYS: one list per window of the key, newest admission first (hash-tagged by key id).
@@ -335,7 +362,8 @@ class RedisLimiter:
         self.sha = ""
         self.passes = 0  # requests admitted without a decision (failure="allow")
         self.round_trips = 0
-        self._blocked: dict[str, tuple[float, Decision]] = {}
+        # (key, limit text) -> (refused until, monotonic; the decision; when; its cost)
+        self._blocked: dict[tuple[str, str], tuple[float, Decision, float, int]] = {}
         self._pending: list[_Pending] = []
         self._flushing = False
         self._last_log = -math.inf
@@ -346,6 +374,7 @@ class RedisLimiter:
 
     async def start(self) -> None:
         """Load the script, so no request pays for a NOSCRIPT retry."""
+        self.round_trips += 1
         self.sha = await self.client.script_load(_SCRIPT)
 
     async def close(self) -> None:
@@ -359,15 +388,18 @@ class RedisLimiter:
     ) -> Decision:
         """:meth:`hit` on a given Redis-side clock (for tests); ``None`` is Redis' own."""
         if self.local_refusals and now_ms is None:
-            blocked = self._blocked.get(key)
+            blocked = self._blocked.get((key, limits.text))
             if blocked is not None:
-                until, refused = blocked
-                left = until - time.monotonic()
-                if left > 0:
+                until, refused, decided, refused_cost = blocked
+                clock = time.monotonic()
+                left = until - clock
+                if left > 0 and cost >= refused_cost:
                     # Still over the limit: no slot can have freed yet. No round trip.
-                    frees = tuple(min(t, _seconds(left)) for t in refused.reset)
+                    elapsed = clock - decided
+                    frees = tuple(_seconds(t - elapsed) for t in refused.reset)
                     return Decision(False, refused.remaining, frees, _retry_after(left - 0.001))
-                del self._blocked[key]
+                if left <= 0:
+                    del self._blocked[(key, limits.text)]
         keys = [self.window_key(key, limits, i) for i in range(len(limits.windows))]
         args: list[Any] = [cost, "" if now_ms is None else now_ms]
         for window in limits.windows:
@@ -383,17 +415,21 @@ class RedisLimiter:
             if len(self._blocked) >= 100_000:  # bounded: forget the ones already free
                 now = time.monotonic()
                 self._blocked = {k: v for k, v in self._blocked.items() if v[0] > now}
-            self._blocked[key] = (time.monotonic() + self._wait(raw, limits), decision)
+            clock = time.monotonic()
+            until = clock + self._wait_ms(raw, limits) / 1000
+            self._blocked[(key, limits.text)] = (until, decision, clock, cost)
         return decision
 
     @staticmethod
-    def _wait(raw: list[Any], limits: LimitSet) -> float:
+    def _wait_ms(raw: list[Any], limits: LimitSet) -> int:
+        """Milliseconds from now until every refusing entry has left its window (it still
+        counts at exactly `window` old, so one more millisecond)."""
         now = int(raw[1])
-        wait = 0.0
+        wait = 0
         for i, window in enumerate(limits.windows):
             refused_by = int(raw[4 + 3 * i])
             if refused_by >= 0:
-                wait = max(wait, (refused_by + window.seconds * 1000 + 1 - now) / 1000)
+                wait = max(wait, refused_by + window.seconds * 1000 + 1 - now)
         return wait
 
     def _decide(self, raw: list[Any], limits: LimitSet) -> Decision:
@@ -405,7 +441,9 @@ class RedisLimiter:
             remaining.append(window.amount - count)
             span = (oldest + window.seconds * 1000 - now) / 1000 if oldest >= 0 else window.seconds
             reset.append(_seconds(span))
-        retry = 0 if allowed else _retry_after(self._wait(raw, limits) - 0.001)
+        # Whole milliseconds: Retry-After is the first whole second strictly after the
+        # refusing entry's last refusing millisecond (no float rounding near integers).
+        retry = 0 if allowed else (self._wait_ms(raw, limits) - 1) // 1000 + 1
         return Decision(allowed, tuple(remaining), tuple(reset), retry, at=now / 1000)
 
     def _failed(self, limits: LimitSet, exc: BaseException) -> Decision:

@@ -1,0 +1,1282 @@
+"""Rate limits (SPEC §1, §4, §9, §10): exact moving windows, decided as ``limits`` decides
+them, in one Redis round trip, with the IETF headers, failing as configured."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import fakeredis
+import http_sfv
+import httpx
+import limits
+import limits.storage.memory
+import pytest
+import redis
+from hypothesis import assume, given
+from hypothesis import strategies as st
+from limits.strategies import MovingWindowRateLimiter
+from redis.asyncio import Redis
+
+from conftest import REDIS_URL, SECRET, Figures, cleanup_namespace, new_namespace, require_redis
+from keygate import KeyGateSettings, ManualClock, MemoryStore, RedisStore
+from keygate.demo import DEMO_ORIGINS, build_demo_app, seed_demo_keys
+from keygate.gate import KeyGate
+from keygate.ratelimit import (
+    MAX_WINDOW,
+    Decision,
+    MemoryLimiter,
+    RedisLimiter,
+    limit_set,
+    normalize_rate_limit,
+    parse_rate_limit,
+)
+from keygate.stores import KeyStore
+from test_middleware import assert_refused, bearer, call, client, make_app
+
+WORKER = Path(__file__).with_name("ratelimit_worker.py")
+START = 1_800_000_000.0  # virtual clocks start here: exact in a double, on the 1/8 s grid
+TICK = 2.0**-10  # off the 1/8 s grid: "a moment earlier" without crossing a grid point
+ORIGIN = "https://app.example.com"
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def parse_list(value: str) -> list[tuple[str, dict[str, Any]]]:
+    """A structured-field List header as (item value, params) pairs."""
+    parsed = http_sfv.List()
+    parsed.parse(value.encode())
+    return [(item.value, dict(item.params)) for item in parsed]
+
+
+def parse_int(value: str) -> int:
+    """A structured-field Integer header (Retry-After is delta-seconds, a bare integer)."""
+    item = http_sfv.Item()
+    item.parse(value.encode())
+    assert isinstance(item.value, int) and not isinstance(item.value, bool)
+    return item.value
+
+
+async def new_client_key(gate: KeyGate, **fields: Any) -> str:
+    """Issue a client key (100/minute by default); its secret."""
+    created = await gate.manager.create(
+        {
+            "name": "browser",
+            "type": "client",
+            "scopes": ["vec:read"],
+            "allowed_origins": [ORIGIN],
+            **fields,
+        }
+    )
+    return created.secret.get_secret_value()
+
+
+async def new_key(gate: KeyGate, key_type: str = "dev", **fields: Any) -> str:
+    """Issue a dev (or prod) key; its secret."""
+    created = await gate.manager.create(
+        {"name": "server", "type": key_type, "scopes": ["vec:read"], **fields}
+    )
+    return created.secret.get_secret_value()
+
+
+async def warm(gate: KeyGate, secret: str) -> None:
+    """Cache the key's record, so requests with it need the store no more."""
+    assert await gate.store.lookup(gate.hasher.digest(secret)) is not None
+
+
+def statuses(responses: list[httpx.Response]) -> dict[int, int]:
+    """How many responses had each status."""
+    return dict(Counter(response.status_code for response in responses))
+
+
+# Usage is flushed to Redis in the background every second; tests that count Redis
+# commands flush it only when the gate closes. They count commands, not time: on a loaded
+# two-core machine the limiter may wait 2 s rather than pass requests undecided.
+QUIET = KeyGateSettings(usage_flush_interval=3600.0, rate_limit_timeout=2.0)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+class OwnRedis:
+    """A redis-server of this test's own on a free loopback port: it may be flushed,
+    slowed down and killed without touching the shared server."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+                "--enable-debug-command",
+                "local",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.admin = redis.Redis(port=self.port, socket_timeout=5, socket_connect_timeout=1)
+        deadline = time.monotonic() + 5.0
+        try:
+            while True:
+                try:
+                    self.admin.ping()
+                    break
+                except redis.ConnectionError:
+                    assert self.process.poll() is None, "redis-server exited"
+                    assert time.monotonic() < deadline, "redis-server did not start in 5 s"
+                    time.sleep(0.01)
+        except BaseException:
+            self.close()
+            raise
+
+    def commands(self) -> dict[str, int]:
+        """Calls per command so far, as INFO commandstats counts them."""
+        stats = self.admin.info("commandstats")
+        return {
+            name.removeprefix("cmdstat_"): int(value["calls"])
+            for name, value in stats.items()
+            if name.startswith("cmdstat_")
+        }
+
+    def errors(self) -> dict[str, int]:
+        """Error replies so far by kind (INFO errorstats), e.g. ``{"NOSCRIPT": 1}``."""
+        stats = self.admin.info("errorstats")
+        return {
+            name.removeprefix("errorstat_"): int(value["count"])
+            for name, value in stats.items()
+            if name.startswith("errorstat_")
+        }
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=5)
+
+    def close(self) -> None:
+        self.admin.close()
+        self.kill()
+
+
+# What the limiter's script runs inside Redis: INFO commandstats counts these too, but they
+# cost no round trip. Nothing in keygate sends them itself.
+SCRIPT_COMMANDS = frozenset({"time", "lindex", "llen", "lpush", "ltrim", "pexpire"})
+
+
+def sent(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """The commands clients sent between two readings, less the INFO readings themselves
+    and the commands run by scripts."""
+    changed = {name: after[name] - before.get(name, 0) for name in after}
+    ignored = SCRIPT_COMMANDS | {"info"}
+    return {name: count for name, count in changed.items() if count and name not in ignored}
+
+
+@pytest.fixture
+def own_redis() -> Iterator[OwnRedis]:
+    server = OwnRedis()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+async def own_gate(own_redis: OwnRedis) -> AsyncIterator[KeyGate]:
+    """A started gate on the test's own redis-server (script loaded, announcements on)."""
+    store = RedisStore.from_url(own_redis.url, namespace=new_namespace(), heartbeat=60.0)
+    gate = KeyGate(store=store, secret=SECRET, settings=QUIET)
+    await gate.startup()
+    yield gate
+    await gate.aclose()
+
+
+def redis_limiter(gate: KeyGate) -> RedisLimiter:
+    assert isinstance(gate.limiter, RedisLimiter)
+    return gate.limiter
+
+
+@pytest.fixture(params=["fakeredis", "redis"])
+async def redis_client(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Redis, str]]:
+    """A Redis client (fakeredis, then the real server) and a namespace cleaned up after."""
+    namespace = new_namespace()
+    if request.param == "redis":
+        require_redis()
+        made: Redis = Redis.from_url(REDIS_URL)
+    else:
+        made = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    yield made, namespace
+    await made.aclose()
+    if request.param == "redis":
+        cleanup_namespace(namespace)
+
+
+@pytest.fixture
+async def shared_gate(redis_namespace: str) -> AsyncIterator[KeyGate]:
+    """A gate on the shared real Redis. The limiter may wait 2 s (and key lookups 5 s): on
+    a loaded two-core machine a slow answer must show as a counted pass or a 503, not
+    decide an exactness test."""
+    gate = KeyGate(
+        store=RedisStore.from_url(REDIS_URL, namespace=redis_namespace),
+        secret=SECRET,
+        settings=KeyGateSettings(rate_limit_timeout=2.0),
+        lookup_timeout=5.0,
+    )
+    await gate.startup()
+    yield gate
+    await gate.aclose()
+
+
+@pytest.fixture
+async def local(clock: ManualClock) -> AsyncIterator[KeyGate]:
+    """A gate on the in-memory store, on the test's ManualClock."""
+    made = KeyGate(store=MemoryStore(), secret=SECRET, clock=clock)
+    yield made
+    await made.aclose()
+
+
+@pytest.fixture
+async def gate_on(store: KeyStore, clock: ManualClock) -> AsyncIterator[KeyGate]:
+    """A gate on each backend: memory (with a ManualClock), fakeredis, real Redis."""
+    made = KeyGate(store=store, secret=SECRET, clock=clock)
+    await made.startup()
+    yield made
+    await made.shutdown()  # the store fixture closes the store
+
+
+# -- parsing -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "canonical", "windows"),
+    [
+        pytest.param("100/minute", "100/minute", [(100, 60)], id="client-default"),
+        pytest.param(
+            "10/second;1000/hour", "10/second;1000/hour", [(10, 1), (1000, 3600)], id="two"
+        ),
+        pytest.param("10 per second", "10/second", [(10, 1)], id="per"),
+        pytest.param("3/2 seconds", "3/2 seconds", [(3, 2)], id="multiples"),
+        pytest.param("5/2 days", "5/2 days", [(5, 172_800)], id="days"),
+        pytest.param("1/year", "1/year", [(1, 31_104_000)], id="year"),
+        pytest.param("10/second, 5/minute", "10/second;5/minute", [(10, 1), (5, 60)], id="comma"),
+        pytest.param("  10 / SECOND  ", "10/second", [(10, 1)], id="spaces-and-case"),
+    ],
+)
+def test_limits_are_written_as_limits_writes_them(
+    text: str, canonical: str, windows: list[tuple[int, int]]
+) -> None:
+    """A limit string parses to its windows (amount, seconds) and has one canonical
+    spelling, which parses to the same windows."""
+    assert [(i.amount, i.get_expiry()) for i in parse_rate_limit(text)] == windows
+    assert normalize_rate_limit(text) == canonical
+    assert normalize_rate_limit(canonical) == canonical
+    assert [(w.amount, w.seconds) for w in limit_set(canonical, "dev").windows] == windows
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("", id="empty"),
+        pytest.param("   ", id="blank"),
+        pytest.param("lots", id="word"),
+        pytest.param("0/minute", id="zero"),
+        pytest.param("-1/second", id="negative"),
+        pytest.param("1.5/second", id="fraction"),
+        pytest.param("1e3/second", id="exponent"),
+        pytest.param("ten/second", id="spelled-number"),
+        pytest.param("10/fortnight", id="unknown-unit"),
+        pytest.param("10/secondx", id="unit-suffix"),
+        pytest.param("1/-1 second", id="negative-multiple"),
+        pytest.param("100/minute;", id="trailing-separator"),
+        pytest.param("10/second 20/minute", id="no-separator"),
+        pytest.param("\uff11\uff10/second", id="fullwidth-digits"),
+        pytest.param("1/second;" * 40 + "1/second", id="over-256-chars"),
+    ],
+)
+def test_garbage_limits_are_refused(text: str) -> None:
+    """Anything that is not a limit string is a ValueError naming the problem."""
+    with pytest.raises(ValueError, match=r"not a rate limit|at least one request"):
+        parse_rate_limit(text)
+
+
+def test_non_strings_are_refused() -> None:
+    """A limit that is not a string is a ValueError, not a TypeError from deep inside."""
+    with pytest.raises(ValueError, match="not a rate limit"):
+        parse_rate_limit(100)  # type: ignore[arg-type]
+
+
+@given(
+    windows=st.lists(
+        st.tuples(
+            st.integers(1, 10**6),
+            st.integers(1, 1000),
+            st.sampled_from(["second", "minute", "hour", "day"]),
+        ),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_canonical_spelling_round_trips(windows: list[tuple[int, int, str]]) -> None:
+    """Any limit's canonical spelling is a fixed point and keeps every window."""
+    unit_seconds = {"second": 1, "minute": 60, "hour": 3600, "day": 86_400}
+    assume(all(m * unit_seconds[u] <= MAX_WINDOW for _, m, u in windows))
+    text = ";".join(f"{amount} per {multiples} {unit}s" for amount, multiples, unit in windows)
+    canonical = normalize_rate_limit(text)
+    assert normalize_rate_limit(canonical) == canonical
+    assert [(i.amount, i.get_expiry()) for i in parse_rate_limit(canonical)] == [
+        (i.amount, i.get_expiry()) for i in parse_rate_limit(text)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("key_type", "fields", "names"),
+    [
+        pytest.param("client", {"allowed_origins": [ORIGIN]}, ["client"], id="client"),
+        pytest.param("prod", {"rate_limit": "5/second"}, ["prod"], id="prod-override"),
+        pytest.param(
+            "dev", {"rate_limit": "2/second;3/minute"}, ["dev", "dev-2"], id="dev-two-windows"
+        ),
+    ],
+)
+async def test_policy_names_never_carry_key_material(
+    local: KeyGate, key_type: str, fields: dict[str, Any], names: list[str]
+) -> None:
+    """Rate-limit policies are named after the key type; no header carries the secret, the
+    key's id, hint or name, or any 8-character piece of the secret."""
+    gate = local
+    created = await gate.manager.create(
+        {"name": "acme-billing-7", "type": key_type, "scopes": ["vec:read"], **fields}
+    )
+    secret = created.secret.get_secret_value()
+    app, _ = make_app(gate)
+    async with client(app) as http:
+        admitted = await http.get("/x", headers=bearer(secret))
+    assert admitted.status_code == 200
+    assert [name for name, _ in parse_list(admitted.headers["ratelimit-policy"])] == names
+    assert [name for name, _ in parse_list(admitted.headers["ratelimit"])] == names
+    pieces = {secret[i : i + 8] for i in range(len(secret) - 7)}
+    for value in admitted.headers.values():
+        for forbidden in (created.key.id, created.key.hint, created.key.name, *pieces):
+            assert forbidden not in value
+
+
+# -- the same decisions as limits' own MovingWindowRateLimiter ---------------------------------
+
+
+LIMITS = (
+    "5/second",
+    "3/2 seconds",
+    "10/minute",
+    "5/second;3/2 seconds;10/minute",
+    "2/second;3/minute",
+)
+STEPS = (0.0, 0.0, 0.0, 0.125, 0.125, 0.25, 0.375, 0.5, 0.875, 1.0, 2.0)
+
+
+def schedule(seed: int, length: int) -> list[tuple[float, int, int]]:
+    """(time, index into LIMITS, cost) on the 1/8 s grid. Now and then time jumps to exactly
+    one window after an earlier request, so that exact-boundary ties are common."""
+    rng = random.Random(seed)
+    now = START
+    events: list[tuple[float, int, int]] = []
+    for _ in range(length):
+        now += rng.choice(STEPS)
+        if events and rng.random() < 0.15:
+            earlier = rng.choice(events)[0] + rng.choice((1, 2, 60))
+            now = max(now, earlier)
+        events.append((now, rng.randrange(len(LIMITS)), rng.randint(1, 3)))
+    return events
+
+
+@dataclass(frozen=True)
+class Expected:
+    allowed: bool
+    remaining: tuple[int, ...]
+    reset: tuple[int, ...]
+    retry_after: int
+    ties: int  # windows where limits' get_window_stats disagrees with its own hit
+
+
+class Oracle:
+    """``limits``' MovingWindowRateLimiter over its synchronous MemoryStorage, on a fake
+    clock. A limit of several windows admits when every one would (keygate's contract)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.now = START
+        monkeypatch.setattr(limits.storage.memory, "time", SimpleNamespace(time=self._time))
+        self.storage = limits.storage.MemoryStorage()
+        self.storage.timer.cancel()
+        self.storage.timer.join()
+        # Its purge thread drops entries exactly `window` old that its own acquire_entry
+        # still counts: left running, decisions on exact boundaries depend on its timing.
+        self.storage._MemoryStorage__schedule_expiry = lambda: None  # type: ignore[attr-defined]
+        self.strategy = MovingWindowRateLimiter(self.storage)
+
+    def _time(self) -> float:
+        return self.now
+
+    def hit(self, text: str, key: str, cost: int, now: float) -> Expected:
+        items = limits.parse_many(text)
+        # limits' test() and get_window_stats() count entries strictly newer than
+        # now - window, while hit() refuses on an entry exactly that old. A tick earlier
+        # (off the grid) their count is the one hit() decides with.
+        self.now = now - TICK
+        fits = all(self.strategy.test(item, key, cost=cost) for item in items)
+        self.now = now
+        if len(items) == 1:
+            assert self.strategy.hit(items[0], key, cost=cost) == fits
+        elif fits:
+            for item in items:
+                assert self.strategy.hit(item, key, cost=cost)
+        self.now = now - TICK
+        stats = [self.strategy.get_window_stats(item, key) for item in items]
+        self.now = now
+        strict = [self.strategy.get_window_stats(item, key) for item in items]
+        reset = []
+        for item, window in zip(items, stats, strict=True):
+            inside = item.amount - window.remaining
+            reset.append(math.ceil(window.reset_time - now) if inside else item.get_expiry())
+        wait = 0.0
+        for item in items:
+            events = self.storage.events.get(item.key_for(key), [])
+            index = item.amount - cost
+            if index < 0:
+                wait = max(wait, float(item.get_expiry()))
+            elif index < len(events) and events[index].atime >= now - item.get_expiry():
+                wait = max(wait, events[index].atime + item.get_expiry() - now)
+        return Expected(
+            allowed=fits,
+            remaining=tuple(window.remaining for window in stats),
+            reset=tuple(reset),
+            retry_after=0 if fits else math.floor(wait) + 1,
+            ties=sum(a.remaining != b.remaining for a, b in zip(stats, strict, strict=True)),
+        )
+
+
+class Driver:
+    """A keygate limiter on a virtual clock: MemoryLimiter with a ManualClock, or
+    RedisLimiter.hit_at with the time in milliseconds (local refusals off)."""
+
+    def __init__(self, kind: str, limiter: MemoryLimiter | RedisLimiter, clock: ManualClock):
+        self.kind = kind
+        self.limiter = limiter
+        self.clock = clock
+
+    async def hit(self, text: str, key: str, cost: int, now: float) -> Decision:
+        limits_ = limit_set(text, "dev")
+        if isinstance(self.limiter, MemoryLimiter):
+            self.clock.now = now
+            return self.limiter.hit_now(key, limits_, cost)
+        return await self.limiter.hit_at(key, limits_, cost, round(now * 1000))
+
+
+@asynccontextmanager
+async def virtual_limiter(kind: str) -> AsyncIterator[Driver]:
+    """A keygate limiter of one backend on a virtual clock (Redis data cleaned up)."""
+    clock = ManualClock(START)
+    if kind == "memory":
+        yield Driver(kind, MemoryLimiter(clock=clock), clock)
+        return
+    namespace = new_namespace()
+    if kind == "redis":
+        require_redis()
+    made: Redis = (
+        Redis.from_url(REDIS_URL)
+        if kind == "redis"
+        else fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    )
+    try:
+        limiter = RedisLimiter(made, namespace=namespace, local_refusals=False)
+        await limiter.start()
+        yield Driver(kind, limiter, clock)
+    finally:
+        await made.aclose()
+        if kind == "redis":
+            cleanup_namespace(namespace)
+
+
+@pytest.fixture
+async def driver(backend: tuple[str, str]) -> AsyncIterator[Driver]:
+    """A keygate limiter of each backend on a virtual clock."""
+    async with virtual_limiter(backend[0]) as made:
+        yield made
+
+
+SEEDS = {"memory": 40, "fakeredis": 12, "redis": 40}
+EVENTS_PER_SCHEDULE = 250
+
+
+async def compared(
+    driver: Driver, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[str, Expected, Decision]]:
+    """Every request of the random schedules: where it is, what limits says, what keygate
+    decided (both on the same virtual clock)."""
+    for seed in range(SEEDS[driver.kind]):
+        oracle = Oracle(monkeypatch)
+        for step, (now, which, cost) in enumerate(schedule(seed, EVENTS_PER_SCHEDULE)):
+            text, key = LIMITS[which], f"s{seed}-k{which}"
+            expected = oracle.hit(text, key, cost, now)
+            got = await driver.hit(text, key, cost, now)
+            where = f"seed {seed}, step {step}: {cost} x {text!r} at +{now - START}s"
+            assert got.at == now and not got.degraded, where
+            yield where, expected, got
+
+
+async def test_decisions_match_limits_moving_window(
+    driver: Driver, monkeypatch: pytest.MonkeyPatch, figures: Figures
+) -> None:
+    """Over random schedules on the 1/8 s grid (costs 1-3, exact-boundary ties included),
+    every decision, remaining count and reset equals what limits' own
+    MovingWindowRateLimiter says (all windows must admit; a refusal consumes nothing)."""
+    decisions = admitted = ties = 0
+    async for where, expected, got in compared(driver, monkeypatch):
+        assert got.allowed == expected.allowed, where
+        assert got.remaining == expected.remaining, where
+        assert got.reset == expected.reset, where
+        decisions += 1
+        admitted += got.allowed
+        ties += expected.ties
+    # The schedules must exercise both answers and the exact boundary.
+    assert admitted > decisions // 5 and decisions - admitted > decisions // 5
+    assert ties > 20
+    figures.add(
+        f"differential vs limits' MovingWindowRateLimiter ({driver.kind}): {decisions} "
+        f"decisions over {SEEDS[driver.kind]} schedules all equal ({admitted} admitted); "
+        f"{ties} exact-boundary moments where limits' get_window_stats disagrees with its "
+        "own hit (keygate agrees with hit)"
+    )
+
+
+KINDS_RETRY = [
+    "memory",
+    pytest.param("fakeredis"),
+    pytest.param("redis"),
+]
+
+
+@pytest.fixture
+async def kind_driver(request: pytest.FixtureRequest) -> AsyncIterator[Driver]:
+    async with virtual_limiter(request.param) as made:
+        yield made
+
+
+@pytest.mark.parametrize("kind_driver", KINDS_RETRY, indirect=True)
+async def test_retry_after_matches_limits(
+    kind_driver: Driver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the same random schedules, every refusal's Retry-After is the first whole
+    second after the refusing entries leave their windows, as limits' state says."""
+    async for where, expected, got in compared(kind_driver, monkeypatch):
+        assert got.retry_after == expected.retry_after, where
+
+
+@pytest.mark.parametrize("kind_driver", KINDS_RETRY, indirect=True)
+async def test_waiting_retry_after_is_enough(kind_driver: Driver) -> None:
+    """A key refused under 1/second in the millisecond of its admission is admitted
+    again when the client waits exactly Retry-After seconds."""
+    assert (await kind_driver.hit("1/second", "k", 1, START)).allowed
+    refused = await kind_driver.hit("1/second", "k", 1, START)
+    assert not refused.allowed
+    assert (await kind_driver.hit("1/second", "k", 1, START + refused.retry_after)).allowed
+
+
+# -- refusals consume nothing; every window must admit -----------------------------------------
+
+
+async def test_refused_requests_do_not_consume_the_window(driver: Driver) -> None:
+    """After 3 admissions under 3/second, a hundred refused requests change nothing: the
+    window frees exactly one second after the admissions, as if they had not been made."""
+    text = "3/second"
+    for _ in range(3):
+        assert (await driver.hit(text, "k", 1, START)).allowed
+    for offset in (0.0, 0.125, 0.5, 0.875, 1.0):
+        for _ in range(20):
+            refused = await driver.hit(text, "k", 1, START + offset)
+            assert not refused.allowed and refused.remaining == (0,)
+    # At exactly +1 s the admissions are still inside; just after, all three slots are back.
+    again = [await driver.hit(text, "k", 1, START + 1.125) for _ in range(4)]
+    assert [d.allowed for d in again] == [True, True, True, False]
+    assert [d.remaining for d in again] == [(2,), (1,), (0,), (0,)]
+
+
+async def test_every_window_must_admit_and_a_refusal_consumes_in_none(driver: Driver) -> None:
+    """Under 2/second;3/minute a request is admitted only when both windows admit, and a
+    refusal by either window leaves the other untouched."""
+    text = "2/second;3/minute"
+
+    async def hit(offset: float) -> Decision:
+        return await driver.hit(text, "k", 1, START + offset)
+
+    assert [(d.allowed, d.remaining) for d in [await hit(0), await hit(0)]] == [
+        (True, (1, 2)),
+        (True, (0, 1)),
+    ]
+    for _ in range(5):  # refused by the second window: the minute keeps its last slot
+        refused = await hit(0.5)
+        assert not refused.allowed and refused.remaining == (0, 1)
+    assert (await hit(1.125)).allowed  # the minute's last slot
+    for _ in range(5):  # refused by the minute: the second window stays empty
+        refused = await hit(59.5)
+        assert not refused.allowed and refused.remaining == (2, 0)
+        assert refused.retry_after == 1  # the minute frees its first slots at +60 s
+    # At +60.125 the two admissions of +0 left the minute. Had the refusals at +59.5
+    # consumed the second window, it would refuse now.
+    admitted = await hit(60.125)
+    assert admitted.allowed and admitted.remaining == (1, 1)
+
+
+async def test_a_cost_above_a_window_is_refused_in_all(driver: Driver) -> None:
+    """A request costing more than a window's amount is refused and consumes nothing."""
+    refused = await driver.hit("2/second;3/minute", "k", 3, START)
+    assert not refused.allowed and refused.remaining == (2, 3)
+    assert (await driver.hit("2/second;3/minute", "k", 2, START)).remaining == (0, 1)
+
+
+# -- exactness against the real server ---------------------------------------------------------
+
+
+ROUNDS = 20
+PROCESSES = 4
+PER_PROCESS = 250
+
+
+async def answer(worker: asyncio.subprocess.Process) -> str:
+    """The worker's next line; it must come within 30 s."""
+    assert worker.stdout is not None
+    line = await asyncio.wait_for(worker.stdout.readline(), 30.0)
+    return line.decode().strip()
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+async def test_four_processes_admit_exactly_the_limit_together(
+    shared_gate: KeyGate, redis_namespace: str, figures: Figures
+) -> None:
+    """Four app processes, each firing 250 simultaneous requests with the same fresh client
+    key through the full middleware, admit exactly 100 between them — 20 rounds running."""
+    command = [str(WORKER), REDIS_URL, redis_namespace, SECRET, str(PER_PROCESS)]
+    workers = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, *command, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        for _ in range(PROCESSES)
+    ]
+    shared = 0  # rounds in which more than one process got admissions
+    started = time.perf_counter()
+    try:
+        for worker in workers:
+            assert await answer(worker) == "ready"
+        for round_ in range(ROUNDS):
+            secret = await new_client_key(shared_gate)
+            for worker in workers:  # every worker gets its line before any answer is read
+                assert worker.stdin is not None
+                worker.stdin.write(f"go {secret}\n".encode())
+            for worker in workers:
+                assert worker.stdin is not None
+                await worker.stdin.drain()
+            answers = [[int(n) for n in (await answer(worker)).split()] for worker in workers]
+            admitted = [a[0] for a in answers]
+            assert [a[2] for a in answers] == [0] * PROCESSES, f"round {round_}: {answers}"
+            assert [a[3] for a in answers] == [0] * PROCESSES, f"round {round_}: passes"
+            assert sum(admitted) == 100, f"round {round_}: admitted {admitted}"
+            assert sum(a[1] for a in answers) == PROCESSES * PER_PROCESS - 100
+            shared += sum(1 for n in admitted if n) > 1
+    finally:
+        for worker in workers:
+            assert worker.stdin is not None
+            worker.stdin.close()
+        for worker in workers:
+            try:
+                await asyncio.wait_for(worker.wait(), 10.0)
+            except TimeoutError:
+                worker.kill()
+                await worker.wait()
+    elapsed = time.perf_counter() - started
+    figures.add(
+        f"{PROCESSES} processes x {PER_PROCESS} concurrent requests, {ROUNDS} rounds "
+        f"({elapsed:.1f} s): admitted exactly 100 each round; admissions split across "
+        f"processes in {shared}/{ROUNDS} rounds"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+async def test_one_gather_of_500_admits_exactly_100(
+    shared_gate: KeyGate, figures: Figures
+) -> None:
+    """500 simultaneous requests with one client key: exactly 100 are admitted (at most
+    100 is the contract), the rest are 429."""
+    secret = await new_client_key(shared_gate)
+    limiter = redis_limiter(shared_gate)
+    trips = limiter.round_trips
+    app, seen = make_app(shared_gate)
+    async with client(app) as http:
+        responses = await asyncio.gather(
+            *(http.get("/x", headers=bearer(secret)) for _ in range(500))
+        )
+    assert limiter.passes == 0
+    assert statuses(responses) == {200: 100, 429: 400}
+    assert len(seen) == 100
+    figures.add(
+        f"one gather of 500 requests, one client key: 100 admitted, 400 refused, "
+        f"{limiter.round_trips - trips} limiter round trips"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+async def test_no_second_of_a_long_random_run_admits_more_than_20(
+    redis_namespace: str, figures: Figures
+) -> None:
+    """Over ~3 s of random bursts from 6 tasks under 20/second (local refusals on), no
+    span of one second holds more than 20 admissions by Redis' own clock, and every
+    refusal Redis made had 20 admissions in the second before it."""
+    made: Redis = Redis.from_url(REDIS_URL)
+    limiter = RedisLimiter(made, namespace=redis_namespace, timeout=2.0)
+    await limiter.start()
+    limits_ = limit_set("20/second", "dev")
+    decisions: list[Decision] = []
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 3.0
+
+    async def burster(seed: int) -> None:
+        rng = random.Random(seed)
+        while loop.time() < deadline:
+            burst = rng.randint(1, 4)
+            decisions.extend(
+                await asyncio.gather(*(limiter.hit("k", limits_) for _ in range(burst)))
+            )
+            # ~120 requests a second from 6 tasks: the 20 admissions of a second spread out,
+            # so slots free one by one rather than all at once.
+            await asyncio.sleep(rng.uniform(0.0, 0.25))
+
+    try:
+        await asyncio.gather(*(burster(seed) for seed in range(6)))
+    finally:
+        await made.aclose()
+    assert limiter.passes == 0
+    admitted = sorted(round(d.at * 1000) for d in decisions if d.allowed)
+    by_redis = [round(d.at * 1000) for d in decisions if not d.allowed and d.at]
+    local = sum(1 for d in decisions if not d.allowed and not d.at)
+    # The independent check: any 21 admissions in a row span more than 1000 ms.
+    tightest = min(later - first for first, later in zip(admitted, admitted[20:], strict=False))
+    assert tightest > 1000, f"21 admissions within {tightest} ms"
+    for refused in by_redis:
+        inside = sum(1 for a in admitted if refused - 1000 <= a <= refused)
+        assert inside >= 20, f"refused at {refused} with only {inside} admissions inside"
+    span = (admitted[-1] - admitted[0]) / 1000
+    assert len(admitted) >= 20 * math.floor(span)  # the limiter does not starve the key
+    figures.add(
+        f"20/second, {span:.1f} s of random bursts from 6 tasks: {len(decisions)} decisions, "
+        f"{len(admitted)} admitted, {len(by_redis)} refused by Redis, {local} locally; "
+        f"any 21 consecutive admissions span >= {tightest} ms (limit: > 1000)"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+async def test_fifty_keys_at_once_each_admit_exactly_100(
+    shared_gate: KeyGate, figures: Figures
+) -> None:
+    """50 client keys x 150 simultaneous requests through the middleware: each key has
+    exactly 100 admitted."""
+    secrets_ = [await new_client_key(shared_gate) for _ in range(50)]
+    for secret in secrets_:  # the subject is the limiter, not 7,500 first lookups
+        await warm(shared_gate, secret)
+    app, _ = make_app(shared_gate)
+    limiter = redis_limiter(shared_gate)
+    trips = limiter.round_trips
+    started = time.perf_counter()
+    requests = [
+        (n, [(b"authorization", f"Bearer {secret}".encode())])
+        for n, secret in enumerate(secrets_)
+        for _ in range(150)
+    ]
+    random.Random(7).shuffle(requests)
+    responses = await asyncio.gather(*(call(app, headers) for _, headers in requests))
+    elapsed = time.perf_counter() - started
+    admitted = [0] * len(secrets_)
+    for (n, _), response in zip(requests, responses, strict=True):
+        assert response.status_code in (200, 429), response.text
+        admitted[n] += response.status_code == 200
+    assert limiter.passes == 0
+    assert admitted == [100] * len(secrets_), admitted
+    figures.add(
+        f"50 keys x 150 simultaneous requests ({elapsed:.2f} s, "
+        f"{limiter.round_trips - trips} limiter round trips): each key admitted exactly 100"
+    )
+
+
+# -- one round trip ----------------------------------------------------------------------------
+
+
+async def test_a_limited_request_costs_exactly_one_evalsha(
+    own_gate: KeyGate, own_redis: OwnRedis
+) -> None:
+    """Once the gate has started, a rate-limited request with a cached key sends Redis
+    one EVALSHA and nothing else: no SCRIPT LOAD, no EVAL, no NOSCRIPT."""
+    limiter = redis_limiter(own_gate)
+    assert own_redis.admin.script_exists(limiter.sha) == [True]  # loaded by startup()
+    secret = await new_client_key(own_gate)
+    await warm(own_gate, secret)
+    app, _ = make_app(own_gate)
+    commands, errors, trips = own_redis.commands(), own_redis.errors(), limiter.round_trips
+    async with client(app) as http:
+        response = await http.get("/x", headers=bearer(secret))
+    assert response.status_code == 200
+    assert sent(commands, own_redis.commands()) == {"evalsha": 1}
+    assert own_redis.errors() == errors
+    assert limiter.round_trips - trips == 1
+
+
+async def test_concurrent_requests_share_round_trips(
+    own_gate: KeyGate, own_redis: OwnRedis, figures: Figures
+) -> None:
+    """64 simultaneous requests are decided by 64 EVALSHAs in fewer than 64 round trips."""
+    secret = await new_client_key(own_gate)
+    await warm(own_gate, secret)
+    limiter = redis_limiter(own_gate)
+    app, _ = make_app(own_gate)
+    commands, trips = own_redis.commands(), limiter.round_trips
+    async with client(app) as http:
+        responses = await asyncio.gather(
+            *(http.get("/x", headers=bearer(secret)) for _ in range(64))
+        )
+    assert statuses(responses) == {200: 64}
+    remaining = sorted(parse_list(r.headers["ratelimit"])[0][1]["r"] for r in responses)
+    assert remaining == list(range(36, 100))
+    assert sent(commands, own_redis.commands()) == {"evalsha": 64}
+    shared = limiter.round_trips - trips
+    assert 1 <= shared < 64
+    figures.add(f"64 simultaneous limited requests: {shared} Redis round trips, 64 EVALSHA")
+
+
+async def test_a_key_over_its_limit_costs_no_command_until_its_next_slot(
+    own_gate: KeyGate, own_redis: OwnRedis, figures: Figures
+) -> None:
+    """Once Redis has refused a key under 1/second, its requests are refused without any
+    Redis command until the slot frees; the first one after is admitted by one EVALSHA."""
+    secret = await new_key(own_gate, rate_limit="1/second")
+    await warm(own_gate, secret)
+    limiter = redis_limiter(own_gate)
+    app, _ = make_app(own_gate)
+    async with client(app) as http:
+        assert (await http.get("/x", headers=bearer(secret))).status_code == 200
+        refused = await http.get("/x", headers=bearer(secret))
+        refused_at = time.monotonic()
+        assert refused.status_code == 429
+        assert parse_int(refused.headers["retry-after"]) == 1
+        commands, trips = own_redis.commands(), limiter.round_trips
+        local = 0
+        while True:
+            response = await http.get("/x", headers=bearer(secret))
+            if response.status_code == 200:
+                break
+            assert response.status_code == 429
+            assert sent(commands, own_redis.commands()) == {}
+            assert limiter.round_trips == trips
+            assert parse_int(response.headers["retry-after"]) == 1
+            local += 1
+            assert time.monotonic() - refused_at < 2.0, "still refused 2 s later"
+            await asyncio.sleep(0.02)
+        waited = time.monotonic() - refused_at
+    assert sent(commands, own_redis.commands()) == {"evalsha": 1}
+    assert limiter.round_trips - trips == 1
+    assert local >= 1 and waited < 1.5
+    figures.add(
+        f"key over 1/second: {local} refusals with 0 Redis commands, admitted again "
+        f"{waited * 1000:.0f} ms after Redis refused it, by 1 EVALSHA"
+    )
+
+
+async def test_script_flush_is_survived(own_gate: KeyGate, own_redis: OwnRedis) -> None:
+    """After SCRIPT FLUSH the next request — alone or among concurrent ones — still gets a
+    correct decision and numbers (the script is loaded again on NOSCRIPT)."""
+    secret = await new_key(own_gate, rate_limit="12/minute")
+    await warm(own_gate, secret)
+    app, _ = make_app(own_gate)
+
+    def remaining(response: httpx.Response) -> int:
+        value: int = parse_list(response.headers["ratelimit"])[0][1]["r"]
+        return value
+
+    async with client(app) as http:
+        first = await http.get("/x", headers=bearer(secret))
+        assert (first.status_code, remaining(first)) == (200, 11)
+        own_redis.admin.script_flush()
+        alone = await http.get("/x", headers=bearer(secret))
+        assert (alone.status_code, remaining(alone)) == (200, 10)
+        own_redis.admin.script_flush()
+        together = await asyncio.gather(
+            *(http.get("/x", headers=bearer(secret)) for _ in range(10))
+        )
+        assert statuses(together) == {200: 10}
+        assert sorted(remaining(r) for r in together) == list(range(10))
+        own_redis.admin.script_flush()
+        over = await http.get("/x", headers=bearer(secret))
+    assert_refused(over, 429, "rate_limited", None)
+    assert remaining(over) == 0
+    assert own_redis.errors().get("NOSCRIPT", 0) >= 3
+    assert redis_limiter(own_gate).passes == 0
+
+
+async def test_round_trips_counts_the_script_load_of_a_noscript_retry(
+    own_gate: KeyGate, own_redis: OwnRedis
+) -> None:
+    """After SCRIPT FLUSH, round_trips grows by every command one request sends."""
+    limiter = redis_limiter(own_gate)
+    limits_ = limit_set("5/minute", "dev")
+    await limiter.hit("k", limits_)
+    own_redis.admin.script_flush()
+    commands, trips = own_redis.commands(), limiter.round_trips
+    assert (await limiter.hit("k", limits_)).allowed
+    commands = sent(commands, own_redis.commands())
+    assert commands == {"evalsha": 2, "script|load": 1}
+    assert limiter.round_trips - trips == sum(commands.values())
+
+
+# -- headers -----------------------------------------------------------------------------------
+
+
+async def test_ratelimit_headers_count_down_then_429(
+    gate_on: KeyGate, backend: tuple[str, str]
+) -> None:
+    """A client key's 100 admitted responses carry RateLimit-Policy "client";q=100;w=60 and
+    RateLimit "client";r=99..0;t=<seconds>; the 101st (and 102nd) is the SPEC's 429 with
+    Retry-After, Cache-Control: no-store and r=0."""
+    kind, _ = backend
+    secret = await new_client_key(gate_on)
+    app, seen = make_app(gate_on)
+    policy = [("client", {"q": 100, "w": 60})]
+    async with client(app) as http:
+        for n in range(100):
+            response = await http.get("/x", headers=bearer(secret))
+            assert response.status_code == 200
+            assert parse_list(response.headers["ratelimit-policy"]) == policy
+            [(name, params)] = parse_list(response.headers["ratelimit"])
+            assert name == "client" and set(params) == {"r", "t"}
+            assert params["r"] == 99 - n
+            assert params["t"] == 60 if kind == "memory" else 59 <= params["t"] <= 60
+        refusals = [await http.get("/x", headers=bearer(secret)) for _ in range(2)]
+    assert len(seen) == 100
+    for refused in refusals:
+        assert_refused(refused, 429, "rate_limited", None)
+        retry = parse_int(refused.headers["retry-after"])
+        assert retry == 61 if kind == "memory" else 1 <= retry <= 61
+        assert refused.headers.get_list("retry-after") == [str(retry)]
+        assert refused.headers["cache-control"] == "no-store"
+        assert parse_list(refused.headers["ratelimit-policy"]) == policy
+        [(name, params)] = parse_list(refused.headers["ratelimit"])
+        assert name == "client" and params["r"] == 0 and 0 <= params["t"] <= 60
+
+
+async def test_unlimited_keys_get_no_ratelimit_headers(local: KeyGate) -> None:
+    """A prod key with no rate limit (the default) is never limited and gets no RateLimit
+    headers, legacy ones included."""
+    secret = await new_key(local, "prod")
+    app, _ = make_app(local, legacy_rate_limit_headers=True)
+    async with client(app) as http:
+        responses = [await http.get("/x", headers=bearer(secret)) for _ in range(150)]
+    assert statuses(responses) == {200: 150}
+    for response in responses:
+        assert not any(name.startswith(("ratelimit", "x-ratelimit")) for name in response.headers)
+
+
+async def test_legacy_headers_on_request(local: KeyGate, clock: ManualClock) -> None:
+    """legacy_rate_limit_headers=True adds X-RateLimit-Limit/Remaining/Reset (seconds) for
+    the tightest window, on admitted and refused responses; off by default."""
+    secret = await new_key(local, rate_limit="2/second;100/minute")
+    app, _ = make_app(local, legacy_rate_limit_headers=True)
+    plain, _ = make_app(local)
+    async with client(app) as http, client(plain) as plain_http:
+        first = await http.get("/x", headers=bearer(secret))
+        clock.advance(0.5)
+        second = await plain_http.get("/x", headers=bearer(secret))
+        third = await http.get("/x", headers=bearer(secret))
+    legacy = ("x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset")
+    assert [first.headers[h] for h in legacy] == ["2", "1", "1"]
+    assert second.status_code == 200 and not any(h in second.headers for h in legacy)
+    assert third.status_code == 429
+    assert [third.headers[h] for h in legacy] == ["2", "0", "1"]
+
+
+async def test_two_windows_are_two_policies(local: KeyGate) -> None:
+    """A key limited to 2/second;3/minute gets two policy items and two RateLimit items."""
+    secret = await new_key(local, rate_limit="2/second;3/minute")
+    app, _ = make_app(local)
+    async with client(app) as http:
+        response = await http.get("/x", headers=bearer(secret))
+    assert parse_list(response.headers["ratelimit-policy"]) == [
+        ("dev", {"q": 2, "w": 1}),
+        ("dev-2", {"q": 3, "w": 60}),
+    ]
+    assert parse_list(response.headers["ratelimit"]) == [
+        ("dev", {"r": 1, "t": 1}),
+        ("dev-2", {"r": 2, "t": 60}),
+    ]
+
+
+async def test_demo_scenario(local: KeyGate, clock: ManualClock) -> None:
+    """In the demo (memory store, ManualClock), the browser key gets 200 with RateLimit
+    headers 100 times, 429 with Retry-After on the 101st — still at exactly 60 s — and is
+    admitted again once the clock has moved Retry-After seconds."""
+    browser = (await seed_demo_keys(local))["client"].secret.get_secret_value()
+    app = build_demo_app(local)
+    headers = {**bearer(browser), "Origin": DEMO_ORIGINS[0]}
+    async with client(app) as http:
+        for n in range(100):
+            ok = await http.get("/cloud/vec/databases", headers=headers)
+            assert ok.status_code == 200
+            assert parse_list(ok.headers["ratelimit"]) == [("client", {"r": 99 - n, "t": 60})]
+        over = await http.get("/cloud/vec/databases", headers=headers)
+        assert_refused(over, 429, "rate_limited", None)
+        retry = parse_int(over.headers["retry-after"])
+        assert retry == 61
+        clock.advance(60)  # the first admissions are exactly 60 s old: still inside
+        assert (await http.get("/cloud/vec/databases", headers=headers)).status_code == 429
+        clock.advance(retry - 60)
+        again = await http.get("/cloud/vec/databases", headers=headers)
+    assert again.status_code == 200
+    assert parse_list(again.headers["ratelimit"]) == [("client", {"r": 99, "t": 60})]
+
+
+# -- failure modes -----------------------------------------------------------------------------
+
+
+def limiter_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [
+        r for r in caplog.records if r.name == "keygate.ratelimit" and r.levelno == logging.WARNING
+    ]
+
+
+async def timed(http: httpx.AsyncClient, secret: str) -> tuple[httpx.Response, float]:
+    started = time.perf_counter()
+    response = await http.get("/x", headers=bearer(secret))
+    return response, time.perf_counter() - started
+
+
+async def test_dead_redis_lets_traffic_through_counts_and_logs_once(
+    own_gate: KeyGate, own_redis: OwnRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With Redis killed while the app runs, a cached client key is admitted (the default
+    failure mode) within 1 s per request, every pass is counted, one warning is logged; an
+    uncached key is 503 auth_unavailable (key lookups fail closed)."""
+    caplog.set_level(logging.WARNING, logger="keygate.ratelimit")
+    secret = await new_client_key(own_gate)
+    uncached = await new_client_key(own_gate)
+    limiter = redis_limiter(own_gate)
+    app, seen = make_app(own_gate)
+    async with client(app) as http:
+        assert (await http.get("/x", headers=bearer(secret))).status_code == 200
+        own_redis.kill()
+        for n in range(1, 6):
+            response, elapsed = await timed(http, secret)
+            assert response.status_code == 200 and elapsed < 1.0
+            assert limiter.passes == n
+        unknown, elapsed = await timed(http, uncached)
+    assert elapsed < 1.5
+    assert_refused(unknown, 503, "auth_unavailable", None)
+    assert parse_int(unknown.headers["retry-after"]) >= 1
+    assert len(seen) == 6
+    [warning] = limiter_warnings(caplog)
+    assert "rate limiter unavailable" in warning.getMessage()
+
+
+@pytest.mark.parametrize("configured", ["settings", "limiter"])
+async def test_dead_redis_with_failure_deny_is_503(own_redis: OwnRedis, configured: str) -> None:
+    """With failure="deny" (from the settings, or a RedisLimiter passed in), a request the
+    limiter cannot decide is 503 rate_limit_unavailable with Retry-After, within 1 s."""
+    store = RedisStore.from_url(own_redis.url, namespace=new_namespace(), heartbeat=60.0)
+    if configured == "settings":
+        gate = KeyGate(
+            store=store, secret=SECRET, settings=KeyGateSettings(rate_limit_failure="deny")
+        )
+    else:
+        limiter = RedisLimiter(store.client, namespace=store.namespace, failure="deny")
+        gate = KeyGate(store=store, secret=SECRET, limiter=limiter)
+    await gate.startup()
+    try:
+        secret = await new_client_key(gate)
+        app, seen = make_app(gate)
+        async with client(app) as http:
+            assert (await http.get("/x", headers=bearer(secret))).status_code == 200
+            own_redis.kill()
+            responses = [await timed(http, secret) for _ in range(3)]
+        for response, elapsed in responses:
+            assert elapsed < 1.0
+            assert_refused(response, 503, "rate_limit_unavailable", None)
+            assert parse_int(response.headers["retry-after"]) >= 1
+        assert len(seen) == 1
+        assert redis_limiter(gate).passes == 0
+    finally:
+        await gate.aclose()
+
+
+@pytest.mark.parametrize("failure", ["allow", "deny"])
+async def test_slow_redis_ends_within_the_limiter_timeout(
+    own_redis: OwnRedis, failure: str, figures: Figures
+) -> None:
+    """While Redis is stuck (DEBUG SLEEP 1), 10 simultaneous requests with a cached key
+    all end within the limiter's 0.25 s timeout plus a margin: admitted ("allow") or 503
+    rate_limit_unavailable ("deny")."""
+    store = RedisStore.from_url(own_redis.url, namespace=new_namespace(), heartbeat=60.0)
+    gate = KeyGate(
+        store=store,
+        secret=SECRET,
+        settings=KeyGateSettings(rate_limit_failure=failure),  # type: ignore[arg-type]
+    )
+    await gate.startup()
+    limiter = redis_limiter(gate)
+    assert limiter.timeout == 0.25
+    stuck = socket.create_connection(("127.0.0.1", own_redis.port), timeout=5)
+    try:
+        secret = await new_client_key(gate)
+        app, _ = make_app(gate)
+        async with client(app) as http:
+            assert (await http.get("/x", headers=bearer(secret))).status_code == 200
+            stuck.sendall(b"*3\r\n$5\r\nDEBUG\r\n$5\r\nSLEEP\r\n$1\r\n1\r\n")
+            await asyncio.sleep(0.05)  # let the server start sleeping
+            started = time.perf_counter()
+            responses = await asyncio.gather(*(timed(http, secret) for _ in range(10)))
+            elapsed = time.perf_counter() - started
+        slowest = max(took for _, took in responses)
+        assert slowest < 0.25 + 0.35, f"slowest request took {slowest * 1000:.0f} ms"
+        for response, _ in responses:
+            if failure == "allow":
+                assert response.status_code == 200
+            else:
+                assert_refused(response, 503, "rate_limit_unavailable", None)
+        assert limiter.passes == (10 if failure == "allow" else 0)
+        assert stuck.recv(16) == b"+OK\r\n"  # the sleep ends; Redis answers again
+        figures.add(
+            f"Redis stuck in DEBUG SLEEP 1, failure={failure}: 10 simultaneous requests "
+            f"answered within {elapsed * 1000:.0f} ms (limiter timeout 250 ms)"
+        )
+    finally:
+        stuck.close()
+        await gate.aclose()
+
+
+# -- bugs --------------------------------------------------------------------------------------
+
+
+async def test_a_refused_large_cost_does_not_refuse_a_smaller_one(
+    redis_client: tuple[Redis, str],
+) -> None:
+    """After a refusal for cost 3 with 2 slots left, a hit of cost 1 is admitted."""
+    made, namespace = redis_client
+    limiter = RedisLimiter(made, namespace=namespace)
+    limits_ = limit_set("10/minute", "dev")
+    assert (await limiter.hit("k", limits_, 8)).allowed
+    refused = await limiter.hit("k", limits_, 3)
+    assert not refused.allowed and refused.remaining == (2,)
+    assert (await limiter.hit("k", limits_, 1)).allowed
+
+
+async def test_a_changed_limit_takes_effect_at_once(redis_client: tuple[Redis, str]) -> None:
+    """A key refused under 1/minute is decided under its new limit, 10/second;1000/hour,
+    as soon as it has one."""
+    made, namespace = redis_client
+    limiter = RedisLimiter(made, namespace=namespace)
+    old = limit_set("1/minute", "dev")
+    assert (await limiter.hit("k", old)).allowed
+    assert not (await limiter.hit("k", old)).allowed
+    raised = await limiter.hit("k", limit_set("10/second;1000/hour", "dev"))
+    assert raised.allowed and raised.remaining == (9, 999)
+
+
+async def test_changing_a_blocked_keys_limit_never_fails_the_request(
+    redis_client: tuple[Redis, str],
+) -> None:
+    """A key refused under 1/minute whose record changes to 10/second;1000/hour (as an
+    update in any process would do) is answered, not failed, on its next request."""
+    made, namespace = redis_client
+    gate = KeyGate(store=RedisStore(made, namespace=namespace), secret=SECRET, settings=QUIET)
+    await gate.startup()
+    try:
+        created = await gate.manager.create(
+            {"name": "n", "type": "dev", "scopes": ["vec:read"], "rate_limit": "1/minute"}
+        )
+        secret = created.secret.get_secret_value()
+        app, _ = make_app(gate)
+        async with client(app) as http:
+            assert (await http.get("/x", headers=bearer(secret))).status_code == 200
+            assert (await http.get("/x", headers=bearer(secret))).status_code == 429
+            record = await gate.manager.get(created.key.id)
+            raised = record.model_copy(update={"rate_limit": "10/second;1000/hour"})
+            await gate.store.replace(raised)
+            response = await http.get("/x", headers=bearer(secret))
+        assert response.status_code == 200
+    finally:
+        await gate.shutdown()  # the fixture closes the client
+
+
+async def test_a_local_refusal_reports_each_windows_own_reset(
+    redis_client: tuple[Redis, str],
+) -> None:
+    """Refused locally a moment after Redis refused it, a key reports the same per-window
+    remaining and reset numbers Redis gave."""
+    made, namespace = redis_client
+    limiter = RedisLimiter(made, namespace=namespace)
+    limits_ = limit_set("10/10 seconds;1/second", "dev")
+    assert (await limiter.hit("k", limits_)).allowed
+    by_redis = await limiter.hit("k", limits_)
+    assert not by_redis.allowed and by_redis.reset == (10, 1)
+    trips = limiter.round_trips
+    locally = await limiter.hit("k", limits_)
+    assert limiter.round_trips == trips  # decided without Redis
+    assert (locally.remaining, locally.reset) == (by_redis.remaining, by_redis.reset)
+
+
+async def test_a_full_memory_limiter_forgets_expired_windows_first(clock: ManualClock) -> None:
+    """With room for two windows, a third key displaces the one whose entries have all
+    expired, not a 1/minute window admitted 2 s ago."""
+    limiter = MemoryLimiter(clock=clock, max_keys=2)
+    per_minute, per_second = limit_set("1/minute", "dev"), limit_set("1/second", "dev")
+    assert limiter.hit_now("a", per_minute).allowed
+    clock.advance(0.5)
+    assert limiter.hit_now("b", per_second).allowed
+    clock.advance(1.5)  # b's window is now empty; a's still holds its admission
+    assert limiter.hit_now("c", per_second).allowed
+    clock.advance(1.0)
+    assert not limiter.hit_now("a", per_minute).allowed
+
+
+async def test_a_limit_is_refused_when_parsed_or_decided_by_redis(redis_namespace: str) -> None:
+    """A limit string either fails to parse or is decided by Redis: never passed undecided
+    while Redis is up."""
+    try:
+        limits_ = limit_set("1/1000000000000 years", "dev")
+    except ValueError:
+        return
+    made: Redis = Redis.from_url(REDIS_URL)
+    try:
+        limiter = RedisLimiter(made, namespace=redis_namespace)
+        decision = await limiter.hit("k", limits_)
+    finally:
+        await made.aclose()
+    assert not decision.degraded and limiter.passes == 0
