@@ -8,12 +8,19 @@ from keygate.exceptions import (
     KeyGateError,
     KeyNotFound,
     KeyValidationError,
+    RotationRefused,
     StoreError,
     StoreUnavailable,
 )
 from keygate.gate import KeyGate, KeyUser, Principal
 from keygate.keys import KeyHasher, generate_key, parse_key
-from keygate.manager import CreatedKey, KeyManager
+from keygate.manager import (
+    CreatedKey,
+    KeyManager,
+    KeyPage,
+    KeyStatus,
+    RotatedKey,
+)
 from keygate.middleware import KeyGateMiddleware
 from keygate.models import ApiKey, KeyPolicy, KeySettings, KeyType, KeyTypePolicy
 from keygate.responses import Refusal
@@ -36,8 +43,10 @@ __all__ = [
     "KeyHasher",
     "KeyManager",
     "KeyNotFound",
+    "KeyPage",
     "KeyPolicy",
     "KeySettings",
+    "KeyStatus",
     "KeyStore",
     "KeyType",
     "KeyTypePolicy",
@@ -48,6 +57,8 @@ __all__ = [
     "Principal",
     "RedisStore",
     "Refusal",
+    "RotatedKey",
+    "RotationRefused",
     "Rule",
     "RuleTable",
     "ScopeCatalogue",

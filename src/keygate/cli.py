@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import re
 import sys
@@ -335,17 +336,26 @@ async def _demo(host: str, port: int, redis_url: str | None) -> int:
     import os
     import secrets
 
+    from keygate.alerts import AlertRules
     from keygate.demo import build_demo_app, seed_demo_keys
     from keygate.exceptions import StoreError
     from keygate.gate import KeyGate
     from keygate.settings import KeyGateSettings
 
+    # Alerts (and other keygate warnings) to stderr, beside uvicorn's own log.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("keygate:  %(levelname)s %(message)s"))
+    keygate_log = logging.getLogger("keygate")
+    keygate_log.addHandler(handler)
+    keygate_log.setLevel(logging.INFO)
+    # Thresholds low enough to see an alert fire while trying the demo.
+    rules = AlertRules(requests_per_minute=60, error_rate=0.5, error_min_requests=10)
     if redis_url:
         settings = KeyGateSettings(namespace="keygate-demo")
         secret = os.environ.get("KEYGATE_SECRET") or secrets.token_urlsafe(32)
-        gate = KeyGate(store=redis_url, secret=secret, settings=settings)
+        gate = KeyGate(store=redis_url, secret=secret, settings=settings, alert_rules=rules)
     else:
-        gate = KeyGate(store="memory://")
+        gate = KeyGate(store="memory://", alert_rules=rules)
     try:
         keys = await seed_demo_keys(gate)
     except StoreError as exc:

@@ -10,6 +10,8 @@ Every error keygate raises on purpose derives from one root::
     │                           also a ValueError, carrying one FieldError per problem
     ├── KeyNotFound             no key record has that id
     ├── KeyConflict             a record with that id or digest already exists
+    ├── RotationRefused         the key cannot be rotated: it is revoked, expired, or
+    │                           already rotated (``reason`` says which)
     └── StoreError              the key store failed
         └── StoreUnavailable    the store could not be reached or did not answer in time
 
@@ -27,6 +29,7 @@ __all__ = [
     "KeyGateError",
     "KeyNotFound",
     "KeyValidationError",
+    "RotationRefused",
     "StoreError",
     "StoreUnavailable",
 ]
@@ -73,6 +76,16 @@ class KeyNotFound(KeyGateError, LookupError):
 
 class KeyConflict(KeyGateError):
     """A key record with that id or digest already exists."""
+
+
+class RotationRefused(KeyGateError):
+    """The key cannot be rotated: it is ``"revoked"``, ``"expired"``, or already
+    ``"rotated"`` (it has a successor). ``reason`` holds which; the message says what to do.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        self.reason = reason
+        super().__init__(message)
 
 
 class StoreError(KeyGateError):

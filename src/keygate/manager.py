@@ -1,22 +1,130 @@
-"""The one management API: create, get, list, revoke (and, as they land, update, rotate
-and usage). The admin REST API and the command line are thin shells over this module.
+"""The one management API (SPEC §8): create, get, list, update, revoke, rotate and usage.
+
+The admin REST API (:mod:`keygate.admin`) and the command line (:mod:`keygate.cli`) are
+thin shells over this module; nothing here knows they exist. Every input is validated
+here, and every problem is reported as a :class:`~keygate.exceptions.KeyValidationError`
+naming its field, so all three surfaces say the same thing about the same mistake.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import binascii
+import builtins
+import logging
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
 from typing import Any
 
-from pydantic import SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from keygate import keys
 from keygate.clock import Clock, system_clock, to_datetime
-from keygate.exceptions import KeyNotFound
-from keygate.models import DEFAULT_POLICY, ApiKey, KeyPolicy, KeySettings
+from keygate.exceptions import FieldError, KeyNotFound, KeyValidationError, RotationRefused
+from keygate.models import (
+    DEFAULT_POLICY,
+    ApiKey,
+    KeyPolicy,
+    KeySettings,
+    KeyType,
+    UTCDatetime,
+    _field_errors,
+)
 from keygate.stores.protocol import KeyStore
 
-__all__ = ["CreatedKey", "KeyManager"]
+__all__ = [
+    "DEFAULT_GRACE",
+    "RECORD_FIELDS",
+    "UPDATABLE_FIELDS",
+    "CreatedKey",
+    "KeyManager",
+    "KeyPage",
+    "KeyStatus",
+    "RotatedKey",
+    "UsageCounts",
+    "UsageSummary",
+    "key_status",
+    "record_json",
+]
+
+logger = logging.getLogger("keygate.manager")
+
+DEFAULT_GRACE = timedelta(hours=24)
+"""How long a rotated key keeps working by default (SPEC §8)."""
+MAX_GRACE = timedelta(days=365)
+"""The longest grace a rotation may give the old key."""
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+# A filtered listing reads at most this many records per call, so a filter that matches
+# little cannot turn one request into a scan of the whole store; the cursor continues.
+_SCAN_BUDGET = 5000
+
+UPDATABLE_FIELDS = (
+    "name",
+    "scopes",
+    "allowed_origins",
+    "allowed_ips",
+    "rate_limit",
+    "token_quota",
+    "expires_at",
+    "metadata",
+)
+"""The fields :meth:`KeyManager.update` may change: everything a caller chose except the type."""
+
+_FIXED_FIELDS = {
+    "type": "a key's type cannot be changed: create a new key of the other type",
+    "secret": "a key's secret cannot be changed: rotate the key instead",
+    "id": "is assigned by keygate and cannot be changed",
+    "hint": "is derived from the secret and cannot be changed",
+    "created_at": "is set when the key is created and cannot be changed",
+    "revoked_at": "cannot be set by an update: revoke the key instead",
+    "replaces": "is set by rotation and cannot be changed",
+    "replaced_by": "is set by rotation and cannot be changed",
+}
+
+RECORD_FIELDS = (
+    "id",
+    "name",
+    "type",
+    "hint",
+    "scopes",
+    "allowed_origins",
+    "allowed_ips",
+    "rate_limit",
+    "token_quota",
+    "metadata",
+    "created_at",
+    "expires_at",
+    "revoked_at",
+    "replaces",
+    "replaced_by",
+)
+"""A key record's JSON fields, in the SPEC's order."""
+
+_CURSOR_TAG = "k1:"
+_KEY_ID = re.compile(rf"{keys.KEY_ID_PREFIX}[0-9A-Za-z]{{1,60}}")
+
+
+class KeyStatus(StrEnum):
+    """Where a key stands: revocation wins over expiry."""
+
+    ACTIVE = "active"
+    REVOKED = "revoked"
+    EXPIRED = "expired"
+
+
+def key_status(key: ApiKey, now: datetime) -> KeyStatus:
+    """The status of ``key`` at ``now``."""
+    if key.revoked:
+        return KeyStatus.REVOKED
+    if key.expired(now):
+        return KeyStatus.EXPIRED
+    return KeyStatus.ACTIVE
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,8 +138,102 @@ class CreatedKey:
     secret: SecretStr
 
 
+@dataclass(frozen=True, slots=True)
+class RotatedKey(CreatedKey):
+    """The successor of a rotated key, its secret (shown this once), and the ``previous``
+    record as it now stands: linked to the successor, expiring at the end of the grace."""
+
+    previous: ApiKey
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPage:
+    """One page of a listing; ``next`` is the opaque cursor of the following page, or
+    ``None`` when there is none."""
+
+    keys: tuple[ApiKey, ...]
+    next: str | None
+
+
+class UsageCounts(BaseModel):
+    """Usage counters of SPEC §7."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    requests: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    errors_4xx: int = 0
+    errors_5xx: int = 0
+    rate_limited: int = 0
+    quota_exceeded: int = 0
+    tokens: int = 0
+
+
+class UsageSummary(BaseModel):
+    """The usage of one key (``key_id``) or of all keys (``key_id`` is ``None``).
+
+    A placeholder until the management API reads :mod:`keygate.usage`: the summary says so
+    (``recorded`` is false, ``note`` explains) and every figure is zero — never an invented
+    number.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    key_id: str | None = None
+    totals: UsageCounts = Field(default_factory=UsageCounts)
+    last_used_at: UTCDatetime = None
+    recorded: bool = False
+    note: str | None = "usage is not recorded by this version of keygate yet; every figure is zero"
+
+
+def record_json(key: ApiKey) -> dict[str, Any]:
+    """A key record as the SPEC's JSON object: times ISO 8601 UTC, absent values null."""
+    data = key.model_dump(mode="json")
+    return {name: data[name] for name in RECORD_FIELDS}
+
+
+def encode_cursor(key_id: str) -> str:
+    """The opaque cursor that resumes a listing after ``key_id``."""
+    return base64.urlsafe_b64encode((_CURSOR_TAG + key_id).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> str:
+    """The key id a cursor resumes after; :class:`KeyValidationError` for anything that is
+    not a cursor this module made."""
+    problem = KeyValidationError.single("cursor", "not a cursor returned by a key listing")
+    if not isinstance(cursor, str) or not 0 < len(cursor) <= 128 or not cursor.isascii():
+        raise problem
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+    except (binascii.Error, ValueError):
+        raise problem from None
+    key_id = text.removeprefix(_CURSOR_TAG)
+    if key_id == text or not _KEY_ID.fullmatch(key_id):
+        raise problem
+    return key_id
+
+
+def _grace_seconds(grace: timedelta | float) -> float:
+    if isinstance(grace, bool) or not isinstance(grace, timedelta | int | float):
+        raise KeyValidationError.single("grace", "must be a duration or a number of seconds")
+    seconds = grace.total_seconds() if isinstance(grace, timedelta) else float(grace)
+    if not math.isfinite(seconds) or seconds < 0:
+        raise KeyValidationError.single("grace", "must be zero or more seconds")
+    if seconds > MAX_GRACE.total_seconds():
+        raise KeyValidationError.single(
+            "grace", f"must be at most {MAX_GRACE.days} days ({int(MAX_GRACE.total_seconds())} s)"
+        )
+    return seconds
+
+
 class KeyManager:
-    """Issue and manage keys in a store."""
+    """Issue and manage keys in a store.
+
+    Changes to one record (update, revoke, rotate) read, change and write it back; they are
+    serialised within this manager, so a revocation is never undone by a concurrent update
+    made through the same manager.
+    """
 
     def __init__(
         self,
@@ -45,38 +247,241 @@ class KeyManager:
         self.hasher = hasher
         self.policy = policy
         self.clock = clock
+        self._writing = asyncio.Lock()
 
-    async def create(self, settings: KeySettings | Mapping[str, Any]) -> CreatedKey:
-        """Validate ``settings``, issue a key, store its record; the secret is returned once."""
-        now = self.clock()
-        valid = self.policy.validate(settings, now=to_datetime(now))
-        prefix = self.policy[valid.type].prefix
+    def now(self) -> datetime:
+        return to_datetime(self.clock())
+
+    async def _issue(
+        self, settings: KeySettings, now: float, *, replaces: str | None = None
+    ) -> CreatedKey:
+        prefix = self.policy[settings.type].prefix
         token = keys.generate_key(prefix)
         record = ApiKey(
             id=keys.new_key_id(now),
             hint=keys.key_hint(token, prefix),
             created_at=to_datetime(now),
-            **valid.model_dump(),
+            replaces=replaces,
+            **settings.model_dump(),
         )
         await self.store.add(record, self.hasher.digest(token))
         return CreatedKey(record, SecretStr(token))
 
+    async def create(self, settings: KeySettings | Mapping[str, Any]) -> CreatedKey:
+        """Validate ``settings``, issue a key, store its record; the secret is returned once."""
+        now = self.clock()
+        valid = self.policy.validate(settings, now=to_datetime(now))
+        created = await self._issue(valid, now)
+        logger.info("created key %s (%s, %s)", created.key.id, created.key.hint, valid.type)
+        return created
+
     async def get(self, key_id: str) -> ApiKey:
         """The record with this id; :class:`KeyNotFound` when there is none."""
+        if not isinstance(key_id, str) or not key_id:
+            raise KeyNotFound("a key id is a non-empty string")
         record = await self.store.get(key_id)
         if record is None:
             raise KeyNotFound(f"no key with id {key_id}")
         return record
 
-    async def list(self, *, after: str | None = None, limit: int = 100) -> list[ApiKey]:
-        """Records in creation order, ``limit`` at a time after the id ``after``."""
-        return await self.store.list_keys(after=after, limit=limit)
+    async def list(
+        self,
+        *,
+        type: KeyType | str | None = None,
+        status: KeyStatus | str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        cursor: str | None = None,
+        limit: int = DEFAULT_PAGE_SIZE,
+    ) -> KeyPage:
+        """Records in creation order, ``limit`` at a time, that match every filter given:
+        ``type``, ``status`` (``active``, ``revoked`` or ``expired``) and ``metadata``
+        (each named entry equal). Pass the page's ``next`` as ``cursor`` to continue.
+
+        A page may hold fewer than ``limit`` records (even none) and still have a ``next``:
+        each call reads a bounded number of records.
+        """
+        errors: builtins.list[FieldError] = []
+        key_type = status_value = after = None
+        try:
+            key_type = None if type is None else KeyType(type)
+        except ValueError:
+            errors.append(FieldError("type", f"must be one of {', '.join(KeyType)}"))
+        try:
+            status_value = None if status is None else KeyStatus(status)
+        except ValueError:
+            errors.append(FieldError("status", f"must be one of {', '.join(KeyStatus)}"))
+        wanted = dict(metadata or {})
+        for name, value in wanted.items():
+            if not isinstance(name, str) or not isinstance(value, str):
+                errors.append(FieldError(f"metadata.{name}", "metadata filters are strings"))
+        if (
+            isinstance(limit, bool)
+            or not isinstance(limit, int)
+            or not 1 <= limit <= MAX_PAGE_SIZE
+        ):
+            errors.append(FieldError("limit", f"must be a whole number from 1 to {MAX_PAGE_SIZE}"))
+        if cursor is not None:
+            try:
+                after = decode_cursor(cursor)
+            except KeyValidationError as exc:
+                errors.extend(exc.errors)
+        if errors:
+            raise KeyValidationError(errors)
+
+        now = self.now()
+
+        def matches(record: ApiKey) -> bool:
+            return (
+                (key_type is None or record.type is key_type)
+                and (status_value is None or key_status(record, now) is status_value)
+                and all(record.metadata.get(k) == v for k, v in wanted.items())
+            )
+
+        filtered = key_type is not None or status_value is not None or bool(wanted)
+        # One record more than a page tells whether another page follows.
+        batch = min(max(limit + 1, 500), max(_SCAN_BUDGET, limit + 1)) if filtered else limit + 1
+        found: builtins.list[ApiKey] = []
+        scanned = 0
+        while True:
+            page = await self.store.list_keys(after=after, limit=batch)
+            for record in page:
+                if len(found) == limit:
+                    # A full page, and at least one record after it.
+                    return KeyPage(tuple(found), encode_cursor(found[-1].id))
+                if matches(record):
+                    found.append(record)
+            if len(page) < batch:
+                return KeyPage(tuple(found), None)
+            after = page[-1].id
+            scanned += len(page)
+            if scanned >= _SCAN_BUDGET and len(found) < limit:
+                return KeyPage(tuple(found), encode_cursor(after))
+
+    def _changes(self, changes: Mapping[str, Any]) -> dict[str, Any]:
+        if not isinstance(changes, Mapping):
+            raise KeyValidationError.single("body", "the changes must be a mapping of fields")
+        errors = []
+        for name in changes:
+            if name in UPDATABLE_FIELDS:
+                continue
+            message = _FIXED_FIELDS.get(str(name)) or (
+                f"unknown field; the fields that can change are {', '.join(UPDATABLE_FIELDS)}"
+            )
+            errors.append(FieldError(str(name)[:100], message))  # echoed back: keep it short
+        if errors:
+            raise KeyValidationError(errors)
+        return dict(changes)
+
+    async def update(
+        self, key_id: str, changes: Mapping[str, Any] | None = None, /, **fields: Any
+    ) -> ApiKey:
+        """Change some of a key's settings (:data:`UPDATABLE_FIELDS`; never its type or
+        secret), by a mapping, keywords, or both. Each given field replaces the old value
+        whole; ``None`` clears an optional one (``expires_at``, ``rate_limit``,
+        ``token_quota``: back to no expiry and the type's defaults).
+
+        Checked with the rules of :meth:`create`, field formats and policy; one
+        :class:`KeyValidationError` names every offending field. Fields not being changed
+        are not re-judged, so a key made under older rules can still be renamed.
+        """
+        wanted = self._changes({**(changes or {}), **fields})
+        async with self._writing:
+            record = await self.get(key_id)
+            if not wanted:
+                return record
+            merged = {**record.model_dump(), **wanted}
+            try:
+                updated = ApiKey.model_validate(merged)
+            except ValidationError as exc:
+                raise KeyValidationError(_field_errors(exc)) from None
+            problems = [
+                e
+                for e in self.policy.check(updated, updated.type, now=self.now())
+                if re.split(r"[.\[]", e.field, maxsplit=1)[0] in wanted
+            ]
+            if problems:
+                raise KeyValidationError(problems)
+            if updated == record:
+                return record
+            await self.store.replace(updated)
+        logger.info("updated key %s (%s): %s", key_id, record.hint, ", ".join(sorted(wanted)))
+        return updated
 
     async def revoke(self, key_id: str) -> ApiKey:
         """Revoke a key at once, everywhere. Revoking a revoked key changes nothing."""
-        record = await self.get(key_id)
-        if record.revoked:
-            return record
-        revoked = record.model_copy(update={"revoked_at": to_datetime(self.clock())})
-        await self.store.replace(revoked)
+        async with self._writing:
+            record = await self.get(key_id)
+            if record.revoked:
+                return record
+            revoked = record.model_copy(update={"revoked_at": self.now()})
+            await self.store.replace(revoked)
+        logger.info("revoked key %s (%s)", key_id, record.hint)
         return revoked
+
+    async def rotate(self, key_id: str, *, grace: timedelta | float = DEFAULT_GRACE) -> RotatedKey:
+        """Issue a successor with the same settings and a new secret; the old key keeps
+        working for ``grace`` (a duration or seconds; default 24 h, may be zero), then is
+        refused as expired — never later than an expiry it already had.
+
+        The two records link to each other (``previous.replaced_by``, ``key.replaces``).
+        A revoked, expired or already rotated key is refused with :class:`RotationRefused`.
+        """
+        seconds = _grace_seconds(grace)
+        async with self._writing:
+            old = await self.get(key_id)
+            now = self.clock()
+            moment = to_datetime(now)
+            if old.revoked:
+                raise RotationRefused(
+                    "revoked",
+                    f"key {old.id} is revoked and cannot be rotated; create a new key instead",
+                )
+            if old.replaced_by is not None:
+                raise RotationRefused(
+                    "rotated",
+                    f"key {old.id} was already rotated: its successor is {old.replaced_by}; "
+                    "rotate that key instead",
+                )
+            if old.expired(moment):
+                raise RotationRefused(
+                    "expired",
+                    f"key {old.id} has expired and cannot be rotated; create a new key, or "
+                    "extend its expiry first",
+                )
+            settings = KeySettings.model_validate(
+                old.model_dump(include=set(KeySettings.model_fields))
+            )
+            problems = self.policy.check(settings, settings.type, now=moment)
+            if problems:
+                raise KeyValidationError(problems)
+            created = await self._issue(settings, now, replaces=old.id)
+            ends = to_datetime(now + seconds)
+            if old.expires_at is not None and old.expires_at < ends:
+                ends = old.expires_at
+            previous = old.model_copy(update={"replaced_by": created.key.id, "expires_at": ends})
+            try:
+                await self.store.replace(previous)
+            except BaseException:
+                logger.warning(
+                    "rotating %s: issued %s but could not link the old key to it",
+                    old.id,
+                    created.key.id,
+                )
+                raise
+        logger.info(
+            "rotated key %s (%s) to %s (%s); the old key expires at %s",
+            old.id,
+            old.hint,
+            created.key.id,
+            created.key.hint,
+            ends.isoformat(),
+        )
+        return RotatedKey(created.key, created.secret, previous)
+
+    async def usage(self, key_id: str | None = None) -> UsageSummary:
+        """The usage report of one key (:class:`KeyNotFound` if there is no such key), or of
+        all keys when ``key_id`` is ``None``. See :class:`UsageSummary`: until usage recording
+        lands, the figures are zero and the report says so."""
+        if key_id is not None:
+            await self.get(key_id)
+        return UsageSummary(key_id=key_id)

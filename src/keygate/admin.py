@@ -1,0 +1,404 @@
+"""The admin REST API (SPEC §8): a thin shell over :class:`~keygate.manager.KeyManager`.
+
+Mount it under an app that runs :class:`~keygate.middleware.KeyGateMiddleware`, which
+authenticates the caller; each endpoint then checks its scope itself::
+
+    app = Starlette(
+        routes=[Mount("/cloud/keys", app=admin_app(gate))],
+        middleware=[Middleware(KeyGateMiddleware, gate=gate)],
+    )
+
+======  ==================  =====================  =========================================
+method  path                scope                  answer
+======  ==================  =====================  =========================================
+POST    ``/``               ``admin:manage_keys``  201 ``{"key": record, "secret": "..."}``
+GET     ``/``               ``admin:manage_keys``  ``{"keys": [record, ...], "next": cursor}``
+GET     ``/usage``          ``admin:view_usage``   the usage of all keys
+GET     ``/{id}``           ``admin:manage_keys``  ``{"key": record}``
+PATCH   ``/{id}``           ``admin:manage_keys``  ``{"key": record}``
+POST    ``/{id}/revoke``    ``admin:manage_keys``  ``{"key": record}`` (idempotent)
+POST    ``/{id}/rotate``    ``admin:manage_keys``  201 ``{"key", "secret", "previous"}``
+GET     ``/{id}/usage``     ``admin:view_usage``   the usage of one key
+======  ==================  =====================  =========================================
+
+``GET /`` filters with ``?type=dev|prod|client``, ``?status=active|revoked|expired`` and
+``?meta.<name>=<value>`` (e.g. ``meta.project=search``), and pages with ``?limit=`` (1 to
+1000, default 100) and ``?cursor=`` (the previous answer's ``next``). ``POST /{id}/rotate``
+takes an optional body ``{"grace_seconds": 86400}``.
+
+The secret appears only in the answers to create and rotate (sent with
+``Cache-Control: no-store``). Errors keep the SPEC envelope ``{"error": {"code",
+"message"}}``: invalid input is 422 ``validation_failed`` with ``"fields": [{"field",
+"message"}, ...]``; a body that is not JSON is 400 ``invalid_json``; an unknown id is 404
+``not_found``; a key that cannot be rotated is 409 (``key_revoked``, ``key_expired``,
+``key_already_rotated``); an unreachable store is 503 ``store_unavailable``.
+
+FastAPI apps include :func:`fastapi_router` instead, which shows the endpoints and their
+scopes in the OpenAPI document.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from keygate.exceptions import (
+    FieldError,
+    KeyConflict,
+    KeyNotFound,
+    KeyValidationError,
+    RotationRefused,
+    StoreError,
+    StoreUnavailable,
+)
+from keygate.gate import KeyGate
+from keygate.manager import DEFAULT_PAGE_SIZE, RECORD_FIELDS, KeyManager, record_json
+from keygate.responses import Refusal
+from keygate.routing import PRINCIPAL, Rule, check_scopes
+
+if TYPE_CHECKING:
+    from fastapi import APIRouter
+
+__all__ = [
+    "MANAGE_KEYS",
+    "RECORD_FIELDS",
+    "VIEW_USAGE",
+    "AdminAPI",
+    "admin_app",
+    "admin_routes",
+    "admin_rules",
+    "fastapi_router",
+    "record_json",
+]
+
+logger = logging.getLogger("keygate.admin")
+
+MANAGE_KEYS = "admin:manage_keys"
+VIEW_USAGE = "admin:view_usage"
+
+MAX_BODY = 64 * 1024
+_LIST_PARAMETERS = ("type", "status", "limit", "cursor")
+_ROTATION_CODES = {
+    "revoked": "key_revoked",
+    "expired": "key_expired",
+    "rotated": "key_already_rotated",
+}
+# Responses that carry a secret must not be stored by any cache (RFC 9111 §5.2.2.5).
+_NO_STORE = {"cache-control": "no-store"}
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    *,
+    fields: Sequence[FieldError] | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    """The SPEC's error envelope, with a field-by-field list when there is one."""
+    error: dict[str, Any] = {"code": code, "message": message}
+    if fields is not None:
+        error["fields"] = [{"field": f.field, "message": f.message} for f in fields]
+    return JSONResponse({"error": error}, status_code=status, headers=headers)
+
+
+def _invalid(errors: Sequence[FieldError]) -> JSONResponse:
+    count = len(errors)
+    noun = "field is" if count == 1 else "fields are"
+    return error_response(
+        422,
+        "validation_failed",
+        f"{count} {noun} not valid: " + "; ".join(str(e) for e in errors),
+        fields=errors,
+    )
+
+
+class _Answer(Exception):
+    """Raised inside a handler to answer at once with ``response``."""
+
+    def __init__(self, response: Response) -> None:
+        self.response = response
+
+
+async def _json_object(request: Request, *, required: bool) -> dict[str, Any]:
+    """The request body as a JSON object (``{}`` when it is empty and not ``required``)."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            raise _Answer(
+                error_response(413, "too_large", f"The body is larger than {MAX_BODY} bytes.")
+            )
+    if not body.strip():
+        if not required:
+            return {}
+        raise _Answer(error_response(400, "invalid_json", "The body must be a JSON object."))
+    try:
+        data = json.loads(bytes(body))
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise _Answer(error_response(400, "invalid_json", "The body is not valid JSON.")) from None
+    if not isinstance(data, dict):
+        raise KeyValidationError.single("body", "must be a JSON object")
+    return data
+
+
+def _caller(request: Request) -> str:
+    principal = request.scope.get(PRINCIPAL)
+    return principal.key.id if principal is not None else "?"
+
+
+def _key_id(request: Request) -> str:
+    key_id: str = request.path_params["key_id"]
+    return key_id
+
+
+class AdminAPI:
+    """The admin endpoints as plain ``request -> response`` handlers, shared by the
+    Starlette routes (:func:`admin_routes`) and the FastAPI router (:func:`fastapi_router`).
+
+    The handlers check no scopes: the routes around them do.
+    """
+
+    def __init__(self, manager: KeyManager) -> None:
+        self.manager = manager
+
+    async def _answer(self, handler: Callable[[], Awaitable[Response]]) -> Response:
+        try:
+            return await handler()
+        except _Answer as answer:
+            return answer.response
+        except KeyValidationError as exc:
+            return _invalid(exc.errors)
+        except KeyNotFound:
+            return error_response(404, "not_found", "There is no key with this id.")
+        except RotationRefused as exc:
+            return error_response(409, _ROTATION_CODES.get(exc.reason, "conflict"), str(exc))
+        except KeyConflict as exc:
+            return error_response(409, "conflict", str(exc))
+        except StoreUnavailable:
+            return error_response(
+                503,
+                "store_unavailable",
+                "The key store cannot be reached; try again shortly.",
+                headers={"retry-after": "1"},
+            )
+        except StoreError as exc:
+            logger.error("admin API: the key store failed: %s", exc)
+            return error_response(503, "store_error", "The key store failed; try again shortly.")
+
+    async def create(self, request: Request) -> Response:
+        async def handle() -> Response:
+            data = await _json_object(request, required=True)
+            created = await self.manager.create(data)
+            logger.info("admin: %s created key %s", _caller(request), created.key.id)
+            body = {"key": record_json(created.key), "secret": created.secret.get_secret_value()}
+            return JSONResponse(body, status_code=201, headers=_NO_STORE)
+
+        return await self._answer(handle)
+
+    async def list(self, request: Request) -> Response:
+        async def handle() -> Response:
+            params = request.query_params
+            errors: list[FieldError] = []
+            given: dict[str, str] = {}
+            metadata: dict[str, str] = {}
+            for name in dict.fromkeys(params.keys()):
+                values = params.getlist(name)
+                if len(values) > 1:
+                    errors.append(FieldError(name, "give this parameter once"))
+                elif name.startswith("meta.") and len(name) > len("meta."):
+                    metadata[name.removeprefix("meta.")] = values[0]
+                elif name in _LIST_PARAMETERS:
+                    given[name] = values[0]
+                else:
+                    errors.append(
+                        FieldError(
+                            name[:100],
+                            "unknown parameter (known: type, status, meta.<name>, limit, cursor)",
+                        )
+                    )
+            limit = DEFAULT_PAGE_SIZE
+            if "limit" in given:
+                text = given["limit"]
+                if text.isascii() and text.isdigit() and len(text) <= 6:
+                    limit = int(text)
+                else:
+                    errors.append(FieldError("limit", "must be a whole number, 1 to 1000"))
+            if errors:
+                return _invalid(errors)
+            page = await self.manager.list(
+                type=given.get("type"),
+                status=given.get("status"),
+                metadata=metadata,
+                cursor=given.get("cursor"),
+                limit=limit,
+            )
+            return JSONResponse({"keys": [record_json(k) for k in page.keys], "next": page.next})
+
+        return await self._answer(handle)
+
+    async def get(self, request: Request) -> Response:
+        async def handle() -> Response:
+            record = await self.manager.get(_key_id(request))
+            return JSONResponse({"key": record_json(record)})
+
+        return await self._answer(handle)
+
+    async def update(self, request: Request) -> Response:
+        async def handle() -> Response:
+            key_id = _key_id(request)
+            data = await _json_object(request, required=True)
+            record = await self.manager.update(key_id, data)
+            logger.info("admin: %s updated key %s", _caller(request), key_id)
+            return JSONResponse({"key": record_json(record)})
+
+        return await self._answer(handle)
+
+    async def revoke(self, request: Request) -> Response:
+        async def handle() -> Response:
+            key_id = _key_id(request)
+            record = await self.manager.revoke(key_id)
+            logger.info("admin: %s revoked key %s", _caller(request), key_id)
+            return JSONResponse({"key": record_json(record)})
+
+        return await self._answer(handle)
+
+    async def rotate(self, request: Request) -> Response:
+        async def handle() -> Response:
+            key_id = _key_id(request)
+            data = await _json_object(request, required=False)
+            unknown = [
+                FieldError(name[:100], "unknown field (known: grace_seconds)")
+                for name in data
+                if name != "grace_seconds"
+            ]
+            if unknown:
+                raise KeyValidationError(unknown)
+            grace = data.get("grace_seconds", 86_400)
+            if isinstance(grace, bool) or not isinstance(grace, int):
+                raise KeyValidationError.single("grace_seconds", "must be a whole number")
+            try:
+                rotated = await self.manager.rotate(key_id, grace=grace)
+            except KeyValidationError as exc:
+                # The manager calls it "grace"; this API calls it "grace_seconds".
+                raise KeyValidationError(
+                    [
+                        FieldError("grace_seconds", e.message) if e.field == "grace" else e
+                        for e in exc.errors
+                    ]
+                ) from None
+            logger.info("admin: %s rotated key %s to %s", _caller(request), key_id, rotated.key.id)
+            body = {
+                "key": record_json(rotated.key),
+                "secret": rotated.secret.get_secret_value(),
+                "previous": record_json(rotated.previous),
+            }
+            return JSONResponse(body, status_code=201, headers=_NO_STORE)
+
+        return await self._answer(handle)
+
+    async def usage(self, request: Request) -> Response:
+        async def handle() -> Response:
+            key_id = request.path_params.get("key_id")
+            report = await self.manager.usage(key_id)
+            return JSONResponse(report.model_dump(mode="json"))
+
+        return await self._answer(handle)
+
+
+def _guarded(
+    scope: str, handler: Callable[[Request], Awaitable[Response]]
+) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        refusal = check_scopes(request, [scope])
+        if refusal is not None:
+            return refusal.response()
+        return await handler(request)
+
+    endpoint.__name__ = endpoint.__qualname__ = f"admin_{handler.__name__}"
+    endpoint.__keygate_scopes__ = (scope,)  # type: ignore[attr-defined]
+    return endpoint
+
+
+def _by_method(
+    endpoints: Mapping[str, Callable[[Request], Awaitable[Response]]],
+) -> Callable[[Request], Awaitable[Response]]:
+    # One route per path, so that a 405 names every method the path takes in its Allow.
+    async def endpoint(request: Request) -> Response:
+        method = "GET" if request.method == "HEAD" else request.method
+        return await endpoints[method](request)
+
+    return endpoint
+
+
+def admin_routes(gate: KeyGate) -> list[Route]:
+    """The admin endpoints as Starlette routes, each checking its scope; for
+    ``Mount(path, routes=admin_routes(gate))``. See :func:`admin_app` for JSON 404/405s."""
+    api = AdminAPI(gate.manager)
+    keys = {"POST": _guarded(MANAGE_KEYS, api.create), "GET": _guarded(MANAGE_KEYS, api.list)}
+    key = {"GET": _guarded(MANAGE_KEYS, api.get), "PATCH": _guarded(MANAGE_KEYS, api.update)}
+    return [
+        Route("/", _by_method(keys), methods=list(keys), name="keys"),
+        # Before "/{key_id}", which would take "usage" for a key id.
+        Route("/usage", _guarded(VIEW_USAGE, api.usage), methods=["GET"], name="usage"),
+        Route("/{key_id}", _by_method(key), methods=list(key), name="key"),
+        Route(
+            "/{key_id}/revoke", _guarded(MANAGE_KEYS, api.revoke), methods=["POST"], name="revoke"
+        ),
+        Route(
+            "/{key_id}/rotate", _guarded(MANAGE_KEYS, api.rotate), methods=["POST"], name="rotate"
+        ),
+        Route(
+            "/{key_id}/usage", _guarded(VIEW_USAGE, api.usage), methods=["GET"], name="key_usage"
+        ),
+    ]
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, Refusal):
+        return exc.response()
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return error_response(exc.status_code, code, exc.detail, headers=exc.headers)
+
+
+def admin_app(gate: KeyGate) -> Starlette:
+    """The admin endpoints as an app to mount, e.g. ``Mount("/cloud/keys",
+    app=admin_app(gate))``, answering unknown paths and methods in the SPEC's JSON envelope
+    too. It does not authenticate: the middleware in front does."""
+    return Starlette(routes=admin_routes(gate), exception_handlers={HTTPException: _http_error})
+
+
+def admin_rules(prefix: str = "/cloud/keys") -> list[Rule]:
+    """Rules for the middleware's central table covering the admin API mounted at
+    ``prefix``, with the same scopes its endpoints check; needed when the middleware
+    refuses unmatched routes (``deny_unmatched=True``)."""
+    base = prefix.rstrip("/")
+    return [
+        Rule("GET", f"{base}/usage", [VIEW_USAGE]),
+        Rule("GET", f"{base}/{{key_id}}/usage", [VIEW_USAGE]),
+        Rule("GET|POST", base or "/", [MANAGE_KEYS]),
+        Rule("GET|POST", f"{base}/", [MANAGE_KEYS]),
+        Rule("GET|PATCH", f"{base}/{{key_id}}", [MANAGE_KEYS]),
+        Rule("POST", f"{base}/{{key_id}}/revoke", [MANAGE_KEYS]),
+        Rule("POST", f"{base}/{{key_id}}/rotate", [MANAGE_KEYS]),
+    ]
+
+
+def fastapi_router(gate: KeyGate, *, tags: Sequence[str] = ("keys",)) -> APIRouter:
+    """The admin endpoints as a FastAPI ``APIRouter`` whose scopes appear in the OpenAPI
+    document: ``app.include_router(fastapi_router(gate), prefix="/cloud/keys")``.
+
+    Needs the ``fastapi`` extra; see :mod:`keygate.admin_fastapi`.
+    """
+    from keygate.admin_fastapi import fastapi_router as build
+
+    return build(gate, tags=tags)

@@ -1,0 +1,217 @@
+"""The admin REST API as a FastAPI router, so its endpoints, bodies and scopes appear in the
+OpenAPI document (needs the ``fastapi`` extra)::
+
+    app = FastAPI()
+    app.add_middleware(KeyGateMiddleware, gate=gate)
+    app.include_router(fastapi_router(gate), prefix="/cloud/keys")
+
+Each endpoint requires its scope through ``Security(keygate.fastapi.api_key, scopes=[...])``
+and then runs the same handler as the Starlette routes of :mod:`keygate.admin`, so the
+answers — the error envelope included — are identical. Bodies and query parameters are
+parsed by those handlers, not by FastAPI; their schemas are declared for the document only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Request, Security
+from fastapi.responses import Response
+
+from keygate.admin import MANAGE_KEYS, VIEW_USAGE, AdminAPI
+from keygate.fastapi import api_key
+from keygate.gate import KeyGate
+from keygate.manager import MAX_GRACE, UPDATABLE_FIELDS
+from keygate.models import ApiKey, KeySettings
+
+__all__ = ["fastapi_router"]
+
+ManageKeys = Annotated[ApiKey, Security(api_key, scopes=[MANAGE_KEYS])]
+ViewUsage = Annotated[ApiKey, Security(api_key, scopes=[VIEW_USAGE])]
+
+
+def _inline(schema: Any, defs: dict[str, Any]) -> Any:
+    """``schema`` with its local ``#/$defs/...`` references replaced by their definitions:
+    inside an operation, such references would point at the document's root."""
+    if isinstance(schema, dict):
+        ref = schema.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            return _inline(defs[ref.removeprefix("#/$defs/")], defs)
+        return {k: _inline(v, defs) for k, v in schema.items() if k != "$defs"}
+    if isinstance(schema, list):
+        return [_inline(v, defs) for v in schema]
+    return schema
+
+
+def _settings_schema() -> dict[str, Any]:
+    schema = KeySettings.model_json_schema()
+    inlined: dict[str, Any] = _inline(schema, schema.get("$defs", {}))
+    return inlined
+
+
+def _body(schema: dict[str, Any], *, required: bool = True) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": required,
+            "content": {"application/json": {"schema": schema}},
+        }
+    }
+
+
+def _update_schema(settings: dict[str, Any]) -> dict[str, Any]:
+    properties = settings["properties"]
+    return {
+        "title": "KeyUpdate",
+        "description": "The fields to change; each replaces the old value whole.",
+        "type": "object",
+        "properties": {name: properties[name] for name in UPDATABLE_FIELDS},
+        "additionalProperties": False,
+    }
+
+
+_ROTATE_SCHEMA = {
+    "title": "Rotation",
+    "type": "object",
+    "properties": {
+        "grace_seconds": {
+            "type": "integer",
+            "minimum": 0,
+            "maximum": int(MAX_GRACE.total_seconds()),
+            "default": 86_400,
+            "description": "How long the old key keeps working.",
+        }
+    },
+    "additionalProperties": False,
+}
+
+_LIST_PARAMETERS = [
+    {
+        "name": "type",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string", "enum": ["dev", "prod", "client"]},
+    },
+    {
+        "name": "status",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string", "enum": ["active", "revoked", "expired"]},
+    },
+    {
+        "name": "meta",
+        "in": "query",
+        "required": False,
+        "style": "deepObject",
+        "explode": True,
+        "description": "Metadata filters, sent as meta.<name>=<value>.",
+        "schema": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+    {
+        "name": "limit",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+    },
+    {
+        "name": "cursor",
+        "in": "query",
+        "required": False,
+        "description": "The previous page's `next`.",
+        "schema": {"type": "string"},
+    },
+]
+
+
+def _responses(*pairs: tuple[int, str]) -> dict[int | str, dict[str, Any]]:
+    return {status: {"description": text} for status, text in pairs}
+
+
+_INVALID = (422, "Invalid input: `error.fields` lists each field's problem.")
+_NOT_FOUND = (404, "No key has this id.")
+
+
+def fastapi_router(gate: KeyGate, *, tags: Sequence[str] = ("keys",)) -> APIRouter:
+    """The admin API as an ``APIRouter`` (see the module docstring)."""
+    api = AdminAPI(gate.manager)
+    router = APIRouter(tags=list(tags))
+    settings = _settings_schema()
+
+    @router.post(
+        "/",
+        status_code=201,
+        summary="Create a key",
+        openapi_extra=_body(settings),
+        responses=_responses(
+            (201, "The key's record and its secret, shown this once."),
+            (400, "The body is not JSON."),
+            _INVALID,
+        ),
+    )
+    async def create_key(request: Request, caller: ManageKeys) -> Response:
+        return await api.create(request)
+
+    @router.get(
+        "/",
+        summary="List keys",
+        openapi_extra={"parameters": _LIST_PARAMETERS},
+        responses=_responses((200, "A page of key records and the next cursor."), _INVALID),
+    )
+    async def list_keys(request: Request, caller: ManageKeys) -> Response:
+        return await api.list(request)
+
+    @router.get("/usage", summary="Usage of all keys")
+    async def usage(request: Request, caller: ViewUsage) -> Response:
+        return await api.usage(request)
+
+    @router.get(
+        "/{key_id}",
+        summary="Show a key",
+        responses=_responses((200, "The key's record."), _NOT_FOUND),
+    )
+    async def get_key(key_id: str, request: Request, caller: ManageKeys) -> Response:
+        return await api.get(request)
+
+    @router.patch(
+        "/{key_id}",
+        summary="Update a key",
+        openapi_extra=_body(_update_schema(settings)),
+        responses=_responses((200, "The updated record."), _NOT_FOUND, _INVALID),
+    )
+    async def update_key(key_id: str, request: Request, caller: ManageKeys) -> Response:
+        return await api.update(request)
+
+    @router.post(
+        "/{key_id}/revoke",
+        summary="Revoke a key",
+        responses=_responses(
+            (200, "The revoked record (revoking twice is harmless)."), _NOT_FOUND
+        ),
+    )
+    async def revoke_key(key_id: str, request: Request, caller: ManageKeys) -> Response:
+        return await api.revoke(request)
+
+    @router.post(
+        "/{key_id}/rotate",
+        status_code=201,
+        summary="Rotate a key",
+        openapi_extra=_body(_ROTATE_SCHEMA, required=False),
+        responses=_responses(
+            (201, "The successor's record, its secret (shown once) and the previous record."),
+            _NOT_FOUND,
+            (409, "The key is revoked, expired or already rotated."),
+            _INVALID,
+        ),
+    )
+    async def rotate_key(key_id: str, request: Request, caller: ManageKeys) -> Response:
+        return await api.rotate(request)
+
+    @router.get(
+        "/{key_id}/usage",
+        summary="Usage of one key",
+        responses=_responses((200, "The key's usage report."), _NOT_FOUND),
+    )
+    async def key_usage(key_id: str, request: Request, caller: ViewUsage) -> Response:
+        return await api.usage(request)
+
+    return router

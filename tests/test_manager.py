@@ -1,0 +1,623 @@
+"""The management API (SPEC §8): get, list, update, revoke, rotate and usage, on every backend."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from conftest import SECRET
+from keygate import (
+    ApiKey,
+    KeyHasher,
+    KeyManager,
+    KeyNotFound,
+    KeyStatus,
+    KeyValidationError,
+    ManualClock,
+    MemoryStore,
+    RotationRefused,
+    Rule,
+)
+from keygate import manager as manager_module
+from keygate.clock import to_datetime
+from keygate.gate import KeyGate
+from keygate.manager import DEFAULT_GRACE, UsageSummary, decode_cursor, encode_cursor
+from keygate.middleware import KeyGateMiddleware
+from keygate.stores import KeyStore
+
+ORIGINS = ["https://app.example.com"]
+SETTINGS: dict[str, Any] = {
+    "name": "search service",
+    "type": "prod",
+    "scopes": ["vec:read", "kev:*"],
+    "allowed_ips": ["10.0.0.0/8"],
+    "rate_limit": "50/minute",
+    "token_quota": 5000,
+    "metadata": {"project": "search", "owner": "ana"},
+}
+# For requests through the middleware, which would hold the test client to the IP allowlist.
+OPEN = {k: v for k, v in SETTINGS.items() if k != "allowed_ips"}
+
+
+def problems(caught: pytest.ExceptionInfo[KeyValidationError]) -> dict[str, str]:
+    return {e.field: e.message for e in caught.value.errors}
+
+
+@pytest.fixture
+async def gate(store: KeyStore, clock: ManualClock) -> AsyncIterator[KeyGate]:
+    """A gate on each backend, with the manual clock."""
+    made = KeyGate(store=store, secret=SECRET, clock=clock)
+    assert await made.store.start(timeout=2.0)
+    yield made
+    await made.aclose()
+
+
+def app_for(gate: KeyGate) -> Starlette:
+    async def endpoint(request: Request) -> JSONResponse:
+        return JSONResponse({"key": request.user.identity})
+
+    return Starlette(
+        routes=[Route("/x", endpoint)], middleware=[Middleware(KeyGateMiddleware, gate=gate)]
+    )
+
+
+async def status_of(app: Starlette, secret: str) -> tuple[int, str | None]:
+    """The status of a request with ``secret``, and the refusal code if any."""
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        response = await http.get("/x", headers={"Authorization": f"Bearer {secret}"})
+    code = response.json()["error"]["code"] if response.status_code >= 400 else None
+    return response.status_code, code
+
+
+# -- get -------------------------------------------------------------------------------------
+
+
+async def test_get_returns_the_record(manager: KeyManager) -> None:
+    """get returns the stored record by its id."""
+    created = await manager.create(SETTINGS)
+    assert await manager.get(created.key.id) == created.key
+
+
+@pytest.mark.parametrize("key_id", ["key_0000000000nothinghere", "", "not a key id"])
+async def test_get_unknown_id_is_key_not_found(manager: KeyManager, key_id: str) -> None:
+    """An id no key has is KeyNotFound, whatever it looks like."""
+    with pytest.raises(KeyNotFound):
+        await manager.get(key_id)
+
+
+# -- update ----------------------------------------------------------------------------------
+
+
+async def test_update_changes_the_given_fields_and_keeps_the_rest(
+    manager: KeyManager, clock: ManualClock
+) -> None:
+    """Each given field replaces the old value; the others, the type and the hint stay."""
+    created = await manager.create(SETTINGS)
+    expires = to_datetime(clock.now + 3600)
+    updated = await manager.update(
+        created.key.id,
+        {
+            "name": "renamed",
+            "scopes": ["vec:write"],
+            "allowed_ips": ["192.0.2.7"],
+            "expires_at": expires,
+            "metadata": {"project": "other"},
+        },
+    )
+    assert updated.name == "renamed"
+    assert updated.scopes == ("vec:write",)
+    assert updated.allowed_ips == ("192.0.2.7",)
+    assert updated.expires_at == expires
+    assert updated.metadata == {"project": "other"}
+    assert (updated.type, updated.hint, updated.id) == (
+        created.key.type,
+        created.key.hint,
+        created.key.id,
+    )
+    assert (updated.rate_limit, updated.token_quota) == ("50/minute", 5000)
+    assert await manager.get(created.key.id) == updated
+
+
+async def test_update_takes_keywords(manager: KeyManager) -> None:
+    """Fields may be given as keywords as well as in a mapping."""
+    created = await manager.create(SETTINGS)
+    updated = await manager.update(created.key.id, {"name": "a"}, token_quota=7)
+    assert (updated.name, updated.token_quota) == ("a", 7)
+
+
+async def test_update_with_none_clears_optional_fields(
+    manager: KeyManager, clock: ManualClock
+) -> None:
+    """None removes the expiry and puts the rate limit and quota back to the type's defaults."""
+    created = await manager.create({**SETTINGS, "expires_at": to_datetime(clock.now + 60)})
+    updated = await manager.update(
+        created.key.id, {"expires_at": None, "rate_limit": None, "token_quota": None}
+    )
+    assert (updated.expires_at, updated.rate_limit, updated.token_quota) == (None, None, None)
+
+
+async def test_update_with_nothing_changes_nothing(manager: KeyManager) -> None:
+    """An empty update returns the record as it is."""
+    created = await manager.create(SETTINGS)
+    assert await manager.update(created.key.id, {}) == created.key
+
+
+@pytest.mark.parametrize(
+    ("changes", "fields"),
+    [
+        pytest.param({"scopes": ["vec:fly"]}, {"scopes[0]"}, id="unknown-scope"),
+        pytest.param({"scopes": ["vec:read", "db:read"]}, {"scopes[1]"}, id="second-scope"),
+        pytest.param({"name": ""}, {"name"}, id="empty-name"),
+        pytest.param({"name": "x" * 201}, {"name"}, id="long-name"),
+        pytest.param({"allowed_ips": ["300.1.2.3"]}, {"allowed_ips[0]"}, id="bad-ip"),
+        pytest.param(
+            {"allowed_origins": ["https://a.com/x"]}, {"allowed_origins[0]"}, id="bad-origin"
+        ),
+        pytest.param({"rate_limit": "lots"}, {"rate_limit"}, id="bad-rate-limit"),
+        pytest.param({"token_quota": -1}, {"token_quota"}, id="negative-quota"),
+        pytest.param({"expires_at": "2020-01-01T00:00:00Z"}, {"expires_at"}, id="past-expiry"),
+        pytest.param({"expires_at": "2030-01-01T00:00:00"}, {"expires_at"}, id="naive-expiry"),
+        pytest.param({"metadata": {"": "x"}}, {"metadata"}, id="empty-metadata-name"),
+        pytest.param({"type": "dev"}, {"type"}, id="type"),
+        pytest.param({"secret": "prod_x"}, {"secret"}, id="secret"),
+        pytest.param({"revoked_at": None}, {"revoked_at"}, id="revoked-at"),
+        pytest.param({"replaced_by": "key_x", "id": "key_y"}, {"replaced_by", "id"}, id="links"),
+        pytest.param({"colour": "red"}, {"colour"}, id="unknown-field"),
+        pytest.param(
+            {"name": "", "allowed_ips": ["10.0.0.1", "nope"], "token_quota": "many"},
+            {"name", "allowed_ips[1]", "token_quota"},
+            id="several",
+        ),
+        pytest.param(
+            {"scopes": ["nope", "vec:read", "x:y"], "expires_at": "2020-01-01T00:00:00Z"},
+            {"scopes[0]", "scopes[2]", "expires_at"},
+            id="several-policy",
+        ),
+    ],
+)
+async def test_update_validation_names_every_field(
+    manager: KeyManager, changes: dict[str, Any], fields: set[str]
+) -> None:
+    """An invalid update raises one KeyValidationError naming each offending field, and
+    changes nothing."""
+    created = await manager.create(SETTINGS)
+    with pytest.raises(KeyValidationError) as caught:
+        await manager.update(created.key.id, changes)
+    found = problems(caught)
+    assert {f.split(".")[0] if f.startswith("metadata") else f for f in found} == fields
+    assert all(found.values())
+    assert await manager.get(created.key.id) == created.key
+
+
+async def test_update_explains_why_the_type_and_secret_are_fixed(manager: KeyManager) -> None:
+    """Changing the type or the secret is refused with a message saying what to do instead."""
+    created = await manager.create(SETTINGS)
+    with pytest.raises(KeyValidationError) as caught:
+        await manager.update(created.key.id, {"type": "dev", "secret": "x"})
+    found = problems(caught)
+    assert "create a new key" in found["type"]
+    assert "rotate" in found["secret"]
+
+
+async def test_update_applies_the_key_type_policy(manager: KeyManager) -> None:
+    """A client key cannot lose its origins nor gain an admin scope by an update."""
+    created = await manager.create(
+        {"name": "web", "type": "client", "scopes": ["vec:read"], "allowed_origins": ORIGINS}
+    )
+    with pytest.raises(KeyValidationError) as caught:
+        await manager.update(
+            created.key.id, {"allowed_origins": [], "scopes": ["vec:read", "admin:*"]}
+        )
+    found = problems(caught)
+    assert set(found) == {"allowed_origins", "scopes[1]"}
+    assert "may not hold" in found["scopes[1]"]
+
+
+async def test_update_does_not_rejudge_fields_it_leaves_alone(
+    manager: KeyManager, clock: ManualClock
+) -> None:
+    """An expired key can still be renamed: its past expiry is not re-checked."""
+    created = await manager.create({**SETTINGS, "expires_at": to_datetime(clock.now + 10)})
+    clock.advance(60)
+    updated = await manager.update(created.key.id, name="old service")
+    assert updated.name == "old service"
+    with pytest.raises(KeyValidationError):
+        await manager.update(created.key.id, expires_at=to_datetime(clock.now - 1))
+
+
+async def test_update_of_an_unknown_key_is_key_not_found(manager: KeyManager) -> None:
+    """Updating an id no key has is KeyNotFound."""
+    with pytest.raises(KeyNotFound):
+        await manager.update("key_0000000000nothinghere", name="x")
+
+
+async def test_update_keeps_a_revocation(manager: KeyManager) -> None:
+    """Updating a revoked key keeps it revoked."""
+    created = await manager.create(SETTINGS)
+    revoked = await manager.revoke(created.key.id)
+    updated = await manager.update(created.key.id, metadata={"reason": "leaked"})
+    assert updated.revoked_at == revoked.revoked_at
+
+
+async def test_a_concurrent_update_never_undoes_a_revocation(manager: KeyManager) -> None:
+    """Updates and revocations racing through one manager never lose the revocation."""
+    for n in range(10):
+        created = await manager.create(SETTINGS)
+        await asyncio.gather(
+            manager.update(created.key.id, name=f"renamed {n}"),
+            manager.revoke(created.key.id),
+            manager.update(created.key.id, token_quota=n),
+        )
+        final = await manager.get(created.key.id)
+        assert final.revoked
+        assert (final.name, final.token_quota) == (f"renamed {n}", n)
+
+
+async def test_an_update_takes_effect_on_the_next_request(gate: KeyGate) -> None:
+    """Scopes removed by an update no longer open a route on the very next request."""
+    created = await gate.manager.create({"name": "n", "type": "prod", "scopes": ["vec:read"]})
+    app = Starlette(
+        routes=[Route("/x", lambda request: JSONResponse({}))],
+        middleware=[
+            Middleware(
+                KeyGateMiddleware,
+                gate=gate,
+                rules=[Rule("GET", "/x", ["vec:read"])],
+            )
+        ],
+    )
+    secret = created.secret.get_secret_value()
+    assert (await status_of(app, secret))[0] == 200
+    await gate.manager.update(created.key.id, scopes=["kev:read"])
+    assert await status_of(app, secret) == (403, "insufficient_scope")
+
+
+# -- list ------------------------------------------------------------------------------------
+
+
+async def test_list_pages_through_every_key_in_creation_order(manager: KeyManager) -> None:
+    """Following the cursor visits every key once, in id (creation) order, then stops."""
+    ids = sorted(
+        [(await manager.create({"name": f"k{n}", "type": "dev"})).key.id for n in range(7)]
+    )
+    seen: list[str] = []
+    cursor = None
+    sizes = []
+    while True:
+        page = await manager.list(limit=3, cursor=cursor)
+        sizes.append(len(page.keys))
+        seen += [k.id for k in page.keys]
+        if page.next is None:
+            break
+        cursor = page.next
+    assert seen == ids
+    assert sizes == [3, 3, 1]
+
+
+async def test_a_page_that_ends_the_listing_has_no_cursor(manager: KeyManager) -> None:
+    """When the keys fit one page exactly, that page's next is None."""
+    for n in range(3):
+        await manager.create({"name": f"k{n}", "type": "dev"})
+    page = await manager.list(limit=3)
+    assert len(page.keys) == 3 and page.next is None
+    assert (await manager.list()).next is None
+
+
+async def test_list_of_an_empty_store(manager: KeyManager) -> None:
+    """An empty store lists no keys and no cursor."""
+    page = await manager.list()
+    assert page.keys == () and page.next is None
+
+
+async def test_list_filters_by_type_status_and_metadata(
+    manager: KeyManager, clock: ManualClock
+) -> None:
+    """type, status and metadata filters each keep exactly the matching keys, and combine."""
+    dev = await manager.create({"name": "d", "type": "dev", "metadata": {"project": "a"}})
+    prod = await manager.create({"name": "p", "type": "prod", "metadata": {"project": "b"}})
+    client = await manager.create(
+        {
+            "name": "c",
+            "type": "client",
+            "allowed_origins": ORIGINS,
+            "metadata": {"project": "a", "team": "web"},
+        }
+    )
+    revoked = await manager.create({"name": "r", "type": "prod", "metadata": {"project": "a"}})
+    await manager.revoke(revoked.key.id)
+    expiring = await manager.create(
+        {"name": "e", "type": "dev", "expires_at": to_datetime(clock.now + 5)}
+    )
+    clock.advance(10)
+
+    async def ids(**filters: Any) -> set[str]:
+        return {k.id for k in (await manager.list(**filters)).keys}
+
+    assert await ids(type="dev") == {dev.key.id, expiring.key.id}
+    assert await ids(type="prod") == {prod.key.id, revoked.key.id}
+    assert await ids(status="active") == {dev.key.id, prod.key.id, client.key.id}
+    assert await ids(status=KeyStatus.REVOKED) == {revoked.key.id}
+    assert await ids(status="expired") == {expiring.key.id}
+    assert await ids(metadata={"project": "a"}) == {dev.key.id, client.key.id, revoked.key.id}
+    assert await ids(metadata={"project": "a", "team": "web"}) == {client.key.id}
+    assert await ids(metadata={"project": "a"}, status="active", type="dev") == {dev.key.id}
+    assert await ids(metadata={"project": "zzz"}) == set()
+
+
+async def test_filtered_pages_follow_the_cursor(manager: KeyManager) -> None:
+    """A filtered listing pages with its cursor like an unfiltered one."""
+    wanted = set()
+    for n in range(9):
+        created = await manager.create({"name": f"k{n}", "type": "dev" if n % 3 else "prod"})
+        if n % 3:
+            wanted.add(created.key.id)
+    seen: list[str] = []
+    cursor = None
+    while True:
+        page = await manager.list(type="dev", limit=2, cursor=cursor)
+        assert len(page.keys) <= 2
+        seen += [k.id for k in page.keys]
+        if page.next is None:
+            break
+        cursor = page.next
+    assert sorted(seen) == seen and set(seen) == wanted and len(seen) == len(wanted)
+
+
+async def test_a_sparse_filter_reads_a_bounded_number_of_records(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A filter that matches little returns a short page with a cursor once it has read its
+    budget of records, and the cursor finds the rest."""
+    monkeypatch.setattr(manager_module, "_SCAN_BUDGET", 10)
+    manager = KeyManager(MemoryStore(), KeyHasher(SECRET))
+    ids = [(await manager.create({"name": f"k{n}", "type": "dev"})).key.id for n in range(30)]
+    rare = await manager.create({"name": "rare", "type": "prod"})
+    first = await manager.list(type="prod", limit=5)
+    assert first.keys == () and first.next is not None
+    found: list[ApiKey] = []
+    cursor: str | None = first.next
+    calls = 1
+    while cursor is not None:
+        page = await manager.list(type="prod", limit=5, cursor=cursor)
+        found += page.keys
+        cursor = page.next
+        calls += 1
+    assert [k.id for k in found] == [rare.key.id]
+    assert calls <= len(ids) // 10 + 3
+
+
+@pytest.mark.parametrize(
+    ("filters", "fields"),
+    [
+        pytest.param({"type": "admin"}, {"type"}, id="type"),
+        pytest.param({"status": "gone"}, {"status"}, id="status"),
+        pytest.param({"limit": 0}, {"limit"}, id="limit-0"),
+        pytest.param({"limit": 1001}, {"limit"}, id="limit-1001"),
+        pytest.param({"limit": True}, {"limit"}, id="limit-bool"),
+        pytest.param({"cursor": "garbage!"}, {"cursor"}, id="cursor"),
+        pytest.param({"cursor": encode_cursor("not-a-key")}, {"cursor"}, id="cursor-id"),
+        pytest.param({"type": "x", "status": "y", "limit": -1}, {"type", "status", "limit"}),
+    ],
+)
+async def test_list_validation_names_every_field(
+    manager: KeyManager, filters: dict[str, Any], fields: set[str]
+) -> None:
+    """Invalid filters raise one KeyValidationError naming each of them."""
+    with pytest.raises(KeyValidationError) as caught:
+        await manager.list(**filters)
+    assert set(problems(caught)) == fields
+
+
+def test_cursors_are_opaque_and_round_trip() -> None:
+    """A cursor does not show the id in clear, and decodes back to it."""
+    cursor = encode_cursor("key_0Q2xY7kE3bT9aLmZpQ1w")
+    assert "key_" not in cursor
+    assert decode_cursor(cursor) == "key_0Q2xY7kE3bT9aLmZpQ1w"
+
+
+# -- revoke ----------------------------------------------------------------------------------
+
+
+async def test_revoking_twice_keeps_the_first_revocation(
+    manager: KeyManager, clock: ManualClock
+) -> None:
+    """Revoking a revoked key changes nothing: the first revocation time stays."""
+    created = await manager.create(SETTINGS)
+    first = await manager.revoke(created.key.id)
+    clock.advance(60)
+    assert await manager.revoke(created.key.id) == first
+    assert first.revoked_at == to_datetime(clock.now - 60)
+
+
+async def test_revoking_an_unknown_key_is_key_not_found(manager: KeyManager) -> None:
+    """Revoking an id no key has is KeyNotFound."""
+    with pytest.raises(KeyNotFound):
+        await manager.revoke("key_0000000000nothinghere")
+
+
+# -- rotate ----------------------------------------------------------------------------------
+
+
+async def test_rotation_issues_a_linked_successor_with_the_same_settings(
+    manager: KeyManager, clock: ManualClock
+) -> None:
+    """The successor has the old key's settings, a new secret and id, and the two records
+    link to each other; the old key now expires at the end of the 24-hour grace."""
+    created = await manager.create(SETTINGS)
+    rotated = await manager.rotate(created.key.id)
+    old, new = rotated.previous, rotated.key
+    settings = ("name", "type", "scopes", "allowed_origins", "allowed_ips")
+    settings += ("rate_limit", "token_quota", "expires_at", "metadata")
+    assert {f: getattr(new, f) for f in settings} == {f: getattr(created.key, f) for f in settings}
+    assert rotated.secret.get_secret_value() != created.secret.get_secret_value()
+    assert new.id != old.id and new.hint != old.hint
+    assert (old.replaced_by, new.replaces) == (new.id, old.id)
+    assert old.expires_at == to_datetime(clock.now) + DEFAULT_GRACE
+    assert new.created_at == to_datetime(clock.now)
+    assert await manager.get(old.id) == old
+    assert await manager.get(new.id) == new
+    digest = manager.hasher.digest(rotated.secret.get_secret_value())
+    assert await manager.store.find(digest) == new
+
+
+async def test_rotation_grace_ends_on_time(gate: KeyGate, clock: ManualClock) -> None:
+    """The old key works until the grace period ends and is refused as expired from that
+    instant; the new key works throughout."""
+    created = await gate.manager.create(OPEN)
+    rotated = await gate.manager.rotate(created.key.id, grace=timedelta(hours=2))
+    app = app_for(gate)
+    old, new = created.secret.get_secret_value(), rotated.secret.get_secret_value()
+    assert await status_of(app, old) == (200, None)
+    assert await status_of(app, new) == (200, None)
+    clock.advance(2 * 3600 - 0.001)
+    assert await status_of(app, old) == (200, None)
+    clock.advance(0.001)
+    assert await status_of(app, old) == (401, "expired_api_key")
+    assert await status_of(app, new) == (200, None)
+
+
+async def test_rotation_with_zero_grace_refuses_the_old_key_at_once(gate: KeyGate) -> None:
+    """With a zero grace the old key is refused on the very next request."""
+    created = await gate.manager.create(OPEN)
+    app = app_for(gate)
+    assert await status_of(app, created.secret.get_secret_value()) == (200, None)
+    rotated = await gate.manager.rotate(created.key.id, grace=0)
+    assert await status_of(app, created.secret.get_secret_value()) == (401, "expired_api_key")
+    assert await status_of(app, rotated.secret.get_secret_value()) == (200, None)
+
+
+@pytest.mark.parametrize(
+    ("grace", "seconds"),
+    [(timedelta(minutes=5), 300), (90, 90), (0.5, 0.5)],
+    ids=["timedelta", "int", "float"],
+)
+async def test_rotation_grace_takes_durations_and_seconds(
+    manager: KeyManager, clock: ManualClock, grace: timedelta | float, seconds: float
+) -> None:
+    """The grace may be a timedelta or a number of seconds."""
+    created = await manager.create(SETTINGS)
+    rotated = await manager.rotate(created.key.id, grace=grace)
+    assert rotated.previous.expires_at == to_datetime(clock.now + seconds)
+
+
+async def test_rotation_never_extends_an_earlier_expiry(
+    manager: KeyManager, clock: ManualClock
+) -> None:
+    """A key that expires before the grace would end keeps its own expiry, and so does its
+    successor."""
+    expires = to_datetime(clock.now + 600)
+    created = await manager.create({**SETTINGS, "expires_at": expires})
+    rotated = await manager.rotate(created.key.id)
+    assert rotated.previous.expires_at == expires
+    assert rotated.key.expires_at == expires
+
+
+async def test_rotating_a_successor_continues_the_chain(manager: KeyManager) -> None:
+    """The successor can itself be rotated; each record links to its neighbours."""
+    first = await manager.create(SETTINGS)
+    second = await manager.rotate(first.key.id)
+    third = await manager.rotate(second.key.id)
+    assert third.previous.replaces == first.key.id
+    assert third.previous.replaced_by == third.key.id
+    assert third.key.replaces == second.key.id
+
+
+async def test_rotating_a_revoked_key_is_refused(manager: KeyManager) -> None:
+    """A revoked key cannot be rotated, and nothing is issued."""
+    created = await manager.create(SETTINGS)
+    await manager.revoke(created.key.id)
+    with pytest.raises(RotationRefused, match="revoked") as caught:
+        await manager.rotate(created.key.id)
+    assert caught.value.reason == "revoked"
+    assert [k.id for k in (await manager.list()).keys] == [created.key.id]
+
+
+async def test_rotating_a_rotated_key_is_refused(manager: KeyManager) -> None:
+    """A key that already has a successor cannot be rotated again; the message names the
+    successor."""
+    created = await manager.create(SETTINGS)
+    rotated = await manager.rotate(created.key.id)
+    with pytest.raises(RotationRefused) as caught:
+        await manager.rotate(created.key.id)
+    assert caught.value.reason == "rotated"
+    assert rotated.key.id in str(caught.value)
+    assert len((await manager.list()).keys) == 2
+
+
+async def test_rotating_an_expired_key_is_refused(manager: KeyManager, clock: ManualClock) -> None:
+    """An expired key cannot be rotated: its successor would be born expired."""
+    created = await manager.create({**SETTINGS, "expires_at": to_datetime(clock.now + 1)})
+    clock.advance(1)
+    with pytest.raises(RotationRefused) as caught:
+        await manager.rotate(created.key.id)
+    assert caught.value.reason == "expired"
+
+
+async def test_rotating_an_unknown_key_is_key_not_found(manager: KeyManager) -> None:
+    """Rotating an id no key has is KeyNotFound."""
+    with pytest.raises(KeyNotFound):
+        await manager.rotate("key_0000000000nothinghere")
+
+
+@pytest.mark.parametrize(
+    "grace",
+    [-1, timedelta(seconds=-1), timedelta(days=366), float("nan"), float("inf"), True, "24h"],
+    ids=["negative", "negative-timedelta", "too-long", "nan", "inf", "bool", "text"],
+)
+async def test_rotation_grace_is_validated(manager: KeyManager, grace: Any) -> None:
+    """A negative, endless, too long or non-numeric grace is a KeyValidationError on grace."""
+    created = await manager.create(SETTINGS)
+    with pytest.raises(KeyValidationError) as caught:
+        await manager.rotate(created.key.id, grace=grace)
+    assert set(problems(caught)) == {"grace"}
+
+
+async def test_rotation_logs_never_show_a_secret(
+    manager: KeyManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Creating, updating, rotating and revoking log ids and hints, never a secret."""
+    caplog.set_level(logging.DEBUG)
+    created = await manager.create(SETTINGS)
+    await manager.update(created.key.id, name="renamed")
+    rotated = await manager.rotate(created.key.id)
+    await manager.revoke(rotated.key.id)
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert created.key.id in text and rotated.key.id in text
+    for secret in (created.secret, rotated.secret):
+        assert secret.get_secret_value() not in text
+        assert secret.get_secret_value()[5:20] not in text
+
+
+# -- usage -----------------------------------------------------------------------------------
+
+
+async def test_usage_is_an_honest_zero_summary(manager: KeyManager) -> None:
+    """Until usage is read from the recorder, a summary says it has nothing recorded and
+    every figure is zero."""
+    created = await manager.create(SETTINGS)
+    one = await manager.usage(created.key.id)
+    everything = await manager.usage()
+    assert isinstance(one, UsageSummary)
+    assert (one.key_id, everything.key_id) == (created.key.id, None)
+    for summary in (one, everything):
+        assert not summary.recorded and summary.note
+        assert set(summary.totals.model_dump().values()) == {0}
+        assert summary.last_used_at is None
+
+
+async def test_usage_of_an_unknown_key_is_key_not_found(manager: KeyManager) -> None:
+    """The usage of an id no key has is KeyNotFound."""
+    with pytest.raises(KeyNotFound):
+        await manager.usage("key_0000000000nothinghere")
