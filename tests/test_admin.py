@@ -487,17 +487,25 @@ async def test_rotating_a_revoked_or_rotated_key_is_409(admin: Admin) -> None:
 # -- usage -----------------------------------------------------------------------------------
 
 
-async def test_usage_endpoints_answer_an_honest_zero_summary(admin: Admin) -> None:
-    """GET /usage and GET /{id}/usage answer summaries that say nothing is recorded yet."""
+async def test_usage_endpoints_answer_the_reports(admin: Admin) -> None:
+    """GET /{id}/usage answers the key's report (totals, series, busiest IPs, last use) and
+    GET /usage every key's totals; bad query parameters are a 422."""
     created = await admin.create()
-    one = await admin.request("GET", f"/{created['key']['id']}/usage")
+    key_id = created["key"]["id"]
+    one = await admin.request("GET", f"/{key_id}/usage")
+    days = await admin.request(
+        "GET", f"/{key_id}/usage?granularity=day&start=2020-01-01T00:00:00Z"
+    )
     everything = await admin.request("GET", "/usage")
-    assert one.status_code == everything.status_code == 200
-    assert one.json()["key_id"] == created["key"]["id"]
-    assert everything.json()["key_id"] is None
-    for body in (one.json(), everything.json()):
-        assert body["recorded"] is False and body["note"]
-        assert set(body["totals"].values()) == {0}
+    assert one.status_code == days.status_code == everything.status_code == 200
+    body = one.json()
+    assert body["key_id"] == key_id
+    assert {"totals", "all_time", "series", "top_ips", "top_origins", "last_use"} <= set(body)
+    assert days.json()["granularity"] == "day"
+    assert "keys" in everything.json()
+    for query in ("granularity=week", "start=yesterday", "start=2027-01-01T00:00:00", "x=1"):
+        bad = await admin.request("GET", f"/{key_id}/usage?{query}")
+        assert bad.status_code == 422, query
 
 
 # -- scopes ----------------------------------------------------------------------------------

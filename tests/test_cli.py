@@ -313,13 +313,19 @@ async def test_rotate_json_and_default_grace(manager: KeyManager, clock: ManualC
     assert body["key"]["replaces"] == created["key"]["id"]
 
 
-async def test_usage_says_nothing_is_recorded_yet(manager: KeyManager) -> None:
-    """usage reports zero figures and says why; an unknown key exits 1."""
+async def test_usage_shows_what_was_recorded(manager: KeyManager) -> None:
+    """usage KEY prints the key's all-time figures; usage lists keys; unknown keys exit 1."""
     created = await run_json(manager, "keys", "create", "--name", "n", "--type", "dev")
-    code, out, _ = await run(manager, "usage", created["key"]["id"])
-    assert code == 0 and "note:" in out and "requests       0" in out
+    key_id = created["key"]["id"]
+    manager.usage_recorder.record(key_id, 200, 5, 50, ip="10.9.8.7")
+    manager.usage_recorder.record(key_id, 500, 0, 0, ip="10.9.8.7")
+    code, out, _ = await run(manager, "usage", key_id)
+    assert code == 0
+    assert "requests          2" in out
+    assert "errors 5xx        1" in out
+    assert "10.9.8.7" in out
     everything = await run_json(manager, "usage")
-    assert everything["key_id"] is None and everything["recorded"] is False
+    assert key_id in [k["key_id"] for k in everything["keys"]]
     assert (await run(manager, "usage", UNKNOWN))[0] == 1
 
 

@@ -32,9 +32,10 @@ from keygate import (
 from keygate import manager as manager_module
 from keygate.clock import to_datetime
 from keygate.gate import KeyGate
-from keygate.manager import DEFAULT_GRACE, UsageSummary, decode_cursor, encode_cursor
+from keygate.manager import DEFAULT_GRACE, decode_cursor, encode_cursor
 from keygate.middleware import KeyGateMiddleware
 from keygate.stores import KeyStore
+from keygate.usage import UsageOverview, UsageRecorder, UsageReport
 
 ORIGINS = ["https://app.example.com"]
 SETTINGS: dict[str, Any] = {
@@ -603,18 +604,31 @@ async def test_rotation_logs_never_show_a_secret(
 # -- usage -----------------------------------------------------------------------------------
 
 
-async def test_usage_is_an_honest_zero_summary(manager: KeyManager) -> None:
-    """Until usage is read from the recorder, a summary says it has nothing recorded and
-    every figure is zero."""
+async def test_usage_reads_what_was_recorded(manager: KeyManager, clock: ManualClock) -> None:
+    """usage(id) reports what the recorder counted for that key (flushed first); usage()
+    lists every key with recorded usage."""
     created = await manager.create(SETTINGS)
+    other = await manager.create(SETTINGS)
+    recorder: UsageRecorder = manager.usage_recorder
+    recorder._clock = clock
+    for status in (200, 200, 404, 503):
+        recorder.record(created.key.id, status, 10, 100, ip="10.0.0.1", now=clock())
+    recorder.record(other.key.id, 200, 1, 2, now=clock())
     one = await manager.usage(created.key.id)
+    assert isinstance(one, UsageReport)
+    assert (one.key_id, one.totals.requests, one.all_time.requests) == (created.key.id, 4, 4)
+    assert (one.all_time.errors_4xx, one.all_time.errors_5xx) == (1, 1)
+    assert (one.all_time.bytes_in, one.all_time.bytes_out) == (40, 400)
+    assert one.last_use.ip == "10.0.0.1"
+    assert len(one.series) == 1
     everything = await manager.usage()
-    assert isinstance(one, UsageSummary)
-    assert (one.key_id, everything.key_id) == (created.key.id, None)
-    for summary in (one, everything):
-        assert not summary.recorded and summary.note
-        assert set(summary.totals.model_dump().values()) == {0}
-        assert summary.last_used_at is None
+    assert isinstance(everything, UsageOverview)
+    assert {k.key_id for k in everything.keys} >= {created.key.id, other.key.id}
+    days = await manager.usage(created.key.id, granularity="day")
+    assert isinstance(days, UsageReport)
+    assert days.totals.requests == 4
+    with pytest.raises(KeyValidationError, match="granularity"):
+        await manager.usage(created.key.id, granularity="week")  # type: ignore[arg-type]
 
 
 async def test_usage_of_an_unknown_key_is_key_not_found(manager: KeyManager) -> None:

@@ -42,6 +42,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
@@ -308,10 +309,43 @@ class AdminAPI:
     async def usage(self, request: Request) -> Response:
         async def handle() -> Response:
             key_id = request.path_params.get("key_id")
-            report = await self.manager.usage(key_id)
+            params = request.query_params
+            errors = [
+                FieldError(name, "unknown query parameter")
+                for name in params
+                if name not in ("granularity", "start", "end") or key_id is None
+            ]
+            granularity = params.get("granularity", "minute")
+            if granularity not in ("minute", "day"):
+                errors.append(FieldError("granularity", "must be 'minute' or 'day'"))
+            start, end = _time_param(params, "start", errors), _time_param(params, "end", errors)
+            if errors:
+                raise KeyValidationError(errors)
+            report = await self.manager.usage(
+                key_id,
+                start=start,
+                end=end,
+                granularity="day" if granularity == "day" else "minute",
+            )
             return JSONResponse(report.model_dump(mode="json"))
 
         return await self._answer(handle)
+
+
+def _time_param(params: Mapping[str, str], name: str, errors: list[FieldError]) -> datetime | None:
+    """An ISO 8601 time with a zone from the query string, or None when absent."""
+    text = params.get(name)
+    if text is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        errors.append(FieldError(name, "must be an ISO 8601 time such as 2027-01-01T00:00:00Z"))
+        return None
+    if moment.tzinfo is None:
+        errors.append(FieldError(name, "needs a time zone, such as Z"))
+        return None
+    return moment
 
 
 def _guarded(

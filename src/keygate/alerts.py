@@ -34,7 +34,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from keygate.clock import Clock, system_clock, to_datetime, to_timestamp
-from keygate.models import ApiKey, KeyPolicy, KeyType
+from keygate.models import ApiKey, KeyPolicy
 from keygate.usage import ERRORS_4XX, ERRORS_5XX, INACTIVE, REQUESTS, UsageBatch
 
 __all__ = ["Alert", "AlertRules", "Alerter", "MemoryAlertState", "RedisAlertState"]
@@ -71,14 +71,18 @@ class AlertRules(BaseModel):
     cooldown: float = 3600.0
 
 
+_MAX_KNOWN = 10_000  # addresses remembered per key; past that, no new-IP alerts
+
+
 class AlertState(Protocol):
     """Cool-downs and the addresses each production key has used."""
 
     async def claim(self, name: str, cooldown: float) -> bool:
         """True for the first caller per ``name`` in each ``cooldown`` window."""
 
-    async def new_address(self, key_id: str, ip: str) -> bool:
-        """Whether ``ip`` is new for this key (False for the very first one)."""
+    async def new_addresses(self, seen: dict[str, set[str]]) -> dict[str, list[str]]:
+        """Note the addresses each key was seen using; for each key, those that are new.
+        The addresses of a key's very first batch are its baseline, never "new"."""
 
 
 class MemoryAlertState:
@@ -99,12 +103,20 @@ class MemoryAlertState:
         self._until[name] = now + cooldown
         return True
 
-    async def new_address(self, key_id: str, ip: str) -> bool:
-        seen = self._seen.setdefault(key_id, set())
-        if ip in seen or len(seen) >= 10_000:
-            return False
-        seen.add(ip)
-        return len(seen) > 1
+    async def new_addresses(self, seen: dict[str, set[str]]) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for key_id, ips in seen.items():
+            known = self._seen.get(key_id)
+            if known is None:
+                if len(self._seen) >= self._max:
+                    continue
+                self._seen[key_id] = set(ips)  # the baseline
+                continue
+            fresh = sorted(ip for ip in ips if ip not in known)
+            if fresh and len(known) < _MAX_KNOWN:
+                known.update(fresh)
+                out[key_id] = fresh
+        return out
 
 
 class RedisAlertState:
@@ -119,14 +131,27 @@ class RedisAlertState:
         redis_key = f"{self.namespace}:alert:{{{key_id}}}:{rule}"
         return bool(await self.client.set(redis_key, b"1", nx=True, px=int(cooldown * 1000)))
 
-    async def new_address(self, key_id: str, ip: str) -> bool:
-        name = f"{self.namespace}:usage:{{{key_id}}}:seen_ips"
-        async with self.client.pipeline(transaction=False) as pipe:
-            pipe.sadd(name, ip)
-            pipe.scard(name)
-            pipe.expire(name, 90 * 86_400)
-            added, size, _ = await pipe.execute()
-        return bool(added) and int(size) > 1
+    async def new_addresses(self, seen: dict[str, set[str]]) -> dict[str, list[str]]:
+        if not seen:
+            return {}
+        plan = [(key_id, sorted(ips)) for key_id, ips in seen.items()]
+        async with self.client.pipeline(transaction=False) as pipe:  # one round trip
+            for key_id, ips in plan:
+                name = f"{self.namespace}:usage:{{{key_id}}}:seen_ips"
+                pipe.scard(name)
+                for ip in ips:
+                    pipe.sadd(name, ip)
+                pipe.expire(name, 90 * 86_400)
+            replies = await pipe.execute()
+        out: dict[str, list[str]] = {}
+        position = 0
+        for key_id, ips in plan:
+            before = int(replies[position])
+            added = [ip for ip, r in zip(ips, replies[position + 1 :], strict=False) if r]
+            position += len(ips) + 2
+            if before and added and before < _MAX_KNOWN:
+                out[key_id] = [ip for ip in ips if ip in added]
+        return out
 
 
 class Alerter:
@@ -165,7 +190,9 @@ class Alerter:
     def quota_spent(self, key_id: str, before: int, after: int, quota: int) -> None:
         """Note a token spend; thresholds it crossed fire at the next flush."""
         if quota > 0 and self.rules.quota_thresholds:
-            self._quota.append((key_id, before, after, quota))
+            crossed = any(before < t * quota <= after for t in self.rules.quota_thresholds)
+            if crossed and len(self._quota) < 10_000:  # bounded while flushes fail
+                self._quota.append((key_id, before, after, quota))
 
     async def on_flush(self, batch: UsageBatch, touched: dict[tuple[str, int], list[int]]) -> None:
         rules = self.rules
@@ -199,42 +226,25 @@ class Alerter:
                     "a revoked or expired key is still being used",
                     {"attempts": counts[INACTIVE]},
                 )
-        seen: set[str] = set()
-        for key_id, last in batch.last.items():
-            if key_id in seen:
-                continue
-            seen.add(key_id)
-            if not (rules.new_ip_for_prod or rules.rotation_due) or last[0] is None:
-                continue
-            record = await self.lookup(key_id)
-            if record is None:
-                continue
-            if (
-                rules.new_ip_for_prod
-                and record.type is KeyType.PROD
-                and last[1]
-                and await self.state.new_address(key_id, last[1])
-            ):
-                await self._fire(
-                    f"new_ip:{last[1]}",
-                    key_id,
-                    f"the production key was used from a new address {last[1]}",
-                    {"ip": last[1]},
-                    rule="new_ip",
-                )
-            age = self.policy[record.type].rotation_age
-            if (
-                rules.rotation_due
-                and age is not None
-                and record.replaced_by is None
-                and now - to_timestamp(record.created_at) > age.total_seconds()
-            ):
-                await self._fire(
-                    "rotation_due",
-                    key_id,
-                    f"the key is older than its type's rotation age ({age.days} days)",
-                    {"created_at": record.created_at.isoformat()},
-                )
+        if rules.new_ip_for_prod:
+            # Every address a production key used since the last flush, in one round trip.
+            try:
+                fresh = await self.state.new_addresses(batch.seen_ips)
+            except (RedisError, OSError) as exc:
+                logger.warning("alert state unavailable (%s)", type(exc).__name__)
+                fresh = {}
+            for key_id, ips in fresh.items():
+                for ip in ips:
+                    await self._fire(
+                        f"new_ip:{ip}",
+                        key_id,
+                        f"the production key was used from a new address {ip}",
+                        {"ip": ip},
+                        rule="new_ip",
+                    )
+        if rules.rotation_due:
+            for key_id in batch.last:
+                await self._check_rotation(key_id, now)
         pending, self._quota = self._quota, []
         for key_id, before, after, quota in pending:
             for threshold in rules.quota_thresholds:
@@ -248,6 +258,21 @@ class Alerter:
                         {"used": after, "quota": quota},
                         rule="quota",
                     )
+
+    async def _check_rotation(self, key_id: str, now: float) -> None:
+        """A key past its type's rotation age (its record comes from the cache, where the
+        middleware keeps every active key)."""
+        record = await self.lookup(key_id)
+        if record is None or record.replaced_by is not None:
+            return
+        age = self.policy[record.type].rotation_age
+        if age is not None and now - to_timestamp(record.created_at) > age.total_seconds():
+            await self._fire(
+                "rotation_due",
+                key_id,
+                f"the key is older than its type's rotation age ({age.days} days)",
+                {"created_at": record.created_at.isoformat()},
+            )
 
     async def _fire(
         self, name: str, key_id: str, message: str, details: dict[str, Any], rule: str = ""

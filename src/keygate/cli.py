@@ -50,6 +50,7 @@ from keygate.models import DEFAULT_POLICY, ApiKey
 from keygate.scan import Finding, ScanProblem, scan_paths
 from keygate.settings import KeyGateSettings
 from keygate.stores import RedisStore
+from keygate.usage import UsageOverview
 
 __all__ = ["build_parser", "execute", "main"]
 
@@ -588,12 +589,28 @@ async def _usage(args: argparse.Namespace, manager: KeyManager, out: TextIO) -> 
     if args.json:
         _dump(out, report.model_dump(mode="json"))
         return 0
-    out.write(f"usage of {report.key_id or 'all keys'}\n")
-    if report.note:
-        out.write(f"note: {report.note}\n")
-    for name, value in report.totals.model_dump().items():
-        out.write(f"{name.replace('_', ' '):<15}{value:,}\n")
-    out.write(f"{'last used':<15}{_when(report.last_used_at, 'never')}\n")
+    if isinstance(report, UsageOverview):
+        out.write(f"usage of all keys ({len(report.keys)} with recorded usage)\n")
+        out.write(f"{'key':<26}{'requests':>10}{'errors':>9}{'tokens':>12}  last used\n")
+        for item in report.keys:
+            totals = item.totals
+            errors = totals.errors_4xx + totals.errors_5xx
+            out.write(
+                f"{item.key_id:<26}{totals.requests:>10,}{errors:>9,}{totals.tokens:>12,}"
+                f"  {_when(item.last_use.at, 'never')}\n"
+            )
+        return 0
+    out.write(f"usage of {report.key_id} (all time; the last hour by minute: --json)\n")
+    for name, value in report.all_time.model_dump().items():
+        out.write(f"{name.replace('_', ' '):<18}{value:,}\n")
+    last = report.last_use
+    where = ", ".join(x for x in (last.ip, last.origin) if x)
+    out.write(f"{'last used':<18}{_when(last.at, 'never')}{f' from {where}' if where else ''}\n")
+    if last.inactive_attempt_at is not None:
+        out.write(f"{'last refused try':<18}{_when(last.inactive_attempt_at, 'never')}\n")
+    for title, table in (("busiest IPs", report.top_ips), ("busiest origins", report.top_origins)):
+        if table:
+            out.write(f"{title}: " + ", ".join(f"{k} ({v:,})" for k, v in table.items()) + "\n")
     return 0
 
 

@@ -31,7 +31,14 @@ from keygate.quotas import MemoryQuotaStore, Quotas, QuotaStore, RedisQuotaStore
 from keygate.ratelimit import Limiter, LimitSet, MemoryLimiter, RedisLimiter, limit_set
 from keygate.settings import KeyGateSettings
 from keygate.stores import CachedStore, KeyStore, MemoryStore, RedisStore, open_store
-from keygate.usage import MemoryUsageStore, RedisUsageStore, UsageRecorder, UsageStore
+from keygate.usage import (
+    BY_CLIENT,
+    WATCH_IPS,
+    MemoryUsageStore,
+    RedisUsageStore,
+    UsageRecorder,
+    UsageStore,
+)
 
 __all__ = ["KeyGate", "KeyUser", "Principal"]
 
@@ -70,11 +77,11 @@ class Principal:
         "auth",
         "catalogue",
         "expires",
+        "ip_mode",
         "key",
         "limits",
         "networks",
         "origins",
-        "per_client",
         "restricted",
         "scopes",
         "user",
@@ -94,7 +101,9 @@ class Principal:
         self.networks = tuple(parse_ip_entry(n) for n in key.allowed_ips)
         self._origin_memo: dict[bytes, bool] = {}
         self.restricted = bool(self.origins or self.networks)
-        self.per_client = key.type is KeyType.CLIENT  # usage by IP and origin too
+        # Usage: client keys are counted by IP and origin; production keys' addresses are
+        # watched for the new-IP alert.
+        self.ip_mode = {KeyType.CLIENT: BY_CLIENT, KeyType.PROD: WATCH_IPS}.get(key.type, 0)
 
     def origin_ok(self, value: bytes) -> bool:
         """Whether this key's allowed origins match an ``Origin`` header value."""
@@ -173,7 +182,6 @@ class KeyGate:
         self.policy = policy
         self.clock = clock
         self.lookup_timeout = lookup_timeout
-        self.manager = KeyManager(cached, self.hasher, policy=policy, clock=clock)
         self.limiter = limiter if limiter is not None else _limiter(cached.store, settings, clock)
         quota_store: QuotaStore = (
             RedisQuotaStore(cached.store.client, namespace=cached.store.namespace)
@@ -201,7 +209,7 @@ class KeyGate:
                 day_retention=settings.usage_day_retention,
                 top_n=settings.usage_top_n,
             )
-            alert_state = MemoryAlertState()
+            alert_state = MemoryAlertState(clock=clock)
         self.usage = UsageRecorder(
             usage_store,
             clock=clock,
@@ -212,12 +220,15 @@ class KeyGate:
         self.alerts = Alerter(
             alert_rules or AlertRules(),
             alert_state,
-            cached.get,
+            cached.get_cached,
             policy,
             clock=clock,
             webhook_url=settings.alert_webhook_url,
         )
         self.usage.on_flush.append(self.alerts.on_flush)
+        self.manager = KeyManager(
+            cached, self.hasher, policy=policy, clock=clock, usage=self.usage
+        )
         self.quotas.usage = self.usage
         self.quotas.alerts = self.alerts
 

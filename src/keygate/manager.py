@@ -21,21 +21,34 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import SecretStr, ValidationError
+from redis.exceptions import RedisError
 
 from keygate import keys
 from keygate.clock import Clock, system_clock, to_datetime
-from keygate.exceptions import FieldError, KeyNotFound, KeyValidationError, RotationRefused
+from keygate.exceptions import (
+    FieldError,
+    KeyNotFound,
+    KeyValidationError,
+    RotationRefused,
+    StoreUnavailable,
+)
 from keygate.models import (
     DEFAULT_POLICY,
     ApiKey,
     KeyPolicy,
     KeySettings,
     KeyType,
-    UTCDatetime,
     _field_errors,
 )
 from keygate.stores.protocol import KeyStore
+from keygate.usage import (
+    Granularity,
+    UsageOverview,
+    UsageRecorder,
+    UsageReport,
+    usage_store_for,
+)
 
 __all__ = [
     "DEFAULT_GRACE",
@@ -46,8 +59,6 @@ __all__ = [
     "KeyPage",
     "KeyStatus",
     "RotatedKey",
-    "UsageCounts",
-    "UsageSummary",
     "key_status",
     "record_json",
 ]
@@ -155,38 +166,6 @@ class KeyPage:
     next: str | None
 
 
-class UsageCounts(BaseModel):
-    """Usage counters of SPEC §7."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    requests: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
-    errors_4xx: int = 0
-    errors_5xx: int = 0
-    rate_limited: int = 0
-    quota_exceeded: int = 0
-    tokens: int = 0
-
-
-class UsageSummary(BaseModel):
-    """The usage of one key (``key_id``) or of all keys (``key_id`` is ``None``).
-
-    A placeholder until the management API reads :mod:`keygate.usage`: the summary says so
-    (``recorded`` is false, ``note`` explains) and every figure is zero — never an invented
-    number.
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    key_id: str | None = None
-    totals: UsageCounts = Field(default_factory=UsageCounts)
-    last_used_at: UTCDatetime = None
-    recorded: bool = False
-    note: str | None = "usage is not recorded by this version of keygate yet; every figure is zero"
-
-
 def record_json(key: ApiKey) -> dict[str, Any]:
     """A key record as the SPEC's JSON object: times ISO 8601 UTC, absent values null."""
     data = key.model_dump(mode="json")
@@ -242,11 +221,15 @@ class KeyManager:
         *,
         policy: KeyPolicy = DEFAULT_POLICY,
         clock: Clock = system_clock,
+        usage: UsageRecorder | None = None,
     ) -> None:
         self.store = store
         self.hasher = hasher
         self.policy = policy
         self.clock = clock
+        # The gate's recorder (its buffer is flushed before a report), or a reader of what
+        # other processes recorded in the same Redis.
+        self.usage_recorder = usage or UsageRecorder(usage_store_for(store), clock=clock)
         self._writing = asyncio.Lock()
 
     def now(self) -> datetime:
@@ -478,10 +461,29 @@ class KeyManager:
         )
         return RotatedKey(created.key, created.secret, previous)
 
-    async def usage(self, key_id: str | None = None) -> UsageSummary:
-        """The usage report of one key (:class:`KeyNotFound` if there is no such key), or of
-        all keys when ``key_id`` is ``None``. See :class:`UsageSummary`: until usage recording
-        lands, the figures are zero and the report says so."""
+    async def usage(
+        self,
+        key_id: str | None = None,
+        *,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        granularity: Granularity = "minute",
+    ) -> UsageReport | UsageOverview:
+        """One key's usage report (:class:`KeyNotFound` if there is no such key): totals
+        and a series over ``start``..``end`` at ``granularity``, all-time totals, the busiest
+        IPs and origins, last use. Without ``key_id``: every key's totals and last use."""
+        if granularity not in ("minute", "day"):
+            raise KeyValidationError.single("granularity", "must be 'minute' or 'day'")
         if key_id is not None:
             await self.get(key_id)
-        return UsageSummary(key_id=key_id)
+        await self.usage_recorder.flush()  # what this process counted, up to now
+        try:
+            if key_id is None:
+                return await self.usage_recorder.overview()
+            return await self.usage_recorder.report(
+                key_id, start=start, end=end, granularity=granularity
+            )
+        except ValueError as exc:
+            raise KeyValidationError.single("end", str(exc)) from None
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"usage cannot be read: {type(exc).__name__}") from exc

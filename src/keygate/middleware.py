@@ -197,8 +197,8 @@ class KeyGateMiddleware:
                     meter.bytes_in,
                     meter.bytes_out,
                     ip,
-                    extra[0][1].decode("latin-1") if extra else None,
-                    principal.per_client,
+                    extra[0][1].decode("latin-1") if extra else None,  # CORS headers lead
+                    principal.ip_mode,
                     now,
                 )
 
@@ -310,9 +310,9 @@ class KeyGateMiddleware:
         origin the preflight policy allows gets the CORS headers, so it can read why. With
         ``principal``, the refusal counts in the key's usage."""
         if principal is not None and self._usage is not None:
-            used_from = None
-            if headers and headers[0][0] == b"access-control-allow-origin":
-                used_from = headers[0][1].decode("latin-1")
+            used_from = next(
+                (v.decode("latin-1") for k, v in headers or () if k == _ALLOW_ORIGIN), None
+            )
             self._usage.record(
                 principal.key.id,
                 refusal.status,
@@ -320,7 +320,8 @@ class KeyGateMiddleware:
                 len(refusal.body),
                 ip=self._ip(scope),
                 origin=used_from,
-                per_client=principal.per_client,
+                ip_mode=principal.ip_mode,
+                rate_limited=refusal is self.refusals.rate_limited,
             )
         if scope["type"] == "websocket":
             # Closing before accepting refuses the handshake; 1008 = policy violation.
@@ -364,6 +365,7 @@ class KeyGateMiddleware:
 
 
 _NO_HEADERS: Headers = []
+_ALLOW_ORIGIN = b"access-control-allow-origin"
 
 
 class _Meter:

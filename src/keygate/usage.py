@@ -20,7 +20,8 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections import Counter
+import secrets
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Literal, Protocol
@@ -32,17 +33,21 @@ from redis.exceptions import RedisError
 from keygate.clock import Clock, system_clock, to_datetime, to_timestamp
 
 __all__ = [
+    "BY_CLIENT",
     "FIELDS",
+    "WATCH_IPS",
+    "KeyUsage",
     "LastUse",
     "MemoryUsageStore",
     "RedisUsageStore",
     "UsageBatch",
+    "UsageOverview",
     "UsagePoint",
     "UsageRecorder",
     "UsageReport",
     "UsageStore",
     "UsageTotals",
-    "stores_for",
+    "usage_store_for",
 ]
 
 logger = logging.getLogger("keygate.usage")
@@ -135,23 +140,47 @@ class UsageReport(BaseModel):
     last_use: LastUse
 
 
+class KeyUsage(BaseModel):
+    """One key's all-time totals and last use, in an overview."""
+
+    model_config = ConfigDict(frozen=True)
+
+    key_id: str
+    totals: UsageTotals
+    last_use: LastUse
+
+
+class UsageOverview(BaseModel):
+    """Every key with recorded usage (the most recently active first, at most ``limit``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    keys: list[KeyUsage]
+    totals: UsageTotals
+
+
 # -- what a flush carries -------------------------------------------------------------------
 
 
-# A bucket row: the FIELDS counters, then the last use seen in that minute.
-_AT, _IP, _ORIGIN, _INACTIVE_AT = range(_N, _N + 4)
+# A bucket row: the FIELDS counters, then the last use seen in that minute, then the
+# addresses a watched key used that minute (a set, or None).
+_AT, _IP, _ORIGIN, _INACTIVE_AT, _SEEN = range(_N, _N + 5)
+_MAX_SEEN = 64
+BY_CLIENT = 1  # record(ip_mode=...): count by IP and origin (client keys)
+WATCH_IPS = 2  # record(ip_mode=...): note the addresses used (production keys)
 
 
 def _row() -> list[Any]:
-    return [0] * _N + [None, None, None, None]
+    return [0] * _N + [None, None, None, None, None]
 
 
 class UsageBatch:
     """Counts gathered since the last flush: per minute, per key, one row each."""
 
-    __slots__ = ("ips", "minutes", "origins", "rows")
+    __slots__ = ("id", "ips", "minutes", "origins", "rows")
 
     def __init__(self) -> None:
+        self.id = secrets.token_hex(8)  # what makes a retried write idempotent
         self.minutes: dict[int, dict[str, list[Any]]] = {}
         self.rows = 0  # key-minutes held (the buffer's bound counts these)
         self.ips: dict[str, Counter[str]] = {}
@@ -182,6 +211,16 @@ class UsageBatch:
                     mine[3] = row[_INACTIVE_AT]
         return out
 
+    @property
+    def seen_ips(self) -> dict[str, set[str]]:
+        """key id -> the addresses a watched key used since the last flush."""
+        out: dict[str, set[str]] = {}
+        for table in self.minutes.values():
+            for key_id, row in table.items():
+                if row[_SEEN]:
+                    out.setdefault(key_id, set()).update(row[_SEEN])
+        return out
+
     def requests(self) -> int:
         return sum(c[REQUESTS] + c[INACTIVE] for c in self.buckets.values())
 
@@ -193,9 +232,12 @@ class UsageBatch:
             self.rows += 1
         return row
 
-    def merge(self, other: UsageBatch, limit: int | None = None) -> int:
-        """Add ``other``'s counts into this batch; rows beyond ``limit`` are not taken.
-        Returns the requests those rows held (what was dropped)."""
+    def merge(
+        self, other: UsageBatch, limit: int | None = None, table_cap: int | None = None
+    ) -> int:
+        """Add ``other``'s counts into this batch; rows beyond ``limit`` are not taken, and
+        per-IP/origin tables keep their ``table_cap`` busiest. Returns the requests the
+        rows not taken held (what was dropped)."""
         lost = 0
         for minute, table in other.minutes.items():
             for key_id, row in table.items():
@@ -213,9 +255,14 @@ class UsageBatch:
                     mine[_INACTIVE_AT] is None or row[_INACTIVE_AT] >= mine[_INACTIVE_AT]
                 ):
                     mine[_INACTIVE_AT] = row[_INACTIVE_AT]
+                if row[_SEEN]:
+                    mine[_SEEN] = set(list((mine[_SEEN] or set()) | row[_SEEN])[:_MAX_SEEN])
         for table_mine, source in ((self.ips, other.ips), (self.origins, other.origins)):
             for key_id, counter in source.items():
-                table_mine.setdefault(key_id, Counter()).update(counter)
+                mine_counter = table_mine.setdefault(key_id, Counter())
+                mine_counter.update(counter)
+                if table_cap is not None and len(mine_counter) > table_cap:
+                    table_mine[key_id] = Counter(dict(mine_counter.most_common(table_cap)))
         return lost
 
 
@@ -228,7 +275,7 @@ class UsageStore(Protocol):
     async def series(
         self, key_id: str, start: float, end: float, granularity: Granularity
     ) -> list[tuple[int, list[int]]]:
-        """(bucket start, counts) for the non-empty buckets in [start, end)."""
+        """(bucket start, counts) for the non-empty buckets starting in [start, end)."""
 
     async def totals(self, key_id: str) -> list[int]: ...
 
@@ -238,8 +285,8 @@ class UsageStore(Protocol):
 
     async def last_use(self, key_id: str) -> LastUse: ...
 
-    async def keys(self) -> list[str]:
-        """The ids of keys with recorded usage."""
+    async def keys(self, limit: int = 1000) -> list[str]:
+        """The ids of keys with recorded usage, the most recently active first."""
 
 
 class MemoryUsageStore:
@@ -262,8 +309,14 @@ class MemoryUsageStore:
         self._totals: dict[str, list[int]] = {}
         self._last: dict[str, list[Any]] = {}
         self._top: dict[tuple[str, str], Counter[str]] = {}
+        self._applied: OrderedDict[str, None] = OrderedDict()  # recent batch ids
 
     async def write(self, batch: UsageBatch) -> dict[tuple[str, int], list[int]]:
+        if batch.id in self._applied:
+            return {}
+        self._applied[batch.id] = None
+        while len(self._applied) > 1000:
+            self._applied.popitem(last=False)
         now = self._clock()
         touched: dict[tuple[str, int], list[int]] = {}
         for (key_id, minute), counts in batch.buckets.items():
@@ -317,8 +370,12 @@ class MemoryUsageStore:
     async def last_use(self, key_id: str) -> LastUse:
         return _last_use(self._last.get(key_id))
 
-    async def keys(self) -> list[str]:
-        return sorted(self._totals)
+    async def keys(self, limit: int = 1000) -> list[str]:
+        def last(key_id: str) -> float:
+            row = self._last.get(key_id)
+            return float(row[0] or row[3] or 0) if row else 0.0
+
+        return sorted(self._totals, key=last, reverse=True)[:limit]
 
 
 def _last_use(raw: Sequence[Any] | None) -> LastUse:
@@ -331,6 +388,72 @@ def _last_use(raw: Sequence[Any] | None) -> LastUse:
         origin=origin or None,
         inactive_attempt_at=None if inactive is None else to_datetime(float(inactive)),
     )
+
+
+# One key's share of a flush, applied at most once per batch id (KEYS[1] is the batch's
+# marker: a retried flush whose first reply was lost finds it set and adds nothing).
+# KEYS: marker, total, ips, origins, then an hour and a day hash per minute bucket.
+# ARGV: marker ms, hour ttl, day ttl, total ttl, top n, number of buckets; per bucket the
+# minute and the counters; last use (at, ip, origin, inactive at; '' = none); the per-IP
+# then the per-origin table as a count followed by member, count pairs.
+# Returns each bucket's minute totals after the write.
+_WRITE = """
+local fields = {'requests', 'bytes_in', 'bytes_out', 'errors_4xx', 'errors_5xx',
+                'rate_limited', 'quota_exceeded', 'tokens', 'inactive_attempts'}
+local fresh = redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1])
+local n = tonumber(ARGV[6])
+local pos = 7
+local out = {}
+for b = 1, n do
+  local minute = ARGV[pos]
+  local hour_key, day_key = KEYS[3 + 2 * b], KEYS[4 + 2 * b]
+  for i = 1, #fields do
+    local value = tonumber(ARGV[pos + i])
+    local field = minute .. ':' .. fields[i]
+    if fresh and value ~= 0 then
+      redis.call('HINCRBY', hour_key, field, value)
+      redis.call('HINCRBY', day_key, fields[i], value)
+      redis.call('HINCRBY', KEYS[2], fields[i], value)
+    end
+    out[#out + 1] = tonumber(redis.call('HGET', hour_key, field) or '0')
+  end
+  if fresh then
+    redis.call('EXPIRE', hour_key, ARGV[2])
+    redis.call('EXPIRE', day_key, ARGV[3])
+  end
+  pos = pos + 1 + #fields
+end
+if fresh then
+  local at, ip, origin, inactive = ARGV[pos], ARGV[pos + 1], ARGV[pos + 2], ARGV[pos + 3]
+  pos = pos + 4
+  if at ~= '' then
+    local seen = redis.call('HGET', KEYS[2], 'last_at')
+    if not seen or tonumber(at) >= tonumber(seen) then
+      redis.call('HSET', KEYS[2], 'last_at', at, 'last_ip', ip, 'last_origin', origin)
+    end
+  end
+  if inactive ~= '' then
+    local seen = redis.call('HGET', KEYS[2], 'last_inactive_at')
+    if not seen or tonumber(inactive) >= tonumber(seen) then
+      redis.call('HSET', KEYS[2], 'last_inactive_at', inactive)
+    end
+  end
+  redis.call('EXPIRE', KEYS[2], ARGV[4])
+  for t = 3, 4 do
+    local count = tonumber(ARGV[pos])
+    pos = pos + 1
+    for j = 1, count do
+      redis.call('ZINCRBY', KEYS[t], ARGV[pos + 1], ARGV[pos])
+      pos = pos + 2
+    end
+    if count > 0 then
+      redis.call('ZREMRANGEBYRANK', KEYS[t], 0, -(tonumber(ARGV[5]) + 1))
+      redis.call('EXPIRE', KEYS[t], ARGV[4])
+    end
+  end
+end
+return out
+"""
 
 
 class RedisUsageStore:
@@ -358,59 +481,58 @@ class RedisUsageStore:
         self.minute_retention = minute_retention
         self.day_retention = day_retention
         self.top_n = top_n
+        self._script = client.register_script(_WRITE)
 
     def _name(self, key_id: str, suffix: str) -> str:
         return f"{self.namespace}:usage:{{{key_id}}}:{suffix}"
 
     async def write(self, batch: UsageBatch) -> dict[tuple[str, int], list[int]]:
-        totals_ttl = self.day_retention + DAY
-        index = f"{self.namespace}:usage:index"
-        order: list[tuple[str, int]] = []
         buckets = batch.buckets
+        last = batch.last
+        per_key: dict[str, list[int]] = {}
+        for key_id, minute in buckets:
+            per_key.setdefault(key_id, []).append(minute)
+        for key_id in last:
+            per_key.setdefault(key_id, [])
+        index = f"{self.namespace}:usage:index"
         async with self.client.pipeline(transaction=False) as pipe:
-            for (key_id, minute), counts in buckets.items():
-                hour_key = self._name(key_id, f"h:{minute // 60}")
-                day_key = self._name(key_id, f"d:{minute * MINUTE // DAY}")
-                total_key = self._name(key_id, "total")
-                for i, value in enumerate(counts):
-                    # Every field, even zero: the replies give the minute's new totals.
-                    pipe.hincrby(hour_key, f"{minute}:{FIELDS[i]}", value)
-                order.append((key_id, minute))
-                for i, value in enumerate(counts):
-                    if value:
-                        pipe.hincrby(day_key, FIELDS[i], value)
-                        pipe.hincrby(total_key, FIELDS[i], value)
-                pipe.expire(hour_key, self.minute_retention + 3600)
-                pipe.expire(day_key, self.day_retention + DAY)
-                pipe.expire(total_key, totals_ttl)
-            for key_id, last in batch.last.items():
-                total_key = self._name(key_id, "total")
-                fields: dict[str | bytes, str | bytes | float | int] = {}
-                if last[0] is not None:
-                    fields["last_at"] = last[0]
-                    fields["last_ip"] = last[1] or ""
-                    fields["last_origin"] = last[2] or ""
-                if last[3] is not None:
-                    fields["last_inactive_at"] = last[3]
-                if fields:
-                    pipe.hset(total_key, mapping=fields)  # type: ignore[arg-type]
-                    pipe.expire(total_key, totals_ttl)
-                pipe.zadd(index, {key_id: last[0] or last[3] or 0})
-            for kind, table in (("ips", batch.ips), ("origins", batch.origins)):
-                for key_id, counter in table.items():
-                    name = self._name(key_id, kind)
-                    for member, count in counter.items():
-                        pipe.zincrby(name, count, member)
-                    pipe.zremrangebyrank(name, 0, -(self.top_n + 1))  # keep the busiest
-                    pipe.expire(name, totals_ttl)
-            pipe.expire(index, totals_ttl)
+            for key_id, minutes in per_key.items():
+                keys = [
+                    self._name(key_id, f"flush:{batch.id}"),
+                    self._name(key_id, "total"),
+                    self._name(key_id, "ips"),
+                    self._name(key_id, "origins"),
+                ]
+                args: list[Any] = [
+                    3_600_000,  # a batch id is remembered an hour: retries come sooner
+                    self.minute_retention + 3600,
+                    self.day_retention + DAY,
+                    self.day_retention + DAY,
+                    self.top_n,
+                    len(minutes),
+                ]
+                for minute in minutes:
+                    keys += [
+                        self._name(key_id, f"h:{minute // 60}"),
+                        self._name(key_id, f"d:{minute * MINUTE // DAY}"),
+                    ]
+                    args += [minute, *buckets[(key_id, minute)]]
+                at, ip, origin, inactive = last.get(key_id, (None, None, None, None))
+                args += ["" if at is None else at, ip or "", origin or ""]
+                args += ["" if inactive is None else inactive]
+                empty: Counter[str] = Counter()
+                for table in (batch.ips.get(key_id, empty), batch.origins.get(key_id, empty)):
+                    args.append(len(table))
+                    for member, count in table.items():
+                        args += [member, count]
+                await self._script(keys=keys, args=args, client=pipe)
+                pipe.zadd(index, {key_id: at or inactive or 0})
+            pipe.expire(index, self.day_retention + DAY)
             replies = await pipe.execute()
-        # Walk the replies of the per-minute HINCRBYs to hand back the minute totals.
         touched: dict[tuple[str, int], list[int]] = {}
-        position = 0
-        for (key_id, minute), counts in buckets.items():
-            touched[(key_id, minute)] = [int(r) for r in replies[position : position + _N]]
-            position += _N + 2 * sum(1 for v in counts if v) + 3
+        for (key_id, minutes), reply in zip(per_key.items(), replies[0::2], strict=False):
+            for i, minute in enumerate(minutes):
+                touched[(key_id, minute)] = [int(v) for v in reply[i * _N : (i + 1) * _N]]
         return touched
 
     async def series(
@@ -460,8 +582,9 @@ class RedisUsageStore:
         values = [None if v is None else _text(v) for v in raw]
         return _last_use(values)
 
-    async def keys(self) -> list[str]:
-        raw: list[Any] = await self.client.zrange(f"{self.namespace}:usage:index", 0, -1)
+    async def keys(self, limit: int = 1000) -> list[str]:
+        index = f"{self.namespace}:usage:index"
+        raw: list[Any] = await self.client.zrevrange(index, 0, limit - 1)
         return [_text(k) for k in raw]
 
 
@@ -495,19 +618,21 @@ class UsageRecorder:
         interval: float = 1.0,
         max_buckets: int = 50_000,
         top_n: int = 100,
-        max_retry_batches: int = 10,
     ) -> None:
         self.store = store
         self._clock = clock
         self.interval = interval
         self.max_buckets = max_buckets
         self.top_n = top_n
-        self.max_retry_batches = max_retry_batches
+        # Exact per-IP/origin counts for up to this many members per key per flush; the
+        # store keeps the busiest top_n of them.
+        self.table_cap = max(10 * top_n, 1_000)
         self.dropped = 0
         self.flushes = 0
         self.failed_flushes = 0
         self.on_flush: list[Any] = []
         self._batch = UsageBatch()
+        self._retry: list[UsageBatch] = []  # a batch whose write failed, kept whole
         self._minute = -1  # the minute whose table _row() last used, in self._batch
         self._table: dict[str, list[Any]] = {}
         self._task: asyncio.Task[None] | None = None
@@ -542,10 +667,13 @@ class UsageRecorder:
         bytes_out: int,
         ip: str | None = None,
         origin: str | None = None,
-        per_client: bool = False,
+        ip_mode: int = 0,
         now: float | None = None,
+        rate_limited: bool = False,
     ) -> None:
-        """Count one request a key made (``per_client``: also by IP and origin)."""
+        """Count one request a key made. ``ip_mode``: :data:`BY_CLIENT` also counts it by
+        IP and origin (client keys); :data:`WATCH_IPS` notes the addresses seen (for the
+        new-IP alert on production keys). ``rate_limited``: refused by the rate limit."""
         if now is None:
             now = self._clock()
         row = self._table.get(key_id) if int(now // MINUTE) == self._minute else None
@@ -562,17 +690,23 @@ class UsageRecorder:
                 row[ERRORS_5XX] += 1
             else:
                 row[ERRORS_4XX] += 1
-                if status == 429:
-                    row[RATE_LIMITED] += 1
+        if rate_limited:
+            row[RATE_LIMITED] += 1
+        if ip_mode and ip is not None and ip != row[_IP]:
+            seen = row[_SEEN]
+            if seen is None:
+                seen = row[_SEEN] = set()
+            if len(seen) < _MAX_SEEN:
+                seen.add(ip)
         row[_AT] = now
         row[_IP] = ip
         row[_ORIGIN] = origin
-        if per_client:
+        if ip_mode == BY_CLIENT:
             if ip is not None:
-                _bounded_add(self._batch.ips.setdefault(key_id, Counter()), ip, self.top_n)
+                _count(self._batch.ips.setdefault(key_id, Counter()), ip, self.table_cap)
             if origin is not None:
                 table = self._batch.origins.setdefault(key_id, Counter())
-                _bounded_add(table, origin, self.top_n)
+                _count(table, origin, self.table_cap)
 
     def record_refusal(self, key_id: str, kind: Literal["quota", "inactive"]) -> None:
         """Count a request refused for its quota (already counted as a request by the
@@ -623,34 +757,50 @@ class UsageRecorder:
             await self.flush()
 
     async def flush(self) -> bool:
-        """Write what is buffered now; whether it was written (or there was nothing)."""
-        async with self._flush_lock:
-            batch, self._batch = self._batch, UsageBatch()
-            self._minute = -1
-            if not batch:
-                return True
-            try:
-                touched = await self.store.write(batch)
-            except (RedisError, OSError, TimeoutError) as exc:
-                self.failed_flushes += 1
-                self._keep(batch)
-                logger.warning("usage flush failed (%s); counts kept", type(exc).__name__)
-                return False
-            self.flushes += 1
-        for callback in self.on_flush:
-            try:
-                result = callback(batch, touched)
-                if asyncio.iscoroutine(result):
-                    await result
-            except Exception:  # an alert rule must not lose the next flush
-                logger.exception("usage flush callback failed")
-        return True
+        """Write what is buffered now; whether everything was written (or nothing was due).
 
-    def _keep(self, batch: UsageBatch) -> None:
-        """Put a failed batch back in front of what arrived since, within the bound."""
-        newer, self._batch = self._batch, batch
-        self._minute = -1
-        self.dropped += batch.merge(newer, limit=self.max_buckets)
+        A batch whose write fails is kept whole, with its id, and retried first next time
+        (the stores apply a batch id at most once, so a write whose reply was lost is not
+        counted twice); while it fails, new counts keep gathering in the bounded buffer.
+        """
+        written: list[tuple[UsageBatch, dict[tuple[str, int], list[int]]]] = []
+        ok = True
+        async with self._flush_lock:
+            while self._retry and ok:
+                ok = await self._write(self._retry[0], written)
+                if ok:
+                    self._retry.pop(0)
+            if ok:
+                batch, self._batch = self._batch, UsageBatch()
+                self._minute = -1
+                if batch:
+                    ok = await self._write(batch, written)
+                    if not ok:
+                        self._retry.append(batch)
+        for batch, touched in written:
+            for callback in self.on_flush:
+                try:
+                    result = callback(batch, touched)
+                    if asyncio.iscoroutine(result):
+                        await result
+                except Exception:  # an alert rule must not lose the next flush
+                    logger.exception("usage flush callback failed")
+        return ok
+
+    async def _write(
+        self,
+        batch: UsageBatch,
+        written: list[tuple[UsageBatch, dict[tuple[str, int], list[int]]]],
+    ) -> bool:
+        try:
+            touched = await self.store.write(batch)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self.failed_flushes += 1
+            logger.warning("usage flush failed (%s); counts kept", type(exc).__name__)
+            return False
+        self.flushes += 1
+        written.append((batch, touched))
+        return True
 
     async def close(self) -> None:
         """Stop the background flush and write what is left (one try)."""
@@ -664,6 +814,24 @@ class UsageRecorder:
 
     # -- reading ---------------------------------------------------------------------------
 
+    async def overview(self, limit: int = 1000) -> UsageOverview:
+        """All-time totals and last use of every key with recorded usage (most recently
+        active first, at most ``limit``)."""
+        keys = []
+        grand = [0] * _N
+        for key_id in await self.store.keys(limit):
+            counts = await self.store.totals(key_id)
+            for i, value in enumerate(counts):
+                grand[i] += value
+            keys.append(
+                KeyUsage(
+                    key_id=key_id,
+                    totals=UsageTotals.of(counts),
+                    last_use=await self.store.last_use(key_id),
+                )
+            )
+        return UsageOverview(keys=keys, totals=UsageTotals.of(grand))
+
     async def report(
         self,
         key_id: str,
@@ -672,10 +840,14 @@ class UsageRecorder:
         end: datetime | None = None,
         granularity: Granularity = "minute",
     ) -> UsageReport:
-        """A key's usage between ``start`` and ``end`` (default: the last hour for minutes,
-        the last 30 days for days), with totals, a series and the busiest IPs/origins."""
+        """A key's usage in the buckets starting in [``start``, ``end``) (default: the hour,
+        or 30 days, up to and including the current bucket), with totals, a series, all-time
+        totals, the busiest IPs/origins and the last use."""
         now = self._clock()
-        end_ts = to_timestamp(end) if end is not None else now
+        size = MINUTE if granularity == "minute" else DAY
+        # By default the range ends with the bucket now is in, so it includes what was
+        # just counted.
+        end_ts = to_timestamp(end) if end is not None else (now // size + 1) * size
         span = 3600 if granularity == "minute" else 30 * DAY
         start_ts = to_timestamp(start) if start is not None else end_ts - span
         if end_ts < start_ts:
@@ -699,19 +871,19 @@ class UsageRecorder:
         )
 
 
-def _bounded_add(counter: Counter[str], member: str, cap: int) -> None:
-    """Count ``member``; past ``cap`` distinct members, the least counted makes room (a
-    space-saving sketch: the busiest stay, memory stays bounded)."""
+def usage_store_for(store: object) -> UsageStore:
+    """A reader of the usage recorded for ``store`` (a key store, cached or not): the
+    Redis usage store on the same Redis and namespace, else an empty memory one."""
+    from keygate.stores.redis import RedisStore
+
+    backend = getattr(store, "store", store)
+    if isinstance(backend, RedisStore):
+        return RedisUsageStore(backend.client, namespace=backend.namespace)
+    return MemoryUsageStore()
+
+
+def _count(counter: Counter[str], member: str, cap: int) -> None:
+    """Count ``member`` exactly; a member past ``cap`` distinct ones in one flush is not
+    tracked (memory stays bounded; the store keeps the busiest ``top_n`` of what it gets)."""
     if member in counter or len(counter) < cap:
         counter[member] += 1
-        return
-    least, count = min(counter.items(), key=lambda item: item[1])
-    del counter[least]
-    counter[member] = count + 1
-
-
-def stores_for(client: Redis | None, namespace: str, clock: Clock) -> UsageStore:
-    """The usage store matching a key store: Redis when there is a client, else memory."""
-    if client is None:
-        return MemoryUsageStore(clock=clock)
-    return RedisUsageStore(client, namespace=namespace)

@@ -260,6 +260,18 @@ class CachedStore:
             self.invalidate(key.id, digest)
 
     async def get(self, key_id: str) -> ApiKey | None:
+        """The record by id, from the store (what the management API reads and writes back
+        must be current)."""
+        return await self.store.get(key_id)
+
+    async def get_cached(self, key_id: str) -> ApiKey | None:
+        """The record by id: from the cache when its entry is fresh, else the store (for
+        readers that tolerate the cache's bounded staleness, like alert rules)."""
+        digest = self._ids.get(key_id)
+        if digest is not None:
+            entry = self._entries.get(digest)
+            if entry is not None and entry.alive and entry.fresh_until > self._clock():
+                return entry.record
         return await self.store.get(key_id)
 
     async def replace(self, key: ApiKey) -> None:
