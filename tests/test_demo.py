@@ -206,3 +206,19 @@ def test_keygate_demo_serves_what_it_prints() -> None:
         finally:
             server.terminate()
             server.wait(timeout=10)
+
+
+async def test_admin_api_is_mounted(demo: tuple[httpx.AsyncClient, dict[str, str]]) -> None:
+    """The demo serves the admin REST API at /cloud/keys: the admin key lists keys and reads
+    usage; a key without admin scopes is refused with 403."""
+    client, keys = demo
+    listed = await client.get("/cloud/keys/", headers=bearer(keys["admin"]))
+    assert listed.status_code == 200
+    ids = [k["id"] for k in listed.json()["keys"]]
+    assert len(ids) == 4
+    usage = await client.get(f"/cloud/keys/{ids[0]}/usage", headers=bearer(keys["admin"]))
+    assert usage.status_code == 200
+    assert "all_time" in usage.json()
+    refused = await client.get("/cloud/keys/", headers=bearer(keys["dev"]))
+    assert refused.status_code == 403
+    assert refused.json()["error"]["code"] == "insufficient_scope"

@@ -324,7 +324,17 @@ def _print_keys(out: TextIO, base: str, keys: dict[str, object], store: str) -> 
         f"'Bearer {secret('client')}'}}}}).then(r => r.json()).then(console.log)\n"
         "The same call from any other origin is refused (403 origin_not_allowed).\n"
     )
-    out.write("\nUsage: counted per key and flushed every second; alerts go to the log.\n")
+    admin, dev = secret("admin"), keys["dev"]
+    assert isinstance(dev, CreatedKey)
+    out.write(
+        "\nUsage is counted per key and flushed every second; alerts (more than 60 requests\n"
+        "a minute, half the answers errors, a revoked key still in use...) print below.\n"
+        "Manage keys and read usage with the admin key (the admin REST API, /cloud/keys):\n"
+        f"  curl -s {base}/cloud/keys/ -H 'Authorization: Bearer {admin}'\n"
+        f"  curl -s {base}/cloud/keys/{dev.key.id}/usage -H 'Authorization: Bearer {admin}'\n"
+        f"  curl -s -X POST {base}/cloud/keys/{dev.key.id}/revoke"
+        f" -H 'Authorization: Bearer {admin}'\n"
+    )
     out.flush()
 
 

@@ -16,8 +16,9 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Mount, Route
 
+from keygate.admin import admin_app, admin_rules
 from keygate.gate import KeyGate
 from keygate.manager import CreatedKey
 from keygate.middleware import KeyGateMiddleware
@@ -200,7 +201,7 @@ def build_demo_app(gate: KeyGate, state: DemoState | None = None) -> Starlette:
             return _error(404, "not_found", "No such file.")
         return Response(state.files[path], media_type="application/octet-stream")
 
-    routes = [
+    routes: list[BaseRoute] = [
         Route("/health", health),
         Route("/cloud/vec/databases", list_databases, methods=["GET"]),
         Route("/cloud/vec/databases", create_database, methods=["POST"]),
@@ -210,8 +211,11 @@ def build_demo_app(gate: KeyGate, state: DemoState | None = None) -> Starlette:
         Route("/cloud/ai/infer", infer, methods=["POST"]),
         Route("/cloud/files/{path:path}", files, methods=["GET", "PUT"]),
     ]
+    # The admin REST API (SPEC §8), guarded by admin:manage_keys / admin:view_usage.
+    routes.append(Mount("/cloud/keys", app=admin_app(gate)))
     app = Starlette(routes=routes)
-    app.add_middleware(KeyGateMiddleware, gate=gate, rules=DEMO_RULES, deny_unmatched=True)
+    rules = [*DEMO_RULES, *admin_rules("/cloud/keys")]
+    app.add_middleware(KeyGateMiddleware, gate=gate, rules=rules, deny_unmatched=True)
     app.state.demo = state
     return app
 
