@@ -61,3 +61,25 @@ def test_starlette_example_runs() -> None:
     health, put = asyncio.run(drive())
     assert health.status_code == 200
     assert put.status_code == 401
+
+
+def test_managing_keys_example_runs() -> None:
+    """The README's management example runs as written against a gate."""
+    import textwrap
+    from datetime import timedelta
+
+    from keygate import KeyGate
+
+    block = next(b for b in BLOCKS if "gate.manager.rotate" in b)
+    namespace: dict[str, Any] = {"timedelta": timedelta}
+    exec("async def example(gate):\n" + textwrap.indent(block, "    "), namespace)
+
+    async def run() -> None:
+        gate = KeyGate(store="memory://")
+        await namespace["example"](gate)
+        keys = (await gate.manager.list()).keys
+        assert len(keys) == 2  # the key and its successor
+        assert any(k.revoked_at is not None for k in keys)
+        await gate.aclose()
+
+    asyncio.run(run())
