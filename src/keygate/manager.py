@@ -39,7 +39,7 @@ from keygate.models import (
     KeyPolicy,
     KeySettings,
     KeyType,
-    _field_errors,
+    field_errors,
 )
 from keygate.stores.protocol import KeyStore
 from keygate.usage import (
@@ -376,7 +376,7 @@ class KeyManager:
             try:
                 updated = ApiKey.model_validate(merged)
             except ValidationError as exc:
-                raise KeyValidationError(_field_errors(exc)) from None
+                raise KeyValidationError(field_errors(exc)) from None
             problems = [
                 e
                 for e in self.policy.check(updated, updated.type, now=self.now())

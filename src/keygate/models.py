@@ -42,6 +42,7 @@ __all__ = [
     "KeySettings",
     "KeyType",
     "KeyTypePolicy",
+    "field_errors",
 ]
 
 
@@ -91,7 +92,7 @@ class _KeyFields(BaseModel):
         tuple[IPEntry, ...], Field(max_length=100), AfterValidator(_unique)
     ] = ()
     rate_limit: RateLimitText = None
-    token_quota: Annotated[int | None, Field(ge=0)] = None
+    token_quota: Annotated[int | None, Field(ge=0, le=10**12)] = None
     expires_at: UTCDatetime = None
     metadata: Annotated[dict[MetaKey, MetaValue], Field(max_length=50)] = Field(
         default_factory=dict
@@ -134,7 +135,7 @@ class KeyTypePolicy(BaseModel):
 
     prefix: str
     rate_limit: RateLimitText = None
-    token_quota: Annotated[int | None, Field(ge=0)] = None
+    token_quota: Annotated[int | None, Field(ge=0, le=10**12)] = None
     forbidden_scopes: frozenset[str] = frozenset()
     requires_origins: bool = False
     rotation_age: timedelta | None = None
@@ -170,7 +171,8 @@ def _field_name(loc: tuple[int | str, ...]) -> str:
     return name or "body"
 
 
-def _field_errors(exc: ValidationError) -> list[FieldError]:
+def field_errors(exc: ValidationError) -> list[FieldError]:
+    """pydantic's errors as :class:`FieldError` s named like the SPEC's JSON fields."""
     errors = []
     for error in exc.errors(include_url=False, include_input=False):
         message = error["msg"].removeprefix("Value error, ")
@@ -224,7 +226,7 @@ class KeyPolicy:
             try:
                 settings = KeySettings.model_validate(data)
             except ValidationError as exc:
-                raise KeyValidationError(_field_errors(exc)) from None
+                raise KeyValidationError(field_errors(exc)) from None
         errors = self.check(settings, settings.type, now=now)
         if errors:
             raise KeyValidationError(errors)
