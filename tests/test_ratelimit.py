@@ -191,10 +191,11 @@ SCRIPT_COMMANDS = frozenset({"time", "lindex", "llen", "lpush", "ltrim", "pexpir
 
 
 def sent(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
-    """The commands clients sent between two readings, less the INFO readings themselves
-    and the commands run by scripts."""
+    """The commands clients sent between two readings, less the INFO readings themselves,
+    the commands run by scripts, and a new connection's handshake (a pipeline may open one
+    beside a request that went straight to Redis)."""
     changed = {name: after[name] - before.get(name, 0) for name in after}
-    ignored = SCRIPT_COMMANDS | {"info"}
+    ignored = SCRIPT_COMMANDS | {"info", "hello", "client|setinfo", "client|setname"}
     return {name: count for name, count in changed.items() if count and name not in ignored}
 
 

@@ -262,8 +262,9 @@ class MemoryLimiter:
 
 # KEYS: one list per window of the key, newest admission first (hash-tagged by key id).
 # ARGV: cost, now in ms ('' = Redis' own clock), then amount and window ms per window.
-# Returns: allowed (1/0), now ms, then per window: entries inside the window after the
-# decision, the oldest of them (-1: none), the entry that refused (-1: none).
+# Returns, as one space-separated string (one reply line to parse): allowed (1/0), now ms,
+# then per window: entries inside the window after the decision, the oldest of them
+# (-1: none), the entry that refused (-1: none).
 # Times are whole milliseconds: 13 digits, exact in Lua's doubles until the year 2286.
 _SCRIPT = """
 local cost = tonumber(ARGV[1])
@@ -305,29 +306,45 @@ end
 local out = {allowed, now}
 for i = 1, n do
   local window = tonumber(ARGV[2 + 2 * i])
-  local low, high, last = 0, redis.call('LLEN', KEYS[i]) - 1, -1
-  local oldest = -1
-  while low <= high do
-    local mid = math.floor((low + high) / 2)
-    local value = tonumber(redis.call('LINDEX', KEYS[i], mid))
-    if value >= now - window then
-      last, oldest, low = mid, value, mid + 1
+  local length = redis.call('LLEN', KEYS[i])
+  local last, oldest = -1, -1
+  if length > 0 then
+    local tail = tonumber(redis.call('LINDEX', KEYS[i], -1))
+    if tail >= now - window then
+      last, oldest = length - 1, tail  -- the usual case: every entry is inside the window
     else
-      high = mid - 1
+      local low, high = 0, length - 1
+      while low <= high do
+        local mid = math.floor((low + high) / 2)
+        local value = tonumber(redis.call('LINDEX', KEYS[i], mid))
+        if value >= now - window then
+          last, oldest, low = mid, value, mid + 1
+        else
+          high = mid - 1
+        end
+      end
+      -- Entries past the window can never refuse again (time only moves on): drop them.
+      if last < 0 then
+        redis.call('DEL', KEYS[i])
+      else
+        redis.call('LTRIM', KEYS[i], 0, last)
+      end
     end
   end
   out[#out + 1] = last + 1
   out[#out + 1] = oldest
   out[#out + 1] = refused_by[i]
 end
-return out
+return table.concat(out, ' ')
 """
 
 
 class _Pending:
     __slots__ = ("args", "future", "keys")
 
-    def __init__(self, keys: list[str], args: list[Any], future: asyncio.Future[Any]) -> None:
+    def __init__(
+        self, keys: list[str], args: list[Any], future: asyncio.Future[Any] | None
+    ) -> None:
         self.keys = keys
         self.args = args
         self.future = future
@@ -366,6 +383,7 @@ class RedisLimiter:
         self._blocked: dict[tuple[str, str], tuple[float, Decision, float, int]] = {}
         self._pending: list[_Pending] = []
         self._flushing = False
+        self._in_flight = 0  # round trips under way
         self._last_log = -math.inf
 
     def window_key(self, key: str, limits: LimitSet, index: int) -> str:
@@ -409,6 +427,7 @@ class RedisLimiter:
                 raw = await self._submit(keys, args)
         except (TimeoutError, StoreUnavailable, RedisError, OSError) as exc:
             return self._failed(limits, exc)
+        raw = raw.split() if isinstance(raw, (bytes, str)) else raw
         decision = self._decide(raw, limits)
         if not decision.allowed and self.local_refusals and now_ms is None:
             # Nothing can free a slot before the refusing entry leaves its window.
@@ -464,14 +483,22 @@ class RedisLimiter:
 
     # -- one round trip for every request that arrives together ------------------------------
 
-    def _submit(self, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
+    async def _submit(self, keys: list[str], args: list[Any]) -> Any:
+        if not self._pending and not self._in_flight:
+            # Alone: one EVALSHA from this task, no future, no extra task. Requests that
+            # arrive meanwhile gather in one pipeline behind it.
+            self._in_flight += 1
+            try:
+                return (await self._evaluate([_Pending(keys, args, None)]))[0]
+            finally:
+                self._in_flight -= 1
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._pending.append(_Pending(keys, args, future))
         if not self._flushing:
             self._flushing = True
             loop.call_soon(self._launch)
-        return future
+        return await future
 
     def _launch(self) -> None:
         batch, self._pending = self._pending, []
@@ -479,25 +506,33 @@ class RedisLimiter:
         asyncio.get_running_loop().create_task(self._flush(batch))
 
     async def _flush(self, batch: list[_Pending]) -> None:
-        live = [p for p in batch if not p.future.done()]  # skip callers that gave up
+        self._in_flight += 1
+        try:
+            await self._flush_batch(batch)
+        finally:
+            self._in_flight -= 1
+
+    async def _flush_batch(self, batch: list[_Pending]) -> None:
+        # Skip callers that gave up (their deadline passed while they waited).
+        live = [(p, p.future) for p in batch if p.future is not None and not p.future.done()]
         if not live:
             return
         try:
-            results = await self._evaluate(live)
+            results = await self._evaluate([p for p, _ in live])
         except (RedisError, OSError) as exc:
             error = StoreUnavailable(f"Redis failed while rate limiting: {type(exc).__name__}")
             error.__cause__ = exc
-            for pending in live:
-                if not pending.future.done():
-                    pending.future.set_exception(error)
+            for _, future in live:
+                if not future.done():
+                    future.set_exception(error)
             return
-        for pending, result in zip(live, results, strict=True):
-            if pending.future.done():
+        for (_, future), result in zip(live, results, strict=True):
+            if future.done():
                 continue
             if isinstance(result, Exception):
-                pending.future.set_exception(result)
+                future.set_exception(result)
             else:
-                pending.future.set_result(result)
+                future.set_result(result)
 
     async def _evaluate(self, batch: list[_Pending]) -> list[Any]:
         if not self.sha:
