@@ -181,3 +181,47 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.section("keygate figures")
         for line in Figures.lines:
             terminalreporter.write_line(line)
+
+
+# -- secret-leak watch (KEYGATE_TEST_LEAK_CHECK=1; .ci/run sets it) -------------------------
+
+LEAK_CHECK = os.environ.get("KEYGATE_TEST_LEAK_CHECK", "") not in ("", "0")
+_leak_watch: Any = None  # faults.leaks.LeakWatch while the session runs with the check on
+
+
+def leak_watch() -> Any:
+    """The session's LeakWatch, or None when the check is off."""
+    return _leak_watch
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """With the check on: log everything at DEBUG to the watch, and remember every secret
+    keygate generates in this process (tests/faults/leaks.py)."""
+    global _leak_watch
+    if not LEAK_CHECK:
+        return
+    import logging
+
+    from faults.leaks import LeakWatch, watch_generation
+
+    _leak_watch = LeakWatch()
+    root = logging.getLogger()
+    root.addHandler(_leak_watch)
+    root.setLevel(logging.DEBUG)
+    watch_generation(_leak_watch)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """With the check on: fail the run if any log record held part of a secret."""
+    watch = _leak_watch
+    if watch is None:
+        return
+    if watch.leaks:
+        Figures.lines.append(f"SECRET LEAK CHECK FAILED: {len(watch.leaks)} log record(s)")
+        Figures.lines.extend(f"  {leak}" for leak in watch.leaks)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    else:
+        Figures.lines.append(
+            f"secret leak check: {watch.secrets} generated secrets, {watch.records} log "
+            "records at DEBUG and above, no 8-character piece of a secret in any of them"
+        )

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 import urllib.error
 import urllib.request
@@ -34,6 +35,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from keygate.clock import Clock, system_clock, to_datetime, to_timestamp
+from keygate.exceptions import KeyGateError
 from keygate.models import ApiKey, KeyPolicy
 from keygate.usage import ERRORS_4XX, ERRORS_5XX, INACTIVE, REQUESTS, UsageBatch
 
@@ -71,6 +73,7 @@ class AlertRules(BaseModel):
     cooldown: float = 3600.0
 
 
+_LOOKUPS_PER_FLUSH = 20  # store reads a flush may make for keys not in the cache
 _MAX_KNOWN = 10_000  # addresses remembered per key; past that, no new-IP alerts
 
 
@@ -79,6 +82,9 @@ class AlertState(Protocol):
 
     async def claim(self, name: str, cooldown: float) -> bool:
         """True for the first caller per ``name`` in each ``cooldown`` window."""
+
+    async def claim_many(self, names: list[str], cooldown: float) -> list[bool]:
+        """:meth:`claim` for several names at once."""
 
     async def new_addresses(self, seen: dict[str, set[str]]) -> dict[str, list[str]]:
         """Note the addresses each key was seen using; for each key, those that are new.
@@ -103,6 +109,9 @@ class MemoryAlertState:
         self._until[name] = now + cooldown
         return True
 
+    async def claim_many(self, names: list[str], cooldown: float) -> list[bool]:
+        return [await self.claim(name, cooldown) for name in names]
+
     async def new_addresses(self, seen: dict[str, set[str]]) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
         for key_id, ips in seen.items():
@@ -126,10 +135,18 @@ class RedisAlertState:
         self.client = client
         self.namespace = namespace
 
-    async def claim(self, name: str, cooldown: float) -> bool:
+    def _name(self, name: str) -> str:
         key_id, _, rule = name.partition("|")
-        redis_key = f"{self.namespace}:alert:{{{key_id}}}:{rule}"
-        return bool(await self.client.set(redis_key, b"1", nx=True, px=int(cooldown * 1000)))
+        return f"{self.namespace}:alert:{{{key_id}}}:{rule}"
+
+    async def claim(self, name: str, cooldown: float) -> bool:
+        return (await self.claim_many([name], cooldown))[0]
+
+    async def claim_many(self, names: list[str], cooldown: float) -> list[bool]:
+        async with self.client.pipeline(transaction=False) as pipe:  # one round trip
+            for name in names:
+                pipe.set(self._name(name), b"1", nx=True, px=max(1, int(cooldown * 1000)))
+            return [bool(r) for r in await pipe.execute()]
 
     async def new_addresses(self, seen: dict[str, set[str]]) -> dict[str, list[str]]:
         if not seen:
@@ -161,6 +178,7 @@ class Alerter:
         self,
         rules: AlertRules,
         state: AlertState,
+        cached: Callable[[str], ApiKey | None],
         lookup: Callable[[str], Awaitable[ApiKey | None]],
         policy: KeyPolicy,
         *,
@@ -171,6 +189,7 @@ class Alerter:
     ) -> None:
         self.rules = rules
         self.state = state
+        self.cached = cached
         self.lookup = lookup
         self.policy = policy
         self.clock = clock
@@ -180,6 +199,11 @@ class Alerter:
         self.callbacks: list[AlertCallback] = []
         self.fired = 0
         self._quota: list[tuple[str, int, int, int]] = []  # key id, before, after, quota
+        self._claimed: dict[str, float] = {}  # claims known taken, until their cool-down ends
+        self._remote = isinstance(state, RedisAlertState)
+        self._looked_up: dict[str, float] = {}
+        self._lookups_left = 0
+        self._candidates: list[tuple[str, str, str, str, dict[str, Any]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
     def subscribe(self, callback: AlertCallback) -> AlertCallback:
@@ -243,6 +267,7 @@ class Alerter:
                         rule="new_ip",
                     )
         if rules.rotation_due:
+            self._lookups_left = _LOOKUPS_PER_FLUSH
             for key_id in batch.last:
                 await self._check_rotation(key_id, now)
         pending, self._quota = self._quota, []
@@ -258,11 +283,25 @@ class Alerter:
                         {"used": after, "quota": quota},
                         rule="quota",
                     )
+        await self._settle()
 
     async def _check_rotation(self, key_id: str, now: float) -> None:
-        """A key past its type's rotation age (its record comes from the cache, where the
-        middleware keeps every active key)."""
-        record = await self.lookup(key_id)
+        """A key past its type's rotation age, judged from the cached record (the middleware
+        keeps every active key there). A key not cached is read from the store, at most
+        ``_LOOKUPS_PER_FLUSH`` per flush and once an hour per key."""
+        record = self.cached(key_id)
+        if record is None:
+            clock = time.monotonic()
+            if self._lookups_left <= 0 or self._looked_up.get(key_id, -math.inf) > clock:
+                return
+            self._lookups_left -= 1
+            if len(self._looked_up) >= 100_000:
+                self._looked_up = {k: v for k, v in self._looked_up.items() if v > clock}
+            self._looked_up[key_id] = clock + 3600
+            try:
+                record = await self.lookup(key_id)
+            except (KeyGateError, RedisError, OSError):
+                return
         if record is None or record.replaced_by is not None:
             return
         age = self.policy[record.type].rotation_age
@@ -277,14 +316,38 @@ class Alerter:
     async def _fire(
         self, name: str, key_id: str, message: str, details: dict[str, Any], rule: str = ""
     ) -> None:
-        try:
-            if not await self.state.claim(f"{key_id}|{name}", self.rules.cooldown):
+        """Queue an alert; :meth:`_settle` claims the flush's alerts in one round trip."""
+        claim = f"{key_id}|{name}"
+        if self._remote:
+            # A shared state costs a round trip per claim: remember the claims known taken
+            # until their cool-down ends (in real time, as Redis keeps them).
+            now = time.monotonic()
+            if self._claimed.get(claim, -math.inf) > now:
                 return
-        except (RedisError, OSError) as exc:
-            logger.warning("alert state unavailable (%s); alert not sent", type(exc).__name__)
+            if len(self._claimed) >= 100_000:
+                self._claimed = {k: v for k, v in self._claimed.items() if v > now}
+            self._claimed[claim] = now + self.rules.cooldown
+        self._candidates.append((claim, rule or name, key_id, message, details))
+
+    async def _settle(self) -> None:
+        """Claim every queued alert at once (one pipeline with Redis), deliver the won ones."""
+        candidates, self._candidates = self._candidates, []
+        if not candidates:
             return
+        try:
+            won = await self.state.claim_many([c[0] for c in candidates], self.rules.cooldown)
+        except (RedisError, OSError) as exc:
+            logger.warning("alert state unavailable (%s); alerts not sent", type(exc).__name__)
+            return
+        for (_, rule, key_id, message, details), ok in zip(candidates, won, strict=True):
+            if ok:
+                await self._deliver(rule, key_id, message, details)
+
+    async def _deliver(
+        self, rule: str, key_id: str, message: str, details: dict[str, Any]
+    ) -> None:
         alert = Alert(
-            rule=rule or name,
+            rule=rule,
             key_id=key_id,
             message=message,
             at=to_datetime(self.clock()),

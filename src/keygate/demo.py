@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 
@@ -53,10 +53,14 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
 async def _body(request: Request) -> bytes | Response:
     """The request body, or a 413 answer when it is larger than 1 MiB."""
     body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > _MAX_BODY:
-            return _error(413, "too_large", "The body is larger than 1 MiB.")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > _MAX_BODY:
+                return _error(413, "too_large", "The body is larger than 1 MiB.")
+    except ClientDisconnect:
+        # The client went away mid-body: nobody will read an answer; say so plainly.
+        return _error(400, "client_disconnected", "The request body did not arrive whole.")
     return body
 
 

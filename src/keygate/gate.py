@@ -220,7 +220,8 @@ class KeyGate:
         self.alerts = Alerter(
             alert_rules or AlertRules(),
             alert_state,
-            cached.get_cached,
+            cached.cached,
+            cached.get,
             policy,
             clock=clock,
             webhook_url=settings.alert_webhook_url,

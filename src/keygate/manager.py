@@ -264,7 +264,12 @@ class KeyManager:
             raise KeyNotFound("a key id is a non-empty string")
         record = await self.store.get(key_id)
         if record is None:
-            raise KeyNotFound(f"no key with id {key_id}")
+            # Echo only what looks like an id: a secret pasted where an id belongs must not
+            # come back in an error message (or a command's stderr).
+            shown = key_id if _KEY_ID.fullmatch(key_id) else "given"
+            raise KeyNotFound(
+                f"no key with the id {shown}" if shown != "given" else "no key with the given id"
+            )
         return record
 
     async def list(

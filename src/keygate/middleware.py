@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
+import time
 from collections.abc import Iterable
 
 from starlette.authentication import AuthCredentials, UnauthenticatedUser
@@ -85,6 +87,8 @@ class KeyGateMiddleware:
         self.client_address = ClientAddress(trusted_proxies)
         self._proxied = bool(self.client_address.trusted)
         self._usage = self.gate.usage if record_usage else None
+        self._lookup_failures = 0
+        self._lookup_logged = -math.inf
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -202,6 +206,18 @@ class KeyGateMiddleware:
                     now,
                 )
 
+    def _lookup_failed(self, why: str) -> None:
+        """Log failed key lookups at most once every 10 seconds (an outage is thousands)."""
+        self._lookup_failures += 1
+        now = time.monotonic()
+        if now - self._lookup_logged >= 10.0:
+            logger.warning(
+                "key lookups failing (%s): %d refused with 503 since the last report",
+                why,
+                self._lookup_failures,
+            )
+            self._lookup_logged, self._lookup_failures = now, 0
+
     def _ip(self, scope: Scope) -> str | None:
         if self._proxied:
             address = self.client_address(scope)
@@ -287,11 +303,19 @@ class KeyGateMiddleware:
         digest = self._digest(text)
         entry = self._cache.peek(digest)
         if entry is None:
+            # The lookup runs as a task the request waits on for at most lookup_timeout:
+            # cancelling a redis-py call can be swallowed (CPython gh-86296 in wait_for),
+            # which would hold the request past its budget. A late answer still fills the
+            # cache for the next request.
+            lookup = self._cache.lookup_task(digest)
+            done, _ = await asyncio.wait({lookup}, timeout=self.gate.lookup_timeout)
+            if not done:
+                self._lookup_failed("timeout")
+                return self.refusals.unavailable
             try:
-                async with asyncio.timeout(self.gate.lookup_timeout):
-                    entry = await self._cache.lookup(digest)
-            except (StoreError, TimeoutError) as exc:
-                logger.warning("key lookup failed: %s", type(exc).__name__)
+                entry = lookup.result()
+            except StoreError as exc:
+                self._lookup_failed(type(exc).__name__)
                 return self.refusals.unavailable
             if entry is None:
                 return self.refusals.invalid

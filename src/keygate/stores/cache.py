@@ -71,6 +71,7 @@ class CachedStore:
         self._ids: dict[str, str] = {}  # key id -> digest of its cached entry
         self._unknown: OrderedDict[str, float] = OrderedDict()  # digest -> fresh until
         self._inflight: dict[str, asyncio.Future[CacheEntry | None]] = {}
+        self._background: set[asyncio.Task[CacheEntry | None]] = set()
         # Credential bytes -> entry, for entries alive in the cache (see remember()).
         self._remembered: dict[bytes, CacheEntry] = {}
         self._epoch = 0  # bumped by every invalidation; see _fetch
@@ -119,6 +120,20 @@ class CachedStore:
             if len(remembered) >= self.max_size:
                 del remembered[next(iter(remembered))]
         remembered[credential] = entry
+
+    def lookup_task(self, digest: str) -> asyncio.Task[CacheEntry | None]:
+        """:meth:`lookup` as a task, for a caller that may stop waiting for it: a late
+        answer still fills the cache, its outcome is always collected, and :meth:`close`
+        cancels what is still running."""
+        task = asyncio.get_running_loop().create_task(self.lookup(digest))
+        self._background.add(task)
+        task.add_done_callback(self._collect)
+        return task
+
+    def _collect(self, task: asyncio.Task[CacheEntry | None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: no "exception was never retrieved"
 
     def peek(self, digest: str) -> CacheEntry | None:
         """The fresh cached entry for a digest, without awaiting anything; ``None`` when the
@@ -264,15 +279,15 @@ class CachedStore:
         must be current)."""
         return await self.store.get(key_id)
 
-    async def get_cached(self, key_id: str) -> ApiKey | None:
-        """The record by id: from the cache when its entry is fresh, else the store (for
+    def cached(self, key_id: str) -> ApiKey | None:
+        """The record by id if its cache entry is fresh, else ``None`` — no I/O (for
         readers that tolerate the cache's bounded staleness, like alert rules)."""
         digest = self._ids.get(key_id)
         if digest is not None:
             entry = self._entries.get(digest)
             if entry is not None and entry.alive and entry.fresh_until > self._clock():
                 return entry.record
-        return await self.store.get(key_id)
+        return None
 
     async def replace(self, key: ApiKey) -> None:
         try:
@@ -287,6 +302,10 @@ class CachedStore:
         await self.store.ping()
 
     async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
         self.clear()
         await self.store.close()
 
