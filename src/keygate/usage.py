@@ -634,6 +634,7 @@ class UsageRecorder:
         self._batch = UsageBatch()
         self._retry: list[UsageBatch] = []  # a batch whose write failed, kept whole
         self._minute = -1  # the minute whose table _row() last used, in self._batch
+        self._span = (0.0, 0.0)  # [start, end) of that minute, in seconds
         self._table: dict[str, list[Any]] = {}
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -649,6 +650,7 @@ class UsageRecorder:
         else:
             table = self._batch.minutes.setdefault(minute, {})
             self._minute, self._table = minute, table
+            self._span = (minute * MINUTE, (minute + 1) * MINUTE)
         row = table.get(key_id)
         if row is None:
             if self._batch.rows >= self.max_buckets:
@@ -676,7 +678,8 @@ class UsageRecorder:
         new-IP alert on production keys). ``rate_limited``: refused by the rate limit."""
         if now is None:
             now = self._clock()
-        row = self._table.get(key_id) if int(now // MINUTE) == self._minute else None
+        start, end = self._span
+        row = self._table.get(key_id) if start <= now < end else None
         if row is None:
             row = self._row(key_id, now)
             if row is None:
@@ -773,6 +776,7 @@ class UsageRecorder:
             if ok:
                 batch, self._batch = self._batch, UsageBatch()
                 self._minute = -1
+                self._span = (0.0, 0.0)
                 if batch:
                     ok = await self._write(batch, written)
                     if not ok:
