@@ -170,7 +170,10 @@ class KeyGateMiddleware:
             send = _adding_headers(send, extra)
         usage = self._usage
         if usage is not None and kind == "http":
-            meter = _Meter(receive, send)
+            # Built without calling __init__: this runs on every request.
+            meter = _new_meter(_Meter)
+            meter._receive, meter._send = receive, send
+            meter.bytes_in = meter.bytes_out = meter.status = 0
             receive, send = meter.receive, meter.send
         else:
             meter = None
@@ -389,6 +392,7 @@ class KeyGateMiddleware:
 
 
 _NO_HEADERS: Headers = []
+_new_meter = object.__new__
 _ALLOW_ORIGIN = b"access-control-allow-origin"
 
 
@@ -397,12 +401,11 @@ class _Meter:
 
     __slots__ = ("_receive", "_send", "bytes_in", "bytes_out", "status")
 
-    def __init__(self, receive: Receive, send: Send) -> None:
-        self._receive = receive
-        self._send = send
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.status = 0
+    _receive: Receive
+    _send: Send
+    bytes_in: int
+    bytes_out: int
+    status: int
 
     async def receive(self) -> Message:
         message = await self._receive()
