@@ -174,8 +174,9 @@ def _seconds(value: float) -> int:
 
 def _retry_after(wait: float) -> int:
     # A window refuses while its entry is >= now - window: at exactly `wait` seconds it
-    # still refuses, so a whole-second answer must be strictly later.
-    return math.floor(wait) + 1
+    # still refuses, so a whole-second answer must be strictly later — and a refusal never
+    # says "retry after 0" (a local refusal can come within a millisecond of the release).
+    return max(1, math.floor(wait) + 1)
 
 
 class Limiter(Protocol):
