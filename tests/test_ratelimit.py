@@ -25,13 +25,13 @@ import httpx
 import limits
 import limits.storage.memory
 import pytest
-import redis
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from limits.strategies import MovingWindowRateLimiter
 from redis.asyncio import Redis
 
 from conftest import REDIS_URL, SECRET, Figures, cleanup_namespace, new_namespace, require_redis
+from faults.redis_server import RedisServer
 from keygate import KeyGateSettings, ManualClock, MemoryStore, RedisStore
 from keygate.demo import DEMO_ORIGINS, build_demo_app, seed_demo_keys
 from keygate.gate import KeyGate
@@ -109,80 +109,9 @@ def statuses(responses: list[httpx.Response]) -> dict[int, int]:
 QUIET = KeyGateSettings(usage_flush_interval=3600.0, rate_limit_timeout=2.0)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-class OwnRedis:
-    """A redis-server of this test's own on a free loopback port: it may be flushed,
-    slowed down and killed without touching the shared server."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--daemonize",
-                "no",
-                "--enable-debug-command",
-                "local",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        self.admin = redis.Redis(port=self.port, socket_timeout=5, socket_connect_timeout=1)
-        deadline = time.monotonic() + 5.0
-        try:
-            while True:
-                try:
-                    self.admin.ping()
-                    break
-                except redis.ConnectionError:
-                    assert self.process.poll() is None, "redis-server exited"
-                    assert time.monotonic() < deadline, "redis-server did not start in 5 s"
-                    time.sleep(0.01)
-        except BaseException:
-            self.close()
-            raise
-
-    def commands(self) -> dict[str, int]:
-        """Calls per command so far, as INFO commandstats counts them."""
-        stats = self.admin.info("commandstats")
-        return {
-            name.removeprefix("cmdstat_"): int(value["calls"])
-            for name, value in stats.items()
-            if name.startswith("cmdstat_")
-        }
-
-    def errors(self) -> dict[str, int]:
-        """Error replies so far by kind (INFO errorstats), e.g. ``{"NOSCRIPT": 1}``."""
-        stats = self.admin.info("errorstats")
-        return {
-            name.removeprefix("errorstat_"): int(value["count"])
-            for name, value in stats.items()
-            if name.startswith("errorstat_")
-        }
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(timeout=5)
-
-    def close(self) -> None:
-        self.admin.close()
-        self.kill()
+# A redis-server of the test's own (it may be flushed, slowed down and killed without
+# touching the shared server), with DEBUG allowed from loopback.
+OwnRedis = RedisServer
 
 
 # What the limiter's script runs inside Redis: INFO commandstats counts these too, but they
@@ -201,7 +130,8 @@ def sent(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
 
 @pytest.fixture
 def own_redis() -> Iterator[OwnRedis]:
-    server = OwnRedis()
+    server = OwnRedis(debug=True)
+    server.start()
     yield server
     server.close()
 

@@ -7,8 +7,6 @@ import asyncio
 import json
 import os
 import random
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -20,6 +18,7 @@ import pytest
 import redis
 
 from conftest import REDIS_URL, Figures, cleanup_namespace, new_namespace, require_redis
+from faults.redis_server import RedisServer
 from keygate import KeyGateSettings, ManualClock, MemoryStore, RedisStore
 from keygate.alerts import AlertRules
 from keygate.clock import to_datetime
@@ -395,61 +394,17 @@ async def test_every_redis_name_carries_a_ttl(redis_store: RedisStore, clock: Ma
 # -- cost: batching, bounds, failures, shutdown ---------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+# The probe's own handshake, INFO and CONFIG, and the announcement channel's heartbeat.
+_PROBE_COMMANDS = ("hello", "info", "config", "ping")
 
 
-class RedisServer:
-    """A redis-server of the test's own on a loopback port, without persistence."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        """Start the server and wait (at most 5 s) until it answers."""
-        self.process = subprocess.Popen(
-            [
-                *("redis-server", "--port", str(self.port), "--bind", "127.0.0.1"),
-                *("--save", "", "--appendonly", "no"),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 5
-        while True:
-            try:
-                with redis.Redis(port=self.port, socket_timeout=0.5) as client:
-                    client.ping()
-                return
-            except redis.ConnectionError:
-                assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.01)
-
-    def kill(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(5)
-            self.process = None
-
-    def commands(self) -> dict[str, int]:
-        probe_commands = tuple(f"cmdstat_{c}" for c in ("hello", "info", "config", "ping"))
-        """Calls per command since the last reset (this probe's own commands left out)."""
-        with redis.Redis(port=self.port) as client:
-            stats = client.info("commandstats")
-        return {
-            name.removeprefix("cmdstat_"): int(row["calls"])
-            for name, row in stats.items()
-            # The probe's own handshake, INFO and CONFIG; the announcement channel's heartbeat.
-            if not name.startswith(probe_commands)
-        }
-
-    def reset(self) -> None:
-        with redis.Redis(port=self.port) as client:
-            client.config_resetstat()
+def client_commands(server: RedisServer) -> dict[str, int]:
+    """Calls per command since the last reset, the probe's own left out."""
+    return {
+        name: calls
+        for name, calls in server.commands().items()
+        if not name.startswith(_PROBE_COMMANDS)
+    }
 
 
 @pytest.fixture
@@ -458,7 +413,7 @@ def own_redis() -> Iterator[RedisServer]:
     server = RedisServer()
     server.start()
     yield server
-    server.kill()
+    server.close()
 
 
 @pytest.fixture
@@ -507,11 +462,11 @@ async def test_recording_costs_no_redis_round_trip(
         for n in range(50):
             response = await http_client.post("/echo", content=b"b" * n, headers=headers)
             assert response.text == str(n)
-        assert own_redis.commands() == {}
+        assert client_commands(own_redis) == {}
         assert (calls.pipelines, calls.commands, gate.usage.flushes) == (0, 0, 1)
         assert await gate.usage.flush()
     assert (calls.pipelines, calls.commands, gate.usage.flushes) == (1, 0, 2)
-    assert own_redis.commands().get("hincrby", 0) > 0
+    assert client_commands(own_redis).get("hincrby", 0) > 0
     monkeypatch.undo()
     assert (await totals(gate, key_id)).requests == 51
 

@@ -49,7 +49,8 @@ class RedisServer:
     come back after a crash; without one the server comes back empty.
     """
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, *, debug: bool = False) -> None:
+        self.debug = debug  # allow DEBUG SLEEP and the like from loopback
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._dir = tempfile.TemporaryDirectory(prefix="kg-redis-")
@@ -81,6 +82,7 @@ class RedisServer:
             "dump.rdb",
             "--logfile",
             str(self.dir / "redis.log"),
+            *(("--enable-debug-command", "local") if self.debug else ()),
         ]
         deadline = time.monotonic() + timeout
         while True:
@@ -140,6 +142,29 @@ class RedisServer:
         if name is not None:
             found = [c for c in found if c.get("name") == name]
         return found
+
+    def commands(self) -> dict[str, int]:
+        """Calls per command since the start (or the last :meth:`reset`), as INFO
+        commandstats counts them."""
+        stats = self.admin.info("commandstats")
+        return {
+            name.removeprefix("cmdstat_"): int(value["calls"])
+            for name, value in stats.items()
+            if name.startswith("cmdstat_")
+        }
+
+    def errors(self) -> dict[str, int]:
+        """Error replies so far by kind (INFO errorstats), e.g. ``{"NOSCRIPT": 1}``."""
+        stats = self.admin.info("errorstats")
+        return {
+            name.removeprefix("errorstat_"): int(value["count"])
+            for name, value in stats.items()
+            if name.startswith("errorstat_")
+        }
+
+    def reset(self) -> None:
+        """Zero the command and error statistics (CONFIG RESETSTAT)."""
+        self.admin.config_resetstat()
 
     def close(self) -> None:
         self.kill()
