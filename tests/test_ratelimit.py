@@ -820,7 +820,9 @@ async def test_a_key_over_its_limit_costs_no_command_until_its_next_slot(
         refused = await http.get("/x", headers=bearer(secret))
         refused_at = time.monotonic()
         assert refused.status_code == 429
-        assert parse_int(refused.headers["retry-after"]) == 1
+        # 1, or 2 when both requests fell in the same millisecond: the window still refuses
+        # at exactly +1 s, so the honest whole-second answer is then 2.
+        assert parse_int(refused.headers["retry-after"]) in (1, 2)
         commands, trips = own_redis.commands(), limiter.round_trips
         local = 0
         while True:
@@ -830,7 +832,7 @@ async def test_a_key_over_its_limit_costs_no_command_until_its_next_slot(
             assert response.status_code == 429
             assert sent(commands, own_redis.commands()) == {}
             assert limiter.round_trips == trips
-            assert parse_int(response.headers["retry-after"]) == 1
+            assert parse_int(response.headers["retry-after"]) in (1, 2)
             local += 1
             assert time.monotonic() - refused_at < 2.0, "still refused 2 s later"
             await asyncio.sleep(0.02)
