@@ -49,15 +49,29 @@ class RedisServer:
     come back after a crash; without one the server comes back empty.
     """
 
-    def __init__(self, port: int | None = None, *, debug: bool = False) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        debug: bool = False,
+        password: str | None = None,
+        unix_socket: bool = False,
+    ) -> None:
         self.debug = debug  # allow DEBUG SLEEP and the like from loopback
+        self.password = password  # requirepass: the default user's password
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._dir = tempfile.TemporaryDirectory(prefix="kg-redis-")
         self.dir = Path(self._dir.name)
+        # Listening on a unix socket too (its path, in the server's directory), when asked.
+        self.socket_path = str(self.dir / "redis.sock") if unix_socket else None
         self.process: subprocess.Popen[bytes] | None = None
         self.admin = redis.Redis(
-            host="127.0.0.1", port=self.port, socket_timeout=5, socket_connect_timeout=1
+            host="127.0.0.1",
+            port=self.port,
+            password=password,
+            socket_timeout=5,
+            socket_connect_timeout=1,
         )
         self.starts = 0
 
@@ -83,6 +97,12 @@ class RedisServer:
             "--logfile",
             str(self.dir / "redis.log"),
             *(("--enable-debug-command", "local") if self.debug else ()),
+            *(("--requirepass", self.password) if self.password is not None else ()),
+            *(
+                ("--unixsocket", self.socket_path, "--unixsocketperm", "700")
+                if self.socket_path is not None
+                else ()
+            ),
         ]
         deadline = time.monotonic() + timeout
         while True:

@@ -1,0 +1,441 @@
+"""A lean Redis connection for the rate limiter's one round trip per request.
+
+redis-py spends far more Python per command than Redis spends answering it (a
+``redis.asyncio`` EVALSHA costs ~100 µs here, most of it in the client's layers). The
+rate limiter sends one kind of command on every limited request, so it talks to Redis
+through this module instead: one :class:`asyncio.Protocol` speaking RESP2 over one
+socket, shared by every caller.
+
+- Redis answers the commands of one connection in order, so callers need not wait for a
+  free connection: each appends its future to a queue and the replies resolve them in
+  turn. A caller alone writes at once; callers that arrive while replies are outstanding
+  are written together, once per event-loop iteration (one round trip for all of them).
+- One timer per connection watches the oldest outstanding reply. When a caller's deadline
+  passes, everything queued behind it is stuck too: every caller gets ``TimeoutError``
+  and the connection is dropped; the next call connects again.
+- It speaks what the limiter needs (commands in, RESP2 replies out, ``AUTH`` and
+  ``SELECT`` on connecting) and nothing else: no pub/sub, TLS or cluster. :meth:`LeanRedis.
+  from_client` answers ``None`` for a client it cannot stand in for, and the limiter keeps
+  using redis-py.
+
+Error replies (``-NOSCRIPT ...``) are returned as :class:`ReplyError` values, not raised:
+a caller decides what each means. Lost connections raise :class:`ConnectionError` (an
+:class:`OSError`), garbage from the server :class:`ProtocolError` (one too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.connection import Connection, UnixDomainSocketConnection
+
+__all__ = ["LeanRedis", "ProtocolError", "ReplyError", "RespReader", "encode"]
+
+_CRLF = b"\r\n"
+_MAX_LENGTH = 512 * 1024 * 1024  # Redis' own proto-max-bulk-len default
+_MAX_DEPTH = 16
+
+
+class ReplyError(Exception):
+    """An error reply from Redis, such as ``NOSCRIPT No matching script``."""
+
+    @property
+    def code(self) -> str:
+        """The error's first word (``NOSCRIPT``, ``ERR``, ``WRONGPASS``)."""
+        return str(self.args[0]).split(" ", 1)[0] if self.args else ""
+
+
+class ProtocolError(ConnectionError):
+    """The server sent something that is not a RESP2 reply (the connection is dropped)."""
+
+
+def encode(args: Sequence[bytes | str | int]) -> bytes:
+    """One command as a RESP array of bulk strings."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        if isinstance(arg, bytes):
+            data = arg
+        elif isinstance(arg, str):
+            data = arg.encode()
+        elif isinstance(arg, int) and not isinstance(arg, bool):
+            data = b"%d" % arg
+        else:
+            raise TypeError(f"a Redis argument is bytes, str or int, not {type(arg).__name__}")
+        parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+class _Incomplete(Exception):
+    """The buffer ends inside a reply: wait for more bytes."""
+
+
+def _integer(line: bytes) -> int:
+    # int() would also take b" 1", b"1_0" and b"+1"; RESP allows only [-]digits.
+    digits = line[1:] if line[:1] == b"-" else line
+    if not digits.isdigit() or not digits.isascii() or len(digits) > 19:
+        raise ProtocolError(f"not a RESP integer: {line[:32]!r}")
+    return int(line)
+
+
+class RespReader:
+    """Incremental RESP2 parser: :meth:`feed` bytes as they arrive, get whole replies.
+
+    Bulk strings and simple strings come back as ``bytes``, integers as ``int``, nil as
+    ``None``, arrays as ``list``, error replies as :class:`ReplyError` values.
+    """
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, data: bytes) -> list[Any]:
+        """Every reply completed by ``data`` (raises :class:`ProtocolError` on garbage)."""
+        buffer = self._buffer + data if self._buffer else data
+        replies = []
+        position = 0
+        end = len(buffer)
+        while position < end:
+            try:
+                reply, position = self._parse(buffer, position, 0)
+            except _Incomplete:
+                break
+            replies.append(reply)
+        self._buffer = buffer[position:]
+        return replies
+
+    def _parse(self, buffer: bytes, position: int, depth: int) -> tuple[Any, int]:
+        eol = buffer.find(_CRLF, position)
+        if eol < 0:
+            if len(buffer) - position > 64 * 1024:  # no header line is that long
+                raise ProtocolError("RESP line too long")
+            raise _Incomplete
+        kind = buffer[position]
+        line = buffer[position + 1 : eol]
+        after = eol + 2
+        if kind == 0x24:  # $ bulk string
+            length = _integer(line)
+            if length < 0:
+                return None, after
+            if length > _MAX_LENGTH:
+                raise ProtocolError("RESP bulk string too long")
+            stop = after + length
+            if len(buffer) < stop + 2:
+                raise _Incomplete
+            if buffer[stop : stop + 2] != _CRLF:
+                raise ProtocolError("RESP bulk string not followed by CRLF")
+            return buffer[after:stop], stop + 2
+        if kind == 0x2B:  # + simple string
+            return line, after
+        if kind == 0x3A:  # : integer
+            return _integer(line), after
+        if kind == 0x2D:  # - error
+            return ReplyError(line.decode("utf-8", "replace")), after
+        if kind == 0x2A:  # * array
+            count = _integer(line)
+            if count < 0:
+                return None, after
+            if depth >= _MAX_DEPTH or count > _MAX_LENGTH:
+                raise ProtocolError("RESP array too deep or too long")
+            items = []
+            for _ in range(count):
+                item, after = self._parse(buffer, after, depth + 1)
+                items.append(item)
+            return items, after
+        raise ProtocolError(f"unknown RESP type byte {bytes([kind])!r}")
+
+
+class _Connection(asyncio.Protocol):
+    """One socket: the queue of callers awaiting replies, in the order they were sent."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.reader = RespReader()
+        # (future, deadline in loop time) per command sent or about to be sent
+        self.waiting: deque[tuple[asyncio.Future[Any], float]] = deque()
+        self.unsent: list[bytes] = []  # written together on the next loop iteration
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = math.inf  # when the timer fires (inf: not armed)
+        self.lost = False
+        self.closed: asyncio.Future[None] = loop.create_future()  # done once the socket is
+        self.writes = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            replies = self.reader.feed(data)
+        except ProtocolError as exc:
+            self.drop(exc)
+            return
+        waiting = self.waiting
+        for reply in replies:
+            if not waiting:
+                self.drop(ProtocolError("Redis sent a reply nobody asked for"))
+                return
+            future, _ = waiting.popleft()
+            if not future.done():
+                future.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.fail(ConnectionError("the connection to Redis was lost"))
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def send(self, command: bytes, deadline: float) -> asyncio.Future[Any]:
+        future = self.loop.create_future()
+        if self.lost:
+            future.set_exception(ConnectionError("the connection to Redis was lost"))
+            return future
+        waiting = self.waiting
+        waiting.append((future, deadline))
+        if deadline < self.timer_at:
+            self.arm(deadline)
+        if len(waiting) == 1:
+            # Nothing outstanding: write at once (the common case of one caller).
+            assert self.transport is not None
+            self.transport.write(command)
+            self.writes += 1
+        else:
+            # Replies are outstanding: everything that arrives meanwhile goes out together.
+            if not self.unsent:
+                self.loop.call_soon(self.flush)
+            self.unsent.append(command)
+        return future
+
+    def flush(self) -> None:
+        unsent, self.unsent = self.unsent, []
+        if unsent and not self.lost and self.transport is not None:
+            self.transport.write(b"".join(unsent))
+            self.writes += 1
+
+    def arm(self, when: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.loop.call_at(when, self.expire)
+        self.timer_at = when
+
+    def expire(self) -> None:
+        """The timer: a caller's deadline has come. If it is the oldest outstanding
+        reply's, the connection is stuck: fail everyone and drop it. Otherwise fail the
+        callers that are overdue (their replies are still read and ignored)."""
+        self.timer, self.timer_at = None, math.inf
+        waiting = self.waiting
+        if not waiting:
+            return
+        now = self.loop.time()
+        if waiting[0][1] <= now:
+            self.drop(TimeoutError("Redis did not answer in time"))
+            return
+        later = math.inf
+        for future, deadline in waiting:
+            if future.done():
+                continue
+            if deadline <= now:
+                future.set_exception(TimeoutError("Redis did not answer in time"))
+            elif deadline < later:
+                later = deadline
+        if later < math.inf:
+            self.arm(later)
+
+    def fail(self, exc: BaseException) -> None:
+        waiting, self.waiting = self.waiting, deque()
+        self.unsent = []
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer, self.timer_at = None, math.inf
+        for future, _ in waiting:
+            if not future.done():
+                future.set_exception(exc)
+
+    def drop(self, exc: BaseException) -> None:
+        """Close the socket (its replies can no longer be matched) and fail every caller."""
+        self.lost = True
+        self.fail(exc)
+        if self.transport is not None:
+            with contextlib.suppress(RuntimeError):  # its event loop is closed
+                self.transport.abort()
+
+
+def _failed(attempt: asyncio.Task[_Connection]) -> bool:
+    """Whether a finished connection attempt failed (reading its error marks it read)."""
+    return attempt.done() and (attempt.cancelled() or attempt.exception() is not None)
+
+
+class LeanRedis:
+    """One multiplexed RESP2 connection to Redis, connected on first use.
+
+    ``timeout`` bounds each call (and each connection attempt, AUTH and SELECT included)
+    unless the call gives a ``deadline`` of its own, in :meth:`asyncio.loop.time` seconds.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 6379,
+        path: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        db: int = 0,
+        timeout: float = 0.25,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.path = path
+        self.db = db
+        self.timeout = timeout
+        self._username = username
+        self._password = password
+        self._conn: _Connection | None = None
+        self._connecting: asyncio.Task[_Connection] | None = None
+        self._writes = 0  # of connections already gone
+
+    @classmethod
+    def from_client(cls, client: Redis, *, timeout: float = 0.25) -> LeanRedis | None:
+        """A lean connection to the server ``client`` talks to, or ``None`` when it cannot
+        stand in for it (TLS, a credential provider, a cluster, or a fake)."""
+        pool = getattr(client, "connection_pool", None)
+        if pool is None:
+            return None
+        kind = pool.connection_class
+        options = pool.connection_kwargs
+        if options.get("credential_provider") is not None:
+            return None
+        common = {
+            "username": options.get("username"),
+            "password": options.get("password"),
+            "db": int(options.get("db") or 0),
+            "timeout": timeout,
+        }
+        if kind is Connection:
+            return cls(
+                host=options.get("host", "localhost"),
+                port=int(options.get("port", 6379)),
+                **common,
+            )
+        if kind is UnixDomainSocketConnection:
+            return cls(path=options["path"], **common)
+        return None
+
+    @property
+    def writes(self) -> int:
+        """How many times commands went out (round trips), connecting aside."""
+        return self._writes + (self._conn.writes if self._conn is not None else 0)
+
+    def deadline(self) -> float:
+        """When a call starting now must end, in event-loop time."""
+        return asyncio.get_running_loop().time() + self.timeout
+
+    async def call(self, command: bytes, deadline: float | None = None) -> Any:
+        """Send one :func:`encode`-d command; its reply (a :class:`ReplyError` for an error
+        reply). ``TimeoutError`` past the deadline, ``ConnectionError`` when unreachable."""
+        conn = self._conn
+        if conn is None or conn.lost or conn.loop is not asyncio.get_running_loop():
+            if deadline is None:
+                deadline = self.deadline()
+            conn = await self._connected(deadline)
+        elif deadline is None:
+            deadline = conn.loop.time() + self.timeout
+        return await conn.send(command, deadline)
+
+    async def execute(self, *args: bytes | str | int, deadline: float | None = None) -> Any:
+        """:meth:`call` with the command's words."""
+        return await self.call(encode(args), deadline)
+
+    async def _connected(self, deadline: float) -> _Connection:
+        loop = asyncio.get_running_loop()
+        attempt = self._connecting
+        if attempt is None or attempt.get_loop() is not loop or _failed(attempt):
+            self._retire()
+            attempt = self._connecting = loop.create_task(self._open())
+            attempt.add_done_callback(_failed)  # its error is read even if nobody waits
+        if not attempt.done():
+            # Wait for the shared attempt without cancelling it: others may wait too.
+            await asyncio.wait({attempt}, timeout=max(0.0, deadline - loop.time()))
+            if not attempt.done():
+                raise TimeoutError("could not connect to Redis in time")
+        if self._connecting is attempt:
+            self._connecting = None
+        conn = attempt.result()  # raises what the attempt raised
+        if conn.lost:
+            raise ConnectionError("the connection to Redis was lost")
+        if self._conn is not conn:
+            self._drop_connection()
+            self._conn = conn
+        return conn
+
+    async def _open(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(max(self.timeout, 1.0)):
+            if self.path is not None:
+                _, conn = await loop.create_unix_connection(lambda: _Connection(loop), self.path)
+            else:
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(loop), self.host, self.port
+                )
+            try:
+                handshake: list[list[bytes | str | int]] = []
+                if self._password is not None:
+                    if self._username:
+                        handshake.append(["AUTH", self._username, self._password])
+                    else:
+                        handshake.append(["AUTH", self._password])
+                if self.db:
+                    handshake.append(["SELECT", self.db])
+                for words in handshake:
+                    # The enclosing timeout is the deadline.
+                    reply = await conn.send(encode(words), math.inf)
+                    if isinstance(reply, ReplyError):
+                        raise ConnectionError(f"Redis refused {words[0]!s}: {reply.code}")
+            except BaseException:
+                conn.drop(ConnectionError("connection abandoned"))
+                raise
+            conn.writes = 0  # the handshake is not a round trip of any caller
+            return conn
+
+    def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            self._writes += conn.writes
+            conn.drop(ConnectionError("the connection to Redis was closed"))
+
+    def _retire(self) -> None:
+        self._drop_connection()
+        attempt, self._connecting = self._connecting, None
+        if attempt is not None and not attempt.done():
+            with contextlib.suppress(RuntimeError):  # its event loop is closed
+                attempt.cancel()
+
+    def close(self) -> None:
+        """Close the connection and fail every caller still waiting; a later call
+        connects again. The socket closes on the event loop's next iteration:
+        :meth:`aclose` waits for it."""
+        self._retire()
+
+    async def aclose(self) -> None:
+        """:meth:`close`, and wait until the socket is closed."""
+        conn, attempt = self._conn, self._connecting
+        self._retire()
+        loop = asyncio.get_running_loop()
+        if attempt is not None and attempt.get_loop() is loop:
+            await asyncio.wait({attempt}, timeout=1.0)
+            if attempt.done() and not _failed(attempt):
+                conn = attempt.result()
+                conn.drop(ConnectionError("the connection to Redis was closed"))
+        if conn is not None and conn.loop is loop:
+            await asyncio.wait({conn.closed}, timeout=1.0)
+
+    def __repr__(self) -> str:
+        where = self.path if self.path is not None else f"{self.host}:{self.port}"
+        return f"LeanRedis({where}, db={self.db})"
