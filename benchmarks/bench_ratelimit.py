@@ -69,6 +69,7 @@ from keygate import RedisStore
 from keygate.gate import KeyGate
 from keygate.middleware import KeyGateMiddleware
 from keygate.ratelimit import RedisLimiter, limit_set
+from keygate.resp import LeanRedis, encode
 
 App = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 
@@ -136,6 +137,25 @@ class LowerBound:
             await self.app(scope, receive, send)
             return
         if await self.client.evalsha(self.sha, 1, self.key, self.amount, self.window_ms):
+            await self.app(scope, receive, send)
+        else:
+            await too_many(send, [])
+
+
+class RawSocketFloor(LowerBound):
+    """The lower bound's EVALSHA over keygate's lean connection (``keygate.resp``): what a
+    round trip costs without redis-py's layers — a floor, not a target."""
+
+    def __init__(self, app: App, *, lean: LeanRedis, sha: str, key: str) -> None:
+        super().__init__(app, client=None, sha=sha, key=key)  # type: ignore[arg-type]
+        self.lean = lean
+        self.command = encode(["EVALSHA", sha, 1, key, self.amount, self.window_ms])
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if await self.lean.call(self.command) == 1:
             await self.app(scope, receive, send)
         else:
             await too_many(send, [])
@@ -264,6 +284,12 @@ def limited_scope(authorization: bytes | None) -> dict[str, Any]:
     return scope
 
 
+async def client_key(gate: KeyGate, name: str, limit: str) -> Any:
+    """A client key limited to ``limit``, allowed from ``ORIGIN``; the created key."""
+    fields = {"name": name, "type": "client", "scopes": ["vec:read"], "rate_limit": limit}
+    return await gate.manager.create({**fields, "allowed_origins": [ORIGIN.decode()]})
+
+
 async def build(url: str, namespace: str, opened: list[Any]) -> list[Contender]:
     """The contenders, each checked once. What needs closing goes into ``opened``; every
     Redis key they write starts with ``namespace``."""
@@ -274,24 +300,8 @@ async def build(url: str, namespace: str, opened: list[Any]) -> list[Contender]:
     gate = KeyGate(store=store, secret=SECRET)
     opened.append(gate)
     await gate.startup()
-    created = await gate.manager.create(
-        {
-            "name": "bench",
-            "type": "client",
-            "scopes": ["vec:read"],
-            "allowed_origins": [ORIGIN.decode()],
-            "rate_limit": LIMIT,
-        }
-    )
-    over = await gate.manager.create(
-        {
-            "name": "over",
-            "type": "client",
-            "scopes": ["vec:read"],
-            "allowed_origins": [ORIGIN.decode()],
-            "rate_limit": OVER_LIMIT,
-        }
-    )
+    created = await client_key(gate, "bench", LIMIT)
+    over = await client_key(gate, "over", OVER_LIMIT)
     limiter = gate.limiter
     keygate_app = make_app([Middleware(KeyGateMiddleware, gate=gate)])
     assert isinstance(limiter, RedisLimiter)
@@ -310,6 +320,27 @@ async def build(url: str, namespace: str, opened: list[Any]) -> list[Contender]:
             200,
             [window_key],
             trips,
+            KEYGATE_LUA,
+        )
+    )
+
+    # The same limiter on redis-py (lean=False): what the lean connection changes, in
+    # the same run. A gate of its own over the same namespace, with a key of its own.
+    old_store = RedisStore.from_url(url, namespace=namespace, client_name=namespace)
+    old_limiter = RedisLimiter(old_store.client, namespace=namespace, lean=False)
+    old_gate = KeyGate(store=old_store, secret=SECRET, limiter=old_limiter)
+    opened.append(old_gate)
+    await old_gate.startup()
+    old_key = await client_key(old_gate, "bench-redis-py", LIMIT)
+    contenders.append(
+        Contender(
+            "keygate, client key, limiter on redis-py (lean=False)",
+            "keygate redis-py",
+            make_app([Middleware(KeyGateMiddleware, gate=old_gate)]),
+            limited_scope(bearer(old_key.secret.get_secret_value())),
+            200,
+            [old_limiter.window_key(old_key.key.id, windows, 0)],
+            lambda: old_limiter.round_trips,
             KEYGATE_LUA,
         )
     )
@@ -371,6 +402,23 @@ async def build(url: str, namespace: str, opened: list[Any]) -> list[Contender]:
             200,
             [lower_key],
             lua=LOWER_BOUND_LUA,
+        )
+    )
+
+    lean = LeanRedis.from_client(client)
+    assert lean is not None
+    opened.append(lean)
+    floor_key = f"{namespace}:lb:raw"
+    contenders.append(
+        Contender(
+            "(floor) the same EVALSHA on a raw asyncio socket",
+            "raw floor",
+            make_app([Middleware(RawSocketFloor, lean=lean, sha=sha, key=floor_key)]),
+            limited_scope(None),
+            200,
+            [floor_key],
+            lambda: lean.writes,
+            LOWER_BOUND_LUA,
         )
     )
 
@@ -648,6 +696,8 @@ def _given(url: str) -> Iterator[str]:
 async def _close(thing: Any) -> None:
     if isinstance(thing, KeyGate | aioredis.Redis):
         await thing.aclose()
+    elif isinstance(thing, LeanRedis):
+        thing.close()
     else:  # limits' RedisStorage: close its redis.asyncio client
         client = getattr(getattr(thing, "bridge", None), "storage", None)
         if isinstance(client, aioredis.Redis):
@@ -753,6 +803,13 @@ def report(
         f"  (a) keygate {keygate.micros:.1f} µs / lower bound {lower.micros:.1f} µs = "
         f"{ratio:.2f} <= 1.10: {verdict(ratio <= 1.10)}"
     )
+    floor = by_short["raw floor"]
+    old = by_short["keygate redis-py"]
+    print(
+        f"      (for reference: {ratio_of(keygate, floor):.2f} x the same EVALSHA on a raw "
+        f"asyncio socket, {floor.micros:.1f} µs; the limiter on redis-py, lean=False: "
+        f"{old.micros:.1f} µs = {old.micros / lower.micros:.2f} x the lower bound)"
+    )
     if "slowapi" in by_short:
         slow = by_short["slowapi"]
         ratio = keygate.rate / slow.rate
@@ -781,6 +838,10 @@ def report(
         f"  keygate 429 path: {trips} limiter round trips and {commands} Redis commands over "
         f"{one.requests} requests{timer} = 0: {verdict(commands == 0 and trips == 0)}"
     )
+
+
+def ratio_of(one: Contender, other: Contender) -> float:
+    return one.micros / other.micros
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -225,3 +225,41 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             f"secret leak check: {watch.secrets} generated secrets, {watch.records} log "
             "records at DEBUG and above, no 8-character piece of a secret in any of them"
         )
+
+
+# -- lean Redis connections (keygate.resp) must be closed by whoever opened them -------------
+
+_lean_connections: Any = None  # weakref.WeakSet of every keygate.resp connection made
+
+
+def _track_lean_connections() -> Any:
+    global _lean_connections
+    if _lean_connections is None:
+        import weakref
+
+        from keygate import resp
+
+        made: weakref.WeakSet[Any] = weakref.WeakSet()
+        opened = resp._Connection.__init__
+
+        def tracked(self: Any, loop: asyncio.AbstractEventLoop) -> None:
+            opened(self, loop)
+            made.add(self)
+
+        resp._Connection.__init__ = tracked  # type: ignore[method-assign]
+        _lean_connections = made
+    return _lean_connections
+
+
+@pytest.fixture(autouse=True)
+def lean_connections_closed(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail the test that leaves a rate limiter's own Redis connection open (close the
+    gate, or the limiter): found later by the garbage collector, it would fail whichever
+    test happened to be running then, with a ResourceWarning that names nobody."""
+    made = _track_lean_connections()
+    before = set(made)
+    yield
+    left = [c for c in made if c not in before and not c.closed.done()]
+    for conn in left:
+        conn.drop(ConnectionError("left open by the test"))
+    assert not left, f"{len(left)} keygate.resp connection(s) left open: close the gate"

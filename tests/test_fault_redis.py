@@ -138,7 +138,8 @@ async def test_redis_killed_under_load_fails_closed_and_recovers(
     caplog.set_level(logging.WARNING, logger="keygate")
     namespace = new_namespace()
     warm = await make_keys(own_redis.url, namespace, SECRET, SCOPED, 20)
-    warm += await make_keys(own_redis.url, namespace, SECRET, LIMITED, 5)
+    limited = await make_keys(own_redis.url, namespace, SECRET, LIMITED, 5)
+    warm += limited
     cold = await make_keys(own_redis.url, namespace, SECRET, SCOPED, 200)
     late = await make_keys(own_redis.url, namespace, SECRET, SCOPED, 20)
     unknown = unknown_keys(50)
@@ -162,7 +163,14 @@ async def test_redis_killed_under_load_fails_closed_and_recovers(
     warmed_until = time.monotonic()
     own_redis.snapshot()  # the server comes back with its data, as with persistence
 
-    load = Load(app, keyed("warm", warm), concurrency=300, budget=2 * KILL_BUDGET)
+    # Mostly rate-limited keys at first: their requests wait on Redis, so that many are
+    # in flight when it dies (a cached unlimited key's request never waits at all).
+    load = Load(
+        app,
+        mixed((1, keyed("warm", warm)), (3, keyed("warm", limited))),
+        concurrency=300,
+        budget=2 * KILL_BUDGET,
+    )
     load.start()
     await asyncio.sleep(0.5)
     in_flight = load.inflight

@@ -426,6 +426,16 @@ class Driver:
 
 
 @asynccontextmanager
+async def own_limiter(made: Redis, **options: Any) -> AsyncIterator[RedisLimiter]:
+    """A RedisLimiter closed afterwards (its lean connection with it)."""
+    limiter = RedisLimiter(made, **options)
+    try:
+        yield limiter
+    finally:
+        await limiter.close()
+
+
+@asynccontextmanager
 async def virtual_limiter(kind: str) -> AsyncIterator[Driver]:
     """A keygate limiter of one backend on a virtual clock (Redis data cleaned up)."""
     clock = ManualClock(START)
@@ -441,9 +451,9 @@ async def virtual_limiter(kind: str) -> AsyncIterator[Driver]:
         else fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
     )
     try:
-        limiter = RedisLimiter(made, namespace=namespace, local_refusals=False)
-        await limiter.start()
-        yield Driver(kind, limiter, clock)
+        async with own_limiter(made, namespace=namespace, local_refusals=False) as limiter:
+            await limiter.start()
+            yield Driver(kind, limiter, clock)
     finally:
         await made.aclose()
         if kind == "redis":
@@ -708,6 +718,7 @@ async def test_no_second_of_a_long_random_run_admits_more_than_20(
     try:
         await asyncio.gather(*(burster(seed) for seed in range(6)))
     finally:
+        await limiter.close()
         await made.aclose()
     assert limiter.passes == 0
     admitted = sorted(round(d.at * 1000) for d in decisions if d.allowed)
@@ -1122,24 +1133,24 @@ async def test_a_refused_large_cost_does_not_refuse_a_smaller_one(
 ) -> None:
     """After a refusal for cost 3 with 2 slots left, a hit of cost 1 is admitted."""
     made, namespace = redis_client
-    limiter = RedisLimiter(made, namespace=namespace)
-    limits_ = limit_set("10/minute", "dev")
-    assert (await limiter.hit("k", limits_, 8)).allowed
-    refused = await limiter.hit("k", limits_, 3)
-    assert not refused.allowed and refused.remaining == (2,)
-    assert (await limiter.hit("k", limits_, 1)).allowed
+    async with own_limiter(made, namespace=namespace) as limiter:
+        limits_ = limit_set("10/minute", "dev")
+        assert (await limiter.hit("k", limits_, 8)).allowed
+        refused = await limiter.hit("k", limits_, 3)
+        assert not refused.allowed and refused.remaining == (2,)
+        assert (await limiter.hit("k", limits_, 1)).allowed
 
 
 async def test_a_changed_limit_takes_effect_at_once(redis_client: tuple[Redis, str]) -> None:
     """A key refused under 1/minute is decided under its new limit, 10/second;1000/hour,
     as soon as it has one."""
     made, namespace = redis_client
-    limiter = RedisLimiter(made, namespace=namespace)
-    old = limit_set("1/minute", "dev")
-    assert (await limiter.hit("k", old)).allowed
-    assert not (await limiter.hit("k", old)).allowed
-    raised = await limiter.hit("k", limit_set("10/second;1000/hour", "dev"))
-    assert raised.allowed and raised.remaining == (9, 999)
+    async with own_limiter(made, namespace=namespace) as limiter:
+        old = limit_set("1/minute", "dev")
+        assert (await limiter.hit("k", old)).allowed
+        assert not (await limiter.hit("k", old)).allowed
+        raised = await limiter.hit("k", limit_set("10/second;1000/hour", "dev"))
+        assert raised.allowed and raised.remaining == (9, 999)
 
 
 async def test_changing_a_blocked_keys_limit_never_fails_the_request(
@@ -1174,15 +1185,15 @@ async def test_a_local_refusal_reports_each_windows_own_reset(
     """Refused locally a moment after Redis refused it, a key reports the same per-window
     remaining and reset numbers Redis gave."""
     made, namespace = redis_client
-    limiter = RedisLimiter(made, namespace=namespace)
-    limits_ = limit_set("10/10 seconds;1/second", "dev")
-    assert (await limiter.hit("k", limits_)).allowed
-    by_redis = await limiter.hit("k", limits_)
-    assert not by_redis.allowed and by_redis.reset == (10, 1)
-    trips = limiter.round_trips
-    locally = await limiter.hit("k", limits_)
-    assert limiter.round_trips == trips  # decided without Redis
-    assert (locally.remaining, locally.reset) == (by_redis.remaining, by_redis.reset)
+    async with own_limiter(made, namespace=namespace) as limiter:
+        limits_ = limit_set("10/10 seconds;1/second", "dev")
+        assert (await limiter.hit("k", limits_)).allowed
+        by_redis = await limiter.hit("k", limits_)
+        assert not by_redis.allowed and by_redis.reset == (10, 1)
+        trips = limiter.round_trips
+        locally = await limiter.hit("k", limits_)
+        assert limiter.round_trips == trips  # decided without Redis
+        assert (locally.remaining, locally.reset) == (by_redis.remaining, by_redis.reset)
 
 
 async def test_a_full_memory_limiter_forgets_expired_windows_first(clock: ManualClock) -> None:
@@ -1208,8 +1219,8 @@ async def test_a_limit_is_refused_when_parsed_or_decided_by_redis(redis_namespac
         return
     made: Redis = Redis.from_url(REDIS_URL)
     try:
-        limiter = RedisLimiter(made, namespace=redis_namespace)
-        decision = await limiter.hit("k", limits_)
+        async with own_limiter(made, namespace=redis_namespace) as limiter:
+            decision = await limiter.hit("k", limits_)
     finally:
         await made.aclose()
     assert not decision.degraded and limiter.passes == 0

@@ -33,10 +33,23 @@ QUIET = KeyGateSettings(usage_flush_interval=60.0)  # only the test flushes
 WORKER = Path(__file__).with_name("usage_worker.py")
 
 
+_gates: list[KeyGate] = []  # made by this test; their limiters are closed after it
+
+
 def make_gate(store: KeyStore, clock: ManualClock, **settings: Any) -> KeyGate:
-    """A gate on ``store`` whose usage is flushed only when the test says so."""
+    """A gate on ``store`` whose usage is flushed only when the test says so (its rate
+    limiter's connection is closed after the test)."""
     options: dict[str, Any] = {"usage_flush_interval": 60.0, **settings}
-    return KeyGate(store=store, secret=SECRET, clock=clock, settings=KeyGateSettings(**options))
+    made = KeyGate(store=store, secret=SECRET, clock=clock, settings=KeyGateSettings(**options))
+    _gates.append(made)
+    return made
+
+
+@pytest.fixture(autouse=True)
+async def close_limiters() -> AsyncIterator[None]:
+    yield
+    while _gates:
+        await _gates.pop().limiter.close()
 
 
 async def new_key(gate: KeyGate, kind: str = "dev", **fields: Any) -> tuple[str, dict[str, str]]:
@@ -65,7 +78,7 @@ async def gate(store: KeyStore, clock: ManualClock) -> AsyncIterator[KeyGate]:
     """A gate on each backend, driven by the manual clock."""
     made = make_gate(store, clock, usage_top_n=3)
     yield made
-    await made.usage.close()
+    await made.shutdown()
 
 
 # -- what is counted ------------------------------------------------------------------------

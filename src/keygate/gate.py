@@ -265,14 +265,15 @@ class KeyGate:
             logger.warning("could not prepare the rate limiter: %s", type(exc).__name__)
 
     async def shutdown(self) -> None:
-        """Flush usage (and the alerts it raises). Called by the middleware when the app
-        stops (lifespan); a graceful shutdown loses no count."""
+        """Flush usage (and the alerts it raises) and close the limiter's own connection.
+        Called by the middleware when the app stops (lifespan); a graceful shutdown loses
+        no count. The store stays open (it may be shared): :meth:`aclose` closes it too."""
         await self.usage.close()
         await self.alerts.drain()
+        await self.limiter.close()
 
     async def aclose(self) -> None:
         await self.shutdown()
-        await self.limiter.close()
         await self.store.close()
 
     def __repr__(self) -> str:

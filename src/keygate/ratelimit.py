@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import hashlib
 import logging
 import math
 import time
@@ -42,6 +43,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from keygate.clock import Clock, system_clock
 from keygate.exceptions import StoreUnavailable
+from keygate.resp import LeanRedis, ReplyError, encode
 
 __all__ = [
     "Decision",
@@ -338,6 +340,14 @@ for i = 1, n do
 end
 return table.concat(out, ' ')
 """
+_SHA = hashlib.sha1(
+    _SCRIPT.encode(), usedforsecurity=False
+).hexdigest()  # what SCRIPT LOAD answers
+
+
+def _read_error(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 class _Pending:
@@ -357,6 +367,11 @@ class RedisLimiter:
     ``failure`` says what happens when Redis cannot answer within ``timeout`` seconds:
     ``"allow"`` (the default) admits the request, counts it in :attr:`passes` and logs at
     most once per ``log_interval``; ``"deny"`` refuses it (the middleware answers 503).
+
+    With ``lean=True`` (the default) the decisions go over one connection of the
+    limiter's own (:class:`keygate.resp.LeanRedis`, to the server ``client`` talks to),
+    which costs a fraction of redis-py's Python per round trip; ``client`` carries them
+    when it cannot (TLS, a credential provider, fakeredis) or with ``lean=False``.
     """
 
     def __init__(
@@ -368,6 +383,7 @@ class RedisLimiter:
         failure: FailureMode = "allow",
         log_interval: float = 60.0,
         local_refusals: bool = True,
+        lean: bool = True,
     ) -> None:
         if failure not in ("allow", "deny"):
             raise ValueError("failure must be 'allow' or 'deny'")
@@ -377,9 +393,13 @@ class RedisLimiter:
         self.failure: FailureMode = failure
         self.log_interval = log_interval
         self.local_refusals = local_refusals
-        self.sha = ""
+        self.sha = ""  # set once the script is loaded
         self.passes = 0  # requests admitted without a decision (failure="allow")
-        self.round_trips = 0
+        self._round_trips = 0  # over `client`
+        self._lean = LeanRedis.from_client(client, timeout=timeout) if lean else None
+        # (key, limit text, cost) -> the encoded EVALSHA of a decision on Redis' clock
+        self._commands: dict[tuple[str, str, int], bytes] = {}
+        self._loading: asyncio.Task[None] | None = None
         # (key, limit text) -> (refused until, monotonic; the decision; when; its cost)
         self._blocked: dict[tuple[str, str], tuple[float, Decision, float, int]] = {}
         self._pending: list[_Pending] = []
@@ -391,13 +411,33 @@ class RedisLimiter:
         window = limits.windows[index]
         return f"{self.namespace}:rl:{{{key}}}:{window.amount}/{window.seconds}"
 
+    @property
+    def round_trips(self) -> int:
+        """Round trips to Redis so far (commands sent together count once)."""
+        lean = self._lean
+        return self._round_trips + (lean.writes if lean is not None else 0)
+
+    @property
+    def lean(self) -> bool:
+        """Whether decisions go over the limiter's own lean connection."""
+        return self._lean is not None
+
     async def start(self) -> None:
-        """Load the script, so no request pays for a NOSCRIPT retry."""
-        self.round_trips += 1
-        self.sha = await self.client.script_load(_SCRIPT)
+        """Load the script, so no request pays for a NOSCRIPT retry (and, on the lean
+        path, connect)."""
+        if self._lean is not None:
+            loaded = await self._lean.execute("SCRIPT", "LOAD", _SCRIPT)
+            if isinstance(loaded, ReplyError):
+                raise StoreUnavailable(f"Redis refused the rate-limit script: {loaded.code}")
+            self.sha = loaded.decode()
+        else:
+            self._round_trips += 1
+            self.sha = await self.client.script_load(_SCRIPT)
 
     async def close(self) -> None:
         self._blocked.clear()
+        if self._lean is not None:
+            await self._lean.aclose()
 
     async def hit(self, key: str, limits: LimitSet, cost: int = 1) -> Decision:
         return await self.hit_at(key, limits, cost, None)
@@ -419,13 +459,13 @@ class RedisLimiter:
                     return Decision(False, refused.remaining, frees, _retry_after(left - 0.001))
                 if left <= 0:
                     del self._blocked[(key, limits.text)]
-        keys = [self.window_key(key, limits, i) for i in range(len(limits.windows))]
-        args: list[Any] = [cost, "" if now_ms is None else now_ms]
-        for window in limits.windows:
-            args += [window.amount, window.seconds * 1000]
         try:
-            async with asyncio.timeout(self.timeout):
-                raw = await self._submit(keys, args)
+            if self._lean is not None:
+                raw = await self._lean_decide(key, limits, cost, now_ms)
+            else:
+                keys, args = self._arguments(key, limits, cost, now_ms)
+                async with asyncio.timeout(self.timeout):
+                    raw = await self._submit(keys, args)
         except (TimeoutError, StoreUnavailable, RedisError, OSError) as exc:
             return self._failed(limits, exc)
         raw = raw.split() if isinstance(raw, (bytes, str)) else raw
@@ -439,6 +479,65 @@ class RedisLimiter:
             until = clock + self._wait_ms(raw, limits) / 1000
             self._blocked[(key, limits.text)] = (until, decision, clock, cost)
         return decision
+
+    def _arguments(
+        self, key: str, limits: LimitSet, cost: int, now_ms: int | None
+    ) -> tuple[list[str], list[Any]]:
+        keys = [self.window_key(key, limits, i) for i in range(len(limits.windows))]
+        args: list[Any] = [cost, "" if now_ms is None else now_ms]
+        for window in limits.windows:
+            args += [window.amount, window.seconds * 1000]
+        return keys, args
+
+    async def _lean_decide(self, key: str, limits: LimitSet, cost: int, now_ms: int | None) -> Any:
+        """One EVALSHA over the lean connection (after loading the script on NOSCRIPT),
+        all within one ``timeout``."""
+        lean = self._lean
+        assert lean is not None
+        if now_ms is None:
+            command = self._commands.get((key, limits.text, cost))
+            if command is None:
+                command = self._command(key, limits, cost, now_ms)
+        else:
+            command = self._command(key, limits, cost, now_ms)
+        if self.sha:
+            reply = await lean.call(command)
+            if type(reply) is not ReplyError:
+                return reply
+            if reply.code != "NOSCRIPT":
+                raise StoreUnavailable(f"Redis refused the rate-limit script: {reply.code}")
+        # The script is not loaded (yet, or any more: SCRIPT FLUSH, a restarted server).
+        deadline = lean.deadline()
+        await self._load(deadline)
+        reply = await lean.call(command, deadline)
+        if type(reply) is ReplyError:
+            raise StoreUnavailable(f"Redis refused the rate-limit script: {reply.code}")
+        return reply
+
+    def _command(self, key: str, limits: LimitSet, cost: int, now_ms: int | None) -> bytes:
+        keys, args = self._arguments(key, limits, cost, now_ms)
+        command = encode(["EVALSHA", _SHA, len(keys), *keys, *args])
+        if now_ms is None:
+            if len(self._commands) >= 10_000:  # bounded: start again
+                self._commands.clear()
+            self._commands[(key, limits.text, cost)] = command
+        return command
+
+    async def _load(self, deadline: float) -> None:
+        """SCRIPT LOAD, once for all the callers that found it missing together."""
+        loading = self._loading
+        if loading is None or loading.done():
+            loading = self._loading = asyncio.get_running_loop().create_task(self._load_once())
+            loading.add_done_callback(_read_error)  # read even if every caller gave up
+        loop = asyncio.get_running_loop()
+        await asyncio.wait({loading}, timeout=max(0.0, deadline - loop.time()))
+        if not loading.done():
+            raise TimeoutError("Redis did not load the rate-limit script in time")
+        loading.result()
+
+    async def _load_once(self) -> None:
+        self.sha = ""
+        await self.start()
 
     @staticmethod
     def _wait_ms(raw: list[Any], limits: LimitSet) -> int:
@@ -538,20 +637,20 @@ class RedisLimiter:
     async def _evaluate(self, batch: list[_Pending]) -> list[Any]:
         if not self.sha:
             await self.start()
-        self.round_trips += 1
+        self._round_trips += 1
         if len(batch) == 1:
             only = batch[0]
             try:
                 return [await self._evalsha(only)]
             except NoScriptError:  # SCRIPT FLUSH, or a restarted server
                 await self.start()
-                self.round_trips += 1
+                self._round_trips += 1
                 return [await self._evalsha(only)]
         results = await self._pipeline(batch)
         missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
         if missing:
             await self.start()
-            self.round_trips += 1
+            self._round_trips += 1
             again = await self._pipeline([batch[i] for i in missing])
             for i, result in zip(missing, again, strict=True):
                 results[i] = result
