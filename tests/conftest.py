@@ -242,8 +242,8 @@ def _track_lean_connections() -> Any:
         made: weakref.WeakSet[Any] = weakref.WeakSet()
         opened = resp._Connection.__init__
 
-        def tracked(self: Any, loop: asyncio.AbstractEventLoop) -> None:
-            opened(self, loop)
+        def tracked(self: Any, *args: Any, **kwargs: Any) -> None:
+            opened(self, *args, **kwargs)
             made.add(self)
 
         resp._Connection.__init__ = tracked  # type: ignore[method-assign]

@@ -192,8 +192,10 @@ async def local(clock: ManualClock) -> AsyncIterator[KeyGate]:
 
 @pytest.fixture
 async def gate_on(store: KeyStore, clock: ManualClock) -> AsyncIterator[KeyGate]:
-    """A gate on each backend: memory (with a ManualClock), fakeredis, real Redis."""
-    made = KeyGate(store=store, secret=SECRET, clock=clock)
+    """A gate on each backend: memory (with a ManualClock), fakeredis, real Redis (with a
+    limiter timeout no busy test machine reaches: these tests are not about timeouts)."""
+    settings = KeyGateSettings(rate_limit_timeout=2.0)
+    made = KeyGate(store=store, secret=SECRET, clock=clock, settings=settings)
     await made.startup()
     yield made
     await made.shutdown()  # the store fixture closes the store

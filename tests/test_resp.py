@@ -310,3 +310,120 @@ async def test_a_reply_nobody_asked_for_drops_the_connection(own_redis: RedisSer
         assert lean._conn is not conn
     finally:
         await lean.aclose()
+
+
+# -- deadlines against a server that answers slowly (a fake of the test's own) --------------
+
+
+class SlowServer:
+    """A RESP server on a free loopback port answering each command, in order, after
+    ``delay`` seconds, as ``answer(words)`` says; counts its connections."""
+
+    def __init__(self, delay: float, answer: Any) -> None:
+        self.delay = delay
+        self.answer = answer
+        self.connections = 0
+        self.port = 0
+        self.server: asyncio.Server | None = None
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        parser = RespReader()
+        try:
+            while data := await reader.read(65536):
+                for words in parser.feed(data):
+                    await asyncio.sleep(self.delay)
+                    writer.write(
+                        self.answer([w.upper() if i == 0 else w for i, w in enumerate(words)])
+                    )
+                    await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def __aenter__(self) -> SlowServer:
+        self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+
+def pong(words: list[bytes]) -> bytes:
+    return b"+OK\r\n" if words[0] in (b"AUTH", b"SELECT") else b"+PONG\r\n"
+
+
+async def test_a_slow_but_healthy_server_keeps_its_one_connection() -> None:
+    """Every answer 0.1 s late under a 0.25 s timeout: the first call, which also pays
+    for AUTH and SELECT, runs out of time — but the connection it made serves every call
+    after it, and a caller whose deadline has already passed gets TimeoutError without
+    condemning the socket for the others."""
+    async with SlowServer(0.1, pong) as server:
+        lean = LeanRedis(port=server.port, password="pw", db=2, timeout=0.25)
+        try:
+            with pytest.raises(TimeoutError):
+                await lean.execute("PING")  # 0.2 s of handshake + 0.1 s > 0.25 s
+            results = [await lean.execute("PING") for _ in range(5)]
+            assert results == [b"PONG"] * 5
+            loop = asyncio.get_running_loop()
+            late = lean.execute("PING", deadline=loop.time() - 0.001)
+            on_time = lean.execute("PING")
+            outcomes = await asyncio.gather(late, on_time, return_exceptions=True)
+            assert isinstance(outcomes[0], TimeoutError) and outcomes[1] == b"PONG"
+            assert await lean.execute("PING") == b"PONG"
+            assert server.connections == 1
+        finally:
+            await lean.aclose()
+
+
+async def test_a_noscript_reload_stays_within_one_timeout(figures: Any) -> None:
+    """Redis answering 0.1 s late, and NOSCRIPT to the first EVALSHA: the request's
+    reload and retry share its one 0.25 s budget (it is let through, degraded, by then)."""
+    from keygate.ratelimit import _SHA, RedisLimiter, limit_set
+
+    loaded = False
+
+    def script_server(words: list[bytes]) -> bytes:
+        nonlocal loaded
+        if words[0] == b"SCRIPT":
+            loaded = True
+            return b"$40\r\n" + _SHA.encode() + b"\r\n"
+        if words[0] == b"EVALSHA":
+            if loaded:  # allowed, now, per window: count, oldest, refusing entry
+                return b"+1 1800000000000 1 1800000000000 -1\r\n"
+            return b"-NOSCRIPT No matching script.\r\n"
+        return b"+PONG\r\n"
+
+    async with SlowServer(0.1, script_server) as server:
+        limiter = RedisLimiter(Redis(port=server.port), timeout=0.25)
+        try:
+            limiter.sha = _SHA  # as if loaded at start-up, before a SCRIPT FLUSH
+            assert limiter._lean is not None
+            assert await limiter._lean.execute("PING") == b"PONG"  # connected beforehand
+            started = time.perf_counter()
+            decision = await limiter.hit("k", limit_set("10/second", "dev"))
+            took = time.perf_counter() - started
+        finally:
+            await limiter.close()
+    assert decision.allowed and decision.degraded and limiter.passes == 1
+    assert took < 0.25 + 0.1, f"{took * 1000:.0f} ms"
+
+
+async def test_closing_the_limiter_while_a_request_connects_fails_it_cleanly() -> None:
+    """A request waiting for the limiter's connection (AUTH answered 0.2 s late) when the
+    limiter closes is refused by the failure mode (503 with "deny"), never cancelled."""
+    from keygate.exceptions import StoreUnavailable
+    from keygate.ratelimit import RedisLimiter, limit_set
+
+    async with SlowServer(0.2, pong) as server:
+        limiter = RedisLimiter(Redis(port=server.port, password="pw"), timeout=1.0, failure="deny")
+        limiter.sha = "0" * 40
+        request = asyncio.ensure_future(limiter.hit("k", limit_set("10/second", "dev")))
+        await asyncio.sleep(0.05)
+        await limiter.close()
+        with pytest.raises(StoreUnavailable):
+            await request
+        assert not request.cancelled()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import hashlib
 import logging
 import math
@@ -429,13 +430,19 @@ class RedisLimiter:
             loaded = await self._lean.execute("SCRIPT", "LOAD", _SCRIPT)
             if isinstance(loaded, ReplyError):
                 raise StoreUnavailable(f"Redis refused the rate-limit script: {loaded.code}")
-            self.sha = loaded.decode()
+            if loaded != _SHA.encode():  # the EVALSHA commands are built with _SHA
+                raise StoreUnavailable("Redis loaded the rate-limit script under another sha")
+            self.sha = _SHA
         else:
             self._round_trips += 1
             self.sha = await self.client.script_load(_SCRIPT)
 
     async def close(self) -> None:
         self._blocked.clear()
+        loading, self._loading = self._loading, None
+        if loading is not None and not loading.done():
+            with contextlib.suppress(RuntimeError):  # its event loop is closed
+                loading.cancel()
         if self._lean is not None:
             await self._lean.aclose()
 
@@ -500,14 +507,14 @@ class RedisLimiter:
                 command = self._command(key, limits, cost, now_ms)
         else:
             command = self._command(key, limits, cost, now_ms)
+        deadline = lean.deadline()
         if self.sha:
-            reply = await lean.call(command)
+            reply = await lean.call(command, deadline)
             if type(reply) is not ReplyError:
                 return reply
             if reply.code != "NOSCRIPT":
                 raise StoreUnavailable(f"Redis refused the rate-limit script: {reply.code}")
         # The script is not loaded (yet, or any more: SCRIPT FLUSH, a restarted server).
-        deadline = lean.deadline()
         await self._load(deadline)
         reply = await lean.call(command, deadline)
         if type(reply) is ReplyError:
@@ -525,14 +532,16 @@ class RedisLimiter:
 
     async def _load(self, deadline: float) -> None:
         """SCRIPT LOAD, once for all the callers that found it missing together."""
-        loading = self._loading
-        if loading is None or loading.done():
-            loading = self._loading = asyncio.get_running_loop().create_task(self._load_once())
-            loading.add_done_callback(_read_error)  # read even if every caller gave up
         loop = asyncio.get_running_loop()
+        loading = self._loading
+        if loading is None or loading.done() or loading.get_loop() is not loop:
+            loading = self._loading = loop.create_task(self._load_once())
+            loading.add_done_callback(_read_error)  # read even if every caller gave up
         await asyncio.wait({loading}, timeout=max(0.0, deadline - loop.time()))
         if not loading.done():
             raise TimeoutError("Redis did not load the rate-limit script in time")
+        if loading.cancelled():  # the limiter was closed meanwhile
+            raise ConnectionError("the rate limiter was closed")
         loading.result()
 
     async def _load_once(self) -> None:

@@ -72,7 +72,10 @@ def encode(args: Sequence[bytes | str | int]) -> bytes:
 
 
 class _Incomplete(Exception):
-    """The buffer ends inside a reply: wait for more bytes."""
+    """The buffer ends inside an element: wait until ``need`` bytes from its start."""
+
+    def __init__(self, need: int) -> None:
+        self.need = need
 
 
 def _integer(line: bytes) -> int:
@@ -83,51 +86,85 @@ def _integer(line: bytes) -> int:
     return int(line)
 
 
+def _length(line: bytes) -> int:
+    """A bulk string's or array's length: -1 (nil) or 0..512 MiB."""
+    length = _integer(line)
+    if length < -1 or length > _MAX_LENGTH:
+        raise ProtocolError(f"not a RESP length: {line[:32]!r}")
+    return length
+
+
+_ARRAY = object()  # _element: an array header was read and pushed on the stack
+
+
 class RespReader:
     """Incremental RESP2 parser: :meth:`feed` bytes as they arrive, get whole replies.
 
     Bulk strings and simple strings come back as ``bytes``, integers as ``int``, nil as
-    ``None``, arrays as ``list``, error replies as :class:`ReplyError` values.
+    ``None``, arrays as ``list``, error replies as :class:`ReplyError` values. Work is
+    linear in the bytes received however they are cut: the arrays being filled live on a
+    stack (never parsed twice), and a bulk string waits, unjoined, until it is whole.
     """
 
-    __slots__ = ("_buffer",)
+    __slots__ = ("_chunks", "_need", "_size", "_stack")
 
     def __init__(self) -> None:
-        self._buffer = b""
+        self._chunks: list[bytes] = []  # bytes received, not yet parsed
+        self._size = 0  # their total length
+        self._need = 0  # parse again once that many are here
+        self._stack: list[tuple[list[Any], int]] = []  # arrays being filled: (items, size)
 
     def feed(self, data: bytes) -> list[Any]:
         """Every reply completed by ``data`` (raises :class:`ProtocolError` on garbage)."""
-        buffer = self._buffer + data if self._buffer else data
-        replies = []
-        position = 0
-        end = len(buffer)
+        if not self._chunks and not self._stack and data[-2:] == _CRLF:
+            # The common case: whole replies in one piece. Parse in place.
+            buffer = data
+        else:
+            self._chunks.append(data)
+            self._size += len(data)
+            if self._size < self._need:
+                return []
+            buffer = b"".join(self._chunks)
+        replies: list[Any] = []
+        stack = self._stack
+        position, end = 0, len(buffer)
         while position < end:
             try:
-                reply, position = self._parse(buffer, position, 0)
-            except _Incomplete:
-                break
-            replies.append(reply)
-        self._buffer = buffer[position:]
+                value, position = self._element(buffer, position)
+            except _Incomplete as more:
+                rest = buffer[position:]
+                self._chunks, self._size, self._need = [rest], len(rest), more.need
+                return replies
+            if value is _ARRAY:
+                continue
+            while stack:  # the element completes its array, and maybe the arrays above
+                items, size = stack[-1]
+                items.append(value)
+                if len(items) < size:
+                    break
+                stack.pop()
+                value = items
+            else:
+                replies.append(value)
+        self._chunks, self._size, self._need = [], 0, 0
         return replies
 
-    def _parse(self, buffer: bytes, position: int, depth: int) -> tuple[Any, int]:
+    def _element(self, buffer: bytes, position: int) -> tuple[Any, int]:
         eol = buffer.find(_CRLF, position)
         if eol < 0:
             if len(buffer) - position > 64 * 1024:  # no header line is that long
                 raise ProtocolError("RESP line too long")
-            raise _Incomplete
+            raise _Incomplete(len(buffer) - position + 1)
         kind = buffer[position]
         line = buffer[position + 1 : eol]
         after = eol + 2
         if kind == 0x24:  # $ bulk string
-            length = _integer(line)
+            length = _length(line)
             if length < 0:
                 return None, after
-            if length > _MAX_LENGTH:
-                raise ProtocolError("RESP bulk string too long")
             stop = after + length
             if len(buffer) < stop + 2:
-                raise _Incomplete
+                raise _Incomplete(stop + 2 - position)
             if buffer[stop : stop + 2] != _CRLF:
                 raise ProtocolError("RESP bulk string not followed by CRLF")
             return buffer[after:stop], stop + 2
@@ -138,28 +175,35 @@ class RespReader:
         if kind == 0x2D:  # - error
             return ReplyError(line.decode("utf-8", "replace")), after
         if kind == 0x2A:  # * array
-            count = _integer(line)
-            if count < 0:
+            size = _length(line)
+            if size < 0:
                 return None, after
-            if depth >= _MAX_DEPTH or count > _MAX_LENGTH:
-                raise ProtocolError("RESP array too deep or too long")
-            items = []
-            for _ in range(count):
-                item, after = self._parse(buffer, after, depth + 1)
-                items.append(item)
-            return items, after
+            if size == 0:
+                return [], after
+            if len(self._stack) >= _MAX_DEPTH:
+                raise ProtocolError("RESP arrays nested too deep")
+            self._stack.append(([], size))
+            return _ARRAY, after
         raise ProtocolError(f"unknown RESP type byte {bytes([kind])!r}")
 
 
 class _Connection(asyncio.Protocol):
-    """One socket: the queue of callers awaiting replies, in the order they were sent."""
+    """One socket: the queue of callers awaiting replies, in the order they were sent.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    Two clocks run on one timer. Each caller has a deadline: past it, that caller gets
+    ``TimeoutError`` (its reply, when it comes, is read and dropped). And the oldest
+    command on the wire may wait ``stall`` seconds: past that, the socket is stuck, so
+    every caller fails and the socket is dropped (a late caller never condemns a healthy
+    socket: only the time a command has been waiting on the wire does).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, stall: float) -> None:
         self.loop = loop
+        self.stall = stall
         self.transport: asyncio.Transport | None = None
         self.reader = RespReader()
-        # (future, deadline in loop time) per command sent or about to be sent
-        self.waiting: deque[tuple[asyncio.Future[Any], float]] = deque()
+        # (future, caller's deadline, when sent) per command sent or about to be sent
+        self.waiting: deque[tuple[asyncio.Future[Any], float, float]] = deque()
         self.unsent: list[bytes] = []  # written together on the next loop iteration
         self.timer: asyncio.TimerHandle | None = None
         self.timer_at = math.inf  # when the timer fires (inf: not armed)
@@ -182,7 +226,7 @@ class _Connection(asyncio.Protocol):
             if not waiting:
                 self.drop(ProtocolError("Redis sent a reply nobody asked for"))
                 return
-            future, _ = waiting.popleft()
+            future = waiting.popleft()[0]
             if not future.done():
                 future.set_result(reply)
 
@@ -194,13 +238,18 @@ class _Connection(asyncio.Protocol):
 
     def send(self, command: bytes, deadline: float) -> asyncio.Future[Any]:
         future = self.loop.create_future()
+        now = self.loop.time()
         if self.lost:
             future.set_exception(ConnectionError("the connection to Redis was lost"))
             return future
+        if deadline <= now:  # no time left to send it in
+            future.set_exception(TimeoutError("no time left to ask Redis"))
+            return future
         waiting = self.waiting
-        waiting.append((future, deadline))
-        if deadline < self.timer_at:
-            self.arm(deadline)
+        waiting.append((future, deadline, now))
+        wake = deadline if deadline < now + self.stall else now + self.stall
+        if wake < self.timer_at:
+            self.arm(wake)
         if len(waiting) == 1:
             # Nothing outstanding: write at once (the common case of one caller).
             assert self.transport is not None
@@ -226,27 +275,25 @@ class _Connection(asyncio.Protocol):
         self.timer_at = when
 
     def expire(self) -> None:
-        """The timer: a caller's deadline has come. If it is the oldest outstanding
-        reply's, the connection is stuck: fail everyone and drop it. Otherwise fail the
-        callers that are overdue (their replies are still read and ignored)."""
+        """The timer: drop a stuck socket, or fail the callers past their deadline."""
         self.timer, self.timer_at = None, math.inf
         waiting = self.waiting
         if not waiting:
             return
         now = self.loop.time()
-        if waiting[0][1] <= now:
+        stuck_at = waiting[0][2] + self.stall
+        if stuck_at <= now:
             self.drop(TimeoutError("Redis did not answer in time"))
             return
-        later = math.inf
-        for future, deadline in waiting:
+        wake = stuck_at
+        for future, deadline, _ in waiting:
             if future.done():
                 continue
             if deadline <= now:
                 future.set_exception(TimeoutError("Redis did not answer in time"))
-            elif deadline < later:
-                later = deadline
-        if later < math.inf:
-            self.arm(later)
+            elif deadline < wake:
+                wake = deadline
+        self.arm(wake)
 
     def fail(self, exc: BaseException) -> None:
         waiting, self.waiting = self.waiting, deque()
@@ -254,12 +301,14 @@ class _Connection(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer, self.timer_at = None, math.inf
-        for future, _ in waiting:
+        for future, _, _ in waiting:
             if not future.done():
                 future.set_exception(exc)
 
     def drop(self, exc: BaseException) -> None:
-        """Close the socket (its replies can no longer be matched) and fail every caller."""
+        """Close the socket (its replies can no longer be matched) and fail every caller.
+        The socket closes on the loop's next iteration: on a loop already closed, only
+        when the transport is collected (close a LeanRedis on the loop that used it)."""
         self.lost = True
         self.fail(exc)
         if self.transport is not None:
@@ -367,6 +416,8 @@ class LeanRedis:
                 raise TimeoutError("could not connect to Redis in time")
         if self._connecting is attempt:
             self._connecting = None
+        if attempt.cancelled():  # closed meanwhile: for this caller, Redis is unreachable
+            raise ConnectionError("the connection to Redis was closed")
         conn = attempt.result()  # raises what the attempt raised
         if conn.lost:
             raise ConnectionError("the connection to Redis was lost")
@@ -378,31 +429,40 @@ class LeanRedis:
     async def _open(self) -> _Connection:
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(max(self.timeout, 1.0)):
-            if self.path is not None:
-                _, conn = await loop.create_unix_connection(lambda: _Connection(loop), self.path)
-            else:
-                _, conn = await loop.create_connection(
-                    lambda: _Connection(loop), self.host, self.port
-                )
             try:
-                handshake: list[list[bytes | str | int]] = []
-                if self._password is not None:
-                    if self._username:
-                        handshake.append(["AUTH", self._username, self._password])
-                    else:
-                        handshake.append(["AUTH", self._password])
-                if self.db:
-                    handshake.append(["SELECT", self.db])
-                for words in handshake:
+                if self.path is not None:
+                    _, conn = await loop.create_unix_connection(
+                        lambda: _Connection(loop, self.timeout), self.path
+                    )
+                else:
+                    _, conn = await loop.create_connection(
+                        lambda: _Connection(loop, self.timeout), self.host, self.port
+                    )
+            except (UnicodeError, ValueError) as exc:  # a host name that cannot be one
+                raise ConnectionError(f"cannot connect to Redis at {self!r}") from exc
+            try:
+                for words in self._handshake():
                     # The enclosing timeout is the deadline.
                     reply = await conn.send(encode(words), math.inf)
-                    if isinstance(reply, ReplyError):
-                        raise ConnectionError(f"Redis refused {words[0]!s}: {reply.code}")
+                    if reply != b"OK":
+                        why = reply.code if isinstance(reply, ReplyError) else "no +OK"
+                        raise ConnectionError(f"Redis refused {words[0]!s}: {why}")
             except BaseException:
                 conn.drop(ConnectionError("connection abandoned"))
                 raise
             conn.writes = 0  # the handshake is not a round trip of any caller
             return conn
+
+    def _handshake(self) -> list[list[bytes | str | int]]:
+        """AUTH and SELECT, as redis-py sends them for the same URL."""
+        words: list[list[bytes | str | int]] = []
+        if self._username:
+            words.append(["AUTH", self._username, self._password or ""])
+        elif self._password is not None:
+            words.append(["AUTH", self._password])
+        if self.db:
+            words.append(["SELECT", self.db])
+        return words
 
     def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None
