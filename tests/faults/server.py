@@ -9,9 +9,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 
@@ -86,8 +87,13 @@ class Server:
             self._queue.put(line)
         self._queue.put(None)
 
+    def started(self, line: str) -> bool:
+        """Whether ``line`` says one worker has started (what :meth:`start` counts)."""
+        return STARTED in line
+
     def start(self, workers: int = 1, timeout: float = START_TIMEOUT) -> None:
-        """Start, wait for ``workers`` "startup complete" lines, then for /health."""
+        """Start, wait for ``workers`` lines that say so (:meth:`started`), then for
+        /health."""
         self.process = subprocess.Popen(
             self.argv,
             env=self.env,
@@ -107,7 +113,7 @@ class Server:
                 raise ServerFailed(f"not started within {timeout} s:\n{self.output}") from None
             if line is None:
                 raise ServerFailed(f"exited while starting:\n{self.output}")
-            seen += STARTED in line
+            seen += self.started(line)
         with httpx.Client(base_url=self.base_url, timeout=2.0) as http:
             while True:
                 try:
@@ -117,11 +123,23 @@ class Server:
                     pass
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     raise ServerFailed(f"/health not answering:\n{self.output}")
-                time.sleep(0.05)
+                time.sleep(0.02)  # bounded polling
 
     @property
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+    def wait_for_lines(self, text: str, count: int = 1, timeout: float = 5.0) -> list[str]:
+        """The output lines containing ``text``, once there are ``count`` of them (waiting up
+        to ``timeout`` seconds: a server logs a request just after answering it)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [line for line in list(self.lines) if text in line]
+            if len(found) >= count:
+                return found
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not {count} lines with {text!r}:\n{self.output}")
+            time.sleep(0.01)  # bounded polling
 
     def stop(self) -> None:
         """Stop (SIGTERM, then SIGKILL after 10 s) and collect the output."""
@@ -141,6 +159,37 @@ class Server:
             process.stdout.close()
 
 
+ServerKind = TypeVar("ServerKind", bound=Server)
+
+
+@contextmanager
+def serve_command(
+    argv: Callable[[int], list[str]],
+    env: Mapping[str, str],
+    *,
+    kind: type[ServerKind],
+    workers: int = 1,
+    attempts: int = 3,
+) -> Iterator[ServerKind]:
+    """``kind`` running ``argv(port)``, started, on a free port (another one if that port
+    was taken meanwhile); always stopped."""
+    for attempt in range(attempts):
+        port = free_port()
+        server = kind(argv(port), env, port)
+        try:
+            server.start(workers=workers)
+        except ServerFailed:
+            server.stop()
+            if "Errno 98" in server.output and attempt + 1 < attempts:
+                continue  # someone took the port between free_port() and the bind
+            raise
+        break
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @contextmanager
 def serve(
     env: Mapping[str, str] | None = None,
@@ -150,20 +199,12 @@ def serve(
     demo: bool = False,
     attempts: int = 3,
 ) -> Iterator[Server]:
-    """A started server on a free port (another one if that port was taken meanwhile)."""
-    for attempt in range(attempts):
-        port = free_port()
-        command = demo_argv(port) if demo else factory_argv(port, *flags)
-        server = Server(command, env or child_env(), port)
-        try:
-            server.start(workers=workers)
-        except ServerFailed:
-            server.stop()
-            if "Errno 98" in server.output and attempt + 1 < attempts:
-                continue
-            raise
-        break
-    try:
+    """faults.app (or the demo) under uvicorn, started, on a free port."""
+
+    def argv(port: int) -> list[str]:
+        return demo_argv(port) if demo else factory_argv(port, *flags)
+
+    with serve_command(
+        argv, env or child_env(), kind=Server, workers=workers, attempts=attempts
+    ) as server:
         yield server
-    finally:
-        server.stop()
