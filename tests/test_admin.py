@@ -484,6 +484,23 @@ async def test_rotating_a_revoked_or_rotated_key_is_409(admin: Admin) -> None:
     assert successor["id"] in error["message"]
 
 
+async def test_a_key_that_keeps_changing_is_409_conflict(
+    admin: Admin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When other processes keep rewriting a key faster than an update can land, PATCH
+    answers 409 conflict (try again), not a 500."""
+    created = await admin.create()
+
+    async def always_changed(key: Any, *, expected: Any = None) -> None:
+        from keygate import KeyChanged
+
+        raise KeyChanged(f"key {key.id} changed meanwhile")
+
+    monkeypatch.setattr(admin.gate.manager.store, "replace", always_changed)
+    response = await admin.request("PATCH", f"/{created['key']['id']}", json={"name": "x"})
+    assert "try again" in assert_error(response, 409, "conflict")["message"]
+
+
 # -- usage -----------------------------------------------------------------------------------
 
 

@@ -20,7 +20,14 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from conftest import REDIS_URL, SECRET, within
-from keygate import KeyGateMiddleware, KeyHasher, KeyManager, ManualClock, RedisStore
+from keygate import (
+    KeyChanged,
+    KeyGateMiddleware,
+    KeyHasher,
+    KeyManager,
+    ManualClock,
+    RedisStore,
+)
 from keygate.cli import build_parser, duration, execute, expiry, main
 from keygate.clock import to_datetime
 from keygate.gate import KeyGate
@@ -269,6 +276,22 @@ async def test_invalid_updates_exit_2(manager: KeyManager, argv: list[str], frag
     assert (code, out) == (2, "")
     assert fragment in err and len(err.splitlines()) == 1
     assert (await manager.get(created["key"]["id"])).model_dump(mode="json") == created["key"]
+
+
+async def test_a_key_that_keeps_changing_exits_1_with_one_line(
+    manager: KeyManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An update that other writers keep beating exits 1 with one line (try again), no
+    traceback."""
+    created = await run_json(manager, "keys", "create", "--name", "n", "--type", "prod")
+
+    async def always_changed(key: Any, *, expected: Any = None) -> None:
+        raise KeyChanged(f"key {key.id} changed meanwhile")
+
+    monkeypatch.setattr(manager.store, "replace", always_changed)
+    code, out, err = await run(manager, "keys", "update", created["key"]["id"], "--name", "m")
+    assert (code, out) == (1, "")
+    assert "try again" in err and len(err.splitlines()) == 1
 
 
 async def test_revoke_then_show_says_revoked(manager: KeyManager, clock: ManualClock) -> None:

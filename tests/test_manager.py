@@ -19,6 +19,8 @@ from starlette.routing import Route
 from conftest import SECRET
 from keygate import (
     ApiKey,
+    KeyChanged,
+    KeyConflict,
     KeyHasher,
     KeyManager,
     KeyNotFound,
@@ -635,3 +637,78 @@ async def test_usage_of_an_unknown_key_is_key_not_found(manager: KeyManager) -> 
     """The usage of an id no key has is KeyNotFound."""
     with pytest.raises(KeyNotFound):
         await manager.usage("key_0000000000nothinghere")
+
+
+# -- writers in other processes: compare and set -----------------------------------------------
+
+
+def racing(gate: KeyGate, monkeypatch: pytest.MonkeyPatch, meanwhile: Any) -> KeyManager:
+    """The gate's manager, whose first read of a record is followed — before it writes
+    back — by ``meanwhile(other)``: what another process's manager (same store, a lock of
+    its own) does in that moment."""
+    other = KeyManager(gate.store, gate.hasher, clock=gate.clock)
+    read = gate.manager.get
+    done = False
+
+    async def get_then_race(key_id: str) -> ApiKey:
+        nonlocal done
+        record = await read(key_id)
+        if not done:
+            done = True
+            await meanwhile(other)
+        return record
+
+    monkeypatch.setattr(gate.manager, "get", get_then_race)
+    return gate.manager
+
+
+async def test_an_update_never_undoes_a_revocation_made_meanwhile(
+    gate: KeyGate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process revokes the key between this update's read and its write: the
+    update is redone on the revoked record — renamed, and still revoked."""
+    created = await gate.manager.create(OPEN)
+    key_id = created.key.id
+    manager = racing(gate, monkeypatch, lambda other: other.revoke(key_id))
+    updated = await manager.update(key_id, name="renamed")
+    stored = await gate.store.get(key_id)
+    assert stored == updated
+    assert stored is not None and stored.name == "renamed" and stored.revoked_at is not None
+
+
+async def test_a_rotation_racing_a_revocation_is_refused_and_leaves_no_live_successor(
+    gate: KeyGate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process revokes the key while it is being rotated: the rotation is refused
+    (revoked), the key stays revoked, and the successor it had issued is withdrawn
+    (revoked) — no live key descends from a revoked one."""
+    created = await gate.manager.create(OPEN)
+    key_id = created.key.id
+    manager = racing(gate, monkeypatch, lambda other: other.revoke(key_id))
+    with pytest.raises(RotationRefused) as refused:
+        await manager.rotate(key_id)
+    assert refused.value.reason == "revoked"
+    page = await gate.manager.list()
+    successors = [k for k in page.keys if k.replaces == key_id]
+    assert len(successors) == 1 and successors[0].revoked_at is not None
+    stored = await gate.store.get(key_id)
+    assert stored is not None and stored.revoked_at is not None and stored.replaced_by is None
+
+
+async def test_a_key_that_keeps_changing_is_a_clear_conflict(
+    gate: KeyGate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A record some other writer changes before every write-back: after a bounded number
+    of attempts, KeyChanged (a KeyConflict: 409 in the admin API); nothing written."""
+    created = await gate.manager.create(OPEN)
+    key_id = created.key.id
+
+    async def always_changed(key: ApiKey, *, expected: ApiKey | None = None) -> None:
+        raise KeyChanged(f"key {key.id} changed meanwhile")
+
+    monkeypatch.setattr(gate.manager.store, "replace", always_changed)
+    with pytest.raises(KeyChanged):
+        await gate.manager.update(key_id, name="renamed")
+    assert isinstance(KeyChanged("x"), KeyConflict)
+    stored = await gate.store.get(key_id)
+    assert stored is not None and stored.name == OPEN["name"]

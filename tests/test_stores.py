@@ -8,7 +8,7 @@ from typing import Any
 import fakeredis
 import pytest
 
-from keygate import ApiKey, KeyConflict, KeyNotFound
+from keygate import ApiKey, KeyChanged, KeyConflict, KeyNotFound
 from keygate.clock import to_datetime
 from keygate.keys import new_key_id
 from keygate.stores import KeyStore, MemoryStore, RedisStore
@@ -96,6 +96,22 @@ async def test_replace_overwrites_and_requires_an_existing_record(store: KeyStor
     with pytest.raises(KeyNotFound):
         await store.replace(record(9))
     assert await store.get(record(9).id) is None
+
+
+async def test_replace_with_expected_is_compare_and_set(store: KeyStore) -> None:
+    """replace(expected=...) writes only over the record it expects: over anything else
+    (another writer got there first) it is KeyChanged and the stored record stays."""
+    key = record()
+    await store.add(key, "d" * 64)
+    renamed = key.model_copy(update={"name": "renamed"})
+    await store.replace(renamed, expected=key)
+    assert await store.get(key.id) == renamed
+    stale = key.model_copy(update={"name": "stale write"})
+    with pytest.raises(KeyChanged):
+        await store.replace(stale, expected=key)  # it expects the record before the rename
+    assert await store.get(key.id) == renamed
+    with pytest.raises(KeyNotFound):
+        await store.replace(record(9), expected=record(9))
 
 
 async def test_list_pages_in_creation_order(store: KeyStore) -> None:

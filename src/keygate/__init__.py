@@ -3,6 +3,7 @@
 from keygate.clock import ManualClock
 from keygate.exceptions import (
     FieldError,
+    KeyChanged,
     KeyConflict,
     KeyFormatError,
     KeyGateError,
@@ -34,6 +35,7 @@ __all__ = [
     "CachedStore",
     "CreatedKey",
     "FieldError",
+    "KeyChanged",
     "KeyConflict",
     "KeyFormatError",
     "KeyGate",

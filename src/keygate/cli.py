@@ -38,6 +38,7 @@ from pydantic import ValidationError
 
 from keygate import __version__
 from keygate.exceptions import (
+    KeyConflict,
     KeyNotFound,
     KeyValidationError,
     RotationRefused,
@@ -655,7 +656,7 @@ async def execute(
     except KeyValidationError as exc:
         err.write(f"keygate: invalid input: {exc}\n")
         return 2
-    except (KeyNotFound, RotationRefused) as exc:
+    except (KeyNotFound, RotationRefused, KeyConflict) as exc:  # KeyChanged: a conflict
         err.write(f"keygate: {exc}\n")
         return 1
     except StoreUnavailable as exc:

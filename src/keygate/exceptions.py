@@ -10,6 +10,8 @@ Every error keygate raises on purpose derives from one root::
     │                           also a ValueError, carrying one FieldError per problem
     ├── KeyNotFound             no key record has that id
     ├── KeyConflict             a record with that id or digest already exists
+    │   └── KeyChanged          the record changed while being updated (another process
+    │                           wrote it meanwhile, again and again): read it again
     ├── RotationRefused         the key cannot be rotated: it is revoked, expired, or
     │                           already rotated (``reason`` says which)
     └── StoreError              the key store failed
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "FieldError",
+    "KeyChanged",
     "KeyConflict",
     "KeyFormatError",
     "KeyGateError",
@@ -76,6 +79,11 @@ class KeyNotFound(KeyGateError, LookupError):
 
 class KeyConflict(KeyGateError):
     """A key record with that id or digest already exists."""
+
+
+class KeyChanged(KeyConflict):
+    """A key record changed between reading it and writing it back (another process
+    updated, revoked or rotated it meanwhile)."""
 
 
 class RotationRefused(KeyGateError):

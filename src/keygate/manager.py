@@ -15,7 +15,7 @@ import builtins
 import logging
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -28,6 +28,7 @@ from keygate import keys
 from keygate.clock import Clock, system_clock, to_datetime
 from keygate.exceptions import (
     FieldError,
+    KeyChanged,
     KeyNotFound,
     KeyValidationError,
     RotationRefused,
@@ -206,6 +207,29 @@ def _grace_seconds(grace: timedelta | float) -> float:
     return seconds
 
 
+_WRITE_ATTEMPTS = 5  # compare-and-set rounds before giving up (KeyChanged)
+
+
+def _check_rotatable(key: ApiKey, moment: datetime) -> None:
+    """:class:`RotationRefused` unless ``key`` can be rotated at ``moment``."""
+    if key.revoked:
+        raise RotationRefused(
+            "revoked", f"key {key.id} is revoked and cannot be rotated; create a new key instead"
+        )
+    if key.replaced_by is not None:
+        raise RotationRefused(
+            "rotated",
+            f"key {key.id} was already rotated: its successor is {key.replaced_by}; "
+            "rotate that key instead",
+        )
+    if key.expired(moment):
+        raise RotationRefused(
+            "expired",
+            f"key {key.id} has expired and cannot be rotated; create a new key, or "
+            "extend its expiry first",
+        )
+
+
 class KeyManager:
     """Issue and manage keys in a store.
 
@@ -373,10 +397,8 @@ class KeyManager:
         are not re-judged, so a key made under older rules can still be renamed.
         """
         wanted = self._changes({**(changes or {}), **fields})
-        async with self._writing:
-            record = await self.get(key_id)
-            if not wanted:
-                return record
+
+        def change(record: ApiKey) -> ApiKey:
             merged = {**record.model_dump(), **wanted}
             try:
                 updated = ApiKey.model_validate(merged)
@@ -389,22 +411,49 @@ class KeyManager:
             ]
             if problems:
                 raise KeyValidationError(problems)
-            if updated == record:
-                return record
-            await self.store.replace(updated)
-        logger.info("updated key %s (%s): %s", key_id, record.hint, ", ".join(sorted(wanted)))
+            return updated
+
+        if not wanted:
+            return await self.get(key_id)
+        record, updated = await self._write(key_id, change)
+        if updated != record:
+            logger.info("updated key %s (%s): %s", key_id, record.hint, ", ".join(sorted(wanted)))
         return updated
 
     async def revoke(self, key_id: str) -> ApiKey:
         """Revoke a key at once, everywhere. Revoking a revoked key changes nothing."""
-        async with self._writing:
-            record = await self.get(key_id)
+
+        def change(record: ApiKey) -> ApiKey:
             if record.revoked:
                 return record
-            revoked = record.model_copy(update={"revoked_at": self.now()})
-            await self.store.replace(revoked)
-        logger.info("revoked key %s (%s)", key_id, record.hint)
+            return record.model_copy(update={"revoked_at": self.now()})
+
+        record, revoked = await self._write(key_id, change)
+        if revoked != record:
+            logger.info("revoked key %s (%s)", key_id, record.hint)
         return revoked
+
+    async def _write(
+        self, key_id: str, change: Callable[[ApiKey], ApiKey]
+    ) -> tuple[ApiKey, ApiKey]:
+        """Read the record, ``change`` it, and write it back only if nobody else wrote it
+        meanwhile — in any process (compare and set); else read it again and redo the
+        change on what is there now (a revocation is never undone by an update that read
+        the record before it). The record before and after; unchanged: nothing written."""
+        async with self._writing:
+            for _ in range(_WRITE_ATTEMPTS):
+                record = await self.get(key_id)
+                changed = change(record)
+                if changed == record:
+                    return record, record
+                try:
+                    await self.store.replace(changed, expected=record)
+                except KeyChanged:
+                    continue
+                return record, changed
+        raise KeyChanged(
+            f"key {key_id} changed {_WRITE_ATTEMPTS} times while being updated; try again"
+        )
 
     async def rotate(self, key_id: str, *, grace: timedelta | float = DEFAULT_GRACE) -> RotatedKey:
         """Issue a successor with the same settings and a new secret; the old key keeps
@@ -416,46 +465,47 @@ class KeyManager:
         """
         seconds = _grace_seconds(grace)
         async with self._writing:
-            old = await self.get(key_id)
-            now = self.clock()
-            moment = to_datetime(now)
-            if old.revoked:
-                raise RotationRefused(
-                    "revoked",
-                    f"key {old.id} is revoked and cannot be rotated; create a new key instead",
+            for _ in range(_WRITE_ATTEMPTS):
+                old = await self.get(key_id)
+                now = self.clock()
+                moment = to_datetime(now)
+                _check_rotatable(old, moment)
+                settings = KeySettings.model_validate(
+                    old.model_dump(include=set(KeySettings.model_fields))
                 )
-            if old.replaced_by is not None:
-                raise RotationRefused(
-                    "rotated",
-                    f"key {old.id} was already rotated: its successor is {old.replaced_by}; "
-                    "rotate that key instead",
+                problems = self.policy.check(settings, settings.type, now=moment)
+                if problems:
+                    raise KeyValidationError(problems)
+                created = await self._issue(settings, now, replaces=old.id)
+                ends = to_datetime(now + seconds)
+                if old.expires_at is not None and old.expires_at < ends:
+                    ends = old.expires_at
+                link = {"replaced_by": created.key.id, "expires_at": ends}
+                previous = old.model_copy(update=link)
+                try:
+                    # Only if nobody revoked, rotated or changed the key meanwhile.
+                    await self.store.replace(previous, expected=old)
+                except KeyChanged:
+                    # The successor was made from what the key was: withdraw it (never
+                    # shown to anyone) and start again from what the key is now.
+                    orphan = created.key.model_copy(update={"revoked_at": self.now()})
+                    await self.store.replace(orphan)
+                    logger.info(
+                        "rotating %s: it changed meanwhile; withdrew %s", old.id, orphan.id
+                    )
+                    continue
+                except BaseException:
+                    logger.warning(
+                        "rotating %s: issued %s but could not link the old key to it",
+                        old.id,
+                        created.key.id,
+                    )
+                    raise
+                break
+            else:
+                raise KeyChanged(
+                    f"key {key_id} changed {_WRITE_ATTEMPTS} times while being rotated; try again"
                 )
-            if old.expired(moment):
-                raise RotationRefused(
-                    "expired",
-                    f"key {old.id} has expired and cannot be rotated; create a new key, or "
-                    "extend its expiry first",
-                )
-            settings = KeySettings.model_validate(
-                old.model_dump(include=set(KeySettings.model_fields))
-            )
-            problems = self.policy.check(settings, settings.type, now=moment)
-            if problems:
-                raise KeyValidationError(problems)
-            created = await self._issue(settings, now, replaces=old.id)
-            ends = to_datetime(now + seconds)
-            if old.expires_at is not None and old.expires_at < ends:
-                ends = old.expires_at
-            previous = old.model_copy(update={"replaced_by": created.key.id, "expires_at": ends})
-            try:
-                await self.store.replace(previous)
-            except BaseException:
-                logger.warning(
-                    "rotating %s: issued %s but could not link the old key to it",
-                    old.id,
-                    created.key.id,
-                )
-                raise
         logger.info(
             "rotated key %s (%s) to %s (%s); the old key expires at %s",
             old.id,

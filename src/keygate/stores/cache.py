@@ -289,9 +289,9 @@ class CachedStore:
                 return entry.record
         return None
 
-    async def replace(self, key: ApiKey) -> None:
+    async def replace(self, key: ApiKey, *, expected: ApiKey | None = None) -> None:
         try:
-            await self.store.replace(key)
+            await self.store.replace(key, expected=expected)
         finally:
             self.invalidate(key.id)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import bisect
 
-from keygate.exceptions import KeyConflict, KeyNotFound
+from keygate.exceptions import KeyChanged, KeyConflict, KeyNotFound
 from keygate.models import ApiKey
 from keygate.stores.protocol import StoreListener
 
@@ -46,9 +46,12 @@ class MemoryStore:
         key_id = self._by_digest.get(digest)
         return None if key_id is None else self._records.get(key_id)
 
-    async def replace(self, key: ApiKey) -> None:
-        if key.id not in self._records:
+    async def replace(self, key: ApiKey, *, expected: ApiKey | None = None) -> None:
+        current = self._records.get(key.id)
+        if current is None:
             raise KeyNotFound(f"no key with id {key.id}")
+        if expected is not None and current != expected:
+            raise KeyChanged(f"key {key.id} changed meanwhile")
         self._records[key.id] = key
         self._announce(key.id, None)
 

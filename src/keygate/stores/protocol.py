@@ -51,8 +51,10 @@ class KeyStore(Protocol):
     async def find(self, digest: str) -> ApiKey | None:
         """The record whose key has this digest, if any (revoked and expired included)."""
 
-    async def replace(self, key: ApiKey) -> None:
-        """Overwrite an existing record; :class:`~keygate.exceptions.KeyNotFound` if none."""
+    async def replace(self, key: ApiKey, *, expected: ApiKey | None = None) -> None:
+        """Overwrite an existing record; :class:`~keygate.exceptions.KeyNotFound` if none.
+        With ``expected``, atomically and only if the record still equals it (compare and
+        set): :class:`~keygate.exceptions.KeyChanged` otherwise, nothing written."""
 
     async def list_keys(self, *, after: str | None = None, limit: int = 100) -> list[ApiKey]:
         """Up to ``limit`` records in creation order, starting after the id ``after``."""

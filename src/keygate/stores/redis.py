@@ -27,10 +27,16 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from keygate.exceptions import KeyConflict, KeyNotFound, StoreError, StoreUnavailable
+from keygate.exceptions import (
+    KeyChanged,
+    KeyConflict,
+    KeyNotFound,
+    StoreError,
+    StoreUnavailable,
+)
 from keygate.models import ApiKey
 from keygate.stores.protocol import StoreListener
 
@@ -220,15 +226,40 @@ class RedisStore:
             raw = await self.client.get(self.record_key(_text(key_id)))
         return None if raw is None else ApiKey.model_validate_json(raw)
 
-    async def replace(self, key: ApiKey) -> None:
+    async def replace(self, key: ApiKey, *, expected: ApiKey | None = None) -> None:
         record = key.model_dump_json()
+        name = self.record_key(key.id)
+        if expected is not None:
+            await self._compare_and_set(name, key.id, record, expected)
+            return
         with _store_errors("updating a key"):
             async with self.client.pipeline(transaction=False) as pipe:
-                pipe.set(self.record_key(key.id), record, xx=True)
+                pipe.set(name, record, xx=True)
                 await self._publish(pipe, key.id, None)
                 updated, _ = await pipe.execute()
         if not updated:
             raise KeyNotFound(f"no key with id {key.id}")
+
+    async def _compare_and_set(
+        self, name: str, key_id: str, record: str, expected: ApiKey
+    ) -> None:
+        """Optimistic locking (WATCH, compare, MULTI/EXEC): the write happens only if
+        nobody wrote the record since it was compared."""
+        with _store_errors("updating a key"):
+            async with self.client.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(name)
+                    raw = await pipe.get(name)
+                    if raw is None:
+                        raise KeyNotFound(f"no key with id {key_id}")
+                    if ApiKey.model_validate_json(raw) != expected:
+                        raise KeyChanged(f"key {key_id} changed meanwhile")
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    pipe.set(name, record, xx=True)
+                    await self._publish(pipe, key_id, None)
+                    await pipe.execute()
+                except WatchError:
+                    raise KeyChanged(f"key {key_id} changed meanwhile") from None
 
     async def list_keys(self, *, after: str | None = None, limit: int = 100) -> list[ApiKey]:
         if limit <= 0:
