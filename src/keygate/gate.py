@@ -79,6 +79,7 @@ class Principal:
         "expires",
         "ip_mode",
         "key",
+        "key_id",
         "limits",
         "networks",
         "origins",
@@ -89,6 +90,9 @@ class Principal:
 
     def __init__(self, key: ApiKey, policy: KeyPolicy) -> None:
         self.key = key
+        # Read on every request that records usage; a pydantic model's attributes are
+        # slower to read than a slot (its __getattr__ defeats the interpreter's shortcut).
+        self.key_id = key.id
         text = policy.rate_limit(key, key.type)
         # The policy is named after the key type: headers never carry key material.
         self.limits: LimitSet | None = limit_set(text, key.type.value) if text else None

@@ -686,30 +686,34 @@ class UsageRecorder:
                 self._drop()
                 return
         row[REQUESTS] += 1
-        row[BYTES_IN] += bytes_in
+        if bytes_in:  # most requests have no body: skip making an int for nothing
+            row[BYTES_IN] += bytes_in
         row[BYTES_OUT] += bytes_out
         if status >= 400:
-            if status >= 500:
-                row[ERRORS_5XX] += 1
-            else:
-                row[ERRORS_4XX] += 1
+            row[ERRORS_5XX if status >= 500 else ERRORS_4XX] += 1
         if rate_limited:
             row[RATE_LIMITED] += 1
-        if ip_mode and ip is not None and ip != row[_IP]:
-            seen = row[_SEEN]
-            if seen is None:
-                seen = row[_SEEN] = set()
-            if len(seen) < _MAX_SEEN:
-                seen.add(ip)
+        if ip_mode:
+            if ip is not None and ip != row[_IP]:
+                seen = row[_SEEN]
+                if seen is None:
+                    seen = row[_SEEN] = set()
+                if len(seen) < _MAX_SEEN:
+                    seen.add(ip)
+            if ip_mode == BY_CLIENT:
+                self._count_client(key_id, ip, origin)
         row[_AT] = now
         row[_IP] = ip
         row[_ORIGIN] = origin
-        if ip_mode == BY_CLIENT:
-            if ip is not None:
-                _count(self._batch.ips.setdefault(key_id, Counter()), ip, self.table_cap)
-            if origin is not None:
-                table = self._batch.origins.setdefault(key_id, Counter())
-                _count(table, origin, self.table_cap)
+
+    def _count_client(self, key_id: str, ip: str | None, origin: str | None) -> None:
+        """Count a client key's request by IP and by origin."""
+        for tables, member in ((self._batch.ips, ip), (self._batch.origins, origin)):
+            if member is not None:
+                counter = tables.get(key_id)
+                if counter is None:  # not setdefault: that builds a Counter every time
+                    counter = tables[key_id] = Counter()
+                _count(counter, member, self.table_cap)
 
     def record_refusal(self, key_id: str, kind: Literal["quota", "inactive"]) -> None:
         """Count a request refused for its quota (already counted as a request by the
