@@ -767,3 +767,20 @@ async def test_three_processes_count_exactly(redis_namespace: str, figures: Figu
         f"{sum(a['flushes'] for a in answers)} flushes ({elapsed:.1f} s)"
     )
     await gate.aclose()
+
+
+async def test_a_websocket_counts_with_its_address_and_origin(gate: KeyGate) -> None:
+    """A client key's websocket handshake that is let through counts as a request from its
+    address and origin, in the busiest-IP and busiest-origin tables like any request."""
+    from test_middleware import handshake, websocket_app
+
+    key_id, headers = await new_key(gate, "client", scopes=["vec:read"])
+    sent = await handshake(
+        websocket_app(gate), [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    )
+    assert sent[0]["type"] == "websocket.accept"
+    assert await gate.usage.flush()
+    report = await gate.usage.report(key_id)
+    assert report.all_time.requests == 1
+    assert report.top_ips == {"127.0.0.1": 1}
+    assert report.top_origins == {ORIGIN: 1}

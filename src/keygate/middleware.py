@@ -178,7 +178,9 @@ class KeyGateMiddleware:
         else:
             meter = None
             if usage is not None:  # a websocket: counted once, when it is let through
-                usage.record(principal.key_id, 101, 0, 0, self._ip(scope), None, False, now)
+                used_from = extra[0][1].decode("latin-1") if extra else None  # CORS lead
+                ip = self._ip(scope)
+                usage.record(principal.key_id, 101, 0, 0, ip, used_from, principal.ip_mode, now)
         try:
             await self.app(scope, receive, send)
         except Refusal as refusal:
