@@ -210,18 +210,34 @@ def describe(delta: dict[str, int]) -> str:
 # -- the run ------------------------------------------------------------------------------------
 
 
+async def timed(contender: Contender, requests: int) -> float:
+    """µs per request over ``requests`` sequential requests of one contender."""
+    scopes = [fresh(contender.template) for _ in range(requests)]
+    app = contender.app
+    gc.collect()
+    await asyncio.sleep(0)  # let background tasks (the events listener) run in between
+    began = time.perf_counter_ns()
+    for scope in scopes:
+        await app(scope, receive, discard)
+    return (time.perf_counter_ns() - began) / requests / 1000
+
+
 async def run_round(contenders: list[Contender], start: int, requests: int) -> None:
     order = contenders[start:] + contenders[:start]
     for contender in order:
-        scopes = [fresh(contender.template) for _ in range(requests)]
-        app = contender.app
-        gc.collect()
-        await asyncio.sleep(0)  # let background tasks (the events listener) run in between
-        began = time.perf_counter_ns()
-        for scope in scopes:
-            await app(scope, receive, discard)
-        elapsed = time.perf_counter_ns() - began
-        contender.samples.append(elapsed / requests / 1000)
+        contender.samples.append(await timed(contender, requests))
+
+
+async def paired(a: Contender, b: Contender, blocks: int, requests: int) -> list[float]:
+    """a's time ÷ b's, block by block: each block times ``requests`` of one, then of the
+    other right after (which goes first alternates), so both meet the same moment of a
+    noisy machine; one ratio per block."""
+    ratios = []
+    for block in range(blocks):
+        first, second = (a, b) if block % 2 == 0 else (b, a)
+        one, two = await timed(first, requests), await timed(second, requests)
+        ratios.append(one / two if first is a else two / one)
+    return ratios
 
 
 def verdict(ok: bool) -> str:
@@ -358,7 +374,15 @@ async def main(args: argparse.Namespace) -> int:
                 f"{2 * lookups / served:.5f} commands/request"
             )
 
-        report(contenders, rounds, per_round, wall, redis_report)
+        # Usage recording on against off, paired block by block (see ``paired``).
+        by_label = {c.label: c for c in contenders}
+        on, off = by_label[RECORDING_ON], by_label[RECORDING_OFF]
+        blocks, per_block = args.ab_blocks, args.ab_requests
+        if args.quick:
+            blocks, per_block = min(blocks, 10), min(per_block, 500)
+        ratios = await paired(on, off, blocks, per_block)
+
+        report(contenders, rounds, per_round, wall, redis_report, (ratios, per_block))
         return 0
     finally:
         await memory.aclose()
@@ -371,6 +395,7 @@ async def main(args: argparse.Namespace) -> int:
             sync_redis.close()
 
 
+RECORDING_ON = "keygate, cached prod_ key, memory store"
 RECORDING_OFF = "keygate, cached prod_ key, memory store, usage off"
 
 
@@ -380,6 +405,7 @@ def report(
     per_round: int,
     wall: float,
     redis_report: list[str],
+    paired_ratios: tuple[list[float], int],
 ) -> None:
     bare = contenders[0].median
     by_label = {c.label: c for c in contenders}
@@ -419,11 +445,20 @@ def report(
                 f"  {label}: added {added:.2f} µs <= 2/3 of AuthenticationMiddleware's "
                 f"{auth_added:.2f} µs = {budget:.2f} µs: {verdict(added <= budget)}"
             )
-    on = by_label["keygate, cached prod_ key, memory store"].median
+    on = by_label[RECORDING_ON].median
     off = by_label[RECORDING_OFF].median
     print(
         f"  usage recording: {on:.2f} µs on vs {off:.2f} µs off = +{(on / off - 1) * 100:.1f} % "
         f"<= 10 %: {verdict(on <= off * 1.10)} (and no Redis round trip: it flushes in batches)"
+    )
+    ratios, per_block = paired_ratios
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    middle = statistics.median(ratios)
+    print(
+        f"  usage recording, paired: median of {len(ratios)} on/off block ratios "
+        f"({per_block} requests each, adjacent in time) = +{(middle - 1) * 100:.1f} % "
+        f"(quartiles +{(quartiles[0] - 1) * 100:.1f} % .. +{(quartiles[2] - 1) * 100:.1f} %) "
+        f"<= 10 %: {verdict(middle <= 1.10)}"
     )
     success = by_label["keygate, cached prod_ key, memory store"].median
     for label in ("keygate refusing a bad-checksum key", "keygate refusing a missing header"):
@@ -453,9 +488,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="requests over which Redis commands are counted (default 10000)",
     )
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument(
+        "--ab-blocks",
+        type=int,
+        default=200,
+        help="paired blocks of recording on / off (default 200)",
+    )
+    parser.add_argument(
+        "--ab-requests",
+        type=int,
+        default=2000,
+        help="requests per contender per paired block (default 2000)",
+    )
     args = parser.parse_args(argv)
-    if args.rounds < 1 or args.requests_per_round < 1 or args.count_requests < 1:
-        parser.error("--rounds, --requests-per-round and --count-requests must be positive")
+    if min(args.rounds, args.requests_per_round, args.count_requests) < 1 or (
+        min(args.ab_blocks, args.ab_requests) < 1
+    ):
+        parser.error(
+            "--rounds, --requests-per-round, --count-requests, --ab-blocks and "
+            "--ab-requests must be positive"
+        )
     return args
 
 
