@@ -345,9 +345,17 @@ async def test_slow_redis_answers_within_budget_and_keeps_the_pool(
             break
         await asyncio.sleep(0.1)
     assert recovered is not None and recovered < 3.0, "no recovery within 2 s"
-    burst = await asyncio.gather(
-        *(call(app, "/x", bearer(k.secret), label=f"fresh|{k.id}") for k in fresh[20:])
-    )
+    # The rest of the fresh keys, in waves of 50 simultaneous first lookups: a burst the
+    # deliberately small pool (8, waiting at most 0.3 s for a slot) serves without a
+    # refusal even on a slow machine; every answer must be its own key's record.
+    burst: list[Outcome] = []
+    for start in range(20, len(fresh), 50):
+        burst += await asyncio.gather(
+            *(
+                call(app, "/x", bearer(k.secret), label=f"fresh|{k.id}")
+                for k in fresh[start : start + 50]
+            )
+        )
     for o in burst:
         assert o.status == 200 and json.loads(o.body)["id"] == presented(o), o
         assert o.elapsed < 2.0, o
@@ -368,7 +376,8 @@ async def test_slow_redis_answers_within_budget_and_keeps_the_pool(
         f"{statistics.median(health) * 1000:.1f} ms, max {health[-1] * 1000:.1f} ms; "
         f"server-side connections {before} before, max {max(connections)} during, {after} "
         f"after ({proxied.accepted} opened in all); a fresh key admitted "
-        f"{recovered * 1000:.0f} ms after the latency went, then {len(burst)}/{len(burst)} at once"
+        f"{recovered * 1000:.0f} ms after the latency went, then {len(burst)}/{len(burst)} "
+        "in waves of 50 at once"
     )
 
 
