@@ -16,6 +16,18 @@ from typing import Any
 App = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 
 
+def error_code(body: bytes) -> str | None:
+    """``error.code`` of a JSON error envelope, if ``body`` is one."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    if isinstance(data, dict) and isinstance(data.get("error"), dict):
+        code = data["error"].get("code")
+        return code if isinstance(code, str) else None
+    return None
+
+
 @dataclass(slots=True)
 class Outcome:
     """One request: when it started (``time.monotonic()``), how long it took, what came
@@ -33,14 +45,7 @@ class Outcome:
     @property
     def code(self) -> str | None:
         """``error.code`` of a JSON error envelope, if the body is one."""
-        try:
-            data = json.loads(self.body)
-        except ValueError:
-            return None
-        if isinstance(data, dict) and isinstance(data.get("error"), dict):
-            code = data["error"].get("code")
-            return code if isinstance(code, str) else None
-        return None
+        return error_code(self.body)
 
 
 def scope_for(

@@ -8,6 +8,8 @@ import json
 import time
 from dataclasses import dataclass, field
 
+from faults.asgi import error_code
+
 
 @dataclass
 class RawAnswer:
@@ -28,14 +30,7 @@ class RawAnswer:
 
     @property
     def code(self) -> str | None:
-        try:
-            data = json.loads(self.body)
-        except ValueError:
-            return None
-        if isinstance(data, dict) and isinstance(data.get("error"), dict):
-            code = data["error"].get("code")
-            return code if isinstance(code, str) else None
-        return None
+        return error_code(self.body)
 
     def describe(self) -> str:
         if self.status is None:
