@@ -341,9 +341,8 @@ for i = 1, n do
 end
 return table.concat(out, ' ')
 """
-_SHA = hashlib.sha1(
-    _SCRIPT.encode(), usedforsecurity=False
-).hexdigest()  # what SCRIPT LOAD answers
+# What SCRIPT LOAD answers for it: the lean path's EVALSHA commands are built with it.
+_SHA = hashlib.sha1(_SCRIPT.encode(), usedforsecurity=False).hexdigest()
 
 
 def _read_error(task: asyncio.Task[Any]) -> None:
@@ -501,11 +500,8 @@ class RedisLimiter:
         all within one ``timeout``."""
         lean = self._lean
         assert lean is not None
-        if now_ms is None:
-            command = self._commands.get((key, limits.text, cost))
-            if command is None:
-                command = self._command(key, limits, cost, now_ms)
-        else:
+        command = self._commands.get((key, limits.text, cost)) if now_ms is None else None
+        if command is None:
             command = self._command(key, limits, cost, now_ms)
         deadline = lean.deadline()
         if self.sha:
