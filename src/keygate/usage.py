@@ -650,7 +650,8 @@ class UsageRecorder:
         else:
             table = self._batch.minutes.setdefault(minute, {})
             self._minute, self._table = minute, table
-            self._span = (minute * MINUTE, (minute + 1) * MINUTE)
+            # Floats: `now` is one, and a float compares slowly with an int past 2**30.
+            self._span = (float(minute * MINUTE), float((minute + 1) * MINUTE))
         row = table.get(key_id)
         if row is None:
             if self._batch.rows >= self.max_buckets:
@@ -691,8 +692,8 @@ class UsageRecorder:
         row[BYTES_OUT] += bytes_out
         if status >= 400:
             row[ERRORS_5XX if status >= 500 else ERRORS_4XX] += 1
-        if rate_limited:
-            row[RATE_LIMITED] += 1
+            if rate_limited:  # a 429
+                row[RATE_LIMITED] += 1
         if ip_mode:
             if ip is not None and ip != row[_IP]:
                 seen = row[_SEEN]
