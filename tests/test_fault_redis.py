@@ -380,6 +380,7 @@ async def test_slow_redis_answers_within_budget_and_keeps_the_pool(
 
     health.sort()
     cold_times = sorted(o.elapsed for o in slow if kind(o) == "cold")
+    limited_times = sorted(o.elapsed for o in slow if kind(o) == "limited")
     figures.add(
         f"Redis answering {LATENCY:.1f} s late (command timeout {SLOW_COMMAND * 1000:.0f} ms, "
         f"lookup timeout {SLOW_LOOKUP * 1000:.0f} ms, pool {POOL}), 300 in flight: "
@@ -387,7 +388,10 @@ async def test_slow_redis_answers_within_budget_and_keeps_the_pool(
         f" ms, max {cold_times[-1] * 1000:.0f} ms; /health median "
         f"{statistics.median(health) * 1000:.1f} ms, max {health[-1] * 1000:.1f} ms; "
         f"server-side connections {before} before, max {max(connections)} during, {after} "
-        f"after ({proxied.accepted} opened in all); a fresh key admitted "
+        f"after ({proxied.accepted} opened in all); {len(limited_times)} rate-limited "
+        f"requests admitted undecided in median {statistics.median(limited_times) * 1000:.1f}"
+        f" ms, max {limited_times[-1] * 1000:.0f} ms (limiter timeout "
+        f"{SLOW_LIMITER * 1000:.0f} ms; it backs off after 3 failures); a fresh key admitted "
         f"{recovered * 1000:.0f} ms after the latency went, then {len(burst)}/{len(burst)} "
         "in waves of 50 at once"
     )

@@ -1127,6 +1127,173 @@ async def test_slow_redis_ends_within_the_limiter_timeout(
         await gate.aclose()
 
 
+@dataclass
+class Outage:
+    """A limiter and the Redis behind it, which the test takes away and brings back."""
+
+    limiter: RedisLimiter
+    down: Any  # () -> None
+    up: Any  # () -> None
+    asked: list[int]  # [decisions that went to Redis]: counted below the back-off
+
+
+def count_asked(limiter: RedisLimiter) -> list[int]:
+    """Count the decisions the limiter sends towards Redis (either path), answered or not."""
+    asked = [0]
+    for name in ("_lean_decide", "_submit"):
+        real = getattr(limiter, name)
+
+        async def counted(*args: Any, _real: Any = real) -> Any:
+            asked[0] += 1
+            return await _real(*args)
+
+        setattr(limiter, name, counted)
+    return asked
+
+
+@pytest.fixture(params=["fakeredis", "redis", "redis-py"])
+async def outage(request: pytest.FixtureRequest) -> AsyncIterator[Outage]:
+    """A RedisLimiter (trip_after=3, backoff=(0.5, 2.0), timeout 1 s) on fakeredis (its
+    server disconnected), or on a redis-server of the test's own (killed and restarted)
+    over the lean connection or over redis-py."""
+    namespace = new_namespace()
+    options: dict[str, Any] = {"timeout": 1.0, "trip_after": 3, "backoff": (0.5, 2.0)}
+    if request.param == "fakeredis":
+        server = fakeredis.FakeServer()
+        fake = fakeredis.FakeAsyncRedis(server=server)
+        limiter = RedisLimiter(fake, namespace=namespace, **options)
+
+        def down() -> None:
+            server.connected = False
+
+        def up() -> None:
+            server.connected = True
+
+        yield Outage(limiter, down, up, count_asked(limiter))
+        await limiter.close()
+        await fake.aclose()
+        return
+    own = OwnRedis()
+    own.start()
+    real: Redis = Redis.from_url(own.url)
+    limiter = RedisLimiter(real, namespace=namespace, lean=request.param == "redis", **options)
+    assert limiter.lean == (request.param == "redis")
+    try:
+        yield Outage(limiter, own.kill, own.start, count_asked(limiter))
+    finally:
+        await limiter.close()
+        await real.aclose()
+        own.close()
+
+
+@pytest.fixture
+def monotonic(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The limiter's monotonic clock, set by the test (asyncio keeps its own)."""
+    now = [1000.0]
+    fake_time = SimpleNamespace(monotonic=lambda: now[0])
+    monkeypatch.setattr("keygate.ratelimit.time", fake_time)
+    return now
+
+
+async def test_repeated_failures_back_off_until_one_try_succeeds(
+    outage: Outage, monotonic: list[float], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Three failed decisions in a row make the limiter back off: while it does, decisions
+    pass undecided (counted, logged once) without asking Redis, even a Redis answering
+    again; when the wait is over one request tries, and its answer ends the back-off."""
+    caplog.set_level(logging.WARNING, logger="keygate.ratelimit")
+    limiter, limits_, asked = outage.limiter, limit_set("100/minute", "dev"), outage.asked
+    assert not (await limiter.hit("k", limits_)).degraded
+    await asyncio.to_thread(outage.down)
+    for n in range(1, 4):
+        failed = await limiter.hit("k", limits_)
+        assert failed.degraded and failed.allowed and limiter.passes == n and asked[0] == 1 + n
+    await asyncio.to_thread(outage.up)
+    monotonic[0] += 0.5 - TICK
+    skipped = await limiter.hit("k", limits_)  # Redis answers, but the limiter waits
+    assert skipped.degraded and skipped.allowed and limiter.passes == 4 and asked[0] == 4
+    monotonic[0] += TICK
+    tried = await limiter.hit("k", limits_)
+    assert not tried.degraded and asked[0] == 5
+    after = await limiter.hit("k", limits_)  # no back-off any more
+    assert not after.degraded and after.remaining == (tried.remaining[0] - 1,)
+    assert limiter.passes == 4 and asked[0] == 6
+    [warning] = limiter_warnings(caplog)
+    assert "rate limiter unavailable" in warning.getMessage()
+
+
+async def test_each_failed_try_doubles_the_wait_up_to_the_most(
+    outage: Outage, monotonic: list[float]
+) -> None:
+    """A try that fails doubles the wait (0.5, 1, 2 s, then 2 s again); a failure of a
+    request that was under way before the back-off began does not extend it."""
+    limiter, limits_, asked = outage.limiter, limit_set("100/minute", "dev"), outage.asked
+    await asyncio.to_thread(outage.down)
+    for _ in range(3):
+        assert (await limiter.hit("k", limits_)).degraded
+    assert asked[0] == 3
+    for n, wait in enumerate((0.5, 1.0, 2.0, 2.0), start=1):
+        limiter._failing(False)  # a request from before failing meanwhile: no change
+        monotonic[0] += wait - TICK
+        assert (await limiter.hit("k", limits_)).degraded  # skipped
+        assert asked[0] == 2 + n
+        monotonic[0] += TICK
+        assert (await limiter.hit("k", limits_)).degraded  # the try, which fails
+        assert asked[0] == 3 + n
+    await asyncio.to_thread(outage.up)
+    monotonic[0] += 2.0 - TICK
+    assert (await limiter.hit("k", limits_)).degraded  # still waiting: 2 s, not more
+    monotonic[0] += TICK
+    assert not (await limiter.hit("k", limits_)).degraded
+    assert limiter.passes == 3 + 2 * 4 + 1 and asked[0] == 8
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "redis-py"])
+async def test_while_one_request_tries_redis_the_others_do_not_wait(
+    own_redis: OwnRedis, monotonic: list[float], lean: bool
+) -> None:
+    """When the wait is over, one request tries Redis (stuck in DEBUG SLEEP 0.4 here) and
+    waits for it; ten others arriving meanwhile pass at once, undecided. The try's answer
+    ends the back-off."""
+    namespace = new_namespace()
+    client_ = Redis.from_url(own_redis.url)
+    limiter = RedisLimiter(
+        client_, namespace=namespace, timeout=2.0, trip_after=3, backoff=(0.5, 2.0), lean=lean
+    )
+    limits_ = limit_set("100/minute", "dev")
+    stuck = socket.create_connection(("127.0.0.1", own_redis.port), timeout=5)
+    try:
+        await limiter.start()
+        for _ in range(3):
+            limiter._failing(False)  # three failures, as from a dead Redis
+        monotonic[0] += 0.5
+        stuck.sendall(b"*3\r\n$5\r\nDEBUG\r\n$5\r\nSLEEP\r\n$3\r\n0.4\r\n")
+        await asyncio.sleep(0.05)  # let the server start sleeping
+        started = time.perf_counter()
+        trying = asyncio.create_task(limiter.hit("k", limits_))
+        await asyncio.sleep(0)  # the try is on its way
+        others = [await limiter.hit(f"other-{n}", limits_) for n in range(10)]
+        others_took = time.perf_counter() - started
+        tried = await trying
+        tried_took = time.perf_counter() - started
+        assert all(d.degraded and d.allowed for d in others) and limiter.passes == 10
+        assert others_took < 0.2 < tried_took, (others_took, tried_took)
+        assert not tried.degraded and tried.remaining == (99,)
+        assert not (await limiter.hit("other-0", limits_)).degraded
+        assert stuck.recv(16) == b"+OK\r\n"
+    finally:
+        stuck.close()
+        await limiter.close()
+        await client_.aclose()
+
+
+def test_backing_off_is_configured_sensibly() -> None:
+    fake = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    for options in ({"trip_after": 0}, {"backoff": (0.0, 1.0)}, {"backoff": (2.0, 1.0)}):
+        with pytest.raises(ValueError, match="trip_after"):
+            RedisLimiter(fake, **options)
+
+
 # -- bugs --------------------------------------------------------------------------------------
 
 

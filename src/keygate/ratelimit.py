@@ -345,6 +345,10 @@ return table.concat(out, ' ')
 _SHA = hashlib.sha1(_SCRIPT.encode(), usedforsecurity=False).hexdigest()
 
 
+# The cause of a decision skipped while the limiter backs off (never raised itself).
+_BACKING_OFF = ConnectionError("Redis failed repeatedly: the rate limiter is backing off")
+
+
 def _read_error(task: asyncio.Task[Any]) -> None:
     if not task.cancelled():
         task.exception()
@@ -368,6 +372,13 @@ class RedisLimiter:
     ``"allow"`` (the default) admits the request, counts it in :attr:`passes` and logs at
     most once per ``log_interval``; ``"deny"`` refuses it (the middleware answers 503).
 
+    After ``trip_after`` failed decisions in a row, the limiter backs off: for
+    ``backoff[0]`` seconds every decision follows ``failure`` at once, without waiting on
+    Redis; then one request tries Redis again while the others keep skipping it. Each try
+    that fails doubles the wait, up to ``backoff[1]``; the first answer from Redis ends it.
+    An outage then costs each request no wait, and a struggling Redis no pile of commands;
+    decisions skipped meanwhile are not counted in Redis' windows.
+
     With ``lean=True`` (the default) the decisions go over one connection of the
     limiter's own (:class:`keygate.resp.LeanRedis`, to the server ``client`` talks to),
     which costs a fraction of redis-py's Python per round trip; ``client`` carries them
@@ -384,9 +395,15 @@ class RedisLimiter:
         log_interval: float = 60.0,
         local_refusals: bool = True,
         lean: bool = True,
+        trip_after: int = 3,
+        backoff: tuple[float, float] = (0.05, 1.0),
     ) -> None:
         if failure not in ("allow", "deny"):
             raise ValueError("failure must be 'allow' or 'deny'")
+        if trip_after < 1 or not 0 < backoff[0] <= backoff[1]:
+            raise ValueError(
+                "trip_after must be >= 1 and backoff (first, most) with 0 < first <= most"
+            )
         self.client = client
         self.namespace = namespace
         self.timeout = timeout
@@ -406,6 +423,11 @@ class RedisLimiter:
         self._flushing = False
         self._in_flight = 0  # round trips under way
         self._last_log = -math.inf
+        self.trip_after = trip_after
+        self.backoff = backoff
+        self._failures = 0  # failed decisions since Redis last answered
+        self._skip_until = 0.0  # monotonic; while ahead, decisions do not ask Redis
+        self._wait = 0.0  # the current back-off
 
     def window_key(self, key: str, limits: LimitSet, index: int) -> str:
         window = limits.windows[index]
@@ -465,6 +487,14 @@ class RedisLimiter:
                     return Decision(False, refused.remaining, frees, _retry_after(left - 0.001))
                 if left <= 0:
                     del self._blocked[(key, limits.text)]
+        trying = False
+        if self._skip_until:  # backing off
+            clock = time.monotonic()
+            if clock < self._skip_until:
+                return self._failed(limits, _BACKING_OFF)
+            # This request tries Redis; the others skip it until it has its answer.
+            self._skip_until = clock + self.timeout
+            trying = True
         try:
             if self._lean is not None:
                 raw = await self._lean_decide(key, limits, cost, now_ms)
@@ -473,7 +503,10 @@ class RedisLimiter:
                 async with asyncio.timeout(self.timeout):
                     raw = await self._submit(keys, args)
         except (TimeoutError, StoreUnavailable, RedisError, OSError) as exc:
+            self._failing(trying)
             return self._failed(limits, exc)
+        if self._failures:
+            self._failures, self._skip_until, self._wait = 0, 0.0, 0.0  # Redis answers
         raw = raw.split() if isinstance(raw, (bytes, str)) else raw
         decision = self._decide(raw, limits)
         if not decision.allowed and self.local_refusals and now_ms is None:
@@ -569,6 +602,19 @@ class RedisLimiter:
         # refusing entry's last refusing millisecond (no float rounding near integers).
         retry = 0 if allowed else (self._wait_ms(raw, limits) - 1) // 1000 + 1
         return Decision(allowed, tuple(remaining), tuple(reset), retry, at=now / 1000)
+
+    def _failing(self, trying: bool) -> None:
+        """Count a failed decision; back off after ``trip_after`` in a row, and twice as
+        long after each failed try (failures of requests already under way when it began
+        do not extend it)."""
+        self._failures += 1
+        if trying:
+            self._wait = min(max(self._wait * 2, self.backoff[0]), self.backoff[1])
+        elif self._skip_until or self._failures < self.trip_after:
+            return
+        else:
+            self._wait = self.backoff[0]
+        self._skip_until = time.monotonic() + self._wait
 
     def _failed(self, limits: LimitSet, exc: BaseException) -> Decision:
         now = time.monotonic()
