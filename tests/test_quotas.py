@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import Any
 
+import fakeredis
 import httpx
 import pytest
 from http_sfv import List as SFList
+from redis.asyncio import Redis
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
-from keygate import KeyGate, ManualClock, RedisStore
+from conftest import SECRET, new_namespace
+from faults.redis_server import RedisServer
+from keygate import KeyGate, KeyGateSettings, ManualClock, RedisStore
 from keygate.demo import build_demo_app
-from keygate.quotas import MemoryQuotaStore, Mode, QuotaState, RedisQuotaStore
+from keygate.middleware import KeyGateMiddleware
+from keygate.models import ApiKey
+from keygate.quotas import MemoryQuotaStore, Mode, Quotas, QuotaState, RedisQuotaStore
 from keygate.stores import KeyStore
 
 T0 = 1_800_000_000.0  # a minute boundary
@@ -146,3 +161,137 @@ async def test_negative_tokens_are_refused() -> None:
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="non-negative integer"):
             await gate.quotas.spend(created.key, bad, "reserve")  # type: ignore[arg-type]
+
+
+# -- when the quota store fails ----------------------------------------------------------------
+
+
+class Failing:
+    """A RedisQuotaStore on fakeredis (its server disconnected) or on a redis-server of the
+    test's own (killed and restarted), counting the calls that reach it."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.asked = 0
+        self.own: RedisServer | None = None
+        if kind == "fakeredis":
+            self.fake_server = fakeredis.FakeServer()
+            self.client: Redis = fakeredis.FakeAsyncRedis(server=self.fake_server)
+        else:
+            self.own = RedisServer()
+            self.own.start()
+            self.client = Redis.from_url(self.own.url)
+        self.store = RedisQuotaStore(self.client, namespace=new_namespace())
+        real = self.store.spend
+
+        async def counted(*args: Any) -> QuotaState:
+            self.asked += 1
+            return await real(*args)
+
+        self.store.spend = counted  # type: ignore[method-assign]
+
+    def down(self) -> None:
+        if self.own is None:
+            self.fake_server.connected = False
+        else:
+            self.own.kill()
+
+    def up(self) -> None:
+        if self.own is None:
+            self.fake_server.connected = True
+        else:
+            self.own.start()
+
+    async def close(self) -> None:
+        await self.client.aclose()
+        if self.own is not None:
+            self.own.close()
+
+
+@pytest.fixture(params=["fakeredis", "redis"])
+async def failing(request: pytest.FixtureRequest) -> AsyncIterator[Failing]:
+    made = Failing(request.param)
+    yield made
+    await made.close()
+
+
+@pytest.fixture
+def monotonic(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The back-off's monotonic clock, set by the test."""
+    now = [1000.0]
+    monkeypatch.setattr("keygate.fallback.time", SimpleNamespace(monotonic=lambda: now[0]))
+    return now
+
+
+async def budgeted_key(quota: int = 100) -> tuple[KeyGate, ApiKey]:
+    gate = KeyGate(store="memory://")
+    created = await gate.manager.create(
+        {"name": "ai", "type": "dev", "scopes": ["ai:inference"], "token_quota": quota}
+    )
+    return gate, created.key
+
+
+async def test_a_failing_store_lets_spending_through_then_is_left_alone_a_while(
+    failing: Failing, monotonic: list[float], caplog: pytest.LogCaptureFixture
+) -> None:
+    """failure="allow": with the store down, spending passes undecided (full budget shown,
+    counted in passes, one warning); after three failures in a row the store is not asked
+    for 50 ms, even once it is back; then one try ends the back-off, and counting resumes
+    where Redis left it."""
+    caplog.set_level(logging.WARNING, logger="keygate.quotas")
+    gate, key = await budgeted_key(100)
+    quotas = Quotas(failing.store, gate.policy)
+    first = await quotas.spend(key, 10, "reserve")
+    assert first is not None and not first.degraded and first.remaining == 90
+    await asyncio.to_thread(failing.down)
+    for n in range(1, 4):
+        passed = await quotas.spend(key, 10, "reserve")
+        assert passed == QuotaState(True, 100, 100, 3600, degraded=True)
+        assert quotas.passes == n and failing.asked == 1 + n
+    await asyncio.to_thread(failing.up)
+    monotonic[0] += 0.05 - 2**-10
+    assert (await quotas.spend(key, 10, "reserve")).degraded  # type: ignore[union-attr]
+    assert failing.asked == 4 and quotas.passes == 4
+    monotonic[0] += 2**-10
+    tried = await quotas.spend(key, 10, "reserve")
+    assert tried is not None and not tried.degraded and failing.asked == 5
+    # fakeredis kept the 10 spent before; the restarted redis-server started empty.
+    assert tried.remaining == (80 if failing.kind == "fakeredis" else 90)
+    [warning] = [r for r in caplog.records if r.name == "keygate.quotas"]
+    assert "token quotas unavailable" in warning.getMessage()
+    assert "admitting" in warning.getMessage()
+
+
+async def test_a_failing_store_with_failure_deny_answers_503(failing: Failing) -> None:
+    """failure="deny": an endpoint spending tokens while the store is down answers 503
+    quota_unavailable with Retry-After (the middleware's answer, not a 500), and no pass is
+    counted; with the store back, the same request is served."""
+    settings = KeyGateSettings(rate_limit_failure="deny")
+    gate = KeyGate(store="memory://", secret=SECRET, settings=settings)
+    gate.quotas.store = failing.store
+    created = await gate.manager.create(
+        {"name": "ai", "type": "dev", "scopes": ["ai:inference"], "token_quota": 100}
+    )
+
+    async def infer(request: Request) -> JSONResponse:
+        state = await gate.quotas.reserve(request, 10)
+        assert state is not None
+        return JSONResponse({"remaining": state.remaining}, headers=state.header_dict())
+
+    app = Starlette(
+        routes=[Route("/infer", infer, methods=["POST"])],
+        middleware=[Middleware(KeyGateMiddleware, gate=gate)],
+    )
+    headers = {"Authorization": f"Bearer {created.secret.get_secret_value()}"}
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        await asyncio.to_thread(failing.down)
+        refused = await http.post("/infer", headers=headers)
+        await asyncio.to_thread(failing.up)
+        served = await http.post("/infer", headers=headers)
+    assert refused.status_code == 503
+    assert refused.json()["error"]["code"] == "quota_unavailable"
+    assert int(refused.headers["retry-after"]) >= 1
+    assert gate.quotas.passes == 0
+    assert served.status_code == 200 and served.json() == {"remaining": 90}
+    await gate.aclose()

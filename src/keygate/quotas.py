@@ -20,18 +20,17 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 from starlette.requests import HTTPConnection
 
 from keygate.alerts import Alerter
 from keygate.clock import Clock, system_clock
 from keygate.exceptions import StoreUnavailable
+from keygate.fallback import FailureMode, Fallback, FallingBack
 from keygate.models import ApiKey, KeyPolicy
 from keygate.responses import Headers, Refusal, raise_refusal
 from keygate.routing import MIDDLEWARE, PRINCIPAL
@@ -186,7 +185,7 @@ class RedisQuotaStore:
         await self.client.script_load(_SCRIPT)
 
 
-class Quotas:
+class Quotas(FallingBack):
     """The token budgets of authenticated keys, for handlers to spend."""
 
     def __init__(
@@ -194,15 +193,23 @@ class Quotas:
         store: QuotaStore,
         policy: KeyPolicy,
         *,
-        failure: Literal["allow", "deny"] = "allow",
+        failure: FailureMode = "allow",
         log_interval: float = 60.0,
+        trip_after: int = 3,
+        backoff: tuple[float, float] = (0.05, 1.0),
     ) -> None:
         self.store = store
         self.policy = policy
-        self.failure = failure
-        self.log_interval = log_interval
-        self.passes = 0
-        self._last_log = -math.inf
+        # When the store fails: "allow" (counted in passes, logged) or "deny"; after
+        # trip_after failures in a row it is not asked for a while (keygate.fallback).
+        self.fallback = Fallback(
+            "token quotas",
+            logger,
+            failure=failure,
+            log_interval=log_interval,
+            trip_after=trip_after,
+            backoff=backoff,
+        )
         self.usage: UsageRecorder | None = None  # set by KeyGate: tokens and refusals count
         self.alerts: Alerter | None = None  # set by KeyGate: 80/90/100 % alerts
 
@@ -217,16 +224,8 @@ class Quotas:
         quota = self.quota_of(key)
         if quota is None:
             return None
-        try:
-            state = await self.store.spend(key.id, tokens, quota, mode)
-        except (StoreUnavailable, RedisError, OSError, TimeoutError) as exc:
-            now = time.monotonic()
-            if now - self._last_log >= self.log_interval:
-                self._last_log = now
-                logger.warning("token quotas unavailable (%s)", type(exc).__name__)
-            if self.failure == "deny":
-                raise StoreUnavailable("the quota store cannot be reached") from exc
-            self.passes += 1
+        state = await self.fallback.ask(self.store.spend, key.id, tokens, quota, mode)
+        if state is None:  # the store did not answer, and the failure mode is "allow"
             return QuotaState(True, quota, quota, WINDOW, degraded=True)
         counted = state.allowed and mode != "check"
         if self.usage is not None:
@@ -254,9 +253,12 @@ class Quotas:
     async def _charge(self, conn: HTTPConnection, tokens: int, mode: Mode) -> QuotaState | None:
         if PRINCIPAL not in conn.scope:
             raise RuntimeError("token quotas need a request authenticated by KeyGateMiddleware")
-        state = await self.spend(conn.scope[PRINCIPAL].key, tokens, mode)
+        refusals = conn.scope[MIDDLEWARE].refusals
+        try:
+            state = await self.spend(conn.scope[PRINCIPAL].key, tokens, mode)
+        except StoreUnavailable:  # failure="deny", and the store did not answer
+            raise_refusal(conn, refusals.quota_unavailable)
         if state is not None and not state.allowed:
-            refusals = conn.scope[MIDDLEWARE].refusals
             base = refusals.quota_exceeded
             raise_refusal(conn, Refusal(base.status, base.code, base.message, state.headers()))
         return state

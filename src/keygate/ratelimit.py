@@ -35,7 +35,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import limits
 from limits import RateLimitItem
@@ -44,6 +44,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from keygate.clock import Clock, system_clock
 from keygate.exceptions import StoreUnavailable
+from keygate.fallback import FailureMode, Fallback, FallingBack
 from keygate.resp import LeanRedis, ReplyError, encode
 
 __all__ = [
@@ -62,7 +63,6 @@ logger = logging.getLogger("keygate.ratelimit")
 _MAX_LIMIT_TEXT = 256
 MAX_AMOUNT = 10_000_000
 MAX_WINDOW = 366 * 86_400
-FailureMode = Literal["allow", "deny"]
 
 
 def parse_rate_limit(text: str) -> list[RateLimitItem]:
@@ -345,10 +345,6 @@ return table.concat(out, ' ')
 _SHA = hashlib.sha1(_SCRIPT.encode(), usedforsecurity=False).hexdigest()
 
 
-# The cause of a decision skipped while the limiter backs off (never raised itself).
-_BACKING_OFF = ConnectionError("Redis failed repeatedly: the rate limiter is backing off")
-
-
 def _read_error(task: asyncio.Task[Any]) -> None:
     if not task.cancelled():
         task.exception()
@@ -365,7 +361,7 @@ class _Pending:
         self.future = future
 
 
-class RedisLimiter:
+class RedisLimiter(FallingBack):
     """Moving windows in Redis, exact across every process sharing it.
 
     ``failure`` says what happens when Redis cannot answer within ``timeout`` seconds:
@@ -377,7 +373,8 @@ class RedisLimiter:
     Redis; then one request tries Redis again while the others keep skipping it. Each try
     that fails doubles the wait, up to ``backoff[1]``; the first answer from Redis ends it.
     An outage then costs each request no wait, and a struggling Redis no pile of commands;
-    decisions skipped meanwhile are not counted in Redis' windows.
+    decisions skipped meanwhile are not counted in Redis' windows. (Both are
+    :attr:`fallback`'s, a :class:`keygate.fallback.Fallback`, shared with token quotas.)
 
     With ``lean=True`` (the default) the decisions go over one connection of the
     limiter's own (:class:`keygate.resp.LeanRedis`, to the server ``client`` talks to),
@@ -398,20 +395,20 @@ class RedisLimiter:
         trip_after: int = 3,
         backoff: tuple[float, float] = (0.05, 1.0),
     ) -> None:
-        if failure not in ("allow", "deny"):
-            raise ValueError("failure must be 'allow' or 'deny'")
-        if trip_after < 1 or not 0 < backoff[0] <= backoff[1]:
-            raise ValueError(
-                "trip_after must be >= 1 and backoff (first, most) with 0 < first <= most"
-            )
+        self.fallback = Fallback(
+            "rate limiter",
+            logger,
+            failure=failure,
+            log_interval=log_interval,
+            trip_after=trip_after,
+            backoff=backoff,
+            try_for=timeout,
+        )
         self.client = client
         self.namespace = namespace
         self.timeout = timeout
-        self.failure: FailureMode = failure
-        self.log_interval = log_interval
         self.local_refusals = local_refusals
         self.sha = ""  # set once the script is loaded
-        self.passes = 0  # requests admitted without a decision (failure="allow")
         self._round_trips = 0  # over `client`
         self._lean = LeanRedis.from_client(client, timeout=timeout) if lean else None
         # (key, limit text, cost) -> the encoded EVALSHA of a decision on Redis' clock
@@ -422,12 +419,6 @@ class RedisLimiter:
         self._pending: list[_Pending] = []
         self._flushing = False
         self._in_flight = 0  # round trips under way
-        self._last_log = -math.inf
-        self.trip_after = trip_after
-        self.backoff = backoff
-        self._failures = 0  # failed decisions since Redis last answered
-        self._skip_until = 0.0  # monotonic; while ahead, decisions do not ask Redis
-        self._wait = 0.0  # the current back-off
 
     def window_key(self, key: str, limits: LimitSet, index: int) -> str:
         window = limits.windows[index]
@@ -487,26 +478,11 @@ class RedisLimiter:
                     return Decision(False, refused.remaining, frees, _retry_after(left - 0.001))
                 if left <= 0:
                     del self._blocked[(key, limits.text)]
-        trying = False
-        if self._skip_until:  # backing off
-            clock = time.monotonic()
-            if clock < self._skip_until:
-                return self._failed(limits, _BACKING_OFF)
-            # This request tries Redis; the others skip it until it has its answer.
-            self._skip_until = clock + self.timeout
-            trying = True
-        try:
-            if self._lean is not None:
-                raw = await self._lean_decide(key, limits, cost, now_ms)
-            else:
-                keys, args = self._arguments(key, limits, cost, now_ms)
-                async with asyncio.timeout(self.timeout):
-                    raw = await self._submit(keys, args)
-        except (TimeoutError, StoreUnavailable, RedisError, OSError) as exc:
-            self._failing(trying)
-            return self._failed(limits, exc)
-        if self._failures:
-            self._failures, self._skip_until, self._wait = 0, 0.0, 0.0  # Redis answers
+        decide = self._pooled_decide if self._lean is None else self._lean_decide
+        raw = await self.fallback.ask(decide, key, limits, cost, now_ms)
+        if raw is None:  # undecided, and the failure mode is "allow"
+            full = tuple(w.amount for w in limits.windows)
+            return Decision(True, full, tuple(w.seconds for w in limits.windows), degraded=True)
         raw = raw.split() if isinstance(raw, (bytes, str)) else raw
         decision = self._decide(raw, limits)
         if not decision.allowed and self.local_refusals and now_ms is None:
@@ -527,6 +503,14 @@ class RedisLimiter:
         for window in limits.windows:
             args += [window.amount, window.seconds * 1000]
         return keys, args
+
+    async def _pooled_decide(
+        self, key: str, limits: LimitSet, cost: int, now_ms: int | None
+    ) -> Any:
+        """One EVALSHA (or a share of a pipeline) over ``client``, within ``timeout``."""
+        keys, args = self._arguments(key, limits, cost, now_ms)
+        async with asyncio.timeout(self.timeout):
+            return await self._submit(keys, args)
 
     async def _lean_decide(self, key: str, limits: LimitSet, cost: int, now_ms: int | None) -> Any:
         """One EVALSHA over the lean connection (after loading the script on NOSCRIPT),
@@ -602,35 +586,6 @@ class RedisLimiter:
         # refusing entry's last refusing millisecond (no float rounding near integers).
         retry = 0 if allowed else (self._wait_ms(raw, limits) - 1) // 1000 + 1
         return Decision(allowed, tuple(remaining), tuple(reset), retry, at=now / 1000)
-
-    def _failing(self, trying: bool) -> None:
-        """Count a failed decision; back off after ``trip_after`` in a row, and twice as
-        long after each failed try (failures of requests already under way when it began
-        do not extend it)."""
-        self._failures += 1
-        if trying:
-            self._wait = min(max(self._wait * 2, self.backoff[0]), self.backoff[1])
-        elif self._skip_until or self._failures < self.trip_after:
-            return
-        else:
-            self._wait = self.backoff[0]
-        self._skip_until = time.monotonic() + self._wait
-
-    def _failed(self, limits: LimitSet, exc: BaseException) -> Decision:
-        now = time.monotonic()
-        if now - self._last_log >= self.log_interval:
-            self._last_log = now
-            logger.warning(
-                "rate limiter unavailable (%s); %s requests (passes so far: %d)",
-                type(exc).__name__,
-                "admitting" if self.failure == "allow" else "refusing",
-                self.passes,
-            )
-        if self.failure == "deny":
-            raise StoreUnavailable("the rate limiter cannot be reached") from exc
-        self.passes += 1
-        full = tuple(w.amount for w in limits.windows)
-        return Decision(True, full, tuple(w.seconds for w in limits.windows), degraded=True)
 
     # -- one round trip for every request that arrives together ------------------------------
 

@@ -156,6 +156,12 @@ class Refusals:
             "The rate limiter cannot be reached; try again shortly.",
             [(b"retry-after", str(retry_after).encode())],
         )
+        self.quota_unavailable = Refusal(
+            503,
+            "quota_unavailable",
+            "The AI token quota store cannot be reached; try again shortly.",
+            [(b"retry-after", str(retry_after).encode())],
+        )
         self.origin_not_allowed = Refusal(
             403, "origin_not_allowed", "The API key may not be used from this origin."
         )
