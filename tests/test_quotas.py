@@ -259,13 +259,14 @@ async def test_a_failing_store_lets_spending_through_then_is_left_alone_a_while(
     assert tried.remaining == (80 if failing.kind == "fakeredis" else 90)
     [warning] = [r for r in caplog.records if r.name == "keygate.quotas"]
     assert "token quotas unavailable" in warning.getMessage()
-    assert "admitting" in warning.getMessage()
+    assert "letting requests through" in warning.getMessage()
 
 
 async def test_a_failing_store_with_failure_deny_answers_503(failing: Failing) -> None:
-    """failure="deny": an endpoint spending tokens while the store is down answers 503
-    quota_unavailable with Retry-After (the middleware's answer, not a 500), and no pass is
-    counted; with the store back, the same request is served."""
+    """failure="deny": an endpoint reserving tokens while the store is down answers 503
+    quota_unavailable with Retry-After (the middleware's answer, not a 500); one recording
+    tokens it has already spent is answered (a pass, logged: the work is done); with the
+    store back, the same requests are served and counted."""
     settings = KeyGateSettings(rate_limit_failure="deny")
     gate = KeyGate(store="memory://", secret=SECRET, settings=settings)
     gate.quotas.store = failing.store
@@ -278,8 +279,16 @@ async def test_a_failing_store_with_failure_deny_answers_503(failing: Failing) -
         assert state is not None
         return JSONResponse({"remaining": state.remaining}, headers=state.header_dict())
 
+    async def spent(request: Request) -> JSONResponse:
+        state = await gate.quotas.record(request, 5)  # after the work
+        assert state is not None
+        return JSONResponse({"remaining": state.remaining, "degraded": state.degraded})
+
     app = Starlette(
-        routes=[Route("/infer", infer, methods=["POST"])],
+        routes=[
+            Route("/infer", infer, methods=["POST"]),
+            Route("/spent", spent, methods=["POST"]),
+        ],
         middleware=[Middleware(KeyGateMiddleware, gate=gate)],
     )
     headers = {"Authorization": f"Bearer {created.secret.get_secret_value()}"}
@@ -287,11 +296,15 @@ async def test_a_failing_store_with_failure_deny_answers_503(failing: Failing) -
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
         await asyncio.to_thread(failing.down)
         refused = await http.post("/infer", headers=headers)
+        recorded = await http.post("/spent", headers=headers)
         await asyncio.to_thread(failing.up)
         served = await http.post("/infer", headers=headers)
+        counted = await http.post("/spent", headers=headers)
     assert refused.status_code == 503
     assert refused.json()["error"]["code"] == "quota_unavailable"
     assert int(refused.headers["retry-after"]) >= 1
-    assert gate.quotas.passes == 0
+    assert recorded.status_code == 200 and recorded.json() == {"remaining": 100, "degraded": True}
+    assert gate.quotas.passes == 1
     assert served.status_code == 200 and served.json() == {"remaining": 90}
+    assert counted.json() == {"remaining": 85, "degraded": False}
     await gate.aclose()

@@ -1233,7 +1233,7 @@ async def test_each_failed_try_doubles_the_wait_up_to_the_most(
         assert (await limiter.hit("k", limits_)).degraded
     assert asked[0] == 3
     for n, wait in enumerate((0.5, 1.0, 2.0, 2.0), start=1):
-        limiter.fallback.failed(trying=False)  # a request from before failing meanwhile: no change
+        limiter.fallback._failed(False)  # a request from before fails meanwhile: no change
         monotonic[0] += wait - TICK
         assert (await limiter.hit("k", limits_)).degraded  # skipped
         assert asked[0] == 2 + n
@@ -1265,7 +1265,7 @@ async def test_while_one_request_tries_redis_the_others_do_not_wait(
     try:
         await limiter.start()
         for _ in range(3):
-            limiter.fallback.failed(trying=False)  # three failures, as from a dead Redis
+            limiter.fallback._failed(False)  # three failures, as from a dead Redis
         monotonic[0] += 0.5
         stuck.sendall(b"*3\r\n$5\r\nDEBUG\r\n$5\r\nSLEEP\r\n$3\r\n0.4\r\n")
         await asyncio.sleep(0.05)  # let the server start sleeping

@@ -83,3 +83,14 @@ def test_managing_keys_example_runs() -> None:
         await gate.aclose()
 
     asyncio.run(run())
+
+
+def test_every_setting_is_listed_under_configuration() -> None:
+    """Each KeyGateSettings field is named in the README as its environment variable."""
+    from keygate import KeyGateSettings
+
+    section = README.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"`(KEYGATE_[A-Z_]+)`", section))
+    expected = {f"KEYGATE_{name.upper()}" for name in KeyGateSettings.model_fields}
+    assert expected - listed == set(), "settings missing from the README"
+    assert listed - expected == set(), "README lists settings that do not exist"

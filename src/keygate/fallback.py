@@ -21,7 +21,7 @@ T = TypeVar("T")
 
 # What failing to get Redis' answer looks like (StoreUnavailable: an answer that is none).
 REDIS_FAILED = (TimeoutError, StoreUnavailable, RedisError, OSError)
-# The cause of a decision skipped while backing off (never raised itself).
+# The cause of a refusal made while backing off, without asking Redis.
 BACKING_OFF = ConnectionError("Redis failed repeatedly: backing off")
 
 
@@ -32,17 +32,18 @@ class Fallback:
     most once per ``log_interval``; ``"deny"`` raises :class:`StoreUnavailable`.
 
     After ``trip_after`` failures in a row it backs off: for ``backoff[0]`` seconds every
-    decision takes the failure mode at once (:meth:`may_ask` is false); then one caller
-    may try Redis (for at most ``try_for`` seconds) while the others keep skipping it. Each
-    failed try doubles the wait, up to ``backoff[1]``; the first answer ends it. Failures of
-    calls already under way when it began do not extend it.
-
-    Callers ask Redis through :meth:`ask`.
+    decision takes the failure mode at once, without asking Redis; then one call tries
+    Redis while the others keep skipping it, until that try ends (or, should it hang,
+    ``try_for`` seconds). Each failed try doubles the wait, up to ``backoff[1]``; the
+    first answer ends the back-off. Calls already under way when it began (or when it
+    ended) do not extend it. Callers ask Redis through :meth:`ask`.
     """
 
     __slots__ = (
+        "_episode",
         "_last_log",
         "_logger",
+        "_trying_since",
         "_wait",
         "_what",
         "backoff",
@@ -64,7 +65,7 @@ class Fallback:
         log_interval: float = 60.0,
         trip_after: int = 3,
         backoff: tuple[float, float] = (0.05, 1.0),
-        try_for: float = 1.0,
+        try_for: float = 10.0,
     ) -> None:
         if failure not in ("allow", "deny"):
             raise ValueError("failure must be 'allow' or 'deny'")
@@ -79,46 +80,51 @@ class Fallback:
         self.trip_after = trip_after
         self.backoff = backoff
         self.try_for = try_for
-        self.passes = 0  # requests let through undecided (failure="allow")
+        self.passes = 0  # decisions let through undecided
         self.failures = 0  # failed decisions since Redis last answered
-        self.skip_until = 0.0  # monotonic; while ahead, decisions do not ask Redis
+        self.skip_until = 0.0  # monotonic; non-zero: backing off (no try before then)
         self._wait = 0.0  # the current back-off
+        self._trying_since = 0.0  # monotonic; non-zero: a try is under way
+        self._episode = 0  # one more each time Redis answers after failing
         self._last_log = -math.inf
 
-    async def ask(self, call: Callable[..., Awaitable[T]], *args: Any) -> T | None:
+    async def ask(
+        self, call: Callable[..., Awaitable[T]], *args: Any, allow: bool = False
+    ) -> T | None:
         """``await call(*args)`` (which asks Redis), unless backing off; ``None`` when
-        Redis did not answer, and the failure mode taken: a pass counted, or
-        :class:`StoreUnavailable` raised."""
+        Redis did not answer and the failure mode was taken: a pass counted, or
+        :class:`StoreUnavailable` raised. ``allow``: let it through even with
+        ``failure="deny"`` (nothing left to refuse)."""
         trying = False
         if self.skip_until:  # backing off
-            trying = self.may_ask()
-            if not trying:
-                self.fail(BACKING_OFF)
+            now = time.monotonic()
+            trying_since = self._trying_since
+            if now < self.skip_until or (trying_since and now - trying_since < self.try_for):
+                self._fail(None, allow)
                 return None
+            trying, self._trying_since = True, now
+        episode = self._episode
         try:
             answer = await call(*args)
         except REDIS_FAILED as exc:
-            self.failed(trying)
-            self.fail(exc)
+            self._failed(trying and episode == self._episode)
+            self._fail(exc, allow)
             return None
+        finally:
+            if trying and episode == self._episode:
+                self._trying_since = 0.0  # answered, failed, cancelled: the try is over
         if self.failures:
-            self.answered()
+            # Redis answers: no more backing off.
+            self.failures, self.skip_until, self._wait = 0, 0.0, 0.0
+            self._trying_since = 0.0
+            self._episode += 1
         return answer
 
-    def may_ask(self) -> bool:
-        """While backing off: whether this call may try Redis now (then the others skip
-        it until its answer, or ``try_for``)."""
-        clock = time.monotonic()
-        if clock < self.skip_until:
-            return False
-        self.skip_until = clock + self.try_for
-        return True
-
-    def failed(self, trying: bool) -> None:
-        """Count a failed decision: back off after ``trip_after`` in a row, and twice as
-        long after each failed try."""
+    def _failed(self, tried: bool) -> None:
+        """Count a failure: back off after ``trip_after`` in a row, and twice as long after
+        each failed try (``tried``: a try of the current back-off)."""
         self.failures += 1
-        if trying:
+        if tried:
             self._wait = min(max(self._wait * 2, self.backoff[0]), self.backoff[1])
         elif self.skip_until or self.failures < self.trip_after:
             return
@@ -126,36 +132,48 @@ class Fallback:
             self._wait = self.backoff[0]
         self.skip_until = time.monotonic() + self._wait
 
-    def answered(self) -> None:
-        """Redis answered: no more backing off."""
-        self.failures, self.skip_until, self._wait = 0, 0.0, 0.0
-
-    def fail(self, exc: BaseException) -> None:
-        """Take the failure mode for a decision Redis did not make: count and log the
-        pass, or raise :class:`StoreUnavailable` (``failure="deny"``)."""
+    def _fail(self, exc: BaseException | None, allow: bool) -> None:
+        """Take the failure mode for a decision Redis did not make (``exc``; ``None``:
+        skipped while backing off): count and log the pass, or raise StoreUnavailable."""
+        deny = self.failure == "deny" and not allow
         now = time.monotonic()
         if now - self._last_log >= self.log_interval:
             self._last_log = now
             self._logger.warning(
-                "%s unavailable (%s); %s requests (passes so far: %d)",
+                "%s unavailable (%s); %s (passes so far: %d)",
                 self._what,
-                type(exc).__name__,
-                "admitting" if self.failure == "allow" else "refusing",
+                "backing off" if exc is None else type(exc).__name__,
+                "refusing" if deny else "letting requests through",
                 self.passes,
             )
-        if self.failure == "deny":
-            raise StoreUnavailable(f"the {self._what} cannot reach Redis") from exc
+        if deny:
+            cause = exc if exc is not None else BACKING_OFF
+            raise StoreUnavailable(f"the {self._what} cannot reach Redis") from cause
         self.passes += 1
 
 
 class FallingBack:
-    """For the owner of a :attr:`fallback`: its failure mode and passes, read-only."""
+    """For the owner of a :attr:`fallback`: its failure mode, log interval and passes."""
 
     fallback: Fallback
 
     @property
     def failure(self) -> FailureMode:
         return self.fallback.failure
+
+    @failure.setter
+    def failure(self, value: FailureMode) -> None:
+        if value not in ("allow", "deny"):
+            raise ValueError("failure must be 'allow' or 'deny'")
+        self.fallback.failure = value
+
+    @property
+    def log_interval(self) -> float:
+        return self.fallback.log_interval
+
+    @log_interval.setter
+    def log_interval(self, value: float) -> None:
+        self.fallback.log_interval = value
 
     @property
     def passes(self) -> int:

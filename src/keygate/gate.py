@@ -148,7 +148,7 @@ def _limiter(store: KeyStore, settings: KeyGateSettings, clock: Clock) -> Limite
             store.client,
             namespace=store.namespace,
             timeout=settings.rate_limit_timeout,
-            failure=settings.rate_limit_failure,
+            **settings.fallback_options,
         )
     return MemoryLimiter(clock=clock)
 
@@ -192,7 +192,7 @@ class KeyGate:
             if isinstance(cached.store, RedisStore)
             else MemoryQuotaStore(clock=clock)
         )
-        self.quotas = Quotas(quota_store, policy, failure=settings.rate_limit_failure)
+        self.quotas = Quotas(quota_store, policy, **settings.fallback_options)
         self._origins: OriginIndex | None = None
         backend = cached.store
         usage_store: UsageStore

@@ -10,7 +10,8 @@ Two styles, on :class:`Quotas` (``gate.quotas``):
   ``tokens`` fit and counts them, or answers 429 ``quota_exceeded`` and counts nothing;
 - when the cost is known only afterwards: :meth:`Quotas.check` first (429 when the budget
   is already gone; counts nothing), then :meth:`Quotas.record` with what was spent (counts
-  it, never refuses: the work is done).
+  it, never refuses: the work is done — not even when the store is down and the failure
+  mode is ``"deny"``).
 
 Each returns a :class:`QuotaState` whose :meth:`~QuotaState.headers` a handler may add to
 its response; the 429 carries them, with ``Retry-After``.
@@ -224,7 +225,9 @@ class Quotas(FallingBack):
         quota = self.quota_of(key)
         if quota is None:
             return None
-        state = await self.fallback.ask(self.store.spend, key.id, tokens, quota, mode)
+        # What was spent is spent: a record is let through even with failure="deny".
+        allow = mode == "record"
+        state = await self.fallback.ask(self.store.spend, key.id, tokens, quota, mode, allow=allow)
         if state is None:  # the store did not answer, and the failure mode is "allow"
             return QuotaState(True, quota, quota, WINDOW, degraded=True)
         counted = state.allowed and mode != "check"

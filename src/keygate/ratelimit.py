@@ -402,7 +402,6 @@ class RedisLimiter(FallingBack):
             log_interval=log_interval,
             trip_after=trip_after,
             backoff=backoff,
-            try_for=timeout,
         )
         self.client = client
         self.namespace = namespace

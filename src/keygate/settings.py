@@ -8,9 +8,9 @@ Example::
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["KeyGateSettings"]
@@ -64,3 +64,29 @@ class KeyGateSettings(BaseSettings):
         default="allow",
         description="When the limiter cannot decide: admit (and count, and log) or refuse.",
     )
+    rate_limit_trip_after: int = Field(
+        default=3,
+        ge=1,
+        description="Failed rate-limit (or quota) decisions in a row before backing off.",
+    )
+    rate_limit_backoff: float = Field(
+        default=0.05, gt=0, description="Seconds of the first back-off from a failing Redis."
+    )
+    rate_limit_backoff_max: float = Field(
+        default=1.0, gt=0, description="Seconds the back-off doubles up to."
+    )
+
+    @model_validator(mode="after")
+    def _backoff_in_order(self) -> KeyGateSettings:
+        if self.rate_limit_backoff > self.rate_limit_backoff_max:
+            raise ValueError("rate_limit_backoff must not exceed rate_limit_backoff_max")
+        return self
+
+    @property
+    def fallback_options(self) -> dict[str, Any]:
+        """The failure mode and back-off, as RedisLimiter and Quotas take them."""
+        return {
+            "failure": self.rate_limit_failure,
+            "trip_after": self.rate_limit_trip_after,
+            "backoff": (self.rate_limit_backoff, self.rate_limit_backoff_max),
+        }
