@@ -149,6 +149,8 @@ def test_from_client_reads_the_clients_server_and_credentials() -> None:
             return ("u", "pw")
 
     assert LeanRedis.from_client(Redis(credential_provider=Provider())) is None  # type: ignore[arg-type]
+    named = LeanRedis.from_client(Redis.from_url("redis://10.0.0.7/0", client_name="app-1"))
+    assert named is not None and named.name == "app-1-lean" and lean.name is None
 
 
 # -- against a real server ---------------------------------------------------------------------
@@ -170,6 +172,21 @@ def own_redis() -> Iterator[RedisServer]:
     server.start()
     yield server
     server.close()
+
+
+async def test_the_connection_is_named_after_the_clients(own_redis: RedisServer) -> None:
+    """CLIENT LIST shows the lean connection as the client's name plus "-lean", beside the
+    client's own connections."""
+    client = Redis.from_url(own_redis.url, client_name="kg-app")
+    lean = LeanRedis.from_client(client)
+    assert lean is not None
+    try:
+        assert await client.ping() and await lean.execute("PING") == b"PONG"
+        assert len(own_redis.clients("kg-app-lean")) == 1
+        assert len(own_redis.clients("kg-app")) == 1
+    finally:
+        await lean.aclose()
+        await client.aclose()
 
 
 async def test_callers_sharing_the_socket_each_get_their_own_reply(lean: LeanRedis) -> None:

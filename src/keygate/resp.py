@@ -326,6 +326,7 @@ class LeanRedis:
 
     ``timeout`` bounds each call (and each connection attempt, AUTH and SELECT included)
     unless the call gives a ``deadline`` of its own, in :meth:`asyncio.loop.time` seconds.
+    ``name``: the connection's ``CLIENT SETNAME``, for ``CLIENT LIST`` (no spaces).
     """
 
     def __init__(
@@ -338,8 +339,10 @@ class LeanRedis:
         password: str | None = None,
         db: int = 0,
         timeout: float = 0.25,
+        name: str | None = None,
     ) -> None:
         self.host = host
+        self.name = name
         self.port = port
         self.path = path
         self.db = db
@@ -353,7 +356,8 @@ class LeanRedis:
     @classmethod
     def from_client(cls, client: Redis, *, timeout: float = 0.25) -> LeanRedis | None:
         """A lean connection to the server ``client`` talks to, or ``None`` when it cannot
-        stand in for it (TLS, a credential provider, a cluster, or a fake)."""
+        stand in for it (TLS, a credential provider, a cluster, or a fake). It is named
+        after the client's connections, with ``-lean`` added."""
         pool = getattr(client, "connection_pool", None)
         if pool is None:
             return None
@@ -366,6 +370,7 @@ class LeanRedis:
             "password": options.get("password"),
             "db": int(options.get("db") or 0),
             "timeout": timeout,
+            "name": f"{name}-lean" if (name := options.get("client_name")) else None,
         }
         if kind is Connection:
             return cls(
@@ -454,12 +459,14 @@ class LeanRedis:
             return conn
 
     def _handshake(self) -> list[list[bytes | str | int]]:
-        """AUTH and SELECT, as redis-py sends them for the same URL."""
+        """AUTH, CLIENT SETNAME and SELECT, as redis-py sends them for the same URL."""
         words: list[list[bytes | str | int]] = []
         if self._username:
             words.append(["AUTH", self._username, self._password or ""])
         elif self._password is not None:
             words.append(["AUTH", self._password])
+        if self.name:
+            words.append(["CLIENT", "SETNAME", self.name])
         if self.db:
             words.append(["SELECT", self.db])
         return words
