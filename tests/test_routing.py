@@ -194,6 +194,13 @@ def fastapi_app(gate: KeyGate | None) -> tuple[FastAPI, list[str]]:
     async def open_route() -> Any:
         return {}
 
+    @app.websocket("/cloud/vec/stream")
+    async def stream(websocket: WebSocket, key: Annotated[ApiKey, require("vec:read")]) -> None:
+        called.append(key.id)
+        await websocket.accept()
+        await websocket.send_text(f"streaming for {key.id}")
+        await websocket.close()
+
     return app, called
 
 
@@ -229,6 +236,25 @@ async def test_fastapi_route_without_a_key_is_401(local: KeyGate) -> None:
         response = await http.post("/cloud/vec/databases")
     assert_refused(response, 401, "missing_api_key", REALM)
     assert called == []
+
+
+async def test_fastapi_security_on_a_websocket_route(local: KeyGate) -> None:
+    """On a FastAPI websocket route the dependency accepts a key holding the scope and
+    closes the handshake with 1008 insufficient_scope otherwise (never a 500)."""
+    app, called = fastapi_app(local)
+    reader = await local.manager.create({"name": "r", "type": "dev", "scopes": ["vec:read"]})
+    writer = await new_key(local, scopes=["vec:write"])
+    accepted = await handshake(
+        app, authorization(reader.secret.get_secret_value()), path="/cloud/vec/stream"
+    )
+    refused = await handshake(app, authorization(writer), path="/cloud/vec/stream")
+    assert accepted == [
+        {"type": "websocket.accept", "subprotocol": None, "headers": []},
+        {"type": "websocket.send", "text": f"streaming for {reader.key.id}"},
+        {"type": "websocket.close", "code": 1000, "reason": ""},
+    ]
+    assert refused == [{"type": "websocket.close", "code": 1008, "reason": "insufficient_scope"}]
+    assert called == [reader.key.id]
 
 
 def test_fastapi_scopes_appear_in_openapi(local: KeyGate) -> None:

@@ -8,18 +8,24 @@
     @app.post("/cloud/vec/databases")
     async def create(key: ApiKey = Security(api_key, scopes=["vec:write"])): ...
 
+    @app.websocket("/cloud/vec/stream")
+    async def stream(websocket: WebSocket, key: ApiKey = require("vec:read")): ...
+
 The scopes appear in the OpenAPI document as requirements of the ``KeyGate`` bearer
 scheme. Authentication itself is done by :class:`~keygate.middleware.KeyGateMiddleware`,
 which must be installed in front of the app (or of an app that mounts it); refusals keep
-the SPEC's JSON body and ``WWW-Authenticate`` header (see :class:`keygate.Refusal`).
+the SPEC's JSON body and ``WWW-Authenticate`` header (see :class:`keygate.Refusal`), and a
+websocket handshake is closed with 1008 (policy violation), as the middleware does.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import Depends, Request, Security
+from fastapi import Depends, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer, SecurityScopes
+from fastapi.security.utils import get_authorization_scheme_param
+from starlette.requests import HTTPConnection
 
 from keygate.models import ApiKey
 from keygate.responses import raise_refusal
@@ -27,7 +33,19 @@ from keygate.routing import PRINCIPAL, check_scopes
 
 __all__ = ["api_key", "bearer", "require"]
 
-bearer = HTTPBearer(
+
+class _Bearer(HTTPBearer):
+    """``HTTPBearer`` for HTTP requests and websockets alike (FastAPI's own takes a
+    ``Request`` before 0.116, which a websocket route cannot give)."""
+
+    async def __call__(self, request: HTTPConnection) -> HTTPAuthorizationCredentials | None:
+        scheme, credentials = get_authorization_scheme_param(request.headers.get("Authorization"))
+        if not credentials or scheme.lower() != "bearer":
+            return None  # the middleware has refused such a request already
+        return HTTPAuthorizationCredentials(scheme=scheme, credentials=credentials)
+
+
+bearer = _Bearer(
     auto_error=False,
     scheme_name="KeyGate",
     bearerFormat="keygate API key (dev_, prod_ or client_)",
@@ -37,14 +55,15 @@ bearer = HTTPBearer(
 
 async def api_key(
     security_scopes: SecurityScopes,
-    request: Request,
+    conn: HTTPConnection,
     _: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> ApiKey:
-    """The authenticated key's record, once it is known to hold the required scopes."""
-    refusal = check_scopes(request, security_scopes.scopes)
+    """The authenticated key's record, once it is known to hold the required scopes (an
+    HTTP request or a websocket)."""
+    refusal = check_scopes(conn, security_scopes.scopes)
     if refusal is not None:
-        raise_refusal(request, refusal)
-    key: ApiKey = request.scope[PRINCIPAL].key
+        raise_refusal(conn, refusal)
+    key: ApiKey = conn.scope[PRINCIPAL].key
     return key
 
 

@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection
 from starlette.responses import Response
 from starlette.types import Message, Send
+from starlette.websockets import WebSocket
 
 from keygate.exceptions import KeyGateError
 
@@ -78,13 +79,17 @@ class Refusal(HTTPException, KeyGateError):
         return f"Refusal({self.status}, {self.code!r})"
 
 
-async def refusal_handler(conn: HTTPConnection, exc: Exception) -> Response:
-    """A Starlette/FastAPI exception handler answering a :class:`Refusal` as the SPEC says.
+async def refusal_handler(conn: HTTPConnection, exc: Exception) -> Response | None:
+    """A Starlette/FastAPI exception handler answering a :class:`Refusal` as the SPEC says:
+    the response, or for a websocket the handshake closed with 1008 (policy violation).
 
     ``app.add_exception_handler(Refusal, refusal_handler)`` registers it up front;
     :func:`raise_refusal` registers it on first use.
     """
     assert isinstance(exc, Refusal)
+    if isinstance(conn, WebSocket):
+        await conn.close(code=1008, reason=exc.code)
+        return None
     return exc.response()
 
 
