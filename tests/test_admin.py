@@ -193,6 +193,9 @@ async def test_create_answers_201_with_the_record_and_the_secret(
             id="client",
         ),
         pytest.param({**NEW_KEY, "expires_at": "2020-01-01T00:00:00Z"}, {"expires_at"}),
+        pytest.param(
+            {**NEW_KEY, "expires_at": "9999-12-31T20:00:00-05:00"}, {"expires_at"}, id="past-9999"
+        ),
         pytest.param({**NEW_KEY, "allowed_ips": ["10.0.0.0/33"]}, {"allowed_ips[0]"}),
         pytest.param(
             {**NEW_KEY, "token_quota": "lots", "rate_limit": 5}, {"token_quota", "rate_limit"}
@@ -375,6 +378,7 @@ async def test_patch_updates_and_takes_effect_on_the_next_request(admin: Admin) 
         ({"name": ""}, {"name"}),
         ({"expires_at": "2020-01-01T00:00:00Z"}, {"expires_at"}),
         ({"expires_at": "tomorrow"}, {"expires_at"}),
+        ({"expires_at": "0001-01-01T00:00:00+01:00"}, {"expires_at"}),
         ({"id": "key_x", "hint": "x", "colour": 1}, {"id", "hint", "colour"}),
         ([], {"body"}),
     ],
@@ -457,9 +461,10 @@ async def test_rotate_takes_a_grace_in_seconds(admin: Admin, clock: ManualClock)
         {"grace_seconds": "24h"},
         {"grace_seconds": True},
         {"grace_seconds": 10**12},
+        {"grace_seconds": 10**400},
         {"grace": 60},
     ],
-    ids=["negative", "float", "text", "bool", "huge", "misnamed"],
+    ids=["negative", "float", "text", "bool", "huge", "past-any-float", "misnamed"],
 )
 async def test_invalid_grace_is_422(admin: Admin, body: dict[str, Any]) -> None:
     """A grace that is not a whole number of seconds from 0 to a year answers 422."""

@@ -96,7 +96,14 @@ def expiry(text: str) -> timedelta | datetime | str:
             f"{text!r} is neither a duration (30d, 24h, 90m, 45s), an ISO 8601 time "
             "(2027-01-01T00:00:00Z) nor 'never'"
         ) from None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is out of range in UTC (years 1 to 9999)"
+        ) from None
 
 
 def metadata_entry(text: str) -> tuple[str, str]:

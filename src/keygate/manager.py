@@ -197,8 +197,11 @@ def decode_cursor(cursor: str) -> str:
 def _grace_seconds(grace: timedelta | float) -> float:
     if isinstance(grace, bool) or not isinstance(grace, timedelta | int | float):
         raise KeyValidationError.single("grace", "must be a duration or a number of seconds")
-    seconds = grace.total_seconds() if isinstance(grace, timedelta) else float(grace)
-    if not math.isfinite(seconds) or seconds < 0:
+    try:
+        seconds = grace.total_seconds() if isinstance(grace, timedelta) else float(grace)
+    except OverflowError:  # an int past any float
+        seconds = math.inf if grace > 0 else -math.inf  # type: ignore[operator]
+    if math.isnan(seconds) or seconds < 0:
         raise KeyValidationError.single("grace", "must be zero or more seconds")
     if seconds > MAX_GRACE.total_seconds():
         raise KeyValidationError.single(

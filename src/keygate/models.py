@@ -63,7 +63,12 @@ def _rate_limit(text: str | None) -> str | None:
 
 
 def _utc(moment: datetime | None) -> datetime | None:
-    return None if moment is None else moment.astimezone(UTC)
+    if moment is None:
+        return None
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:  # e.g. 9999-12-31T23:00:00-05:00 is past year 9999 in UTC
+        raise ValueError("is out of range in UTC (years 1 to 9999)") from None
 
 
 def _unique(values: Iterable[str]) -> tuple[str, ...]:
