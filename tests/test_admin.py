@@ -525,9 +525,17 @@ async def test_usage_endpoints_answer_the_reports(admin: Admin) -> None:
     assert {"totals", "all_time", "series", "top_ips", "top_origins", "last_use"} <= set(body)
     assert days.json()["granularity"] == "day"
     assert "keys" in everything.json()
-    for query in ("granularity=week", "start=yesterday", "start=2027-01-01T00:00:00", "x=1"):
+    for query, named in (
+        ("granularity=week", "granularity"),
+        ("start=yesterday", "start"),
+        ("start=2027-01-01T00:00:00", "start"),
+        ("start=0001-01-01T00:00:00%2B01:00", "start"),  # year 0 in UTC
+        ("end=9999-12-31T23:00:00-05:00", "end"),
+        ("start=2999-01-01T00:00:00Z", "end"),  # the end (now) before the start
+        ("x=1", "x"),
+    ):
         bad = await admin.request("GET", f"/{key_id}/usage?{query}")
-        assert bad.status_code == 422, query
+        assert bad.status_code == 422 and field_names(bad) == {named}, (query, bad.text)
 
 
 # -- scopes ----------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import random
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from keygate.alerts import AlertRules
 from keygate.clock import to_datetime
 from keygate.gate import KeyGate
 from keygate.stores import KeyStore
-from keygate.usage import DAY, FIELDS, UsageBatch, UsageTotals
+from keygate.usage import DAY, FIELDS, Granularity, UsageBatch, UsageTotals
 from usage_app import CHUNK, build_app, http, lifespan
 
 SECRET = "x" * 20
@@ -332,6 +333,29 @@ async def test_per_day_series(gate: KeyGate, clock: ManualClock) -> None:
         (to_datetime(first_day + 3 * DAY), 3),
     ]
     assert report.totals.requests == report.all_time.requests == 6
+
+
+@pytest.mark.parametrize(
+    ("granularity", "back"),
+    [("minute", 90 * DAY), ("day", 500 * DAY), ("minute", None), ("day", None)],
+    ids=["minute-90-days", "day-500-days", "minute-from-year-1", "day-from-year-1"],
+)
+async def test_a_long_range_reports_the_recent_buckets_quickly(
+    gate: KeyGate, clock: ManualClock, granularity: Granularity, back: float | None
+) -> None:
+    """A range reaching far past what is kept (90 days of minutes, 500 days of days, or
+    from year 1) still reports the buckets that are kept, and reads no more than those."""
+    key_id, headers = await new_key(gate)
+    async with http(build_app(gate)) as client:
+        for _ in range(5):
+            await client.get("/bytes/2", headers=headers)
+    assert await gate.usage.flush()
+    start = to_datetime(clock() - back) if back is not None else datetime(1, 1, 2, tzinfo=UTC)
+    began = time.perf_counter()
+    report = await gate.usage.report(key_id, start=start, granularity=granularity)
+    assert time.perf_counter() - began < 1.0
+    assert report.start == start and report.totals == counts(requests=5, bytes_out=10)
+    assert [p.counts.requests for p in report.series] == [5]
 
 
 async def test_memory_store_drops_buckets_past_retention(clock: ManualClock) -> None:

@@ -25,7 +25,7 @@ from pydantic import SecretStr, ValidationError
 from redis.exceptions import RedisError
 
 from keygate import keys
-from keygate.clock import Clock, system_clock, to_datetime
+from keygate.clock import Clock, system_clock, to_datetime, to_timestamp
 from keygate.exceptions import (
     FieldError,
     KeyChanged,
@@ -532,6 +532,12 @@ class KeyManager:
         IPs and origins, last use. Without ``key_id``: every key's totals and last use."""
         if granularity not in ("minute", "day"):
             raise KeyValidationError.single("granularity", "must be 'minute' or 'day'")
+        for field, moment in (("start", start), ("end", end)):
+            if moment is not None:
+                try:  # there and back: the report names its range in UTC
+                    to_datetime(to_timestamp(moment))
+                except (ValueError, OverflowError) as exc:
+                    raise KeyValidationError.single(field, str(exc)) from None
         if key_id is not None:
             await self.get(key_id)
         await self.usage_recorder.flush()  # what this process counted, up to now
@@ -541,7 +547,7 @@ class KeyManager:
             return await self.usage_recorder.report(
                 key_id, start=start, end=end, granularity=granularity
             )
-        except ValueError as exc:
+        except ValueError as exc:  # the end before the start
             raise KeyValidationError.single("end", str(exc)) from None
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(f"usage cannot be read: {type(exc).__name__}") from exc

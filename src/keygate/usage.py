@@ -267,7 +267,11 @@ class UsageBatch:
 
 
 class UsageStore(Protocol):
-    """Where flushed usage lives."""
+    """Where flushed usage lives: per-minute buckets for ``minute_retention`` seconds,
+    per-day buckets for ``day_retention``."""
+
+    minute_retention: int
+    day_retention: int
 
     async def write(self, batch: UsageBatch) -> dict[tuple[str, int], list[int]]:
         """Add a batch; return the new per-minute totals of the buckets it touched."""
@@ -540,11 +544,12 @@ class RedisUsageStore:
     ) -> list[tuple[int, list[int]]]:
         if granularity == "minute":
             first, last = int(start // 3600), math.ceil(end / 3600)
-            names = [self._name(key_id, f"h:{h}") for h in range(first, last + 1)]
+            # Bounded: the latest 2000 hours (~83 days) of the range at most.
+            hours = range(max(first, last - 1999), last + 1)
             rows: dict[int, list[int]] = {}
             async with self.client.pipeline(transaction=False) as pipe:
-                for name in names[:2000]:  # bounded: at most ~83 days of hours
-                    pipe.hgetall(name)
+                for hour in hours:
+                    pipe.hgetall(self._name(key_id, f"h:{hour}"))
                 for raw in await pipe.execute():
                     for field, value in raw.items():
                         minute_text, _, name = _text(field).partition(":")
@@ -552,7 +557,7 @@ class RedisUsageStore:
                         row[FIELDS.index(name)] += int(value)
             return [(m * MINUTE, rows[m]) for m in sorted(rows) if start <= m * MINUTE < end]
         first_day, last_day = int(start // DAY), math.ceil(end / DAY)
-        days = list(range(first_day, last_day + 1))[:400]
+        days = range(max(first_day, last_day - 399), last_day + 1)  # the latest 400 at most
         async with self.client.pipeline(transaction=False) as pipe:
             for day in days:
                 pipe.hgetall(self._name(key_id, f"d:{day}"))
@@ -861,7 +866,15 @@ class UsageRecorder:
         start_ts = to_timestamp(start) if start is not None else end_ts - span
         if end_ts < start_ts:
             raise ValueError("the report's end is before its start")
-        points = await self.store.series(key_id, start_ts, end_ts, granularity)
+        # Buckets exist only within their retention (a margin for TTLs and clocks): asking
+        # for more would only read nothing, at a cost that grows with the range.
+        if granularity == "minute":
+            kept, margin = self.store.minute_retention, 3600
+        else:
+            kept, margin = self.store.day_retention, DAY
+        first = max(start_ts, now - kept - margin)
+        last = min(end_ts, now + margin)
+        points = await self.store.series(key_id, first, last, granularity) if first < last else []
         totals = [0] * _N
         for _, counts in points:
             for i, value in enumerate(counts):
