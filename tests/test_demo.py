@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
@@ -111,6 +112,76 @@ async def test_data_query_is_read_only(demo: tuple[httpx.AsyncClient, dict[str, 
     assert (
         await client.post("/cloud/data/query", content=b"{", headers=bearer(keys["dev"]))
     ).status_code == 400
+
+
+@pytest.mark.parametrize(
+    ("sql", "status", "answer"),
+    [
+        ("SELECT x'ff00', zeroblob(2)", 200, [["ff00", "0000"]]),  # blobs as hex text
+        ("SELECT 1e999", 400, "JSON cannot carry"),
+        ("PRAGMA query_only = OFF", 400, "not authorized"),
+        ("ATTACH DATABASE ':memory:' AS other", 400, "not authorized"),
+        ("SELECT zeroblob(100000000)", 400, "too big"),
+        (
+            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c)"
+            " SELECT count(*) FROM c",
+            400,
+            "ran too long",
+        ),
+    ],
+    ids=["blob", "infinity", "pragma", "attach", "huge-blob", "endless"],
+)
+async def test_data_query_answers_json_or_a_400(
+    demo: tuple[httpx.AsyncClient, dict[str, str]], sql: str, status: int, answer: Any
+) -> None:
+    """Results JSON cannot carry, statements other than reading, oversized values and
+    endless queries are a 400 invalid_query in bounded time, never a 500; after them the
+    data is still there and still read-only."""
+    client, keys = demo
+    began = time.perf_counter()
+    response = await client.post(
+        "/cloud/data/query", json={"sql": sql}, headers=bearer(keys["dev"])
+    )
+    assert time.perf_counter() - began < 5.0
+    assert response.status_code == status, response.text
+    if status == 200:
+        assert response.json()["rows"] == answer
+    else:
+        assert response.json()["error"]["code"] == "invalid_query"
+        assert answer in response.json()["error"]["message"]
+    still = await client.post(
+        "/cloud/data/query",
+        json={"sql": "DELETE FROM regions"},
+        headers=bearer(keys["dev"]),
+    )
+    assert still.status_code == 400
+    count = await client.post(
+        "/cloud/data/query",
+        json={"sql": "SELECT count(*) FROM regions"},
+        headers=bearer(keys["dev"]),
+    )
+    assert count.json()["rows"] == [[3]]
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/cloud/data/query", b'{"sql": "SELECT \'\\ud800\'"}'),
+        ("/cloud/vec/databases", b'{"name": "\\ud800"}'),
+        ("/cloud/vec/databases", b'{"name": "db", "dimensions": NaN}'),
+    ],
+    ids=["surrogate-sql", "surrogate-name", "nan"],
+)
+async def test_json_that_is_no_text_is_a_400(
+    demo: tuple[httpx.AsyncClient, dict[str, str]], path: str, body: bytes
+) -> None:
+    """A lone surrogate escape or a NaN parses in Python but is not JSON text to answer
+    with: 400 invalid_json, not a 500 while encoding the answer."""
+    client, keys = demo
+    headers = {**bearer(keys["dev"]), "Content-Type": "application/json"}
+    response = await client.post(path, content=body, headers=headers)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "invalid_json"
 
 
 async def test_ai_inference(demo: tuple[httpx.AsyncClient, dict[str, str]]) -> None:

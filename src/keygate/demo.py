@@ -8,6 +8,7 @@ GET returns what was put.
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -64,14 +65,44 @@ async def _body(request: Request) -> bytes | Response:
     return body
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 async def _json_body(request: Request) -> Any:
     body = await _body(request)
     if isinstance(body, Response):
         return body
     try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return _error(400, "invalid_json", "The body is not valid JSON.")
+        value = json.loads(body, parse_constant=_no_constant)
+        # Escapes of lone surrogates ("\ud800") parse, but are no text to answer with.
+        json.dumps(value, ensure_ascii=False).encode()
+    except (ValueError, UnicodeError):
+        return _error(400, "invalid_json", "The body is not valid JSON (UTF-8 text).")
+    return value
+
+
+# What a demo query may do: read. Everything else (writes, PRAGMA, ATTACH) is refused by
+# SQLite's authorizer, whatever the SQL says; a runaway query is interrupted.
+_READING = frozenset(
+    {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE}
+)
+_MAX_STEPS = 5_000_000  # SQLite VM instructions per query (~0.1-0.5 s)
+_MAX_VALUE = 1 << 20  # bytes in one string or blob
+
+
+def _reading_only(action: int, *_: Any) -> int:
+    return sqlite3.SQLITE_OK if action in _READING else sqlite3.SQLITE_DENY
+
+
+def _json_value(value: Any) -> Any:
+    """A result value as JSON can carry it: a blob as hex text; a non-finite number is an
+    error (JSON has none)."""
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"the result holds {value}, which JSON cannot carry")
+    return value
 
 
 @dataclass
@@ -94,6 +125,8 @@ def _demo_database() -> sqlite3.Connection:
         """
     )
     db.execute("PRAGMA query_only = ON")  # data:read means read
+    db.set_authorizer(_reading_only)
+    db.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, _MAX_VALUE)
     return db
 
 
@@ -153,12 +186,22 @@ def build_demo_app(gate: KeyGate, state: DemoState | None = None) -> Starlette:
         sql = body.get("sql") if isinstance(body, dict) else None
         if not isinstance(sql, str) or not sql.strip():
             return _error(422, "invalid_query", "'sql' must be a non-empty string.")
+        steps = [0]
+
+        def runaway() -> int:  # called every 1000 VM instructions; non-zero interrupts
+            steps[0] += 1000
+            return 1 if steps[0] > _MAX_STEPS else 0
+
+        state.sql.set_progress_handler(runaway, 1000)
         try:
             cursor = state.sql.execute(sql)
             columns = [c[0] for c in cursor.description or ()]
-            rows = cursor.fetchmany(1000)
-        except sqlite3.Error as exc:
-            return _error(400, "invalid_query", str(exc))
+            rows = [[_json_value(v) for v in row] for row in cursor.fetchmany(1000)]
+        except (sqlite3.Error, ValueError) as exc:
+            message = "The query ran too long." if steps[0] > _MAX_STEPS else str(exc)
+            return _error(400, "invalid_query", message)
+        finally:
+            state.sql.set_progress_handler(None, 0)
         return JSONResponse({"columns": columns, "rows": rows})
 
     async def infer(request: Request) -> Response:
