@@ -31,6 +31,7 @@ import contextlib
 import hashlib
 import logging
 import math
+import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -61,6 +62,8 @@ __all__ = [
 logger = logging.getLogger("keygate.ratelimit")
 
 _MAX_LIMIT_TEXT = 256
+# "1/0 second": limits reads a zero multiple as one; a window of no time is a mistake.
+_ZERO_WINDOW = re.compile(r"(?:/|\bper)\s*0+\s*[a-z]", re.IGNORECASE)
 MAX_AMOUNT = 10_000_000
 MAX_WINDOW = 366 * 86_400
 
@@ -75,6 +78,8 @@ def parse_rate_limit(text: str) -> list[RateLimitItem]:
         raise ValueError(
             f"{text!r} is not a rate limit such as '100/minute' or '10/second;1000/hour'"
         ) from None
+    if _ZERO_WINDOW.search(text):
+        raise ValueError(f"{text!r} is not a rate limit: a window is at least one unit long")
     for item in items:
         if item.amount < 1:
             raise ValueError(f"{text!r}: a limit must admit at least one request")
