@@ -118,6 +118,13 @@ async def test_data_query_is_read_only(demo: tuple[httpx.AsyncClient, dict[str, 
     ("sql", "status", "answer"),
     [
         ("SELECT x'ff00', zeroblob(2)", 200, [["ff00", "0000"]]),  # blobs as hex text
+        ("SELECT key, value FROM json_each('[5, 7]')", 200, [[0, 5], [1, 7]]),
+        (
+            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT 100)"
+            " SELECT zeroblob(100000) FROM c",
+            400,
+            "larger than 4 MiB",
+        ),
         ("SELECT 1e999", 400, "JSON cannot carry"),
         ("PRAGMA query_only = OFF", 400, "not authorized"),
         ("ATTACH DATABASE ':memory:' AS other", 400, "not authorized"),
@@ -129,7 +136,16 @@ async def test_data_query_is_read_only(demo: tuple[httpx.AsyncClient, dict[str, 
             "ran too long",
         ),
     ],
-    ids=["blob", "infinity", "pragma", "attach", "huge-blob", "endless"],
+    ids=[
+        "blob",
+        "json-each",
+        "huge-result",
+        "infinity",
+        "pragma",
+        "attach",
+        "huge-blob",
+        "endless",
+    ],
 )
 async def test_data_query_answers_json_or_a_400(
     demo: tuple[httpx.AsyncClient, dict[str, str]], sql: str, status: int, answer: Any
@@ -169,8 +185,9 @@ async def test_data_query_answers_json_or_a_400(
         ("/cloud/data/query", b'{"sql": "SELECT \'\\ud800\'"}'),
         ("/cloud/vec/databases", b'{"name": "\\ud800"}'),
         ("/cloud/vec/databases", b'{"name": "db", "dimensions": NaN}'),
+        ("/cloud/vec/databases", b"[" * 100_000 + b"]" * 100_000),
     ],
-    ids=["surrogate-sql", "surrogate-name", "nan"],
+    ids=["surrogate-sql", "surrogate-name", "nan", "nested-deep"],
 )
 async def test_json_that_is_no_text_is_a_400(
     demo: tuple[httpx.AsyncClient, dict[str, str]], path: str, body: bytes

@@ -246,6 +246,7 @@ def test_limits_are_written_as_limits_writes_them(
         pytest.param("1/-1 second", id="negative-multiple"),
         pytest.param("1/0 second", id="zero-multiple"),
         pytest.param("10/second;5 per 00 minutes", id="zero-multiple-per"),
+        pytest.param("1per0second", id="zero-multiple-per-unspaced"),
         pytest.param("100/minute;", id="trailing-separator"),
         pytest.param("10/second 20/minute", id="no-separator"),
         pytest.param("\uff11\uff10/second", id="fullwidth-digits"),

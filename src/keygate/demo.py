@@ -77,7 +77,7 @@ async def _json_body(request: Request) -> Any:
         value = json.loads(body, parse_constant=_no_constant)
         # Escapes of lone surrogates ("\ud800") parse, but are no text to answer with.
         json.dumps(value, ensure_ascii=False).encode()
-    except (ValueError, UnicodeError):
+    except (ValueError, UnicodeError, RecursionError):  # RecursionError: [[[[...]]]]
         return _error(400, "invalid_json", "The body is not valid JSON (UTF-8 text).")
     return value
 
@@ -89,6 +89,7 @@ _READING = frozenset(
 )
 _MAX_STEPS = 5_000_000  # SQLite VM instructions per query (~0.1-0.5 s)
 _MAX_VALUE = 1 << 20  # bytes in one string or blob
+_MAX_RESULT = 4 << 20  # characters of strings and hex in one answer
 
 
 def _reading_only(action: int, *_: Any) -> int:
@@ -125,6 +126,9 @@ def _demo_database() -> sqlite3.Connection:
         """
     )
     db.execute("PRAGMA query_only = ON")  # data:read means read
+    # A connection's first json_each/json_tree registers the virtual table (a write the
+    # authorizer would refuse): do it before, so queries may use them.
+    db.execute("SELECT * FROM json_each('[]'), json_tree('[]')").fetchall()
     db.set_authorizer(_reading_only)
     db.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, _MAX_VALUE)
     return db
@@ -196,7 +200,12 @@ def build_demo_app(gate: KeyGate, state: DemoState | None = None) -> Starlette:
         try:
             cursor = state.sql.execute(sql)
             columns = [c[0] for c in cursor.description or ()]
-            rows = [[_json_value(v) for v in row] for row in cursor.fetchmany(1000)]
+            rows, size = [], 0
+            for row in cursor.fetchmany(1000):
+                rows.append(values := [_json_value(v) for v in row])
+                size += sum(len(v) for v in values if isinstance(v, str))
+                if size > _MAX_RESULT:
+                    raise ValueError("the result is larger than 4 MiB")
         except (sqlite3.Error, ValueError) as exc:
             message = "The query ran too long." if steps[0] > _MAX_STEPS else str(exc)
             return _error(400, "invalid_query", message)

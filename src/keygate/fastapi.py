@@ -18,8 +18,6 @@ the SPEC's JSON body and ``WWW-Authenticate`` header (see :class:`keygate.Refusa
 websocket handshake is closed with 1008 (policy violation), as the middleware does.
 """
 
-from __future__ import annotations
-
 from typing import Annotated, Any
 
 from fastapi import Depends, Security
@@ -35,8 +33,11 @@ __all__ = ["api_key", "bearer", "require"]
 
 
 class _Bearer(HTTPBearer):
-    """``HTTPBearer`` for HTTP requests and websockets alike (FastAPI's own takes a
-    ``Request`` before 0.116, which a websocket route cannot give)."""
+    """``HTTPBearer`` for HTTP requests and websockets alike (older FastAPI's own takes a
+    ``Request``, which a websocket route cannot give). No ``from __future__ import
+    annotations`` in this module: older FastAPI resolves a callable instance's annotations
+    through ``__globals__``, which an instance has not, and would take a string for a query
+    parameter."""
 
     async def __call__(self, request: HTTPConnection) -> HTTPAuthorizationCredentials | None:
         scheme, credentials = get_authorization_scheme_param(request.headers.get("Authorization"))

@@ -63,7 +63,7 @@ logger = logging.getLogger("keygate.ratelimit")
 
 _MAX_LIMIT_TEXT = 256
 # "1/0 second": limits reads a zero multiple as one; a window of no time is a mistake.
-_ZERO_WINDOW = re.compile(r"(?:/|\bper)\s*0+\s*[a-z]", re.IGNORECASE)
+_ZERO_WINDOW = re.compile(r"(?:/|per)\s*0+\s*[a-z]", re.IGNORECASE)
 MAX_AMOUNT = 10_000_000
 MAX_WINDOW = 366 * 86_400
 
