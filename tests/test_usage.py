@@ -808,3 +808,14 @@ async def test_a_websocket_counts_with_its_address_and_origin(gate: KeyGate) -> 
     assert report.all_time.requests == 1
     assert report.top_ips == {"127.0.0.1": 1}
     assert report.top_origins == {ORIGIN: 1}
+
+
+def test_retention_is_bounded_by_what_a_report_reads_back() -> None:
+    """Minute buckets are kept 30 days at most and day buckets 366 (a report reads back at
+    most 2000 hours and 400 days from Redis): longer settings are refused, not undercounted."""
+    from pydantic import ValidationError
+
+    assert KeyGateSettings(usage_minute_retention=30 * DAY, usage_day_retention=366 * DAY)
+    for too_long in ({"usage_minute_retention": 31 * DAY}, {"usage_day_retention": 367 * DAY}):
+        with pytest.raises(ValidationError):
+            KeyGateSettings(**too_long)

@@ -48,11 +48,18 @@ class KeyGateSettings(BaseSettings):
     usage_max_buckets: int = Field(
         default=50_000, ge=1, description="Key-minutes the usage buffer holds at most."
     )
+    # At most what one report reads back from Redis (2000 hours; 400 days, less a margin).
     usage_minute_retention: int = Field(
-        default=86_400, ge=60, description="Seconds per-minute usage buckets are kept."
+        default=86_400,
+        ge=60,
+        le=30 * 86_400,
+        description="Seconds per-minute usage buckets are kept (30 days at most).",
     )
     usage_day_retention: int = Field(
-        default=90 * 86_400, ge=86_400, description="Seconds per-day usage buckets are kept."
+        default=90 * 86_400,
+        ge=86_400,
+        le=366 * 86_400,
+        description="Seconds per-day usage buckets are kept (366 days at most).",
     )
     usage_top_n: int = Field(
         default=100, ge=1, description="Busiest client IPs and origins kept per client key."

@@ -267,11 +267,9 @@ class UsageBatch:
 
 
 class UsageStore(Protocol):
-    """Where flushed usage lives: per-minute buckets for ``minute_retention`` seconds,
-    per-day buckets for ``day_retention``."""
-
-    minute_retention: int
-    day_retention: int
+    """Where flushed usage lives. The stores here keep per-minute buckets for
+    ``minute_retention`` seconds and per-day ones for ``day_retention``; reports ask a store
+    with those attributes for nothing older."""
 
     async def write(self, batch: UsageBatch) -> dict[tuple[str, int], list[int]]:
         """Add a batch; return the new per-minute totals of the buckets it touched."""
@@ -869,10 +867,10 @@ class UsageRecorder:
         # Buckets exist only within their retention (a margin for TTLs and clocks): asking
         # for more would only read nothing, at a cost that grows with the range.
         if granularity == "minute":
-            kept, margin = self.store.minute_retention, 3600
+            kept, margin = getattr(self.store, "minute_retention", None), 3600
         else:
-            kept, margin = self.store.day_retention, DAY
-        first = max(start_ts, now - kept - margin)
+            kept, margin = getattr(self.store, "day_retention", None), DAY
+        first = start_ts if kept is None else max(start_ts, now - kept - margin)
         last = min(end_ts, now + margin)
         points = await self.store.series(key_id, first, last, granularity) if first < last else []
         totals = [0] * _N
