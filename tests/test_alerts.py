@@ -97,6 +97,7 @@ class Rig:
     async def close(self) -> None:
         await self.gate.usage.close()
         await self.gate.alerts.drain()
+        await self.gate.limiter.close()  # a client key's limiter connection, on Redis
 
 
 @pytest.fixture
@@ -248,6 +249,17 @@ async def test_new_address_for_a_production_key(rig_for: Callable[..., Rig]) -> 
     await rig.cool_down()
     await rig.send(prod, ip="192.0.2.2")
     assert await rig.flush() == []
+
+
+async def test_a_client_key_on_new_addresses_fires_nothing(rig_for: Callable[..., Rig]) -> None:
+    """Browser (client) keys come from every visitor's address: the new-IP rule is for
+    production keys only, whatever addresses a client key is used from."""
+    rig = rig_for()
+    origin = "https://app.example.com"
+    _, client = await rig.key("client", allowed_origins=[origin])
+    for ip in ("192.0.2.1", "192.0.2.2", "2001:db8::3"):
+        assert await rig.send({**client, "Origin": origin}, ip=ip) == [200]
+        assert await rig.flush() == []
 
 
 async def test_a_new_address_within_one_flush_interval_fires(

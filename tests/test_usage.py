@@ -219,7 +219,8 @@ async def send_skewed(gate: KeyGate, headers: dict[str, str], order: str) -> Non
 
 async def test_client_addresses_are_bounded_to_the_busiest_n(gate: KeyGate) -> None:
     """With usage_top_n=3, a client key used from 10 addresses keeps exact counts in the
-    buffer (bounded by its own cap) and the busiest 3 in the store."""
+    buffer (bounded by its own cap), the store counts them all (it tracks 10 * top_n, at
+    least 1000) and the report names the busiest 3."""
     key_id, headers = await new_key(gate, "client")
     flushed: list[UsageBatch] = []
     gate.usage.on_flush.append(lambda batch, touched: flushed.append(batch))
@@ -234,7 +235,63 @@ async def test_client_addresses_are_bounded_to_the_busiest_n(gate: KeyGate) -> N
     assert report.all_time.requests == sum(SKEW)
     store = gate.store.store
     if isinstance(store, RedisStore):
-        assert await store.client.zcard(f"{store.namespace}:usage:{{{key_id}}}:ips") <= 3
+        assert await store.client.zcard(f"{store.namespace}:usage:{{{key_id}}}:ips") == 10
+
+
+async def test_an_address_that_keeps_coming_back_climbs_into_the_busiest(
+    gate: KeyGate,
+) -> None:
+    """Three addresses make 2 requests each; then another makes 1 request per flush, ten
+    times: it is the busiest, with its exact count (each flush used to cut it again)."""
+    key_id, headers = await new_key(gate, "client")
+    app = build_app(gate)
+    for ip in ("10.0.0.1", "10.0.0.2", "10.0.0.3"):
+        async with http(app, ip) as client:
+            for _ in range(2):
+                await client.get("/bytes/1", headers=headers)
+    assert await gate.usage.flush()
+    for _ in range(10):
+        async with http(app, "10.0.0.99") as client:
+            await client.get("/bytes/1", headers=headers)
+        assert await gate.usage.flush()
+    top = (await gate.usage.report(key_id)).top_ips
+    assert next(iter(top.items())) == ("10.0.0.99", 10) and len(top) == 3
+
+
+async def test_the_overview_lists_the_most_recently_used_key_first(
+    gate: KeyGate, clock: ManualClock
+) -> None:
+    """A flush that carries only tokens (or an older use) does not move a key back in the
+    overview's most-recently-used order."""
+    first, first_headers = await new_key(gate)
+    second, second_headers = await new_key(gate)
+    async with http(build_app(gate)) as client:
+        await client.get("/bytes/1", headers=first_headers)
+        assert await gate.usage.flush()
+        clock.advance(60)
+        await client.get("/bytes/1", headers=second_headers)
+        assert await gate.usage.flush()
+    gate.usage.record_tokens(second, 50)
+    assert await gate.usage.flush()
+    assert [k.key_id for k in (await gate.usage.overview(limit=2)).keys] == [second, first]
+    assert [k.key_id for k in (await gate.usage.overview(limit=1)).keys] == [second]
+
+
+@pytest.mark.parametrize("flush_between", [False, True], ids=["one-flush", "flush-between"])
+async def test_last_use_is_the_latest_use_whatever_the_flushes(
+    gate: KeyGate, clock: ManualClock, flush_between: bool
+) -> None:
+    """A slow request that began first but is recorded last is not the last use: the
+    latest start wins, flushed in between or not."""
+    key_id, _ = await new_key(gate)
+    t0 = clock()
+    gate.usage.record(key_id, 200, 0, 1, "192.0.2.2", None, 0, t0 + 5)  # quick, later
+    if flush_between:
+        assert await gate.usage.flush()
+    gate.usage.record(key_id, 200, 0, 1, "192.0.2.1", None, 0, t0)  # slow, began first
+    assert await gate.usage.flush()
+    last = (await gate.usage.report(key_id)).last_use
+    assert (last.at, last.ip) == (to_datetime(t0 + 5), "192.0.2.2")
 
 
 @pytest.mark.parametrize("order", ["shuffled", "bursts"])

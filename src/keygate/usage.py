@@ -1,17 +1,19 @@
 """Usage monitoring: what each key does, aggregated in process and flushed in batches
 (SPEC §7).
 
-Per key: requests, bytes in and out, 4xx and 5xx apart, requests refused by the rate limit
-or the token quota, AI tokens, attempts with a revoked or expired key, and when/where it
-was last used. Client keys also per client IP and per origin, bounded to the busiest
-``top_n``. Counts are kept as totals and as per-minute buckets (kept a day) and per-day
-buckets (kept 90 days) — both configurable — and every Redis name carries a TTL.
+Per key: requests, bytes in and out, 4xx and 5xx apart, requests refused by the rate
+limit or the token quota, AI tokens, attempts with a revoked or expired key, and
+when/where it was last used. Client keys also per client IP and per origin: reports name
+the busiest ``top_n``; the stores track the busiest ``10 * top_n`` (at least 1000), so
+an address that keeps coming back is not cut at each flush before it can climb. Counts
+are kept as totals and as per-minute buckets (kept a day) and per-day buckets (kept 90
+days) — both configurable — and every Redis name carries a TTL.
 
 Recording costs no I/O: :meth:`UsageRecorder.record` adds to an in-process buffer, and a
 background task flushes it every ``interval`` seconds in one pipeline. The buffer is
 bounded; what it must drop is counted in :attr:`UsageRecorder.dropped`, never silently.
-A flush that fails keeps its counts for the next one (bounded the same way). The middleware
-flushes on lifespan shutdown; :meth:`UsageRecorder.close` flushes too.
+A flush that fails keeps its counts for the next one (bounded the same way). The
+middleware flushes on lifespan shutdown; :meth:`UsageRecorder.close` flushes too.
 """
 
 from __future__ import annotations
@@ -168,6 +170,12 @@ _AT, _IP, _ORIGIN, _INACTIVE_AT, _SEEN = range(_N, _N + 5)
 _MAX_SEEN = 64
 BY_CLIENT = 1  # record(ip_mode=...): count by IP and origin (client keys)
 WATCH_IPS = 2  # record(ip_mode=...): note the addresses used (production keys)
+
+
+def tracked(top_n: int) -> int:
+    """How many IPs or origins per client key a buffer or store keeps counting, for
+    reports of the busiest ``top_n``."""
+    return max(10 * top_n, 1_000)
 
 
 def _row() -> list[Any]:
@@ -343,8 +351,9 @@ class MemoryUsageStore:
             for key_id, counter in tops.items():
                 top = self._top.setdefault((key_id, kind), Counter())
                 top.update(counter)
-                if len(top) > self.top_n:
-                    self._top[(key_id, kind)] = Counter(dict(top.most_common(self.top_n)))
+                if len(top) > tracked(self.top_n):
+                    kept = top.most_common(tracked(self.top_n))
+                    self._top[(key_id, kind)] = Counter(dict(kept))
         self._expire(now)
         return touched
 
@@ -510,7 +519,7 @@ class RedisUsageStore:
                     self.minute_retention + 3600,
                     self.day_retention + DAY,
                     self.day_retention + DAY,
-                    self.top_n,
+                    tracked(self.top_n),
                     len(minutes),
                 ]
                 for minute in minutes:
@@ -528,7 +537,8 @@ class RedisUsageStore:
                     for member, count in table.items():
                         args += [member, count]
                 await self._script(keys=keys, args=args, client=pipe)
-                pipe.zadd(index, {key_id: at or inactive or 0})
+                # GT: a flush of tokens only, or of an older use, never moves a key back.
+                pipe.zadd(index, {key_id: at or inactive or 0}, gt=True)
             pipe.expire(index, self.day_retention + DAY)
             replies = await pipe.execute()
         touched: dict[tuple[str, int], list[int]] = {}
@@ -628,8 +638,8 @@ class UsageRecorder:
         self.max_buckets = max_buckets
         self.top_n = top_n
         # Exact per-IP/origin counts for up to this many members per key per flush; the
-        # store keeps the busiest top_n of them.
-        self.table_cap = max(10 * top_n, 1_000)
+        # store keeps counting as many, and reports the busiest top_n.
+        self.table_cap = tracked(top_n)
         self.dropped = 0
         self.flushes = 0
         self.failed_flushes = 0
@@ -697,18 +707,20 @@ class UsageRecorder:
             row[ERRORS_5XX if status >= 500 else ERRORS_4XX] += 1
             if rate_limited:  # a 429
                 row[RATE_LIMITED] += 1
-        if ip_mode:
+        if ip_mode == WATCH_IPS:  # a production key: its addresses, for the new-IP alert
             if ip is not None and ip != row[_IP]:
                 seen = row[_SEEN]
                 if seen is None:
                     seen = row[_SEEN] = set()
                 if len(seen) < _MAX_SEEN:
                     seen.add(ip)
-            if ip_mode == BY_CLIENT:
-                self._count_client(key_id, ip, origin)
-        row[_AT] = now
-        row[_IP] = ip
-        row[_ORIGIN] = origin
+        elif ip_mode == BY_CLIENT:
+            self._count_client(key_id, ip, origin)
+        at = row[_AT]
+        if at is None or now >= at:  # a slow request ending last is not the last use
+            row[_AT] = now
+            row[_IP] = ip
+            row[_ORIGIN] = origin
 
     def _count_client(self, key_id: str, ip: str | None, origin: str | None) -> None:
         """Count a client key's request by IP and by origin."""
