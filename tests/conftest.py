@@ -6,6 +6,7 @@ import asyncio
 import os
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import fakeredis
@@ -263,3 +264,12 @@ def lean_connections_closed(request: pytest.FixtureRequest) -> Iterator[None]:
     for conn in left:
         conn.drop(ConnectionError("left open by the test"))
     assert not left, f"{len(left)} keygate.resp connection(s) left open: close the gate"
+
+
+@pytest.fixture
+def monotonic(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The monotonic clock of keygate.fallback's back-off, set by the test (asyncio keeps
+    its own): ``monotonic[0] += seconds``."""
+    now = [1000.0]
+    monkeypatch.setattr("keygate.fallback.time", SimpleNamespace(monotonic=lambda: now[0]))
+    return now

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from types import SimpleNamespace
 from typing import Any
 
 import fakeredis
@@ -42,14 +41,6 @@ class Redis:
         return await gate
 
 
-@pytest.fixture
-def now(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """The back-off's monotonic clock, set by the test."""
-    clock = [1000.0]
-    monkeypatch.setattr("keygate.fallback.time", SimpleNamespace(monotonic=lambda: clock[0]))
-    return clock
-
-
 def fallback(**options: Any) -> Fallback:
     return Fallback("test decisions", log, **{"backoff": (1.0, 4.0), **options})
 
@@ -62,18 +53,18 @@ async def trip(fb: Fallback, redis: Redis) -> None:
 
 
 async def test_while_a_try_is_under_way_the_others_skip_even_past_the_wait(
-    now: list[float],
+    monotonic: list[float],
 ) -> None:
     """Past the wait one call tries; however long it takes (within try_for), every other
     call skips Redis until it ends: never two tries at once."""
     fb, redis = fallback(), Redis()
     await trip(fb, redis)
-    now[0] += 1.0
+    monotonic[0] += 1.0
     trying = asyncio.create_task(fb.ask(redis.held))
     await asyncio.sleep(0)
     asked = redis.calls
     for _ in range(5):
-        now[0] += 1.5  # past any wait (within try_for), the try still under way
+        monotonic[0] += 1.5  # past any wait (within try_for), the try still under way
         assert await fb.ask(redis.answer) is None
     assert redis.calls == asked and fb.passes == 3 + 5
     redis.gates[0].set_result("late answer")
@@ -84,7 +75,7 @@ async def test_while_a_try_is_under_way_the_others_skip_even_past_the_wait(
 
 
 async def test_a_try_that_fails_after_another_call_succeeded_does_not_back_off_again(
-    now: list[float],
+    monotonic: list[float],
 ) -> None:
     """A call under way since before the back-off answers while the try waits, ending the
     back-off; the try then fails: that is one failure, not a failed try, so Redis is asked
@@ -93,7 +84,7 @@ async def test_a_try_that_fails_after_another_call_succeeded_does_not_back_off_a
     early = asyncio.create_task(fb.ask(redis.held))  # under way before anything failed
     await asyncio.sleep(0)
     await trip(fb, redis)
-    now[0] += 1.0
+    monotonic[0] += 1.0
     trying = asyncio.create_task(fb.ask(redis.held))
     await asyncio.sleep(0)
     early_gate, try_gate = redis.gates
@@ -107,12 +98,12 @@ async def test_a_try_that_fails_after_another_call_succeeded_does_not_back_off_a
     assert await fb.ask(redis.answer) == "answer" and redis.calls == asked + 1
 
 
-async def test_a_cancelled_try_lets_the_next_call_try_at_once(now: list[float]) -> None:
+async def test_a_cancelled_try_lets_the_next_call_try_at_once(monotonic: list[float]) -> None:
     """A try cancelled (its client went away) or failing with an error that is not Redis'
     no longer holds the others back: the next call tries."""
     fb, redis = fallback(), Redis()
     await trip(fb, redis)
-    now[0] += 1.0
+    monotonic[0] += 1.0
     trying = asyncio.create_task(fb.ask(redis.held))
     await asyncio.sleep(0)
     trying.cancel()
@@ -124,17 +115,19 @@ async def test_a_cancelled_try_lets_the_next_call_try_at_once(now: list[float]) 
     assert not fb.skip_until
 
 
-async def test_a_hung_try_holds_the_others_back_for_try_for_at_most(now: list[float]) -> None:
+async def test_a_hung_try_holds_the_others_back_for_try_for_at_most(
+    monotonic: list[float],
+) -> None:
     """Should a try hang, another may try once it has taken ``try_for``."""
     fb, redis = fallback(try_for=5.0), Redis()
     await trip(fb, redis)
-    now[0] += 1.0
+    monotonic[0] += 1.0
     hung = asyncio.create_task(fb.ask(redis.held))
     await asyncio.sleep(0)
     redis.failing = False
-    now[0] += 5.0 - 2**-10
+    monotonic[0] += 5.0 - 2**-10
     assert await fb.ask(redis.answer) is None
-    now[0] += 2**-10
+    monotonic[0] += 2**-10
     assert await fb.ask(redis.answer) == "answer" and not fb.skip_until
     hung.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -142,7 +135,7 @@ async def test_a_hung_try_holds_the_others_back_for_try_for_at_most(now: list[fl
 
 
 async def test_deny_refuses_without_asking_while_backing_off_unless_allowed(
-    now: list[float], caplog: pytest.LogCaptureFixture
+    monotonic: list[float], caplog: pytest.LogCaptureFixture
 ) -> None:
     """failure="deny": a failed decision raises StoreUnavailable; while backing off it does
     so without asking Redis (the cause says so); ``allow=True`` (a record of work already

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from types import SimpleNamespace
 from typing import Any
 
 import fakeredis
@@ -213,14 +212,6 @@ async def failing(request: pytest.FixtureRequest) -> AsyncIterator[Failing]:
     made = Failing(request.param)
     yield made
     await made.close()
-
-
-@pytest.fixture
-def monotonic(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """The back-off's monotonic clock, set by the test."""
-    now = [1000.0]
-    monkeypatch.setattr("keygate.fallback.time", SimpleNamespace(monotonic=lambda: now[0]))
-    return now
 
 
 async def budgeted_key(quota: int = 100) -> tuple[KeyGate, ApiKey]:

@@ -1189,15 +1189,6 @@ async def outage(request: pytest.FixtureRequest) -> AsyncIterator[Outage]:
         own.close()
 
 
-@pytest.fixture
-def monotonic(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """The back-off's monotonic clock, set by the test (asyncio keeps its own)."""
-    now = [1000.0]
-    fake_time = SimpleNamespace(monotonic=lambda: now[0])
-    monkeypatch.setattr("keygate.fallback.time", fake_time)
-    return now
-
-
 async def test_repeated_failures_back_off_until_one_try_succeeds(
     outage: Outage, monotonic: list[float], caplog: pytest.LogCaptureFixture
 ) -> None:

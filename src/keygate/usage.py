@@ -351,9 +351,8 @@ class MemoryUsageStore:
             for key_id, counter in tops.items():
                 top = self._top.setdefault((key_id, kind), Counter())
                 top.update(counter)
-                if len(top) > tracked(self.top_n):
-                    kept = top.most_common(tracked(self.top_n))
-                    self._top[(key_id, kind)] = Counter(dict(kept))
+                if len(top) > (keep := tracked(self.top_n)):
+                    self._top[(key_id, kind)] = Counter(dict(top.most_common(keep)))
         self._expire(now)
         return touched
 
