@@ -4,12 +4,12 @@
 with uvicorn (``--app-dir benchmarks``):
 
     uvicorn --app-dir benchmarks apps:bare_app
-    KGBENCH_TOKEN_FILE=/tmp/token uvicorn --app-dir benchmarks --factory apps:keygate_app
-    KGBENCH_TOKEN_FILE=/tmp/token uvicorn --app-dir benchmarks --factory apps:authmw_app
+    KSBENCH_TOKEN_FILE=/tmp/token uvicorn --app-dir benchmarks --factory apps:keystile_app
+    KSBENCH_TOKEN_FILE=/tmp/token uvicorn --app-dir benchmarks --factory apps:authmw_app
 
-The factories issue a ``prod_`` key when their lifespan starts (keygate: through its
+The factories issue a ``prod_`` key when their lifespan starts (keystile: through its
 manager, memory store; the do-it-yourself app: a token of the same format in a dict) and
-write it to the file named by ``KGBENCH_TOKEN_FILE``: the file appears once the app is
+write it to the file named by ``KSBENCH_TOKEN_FILE``: the file appears once the app is
 about to serve.
 """
 
@@ -33,13 +33,13 @@ from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from keygate import generate_key
-from keygate.gate import KeyGate
-from keygate.middleware import KeyGateMiddleware
+from keystile import generate_key
+from keystile.gate import Keystile
+from keystile.middleware import KeystileMiddleware
 
 PATH = "/cloud/vec/databases"
 SECRET = "benchmark-secret-0123456789"
-TOKEN_FILE_ENV = "KGBENCH_TOKEN_FILE"
+TOKEN_FILE_ENV = "KSBENCH_TOKEN_FILE"
 SCOPES = ("vec:read",)
 KEY_SETTINGS = {"name": "bench", "type": "prod", "scopes": list(SCOPES)}
 
@@ -59,9 +59,9 @@ def make_app(middleware: list[Middleware] | None = None, **kwargs: object) -> St
     return Starlette(routes=routes(), middleware=middleware, **kwargs)  # type: ignore[arg-type]
 
 
-def memory_gate() -> KeyGate:
-    # An explicit memory:// store, whatever KEYGATE_REDIS_URL says.
-    return KeyGate(store="memory://", secret=SECRET)
+def memory_gate() -> Keystile:
+    # An explicit memory:// store, whatever KEYSTILE_REDIS_URL says.
+    return Keystile(store="memory://", secret=SECRET)
 
 
 # -- the do-it-yourself baseline: AuthenticationMiddleware and a dict ---------------------------
@@ -106,8 +106,8 @@ def write_token(path: str, token: str) -> None:
     os.replace(partial, path)  # the file appears whole, once the app is about to serve
 
 
-def keygate_app() -> Starlette:
-    """A uvicorn ``--factory``: the app behind keygate with a memory store."""
+def keystile_app() -> Starlette:
+    """A uvicorn ``--factory``: the app behind keystile with a memory store."""
     gate = memory_gate()
     token_file = os.environ.get(TOKEN_FILE_ENV)
 
@@ -119,7 +119,7 @@ def keygate_app() -> Starlette:
         yield
         await gate.aclose()
 
-    return make_app([Middleware(KeyGateMiddleware, gate=gate)], lifespan=lifespan)
+    return make_app([Middleware(KeystileMiddleware, gate=gate)], lifespan=lifespan)
 
 
 def authmw_app() -> Starlette:

@@ -1,4 +1,4 @@
-"""Per-request cost of keygate's middleware, in process, against the bare app and the
+"""Per-request cost of keystile's middleware, in process, against the bare app and the
 do-it-yourself baselines.
 
 Every contender is the same Starlette app (one route, ``GET /cloud/vec/databases``
@@ -17,7 +17,7 @@ It also counts the Redis commands the Redis-backed contender sends per request, 
 
 Needs Redis at ``--redis-url`` (default redis://127.0.0.1:6379/0) for the Redis
 contender; without one, that contender is skipped. Writes only under a fresh
-``kgbench-*`` namespace, and deletes it at the end.
+``ksbench-*`` namespace, and deletes it at the end.
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from apps import KEY_SETTINGS, PATH, SCOPES, SECRET, DictBackend, DictKey, make_app
-from keygate import RedisStore
-from keygate.gate import KeyGate
-from keygate.middleware import KeyGateMiddleware
+from keystile import RedisStore
+from keystile.gate import Keystile
+from keystile.middleware import KeystileMiddleware
 
 App = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 
@@ -162,15 +162,15 @@ def bad_checksum(token: str) -> str:
     return token[:-1] + ("A" if last != "A" else "B")
 
 
-async def redis_gate(url: str, namespace: str) -> KeyGate | str:
-    """A keygate on the real Redis, subscribed to its change announcements; or why not."""
+async def redis_gate(url: str, namespace: str) -> Keystile | str:
+    """A keystile on the real Redis, subscribed to its change announcements; or why not."""
     store = RedisStore.from_url(url, namespace=namespace, client_name=namespace)
     try:
         await store.ping()
     except Exception as exc:
         await store.close()
         return f"{type(exc).__name__}: {exc}"
-    gate = KeyGate(store=store, secret=SECRET)
+    gate = Keystile(store=store, secret=SECRET)
     if not await gate.store.start():
         print("warning: the Redis events channel is not up; the cache TTL still applies")
     return gate
@@ -250,12 +250,12 @@ async def main(args: argparse.Namespace) -> int:
         rounds, per_round = min(rounds, 8), min(per_round, 500)
         args.count_requests = min(args.count_requests, 2000)
 
-    memory = KeyGate(store="memory://", secret=SECRET)
+    memory = Keystile(store="memory://", secret=SECRET)
     created = await memory.manager.create(KEY_SETTINGS)
     token = created.secret.get_secret_value()
     tokens = {token: DictKey("bench", SCOPES)}
 
-    namespace = f"kgbench-{os.getpid()}-{secrets.token_hex(4)}"
+    namespace = f"ksbench-{os.getpid()}-{secrets.token_hex(4)}"
     rgate = await redis_gate(args.redis_url, namespace)
     sync_redis = None if isinstance(rgate, str) else redis.Redis.from_url(args.redis_url)
     try:
@@ -275,40 +275,40 @@ async def main(args: argparse.Namespace) -> int:
                 200,
             ),
             Contender(
-                "keygate, cached prod_ key, memory store",
-                make_app([Middleware(KeyGateMiddleware, gate=memory)]),
+                "keystile, cached prod_ key, memory store",
+                make_app([Middleware(KeystileMiddleware, gate=memory)]),
                 http_scope(ok),
                 200,
             ),
             Contender(
                 RECORDING_OFF,
-                make_app([Middleware(KeyGateMiddleware, gate=memory, record_usage=False)]),
+                make_app([Middleware(KeystileMiddleware, gate=memory, record_usage=False)]),
                 http_scope(ok),
                 200,
             ),
         ]
         redis_contender = None
-        if isinstance(rgate, KeyGate):
+        if isinstance(rgate, Keystile):
             rcreated = await rgate.manager.create(KEY_SETTINGS)
             rtoken = rcreated.secret.get_secret_value()
             redis_contender = Contender(
-                "keygate, cached prod_ key, Redis store",
-                make_app([Middleware(KeyGateMiddleware, gate=rgate)]),
+                "keystile, cached prod_ key, Redis store",
+                make_app([Middleware(KeystileMiddleware, gate=rgate)]),
                 http_scope(bearer(rtoken)),
                 200,
             )
             contenders.append(redis_contender)
         else:
             print(f"skipping the Redis contender: no Redis at {args.redis_url} ({rgate})")
-        refuse_app = make_app([Middleware(KeyGateMiddleware, gate=memory)])
+        refuse_app = make_app([Middleware(KeystileMiddleware, gate=memory)])
         contenders += [
             Contender(
-                "keygate refusing a bad-checksum key",
+                "keystile refusing a bad-checksum key",
                 refuse_app,
                 http_scope(bearer(bad_checksum(token))),
                 401,
             ),
-            Contender("keygate refusing a missing header", refuse_app, http_scope(None), 401),
+            Contender("keystile refusing a missing header", refuse_app, http_scope(None), 401),
             Contender(
                 "(floor) pure-ASGI pass-through middleware",
                 make_app([Middleware(PassThrough)]),
@@ -328,7 +328,7 @@ async def main(args: argparse.Namespace) -> int:
         redis_report: list[str] = []
         lookups_before = 0
         if redis_contender is not None and sync_redis is not None:
-            assert isinstance(rgate, KeyGate)
+            assert isinstance(rgate, Keystile)
             rgate.store.clear()  # one cold request first: shows the counter does count
             before = command_counts(sync_redis)
             await call_once(redis_contender.app, redis_contender.template)
@@ -365,7 +365,7 @@ async def main(args: argparse.Namespace) -> int:
             await run_round(contenders, number % len(contenders), per_round)
         wall = time.monotonic() - began
 
-        if isinstance(rgate, KeyGate) and redis_contender is not None:
+        if isinstance(rgate, Keystile) and redis_contender is not None:
             lookups = rgate.store.misses - lookups_before
             served = rounds * per_round + max(per_round // 4, 50)
             redis_report.append(
@@ -386,7 +386,7 @@ async def main(args: argparse.Namespace) -> int:
         return 0
     finally:
         await memory.aclose()
-        if isinstance(rgate, KeyGate):
+        if isinstance(rgate, Keystile):
             await rgate.aclose()
         if sync_redis is not None:
             names = list(sync_redis.scan_iter(match=f"{namespace}:*", count=1000))
@@ -395,8 +395,8 @@ async def main(args: argparse.Namespace) -> int:
             sync_redis.close()
 
 
-RECORDING_ON = "keygate, cached prod_ key, memory store"
-RECORDING_OFF = "keygate, cached prod_ key, memory store, usage off"
+RECORDING_ON = "keystile, cached prod_ key, memory store"
+RECORDING_OFF = "keystile, cached prod_ key, memory store, usage off"
 
 
 def report(
@@ -428,7 +428,7 @@ def report(
         )
 
     if redis_report:
-        print("\nRedis commands, keygate with the Redis store (INFO commandstats deltas):")
+        print("\nRedis commands, keystile with the Redis store (INFO commandstats deltas):")
         print("\n".join(redis_report))
 
     print("\nTargets:")
@@ -436,8 +436,8 @@ def report(
     budget = auth_added * 2 / 3
     for label in (
         RECORDING_OFF,
-        "keygate, cached prod_ key, memory store",
-        "keygate, cached prod_ key, Redis store",
+        "keystile, cached prod_ key, memory store",
+        "keystile, cached prod_ key, Redis store",
     ):
         if label in by_label:
             added = by_label[label].median - bare
@@ -460,8 +460,8 @@ def report(
         f"(quartiles +{(quartiles[0] - 1) * 100:.1f} % .. +{(quartiles[2] - 1) * 100:.1f} %) "
         f"<= 10 %: {verdict(middle <= 1.10)}"
     )
-    success = by_label["keygate, cached prod_ key, memory store"].median
-    for label in ("keygate refusing a bad-checksum key", "keygate refusing a missing header"):
+    success = by_label["keystile, cached prod_ key, memory store"].median
+    for label in ("keystile refusing a bad-checksum key", "keystile refusing a missing header"):
         refused = by_label[label].median
         print(
             f"  {label}: {refused:.2f} µs <= success path {success:.2f} µs: "

@@ -1,9 +1,9 @@
-"""Per-request cost and throughput of keygate's Redis-backed rate limiting, in process,
+"""Per-request cost and throughput of keystile's Redis-backed rate limiting, in process,
 against ``limits`` used directly, slowapi and a hand-rolled one-round-trip lower bound.
 
 Every contender is the app of ``apps.py`` (``GET /cloud/vec/databases``) plus one
 middleware limiting that route with a moving window in Redis, at an amount that never
-refuses (``10000000/minute``) — except keygate's 429 path, a key over its ``1/minute``.
+refuses (``10000000/minute``) — except keystile's 429 path, a key over its ``1/minute``.
 The apps are called as raw ASGI (the plumbing of ``bench_middleware.py``): no HTTP client,
 no server, only the Redis round trips leave the process. Two regimes, rounds interleaved:
 
@@ -14,7 +14,7 @@ It also counts the Redis commands each contender sends per request, from
 ``INFO commandstats`` deltas. By default it starts its own ``redis-server`` on a free
 loopback port (no persistence) and stops it at the end; without the binary it uses the
 Redis at 127.0.0.1:6379 (``--redis-url`` picks another), writing only under a fresh
-``kgbench-*`` prefix that it deletes at the end.
+``ksbench-*`` prefix that it deletes at the end.
 
     python benchmarks/bench_ratelimit.py             # about 80 seconds
     python benchmarks/bench_ratelimit.py --quick     # a few seconds
@@ -65,22 +65,22 @@ from bench_middleware import (
     receive,
     verdict,
 )
-from keygate import RedisStore
-from keygate.gate import KeyGate
-from keygate.middleware import KeyGateMiddleware
-from keygate.ratelimit import RedisLimiter, limit_set
-from keygate.resp import LeanRedis, encode
+from keystile import RedisStore
+from keystile.gate import Keystile
+from keystile.middleware import KeystileMiddleware
+from keystile.ratelimit import RedisLimiter, limit_set
+from keystile.resp import LeanRedis, encode
 
 App = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 
-LIMIT = "10000000/minute"  # never refuses during a run (keygate caps an amount at 10,000,000)
+LIMIT = "10000000/minute"  # never refuses during a run (keystile caps an amount at 10,000,000)
 OVER_LIMIT = "1/minute"  # the 429 contender's key: hit once, then over its limit
 ORIGIN = b"https://a.example"
 IN_FLIGHT = 64
 
 # The commands each contender's Lua script runs (none of them sends these itself): counted
 # apart from the commands that cross the wire.
-KEYGATE_LUA = frozenset({"time", "lindex", "lpush", "ltrim", "pexpire", "llen"})
+KEYSTILE_LUA = frozenset({"time", "lindex", "lpush", "ltrim", "pexpire", "llen"})
 LIMITS_LUA = frozenset({"lindex", "lpush", "ltrim", "expire"})  # limits' moving-window scripts
 LOWER_BOUND_LUA = frozenset({"time", "lindex", "lpush", "ltrim", "pexpire"})
 
@@ -143,7 +143,7 @@ class LowerBound:
 
 
 class RawSocketFloor(LowerBound):
-    """The lower bound's EVALSHA over keygate's lean connection (``keygate.resp``): what a
+    """The lower bound's EVALSHA over keystile's lean connection (``keystile.resp``): what a
     round trip costs without redis-py's layers — a floor, not a target."""
 
     def __init__(self, app: App, *, lean: LeanRedis, sha: str, key: str) -> None:
@@ -210,7 +210,7 @@ def own_redis(binary: str, cpu: int | None = None, timeout: float = 10.0) -> Ite
     """A throwaway ``redis-server`` on a free loopback port, no persistence (pinned to
     ``cpu`` when given); stopped, and its directory removed, on the way out whatever
     happens."""
-    workdir = tempfile.mkdtemp(prefix="kgbench-redis-")
+    workdir = tempfile.mkdtemp(prefix="ksbench-redis-")
     port = free_port()
     command = [
         binary,
@@ -284,7 +284,7 @@ def limited_scope(authorization: bytes | None) -> dict[str, Any]:
     return scope
 
 
-async def client_key(gate: KeyGate, name: str, limit: str) -> Any:
+async def client_key(gate: Keystile, name: str, limit: str) -> Any:
     """A client key limited to ``limit``, allowed from ``ORIGIN``; the created key."""
     fields = {"name": name, "type": "client", "scopes": ["vec:read"], "rate_limit": limit}
     return await gate.manager.create({**fields, "allowed_origins": [ORIGIN.decode()]})
@@ -297,13 +297,13 @@ async def build(url: str, namespace: str, opened: list[Any]) -> list[Contender]:
     contenders = [bare]
 
     store = RedisStore.from_url(url, namespace=namespace, client_name=namespace)
-    gate = KeyGate(store=store, secret=SECRET)
+    gate = Keystile(store=store, secret=SECRET)
     opened.append(gate)
     await gate.startup()
     created = await client_key(gate, "bench", LIMIT)
     over = await client_key(gate, "over", OVER_LIMIT)
     limiter = gate.limiter
-    keygate_app = make_app([Middleware(KeyGateMiddleware, gate=gate)])
+    keystile_app = make_app([Middleware(KeystileMiddleware, gate=gate)])
     assert isinstance(limiter, RedisLimiter)
     windows = limit_set(LIMIT, created.key.type.value)
     window_key = limiter.window_key(created.key.id, windows, 0)
@@ -313,14 +313,14 @@ async def build(url: str, namespace: str, opened: list[Any]) -> list[Contender]:
 
     contenders.append(
         Contender(
-            "keygate, client key (Redis store, RedisLimiter)",
-            "keygate",
-            keygate_app,
+            "keystile, client key (Redis store, RedisLimiter)",
+            "keystile",
+            keystile_app,
             limited_scope(bearer(created.secret.get_secret_value())),
             200,
             [window_key],
             trips,
-            KEYGATE_LUA,
+            KEYSTILE_LUA,
         )
     )
 
@@ -328,20 +328,20 @@ async def build(url: str, namespace: str, opened: list[Any]) -> list[Contender]:
     # the same run. A gate of its own over the same namespace, with a key of its own.
     old_store = RedisStore.from_url(url, namespace=namespace, client_name=namespace)
     old_limiter = RedisLimiter(old_store.client, namespace=namespace, lean=False)
-    old_gate = KeyGate(store=old_store, secret=SECRET, limiter=old_limiter)
+    old_gate = Keystile(store=old_store, secret=SECRET, limiter=old_limiter)
     opened.append(old_gate)
     await old_gate.startup()
     old_key = await client_key(old_gate, "bench-redis-py", LIMIT)
     contenders.append(
         Contender(
-            "keygate, client key, limiter on redis-py (lean=False)",
-            "keygate redis-py",
-            make_app([Middleware(KeyGateMiddleware, gate=old_gate)]),
+            "keystile, client key, limiter on redis-py (lean=False)",
+            "keystile redis-py",
+            make_app([Middleware(KeystileMiddleware, gate=old_gate)]),
             limited_scope(bearer(old_key.secret.get_secret_value())),
             200,
             [old_limiter.window_key(old_key.key.id, windows, 0)],
             lambda: old_limiter.round_trips,
-            KEYGATE_LUA,
+            KEYSTILE_LUA,
         )
     )
 
@@ -423,14 +423,14 @@ async def build(url: str, namespace: str, opened: list[Any]) -> list[Contender]:
     )
 
     refused = Contender(
-        "keygate 429: key over its 1/minute",
-        "keygate 429",
-        keygate_app,
+        "keystile 429: key over its 1/minute",
+        "keystile 429",
+        keystile_app,
         limited_scope(bearer(over.secret.get_secret_value())),
         429,
         [],
         trips,
-        KEYGATE_LUA,
+        KEYSTILE_LUA,
     )
     contenders.append(refused)
 
@@ -538,8 +538,8 @@ async def check_concurrent(contender: Contender) -> None:
 
 
 def usage_recorders(opened: list[Any]) -> list[Any]:
-    """Keygate's usage recorders (when this keygate has them)."""
-    found = (getattr(thing, "usage", None) for thing in opened if isinstance(thing, KeyGate))
+    """Keystile's usage recorders (when this keystile has them)."""
+    found = (getattr(thing, "usage", None) for thing in opened if isinstance(thing, Keystile))
     return [usage for usage in found if usage is not None]
 
 
@@ -558,7 +558,7 @@ class Count:
     delta: dict[str, int]  # the commands while the requests ran
     lua: frozenset[str]
     trips: int | None  # the limiter's round trips, when it counts them
-    flushes: int  # keygate usage flushes while the requests ran (its timer's: rare)
+    flushes: int  # keystile usage flushes while the requests ran (its timer's: rare)
     flush: dict[str, int]  # the commands of the usage flush right after them
 
     @property
@@ -573,7 +573,7 @@ class Count:
 
     @property
     def round_trips(self) -> float:
-        # Without pipelining every command sent is one round trip; keygate's limiter counts
+        # Without pipelining every command sent is one round trip; keystile's limiter counts
         # its own.
         if self.trips is None:
             return self.sent
@@ -584,7 +584,7 @@ async def count_commands(
     sync: redis.Redis, contender: Contender, requests: int, concurrent: bool, opened: list[Any]
 ) -> Count:
     """INFO commandstats over ``requests`` requests of one contender, nothing else running
-    in this process (a keygate events-channel PING may land in the window). Keygate's usage
+    in this process (a keystile events-channel PING may land in the window). Keystile's usage
     recorder is flushed just before the window, and right after it in a window of its own:
     the counts of these requests, which its timer writes once a second."""
     if concurrent:
@@ -612,9 +612,9 @@ async def count_commands(
 
 
 async def main(args: argparse.Namespace) -> int:
-    # The 429 contender refuses every request on purpose: keygate's error-rate alert (a log
+    # The 429 contender refuses every request on purpose: keystile's error-rate alert (a log
     # warning) would fire for it.
-    logging.getLogger("keygate.alerts").setLevel(logging.ERROR)
+    logging.getLogger("keystile.alerts").setLevel(logging.ERROR)
     rounds, requests, batches = args.rounds, args.requests, args.batches
     if args.quick:
         rounds, requests, batches = min(rounds, 4), min(requests, 150), min(batches, 3)
@@ -642,7 +642,7 @@ async def main(args: argparse.Namespace) -> int:
             where += f", redis-server to CPU {server_cpu}"
 
     with with_server as url:
-        namespace = f"kgbench-{os.getpid()}-{secrets.token_hex(4)}"
+        namespace = f"ksbench-{os.getpid()}-{secrets.token_hex(4)}"
         sync = redis.Redis.from_url(url)
         version = sync.info("server")["redis_version"]
         opened: list[Any] = []
@@ -694,7 +694,7 @@ def _given(url: str) -> Iterator[str]:
 
 
 async def _close(thing: Any) -> None:
-    if isinstance(thing, KeyGate | aioredis.Redis):
+    if isinstance(thing, Keystile | aioredis.Redis):
         await thing.aclose()
     elif isinstance(thing, LeanRedis):
         thing.close()
@@ -718,8 +718,8 @@ def report(
     width = max(len(c.label) for c in contenders)
     bare = by_short["bare"]
     lower = by_short["lower bound"]
-    keygate = by_short["keygate"]
-    refused = by_short["keygate 429"]
+    keystile = by_short["keystile"]
+    refused = by_short["keystile 429"]
 
     print(
         f"\nRate limiting in Redis, raw ASGI in process: {rounds} interleaved rounds "
@@ -746,14 +746,14 @@ def report(
     )
     header = (
         f"{'#':>2}  {'contender':<{width}}  {'median req/s':>12}  {'max req/s':>9}  "
-        f"{'µs/req':>6}  {'keygate ÷ this':>14}  {'status':>6}"
+        f"{'µs/req':>6}  {'keystile ÷ this':>14}  {'status':>6}"
     )
     print(header)
     print("-" * len(header))
     for number, c in enumerate(contenders, 1):
         print(
             f"{number:>2}  {c.label:<{width}}  {c.rate:>12,.0f}  {max(c.concurrent):>9,.0f}  "
-            f"{1e6 / c.rate:>6.1f}  {keygate.rate / c.rate:>14.2f}  {c.status:>6}"
+            f"{1e6 / c.rate:>6.1f}  {keystile.rate / c.rate:>14.2f}  {c.status:>6}"
         )
 
     print(
@@ -777,11 +777,11 @@ def report(
         )
     print(
         "  sent: commands on the wire; in Lua: commands the scripts ran inside Redis; round "
-        "trips: keygate's limiter counts\n  its own, the others send no pipeline (one "
-        "command = one round trip); |64: with 64 in flight. PINGs (keygate's\n  "
+        "trips: keystile's limiter counts\n  its own, the others send no pipeline (one "
+        "command = one round trip); |64: with 64 in flight. PINGs (keystile's\n  "
         "events-channel heartbeat) are left out."
     )
-    for c in (keygate, refused):
+    for c in (keystile, refused):
         one, _ = counts[c.short]
         if one.flush:
             print(
@@ -791,51 +791,51 @@ def report(
             )
     served = refused.served or 1
     print(
-        f"  keygate 429 path over the whole timed run: {refused.trips} limiter round trips "
+        f"  keystile 429 path over the whole timed run: {refused.trips} limiter round trips "
         f"over {refused.served} requests = {refused.trips / served:.5f}/request (the "
         "1/minute window frees once a minute:\n  then one request is admitted and the next "
         "refusal asks Redis once)"
     )
 
     print("\nTargets:")
-    ratio = keygate.micros / lower.micros
+    ratio = keystile.micros / lower.micros
     print(
-        f"  (a) keygate {keygate.micros:.1f} µs / lower bound {lower.micros:.1f} µs = "
+        f"  (a) keystile {keystile.micros:.1f} µs / lower bound {lower.micros:.1f} µs = "
         f"{ratio:.2f} <= 1.10: {verdict(ratio <= 1.10)}"
     )
     floor = by_short["raw floor"]
-    old = by_short["keygate redis-py"]
+    old = by_short["keystile redis-py"]
     print(
-        f"      (for reference: {ratio_of(keygate, floor):.2f} x the same EVALSHA on a raw "
+        f"      (for reference: {ratio_of(keystile, floor):.2f} x the same EVALSHA on a raw "
         f"asyncio socket, {floor.micros:.1f} µs; the limiter on redis-py, lean=False: "
         f"{old.micros:.1f} µs = {old.micros / lower.micros:.2f} x the lower bound)"
     )
     if "slowapi" in by_short:
         slow = by_short["slowapi"]
-        ratio = keygate.rate / slow.rate
+        ratio = keystile.rate / slow.rate
         print(
-            f"  (b) keygate {keygate.rate:,.0f} req/s / slowapi {slow.rate:,.0f} req/s = "
+            f"  (b) keystile {keystile.rate:,.0f} req/s / slowapi {slow.rate:,.0f} req/s = "
             f"{ratio:.2f} >= 3: {verdict(ratio >= 3)}"
         )
     else:
-        print("  (b) keygate / slowapi: skipped (slowapi not installed)")
+        print("  (b) keystile / slowapi: skipped (slowapi not installed)")
     lim = by_short["limits"]
-    ratio = keygate.rate / lim.rate
+    ratio = keystile.rate / lim.rate
     print(
-        f"  (b) keygate {keygate.rate:,.0f} req/s / limits direct {lim.rate:,.0f} req/s = "
+        f"  (b) keystile {keystile.rate:,.0f} req/s / limits direct {lim.rate:,.0f} req/s = "
         f"{ratio:.2f} >= 2: {verdict(ratio >= 2)}"
     )
     ratio = refused.micros / bare.micros
     print(
-        f"  (a) keygate 429 {refused.micros:.1f} µs / bare {bare.micros:.1f} µs = "
+        f"  (a) keystile 429 {refused.micros:.1f} µs / bare {bare.micros:.1f} µs = "
         f"{ratio:.2f} <= 2: {verdict(ratio <= 2)}"
     )
-    one, _ = counts["keygate 429"]
+    one, _ = counts["keystile 429"]
     commands = round((one.sent + one.in_lua) * one.requests)
     trips = one.trips or 0
     timer = f" (its usage timer flushed {one.flushes}x meanwhile)" if one.flushes else ""
     print(
-        f"  keygate 429 path: {trips} limiter round trips and {commands} Redis commands over "
+        f"  keystile 429 path: {trips} limiter round trips and {commands} Redis commands over "
         f"{one.requests} requests{timer} = 0: {verdict(commands == 0 and trips == 0)}"
     )
 

@@ -1,4 +1,4 @@
-"""Server CPU time per request under uvicorn: the bare app against keygate (cached
+"""Server CPU time per request under uvicorn: the bare app against keystile (cached
 ``prod_`` key, memory store), with Starlette's AuthenticationMiddleware and a dict (the
 do-it-yourself baseline) for reference.
 
@@ -39,7 +39,7 @@ from pathlib import Path
 from apps import PATH, TOKEN_FILE_ENV
 
 HERE = Path(__file__).resolve().parent
-TOKEN_ENV = "KGBENCH_TOKEN"
+TOKEN_ENV = "KSBENCH_TOKEN"
 TICKS = os.sysconf("SC_CLK_TCK")
 
 # -- the load client (runs in its own process) --------------------------------------------------
@@ -48,7 +48,7 @@ TICKS = os.sysconf("SC_CLK_TCK")
 async def load(port: int, token: str, requests: int, connections: int) -> dict[str, object]:
     """Send ``requests`` GETs over ``connections`` keep-alive connections; count statuses."""
     request = (
-        f"GET {PATH} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: kgbench/1\r\n"
+        f"GET {PATH} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: ksbench/1\r\n"
         f"Accept: */*\r\nAuthorization: Bearer {token}\r\n\r\n"
     ).encode()
     remaining = requests
@@ -129,7 +129,7 @@ class Server:
         name = self.target.replace(":", "-")
         self.log = workdir / f"{name}.log"
         env = dict(os.environ)
-        env.pop("KEYGATE_REDIS_URL", None)
+        env.pop("KEYSTILE_REDIS_URL", None)
         if self.factory:
             self.token_file = workdir / f"{name}.token"
             env[TOKEN_FILE_ENV] = str(self.token_file)
@@ -239,11 +239,11 @@ def main(args: argparse.Namespace) -> int:
         requests, rounds = min(requests, 3000), min(rounds, 2)
     servers = [
         Server("bare Starlette app", "apps:bare_app", factory=False),
-        Server("keygate, cached prod_ key, memory store", "apps:keygate_app", factory=True),
+        Server("keystile, cached prod_ key, memory store", "apps:keystile_app", factory=True),
         Server("AuthenticationMiddleware + dict backend", "apps:authmw_app", factory=True),
     ]
-    bare, keygate, _ = servers
-    with tempfile.TemporaryDirectory(prefix="kgbench-") as tmp:
+    bare, keystile, _ = servers
+    with tempfile.TemporaryDirectory(prefix="ksbench-") as tmp:
         workdir = Path(tmp)
         try:
             for server in servers:
@@ -251,9 +251,9 @@ def main(args: argparse.Namespace) -> int:
             deadline = time.monotonic() + args.startup_timeout
             for server in servers:
                 server.wait_ready(deadline)
-            bare.token = keygate.token  # the same request bytes; the bare app ignores them
+            bare.token = keystile.token  # the same request bytes; the bare app ignores them
 
-            for server in servers:  # warm-up (the first lookup fills keygate's cache)
+            for server in servers:  # warm-up (the first lookup fills keystile's cache)
                 run_client(server, max(requests // 10, 200), args)
                 server.rates.clear()
             for number in range(rounds):
@@ -284,16 +284,16 @@ def main(args: argparse.Namespace) -> int:
             f"{server.label:<{width}}  {server.median:>14.1f}  {rounds_text:<28}  "
             f"{statistics.median(server.rates):>6.0f}  {server.median / bare.median:>6.3f}"
         )
-    ratio = keygate.median / bare.median
+    ratio = keystile.median / bare.median
     auth = servers[2]
     print(
         f"\nFor reference, AuthenticationMiddleware + dict adds "
         f"{auth.median - bare.median:+.1f} µs/request (x{auth.median / bare.median:.3f})."
     )
     print(
-        f"Target: keygate / bare server CPU per request = {ratio:.3f} <= 1.10: "
+        f"Target: keystile / bare server CPU per request = {ratio:.3f} <= 1.10: "
         f"{'PASS' if ratio <= 1.10 else 'FAIL'}  "
-        f"(added {keygate.median - bare.median:+.1f} µs/request; one clock tick of "
+        f"(added {keystile.median - bare.median:+.1f} µs/request; one clock tick of "
         f"{1000 / TICKS:.0f} ms is {1e6 / TICKS / requests:.2f} µs/request at this batch size)"
     )
     return 0

@@ -13,10 +13,10 @@ import gc
 import sys
 import tracemalloc
 
-from keygate import ApiKey, KeyHasher, generate_key
-from keygate.clock import to_datetime
-from keygate.keys import key_hint, new_key_id
-from keygate.stores import CachedStore, MemoryStore
+from keystile import ApiKey, KeyHasher, generate_key
+from keystile.clock import to_datetime
+from keystile.keys import key_hint, new_key_id
+from keystile.stores import CachedStore, MemoryStore
 
 
 class JsonStore(MemoryStore):

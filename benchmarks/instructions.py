@@ -34,8 +34,8 @@ sys.path.insert(0, str(HERE))
 CONTENDERS = {
     "bare": "bare Starlette app",
     "authmw": "AuthenticationMiddleware + dict backend",
-    "off": "keygate, cached prod_ key, memory store, usage off",
-    "on": "keygate, cached prod_ key, memory store",
+    "off": "keystile, cached prod_ key, memory store, usage off",
+    "on": "keystile, cached prod_ key, memory store",
 }
 WARM_UP = 200
 
@@ -47,10 +47,10 @@ async def serve(contender: str, requests: int) -> None:
     from apps import KEY_SETTINGS, SCOPES, SECRET, DictBackend, DictKey, make_app
     from bench_middleware import bearer, discard, fresh, http_scope
     from bench_middleware import receive as receive_one
-    from keygate.gate import KeyGate
-    from keygate.middleware import KeyGateMiddleware
+    from keystile.gate import Keystile
+    from keystile.middleware import KeystileMiddleware
 
-    gate = KeyGate(store="memory://", secret=SECRET)
+    gate = Keystile(store="memory://", secret=SECRET)
     try:
         created = await gate.manager.create(KEY_SETTINGS)
         token = created.secret.get_secret_value()
@@ -64,7 +64,7 @@ async def serve(contender: str, requests: int) -> None:
             app = make_app([Middleware(AuthenticationMiddleware, backend=backend)])
         else:
             record = contender == "on"
-            app = make_app([Middleware(KeyGateMiddleware, gate=gate, record_usage=record)])
+            app = make_app([Middleware(KeystileMiddleware, gate=gate, record_usage=record)])
         template = http_scope(bearer(token))
         scopes = [fresh(template) for _ in range(WARM_UP + requests)]
         for scope in scopes:
@@ -75,7 +75,7 @@ async def serve(contender: str, requests: int) -> None:
 
 def count(valgrind: str, contender: str, requests: int) -> int:
     """Instructions a whole child run executes (callgrind's "Collected" total)."""
-    with tempfile.TemporaryDirectory(prefix="kgbench-ir-") as workdir:
+    with tempfile.TemporaryDirectory(prefix="ksbench-ir-") as workdir:
         command = [
             valgrind,
             "--tool=callgrind",

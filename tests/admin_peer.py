@@ -1,10 +1,10 @@
-"""A second app process for test_admin: an app behind KeyGateMiddleware on a shared Redis.
+"""A second app process for test_admin: an app behind KeystileMiddleware on a shared Redis.
 
 Protocol on stdin/stdout, one line each: the parent sends ``watch <key>``; this process
 sends a request with the key (admitted: the key is now cached here), answers ``watching``,
 then repeats the request every half millisecond until it is refused, and answers
 ``refused <error code> <time.monotonic()>``. CLOCK_MONOTONIC is system-wide on Linux, so
-the parent can compare the two clocks. The server secret comes from ``KEYGATE_SECRET``.
+the parent can compare the two clocks. The server secret comes from ``KEYSTILE_SECRET``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from keygate import KeyGate, KeyGateMiddleware, KeyGateSettings, RedisStore
+from keystile import Keystile, KeystileMiddleware, KeystileSettings, RedisStore
 
 
 async def endpoint(request: Request) -> JSONResponse:
@@ -28,12 +28,14 @@ async def endpoint(request: Request) -> JSONResponse:
 
 
 async def main(url: str, namespace: str) -> None:
-    gate = KeyGate(store=RedisStore.from_url(url, namespace=namespace), settings=KeyGateSettings())
+    gate = Keystile(
+        store=RedisStore.from_url(url, namespace=namespace), settings=KeystileSettings()
+    )
     if not await gate.store.start(timeout=5.0):
         print("not listening", flush=True)
         return
     app = Starlette(
-        routes=[Route("/x", endpoint)], middleware=[Middleware(KeyGateMiddleware, gate=gate)]
+        routes=[Route("/x", endpoint)], middleware=[Middleware(KeystileMiddleware, gate=gate)]
     )
     loop = asyncio.get_running_loop()
     transport = httpx.ASGITransport(app=app)

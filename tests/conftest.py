@@ -13,12 +13,12 @@ import fakeredis
 import pytest
 import redis
 
-from keygate import CreatedKey, KeyHasher, KeyManager, ManualClock, MemoryStore, RedisStore
-from keygate.stores import CachedStore, KeyStore
+from keystile import CreatedKey, KeyHasher, KeyManager, ManualClock, MemoryStore, RedisStore
+from keystile.stores import CachedStore, KeyStore
 
-REDIS_URL = os.environ.get("KEYGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+REDIS_URL = os.environ.get("KEYSTILE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 # .ci/run sets this so that "no Redis" fails the run instead of skipping tests.
-REDIS_REQUIRED = os.environ.get("KEYGATE_TEST_REQUIRE_REDIS", "") not in ("", "0")
+REDIS_REQUIRED = os.environ.get("KEYSTILE_TEST_REQUIRE_REDIS", "") not in ("", "0")
 SECRET = "test-server-secret-0123456789abcdef"
 
 _redis_problem: str | bool | None = False  # False: not probed yet
@@ -44,9 +44,9 @@ def require_redis() -> None:
     problem = redis_problem()
     if problem is None:
         return
-    message = f"{problem}; set KEYGATE_TEST_REDIS_URL to a reachable server"
+    message = f"{problem}; set KEYSTILE_TEST_REDIS_URL to a reachable server"
     if REDIS_REQUIRED:
-        pytest.fail(f"real Redis is required (KEYGATE_TEST_REQUIRE_REDIS): {message}")
+        pytest.fail(f"real Redis is required (KEYSTILE_TEST_REQUIRE_REDIS): {message}")
     pytest.skip(message)
 
 
@@ -58,7 +58,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def new_namespace() -> str:
-    return "kgtest-" + secrets.token_hex(6)
+    return "kstest-" + secrets.token_hex(6)
 
 
 def cleanup_namespace(namespace: str) -> None:
@@ -179,14 +179,14 @@ def figures() -> Figures:
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if Figures.lines:
-        terminalreporter.section("keygate figures")
+        terminalreporter.section("keystile figures")
         for line in Figures.lines:
             terminalreporter.write_line(line)
 
 
-# -- secret-leak watch (KEYGATE_TEST_LEAK_CHECK=1; .ci/run sets it) -------------------------
+# -- secret-leak watch (KEYSTILE_TEST_LEAK_CHECK=1; .ci/run sets it) -------------------------
 
-LEAK_CHECK = os.environ.get("KEYGATE_TEST_LEAK_CHECK", "") not in ("", "0")
+LEAK_CHECK = os.environ.get("KEYSTILE_TEST_LEAK_CHECK", "") not in ("", "0")
 _leak_watch: Any = None  # faults.leaks.LeakWatch while the session runs with the check on
 
 
@@ -197,7 +197,7 @@ def leak_watch() -> Any:
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     """With the check on: log everything at DEBUG to the watch, and remember every secret
-    keygate generates in this process (tests/faults/leaks.py)."""
+    keystile generates in this process (tests/faults/leaks.py)."""
     global _leak_watch
     if not LEAK_CHECK:
         return
@@ -228,9 +228,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         )
 
 
-# -- lean Redis connections (keygate.resp) must be closed by whoever opened them -------------
+# -- lean Redis connections (keystile.resp) must be closed by whoever opened them -------------
 
-_lean_connections: Any = None  # weakref.WeakSet of every keygate.resp connection made
+_lean_connections: Any = None  # weakref.WeakSet of every keystile.resp connection made
 
 
 def _track_lean_connections() -> Any:
@@ -238,7 +238,7 @@ def _track_lean_connections() -> Any:
     if _lean_connections is None:
         import weakref
 
-        from keygate import resp
+        from keystile import resp
 
         made: weakref.WeakSet[Any] = weakref.WeakSet()
         opened = resp._Connection.__init__
@@ -263,13 +263,13 @@ def lean_connections_closed(request: pytest.FixtureRequest) -> Iterator[None]:
     left = [c for c in made if c not in before and not c.closed.done()]
     for conn in left:
         conn.drop(ConnectionError("left open by the test"))
-    assert not left, f"{len(left)} keygate.resp connection(s) left open: close the gate"
+    assert not left, f"{len(left)} keystile.resp connection(s) left open: close the gate"
 
 
 @pytest.fixture
 def monotonic(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """The monotonic clock of keygate.fallback's back-off, set by the test (asyncio keeps
+    """The monotonic clock of keystile.fallback's back-off, set by the test (asyncio keeps
     its own): ``monotonic[0] += seconds``."""
     now = [1000.0]
-    monkeypatch.setattr("keygate.fallback.time", SimpleNamespace(monotonic=lambda: now[0]))
+    monkeypatch.setattr("keystile.fallback.time", SimpleNamespace(monotonic=lambda: now[0]))
     return now

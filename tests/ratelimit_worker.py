@@ -23,9 +23,9 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from keygate import KeyGateSettings, RedisStore
-from keygate.gate import KeyGate
-from keygate.middleware import KeyGateMiddleware
+from keystile import KeystileSettings, RedisStore
+from keystile.gate import Keystile
+from keystile.middleware import KeystileMiddleware
 
 
 async def endpoint(request: Request) -> PlainTextResponse:
@@ -65,14 +65,14 @@ async def request(app: Any, key: str) -> int:
 async def main(url: str, namespace: str, secret: str, concurrency: int) -> None:
     # Generous timeouts: this process shares two cores with three others, and a slow
     # answer must show up as a pass or a 503 (counted, reported), not decide the test.
-    gate = KeyGate(
+    gate = Keystile(
         store=RedisStore.from_url(url, namespace=namespace, heartbeat=60.0),
         secret=secret,
-        settings=KeyGateSettings(rate_limit_timeout=5.0),
+        settings=KeystileSettings(rate_limit_timeout=5.0),
         lookup_timeout=5.0,
     )
     app = Starlette(
-        routes=[Route("/x", endpoint)], middleware=[Middleware(KeyGateMiddleware, gate=gate)]
+        routes=[Route("/x", endpoint)], middleware=[Middleware(KeystileMiddleware, gate=gate)]
     )
     await gate.startup()
     loop = asyncio.get_running_loop()

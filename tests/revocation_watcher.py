@@ -12,8 +12,8 @@ import asyncio
 import sys
 import time
 
-from keygate import RedisStore
-from keygate.stores import CachedStore
+from keystile import RedisStore
+from keystile.stores import CachedStore
 
 
 async def main(url: str, namespace: str) -> None:

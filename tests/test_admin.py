@@ -24,11 +24,11 @@ from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 
 from conftest import REDIS_URL, SECRET, Figures
-from keygate import KeyGateMiddleware, ManualClock, RedisStore, Rule
-from keygate.admin import admin_app, admin_routes, admin_rules, fastapi_router
-from keygate.clock import to_datetime
-from keygate.gate import KeyGate
-from keygate.stores import KeyStore
+from keystile import KeystileMiddleware, ManualClock, RedisStore, Rule
+from keystile.admin import admin_app, admin_routes, admin_rules, fastapi_router
+from keystile.clock import to_datetime
+from keystile.gate import Keystile
+from keystile.stores import KeyStore
 
 # SPEC §8, in its order.
 SPEC_RECORD = [
@@ -57,7 +57,7 @@ async def probe(request: Request) -> JSONResponse:
     return JSONResponse({"key": request.user.identity})
 
 
-def build_app(gate: KeyGate, *, routes: bool = False, **options: Any) -> Starlette:
+def build_app(gate: Keystile, *, routes: bool = False, **options: Any) -> Starlette:
     """The admin API mounted at /cloud/keys, and a probe route at /x, behind the middleware."""
     admin = (
         Mount("/cloud/keys", routes=admin_routes(gate))
@@ -66,7 +66,7 @@ def build_app(gate: KeyGate, *, routes: bool = False, **options: Any) -> Starlet
     )
     return Starlette(
         routes=[admin, Route("/x", probe)],
-        middleware=[Middleware(KeyGateMiddleware, gate=gate, **options)],
+        middleware=[Middleware(KeystileMiddleware, gate=gate, **options)],
     )
 
 
@@ -75,7 +75,7 @@ class Admin:
     """An HTTP client on the app, and an admin key."""
 
     http: httpx.AsyncClient
-    gate: KeyGate
+    gate: Keystile
     token: str
     secrets: list[str] = field(default_factory=list)  # every secret the API handed out
 
@@ -103,15 +103,15 @@ class Admin:
 
 
 @pytest.fixture
-async def gate(store: KeyStore, clock: ManualClock) -> AsyncIterator[KeyGate]:
+async def gate(store: KeyStore, clock: ManualClock) -> AsyncIterator[Keystile]:
     """A gate on each backend, with the manual clock."""
-    made = KeyGate(store=store, secret=SECRET, clock=clock)
+    made = Keystile(store=store, secret=SECRET, clock=clock)
     assert await made.store.start(timeout=2.0)
     yield made
     await made.aclose()
 
 
-async def client_for(app: Any, gate: KeyGate, scopes: list[str]) -> Admin:
+async def client_for(app: Any, gate: Keystile, scopes: list[str]) -> Admin:
     created = await gate.manager.create({"name": "admin", "type": "prod", "scopes": scopes})
     transport = httpx.ASGITransport(app=app)
     http = httpx.AsyncClient(transport=transport, base_url="http://test")
@@ -119,7 +119,7 @@ async def client_for(app: Any, gate: KeyGate, scopes: list[str]) -> Admin:
 
 
 @pytest.fixture
-async def admin(gate: KeyGate) -> AsyncIterator[Admin]:
+async def admin(gate: Keystile) -> AsyncIterator[Admin]:
     """The admin API on each backend, with a key holding both admin scopes."""
     made = await client_for(build_app(gate), gate, ADMIN_SCOPES)
     async with made.http:
@@ -352,7 +352,9 @@ async def test_patch_updates_and_takes_effect_on_the_next_request(admin: Admin) 
     gated = Starlette(
         routes=[Route("/x", probe)],
         middleware=[
-            Middleware(KeyGateMiddleware, gate=admin.gate, rules=[Rule("GET", "/x", ["vec:read"])])
+            Middleware(
+                KeystileMiddleware, gate=admin.gate, rules=[Rule("GET", "/x", ["vec:read"])]
+            )
         ],
     )
     transport = httpx.ASGITransport(app=gated)
@@ -497,7 +499,7 @@ async def test_a_key_that_keeps_changing_is_409_conflict(
     created = await admin.create()
 
     async def always_changed(key: Any, *, expected: Any = None) -> None:
-        from keygate import KeyChanged
+        from keystile import KeyChanged
 
         raise KeyChanged(f"key {key.id} changed meanwhile")
 
@@ -554,7 +556,7 @@ ENDPOINTS = [
 
 @pytest.mark.parametrize(("method", "path", "scope"), ENDPOINTS)
 async def test_each_endpoint_requires_its_scope(
-    gate: KeyGate, method: str, path: str, scope: str
+    gate: Keystile, method: str, path: str, scope: str
 ) -> None:
     """Without a key an endpoint answers 401 missing_api_key; with a key lacking its scope,
     403 insufficient_scope naming that scope — and nothing changes."""
@@ -573,7 +575,7 @@ async def test_each_endpoint_requires_its_scope(
     assert await gate.manager.get(target.key.id) == target.key
 
 
-async def test_routes_mounted_without_the_sub_app_work_too(gate: KeyGate) -> None:
+async def test_routes_mounted_without_the_sub_app_work_too(gate: Keystile) -> None:
     """admin_routes() mounted with Mount(routes=...) serves the same endpoints."""
     admin = await client_for(build_app(gate, routes=True), gate, ADMIN_SCOPES)
     async with admin.http:
@@ -581,7 +583,7 @@ async def test_routes_mounted_without_the_sub_app_work_too(gate: KeyGate) -> Non
         assert (await admin.request("GET", f"/{created['key']['id']}")).status_code == 200
 
 
-async def test_admin_rules_let_the_api_through_a_deny_unmatched_table(gate: KeyGate) -> None:
+async def test_admin_rules_let_the_api_through_a_deny_unmatched_table(gate: Keystile) -> None:
     """With deny_unmatched, admin_rules() opens the admin API to keys with its scopes and
     refuses the others at the middleware."""
     app = build_app(gate, rules=admin_rules("/cloud/keys"), deny_unmatched=True)
@@ -649,23 +651,23 @@ async def test_secrets_appear_only_in_create_and_rotate_answers_and_never_in_log
 # -- FastAPI ---------------------------------------------------------------------------------
 
 
-def fastapi_app(gate: KeyGate) -> FastAPI:
+def fastapi_app(gate: Keystile) -> FastAPI:
     app = FastAPI()
-    app.add_middleware(KeyGateMiddleware, gate=gate)
+    app.add_middleware(KeystileMiddleware, gate=gate)
     app.include_router(fastapi_router(gate), prefix="/cloud/keys")
     return app
 
 
 def test_fastapi_router_shows_every_endpoint_and_its_scope_in_openapi(
-    gate: KeyGate,
+    gate: Keystile,
 ) -> None:
-    """The OpenAPI document lists each admin endpoint with its scope under the KeyGate
+    """The OpenAPI document lists each admin endpoint with its scope under the Keystile
     scheme, and the create, update and rotate bodies, with no dangling reference."""
     document = fastapi_app(gate).openapi()
     paths = document["paths"]
     for method, path, scope in ENDPOINTS:
         operation = paths["/cloud/keys" + path.replace("{id}", "{key_id}")][method.lower()]
-        assert operation["security"] == [{"KeyGate": [scope]}], (method, path)
+        assert operation["security"] == [{"Keystile": [scope]}], (method, path)
     create = paths["/cloud/keys/"]["post"]["requestBody"]["content"]["application/json"]
     assert create["schema"]["properties"]["type"]["enum"] == ["dev", "prod", "client"]
     assert set(create["schema"]["required"]) == {"name", "type"}
@@ -678,10 +680,10 @@ def test_fastapi_router_shows_every_endpoint_and_its_scope_in_openapi(
     listing = {p["name"] for p in paths["/cloud/keys/"]["get"]["parameters"]}
     assert {"type", "status", "limit", "cursor"} <= listing
     assert "#/$defs" not in json.dumps(document)
-    assert document["components"]["securitySchemes"]["KeyGate"]["scheme"] == "bearer"
+    assert document["components"]["securitySchemes"]["Keystile"]["scheme"] == "bearer"
 
 
-async def test_fastapi_router_answers_like_the_starlette_routes(gate: KeyGate) -> None:
+async def test_fastapi_router_answers_like_the_starlette_routes(gate: Keystile) -> None:
     """Through FastAPI the admin API creates (201), validates (422 with fields), refuses a
     missing scope with the SPEC's 403 and 404s an unknown id, in the same envelopes."""
     app = fastapi_app(gate)
@@ -728,10 +730,10 @@ async def test_a_key_revoked_through_the_api_is_refused_by_another_process_withi
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
-        env={**os.environ, "KEYGATE_SECRET": SECRET},
+        env={**os.environ, "KEYSTILE_SECRET": SECRET},
     )
     assert peer.stdin is not None and peer.stdout is not None
-    gate = KeyGate(store=RedisStore.from_url(REDIS_URL, namespace=redis_namespace), secret=SECRET)
+    gate = Keystile(store=RedisStore.from_url(REDIS_URL, namespace=redis_namespace), secret=SECRET)
     admin = await client_for(build_app(gate), gate, ADMIN_SCOPES)
     delays = []
     try:

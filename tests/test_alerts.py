@@ -21,12 +21,12 @@ from typing import Any
 import pytest
 
 from conftest import REDIS_URL
-from keygate import KeyGateSettings, ManualClock, MemoryStore, RedisStore
-from keygate.alerts import Alert, AlertRules, MemoryAlertState
-from keygate.clock import to_datetime
-from keygate.gate import KeyGate
-from keygate.quotas import MemoryQuotaStore, RedisQuotaStore
-from keygate.stores import KeyStore
+from keystile import KeystileSettings, ManualClock, MemoryStore, RedisStore
+from keystile.alerts import Alert, AlertRules, MemoryAlertState
+from keystile.clock import to_datetime
+from keystile.gate import Keystile
+from keystile.quotas import MemoryQuotaStore, RedisQuotaStore
+from keystile.stores import KeyStore
 from usage_app import build_app, http
 
 SECRET = "x" * 20
@@ -44,11 +44,11 @@ class Rig:
     ) -> None:
         self.redis = store if isinstance(store, RedisStore) else None
         cooldown = MEMORY_COOLDOWN if self.redis is None else REDIS_COOLDOWN
-        self.gate = KeyGate(
+        self.gate = Keystile(
             store=store,
             secret=SECRET,
             clock=clock,
-            settings=KeyGateSettings(usage_flush_interval=60.0, **settings),
+            settings=KeystileSettings(usage_flush_interval=60.0, **settings),
             alert_rules=rules.model_copy(update={"cooldown": cooldown}),
         )
         if self.redis is None:
@@ -356,7 +356,7 @@ async def test_alerts_reach_callbacks_and_the_log(
     rig_for: Callable[..., Rig], caplog: pytest.LogCaptureFixture
 ) -> None:
     """Every alert reaches sync and async callbacks (one failing callback silences none) and
-    the keygate.alerts log with the key id; no log record holds any piece of the secret."""
+    the keystile.alerts log with the key id; no log record holds any piece of the secret."""
     caplog.set_level(logging.DEBUG)
     rig = rig_for()
     synced: list[Alert] = []
@@ -379,7 +379,7 @@ async def test_alerts_reach_callbacks_and_the_log(
     assert synced == awaited == rig.alerts
     alert = synced[0]
     assert (alert.key_id, alert.at, alert.details) == (key_id, rig.gate.now(), {"attempts": 1})
-    logged = [r for r in caplog.records if r.name == "keygate.alerts"]
+    logged = [r for r in caplog.records if r.name == "keystile.alerts"]
     warnings = [r for r in logged if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and key_id in warnings[0].getMessage()
     assert "inactive_key_in_use" in warnings[0].getMessage()
@@ -524,10 +524,10 @@ async def test_processes_sharing_redis_alert_once(redis_namespace: str) -> None:
     """Two app processes that both see a revoked key in use deliver the alert once between
     them: the claim in Redis lets one through per cool-down."""
     store = RedisStore.from_url(REDIS_URL, namespace=redis_namespace)
-    gate = KeyGate(store=store, secret=SECRET, settings=KeyGateSettings(usage_flush_interval=60))
+    gate = Keystile(store=store, secret=SECRET, settings=KeystileSettings(usage_flush_interval=60))
     created = await gate.manager.create({"name": "old", "type": "prod"})
     await gate.manager.revoke(created.key.id)
-    env = {**os.environ, "KG_ALERT_TOKEN": created.secret.get_secret_value()}
+    env = {**os.environ, "KS_ALERT_TOKEN": created.secret.get_secret_value()}
     workers = [
         await asyncio.create_subprocess_exec(
             sys.executable,

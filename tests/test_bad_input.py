@@ -10,9 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import SECRET
-from keygate import ApiKey, KeyFormatError, MemoryStore, RedisStore, generate_key, parse_key
-from keygate.gate import KeyGate
-from keygate.stores import CachedStore
+from keystile import ApiKey, KeyFormatError, MemoryStore, RedisStore, generate_key, parse_key
+from keystile.gate import Keystile
+from keystile.stores import CachedStore
 from test_middleware import Headers, assert_refused, call, challenge, make_app
 
 PREFIXES = {"dev_", "prod_", "client_"}
@@ -35,9 +35,9 @@ class CountingStore:
         return await self.inner.find(digest)
 
 
-def counting_gate() -> tuple[KeyGate, CountingStore]:
+def counting_gate() -> tuple[Keystile, CountingStore]:
     counting = CountingStore()
-    return KeyGate(store=CachedStore(counting), secret=SECRET), counting
+    return Keystile(store=CachedStore(counting), secret=SECRET), counting
 
 
 def authorization(*values: bytes) -> Headers:
@@ -241,7 +241,7 @@ async def test_malformed_tokens_are_refused_even_with_the_store_down(
 ) -> None:
     """With Redis unreachable, a malformed token still gets its 4xx, not 503."""
     store = RedisStore.from_url(unused_redis_url, timeout=0.2, pool_timeout=0.2)
-    gate = KeyGate(store=store, secret=SECRET)
+    gate = Keystile(store=store, secret=SECRET)
     app, _ = make_app(gate)
     try:
         response = await call(app, authorization(value))

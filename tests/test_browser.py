@@ -1,8 +1,8 @@
-"""End to end in headless Chromium (SPEC §5): a page on one origin calls `keygate demo` on
-another with a client key, and the browser itself enforces what keygate answers.
+"""End to end in headless Chromium (SPEC §5): a page on one origin calls `keystile demo` on
+another with a client key, and the browser itself enforces what keystile answers.
 
 Needs Chromium, its driver and Selenium; skipped with the reason when any is missing,
-failed instead when KEYGATE_TEST_REQUIRE_BROWSER is set (as .ci/run does). Selenium is
+failed instead when KEYSTILE_TEST_REQUIRE_BROWSER is set (as .ci/run does). Selenium is
 given the driver's path, so it never tries to download one.
 """
 
@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 
 from browser.harness import ServerProcess, demo_argv, seed_env, serve
-from keygate.origins import parse_origin_pattern
+from keystile.origins import parse_origin_pattern
 
-REQUIRED = os.environ.get("KEYGATE_TEST_REQUIRE_BROWSER", "") not in ("", "0")
+REQUIRED = os.environ.get("KEYSTILE_TEST_REQUIRE_BROWSER", "") not in ("", "0")
 TIMEOUT = 15  # seconds for a page load or a script in the page
 CHROMIUM_FLAGS = [
     "--headless",
@@ -38,7 +38,7 @@ CHROMIUM_FLAGS = [
 PATH = "/cloud/vec/databases"
 
 PAGE = b"""<!doctype html>
-<html><head><meta charset="utf-8"><title>keygate browser test</title></head>
+<html><head><meta charset="utf-8"><title>keystile browser test</title></head>
 <body>
 <script>
 // What a browser app does: call the API with its client key and read the answer.
@@ -69,7 +69,7 @@ function originOf(text) {
 def unavailable(reason: str) -> None:
     """Skip, or fail when a browser is required."""
     if REQUIRED:
-        pytest.fail(f"a browser is required (KEYGATE_TEST_REQUIRE_BROWSER): {reason}")
+        pytest.fail(f"a browser is required (KEYSTILE_TEST_REQUIRE_BROWSER): {reason}")
     pytest.skip(reason)
 
 
@@ -139,7 +139,7 @@ def page_port() -> Iterator[int]:
 
 @pytest.fixture(scope="module")
 def demo(page_port: int) -> Iterator[ServerProcess]:
-    """`keygate demo` with two more client keys: one for the page's localhost origin, one
+    """`keystile demo` with two more client keys: one for the page's localhost origin, one
     for the demo's own http://localhost:5173."""
     keys: list[dict[str, object]] = [
         {
@@ -233,7 +233,7 @@ ENTRIES = [
 ]
 
 
-def test_chromium_and_keygate_serialise_origins_alike(driver: Any, page_port: int) -> None:
+def test_chromium_and_keystile_serialise_origins_alike(driver: Any, page_port: int) -> None:
     """Each allowed-origin entry normalises to the origin Chromium itself serialises for it,
     internationalised hosts included."""
     driver.get(f"http://localhost:{page_port}/")

@@ -10,8 +10,8 @@ import pytest
 import redis
 
 from conftest import REDIS_URL, _make_store, issue, within
-from keygate import KeyHasher, KeyManager, ManualClock, MemoryStore, RedisStore, StoreUnavailable
-from keygate.stores import CachedStore, KeyStore
+from keystile import KeyHasher, KeyManager, ManualClock, MemoryStore, RedisStore, StoreUnavailable
+from keystile.stores import CachedStore, KeyStore
 from test_stores import Recorder, settle
 
 

@@ -1,4 +1,4 @@
-"""The `keygate` command line (SPEC §8): every key command, its output, its exit codes."""
+"""The `keystile` command line (SPEC §8): every key command, its output, its exit codes."""
 
 from __future__ import annotations
 
@@ -20,20 +20,20 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from conftest import REDIS_URL, SECRET, within
-from keygate import (
+from keystile import (
     KeyChanged,
-    KeyGateMiddleware,
     KeyHasher,
     KeyManager,
+    KeystileMiddleware,
     ManualClock,
     RedisStore,
 )
-from keygate.cli import build_parser, duration, execute, expiry, main
-from keygate.clock import to_datetime
-from keygate.gate import KeyGate
-from keygate.manager import RECORD_FIELDS
+from keystile.cli import build_parser, duration, execute, expiry, main
+from keystile.clock import to_datetime
+from keystile.gate import Keystile
+from keystile.manager import RECORD_FIELDS
 
-KEYGATE = os.path.join(os.path.dirname(sys.executable), "keygate")
+KEYSTILE = os.path.join(os.path.dirname(sys.executable), "keystile")
 UNKNOWN = "key_0000000000nothinghere"
 
 
@@ -135,7 +135,7 @@ def test_malformed_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFixtu
 def test_keys_without_an_action_prints_help_and_exits_2(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """`keygate keys` alone shows its actions and exits 2."""
+    """`keystile keys` alone shows its actions and exits 2."""
     assert main(["keys"]) == 2
     assert "create" in capsys.readouterr().err
 
@@ -358,7 +358,7 @@ async def test_usage_shows_what_was_recorded(manager: KeyManager) -> None:
 
 async def test_an_unreachable_store_is_one_line_and_exit_1(unused_redis_url: str) -> None:
     """When Redis does not answer, a command exits 1 with one line and no traceback."""
-    store = RedisStore.from_url(unused_redis_url, namespace="kgtest-unreachable")
+    store = RedisStore.from_url(unused_redis_url, namespace="kstest-unreachable")
     manager = KeyManager(store, KeyHasher(SECRET))
     try:
         code, out, err = await run(manager, "keys", "list")
@@ -373,9 +373,9 @@ async def test_an_unreachable_store_is_one_line_and_exit_1(unused_redis_url: str
 
 @pytest.fixture
 def environment(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    """No KEYGATE_ variable but the ones a test sets."""
+    """No KEYSTILE_ variable but the ones a test sets."""
     for name in list(os.environ):
-        if name.startswith("KEYGATE_"):
+        if name.startswith("KEYSTILE_"):
             monkeypatch.delenv(name)
     return monkeypatch
 
@@ -383,18 +383,22 @@ def environment(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 @pytest.mark.parametrize(
     ("env", "argv", "fragment"),
     [
-        ({"KEYGATE_SECRET": SECRET}, [], "a shared store is needed"),
-        ({"KEYGATE_SECRET": SECRET, "KEYGATE_REDIS_URL": "memory://"}, [], "vanish"),
-        ({"KEYGATE_SECRET": SECRET}, ["--redis", "memory://"], "vanish"),
-        ({"KEYGATE_SECRET": SECRET}, ["--redis", "http://x"], "redis://"),
-        ({}, ["--redis", REDIS_URL], "KEYGATE_SECRET is not set"),
-        ({"KEYGATE_SECRET": "short"}, ["--redis", REDIS_URL], "16 bytes"),
+        ({"KEYSTILE_SECRET": SECRET}, [], "a shared store is needed"),
+        ({"KEYSTILE_SECRET": SECRET, "KEYSTILE_REDIS_URL": "memory://"}, [], "vanish"),
+        ({"KEYSTILE_SECRET": SECRET}, ["--redis", "memory://"], "vanish"),
+        ({"KEYSTILE_SECRET": SECRET}, ["--redis", "http://x"], "redis://"),
+        ({}, ["--redis", REDIS_URL], "KEYSTILE_SECRET is not set"),
+        ({"KEYSTILE_SECRET": "short"}, ["--redis", REDIS_URL], "16 bytes"),
         (
-            {"KEYGATE_SECRET": SECRET, "KEYGATE_NAMESPACE": "a b"},
+            {"KEYSTILE_SECRET": SECRET, "KEYSTILE_NAMESPACE": "a b"},
             ["--redis", REDIS_URL],
             "namespace",
         ),
-        ({"KEYGATE_SECRET": SECRET, "KEYGATE_REDIS_TIMEOUT": "soon"}, [], "KEYGATE_REDIS_TIMEOUT"),
+        (
+            {"KEYSTILE_SECRET": SECRET, "KEYSTILE_REDIS_TIMEOUT": "soon"},
+            [],
+            "KEYSTILE_REDIS_TIMEOUT",
+        ),
     ],
     ids=[
         "no-store",
@@ -428,7 +432,7 @@ def test_an_unreachable_redis_exits_1_without_showing_its_password(
     environment: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], unused_redis_url: str
 ) -> None:
     """An unreachable Redis is one line on stderr and exit 1; the URL's password is hidden."""
-    environment.setenv("KEYGATE_SECRET", SECRET)
+    environment.setenv("KEYSTILE_SECRET", SECRET)
     url = unused_redis_url.replace("redis://", "redis://:hunter2@")
     assert main(["keys", "show", "key_x", "--redis", url]) == 1
     err = capsys.readouterr().err
@@ -436,44 +440,44 @@ def test_an_unreachable_redis_exits_1_without_showing_its_password(
     assert "hunter2" not in err and ":***@" in err
 
 
-def keygate(namespace: str, *argv: str, **env: str) -> subprocess.CompletedProcess[str]:
-    """The installed `keygate` command, on the real Redis under ``namespace``."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("KEYGATE_")}
+def keystile(namespace: str, *argv: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """The installed `keystile` command, on the real Redis under ``namespace``."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("KEYSTILE_")}
     return subprocess.run(
-        [KEYGATE, *argv],
+        [KEYSTILE, *argv],
         capture_output=True,
         text=True,
         timeout=60,
-        env={**clean, "KEYGATE_SECRET": SECRET, "KEYGATE_NAMESPACE": namespace, **env},
+        env={**clean, "KEYSTILE_SECRET": SECRET, "KEYSTILE_NAMESPACE": namespace, **env},
     )
 
 
 @pytest.fixture
-async def app_gate(redis_namespace: str) -> AsyncIterator[KeyGate]:
+async def app_gate(redis_namespace: str) -> AsyncIterator[Keystile]:
     """A running app's gate on the real Redis, sharing the namespace and the secret."""
-    gate = KeyGate(store=RedisStore.from_url(REDIS_URL, namespace=redis_namespace), secret=SECRET)
+    gate = Keystile(store=RedisStore.from_url(REDIS_URL, namespace=redis_namespace), secret=SECRET)
     assert await gate.store.start(timeout=5.0)
     yield gate
     await gate.aclose()
 
 
 async def test_a_key_made_on_the_command_line_works_in_a_running_app(
-    redis_namespace: str, app_gate: KeyGate
+    redis_namespace: str, app_gate: Keystile
 ) -> None:
-    """A key created by `keygate keys create` authenticates at once in an app sharing the
-    Redis and the secret; `keygate keys revoke` gets it refused within 100 ms."""
+    """A key created by `keystile keys create` authenticates at once in an app sharing the
+    Redis and the secret; `keystile keys revoke` gets it refused within 100 ms."""
 
     async def endpoint(request: Request) -> JSONResponse:
         return JSONResponse({"key": request.user.identity})
 
     app = Starlette(
-        routes=[Route("/x", endpoint)], middleware=[Middleware(KeyGateMiddleware, gate=app_gate)]
+        routes=[Route("/x", endpoint)], middleware=[Middleware(KeystileMiddleware, gate=app_gate)]
     )
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://app") as http:
         before = await http.get("/x", headers={"Authorization": "Bearer dev_x"})
         assert before.status_code == 401
-        made = keygate(
+        made = keystile(
             redis_namespace,
             *("keys", "create", "--redis", REDIS_URL, "--json"),
             *("--name", "from the shell", "--type", "prod", "--scope", "vec:read"),
@@ -485,7 +489,7 @@ async def test_a_key_made_on_the_command_line_works_in_a_running_app(
         assert admitted.status_code == 200
         assert admitted.json() == {"key": body["key"]["id"]}
 
-        revoked = keygate(
+        revoked = keystile(
             redis_namespace, "keys", "revoke", body["key"]["id"], "--redis", REDIS_URL
         )
         assert revoked.returncode == 0, revoked.stderr
@@ -500,18 +504,18 @@ async def test_a_key_made_on_the_command_line_works_in_a_running_app(
 
 
 async def test_the_command_reads_the_store_from_the_environment(
-    redis_namespace: str, app_gate: KeyGate
+    redis_namespace: str, app_gate: Keystile
 ) -> None:
-    """With KEYGATE_REDIS_URL set, no --redis is needed: a key made by the app is listed,
+    """With KEYSTILE_REDIS_URL set, no --redis is needed: a key made by the app is listed,
     rotated and shown by the command, and its hint is never followed by its secret."""
     created = await app_gate.manager.create({"name": "app-made", "type": "dev"})
-    listed = keygate(redis_namespace, "keys", "list", KEYGATE_REDIS_URL=REDIS_URL)
+    listed = keystile(redis_namespace, "keys", "list", KEYSTILE_REDIS_URL=REDIS_URL)
     assert listed.returncode == 0, listed.stderr
     assert created.key.id in listed.stdout and created.key.hint in listed.stdout
-    rotated = keygate(
+    rotated = keystile(
         redis_namespace,
         *("keys", "rotate", created.key.id, "--grace", "0s", "--json"),
-        KEYGATE_REDIS_URL=REDIS_URL,
+        KEYSTILE_REDIS_URL=REDIS_URL,
     )
     assert rotated.returncode == 0, rotated.stderr
     body = json.loads(rotated.stdout)
@@ -525,7 +529,7 @@ def test_the_installed_command_reports_an_unreachable_redis_plainly(
 ) -> None:
     """The installed command, given a Redis where nothing listens, prints one line and exits
     1 — no traceback."""
-    result = keygate("kgtest-nowhere", "keys", "list", "--redis", unused_redis_url)
+    result = keystile("kstest-nowhere", "keys", "list", "--redis", unused_redis_url)
     assert result.returncode == 1
     assert result.stdout == ""
     assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr

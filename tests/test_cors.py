@@ -19,11 +19,11 @@ from starlette.routing import Route
 
 from browser.harness import ServerProcess, seed_env, serve, uvicorn_argv
 from conftest import REDIS_URL, SECRET, within
-from keygate import ApiKey, KeyGate, KeyStore, ManualClock, RedisStore
-from keygate.clock import to_datetime
-from keygate.middleware import KeyGateMiddleware
-from keygate.routing import Rule
-from keygate.settings import KeyGateSettings
+from keystile import ApiKey, Keystile, KeyStore, ManualClock, RedisStore
+from keystile.clock import to_datetime
+from keystile.middleware import KeystileMiddleware
+from keystile.routing import Rule
+from keystile.settings import KeystileSettings
 
 APP = "https://app.example.com"
 OTHER = "https://other.example.com"
@@ -37,8 +37,8 @@ class Counter:
     calls = 0
 
 
-def make_app(gate: KeyGate, **options: Any) -> tuple[Starlette, Counter]:
-    """An app with GET /items (vec:read) and POST /items (vec:write) behind keygate."""
+def make_app(gate: Keystile, **options: Any) -> tuple[Starlette, Counter]:
+    """An app with GET /items (vec:read) and POST /items (vec:write) behind keystile."""
     counter = Counter()
 
     async def items(request: Request) -> JSONResponse:
@@ -47,7 +47,7 @@ def make_app(gate: KeyGate, **options: Any) -> tuple[Starlette, Counter]:
 
     app = Starlette(
         routes=[Route("/items", items, methods=["GET", "POST"])],
-        middleware=[Middleware(KeyGateMiddleware, gate=gate, rules=RULES, **options)],
+        middleware=[Middleware(KeystileMiddleware, gate=gate, rules=RULES, **options)],
     )
     return app, counter
 
@@ -103,7 +103,7 @@ def bearer(secret: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {secret}"}
 
 
-async def client_key(gate: KeyGate, origins: list[str], **fields: Any) -> tuple[ApiKey, str]:
+async def client_key(gate: Keystile, origins: list[str], **fields: Any) -> tuple[ApiKey, str]:
     created = await gate.manager.create(
         {
             "name": "browser key",
@@ -117,9 +117,9 @@ async def client_key(gate: KeyGate, origins: list[str], **fields: Any) -> tuple[
 
 
 @pytest.fixture
-async def gate(store: KeyStore, clock: ManualClock) -> AsyncIterator[KeyGate]:
+async def gate(store: KeyStore, clock: ManualClock) -> AsyncIterator[Keystile]:
     """A gate over each backend (memory, fakeredis, real Redis) with a manual clock."""
-    made = KeyGate(store=store, secret=SECRET, clock=clock)
+    made = Keystile(store=store, secret=SECRET, clock=clock)
     yield made
     await made.aclose()
 
@@ -127,7 +127,7 @@ async def gate(store: KeyStore, clock: ManualClock) -> AsyncIterator[KeyGate]:
 # -- preflights -------------------------------------------------------------------------------
 
 
-async def test_an_allowed_preflight(gate: KeyGate) -> None:
+async def test_an_allowed_preflight(gate: Keystile) -> None:
     """A preflight from an origin some key allows is a 204 echoing the exact origin, naming
     Authorization, with methods, max age and Vary: Origin; it needs no key."""
     await client_key(gate, [APP])
@@ -149,7 +149,7 @@ async def test_an_allowed_preflight(gate: KeyGate) -> None:
     assert counter.calls == 0
 
 
-async def test_preflight_settings(gate: KeyGate) -> None:
+async def test_preflight_settings(gate: Keystile) -> None:
     """cors_methods, cors_headers and cors_max_age shape the answer; Authorization is always
     named explicitly, never left to a '*'."""
     await client_key(gate, [APP])
@@ -183,7 +183,7 @@ async def test_preflight_settings(gate: KeyGate) -> None:
     ],
 )
 async def test_a_refused_preflight(
-    gate: KeyGate, origin: str, method: str, asked: str | None
+    gate: Keystile, origin: str, method: str, asked: str | None
 ) -> None:
     """A preflight the union of origins, methods and headers does not cover is a 403 with
     no CORS headers, and the app never sees it."""
@@ -196,7 +196,7 @@ async def test_a_refused_preflight(
     assert counter.calls == 0
 
 
-async def test_the_apps_own_origins_are_allowed(gate: KeyGate) -> None:
+async def test_the_apps_own_origins_are_allowed(gate: Keystile) -> None:
     """Origins the app configures (cors_origins) pass preflights with no key allowing them."""
     app, _ = make_app(gate, cors_origins=["https://admin.example.com", "https://*.partner.io"])
     async with client(app) as http:
@@ -206,7 +206,7 @@ async def test_the_apps_own_origins_are_allowed(gate: KeyGate) -> None:
         assert (await preflight(http, APP)).status_code == 403
 
 
-async def test_preflights_can_be_left_to_the_app(gate: KeyGate) -> None:
+async def test_preflights_can_be_left_to_the_app(gate: Keystile) -> None:
     """With preflight=False an OPTIONS request is authenticated like any other."""
     await client_key(gate, [APP])
     app, _ = make_app(gate, preflight=False)
@@ -215,7 +215,7 @@ async def test_preflights_can_be_left_to_the_app(gate: KeyGate) -> None:
     assert response.status_code == 401
 
 
-async def test_the_union_follows_keys(gate: KeyGate, clock: ManualClock) -> None:
+async def test_the_union_follows_keys(gate: Keystile, clock: ManualClock) -> None:
     """Preflights follow keys as they are created, change origins, are revoked and expire."""
     app, _ = make_app(gate)
 
@@ -264,7 +264,7 @@ async def test_the_union_follows_keys(gate: KeyGate, clock: ManualClock) -> None
     ],
     indirect=True,
 )
-async def test_concurrent_preflights_are_all_allowed(gate: KeyGate) -> None:
+async def test_concurrent_preflights_are_all_allowed(gate: Keystile) -> None:
     """A burst of preflights from an allowed origin, arriving while the index first loads,
     is answered 204 every time."""
     await client_key(gate, [APP])
@@ -277,7 +277,7 @@ async def test_concurrent_preflights_are_all_allowed(gate: KeyGate) -> None:
 # -- actual requests --------------------------------------------------------------------------
 
 
-async def test_a_disallowed_origin_never_reaches_the_app(gate: KeyGate) -> None:
+async def test_a_disallowed_origin_never_reaches_the_app(gate: Keystile) -> None:
     """A client key from an origin not on its own list is refused with origin_not_allowed and
     no CORS headers, even when another key allows that origin; the app is never called."""
     _, secret = await client_key(gate, [APP])
@@ -296,7 +296,7 @@ async def test_a_disallowed_origin_never_reaches_the_app(gate: KeyGate) -> None:
     assert counter.calls == 0
 
 
-async def test_an_allowed_origin_can_read_the_answer(gate: KeyGate) -> None:
+async def test_an_allowed_origin_can_read_the_answer(gate: Keystile) -> None:
     """From an allowed origin the answer carries the exact origin, Vary: Origin and exposes
     the rate-limit headers it carries."""
     _, secret = await client_key(gate, [APP])
@@ -310,7 +310,7 @@ async def test_an_allowed_origin_can_read_the_answer(gate: KeyGate) -> None:
     assert counter.calls == 1
 
 
-async def test_a_rate_limited_answer_is_readable(gate: KeyGate) -> None:
+async def test_a_rate_limited_answer_is_readable(gate: Keystile) -> None:
     """A 429 to an allowed origin carries the CORS headers next to its rate-limit headers."""
     _, secret = await client_key(gate, [APP], rate_limit="2/minute")
     app, counter = make_app(gate)
@@ -326,7 +326,7 @@ async def test_a_rate_limited_answer_is_readable(gate: KeyGate) -> None:
     assert counter.calls == 2
 
 
-async def test_an_insufficient_scope_answer_is_readable(gate: KeyGate) -> None:
+async def test_an_insufficient_scope_answer_is_readable(gate: Keystile) -> None:
     """A 403 insufficient_scope to an allowed origin carries the CORS headers."""
     _, secret = await client_key(gate, [APP])
     app, counter = make_app(gate)
@@ -338,7 +338,7 @@ async def test_an_insufficient_scope_answer_is_readable(gate: KeyGate) -> None:
     assert counter.calls == 0
 
 
-async def test_no_origin_is_allowed_unless_required(gate: KeyGate) -> None:
+async def test_no_origin_is_allowed_unless_required(gate: Keystile) -> None:
     """A client key with no Origin header (curl, a mobile app) is admitted by default and
     refused with require_origin=True, which still admits an allowed origin."""
     _, secret = await client_key(gate, [APP])
@@ -356,7 +356,7 @@ async def test_no_origin_is_allowed_unless_required(gate: KeyGate) -> None:
 
 
 @pytest.mark.parametrize("second", [APP, EVIL])
-async def test_two_origin_headers_are_refused(gate: KeyGate, second: str) -> None:
+async def test_two_origin_headers_are_refused(gate: Keystile, second: str) -> None:
     """A request with two Origin headers is ambiguous and refused, allowed ones included."""
     _, secret = await client_key(gate, [APP])
     app, counter = make_app(gate)
@@ -366,7 +366,7 @@ async def test_two_origin_headers_are_refused(gate: KeyGate, second: str) -> Non
     assert counter.calls == 0
 
 
-async def test_refusals_before_the_key_is_known_are_readable(gate: KeyGate) -> None:
+async def test_refusals_before_the_key_is_known_are_readable(gate: Keystile) -> None:
     """A 401 (no key, or a wrong one) to an origin the union allows carries the CORS headers
     so the page can read why; to any other origin it carries none."""
     await client_key(gate, [APP])
@@ -383,11 +383,11 @@ async def test_refusals_before_the_key_is_known_are_readable(gate: KeyGate) -> N
     assert_no_cors(elsewhere)
 
 
-async def test_keygate_refuses_where_starlette_cors_still_runs_the_handler(
-    gate: KeyGate,
+async def test_keystile_refuses_where_starlette_cors_still_runs_the_handler(
+    gate: Keystile,
 ) -> None:
     """Starlette's CORSMiddleware only withholds headers, so a disallowed origin still runs
-    the handler; keygate refuses before the handler runs."""
+    the handler; keystile refuses before the handler runs."""
     _, secret = await client_key(gate, [APP])
     starlette_calls = Counter()
 
@@ -401,25 +401,25 @@ async def test_keygate_refuses_where_starlette_cors_still_runs_the_handler(
             Middleware(CORSMiddleware, allow_origins=[APP], allow_headers=["Authorization"])
         ],
     )
-    keygate_app, keygate_calls = make_app(gate)
+    keystile_app, keystile_calls = make_app(gate)
     headers = {**bearer(secret), "Origin": EVIL}
     async with client(plain) as http:
         response = await http.get("/items", headers=headers)
         assert response.status_code == 200
         assert "access-control-allow-origin" not in response.headers
-    async with client(keygate_app) as http:
+    async with client(keystile_app) as http:
         assert_origin_refused(await http.get("/items", headers=headers))
-    assert (starlette_calls.calls, keygate_calls.calls) == (1, 0)
+    assert (starlette_calls.calls, keystile_calls.calls) == (1, 0)
 
 
 # -- other gates and processes on the same Redis ----------------------------------------------
 
 
 @pytest.fixture
-async def redis_gate(redis_namespace: str) -> AsyncIterator[KeyGate]:
+async def redis_gate(redis_namespace: str) -> AsyncIterator[Keystile]:
     """A gate on the real Redis, under a namespace of its own."""
-    made = KeyGate(
-        store=REDIS_URL, secret=SECRET, settings=KeyGateSettings(namespace=redis_namespace)
+    made = Keystile(
+        store=REDIS_URL, secret=SECRET, settings=KeystileSettings(namespace=redis_namespace)
     )
     yield made
     await made.aclose()
@@ -427,11 +427,13 @@ async def redis_gate(redis_namespace: str) -> AsyncIterator[KeyGate]:
 
 @pytest.mark.redis
 async def test_another_gate_on_the_same_redis_follows(
-    redis_gate: KeyGate, redis_namespace: str
+    redis_gate: Keystile, redis_namespace: str
 ) -> None:
     """A second gate (its own connections and cache) on the same Redis namespace allows a
     key's origin soon after the key is created through the first, and stops after revoking."""
-    other = KeyGate(store=RedisStore.from_url(REDIS_URL, namespace=redis_namespace), secret=SECRET)
+    other = Keystile(
+        store=RedisStore.from_url(REDIS_URL, namespace=redis_namespace), secret=SECRET
+    )
     app, _ = make_app(other)
     try:
         async with client(app) as http:
@@ -461,7 +463,10 @@ async def test_another_gate_on_the_same_redis_follows(
 def other_process(redis_namespace: str) -> Iterator[ServerProcess]:
     """uvicorn in another process serving the demo API on the same Redis namespace."""
     env = seed_env(
-        [], KEYGATE_REDIS_URL=REDIS_URL, KEYGATE_SECRET=SECRET, KEYGATE_NAMESPACE=redis_namespace
+        [],
+        KEYSTILE_REDIS_URL=REDIS_URL,
+        KEYSTILE_SECRET=SECRET,
+        KEYSTILE_NAMESPACE=redis_namespace,
     )
     with serve(lambda port: uvicorn_argv(port, "--no-access-log"), env) as server:
         yield server
@@ -469,7 +474,7 @@ def other_process(redis_namespace: str) -> Iterator[ServerProcess]:
 
 @pytest.mark.redis
 async def test_another_process_on_the_same_redis_follows(
-    redis_gate: KeyGate, other_process: ServerProcess
+    redis_gate: Keystile, other_process: ServerProcess
 ) -> None:
     """Another process on the same Redis namespace allows a key's origins within a second of
     its creation, follows a change of origins, and refuses them once it is revoked."""

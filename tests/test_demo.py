@@ -1,4 +1,4 @@
-"""The demo API: every route works with real state, and `keygate demo` does what it prints."""
+"""The demo API: every route works with real state, and `keystile demo` does what it prints."""
 
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ from typing import Any
 import httpx
 import pytest
 
-from keygate.demo import DEMO_ORIGINS, build_demo_app, seed_demo_keys
-from keygate.gate import KeyGate
+from keystile.demo import DEMO_ORIGINS, build_demo_app, seed_demo_keys
+from keystile.gate import Keystile
 
 
 @pytest.fixture
 async def demo() -> AsyncIterator[tuple[httpx.AsyncClient, dict[str, str]]]:
-    gate = KeyGate(store="memory://")
+    gate = Keystile(store="memory://")
     keys = await seed_demo_keys(gate)
     app = build_demo_app(gate)
     transport = httpx.ASGITransport(app=app)
@@ -250,12 +250,12 @@ def _free_port() -> int:
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
-def test_keygate_demo_serves_what_it_prints() -> None:
-    """`keygate demo` prints curl lines that give 200, 401 and 403 against the live server."""
+def test_keystile_demo_serves_what_it_prints() -> None:
+    """`keystile demo` prints curl lines that give 200, 401 and 403 against the live server."""
     port = _free_port()
-    keygate = os.path.join(os.path.dirname(sys.executable), "keygate")
+    keystile = os.path.join(os.path.dirname(sys.executable), "keystile")
     with subprocess.Popen(
-        [keygate, "demo", "--port", str(port)],
+        [keystile, "demo", "--port", str(port)],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

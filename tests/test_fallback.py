@@ -12,11 +12,11 @@ from typing import Any
 import fakeredis
 import pytest
 
-from keygate import KeyGate, KeyGateSettings, StoreUnavailable
-from keygate.fallback import BACKING_OFF, Fallback
-from keygate.ratelimit import RedisLimiter
+from keystile import Keystile, KeystileSettings, StoreUnavailable
+from keystile.fallback import BACKING_OFF, Fallback
+from keystile.ratelimit import RedisLimiter
 
-log = logging.getLogger("keygate.test_fallback")
+log = logging.getLogger("keystile.test_fallback")
 
 
 class Redis:
@@ -164,14 +164,14 @@ async def test_deny_refuses_without_asking_while_backing_off_unless_allowed(
 
 
 def test_the_back_off_is_configured_from_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    """KEYGATE_RATE_LIMIT_TRIP_AFTER / _BACKOFF / _BACKOFF_MAX reach the limiter and the
+    """KEYSTILE_RATE_LIMIT_TRIP_AFTER / _BACKOFF / _BACKOFF_MAX reach the limiter and the
     quotas; a first wait above the most is refused."""
-    monkeypatch.setenv("KEYGATE_RATE_LIMIT_TRIP_AFTER", "5")
-    monkeypatch.setenv("KEYGATE_RATE_LIMIT_BACKOFF", "0.2")
-    monkeypatch.setenv("KEYGATE_RATE_LIMIT_BACKOFF_MAX", "3")
-    monkeypatch.setenv("KEYGATE_RATE_LIMIT_FAILURE", "deny")
-    settings = KeyGateSettings()
-    gate = KeyGate(store="memory://", settings=settings)
+    monkeypatch.setenv("KEYSTILE_RATE_LIMIT_TRIP_AFTER", "5")
+    monkeypatch.setenv("KEYSTILE_RATE_LIMIT_BACKOFF", "0.2")
+    monkeypatch.setenv("KEYSTILE_RATE_LIMIT_BACKOFF_MAX", "3")
+    monkeypatch.setenv("KEYSTILE_RATE_LIMIT_FAILURE", "deny")
+    settings = KeystileSettings()
+    gate = Keystile(store="memory://", settings=settings)
     fb = gate.quotas.fallback
     assert (fb.trip_after, fb.backoff, fb.failure) == (5, (0.2, 3.0), "deny")
     limiter = RedisLimiter(fakeredis.FakeAsyncRedis(), **settings.fallback_options)
@@ -181,6 +181,6 @@ def test_the_back_off_is_configured_from_the_settings(monkeypatch: pytest.Monkey
     assert limiter.fallback.failure == "allow"
     with pytest.raises(ValueError, match="failure"):
         limiter.failure = "maybe"  # type: ignore[assignment]
-    monkeypatch.setenv("KEYGATE_RATE_LIMIT_BACKOFF", "4")
+    monkeypatch.setenv("KEYSTILE_RATE_LIMIT_BACKOFF", "4")
     with pytest.raises(ValueError, match="rate_limit_backoff must not exceed"):
-        KeyGateSettings()
+        KeystileSettings()

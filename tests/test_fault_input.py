@@ -1,5 +1,5 @@
 """Hostile bytes through a real server (SPEC §4: no input may produce a 5xx): raw sockets
-to uvicorn serving the demo (``keygate demo``, memory store) and a keygate app behind a
+to uvicorn serving the demo (``keystile demo``, memory store) and a keystile app behind a
 trusted proxy (shared Redis) — header fuzz, homoglyph keys, malformed Origin and
 X-Forwarded-For. uvicorn (h11) may refuse a request itself with a 400 or close the
 connection: that is recorded, and fine; a 5xx, a traceback or a dead server is not."""
@@ -280,7 +280,7 @@ def summary(tally: Counter[str]) -> str:
 
 @pytest.fixture
 def demo() -> Iterator[tuple[Server, dict[str, str]]]:
-    """``keygate demo`` on a free port, and the keys it printed."""
+    """``keystile demo`` on a free port, and the keys it printed."""
     with serve(demo=True) as server:
         keys = dict(re.findall(r"^\s+(dev|prod|client|admin)\s+(\S+_\S+)$", server.output, re.M))
         assert set(keys) == {"dev", "prod", "client", "admin"}, server.output
@@ -290,7 +290,7 @@ def demo() -> Iterator[tuple[Server, dict[str, str]]]:
 async def test_hostile_requests_to_the_demo_never_get_a_5xx(
     demo: tuple[Server, dict[str, str]], figures: Figures
 ) -> None:
-    """Every request of the corpus sent to ``keygate demo`` gets a 4xx (or, from uvicorn
+    """Every request of the corpus sent to ``keystile demo`` gets a 4xx (or, from uvicorn
     itself, a 400 or a closed connection) — never a 5xx, never a traceback, never a 200 for a
     request that is not a legitimate spelling of a valid one — and the demo still answers
     /health afterwards."""
@@ -304,7 +304,7 @@ async def test_hostile_requests_to_the_demo_never_get_a_5xx(
     )
     tally, logged = await run_corpus(server, corpus)
     figures.add(
-        f"hostile input, {len(corpus)} raw requests to `keygate demo`: {summary(tally)}; "
+        f"hostile input, {len(corpus)} raw requests to `keystile demo`: {summary(tally)}; "
         f"server alive; protocol-error tracebacks in its log (client got uvicorn's 400): "
         f"{logged}"
     )
@@ -314,7 +314,7 @@ async def test_hostile_requests_to_the_demo_never_get_a_5xx(
 async def test_hostile_requests_behind_a_trusted_proxy_never_get_a_5xx(
     redis_namespace: str, figures: Figures
 ) -> None:
-    """The same corpus against a keygate app trusting 127.0.0.1 as a proxy (so
+    """The same corpus against a keystile app trusting 127.0.0.1 as a proxy (so
     X-Forwarded-For is parsed) with an IP-allowlisted production key: never a 5xx, malformed
     forwarding chains never satisfy the allowlist, and the server lives on."""
     keys = {}
@@ -332,15 +332,15 @@ async def test_hostile_requests_behind_a_trusted_proxy_never_get_a_5xx(
         [made] = await make_keys(REDIS_URL, redis_namespace, SECRET, settings, 1)
         keys[name] = made.secret
     env = child_env(
-        KEYGATE_REDIS_URL=REDIS_URL,
-        KEYGATE_SECRET=SECRET,
-        KEYGATE_NAMESPACE=redis_namespace,
-        KG_TRUSTED_PROXIES="127.0.0.1,::1",
+        KEYSTILE_REDIS_URL=REDIS_URL,
+        KEYSTILE_SECRET=SECRET,
+        KEYSTILE_NAMESPACE=redis_namespace,
+        KS_TRUSTED_PROXIES="127.0.0.1,::1",
     )
     with serve(env, flags=("--no-proxy-headers",)) as server:
         corpus = cases("/x", keys["dev"], keys["client"], "https://app.example.com", proxied=True)
         tally, logged = await run_corpus(server, corpus)
     figures.add(
-        f"hostile input, {len(corpus)} raw requests to a keygate app behind a trusted proxy: "
+        f"hostile input, {len(corpus)} raw requests to a keystile app behind a trusted proxy: "
         f"{summary(tally)}; server alive; protocol-error tracebacks in its log: {logged}"
     )

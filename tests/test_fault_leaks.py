@@ -1,6 +1,6 @@
 """Secrets never leak (SPEC §2): not in any answer but create's and rotate's, not in an
 exception message, not in a log record — checked on every refusal path and the admin API,
-and (with KEYGATE_TEST_LEAK_CHECK=1) across the whole test session by conftest.py."""
+and (with KEYSTILE_TEST_LEAK_CHECK=1) across the whole test session by conftest.py."""
 
 from __future__ import annotations
 
@@ -20,14 +20,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-import keygate.keys
+import keystile.keys
 from conftest import LEAK_CHECK, SECRET, leak_watch
 from faults.asgi import Outcome, bearer, call
 from faults.leaks import LeakWatch
-from keygate import (
-    KeyGateError,
-    KeyGateMiddleware,
+from keystile import (
     KeyNotFound,
+    KeystileError,
+    KeystileMiddleware,
     ManualClock,
     MemoryStore,
     RedisStore,
@@ -36,10 +36,10 @@ from keygate import (
     parse_key,
     public,
 )
-from keygate.admin import admin_app, admin_rules
-from keygate.clock import to_datetime
-from keygate.gate import KeyGate
-from keygate.ratelimit import RedisLimiter
+from keystile.admin import admin_app, admin_rules
+from keystile.clock import to_datetime
+from keystile.gate import Keystile
+from keystile.ratelimit import RedisLimiter
 
 ADMIN = ["admin:manage_keys", "admin:view_usage"]
 ORIGIN = b"https://app.example.com"
@@ -48,7 +48,7 @@ ORIGIN = b"https://app.example.com"
 def record(text: str, exc: BaseException | None = None) -> logging.LogRecord:
     """A log record as a logger would make it (never emitted: the session watch is real)."""
     exc_info = (type(exc), exc, exc.__traceback__) if exc is not None else None
-    return logging.LogRecord("keygate.test", logging.WARNING, __file__, 1, text, (), exc_info)
+    return logging.LogRecord("keystile.test", logging.WARNING, __file__, 1, text, (), exc_info)
 
 
 def test_the_leak_watch_finds_8_characters_of_a_secret_and_nothing_public() -> None:
@@ -69,22 +69,22 @@ def test_the_leak_watch_finds_8_characters_of_a_secret_and_nothing_public() -> N
     watch.handle(failing)
     watch.handle(record("fine"))
     assert watch.records == 2 and len(watch.leaks) == 1
-    assert "keygate.test WARNING" in watch.leaks[0] and tail not in watch.leaks[0]
+    assert "keystile.test WARNING" in watch.leaks[0] and tail not in watch.leaks[0]
 
 
 def test_the_session_watch_is_on_exactly_when_asked() -> None:
-    """With KEYGATE_TEST_LEAK_CHECK=1 the session watch is on the root logger at DEBUG and
-    sees every secret keygate generates; without it, nothing is installed."""
+    """With KEYSTILE_TEST_LEAK_CHECK=1 the session watch is on the root logger at DEBUG and
+    sees every secret keystile generates; without it, nothing is installed."""
     watch = leak_watch()
     if not LEAK_CHECK:
         assert watch is None
-        assert not hasattr(keygate.keys.generate_key, "__wrapped__")
+        assert not hasattr(keystile.keys.generate_key, "__wrapped__")
         return
     assert watch in logging.getLogger().handlers
     assert logging.getLogger().isEnabledFor(logging.DEBUG)
     before = watch.secrets
     generate_key("dev_")
-    keygate.keys.generate_key("prod_")
+    keystile.keys.generate_key("prod_")
     assert watch.secrets == before + 2
 
 
@@ -102,7 +102,7 @@ def local_watch(caplog: pytest.LogCaptureFixture) -> Iterator[LeakWatch]:
 class Rig:
     """The app, its gate, and every secret it made (remembered by the watch)."""
 
-    def __init__(self, gate: KeyGate, app: Starlette, watch: LeakWatch) -> None:
+    def __init__(self, gate: Keystile, app: Starlette, watch: LeakWatch) -> None:
         self.gate = gate
         self.app = app
         self.watch = watch
@@ -119,7 +119,7 @@ class Rig:
         return secret
 
 
-def build(gate: KeyGate) -> Starlette:
+def build(gate: Keystile) -> Starlette:
     async def x(request: Request) -> Response:
         return JSONResponse({"id": request.user.identity})
 
@@ -149,7 +149,7 @@ def build(gate: KeyGate) -> Starlette:
         ],
         middleware=[
             Middleware(
-                KeyGateMiddleware,
+                KeystileMiddleware,
                 gate=gate,
                 rules=rules,
                 deny_unmatched=True,
@@ -161,7 +161,7 @@ def build(gate: KeyGate) -> Starlette:
 
 @pytest.fixture
 async def rig(local_watch: LeakWatch) -> AsyncIterator[Rig]:
-    gate = KeyGate(store=MemoryStore(), secret=SECRET, clock=ManualClock())
+    gate = Keystile(store=MemoryStore(), secret=SECRET, clock=ManualClock())
     made = Rig(gate, build(gate), local_watch)
     yield made
     await gate.aclose()
@@ -300,11 +300,11 @@ async def test_no_refusal_and_no_admin_answer_holds_a_secret(
         answers.append((label, outcome))
 
     # The store and the limiter unreachable: 503s.
-    down = KeyGate(
+    down = Keystile(
         store=RedisStore.from_url(unused_redis_url, timeout=0.2), secret=SECRET, lookup_timeout=1.0
     )
     unreachable = aioredis.Redis.from_url(unused_redis_url, socket_connect_timeout=0.2)
-    deny = KeyGate(
+    deny = Keystile(
         store=MemoryStore(),
         secret=SECRET,
         limiter=RedisLimiter(unreachable, timeout=0.3, failure="deny"),
@@ -313,7 +313,7 @@ async def test_no_refusal_and_no_admin_answer_holds_a_secret(
     try:
         try:
             await down.manager.create({"name": "n", "type": "dev"})
-        except KeyGateError as exc:
+        except KeystileError as exc:
             raised.append(exc)
         answers.append(("store-down", await call(build(down), "/x", bearer(dev))))
         limited = (
@@ -380,7 +380,7 @@ async def test_no_refusal_and_no_admin_answer_holds_a_secret(
     ]:
         try:
             attempt()
-        except KeyGateError as exc:
+        except KeystileError as exc:
             raised.append(exc)
     for coro in [
         gate.manager.rotate(rig.ids["revoked"]),
@@ -389,7 +389,7 @@ async def test_no_refusal_and_no_admin_answer_holds_a_secret(
     ]:
         try:
             await coro
-        except KeyGateError as exc:
+        except KeystileError as exc:
             raised.append(exc)
     assert len(raised) == 8
     for exc in raised:

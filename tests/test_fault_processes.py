@@ -18,8 +18,8 @@ import pytest
 from conftest import REDIS_URL, SECRET, Figures
 from faults.rawhttp import RawAnswer, exchange, request
 from faults.server import child_env, serve
-from keygate import KeyGateSettings, RedisStore
-from keygate.gate import KeyGate
+from keystile import KeystileSettings, RedisStore
+from keystile.gate import Keystile
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
@@ -28,12 +28,12 @@ PROCESSES = 4
 
 
 @pytest.fixture
-async def parent_gate(redis_namespace: str) -> AsyncIterator[KeyGate]:
+async def parent_gate(redis_namespace: str) -> AsyncIterator[Keystile]:
     """The parent's gate on the shared Redis, in the test's own namespace."""
-    gate = KeyGate(
+    gate = Keystile(
         store=RedisStore.from_url(REDIS_URL, namespace=redis_namespace, timeout=5.0),
         secret=SECRET,
-        settings=KeyGateSettings(),
+        settings=KeystileSettings(),
     )
     await gate.startup()
     yield gate
@@ -44,14 +44,14 @@ async def parent_gate(redis_namespace: str) -> AsyncIterator[KeyGate]:
 
 
 async def test_no_request_is_admitted_100_ms_after_a_revocation_is_acknowledged(
-    parent_gate: KeyGate, redis_namespace: str, figures: Figures
+    parent_gate: Keystile, redis_namespace: str, figures: Figures
 ) -> None:
     """While four app processes drive traffic with one key through the full middleware,
     the key is revoked from the parent: no request that started more than 100 ms after the
     revocation was acknowledged is admitted, and every one after that is 401
     revoked_api_key."""
     created = await parent_gate.manager.create({"name": "raced", "type": "prod", "scopes": ["*"]})
-    env = child_env(KG_KEY=created.secret.get_secret_value())
+    env = child_env(KS_KEY=created.secret.get_secret_value())
     command = [str(FAULTS / "revoke_worker.py"), REDIS_URL, redis_namespace, SECRET, "8"]
     workers = [
         await asyncio.create_subprocess_exec(
@@ -142,21 +142,21 @@ async def burst(port: int, secret: str, count: int) -> list[RawAnswer]:
 
 
 async def test_four_uvicorn_workers_admit_exactly_the_limit_over_http(
-    parent_gate: KeyGate, redis_namespace: str, figures: Figures
+    parent_gate: Keystile, redis_namespace: str, figures: Figures
 ) -> None:
     """400 simultaneous HTTP requests with one client key (100/minute) against
     ``uvicorn --workers 4`` sharing one Redis namespace: exactly 100 are admitted, each
     decided by Redis (no pass), the other 300 get 429 rate_limited — three rounds, each
     with a fresh key."""
     env = child_env(
-        KEYGATE_REDIS_URL=REDIS_URL,
-        KEYGATE_SECRET=SECRET,
-        KEYGATE_NAMESPACE=redis_namespace,
+        KEYSTILE_REDIS_URL=REDIS_URL,
+        KEYSTILE_SECRET=SECRET,
+        KEYSTILE_NAMESPACE=redis_namespace,
         # Generous: four workers and the client share two cores; a slow answer must show
         # up as a counted pass or a 503 (and fail below), not decide the round.
-        KEYGATE_RATE_LIMIT_TIMEOUT="5",
-        KEYGATE_REDIS_TIMEOUT="5",
-        KG_LOOKUP_TIMEOUT="5",
+        KEYSTILE_RATE_LIMIT_TIMEOUT="5",
+        KEYSTILE_REDIS_TIMEOUT="5",
+        KS_LOOKUP_TIMEOUT="5",
     )
     flags = ("--workers", str(PROCESSES), "--no-proxy-headers", "--no-access-log")
     rounds = []

@@ -25,16 +25,16 @@ from faults.asgi import Outcome, bearer, call
 from faults.load import Key, Load, keyed, kind, make_keys, mixed, presented, public_path
 from faults.proxy import LatencyProxy
 from faults.redis_server import RedisServer, need_redis_server
-from keygate import (
+from keystile import (
     ApiKey,
-    KeyGateSettings,
+    KeystileSettings,
     MemoryStore,
     RedisStore,
     StoreUnavailable,
     generate_key,
 )
-from keygate.gate import KeyGate
-from keygate.usage import FIELDS
+from keystile.gate import Keystile
+from keystile.usage import FIELDS
 
 pytestmark = pytest.mark.slow
 
@@ -63,9 +63,9 @@ def proxied(own_redis: RedisServer) -> Iterator[LatencyProxy]:
 
 def fault_gate(
     url: str, namespace: str, *, name: str, lookup_timeout: float, **settings: object
-) -> KeyGate:
+) -> Keystile:
     """A gate on ``url`` whose pooled connections are named ``name`` (see CLIENT LIST)."""
-    config = KeyGateSettings(**settings)  # type: ignore[arg-type]
+    config = KeystileSettings(**settings)  # type: ignore[arg-type]
     store = RedisStore.from_url(
         url,
         namespace=namespace,
@@ -74,14 +74,14 @@ def fault_gate(
         timeout=config.redis_timeout,
         client_name=name,
     )
-    return KeyGate(store=store, secret=SECRET, settings=config, lookup_timeout=lookup_timeout)
+    return Keystile(store=store, secret=SECRET, settings=config, lookup_timeout=lookup_timeout)
 
 
 @pytest.fixture(autouse=True)
 def frozen_heap() -> Iterator[None]:
     """The test runner's heap (everything the tests before left behind) frozen out of the
     garbage collector: a full collection of it would pause the event loop for a good part
-    of a latency budget these tests measure keygate against."""
+    of a latency budget these tests measure keystile against."""
     gc.collect()
     gc.freeze()
     yield
@@ -89,9 +89,9 @@ def frozen_heap() -> Iterator[None]:
 
 
 @pytest.fixture
-async def started() -> AsyncIterator[list[KeyGate]]:
+async def started() -> AsyncIterator[list[Keystile]]:
     """Gates a test starts; closed at teardown even when the test fails."""
-    gates: list[KeyGate] = []
+    gates: list[Keystile] = []
     yield gates
     for gate in gates:
         await gate.aclose()
@@ -137,7 +137,7 @@ RECOVERY = 3.0  # seconds after Redis answers again
 
 async def test_redis_killed_under_load_fails_closed_and_recovers(
     own_redis: RedisServer,
-    started: list[KeyGate],
+    started: list[Keystile],
     figures: Figures,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -147,7 +147,7 @@ async def test_redis_killed_under_load_fails_closed_and_recovers(
     TTL (rate limiting passes, counted and logged) and then get 503, no key that was never
     looked up is ever admitted, nothing errors or hangs, and once Redis is back on the same
     port every key works again within a few seconds."""
-    caplog.set_level(logging.WARNING, logger="keygate")
+    caplog.set_level(logging.WARNING, logger="keystile")
     namespace = new_namespace()
     warm = await make_keys(own_redis.url, namespace, SECRET, SCOPED, 20)
     limited = await make_keys(own_redis.url, namespace, SECRET, LIMITED, 5)
@@ -158,7 +158,7 @@ async def test_redis_killed_under_load_fails_closed_and_recovers(
     gate = fault_gate(
         own_redis.url,
         namespace,
-        name="kg-killed",
+        name="ks-killed",
         lookup_timeout=KILL_LOOKUP,
         redis_timeout=0.25,
         rate_limit_timeout=KILL_LIMITER,
@@ -259,7 +259,7 @@ SLOW_LIMITER = 0.2  # rate_limit_timeout
 
 
 async def test_slow_redis_answers_within_budget_and_keeps_the_pool(
-    own_redis: RedisServer, proxied: LatencyProxy, started: list[KeyGate], figures: Figures
+    own_redis: RedisServer, proxied: LatencyProxy, started: list[Keystile], figures: Figures
 ) -> None:
     """With every Redis answer delayed 1.5 s (above every timeout) and 300 requests in
     flight, uncached keys get 503 auth_unavailable within the lookup timeout, cached keys
@@ -271,7 +271,7 @@ async def test_slow_redis_answers_within_budget_and_keeps_the_pool(
     limited = await make_keys(own_redis.url, namespace, SECRET, LIMITED, 3)
     cold = await make_keys(own_redis.url, namespace, SECRET, SCOPED, 300)
     fresh = await make_keys(own_redis.url, namespace, SECRET, SCOPED, 220)
-    name = f"kg-slow-{namespace}"
+    name = f"ks-slow-{namespace}"
     gate = fault_gate(
         proxied.url,
         namespace,
@@ -421,7 +421,7 @@ class Lingering:
 async def test_a_lookup_ends_at_its_timeout_even_when_the_store_call_lingers() -> None:
     """A lookup whose store call does not stop when cancelled still gets its 503
     auth_unavailable at the lookup timeout (0.2 s, plus 0.3 s of slack)."""
-    gate = KeyGate(store=Lingering(), secret=SECRET, lookup_timeout=0.2)  # type: ignore[arg-type]
+    gate = Keystile(store=Lingering(), secret=SECRET, lookup_timeout=0.2)  # type: ignore[arg-type]
     try:
         outcome = await call(build_app(gate), "/x", bearer(generate_key("dev_")), budget=5.0)
     finally:
@@ -434,7 +434,7 @@ HANDSHAKE_BURSTS = 8
 
 
 async def test_lookups_timing_out_during_handshakes_stay_bounded(
-    own_redis: RedisServer, proxied: LatencyProxy, started: list[KeyGate], figures: Figures
+    own_redis: RedisServer, proxied: LatencyProxy, started: list[Keystile], figures: Figures
 ) -> None:
     """With a lookup timeout (0.3 s) shorter than the command timeout (1 s) and Redis
     answering 1.5 s late, eight bursts of 60 simultaneous uncached keys all get 503
@@ -447,7 +447,7 @@ async def test_lookups_timing_out_during_handshakes_stay_bounded(
     gate = fault_gate(
         proxied.url,
         namespace,
-        name="kg-handshake",
+        name="ks-handshake",
         lookup_timeout=lookup_timeout,
         redis_timeout=redis_timeout,
         redis_pool_size=POOL,
@@ -480,7 +480,7 @@ async def test_lookups_timing_out_during_handshakes_stay_bounded(
 
 
 async def test_redis_restarted_empty_refuses_every_key_and_loses_no_usage(
-    own_redis: RedisServer, started: list[KeyGate], figures: Figures
+    own_redis: RedisServer, started: list[Keystile], figures: Figures
 ) -> None:
     """After Redis is killed and comes back empty on the same port, every key is refused
     with 401 invalid_api_key as soon as the cache is cleared on re-subscribing (well before
@@ -493,7 +493,7 @@ async def test_redis_restarted_empty_refuses_every_key_and_loses_no_usage(
     gate = fault_gate(
         own_redis.url,
         namespace,
-        name="kg-empty",
+        name="ks-empty",
         lookup_timeout=0.5,
         redis_timeout=0.25,
         cache_ttl=60.0,

@@ -28,11 +28,11 @@ from faults.asgi import bearer, call
 from faults.load import make_keys
 from faults.proxy import LatencyProxy
 from faults.redis_server import RedisServer, need_redis_server
-from keygate import KeyGateSettings, RedisStore, Rule, generate_key, public
-from keygate.alerts import AlertRules
-from keygate.clock import to_datetime
-from keygate.gate import KeyGate
-from keygate.middleware import KeyGateMiddleware
+from keystile import KeystileSettings, RedisStore, Rule, generate_key, public
+from keystile.alerts import AlertRules
+from keystile.clock import to_datetime
+from keystile.gate import Keystile
+from keystile.middleware import KeystileMiddleware
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
@@ -50,7 +50,7 @@ def rss_kib() -> int:
     raise AssertionError("no VmRSS in /proc/self/status")
 
 
-def soak_app(gate: KeyGate) -> Starlette:
+def soak_app(gate: Keystile) -> Starlette:
     async def x(request: Request) -> Response:
         return JSONResponse({"id": request.user.identity})
 
@@ -61,7 +61,7 @@ def soak_app(gate: KeyGate) -> Starlette:
     ]
     return Starlette(
         routes=[Route("/x", x), Route("/write", x), Route("/health", x)],
-        middleware=[Middleware(KeyGateMiddleware, gate=gate, rules=rules, deny_unmatched=True)],
+        middleware=[Middleware(KeystileMiddleware, gate=gate, rules=rules, deny_unmatched=True)],
     )
 
 
@@ -69,14 +69,14 @@ FLUSH_INTERVAL = 0.5
 
 
 @pytest.fixture
-async def soak_gate(redis_namespace: str) -> AsyncIterator[KeyGate]:
+async def soak_gate(redis_namespace: str) -> AsyncIterator[Keystile]:
     """A gate with a cache smaller than the key set (so it evicts all along). Two alert
     rules are off: each costs a Redis round trip per key per flush (see the xfail test
     below), which under this load stretches a flush from under a second to ~30 s."""
-    gate = KeyGate(
+    gate = Keystile(
         store=RedisStore.from_url(REDIS_URL, namespace=redis_namespace),
         secret=SECRET,
-        settings=KeyGateSettings(cache_size=3000, usage_flush_interval=FLUSH_INTERVAL),
+        settings=KeystileSettings(cache_size=3000, usage_flush_interval=FLUSH_INTERVAL),
         lookup_timeout=5.0,
         alert_rules=AlertRules(rotation_due=False, inactive_key_in_use=False),
     )
@@ -85,7 +85,7 @@ async def soak_gate(redis_namespace: str) -> AsyncIterator[KeyGate]:
     await gate.aclose()
 
 
-async def create(gate: KeyGate, count: int, settings: dict[str, Any]) -> list[tuple[str, str]]:
+async def create(gate: Keystile, count: int, settings: dict[str, Any]) -> list[tuple[str, str]]:
     """``count`` keys through the manager, 250 at a time; (secret, id) each."""
     made = []
     for start in range(0, count, 250):
@@ -100,7 +100,7 @@ async def create(gate: KeyGate, count: int, settings: dict[str, Any]) -> list[tu
 
 
 async def test_ten_thousand_keys_of_mixed_traffic_stay_bounded_and_exact(
-    soak_gate: KeyGate, redis_namespace: str, figures: Figures
+    soak_gate: Keystile, redis_namespace: str, figures: Figures
 ) -> None:
     """10,000 keys (dev, prod, client with limits and origins, revoked, expiring) and
     ~45 s of mixed traffic — valid, malformed, unknown, revoked, expired, wrong origin,
@@ -308,15 +308,15 @@ async def test_a_usage_flush_costs_a_few_round_trips_whatever_the_keys(
     server.start()
     proxy = LatencyProxy(server.port)
     proxy.start()
-    gate: KeyGate | None = None
+    gate: Keystile | None = None
     try:
         namespace = new_namespace()
         scoped = {"type": "prod", "scopes": ["kev:read"]}
         keys = await make_keys(server.url, namespace, SECRET, scoped, 200)
-        gate = KeyGate(
+        gate = Keystile(
             store=RedisStore.from_url(proxy.url, namespace=namespace),
             secret=SECRET,
-            settings=KeyGateSettings(cache_size=10, usage_flush_interval=3600),
+            settings=KeystileSettings(cache_size=10, usage_flush_interval=3600),
         )
         await gate.startup()
         for key in keys[:100]:

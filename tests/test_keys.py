@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keygate import KeyFormatError, KeyHasher, generate_key, parse_key
-from keygate.keys import BASE62, BODY_LENGTH, CHECKSUM_LENGTH, checksum, key_hint, new_key_id
+from keystile import KeyFormatError, KeyHasher, generate_key, parse_key
+from keystile.keys import BASE62, BODY_LENGTH, CHECKSUM_LENGTH, checksum, key_hint, new_key_id
 
 PREFIXES = {"dev_", "prod_", "client_"}
 prefixes = st.sampled_from(sorted(PREFIXES))

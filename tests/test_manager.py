@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from conftest import SECRET
-from keygate import (
+from keystile import (
     ApiKey,
     KeyChanged,
     KeyConflict,
@@ -31,13 +31,13 @@ from keygate import (
     RotationRefused,
     Rule,
 )
-from keygate import manager as manager_module
-from keygate.clock import to_datetime
-from keygate.gate import KeyGate
-from keygate.manager import DEFAULT_GRACE, decode_cursor, encode_cursor
-from keygate.middleware import KeyGateMiddleware
-from keygate.stores import KeyStore
-from keygate.usage import UsageOverview, UsageRecorder, UsageReport
+from keystile import manager as manager_module
+from keystile.clock import to_datetime
+from keystile.gate import Keystile
+from keystile.manager import DEFAULT_GRACE, decode_cursor, encode_cursor
+from keystile.middleware import KeystileMiddleware
+from keystile.stores import KeyStore
+from keystile.usage import UsageOverview, UsageRecorder, UsageReport
 
 ORIGINS = ["https://app.example.com"]
 SETTINGS: dict[str, Any] = {
@@ -58,20 +58,20 @@ def problems(caught: pytest.ExceptionInfo[KeyValidationError]) -> dict[str, str]
 
 
 @pytest.fixture
-async def gate(store: KeyStore, clock: ManualClock) -> AsyncIterator[KeyGate]:
+async def gate(store: KeyStore, clock: ManualClock) -> AsyncIterator[Keystile]:
     """A gate on each backend, with the manual clock."""
-    made = KeyGate(store=store, secret=SECRET, clock=clock)
+    made = Keystile(store=store, secret=SECRET, clock=clock)
     assert await made.store.start(timeout=2.0)
     yield made
     await made.aclose()
 
 
-def app_for(gate: KeyGate) -> Starlette:
+def app_for(gate: Keystile) -> Starlette:
     async def endpoint(request: Request) -> JSONResponse:
         return JSONResponse({"key": request.user.identity})
 
     return Starlette(
-        routes=[Route("/x", endpoint)], middleware=[Middleware(KeyGateMiddleware, gate=gate)]
+        routes=[Route("/x", endpoint)], middleware=[Middleware(KeystileMiddleware, gate=gate)]
     )
 
 
@@ -268,14 +268,14 @@ async def test_a_concurrent_update_never_undoes_a_revocation(manager: KeyManager
         assert (final.name, final.token_quota) == (f"renamed {n}", n)
 
 
-async def test_an_update_takes_effect_on_the_next_request(gate: KeyGate) -> None:
+async def test_an_update_takes_effect_on_the_next_request(gate: Keystile) -> None:
     """Scopes removed by an update no longer open a route on the very next request."""
     created = await gate.manager.create({"name": "n", "type": "prod", "scopes": ["vec:read"]})
     app = Starlette(
         routes=[Route("/x", lambda request: JSONResponse({}))],
         middleware=[
             Middleware(
-                KeyGateMiddleware,
+                KeystileMiddleware,
                 gate=gate,
                 rules=[Rule("GET", "/x", ["vec:read"])],
             )
@@ -475,7 +475,7 @@ async def test_rotation_issues_a_linked_successor_with_the_same_settings(
     assert await manager.store.find(digest) == new
 
 
-async def test_rotation_grace_ends_on_time(gate: KeyGate, clock: ManualClock) -> None:
+async def test_rotation_grace_ends_on_time(gate: Keystile, clock: ManualClock) -> None:
     """The old key works until the grace period ends and is refused as expired from that
     instant; the new key works throughout."""
     created = await gate.manager.create(OPEN)
@@ -491,7 +491,7 @@ async def test_rotation_grace_ends_on_time(gate: KeyGate, clock: ManualClock) ->
     assert await status_of(app, new) == (200, None)
 
 
-async def test_rotation_with_zero_grace_refuses_the_old_key_at_once(gate: KeyGate) -> None:
+async def test_rotation_with_zero_grace_refuses_the_old_key_at_once(gate: Keystile) -> None:
     """With a zero grace the old key is refused on the very next request."""
     created = await gate.manager.create(OPEN)
     app = app_for(gate)
@@ -642,7 +642,7 @@ async def test_usage_of_an_unknown_key_is_key_not_found(manager: KeyManager) -> 
 # -- writers in other processes: compare and set -----------------------------------------------
 
 
-def racing(gate: KeyGate, monkeypatch: pytest.MonkeyPatch, meanwhile: Any) -> KeyManager:
+def racing(gate: Keystile, monkeypatch: pytest.MonkeyPatch, meanwhile: Any) -> KeyManager:
     """The gate's manager, whose first read of a record is followed — before it writes
     back — by ``meanwhile(other)``: what another process's manager (same store, a lock of
     its own) does in that moment."""
@@ -663,7 +663,7 @@ def racing(gate: KeyGate, monkeypatch: pytest.MonkeyPatch, meanwhile: Any) -> Ke
 
 
 async def test_an_update_never_undoes_a_revocation_made_meanwhile(
-    gate: KeyGate, monkeypatch: pytest.MonkeyPatch
+    gate: Keystile, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Another process revokes the key between this update's read and its write: the
     update is redone on the revoked record — renamed, and still revoked."""
@@ -677,7 +677,7 @@ async def test_an_update_never_undoes_a_revocation_made_meanwhile(
 
 
 async def test_a_rotation_racing_a_revocation_is_refused_and_leaves_no_live_successor(
-    gate: KeyGate, monkeypatch: pytest.MonkeyPatch
+    gate: Keystile, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Another process revokes the key while it is being rotated: the rotation is refused
     (revoked), the key stays revoked, and the successor it had issued is withdrawn
@@ -696,7 +696,7 @@ async def test_a_rotation_racing_a_revocation_is_refused_and_leaves_no_live_succ
 
 
 async def test_a_key_that_keeps_changing_is_a_clear_conflict(
-    gate: KeyGate, monkeypatch: pytest.MonkeyPatch
+    gate: Keystile, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A record some other writer changes before every write-back: after a bounded number
     of attempts, KeyChanged (a KeyConflict: 409 in the admin API); nothing written."""

@@ -1,4 +1,4 @@
-"""KeyGateMiddleware authenticates as SPEC §4 says: status, JSON body and WWW-Authenticate."""
+"""KeystileMiddleware authenticates as SPEC §4 says: status, JSON body and WWW-Authenticate."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from conftest import SECRET, new_namespace
-from keygate import (
+from keystile import (
     ApiKey,
     KeyStore,
     ManualClock,
@@ -29,10 +29,10 @@ from keygate import (
     StoreUnavailable,
     generate_key,
 )
-from keygate.clock import to_datetime
-from keygate.gate import KeyGate, KeyUser
-from keygate.middleware import KeyGateMiddleware
-from keygate.routing import Rule
+from keystile.clock import to_datetime
+from keystile.gate import Keystile, KeyUser
+from keystile.middleware import KeystileMiddleware
+from keystile.routing import Rule
 
 Headers = list[tuple[bytes, bytes]]
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
@@ -82,7 +82,7 @@ class Seen:
 
 
 def make_app(
-    gate: KeyGate,
+    gate: Keystile,
     *,
     rules: Iterable[Rule] = (),
     deny_unmatched: bool = False,
@@ -110,7 +110,7 @@ def make_app(
         else [Route("/{rest:path}", endpoint, methods=METHODS)],
         middleware=[
             Middleware(
-                KeyGateMiddleware,
+                KeystileMiddleware,
                 gate=gate,
                 rules=list(rules),
                 deny_unmatched=deny_unmatched,
@@ -173,7 +173,7 @@ async def call(
     return httpx.Response(start["status"], headers=start.get("headers", []), content=body)
 
 
-async def new_key(gate: KeyGate, scopes: Sequence[str] = ("vec:read",), **fields: Any) -> str:
+async def new_key(gate: Keystile, scopes: Sequence[str] = ("vec:read",), **fields: Any) -> str:
     """Issue a production key; its secret."""
     created = await gate.manager.create({"name": "n", "type": "prod", "scopes": scopes, **fields})
     return created.secret.get_secret_value()
@@ -198,23 +198,23 @@ class Outage:
 
 
 @pytest.fixture
-async def gate(store: KeyStore, clock: ManualClock) -> KeyGate:
+async def gate(store: KeyStore, clock: ManualClock) -> Keystile:
     """A gate on each backend, listening to its store's announcements."""
-    made = KeyGate(store=store, secret=SECRET, clock=clock)
+    made = Keystile(store=store, secret=SECRET, clock=clock)
     assert await made.store.start(timeout=2.0)
     return made
 
 
 @pytest.fixture
-def local(clock: ManualClock) -> KeyGate:
+def local(clock: ManualClock) -> Keystile:
     """A gate on the in-memory store, for behaviour that does not depend on the backend."""
-    return KeyGate(store=MemoryStore(), secret=SECRET, clock=clock)
+    return Keystile(store=MemoryStore(), secret=SECRET, clock=clock)
 
 
 # -- no key, malformed header ----------------------------------------------------------------
 
 
-async def test_no_authorization_header_is_401_missing_api_key(local: KeyGate) -> None:
+async def test_no_authorization_header_is_401_missing_api_key(local: Keystile) -> None:
     """Without Authorization the answer is 401 missing_api_key with a bare Bearer challenge."""
     app, seen = make_app(local)
     async with client(app) as http:
@@ -231,7 +231,7 @@ async def test_no_authorization_header_is_401_missing_api_key(local: KeyGate) ->
         pytest.param('my "api"', r'Bearer realm="my \"api\""', id="quoted"),
     ],
 )
-async def test_realm_is_configurable(local: KeyGate, realm: str, header: str) -> None:
+async def test_realm_is_configurable(local: Keystile, realm: str, header: str) -> None:
     """The realm option appears in the challenge as an RFC 7235 quoted-string."""
     app, _ = make_app(local, realm=realm)
     async with client(app) as http:
@@ -255,7 +255,7 @@ async def test_realm_is_configurable(local: KeyGate, realm: str, header: str) ->
         pytest.param("", id="empty-value"),
     ],
 )
-async def test_not_bearer_syntax_is_400_invalid_request(local: KeyGate, value: str) -> None:
+async def test_not_bearer_syntax_is_400_invalid_request(local: Keystile, value: str) -> None:
     """A header that is not 'Bearer <token>' is 400 invalid_request, the app never called."""
     app, seen = make_app(local)
     key = await new_key(local)
@@ -274,7 +274,7 @@ async def test_not_bearer_syntax_is_400_invalid_request(local: KeyGate, value: s
     ],
 )
 async def test_authorization_sent_twice_is_400_invalid_request(
-    local: KeyGate, second: str
+    local: Keystile, second: str
 ) -> None:
     """Two Authorization headers are ambiguous: 400 invalid_request even if both are valid."""
     app, seen = make_app(local)
@@ -290,7 +290,7 @@ async def test_authorization_sent_twice_is_400_invalid_request(
 
 
 @pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER", "bEaReR"])
-async def test_scheme_is_case_insensitive(local: KeyGate, scheme: str) -> None:
+async def test_scheme_is_case_insensitive(local: Keystile, scheme: str) -> None:
     """The scheme name matches in any case (RFC 7235 §2.1)."""
     app, _ = make_app(local)
     key = await new_key(local)
@@ -299,7 +299,7 @@ async def test_scheme_is_case_insensitive(local: KeyGate, scheme: str) -> None:
     assert response.status_code == 200
 
 
-async def test_spaces_after_the_scheme_are_tolerated(local: KeyGate) -> None:
+async def test_spaces_after_the_scheme_are_tolerated(local: Keystile) -> None:
     """'Bearer' followed by several spaces and the key is accepted (1*SP, RFC 7235 §2.1)."""
     app, _ = make_app(local)
     key = await new_key(local)
@@ -333,7 +333,7 @@ def _change_last(key: str) -> str:
         pytest.param(lambda k: "nope", id="short-garbage"),
     ],
 )
-async def test_bad_prefix_or_checksum_is_401_invalid_api_key(local: KeyGate, tamper: Any) -> None:
+async def test_bad_prefix_or_checksum_is_401_invalid_api_key(local: Keystile, tamper: Any) -> None:
     """A token with a wrong prefix, checksum or length is 401 invalid_api_key; the token is
     compared exactly."""
     app, seen = make_app(local)
@@ -344,7 +344,7 @@ async def test_bad_prefix_or_checksum_is_401_invalid_api_key(local: KeyGate, tam
     assert len(seen) == 0
 
 
-async def test_unknown_key_is_401_invalid_api_key(gate: KeyGate) -> None:
+async def test_unknown_key_is_401_invalid_api_key(gate: Keystile) -> None:
     """A well-formed key that was never issued is 401 invalid_api_key."""
     app, seen = make_app(gate)
     await new_key(gate)
@@ -358,8 +358,8 @@ async def test_key_issued_with_another_secret_is_401_invalid_api_key(
     store: KeyStore, clock: ManualClock
 ) -> None:
     """A key issued under another server secret is unknown to this gate."""
-    issuing = KeyGate(store=store, secret="another-secret-0123456789", clock=clock)
-    checking = KeyGate(store=store, secret=SECRET, clock=clock)
+    issuing = Keystile(store=store, secret="another-secret-0123456789", clock=clock)
+    checking = Keystile(store=store, secret=SECRET, clock=clock)
     key = await new_key(issuing)
     app, _ = make_app(checking)
     async with client(app) as http:
@@ -367,7 +367,7 @@ async def test_key_issued_with_another_secret_is_401_invalid_api_key(
     assert_refused(response, 401, "invalid_api_key", challenge("invalid_token"))
 
 
-async def test_valid_key_reaches_the_app(gate: KeyGate) -> None:
+async def test_valid_key_reaches_the_app(gate: Keystile) -> None:
     """A valid key passes, on every backend, for every method."""
     app, seen = make_app(gate)
     key = await new_key(gate)
@@ -378,7 +378,7 @@ async def test_valid_key_reaches_the_app(gate: KeyGate) -> None:
     assert len(seen) == len(METHODS)
 
 
-async def test_expired_key_is_401_expired_api_key(gate: KeyGate, clock: ManualClock) -> None:
+async def test_expired_key_is_401_expired_api_key(gate: Keystile, clock: ManualClock) -> None:
     """A key is accepted until its expiry and refused from that very instant on."""
     expires = clock.now + 60
     app, seen = make_app(gate)
@@ -396,7 +396,7 @@ async def test_expired_key_is_401_expired_api_key(gate: KeyGate, clock: ManualCl
     assert len(seen) == 2
 
 
-async def test_revoked_key_is_refused_on_the_very_next_request(gate: KeyGate) -> None:
+async def test_revoked_key_is_refused_on_the_very_next_request(gate: Keystile) -> None:
     """A key revoked through the gate's manager is 401 revoked_api_key on the next request,
     while other keys keep working."""
     app, seen = make_app(gate)
@@ -414,7 +414,7 @@ async def test_revoked_key_is_refused_on_the_very_next_request(gate: KeyGate) ->
     assert len(seen) == 3
 
 
-async def test_revoked_beats_expired(local: KeyGate, clock: ManualClock) -> None:
+async def test_revoked_beats_expired(local: Keystile, clock: ManualClock) -> None:
     """A key both revoked and expired is reported as revoked."""
     app, _ = make_app(local)
     created = await local.manager.create(
@@ -441,7 +441,7 @@ async def test_revoked_beats_expired(local: KeyGate, clock: ManualClock) -> None
     ],
 )
 async def test_missing_scope_is_403_insufficient_scope(
-    local: KeyGate, required: list[str], held: list[str], missing: str
+    local: Keystile, required: list[str], held: list[str], missing: str
 ) -> None:
     """A key lacking a route's scope is 403 insufficient_scope naming the missing scopes."""
     app, seen = make_app(local, rules=[Rule("POST", "/x", required)])
@@ -453,7 +453,7 @@ async def test_missing_scope_is_403_insufficient_scope(
     assert len(seen) == 0
 
 
-async def test_granted_scope_passes(local: KeyGate) -> None:
+async def test_granted_scope_passes(local: Keystile) -> None:
     """A key holding every scope a rule requires reaches the app."""
     app, _ = make_app(local, rules=[Rule("POST", "/x", ["vec:read", "vec:write"])])
     key = await new_key(local, scopes=["vec:read", "vec:write", "kev:read"])
@@ -462,7 +462,7 @@ async def test_granted_scope_passes(local: KeyGate) -> None:
     assert response.status_code == 200
 
 
-async def test_authentication_comes_before_authorization(local: KeyGate) -> None:
+async def test_authentication_comes_before_authorization(local: Keystile) -> None:
     """Without a key, a scoped route answers 401 missing_api_key, not 403."""
     app, _ = make_app(local, rules=[Rule("POST", "/x", ["vec:write"])])
     async with client(app) as http:
@@ -477,7 +477,7 @@ async def test_unreachable_store_is_503_auth_unavailable(unused_redis_url: str) 
     """With Redis unreachable and the key not cached, the answer is 503 auth_unavailable with
     Retry-After, and no authentication challenge."""
     store = RedisStore.from_url(unused_redis_url, timeout=0.2, pool_timeout=0.2)
-    unreachable = KeyGate(store=store, secret=SECRET)
+    unreachable = Keystile(store=store, secret=SECRET)
     app, seen = make_app(unreachable, retry_after=7)
     try:
         async with client(app) as http:
@@ -492,7 +492,7 @@ async def test_unreachable_store_is_503_auth_unavailable(unused_redis_url: str) 
 async def test_retry_after_defaults_to_one_second(unused_redis_url: str) -> None:
     """The 503's Retry-After is 1 second unless configured."""
     store = RedisStore.from_url(unused_redis_url, timeout=0.2, pool_timeout=0.2)
-    unreachable = KeyGate(store=store, secret=SECRET)
+    unreachable = Keystile(store=store, secret=SECRET)
     app, _ = make_app(unreachable)
     try:
         response = await call(app, [(b"authorization", f"Bearer {generate_key('dev_')}".encode())])
@@ -507,7 +507,7 @@ async def test_cached_key_works_while_the_store_is_down(
 ) -> None:
     """A key already cached keeps working with the store down; one not cached gets 503."""
     outage = Outage(store)
-    gate = KeyGate(store=outage, secret=SECRET, clock=clock)
+    gate = Keystile(store=outage, secret=SECRET, clock=clock)
     assert await gate.store.start(timeout=2.0)
     app, seen = make_app(gate)
     cached = await new_key(gate)
@@ -534,7 +534,7 @@ async def test_cached_key_works_while_the_redis_connection_is_down(clock: Manual
     an uncached one gets 503."""
     server = fakeredis.FakeServer()
     store = RedisStore(fakeredis.FakeAsyncRedis(server=server), namespace=new_namespace())
-    gate = KeyGate(store=store, secret=SECRET, clock=clock)
+    gate = Keystile(store=store, secret=SECRET, clock=clock)
     try:
         assert await gate.store.start(timeout=2.0)
         app, _ = make_app(gate)
@@ -559,7 +559,7 @@ async def test_slow_store_is_503_after_the_lookup_timeout(clock: ManualClock) ->
             await asyncio.Event().wait()
             raise AssertionError("unreachable")
 
-    gate = KeyGate(store=Hanging(), secret=SECRET, clock=clock, lookup_timeout=0.05)
+    gate = Keystile(store=Hanging(), secret=SECRET, clock=clock, lookup_timeout=0.05)
     app, _ = make_app(gate)
     key = await new_key(gate)
     async with client(app) as http:
@@ -570,7 +570,7 @@ async def test_slow_store_is_503_after_the_lookup_timeout(clock: ManualClock) ->
 # -- what handlers see --------------------------------------------------------------------------
 
 
-async def test_request_user_carries_the_record_never_the_secret(local: KeyGate) -> None:
+async def test_request_user_carries_the_record_never_the_secret(local: Keystile) -> None:
     """After success request.user is an authenticated KeyUser whose .key is the ApiKey record,
     and the secret appears nowhere in it."""
     app, seen = make_app(local)
@@ -593,7 +593,7 @@ async def test_request_user_carries_the_record_never_the_secret(local: KeyGate) 
         assert secret[len("prod_") :] not in text
 
 
-async def test_request_auth_holds_expanded_scopes(local: KeyGate) -> None:
+async def test_request_auth_holds_expanded_scopes(local: Keystile) -> None:
     """request.auth is AuthCredentials whose scopes are the key's scopes with wildcards
     expanded."""
     app, seen = make_app(local)
@@ -607,7 +607,7 @@ async def test_request_auth_holds_expanded_scopes(local: KeyGate) -> None:
     assert "vec:read" in response.json()["scopes"]
 
 
-async def test_starlette_requires_works_with_a_wildcard_key(local: KeyGate) -> None:
+async def test_starlette_requires_works_with_a_wildcard_key(local: Keystile) -> None:
     """starlette.authentication.requires('vec:read') admits a key holding vec:*, and refuses a
     key without it."""
 
@@ -628,7 +628,7 @@ async def test_starlette_requires_works_with_a_wildcard_key(local: KeyGate) -> N
 # -- non-HTTP traffic ---------------------------------------------------------------------------
 
 
-async def test_lifespan_passes_through(local: KeyGate) -> None:
+async def test_lifespan_passes_through(local: Keystile) -> None:
     """Lifespan events reach the app's startup and shutdown handlers untouched."""
     events: list[str] = []
 
@@ -638,7 +638,7 @@ async def test_lifespan_passes_through(local: KeyGate) -> None:
         yield
         events.append("shutdown")
 
-    app = Starlette(lifespan=lifespan, middleware=[Middleware(KeyGateMiddleware, gate=local)])
+    app = Starlette(lifespan=lifespan, middleware=[Middleware(KeystileMiddleware, gate=local)])
     incoming = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
     sent: list[str] = []
 
@@ -654,7 +654,7 @@ async def test_lifespan_passes_through(local: KeyGate) -> None:
     assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
 
 
-def websocket_app(gate: KeyGate) -> Starlette:
+def websocket_app(gate: Keystile) -> Starlette:
     async def echo(websocket: WebSocket) -> None:
         await websocket.accept()
         user = websocket.user
@@ -663,7 +663,7 @@ def websocket_app(gate: KeyGate) -> Starlette:
 
     return Starlette(
         routes=[WebSocketRoute("/ws", echo)],
-        middleware=[Middleware(KeyGateMiddleware, gate=gate)],
+        middleware=[Middleware(KeystileMiddleware, gate=gate)],
     )
 
 
@@ -706,7 +706,7 @@ def authorization(token: str) -> Headers:
     return [(b"authorization", f"Bearer {token}".encode())]
 
 
-async def test_websocket_with_a_good_key_is_accepted(local: KeyGate) -> None:
+async def test_websocket_with_a_good_key_is_accepted(local: Keystile) -> None:
     """A websocket handshake carrying a valid key is accepted and sees the key's user."""
     created = await local.manager.create({"name": "n", "type": "prod", "scopes": ["vec:read"]})
     sent = await handshake(websocket_app(local), authorization(created.secret.get_secret_value()))
@@ -724,14 +724,14 @@ async def test_websocket_with_a_good_key_is_accepted(local: KeyGate) -> None:
     ],
 )
 async def test_websocket_without_a_good_key_is_refused_with_1008(
-    local: KeyGate, headers: Headers, reason: str
+    local: Keystile, headers: Headers, reason: str
 ) -> None:
     """A websocket handshake without a valid key is closed with 1008 before it is accepted."""
     sent = await handshake(websocket_app(local), headers)
     assert sent == [{"type": "websocket.close", "code": 1008, "reason": reason}]
 
 
-async def test_websocket_with_a_revoked_key_is_refused_with_1008(local: KeyGate) -> None:
+async def test_websocket_with_a_revoked_key_is_refused_with_1008(local: Keystile) -> None:
     """A revoked key cannot open a websocket."""
     created = await local.manager.create({"name": "n", "type": "prod"})
     await local.manager.revoke(created.key.id)

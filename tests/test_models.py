@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from keygate import KeyPolicy, KeyType, KeyTypePolicy, KeyValidationError, ScopeCatalogue
-from keygate.models import DEFAULT_POLICY, DEFAULT_TYPE_POLICIES, KeySettings
-from keygate.scopes import DEFAULT_CATALOGUE
+from keystile import KeyPolicy, KeyType, KeyTypePolicy, KeyValidationError, ScopeCatalogue
+from keystile.models import DEFAULT_POLICY, DEFAULT_TYPE_POLICIES, KeySettings
+from keystile.scopes import DEFAULT_CATALOGUE
 
 NOW = datetime(2027, 1, 1, tzinfo=UTC)
 ORIGINS = ["https://app.example.com"]

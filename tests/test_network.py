@@ -18,9 +18,9 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from browser.harness import demo_argv, seed_env, serve, uvicorn_argv
-from keygate import KeyGate, MemoryStore
-from keygate.middleware import KeyGateMiddleware
-from keygate.network import ClientAddress, normalize_ip_entry, parse_address, parse_ip_entry
+from keystile import Keystile, MemoryStore
+from keystile.middleware import KeystileMiddleware
+from keystile.network import ClientAddress, normalize_ip_entry, parse_address, parse_ip_entry
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -210,14 +210,14 @@ class Counter:
 
 
 @pytest.fixture
-async def gate() -> AsyncIterator[KeyGate]:
+async def gate() -> AsyncIterator[Keystile]:
     """A gate over the memory store."""
-    made = KeyGate(store=MemoryStore())
+    made = Keystile(store=MemoryStore())
     yield made
     await made.aclose()
 
 
-def make_app(gate: KeyGate, **options: Any) -> tuple[Starlette, Counter]:
+def make_app(gate: Keystile, **options: Any) -> tuple[Starlette, Counter]:
     counter = Counter()
 
     async def endpoint(request: Request) -> JSONResponse:
@@ -225,11 +225,11 @@ def make_app(gate: KeyGate, **options: Any) -> tuple[Starlette, Counter]:
         return JSONResponse({"ok": True})
 
     app = Starlette(routes=[Route("/{rest:path}", endpoint)])
-    app.add_middleware(KeyGateMiddleware, gate=gate, **options)
+    app.add_middleware(KeystileMiddleware, gate=gate, **options)
     return app, counter
 
 
-async def key_with_ips(gate: KeyGate, ips: Sequence[str]) -> str:
+async def key_with_ips(gate: Keystile, ips: Sequence[str]) -> str:
     created = await gate.manager.create(
         {"name": "ip key", "type": "prod", "scopes": ["vec:read"], "allowed_ips": list(ips)}
     )
@@ -275,7 +275,7 @@ def assert_ip_refused(response: httpx.Response) -> None:
         pytest.param(["2001:db8::/32"], "::ffff:10.1.2.3", False, id="mapped-vs-ipv6"),
     ],
 )
-async def test_allowlist(rules: list[str], client: str, allowed: bool, gate: KeyGate) -> None:
+async def test_allowlist(rules: list[str], client: str, allowed: bool, gate: Keystile) -> None:
     """A key with an allowlist is admitted exactly from its addresses and networks,
     IPv4-mapped IPv6 being the same as IPv4, and the app is called only then."""
     app, counter = make_app(gate)
@@ -289,7 +289,7 @@ async def test_allowlist(rules: list[str], client: str, allowed: bool, gate: Key
         assert counter.calls == 0
 
 
-async def test_allowlist_is_checked_on_every_request(gate: KeyGate) -> None:
+async def test_allowlist_is_checked_on_every_request(gate: Keystile) -> None:
     """The same key, cached after its first use, is judged again by each request's address."""
     app, counter = make_app(gate)
     key = await key_with_ips(gate, ["203.0.113.0/24"])
@@ -300,7 +300,7 @@ async def test_allowlist_is_checked_on_every_request(gate: KeyGate) -> None:
     assert counter.calls == 2
 
 
-async def test_a_key_without_an_allowlist_is_admitted_from_anywhere(gate: KeyGate) -> None:
+async def test_a_key_without_an_allowlist_is_admitted_from_anywhere(gate: Keystile) -> None:
     """No allowlist, no address check: any client, none at all, any X-Forwarded-For."""
     app, counter = make_app(gate, trusted_proxies=["10.0.0.0/8"])
     key = await key_with_ips(gate, [])
@@ -311,7 +311,7 @@ async def test_a_key_without_an_allowlist_is_admitted_from_anywhere(gate: KeyGat
     assert counter.calls == 4
 
 
-async def test_the_client_address_is_the_asgi_client(gate: KeyGate) -> None:
+async def test_the_client_address_is_the_asgi_client(gate: Keystile) -> None:
     """Without trusted proxies only the ASGI client counts; forwarding headers do not."""
     app, _ = make_app(gate)
     key = await key_with_ips(gate, ["203.0.113.9"])
@@ -324,7 +324,7 @@ async def test_the_client_address_is_the_asgi_client(gate: KeyGate) -> None:
     assert (await get(app, key, ("203.0.113.9", 1))).status_code == 200
 
 
-async def test_a_request_without_a_client_is_refused(gate: KeyGate) -> None:
+async def test_a_request_without_a_client_is_refused(gate: Keystile) -> None:
     """An ASGI request with no ``client`` has no address, which no allowlist admits."""
     app, counter = make_app(gate, trusted_proxies=["10.0.0.0/8"])
     key = await key_with_ips(gate, ["0.0.0.0/0", "::/0"])
@@ -332,7 +332,7 @@ async def test_a_request_without_a_client_is_refused(gate: KeyGate) -> None:
     assert counter.calls == 0
 
 
-async def test_trusted_proxies_through_the_middleware(gate: KeyGate) -> None:
+async def test_trusted_proxies_through_the_middleware(gate: Keystile) -> None:
     """Behind a configured proxy the client is the rightmost untrusted hop: the proxy's own
     address no longer counts, a spoofed hop to the left never does, a malformed one refuses."""
     app, counter = make_app(gate, trusted_proxies=["10.0.0.0/8"])
@@ -408,7 +408,7 @@ async def test_a_spoofed_x_forwarded_for_changes_nothing(
 ) -> None:
     """From a peer that is not a trusted proxy, any X-Forwarded-For headers at all give the
     same decision as none."""
-    gate = KeyGate(store=MemoryStore())
+    gate = Keystile(store=MemoryStore())
     try:
         app, _ = make_app(gate, trusted_proxies=trusted)
         key = await key_with_ips(gate, allowed)
@@ -439,12 +439,12 @@ IP_KEYS: list[dict[str, object]] = [
         pytest.param(
             lambda port: uvicorn_argv(port, "--no-proxy-headers"), False, id="no-proxy-headers"
         ),
-        pytest.param(demo_argv, False, id="keygate-demo"),
+        pytest.param(demo_argv, False, id="keystile-demo"),
     ],
 )
 def test_uvicorn_and_x_forwarded_for(argv: Callable[[int], list[str]], rewrites: bool) -> None:
-    """uvicorn by default makes X-Forwarded-For from 127.0.0.1 the ASGI client, so keygate
-    judges a spoofed address; with --no-proxy-headers, and under `keygate demo`, the real
+    """uvicorn by default makes X-Forwarded-For from 127.0.0.1 the ASGI client, so keystile
+    judges a spoofed address; with --no-proxy-headers, and under `keystile demo`, the real
     peer 127.0.0.1 is judged whatever the header says."""
     with (
         serve(argv, seed_env(IP_KEYS)) as server,

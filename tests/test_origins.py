@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from keygate.origins import Origin, origin_allowed, parse_origin, parse_origin_pattern
+from keystile.origins import Origin, origin_allowed, parse_origin, parse_origin_pattern
 
 TEN_KB = "https://" + "a" * 10_000 + ".com"
 TEN_KB_SUBDOMAIN = "https://" + "a." * 5000 + "example.com"

@@ -1,26 +1,26 @@
-"""The public surface: what keygate exports, and that no object shows a secret."""
+"""The public surface: what keystile exports, and that no object shows a secret."""
 
 from __future__ import annotations
 
-import keygate
-from keygate import KeyHasher, KeyManager
-from keygate.stores import CachedStore
+import keystile
+from keystile import KeyHasher, KeyManager
+from keystile.stores import CachedStore
 
 
 def test_all_is_sorted_and_complete() -> None:
     """__all__ is sorted, and every name in it exists."""
-    assert keygate.__all__ == sorted(keygate.__all__)
-    for name in keygate.__all__:
-        assert hasattr(keygate, name), name
+    assert keystile.__all__ == sorted(keystile.__all__)
+    for name in keystile.__all__:
+        assert hasattr(keystile, name), name
 
 
 def test_every_error_derives_from_the_root() -> None:
-    """Every exception keygate exports derives from KeyGateError."""
-    names = [n for n in keygate.__all__ if n.endswith(("Error", "Unavailable"))]
-    errors = [getattr(keygate, n) for n in names if n != "FieldError"]
-    errors += [keygate.KeyNotFound, keygate.KeyConflict]
+    """Every exception keystile exports derives from KeystileError."""
+    names = [n for n in keystile.__all__ if n.endswith(("Error", "Unavailable"))]
+    errors = [getattr(keystile, n) for n in names if n != "FieldError"]
+    errors += [keystile.KeyNotFound, keystile.KeyConflict]
     for error in errors:
-        assert issubclass(error, keygate.KeyGateError), error
+        assert issubclass(error, keystile.KeystileError), error
 
 
 async def test_no_repr_or_str_shows_the_secret(manager: KeyManager, cached: CachedStore) -> None:

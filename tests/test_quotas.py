@@ -20,12 +20,12 @@ from starlette.routing import Route
 
 from conftest import SECRET, new_namespace
 from faults.redis_server import RedisServer
-from keygate import KeyGate, KeyGateSettings, ManualClock, RedisStore
-from keygate.demo import build_demo_app
-from keygate.middleware import KeyGateMiddleware
-from keygate.models import ApiKey
-from keygate.quotas import MemoryQuotaStore, Mode, Quotas, QuotaState, RedisQuotaStore
-from keygate.stores import KeyStore
+from keystile import Keystile, KeystileSettings, ManualClock, RedisStore
+from keystile.demo import build_demo_app
+from keystile.middleware import KeystileMiddleware
+from keystile.models import ApiKey
+from keystile.quotas import MemoryQuotaStore, Mode, Quotas, QuotaState, RedisQuotaStore
+from keystile.stores import KeyStore
 
 T0 = 1_800_000_000.0  # a minute boundary
 
@@ -106,8 +106,8 @@ async def test_quota_headers_parse_as_structured_fields(spender: Spender) -> Non
 
 
 @pytest.fixture
-async def demo() -> AsyncIterator[tuple[httpx.AsyncClient, KeyGate]]:
-    gate = KeyGate(store="memory://", clock=ManualClock(T0))
+async def demo() -> AsyncIterator[tuple[httpx.AsyncClient, Keystile]]:
+    gate = Keystile(store="memory://", clock=ManualClock(T0))
     gate.quotas.store = MemoryQuotaStore(clock=gate.clock)
     app = build_demo_app(gate)
     transport = httpx.ASGITransport(app=app)
@@ -116,7 +116,7 @@ async def demo() -> AsyncIterator[tuple[httpx.AsyncClient, KeyGate]]:
 
 
 async def test_demo_inference_answers_429_when_the_budget_is_gone(
-    demo: tuple[httpx.AsyncClient, KeyGate],
+    demo: tuple[httpx.AsyncClient, Keystile],
 ) -> None:
     """The demo's inference spends tokens; once the key's budget is gone it answers 429
     quota_exceeded with the quota's headers, and a key without a budget is never refused."""
@@ -147,15 +147,15 @@ async def test_quota_api_needs_the_middleware() -> None:
     """Spending outside a request the middleware authenticated is a clear error."""
     from starlette.requests import Request
 
-    gate = KeyGate(store="memory://")
+    gate = Keystile(store="memory://")
     request = Request({"type": "http", "headers": [], "method": "GET", "path": "/"})
-    with pytest.raises(RuntimeError, match="KeyGateMiddleware"):
+    with pytest.raises(RuntimeError, match="KeystileMiddleware"):
         await gate.quotas.reserve(request, 1)
 
 
 async def test_negative_tokens_are_refused() -> None:
     """A negative or non-integer token count is a ValueError, not a silent credit."""
-    gate = KeyGate(store="memory://")
+    gate = Keystile(store="memory://")
     created = await gate.manager.create({"name": "n", "type": "dev"})
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="non-negative integer"):
@@ -214,8 +214,8 @@ async def failing(request: pytest.FixtureRequest) -> AsyncIterator[Failing]:
     await made.close()
 
 
-async def budgeted_key(quota: int = 100) -> tuple[KeyGate, ApiKey]:
-    gate = KeyGate(store="memory://")
+async def budgeted_key(quota: int = 100) -> tuple[Keystile, ApiKey]:
+    gate = Keystile(store="memory://")
     created = await gate.manager.create(
         {"name": "ai", "type": "dev", "scopes": ["ai:inference"], "token_quota": quota}
     )
@@ -229,7 +229,7 @@ async def test_a_failing_store_lets_spending_through_then_is_left_alone_a_while(
     counted in passes, one warning); after three failures in a row the store is not asked
     for 50 ms, even once it is back; then one try ends the back-off, and counting resumes
     where Redis left it."""
-    caplog.set_level(logging.WARNING, logger="keygate.quotas")
+    caplog.set_level(logging.WARNING, logger="keystile.quotas")
     gate, key = await budgeted_key(100)
     quotas = Quotas(failing.store, gate.policy)
     first = await quotas.spend(key, 10, "reserve")
@@ -248,7 +248,7 @@ async def test_a_failing_store_lets_spending_through_then_is_left_alone_a_while(
     assert tried is not None and not tried.degraded and failing.asked == 5
     # fakeredis kept the 10 spent before; the restarted redis-server started empty.
     assert tried.remaining == (80 if failing.kind == "fakeredis" else 90)
-    [warning] = [r for r in caplog.records if r.name == "keygate.quotas"]
+    [warning] = [r for r in caplog.records if r.name == "keystile.quotas"]
     assert "token quotas unavailable" in warning.getMessage()
     assert "letting requests through" in warning.getMessage()
 
@@ -258,8 +258,8 @@ async def test_a_failing_store_with_failure_deny_answers_503(failing: Failing) -
     quota_unavailable with Retry-After (the middleware's answer, not a 500); one recording
     tokens it has already spent is answered (a pass, logged: the work is done); with the
     store back, the same requests are served and counted."""
-    settings = KeyGateSettings(rate_limit_failure="deny")
-    gate = KeyGate(store="memory://", secret=SECRET, settings=settings)
+    settings = KeystileSettings(rate_limit_failure="deny")
+    gate = Keystile(store="memory://", secret=SECRET, settings=settings)
     gate.quotas.store = failing.store
     created = await gate.manager.create(
         {"name": "ai", "type": "dev", "scopes": ["ai:inference"], "token_quota": 100}
@@ -280,7 +280,7 @@ async def test_a_failing_store_with_failure_deny_answers_503(failing: Failing) -
             Route("/infer", infer, methods=["POST"]),
             Route("/spent", spent, methods=["POST"]),
         ],
-        middleware=[Middleware(KeyGateMiddleware, gate=gate)],
+        middleware=[Middleware(KeystileMiddleware, gate=gate)],
     )
     headers = {"Authorization": f"Bearer {created.secret.get_secret_value()}"}
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)

@@ -32,10 +32,10 @@ from redis.asyncio import Redis
 
 from conftest import REDIS_URL, SECRET, Figures, cleanup_namespace, new_namespace, require_redis
 from faults.redis_server import RedisServer
-from keygate import KeyGateSettings, ManualClock, MemoryStore, RedisStore
-from keygate.demo import DEMO_ORIGINS, build_demo_app, seed_demo_keys
-from keygate.gate import KeyGate
-from keygate.ratelimit import (
+from keystile import KeystileSettings, ManualClock, MemoryStore, RedisStore
+from keystile.demo import DEMO_ORIGINS, build_demo_app, seed_demo_keys
+from keystile.gate import Keystile
+from keystile.ratelimit import (
     MAX_WINDOW,
     Decision,
     MemoryLimiter,
@@ -44,7 +44,7 @@ from keygate.ratelimit import (
     normalize_rate_limit,
     parse_rate_limit,
 )
-from keygate.stores import KeyStore
+from keystile.stores import KeyStore
 from test_middleware import assert_refused, bearer, call, client, make_app
 
 WORKER = Path(__file__).with_name("ratelimit_worker.py")
@@ -71,7 +71,7 @@ def parse_int(value: str) -> int:
     return item.value
 
 
-async def new_client_key(gate: KeyGate, **fields: Any) -> str:
+async def new_client_key(gate: Keystile, **fields: Any) -> str:
     """Issue a client key (100/minute by default); its secret."""
     created = await gate.manager.create(
         {
@@ -85,7 +85,7 @@ async def new_client_key(gate: KeyGate, **fields: Any) -> str:
     return created.secret.get_secret_value()
 
 
-async def new_key(gate: KeyGate, key_type: str = "dev", **fields: Any) -> str:
+async def new_key(gate: Keystile, key_type: str = "dev", **fields: Any) -> str:
     """Issue a dev (or prod) key; its secret."""
     created = await gate.manager.create(
         {"name": "server", "type": key_type, "scopes": ["vec:read"], **fields}
@@ -93,7 +93,7 @@ async def new_key(gate: KeyGate, key_type: str = "dev", **fields: Any) -> str:
     return created.secret.get_secret_value()
 
 
-async def warm(gate: KeyGate, secret: str) -> None:
+async def warm(gate: Keystile, secret: str) -> None:
     """Cache the key's record, so requests with it need the store no more."""
     assert await gate.store.lookup(gate.hasher.digest(secret)) is not None
 
@@ -106,7 +106,7 @@ def statuses(responses: list[httpx.Response]) -> dict[int, int]:
 # Usage is flushed to Redis in the background every second; tests that count Redis
 # commands flush it only when the gate closes. They count commands, not time: on a loaded
 # two-core machine the limiter may wait 2 s rather than pass requests undecided.
-QUIET = KeyGateSettings(usage_flush_interval=3600.0, rate_limit_timeout=2.0)
+QUIET = KeystileSettings(usage_flush_interval=3600.0, rate_limit_timeout=2.0)
 
 
 # A redis-server of the test's own (it may be flushed, slowed down and killed without
@@ -115,7 +115,7 @@ OwnRedis = RedisServer
 
 
 # What the limiter's script runs inside Redis: INFO commandstats counts these too, but they
-# cost no round trip. Nothing in keygate sends them itself.
+# cost no round trip. Nothing in keystile sends them itself.
 SCRIPT_COMMANDS = frozenset({"time", "lindex", "llen", "lpush", "ltrim", "pexpire"})
 
 
@@ -137,16 +137,16 @@ def own_redis() -> Iterator[OwnRedis]:
 
 
 @pytest.fixture
-async def own_gate(own_redis: OwnRedis) -> AsyncIterator[KeyGate]:
+async def own_gate(own_redis: OwnRedis) -> AsyncIterator[Keystile]:
     """A started gate on the test's own redis-server (script loaded, announcements on)."""
     store = RedisStore.from_url(own_redis.url, namespace=new_namespace(), heartbeat=60.0)
-    gate = KeyGate(store=store, secret=SECRET, settings=QUIET)
+    gate = Keystile(store=store, secret=SECRET, settings=QUIET)
     await gate.startup()
     yield gate
     await gate.aclose()
 
 
-def redis_limiter(gate: KeyGate) -> RedisLimiter:
+def redis_limiter(gate: Keystile) -> RedisLimiter:
     assert isinstance(gate.limiter, RedisLimiter)
     return gate.limiter
 
@@ -167,14 +167,14 @@ async def redis_client(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Re
 
 
 @pytest.fixture
-async def shared_gate(redis_namespace: str) -> AsyncIterator[KeyGate]:
+async def shared_gate(redis_namespace: str) -> AsyncIterator[Keystile]:
     """A gate on the shared real Redis. The limiter may wait 2 s (and key lookups 5 s): on
     a loaded two-core machine a slow answer must show as a counted pass or a 503, not
     decide an exactness test."""
-    gate = KeyGate(
+    gate = Keystile(
         store=RedisStore.from_url(REDIS_URL, namespace=redis_namespace),
         secret=SECRET,
-        settings=KeyGateSettings(rate_limit_timeout=2.0),
+        settings=KeystileSettings(rate_limit_timeout=2.0),
         lookup_timeout=5.0,
     )
     await gate.startup()
@@ -183,19 +183,19 @@ async def shared_gate(redis_namespace: str) -> AsyncIterator[KeyGate]:
 
 
 @pytest.fixture
-async def local(clock: ManualClock) -> AsyncIterator[KeyGate]:
+async def local(clock: ManualClock) -> AsyncIterator[Keystile]:
     """A gate on the in-memory store, on the test's ManualClock."""
-    made = KeyGate(store=MemoryStore(), secret=SECRET, clock=clock)
+    made = Keystile(store=MemoryStore(), secret=SECRET, clock=clock)
     yield made
     await made.aclose()
 
 
 @pytest.fixture
-async def gate_on(store: KeyStore, clock: ManualClock) -> AsyncIterator[KeyGate]:
+async def gate_on(store: KeyStore, clock: ManualClock) -> AsyncIterator[Keystile]:
     """A gate on each backend: memory (with a ManualClock), fakeredis, real Redis (with a
     limiter timeout no busy test machine reaches: these tests are not about timeouts)."""
-    settings = KeyGateSettings(rate_limit_timeout=2.0)
-    made = KeyGate(store=store, secret=SECRET, clock=clock, settings=settings)
+    settings = KeystileSettings(rate_limit_timeout=2.0)
+    made = Keystile(store=store, secret=SECRET, clock=clock, settings=settings)
     await made.startup()
     yield made
     await made.shutdown()  # the store fixture closes the store
@@ -299,7 +299,7 @@ def test_canonical_spelling_round_trips(windows: list[tuple[int, int, str]]) -> 
     ],
 )
 async def test_policy_names_never_carry_key_material(
-    local: KeyGate, key_type: str, fields: dict[str, Any], names: list[str]
+    local: Keystile, key_type: str, fields: dict[str, Any], names: list[str]
 ) -> None:
     """Rate-limit policies are named after the key type; no header carries the secret, the
     key's id, hint or name, or any 8-character piece of the secret."""
@@ -359,7 +359,7 @@ class Expected:
 
 class Oracle:
     """``limits``' MovingWindowRateLimiter over its synchronous MemoryStorage, on a fake
-    clock. A limit of several windows admits when every one would (keygate's contract)."""
+    clock. A limit of several windows admits when every one would (keystile's contract)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.now = START
@@ -414,7 +414,7 @@ class Oracle:
 
 
 class Driver:
-    """A keygate limiter on a virtual clock: MemoryLimiter with a ManualClock, or
+    """A keystile limiter on a virtual clock: MemoryLimiter with a ManualClock, or
     RedisLimiter.hit_at with the time in milliseconds (local refusals off)."""
 
     def __init__(self, kind: str, limiter: MemoryLimiter | RedisLimiter, clock: ManualClock):
@@ -442,7 +442,7 @@ async def own_limiter(made: Redis, **options: Any) -> AsyncIterator[RedisLimiter
 
 @asynccontextmanager
 async def virtual_limiter(kind: str) -> AsyncIterator[Driver]:
-    """A keygate limiter of one backend on a virtual clock (Redis data cleaned up)."""
+    """A keystile limiter of one backend on a virtual clock (Redis data cleaned up)."""
     clock = ManualClock(START)
     if kind == "memory":
         yield Driver(kind, MemoryLimiter(clock=clock), clock)
@@ -467,7 +467,7 @@ async def virtual_limiter(kind: str) -> AsyncIterator[Driver]:
 
 @pytest.fixture
 async def driver(backend: tuple[str, str]) -> AsyncIterator[Driver]:
-    """A keygate limiter of each backend on a virtual clock."""
+    """A keystile limiter of each backend on a virtual clock."""
     async with virtual_limiter(backend[0]) as made:
         yield made
 
@@ -479,7 +479,7 @@ EVENTS_PER_SCHEDULE = 250
 async def compared(
     driver: Driver, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[tuple[str, Expected, Decision]]:
-    """Every request of the random schedules: where it is, what limits says, what keygate
+    """Every request of the random schedules: where it is, what limits says, what keystile
     decided (both on the same virtual clock)."""
     for seed in range(SEEDS[driver.kind]):
         oracle = Oracle(monkeypatch)
@@ -513,7 +513,7 @@ async def test_decisions_match_limits_moving_window(
         f"differential vs limits' MovingWindowRateLimiter ({driver.kind}): {decisions} "
         f"decisions over {SEEDS[driver.kind]} schedules all equal ({admitted} admitted); "
         f"{ties} exact-boundary moments where limits' get_window_stats disagrees with its "
-        "own hit (keygate agrees with hit)"
+        "own hit (keystile agrees with hit)"
     )
 
 
@@ -620,7 +620,7 @@ async def answer(worker: asyncio.subprocess.Process) -> str:
 @pytest.mark.slow
 @pytest.mark.redis
 async def test_four_processes_admit_exactly_the_limit_together(
-    shared_gate: KeyGate, redis_namespace: str, figures: Figures
+    shared_gate: Keystile, redis_namespace: str, figures: Figures
 ) -> None:
     """Four app processes, each firing 250 simultaneous requests with the same fresh client
     key through the full middleware, admit exactly 100 between them — 20 rounds running."""
@@ -672,7 +672,7 @@ async def test_four_processes_admit_exactly_the_limit_together(
 @pytest.mark.slow
 @pytest.mark.redis
 async def test_one_gather_of_500_admits_exactly_100(
-    shared_gate: KeyGate, figures: Figures
+    shared_gate: Keystile, figures: Figures
 ) -> None:
     """500 simultaneous requests with one client key: exactly 100 are admitted (at most
     100 is the contract), the rest are 429."""
@@ -747,7 +747,7 @@ async def test_no_second_of_a_long_random_run_admits_more_than_20(
 @pytest.mark.slow
 @pytest.mark.redis
 async def test_fifty_keys_at_once_each_admit_exactly_100(
-    shared_gate: KeyGate, figures: Figures
+    shared_gate: Keystile, figures: Figures
 ) -> None:
     """50 client keys x 150 simultaneous requests through the middleware: each key has
     exactly 100 admitted."""
@@ -782,7 +782,7 @@ async def test_fifty_keys_at_once_each_admit_exactly_100(
 
 
 async def test_a_limited_request_costs_exactly_one_evalsha(
-    own_gate: KeyGate, own_redis: OwnRedis
+    own_gate: Keystile, own_redis: OwnRedis
 ) -> None:
     """Once the gate has started, a rate-limited request with a cached key sends Redis
     one EVALSHA and nothing else: no SCRIPT LOAD, no EVAL, no NOSCRIPT."""
@@ -801,7 +801,7 @@ async def test_a_limited_request_costs_exactly_one_evalsha(
 
 
 async def test_concurrent_requests_share_round_trips(
-    own_gate: KeyGate, own_redis: OwnRedis, figures: Figures
+    own_gate: Keystile, own_redis: OwnRedis, figures: Figures
 ) -> None:
     """64 simultaneous requests are decided by 64 EVALSHAs in fewer than 64 round trips."""
     secret = await new_client_key(own_gate)
@@ -823,7 +823,7 @@ async def test_concurrent_requests_share_round_trips(
 
 
 async def test_a_key_over_its_limit_costs_no_command_until_its_next_slot(
-    own_gate: KeyGate, own_redis: OwnRedis, figures: Figures
+    own_gate: Keystile, own_redis: OwnRedis, figures: Figures
 ) -> None:
     """Once Redis has refused a key under 1/second, its requests are refused without any
     Redis command until the slot frees; the first one after is admitted by one EVALSHA."""
@@ -862,7 +862,7 @@ async def test_a_key_over_its_limit_costs_no_command_until_its_next_slot(
     )
 
 
-async def test_script_flush_is_survived(own_gate: KeyGate, own_redis: OwnRedis) -> None:
+async def test_script_flush_is_survived(own_gate: Keystile, own_redis: OwnRedis) -> None:
     """After SCRIPT FLUSH the next request — alone or among concurrent ones — still gets a
     correct decision and numbers (the script is loaded again on NOSCRIPT)."""
     secret = await new_key(own_gate, rate_limit="12/minute")
@@ -894,7 +894,7 @@ async def test_script_flush_is_survived(own_gate: KeyGate, own_redis: OwnRedis) 
 
 
 async def test_round_trips_counts_the_script_load_of_a_noscript_retry(
-    own_gate: KeyGate, own_redis: OwnRedis
+    own_gate: Keystile, own_redis: OwnRedis
 ) -> None:
     """After SCRIPT FLUSH, round_trips grows by every command one request sends."""
     limiter = redis_limiter(own_gate)
@@ -912,7 +912,7 @@ async def test_round_trips_counts_the_script_load_of_a_noscript_retry(
 
 
 async def test_ratelimit_headers_count_down_then_429(
-    gate_on: KeyGate, backend: tuple[str, str]
+    gate_on: Keystile, backend: tuple[str, str]
 ) -> None:
     """A client key's 100 admitted responses carry RateLimit-Policy "client";q=100;w=60 and
     RateLimit "client";r=99..0;t=<seconds>; the 101st (and 102nd) is the SPEC's 429 with
@@ -943,7 +943,7 @@ async def test_ratelimit_headers_count_down_then_429(
         assert name == "client" and params["r"] == 0 and 0 <= params["t"] <= 60
 
 
-async def test_unlimited_keys_get_no_ratelimit_headers(local: KeyGate) -> None:
+async def test_unlimited_keys_get_no_ratelimit_headers(local: Keystile) -> None:
     """A prod key with no rate limit (the default) is never limited and gets no RateLimit
     headers, legacy ones included."""
     secret = await new_key(local, "prod")
@@ -955,7 +955,7 @@ async def test_unlimited_keys_get_no_ratelimit_headers(local: KeyGate) -> None:
         assert not any(name.startswith(("ratelimit", "x-ratelimit")) for name in response.headers)
 
 
-async def test_legacy_headers_on_request(local: KeyGate, clock: ManualClock) -> None:
+async def test_legacy_headers_on_request(local: Keystile, clock: ManualClock) -> None:
     """legacy_rate_limit_headers=True adds X-RateLimit-Limit/Remaining/Reset (seconds) for
     the tightest window, on admitted and refused responses; off by default."""
     secret = await new_key(local, rate_limit="2/second;100/minute")
@@ -973,7 +973,7 @@ async def test_legacy_headers_on_request(local: KeyGate, clock: ManualClock) -> 
     assert [third.headers[h] for h in legacy] == ["2", "0", "1"]
 
 
-async def test_two_windows_are_two_policies(local: KeyGate) -> None:
+async def test_two_windows_are_two_policies(local: Keystile) -> None:
     """A key limited to 2/second;3/minute gets two policy items and two RateLimit items."""
     secret = await new_key(local, rate_limit="2/second;3/minute")
     app, _ = make_app(local)
@@ -989,7 +989,7 @@ async def test_two_windows_are_two_policies(local: KeyGate) -> None:
     ]
 
 
-async def test_demo_scenario(local: KeyGate, clock: ManualClock) -> None:
+async def test_demo_scenario(local: Keystile, clock: ManualClock) -> None:
     """In the demo (memory store, ManualClock), the browser key gets 200 with RateLimit
     headers 100 times, 429 with Retry-After on the 101st — still at exactly 60 s — and is
     admitted again once the clock has moved Retry-After seconds."""
@@ -1018,7 +1018,9 @@ async def test_demo_scenario(local: KeyGate, clock: ManualClock) -> None:
 
 def limiter_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [
-        r for r in caplog.records if r.name == "keygate.ratelimit" and r.levelno == logging.WARNING
+        r
+        for r in caplog.records
+        if r.name == "keystile.ratelimit" and r.levelno == logging.WARNING
     ]
 
 
@@ -1029,12 +1031,12 @@ async def timed(http: httpx.AsyncClient, secret: str) -> tuple[httpx.Response, f
 
 
 async def test_dead_redis_lets_traffic_through_counts_and_logs_once(
-    own_gate: KeyGate, own_redis: OwnRedis, caplog: pytest.LogCaptureFixture
+    own_gate: Keystile, own_redis: OwnRedis, caplog: pytest.LogCaptureFixture
 ) -> None:
     """With Redis killed while the app runs, a cached client key is admitted (the default
     failure mode) within 1 s per request, every pass is counted, one warning is logged; an
     uncached key is 503 auth_unavailable (key lookups fail closed)."""
-    caplog.set_level(logging.WARNING, logger="keygate.ratelimit")
+    caplog.set_level(logging.WARNING, logger="keystile.ratelimit")
     secret = await new_client_key(own_gate)
     uncached = await new_client_key(own_gate)
     limiter = redis_limiter(own_gate)
@@ -1061,12 +1063,12 @@ async def test_dead_redis_with_failure_deny_is_503(own_redis: OwnRedis, configur
     limiter cannot decide is 503 rate_limit_unavailable with Retry-After, within 1 s."""
     store = RedisStore.from_url(own_redis.url, namespace=new_namespace(), heartbeat=60.0)
     if configured == "settings":
-        gate = KeyGate(
-            store=store, secret=SECRET, settings=KeyGateSettings(rate_limit_failure="deny")
+        gate = Keystile(
+            store=store, secret=SECRET, settings=KeystileSettings(rate_limit_failure="deny")
         )
     else:
         limiter = RedisLimiter(store.client, namespace=store.namespace, failure="deny")
-        gate = KeyGate(store=store, secret=SECRET, limiter=limiter)
+        gate = Keystile(store=store, secret=SECRET, limiter=limiter)
     await gate.startup()
     try:
         secret = await new_client_key(gate)
@@ -1093,10 +1095,10 @@ async def test_slow_redis_ends_within_the_limiter_timeout(
     all end within the limiter's 0.25 s timeout plus a margin: admitted ("allow") or 503
     rate_limit_unavailable ("deny")."""
     store = RedisStore.from_url(own_redis.url, namespace=new_namespace(), heartbeat=60.0)
-    gate = KeyGate(
+    gate = Keystile(
         store=store,
         secret=SECRET,
-        settings=KeyGateSettings(rate_limit_failure=failure),  # type: ignore[arg-type]
+        settings=KeystileSettings(rate_limit_failure=failure),  # type: ignore[arg-type]
     )
     await gate.startup()
     limiter = redis_limiter(gate)
@@ -1195,7 +1197,7 @@ async def test_repeated_failures_back_off_until_one_try_succeeds(
     """Three failed decisions in a row make the limiter back off: while it does, decisions
     pass undecided (counted, logged once) without asking Redis, even a Redis answering
     again; when the wait is over one request tries, and its answer ends the back-off."""
-    caplog.set_level(logging.WARNING, logger="keygate.ratelimit")
+    caplog.set_level(logging.WARNING, logger="keystile.ratelimit")
     limiter, limits_, asked = outage.limiter, limit_set("100/minute", "dev"), outage.asked
     assert not (await limiter.hit("k", limits_)).degraded
     await asyncio.to_thread(outage.down)
@@ -1322,7 +1324,7 @@ async def test_changing_a_blocked_keys_limit_never_fails_the_request(
     """A key refused under 1/minute whose record changes to 10/second;1000/hour (as an
     update in any process would do) is answered, not failed, on its next request."""
     made, namespace = redis_client
-    gate = KeyGate(store=RedisStore(made, namespace=namespace), secret=SECRET, settings=QUIET)
+    gate = Keystile(store=RedisStore(made, namespace=namespace), secret=SECRET, settings=QUIET)
     await gate.startup()
     try:
         created = await gate.manager.create(

@@ -16,7 +16,7 @@ BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
 def test_readme_opens_with_the_two_commands() -> None:
     """The first two shell blocks install and run the demo, then install and run the tests."""
     shells = re.findall(r"```sh\n(.*?)```", README, flags=re.S)
-    assert "pip install -e '.[demo]' && keygate demo" in shells[0]
+    assert "pip install -e '.[demo]' && keystile demo" in shells[0]
     assert "pip install -e '.[test]' && python -m pytest" in shells[1]
 
 
@@ -43,7 +43,7 @@ def test_fastapi_example_runs_and_enforces_scopes() -> None:
     assert write.json()["error"]["code"] == "insufficient_scope"
     assert anonymous.status_code == 401
     assert app.openapi()["paths"]["/cloud/vec/databases"]["post"]["security"] == [
-        {"KeyGate": ["vec:write"]}
+        {"Keystile": ["vec:write"]}
     ]
 
 
@@ -68,14 +68,14 @@ def test_managing_keys_example_runs() -> None:
     import textwrap
     from datetime import timedelta
 
-    from keygate import KeyGate
+    from keystile import Keystile
 
     block = next(b for b in BLOCKS if "gate.manager.rotate" in b)
     namespace: dict[str, Any] = {"timedelta": timedelta}
     exec("async def example(gate):\n" + textwrap.indent(block, "    "), namespace)
 
     async def run() -> None:
-        gate = KeyGate(store="memory://")
+        gate = Keystile(store="memory://")
         await namespace["example"](gate)
         keys = (await gate.manager.list()).keys
         assert len(keys) == 2  # the key and its successor
@@ -86,11 +86,11 @@ def test_managing_keys_example_runs() -> None:
 
 
 def test_every_setting_is_listed_under_configuration() -> None:
-    """Each KeyGateSettings field is named in the README as its environment variable."""
-    from keygate import KeyGateSettings
+    """Each KeystileSettings field is named in the README as its environment variable."""
+    from keystile import KeystileSettings
 
     section = README.split("## Configuration", 1)[1].split("\n## ", 1)[0]
-    listed = set(re.findall(r"`(KEYGATE_[A-Z_]+)`", section))
-    expected = {f"KEYGATE_{name.upper()}" for name in KeyGateSettings.model_fields}
+    listed = set(re.findall(r"`(KEYSTILE_[A-Z_]+)`", section))
+    expected = {f"KEYSTILE_{name.upper()}" for name in KeystileSettings.model_fields}
     assert expected - listed == set(), "settings missing from the README"
     assert listed - expected == set(), "README lists settings that do not exist"

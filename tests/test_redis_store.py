@@ -8,8 +8,8 @@ import pytest
 import redis
 
 from conftest import REDIS_URL
-from keygate import KeyHasher, KeyManager, RedisStore, StoreError, StoreUnavailable
-from keygate.stores import CachedStore
+from keystile import KeyHasher, KeyManager, RedisStore, StoreError, StoreUnavailable
+from keystile.stores import CachedStore
 
 
 async def test_300_concurrent_lookups_wait_for_a_bounded_pool(

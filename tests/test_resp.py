@@ -1,4 +1,4 @@
-"""The lean Redis connection behind the rate limiter (keygate.resp): RESP2 parsed exactly
+"""The lean Redis connection behind the rate limiter (keystile.resp): RESP2 parsed exactly
 in any chunking, garbage refused, callers sharing one socket get their own replies, and a
 stuck, killed, unreachable or password-protected server ends each call with a clear error
 within its deadline."""
@@ -20,13 +20,13 @@ from redis.asyncio import Redis
 
 from conftest import REDIS_URL, require_redis
 from faults.redis_server import RedisServer, free_port, need_redis_server
-from keygate.resp import LeanRedis, ProtocolError, ReplyError, RespReader, encode
+from keystile.resp import LeanRedis, ProtocolError, ReplyError, RespReader, encode
 
 # -- the wire format ---------------------------------------------------------------------------
 
 
 def wire(value: Any) -> bytes:
-    """A reply as a server would send it (the test's own encoder, independent of keygate's)."""
+    """A reply as a server would send it (the test's own encoder, independent of keystile's)."""
     if value is None:
         return b"$-1\r\n"
     if isinstance(value, ReplyError):
@@ -177,13 +177,13 @@ def own_redis() -> Iterator[RedisServer]:
 async def test_the_connection_is_named_after_the_clients(own_redis: RedisServer) -> None:
     """CLIENT LIST shows the lean connection as the client's name plus "-lean", beside the
     client's own connections."""
-    client = Redis.from_url(own_redis.url, client_name="kg-app")
+    client = Redis.from_url(own_redis.url, client_name="ks-app")
     lean = LeanRedis.from_client(client)
     assert lean is not None
     try:
         assert await client.ping() and await lean.execute("PING") == b"PONG"
-        assert len(own_redis.clients("kg-app-lean")) == 1
-        assert len(own_redis.clients("kg-app")) == 1
+        assert len(own_redis.clients("ks-app-lean")) == 1
+        assert len(own_redis.clients("ks-app")) == 1
     finally:
         await lean.aclose()
         await client.aclose()
@@ -399,7 +399,7 @@ async def test_a_slow_but_healthy_server_keeps_its_one_connection() -> None:
 async def test_a_noscript_reload_stays_within_one_timeout(figures: Any) -> None:
     """Redis answering 0.1 s late, and NOSCRIPT to the first EVALSHA: the request's
     reload and retry share its one 0.25 s budget (it is let through, degraded, by then)."""
-    from keygate.ratelimit import _SHA, RedisLimiter, limit_set
+    from keystile.ratelimit import _SHA, RedisLimiter, limit_set
 
     loaded = False
 
@@ -432,8 +432,8 @@ async def test_a_noscript_reload_stays_within_one_timeout(figures: Any) -> None:
 async def test_closing_the_limiter_while_a_request_connects_fails_it_cleanly() -> None:
     """A request waiting for the limiter's connection (AUTH answered 0.2 s late) when the
     limiter closes is refused by the failure mode (503 with "deny"), never cancelled."""
-    from keygate.exceptions import StoreUnavailable
-    from keygate.ratelimit import RedisLimiter, limit_set
+    from keystile.exceptions import StoreUnavailable
+    from keystile.ratelimit import RedisLimiter, limit_set
 
     async with SlowServer(0.2, pong) as server:
         limiter = RedisLimiter(Redis(port=server.port, password="pw"), timeout=1.0, failure="deny")

@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 from conftest import REDIS_URL, Figures
-from keygate import KeyHasher, KeyManager, RedisStore
-from keygate.stores import CachedStore
+from keystile import KeyHasher, KeyManager, RedisStore
+from keystile.stores import CachedStore
 
 TRIALS = 50
 

@@ -15,11 +15,11 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from conftest import SECRET
-from keygate import ApiKey, ManualClock, MemoryStore
-from keygate.fastapi import api_key, require
-from keygate.gate import KeyGate
-from keygate.middleware import KeyGateMiddleware
-from keygate.routing import Rule, RuleTable, public, scopes_required
+from keystile import ApiKey, ManualClock, MemoryStore
+from keystile.fastapi import api_key, require
+from keystile.gate import Keystile
+from keystile.middleware import KeystileMiddleware
+from keystile.routing import Rule, RuleTable, public, scopes_required
 from test_middleware import (
     REALM,
     assert_refused,
@@ -34,8 +34,8 @@ from test_middleware import (
 
 
 @pytest.fixture
-def local(clock: ManualClock) -> KeyGate:
-    return KeyGate(store=MemoryStore(), secret=SECRET, clock=clock)
+def local(clock: ManualClock) -> Keystile:
+    return Keystile(store=MemoryStore(), secret=SECRET, clock=clock)
 
 
 def authorization(token: str) -> list[tuple[bytes, bytes]]:
@@ -63,7 +63,7 @@ class Databases(HTTPEndpoint):
         return PlainTextResponse("deleted")
 
 
-def decorated_app(gate: KeyGate, **options: Any) -> Any:
+def decorated_app(gate: Keystile, **options: Any) -> Any:
     app, _ = make_app(
         gate,
         routes=[
@@ -76,7 +76,7 @@ def decorated_app(gate: KeyGate, **options: Any) -> Any:
     return app
 
 
-async def test_decorator_refuses_a_key_without_the_scope(local: KeyGate) -> None:
+async def test_decorator_refuses_a_key_without_the_scope(local: Keystile) -> None:
     """@scopes_required answers 403 insufficient_scope with the SPEC body and challenge."""
     app = decorated_app(local)
     key = await new_key(local, scopes=["vec:read"])
@@ -88,7 +88,7 @@ async def test_decorator_refuses_a_key_without_the_scope(local: KeyGate) -> None
 
 
 @pytest.mark.parametrize("scopes", [["vec:write"], ["vec:*"], ["*"]], ids=["exact", "vec:*", "*"])
-async def test_decorator_admits_a_key_with_the_scope(local: KeyGate, scopes: list[str]) -> None:
+async def test_decorator_admits_a_key_with_the_scope(local: Keystile, scopes: list[str]) -> None:
     """@scopes_required lets through a key holding the scope, directly or by wildcard."""
     app = decorated_app(local)
     key = await new_key(local, scopes=scopes)
@@ -98,7 +98,7 @@ async def test_decorator_admits_a_key_with_the_scope(local: KeyGate, scopes: lis
     assert response.text == "written"
 
 
-async def test_decorator_works_on_endpoint_methods(local: KeyGate) -> None:
+async def test_decorator_works_on_endpoint_methods(local: Keystile) -> None:
     """@scopes_required on an HTTPEndpoint method checks that method's scopes."""
     app = decorated_app(local)
     reader = await new_key(local, scopes=["vec:read"])
@@ -112,7 +112,7 @@ async def test_decorator_works_on_endpoint_methods(local: KeyGate) -> None:
     assert granted.text == "deleted"
 
 
-async def test_decorator_refuses_a_websocket_with_1008(local: KeyGate) -> None:
+async def test_decorator_refuses_a_websocket_with_1008(local: Keystile) -> None:
     """A decorated websocket endpoint closes the handshake with 1008 when the scope is
     missing, and accepts it when the scope is held."""
     app = decorated_app(local)
@@ -128,7 +128,7 @@ async def test_decorator_refuses_a_websocket_with_1008(local: KeyGate) -> None:
     ]
 
 
-async def test_decorator_behind_a_public_rule_still_wants_a_key(local: KeyGate) -> None:
+async def test_decorator_behind_a_public_rule_still_wants_a_key(local: Keystile) -> None:
     """A decorated endpoint on a public path answers 401 missing_api_key, not the handler."""
     app = decorated_app(local, rules=[public("/write")])
     async with client(app) as http:
@@ -151,7 +151,7 @@ def plain_read(request: Request) -> Response:
     return PlainTextResponse("plain")
 
 
-async def test_decorator_refuses_on_a_plain_def_endpoint(local: KeyGate) -> None:
+async def test_decorator_refuses_on_a_plain_def_endpoint(local: Keystile) -> None:
     """@scopes_required on a plain ``def`` endpoint refuses a key without the scope."""
     app, _ = make_app(local, routes=[Route("/plain", plain_read)])
     key = await new_key(local, scopes=["kev:read"])
@@ -162,7 +162,7 @@ async def test_decorator_refuses_on_a_plain_def_endpoint(local: KeyGate) -> None
     )
 
 
-async def test_decorator_admits_on_a_plain_def_endpoint(local: KeyGate) -> None:
+async def test_decorator_admits_on_a_plain_def_endpoint(local: Keystile) -> None:
     """@scopes_required on a plain ``def`` endpoint lets a key holding the scope through."""
     app, _ = make_app(local, routes=[Route("/plain", plain_read)])
     key = await new_key(local, scopes=["vec:read"])
@@ -175,10 +175,10 @@ async def test_decorator_admits_on_a_plain_def_endpoint(local: KeyGate) -> None:
 # -- at the endpoint: the FastAPI dependency --------------------------------------------------
 
 
-def fastapi_app(gate: KeyGate | None) -> tuple[FastAPI, list[str]]:
+def fastapi_app(gate: Keystile | None) -> tuple[FastAPI, list[str]]:
     """A FastAPI app with scoped routes, behind the middleware unless ``gate`` is None."""
     called: list[str] = []
-    app = FastAPI(middleware=[] if gate is None else [Middleware(KeyGateMiddleware, gate=gate)])
+    app = FastAPI(middleware=[] if gate is None else [Middleware(KeystileMiddleware, gate=gate)])
 
     @app.post("/cloud/vec/databases")
     async def create(key: Annotated[ApiKey, Security(api_key, scopes=["vec:write"])]) -> Any:
@@ -204,7 +204,7 @@ def fastapi_app(gate: KeyGate | None) -> tuple[FastAPI, list[str]]:
     return app, called
 
 
-async def test_fastapi_security_refuses_a_key_without_the_scope(local: KeyGate) -> None:
+async def test_fastapi_security_refuses_a_key_without_the_scope(local: Keystile) -> None:
     """Security(api_key, scopes=[...]) answers 403 with the SPEC body and challenge."""
     app, called = fastapi_app(local)
     key = await new_key(local, scopes=["vec:read"])
@@ -216,7 +216,7 @@ async def test_fastapi_security_refuses_a_key_without_the_scope(local: KeyGate) 
     assert called == []
 
 
-async def test_fastapi_security_admits_a_key_with_the_scope(local: KeyGate) -> None:
+async def test_fastapi_security_admits_a_key_with_the_scope(local: Keystile) -> None:
     """Security(api_key, scopes=[...]) hands the endpoint the key's record when it is granted."""
     app, called = fastapi_app(local)
     created = await local.manager.create({"name": "n", "type": "prod", "scopes": ["vec:*"]})
@@ -229,7 +229,7 @@ async def test_fastapi_security_admits_a_key_with_the_scope(local: KeyGate) -> N
     assert called == [created.key.id, created.key.id]
 
 
-async def test_fastapi_route_without_a_key_is_401(local: KeyGate) -> None:
+async def test_fastapi_route_without_a_key_is_401(local: Keystile) -> None:
     """Without a key the middleware answers 401 before the dependency runs."""
     app, called = fastapi_app(local)
     async with client(app) as http:
@@ -238,7 +238,7 @@ async def test_fastapi_route_without_a_key_is_401(local: KeyGate) -> None:
     assert called == []
 
 
-async def test_fastapi_security_on_a_websocket_route(local: KeyGate) -> None:
+async def test_fastapi_security_on_a_websocket_route(local: Keystile) -> None:
     """On a FastAPI websocket route the dependency accepts a key holding the scope and
     closes the handshake with 1008 insufficient_scope otherwise (never a 500)."""
     app, called = fastapi_app(local)
@@ -257,32 +257,32 @@ async def test_fastapi_security_on_a_websocket_route(local: KeyGate) -> None:
     assert called == [reader.key.id]
 
 
-def test_fastapi_scopes_appear_in_openapi(local: KeyGate) -> None:
-    """The generated OpenAPI document lists each operation's scopes under the KeyGate bearer
+def test_fastapi_scopes_appear_in_openapi(local: Keystile) -> None:
+    """The generated OpenAPI document lists each operation's scopes under the Keystile bearer
     scheme."""
     app, _ = fastapi_app(local)
     document = app.openapi()
     paths = document["paths"]
-    assert paths["/cloud/vec/databases"]["post"]["security"] == [{"KeyGate": ["vec:write"]}]
-    assert paths["/cloud/vec/databases"]["get"]["security"] == [{"KeyGate": ["vec:read"]}]
+    assert paths["/cloud/vec/databases"]["post"]["security"] == [{"Keystile": ["vec:write"]}]
+    assert paths["/cloud/vec/databases"]["get"]["security"] == [{"Keystile": ["vec:read"]}]
     assert "security" not in paths["/open"]["get"]
-    scheme = document["components"]["securitySchemes"]["KeyGate"]
+    scheme = document["components"]["securitySchemes"]["Keystile"]
     assert scheme["type"] == "http"
     assert scheme["scheme"] == "bearer"
     assert scheme["bearerFormat"]
 
 
-def mounted_fastapi_app(gate: KeyGate) -> tuple[Starlette, list[str]]:
+def mounted_fastapi_app(gate: Keystile) -> tuple[Starlette, list[str]]:
     """The FastAPI app mounted at /api under a Starlette app that carries the middleware."""
     sub, called = fastapi_app(None)
     parent = Starlette(
         routes=[Mount("/api", app=sub)],
-        middleware=[Middleware(KeyGateMiddleware, gate=gate)],
+        middleware=[Middleware(KeystileMiddleware, gate=gate)],
     )
     return parent, called
 
 
-async def test_fastapi_sub_app_mounted_under_the_middleware_admits(local: KeyGate) -> None:
+async def test_fastapi_sub_app_mounted_under_the_middleware_admits(local: Keystile) -> None:
     """A FastAPI app mounted under the middleware's app admits a key holding the scope."""
     app, called = mounted_fastapi_app(local)
     key = await new_key(local, scopes=["vec:write"])
@@ -291,7 +291,7 @@ async def test_fastapi_sub_app_mounted_under_the_middleware_admits(local: KeyGat
     assert len(called) == 1
 
 
-async def test_fastapi_sub_app_mounted_under_the_middleware_refuses(local: KeyGate) -> None:
+async def test_fastapi_sub_app_mounted_under_the_middleware_refuses(local: Keystile) -> None:
     """A FastAPI app mounted under the middleware's app refuses a missing scope with the
     SPEC's 403, never a 500."""
     app, called = mounted_fastapi_app(local)
@@ -387,7 +387,7 @@ def test_an_empty_table_matches_nothing() -> None:
     ],
 )
 async def test_rule_table_in_the_middleware(
-    local: KeyGate,
+    local: Keystile,
     method: str,
     path: str,
     scopes: list[str],
@@ -417,7 +417,7 @@ async def test_rule_table_in_the_middleware(
         pytest.param({"Authorization": "Basic Zm9vOmJhcg=="}, id="other-scheme"),
     ],
 )
-async def test_public_paths_skip_authentication(local: KeyGate, headers: dict[str, str]) -> None:
+async def test_public_paths_skip_authentication(local: Keystile, headers: dict[str, str]) -> None:
     """A public path is served without a key (whatever the header says), to an anonymous user."""
     app, seen = make_app(local, rules=TABLE, deny_unmatched=True)
     async with client(app) as http:
@@ -432,7 +432,7 @@ async def test_public_paths_skip_authentication(local: KeyGate, headers: dict[st
     assert len(seen) == 1
 
 
-async def test_public_rule_limited_to_some_methods(local: KeyGate) -> None:
+async def test_public_rule_limited_to_some_methods(local: Keystile) -> None:
     """public(path, methods) opens only those methods; the others still need a key."""
     app, _ = make_app(local, rules=[public("/status", methods="GET")])
     async with client(app) as http:
@@ -444,7 +444,7 @@ async def test_public_rule_limited_to_some_methods(local: KeyGate) -> None:
     assert_refused(closed, 401, "missing_api_key", REALM)
 
 
-async def test_deny_unmatched_refuses_uncovered_routes(local: KeyGate) -> None:
+async def test_deny_unmatched_refuses_uncovered_routes(local: Keystile) -> None:
     """With deny_unmatched, an authenticated request no rule covers is 403 while covered and
     public routes keep working."""
     app, seen = make_app(local, rules=TABLE, deny_unmatched=True)
@@ -462,7 +462,7 @@ async def test_deny_unmatched_refuses_uncovered_routes(local: KeyGate) -> None:
     assert len(seen) == 3
 
 
-async def test_deny_unmatched_authenticates_first(local: KeyGate) -> None:
+async def test_deny_unmatched_authenticates_first(local: Keystile) -> None:
     """With deny_unmatched, an uncovered route without a key is still 401 missing_api_key."""
     app, _ = make_app(local, rules=TABLE, deny_unmatched=True)
     async with client(app) as http:
@@ -470,7 +470,7 @@ async def test_deny_unmatched_authenticates_first(local: KeyGate) -> None:
     assert_refused(response, 401, "missing_api_key", REALM)
 
 
-async def test_rules_apply_to_websockets(local: KeyGate) -> None:
+async def test_rules_apply_to_websockets(local: Keystile) -> None:
     """A websocket handshake is matched as GET: a key lacking the rule's scope gets 1008."""
 
     async def echo(websocket: WebSocket) -> None:
@@ -517,7 +517,7 @@ async def test_rules_apply_to_websockets(local: KeyGate) -> None:
     ],
 )
 async def test_wildcard_scopes(
-    local: KeyGate, held: list[str], required: str, granted: bool
+    local: Keystile, held: list[str], required: str, granted: bool
 ) -> None:
     """service:* grants every action of that service and * grants everything, no more."""
     app, _ = make_app(local, rules=[Rule("GET", "/x", [required])])
@@ -589,7 +589,7 @@ async def _routed(app: Any, token: str, method: str, path: str, root_path: str =
     ],
 )
 async def test_trailing_newline_does_not_skip_the_rule(
-    local: KeyGate, route_path: str, request_path: str
+    local: Keystile, route_path: str, request_path: str
 ) -> None:
     """A path with a trailing (percent-encoded) newline, which Starlette routes to the
     endpoint, is still held to the endpoint's rule."""
@@ -603,7 +603,7 @@ async def test_trailing_newline_does_not_skip_the_rule(
     assert response.status_code == 403, f"{response.status_code} {response.text}"
 
 
-async def test_uuid_without_hyphens_does_not_skip_the_rule(local: KeyGate) -> None:
+async def test_uuid_without_hyphens_does_not_skip_the_rule(local: Keystile) -> None:
     """A hyphen-less UUID, which Starlette's uuid convertor accepts, is held to the rule."""
     app, _ = make_app(
         local,
@@ -617,7 +617,7 @@ async def test_uuid_without_hyphens_does_not_skip_the_rule(local: KeyGate) -> No
     assert bare.status_code == 403, f"{bare.status_code} {bare.text}"
 
 
-async def test_root_path_does_not_skip_the_rule(local: KeyGate) -> None:
+async def test_root_path_does_not_skip_the_rule(local: Keystile) -> None:
     """Served under a root_path, a route is still held to the rule written for it."""
     app, _ = make_app(
         local,
@@ -629,7 +629,7 @@ async def test_root_path_does_not_skip_the_rule(local: KeyGate) -> None:
     assert response.status_code == 403, f"{response.status_code} {response.text}"
 
 
-async def test_rule_is_enforced_on_the_plain_path(local: KeyGate) -> None:
+async def test_rule_is_enforced_on_the_plain_path(local: Keystile) -> None:
     """Control for the three tests above: the same rule refuses the ordinary request."""
     app, _ = make_app(
         local,

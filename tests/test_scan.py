@@ -1,4 +1,4 @@
-"""`keygate scan` (SPEC §8): finds real keys in files, nothing else, and never prints a key."""
+"""`keystile scan` (SPEC §8): finds real keys in files, nothing else, and never prints a key."""
 
 from __future__ import annotations
 
@@ -10,17 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from keygate import generate_key
-from keygate import scan as scan_module
-from keygate.cli import main
-from keygate.keys import BODY_LENGTH, checksum
-from keygate.scan import Finding, ScanProblem, scan_paths
+from keystile import generate_key
+from keystile import scan as scan_module
+from keystile.cli import main
+from keystile.keys import BODY_LENGTH, checksum
+from keystile.scan import Finding, ScanProblem, scan_paths
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    """``keygate scan ...`` in process: exit code, stdout, stderr."""
+    """``keystile scan ...`` in process: exit code, stdout, stderr."""
     code = main(["scan", *argv])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
@@ -246,26 +246,26 @@ def test_scan_paths_yields_findings_and_problems(tmp_path: Path) -> None:
     assert str(items[0]) == f"{path}:1: {hint(key)}"
 
 
-def test_the_pre_commit_hook_runs_keygate_scan() -> None:
-    """.pre-commit-hooks.yaml defines the keygate-scan hook as `keygate scan` in Python."""
+def test_the_pre_commit_hook_runs_keystile_scan() -> None:
+    """.pre-commit-hooks.yaml defines the keystile-scan hook as `keystile scan` in Python."""
     text = (ROOT / ".pre-commit-hooks.yaml").read_text()
     lines = [line.strip() for line in text.splitlines() if not line.lstrip().startswith("#")]
-    assert "- id: keygate-scan" in lines
-    assert "entry: keygate scan" in lines
+    assert "- id: keystile-scan" in lines
+    assert "entry: keystile scan" in lines
     assert "language: python" in lines
 
 
 def test_the_hook_entry_refuses_a_commit_with_a_key(tmp_path: Path) -> None:
     """The hook's command, run on staged file names, exits 1 with a key and 0 without."""
-    keygate = os.path.join(os.path.dirname(sys.executable), "keygate")
+    keystile = os.path.join(os.path.dirname(sys.executable), "keystile")
     key = generate_key("prod_")
     leaked = write(tmp_path / "leak.env", f"KEY={key}\n")
     clean = write(tmp_path / "ok.py", "x = 1\n")
     found = subprocess.run(
-        [keygate, "scan", str(clean), str(leaked)], capture_output=True, text=True, timeout=60
+        [keystile, "scan", str(clean), str(leaked)], capture_output=True, text=True, timeout=60
     )
     assert found.returncode == 1
     assert found.stdout == f"{leaked}:1: {hint(key)}\n"
     assert key not in found.stdout + found.stderr
-    passed = subprocess.run([keygate, "scan", str(clean)], capture_output=True, timeout=60)
+    passed = subprocess.run([keystile, "scan", str(clean)], capture_output=True, timeout=60)
     assert passed.returncode == 0

@@ -8,10 +8,10 @@ from typing import Any
 import fakeredis
 import pytest
 
-from keygate import ApiKey, KeyChanged, KeyConflict, KeyNotFound
-from keygate.clock import to_datetime
-from keygate.keys import new_key_id
-from keygate.stores import KeyStore, MemoryStore, RedisStore
+from keystile import ApiKey, KeyChanged, KeyConflict, KeyNotFound
+from keystile.clock import to_datetime
+from keystile.keys import new_key_id
+from keystile.stores import KeyStore, MemoryStore, RedisStore
 
 T0 = 1_800_000_000.0
 

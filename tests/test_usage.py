@@ -20,28 +20,28 @@ import redis
 
 from conftest import REDIS_URL, Figures, cleanup_namespace, new_namespace, require_redis
 from faults.redis_server import RedisServer
-from keygate import KeyGateSettings, ManualClock, MemoryStore, RedisStore
-from keygate.alerts import AlertRules
-from keygate.clock import to_datetime
-from keygate.gate import KeyGate
-from keygate.stores import KeyStore
-from keygate.usage import DAY, FIELDS, Granularity, UsageBatch, UsageTotals
+from keystile import KeystileSettings, ManualClock, MemoryStore, RedisStore
+from keystile.alerts import AlertRules
+from keystile.clock import to_datetime
+from keystile.gate import Keystile
+from keystile.stores import KeyStore
+from keystile.usage import DAY, FIELDS, Granularity, UsageBatch, UsageTotals
 from usage_app import CHUNK, build_app, http, lifespan
 
 SECRET = "x" * 20
 ORIGIN = "https://app.example.com"
-QUIET = KeyGateSettings(usage_flush_interval=60.0)  # only the test flushes
+QUIET = KeystileSettings(usage_flush_interval=60.0)  # only the test flushes
 WORKER = Path(__file__).with_name("usage_worker.py")
 
 
-_gates: list[KeyGate] = []  # made by this test; their limiters are closed after it
+_gates: list[Keystile] = []  # made by this test; their limiters are closed after it
 
 
-def make_gate(store: KeyStore, clock: ManualClock, **settings: Any) -> KeyGate:
+def make_gate(store: KeyStore, clock: ManualClock, **settings: Any) -> Keystile:
     """A gate on ``store`` whose usage is flushed only when the test says so (its rate
     limiter's connection is closed after the test)."""
     options: dict[str, Any] = {"usage_flush_interval": 60.0, **settings}
-    made = KeyGate(store=store, secret=SECRET, clock=clock, settings=KeyGateSettings(**options))
+    made = Keystile(store=store, secret=SECRET, clock=clock, settings=KeystileSettings(**options))
     _gates.append(made)
     return made
 
@@ -53,7 +53,7 @@ async def close_limiters() -> AsyncIterator[None]:
         await _gates.pop().limiter.close()
 
 
-async def new_key(gate: KeyGate, kind: str = "dev", **fields: Any) -> tuple[str, dict[str, str]]:
+async def new_key(gate: Keystile, kind: str = "dev", **fields: Any) -> tuple[str, dict[str, str]]:
     """Create a key; its id and the headers that present it (and its first origin)."""
     if kind == "client":
         fields.setdefault("allowed_origins", [ORIGIN])
@@ -64,7 +64,7 @@ async def new_key(gate: KeyGate, kind: str = "dev", **fields: Any) -> tuple[str,
     return created.key.id, headers
 
 
-async def totals(gate: KeyGate, key_id: str) -> UsageTotals:
+async def totals(gate: Keystile, key_id: str) -> UsageTotals:
     """Flush, then the key's all-time totals."""
     assert await gate.usage.flush()
     return (await gate.usage.report(key_id)).all_time
@@ -75,7 +75,7 @@ def counts(**values: int) -> UsageTotals:
 
 
 @pytest.fixture
-async def gate(store: KeyStore, clock: ManualClock) -> AsyncIterator[KeyGate]:
+async def gate(store: KeyStore, clock: ManualClock) -> AsyncIterator[Keystile]:
     """A gate on each backend, driven by the manual clock."""
     made = make_gate(store, clock, usage_top_n=3)
     yield made
@@ -85,7 +85,7 @@ async def gate(store: KeyStore, clock: ManualClock) -> AsyncIterator[KeyGate]:
 # -- what is counted ------------------------------------------------------------------------
 
 
-async def test_requests_and_body_bytes_are_counted(gate: KeyGate) -> None:
+async def test_requests_and_body_bytes_are_counted(gate: Keystile) -> None:
     """Every request counts, with the request body as received (a streamed upload included)
     and the response body as sent (a StreamingResponse included)."""
     key_id, headers = await new_key(gate)
@@ -108,7 +108,7 @@ async def test_requests_and_body_bytes_are_counted(gate: KeyGate) -> None:
     assert await totals(gate, key_id) == counts(requests=4, bytes_in=2000, bytes_out=sent)
 
 
-async def test_client_and_server_errors_are_counted_apart(gate: KeyGate) -> None:
+async def test_client_and_server_errors_are_counted_apart(gate: Keystile) -> None:
     """404s and other 4xx count as errors_4xx, 500s (an endpoint that raises included) and
     503s as errors_5xx; refusals after the key is known (a disallowed origin) count too."""
     key_id, headers = await new_key(gate, "client")
@@ -129,7 +129,7 @@ async def test_client_and_server_errors_are_counted_apart(gate: KeyGate) -> None
     assert (got.rate_limited, got.quota_exceeded) == (0, 0)
 
 
-async def test_rate_limited_requests_are_counted(gate: KeyGate) -> None:
+async def test_rate_limited_requests_are_counted(gate: Keystile) -> None:
     """A client key limited to 2/minute: the third request is refused 429 and counted as a
     request, a 4xx and a rate-limited refusal."""
     key_id, headers = await new_key(gate, "client", rate_limit="2/minute")
@@ -140,7 +140,7 @@ async def test_rate_limited_requests_are_counted(gate: KeyGate) -> None:
     assert (got.requests, got.errors_4xx, got.rate_limited, got.quota_exceeded) == (3, 1, 1, 0)
 
 
-async def test_tokens_and_quota_refusals_are_counted(gate: KeyGate) -> None:
+async def test_tokens_and_quota_refusals_are_counted(gate: Keystile) -> None:
     """Tokens a handler reserves count as AI tokens; a reservation over the budget is
     refused 429 quota_exceeded and counted as a quota refusal, consuming nothing."""
     key_id, headers = await new_key(gate, token_quota=100)
@@ -152,7 +152,7 @@ async def test_tokens_and_quota_refusals_are_counted(gate: KeyGate) -> None:
     assert (got.requests, got.tokens, got.quota_exceeded, got.errors_4xx) == (4, 100, 1, 1)
 
 
-async def test_a_quota_refusal_is_not_a_rate_limit_refusal(gate: KeyGate) -> None:
+async def test_a_quota_refusal_is_not_a_rate_limit_refusal(gate: Keystile) -> None:
     """A 429 quota_exceeded counts as a quota refusal only, not as a rate-limit refusal."""
     key_id, headers = await new_key(gate, token_quota=10)
     async with http(build_app(gate)) as client:
@@ -162,7 +162,7 @@ async def test_a_quota_refusal_is_not_a_rate_limit_refusal(gate: KeyGate) -> Non
     assert (got.quota_exceeded, got.rate_limited) == (1, 0)
 
 
-async def test_last_use_has_time_address_and_origin(gate: KeyGate, clock: ManualClock) -> None:
+async def test_last_use_has_time_address_and_origin(gate: Keystile, clock: ManualClock) -> None:
     """Last use: the time from the clock, the ASGI client address, and the origin of a
     client key (none for a server key)."""
     server_id, server_headers = await new_key(gate, "prod")
@@ -190,7 +190,7 @@ async def test_last_use_has_time_address_and_origin(gate: KeyGate, clock: Manual
     assert server.inactive_attempt_at is None
 
 
-async def test_a_rate_limited_client_request_keeps_its_origin(gate: KeyGate) -> None:
+async def test_a_rate_limited_client_request_keeps_its_origin(gate: Keystile) -> None:
     """A client key's rate-limited request still counts for its origin and last use."""
     key_id, headers = await new_key(gate, "client", rate_limit="1/minute")
     async with http(build_app(gate)) as client:
@@ -205,7 +205,7 @@ async def test_a_rate_limited_client_request_keeps_its_origin(gate: KeyGate) -> 
 SKEW = [20, 14, 10, 3, 2, 2, 1, 1, 1, 1]  # requests per address, busiest first
 
 
-async def send_skewed(gate: KeyGate, headers: dict[str, str], order: str) -> None:
+async def send_skewed(gate: Keystile, headers: dict[str, str], order: str) -> None:
     """Send SKEW's requests from 10 addresses: ``shuffled`` interleaves them in a fixed
     random order, ``bursts`` sends each address's requests together, busiest first."""
     sequence = [f"10.0.0.{i}" for i, n in enumerate(SKEW) for _ in range(n)]
@@ -217,7 +217,7 @@ async def send_skewed(gate: KeyGate, headers: dict[str, str], order: str) -> Non
             assert (await client.get("/bytes/1", headers=headers)).status_code == 200
 
 
-async def test_client_addresses_are_bounded_to_the_busiest_n(gate: KeyGate) -> None:
+async def test_client_addresses_are_bounded_to_the_busiest_n(gate: Keystile) -> None:
     """With usage_top_n=3, a client key used from 10 addresses keeps exact counts in the
     buffer (bounded by its own cap), the store counts them all (it tracks 10 * top_n, at
     least 1000) and the report names the busiest 3."""
@@ -239,7 +239,7 @@ async def test_client_addresses_are_bounded_to_the_busiest_n(gate: KeyGate) -> N
 
 
 async def test_an_address_that_keeps_coming_back_climbs_into_the_busiest(
-    gate: KeyGate,
+    gate: Keystile,
 ) -> None:
     """Three addresses make 2 requests each; then another makes 1 request per flush, ten
     times: it is the busiest, with its exact count (each flush used to cut it again)."""
@@ -259,7 +259,7 @@ async def test_an_address_that_keeps_coming_back_climbs_into_the_busiest(
 
 
 async def test_the_overview_lists_the_most_recently_used_key_first(
-    gate: KeyGate, clock: ManualClock
+    gate: Keystile, clock: ManualClock
 ) -> None:
     """A flush that carries only tokens (or an older use) does not move a key back in the
     overview's most-recently-used order."""
@@ -279,7 +279,7 @@ async def test_the_overview_lists_the_most_recently_used_key_first(
 
 @pytest.mark.parametrize("flush_between", [False, True], ids=["one-flush", "flush-between"])
 async def test_last_use_is_the_latest_use_whatever_the_flushes(
-    gate: KeyGate, clock: ManualClock, flush_between: bool
+    gate: Keystile, clock: ManualClock, flush_between: bool
 ) -> None:
     """A slow request that began first but is recorded last is not the last use: the
     latest start wins, flushed in between or not."""
@@ -295,7 +295,7 @@ async def test_last_use_is_the_latest_use_whatever_the_flushes(
 
 
 @pytest.mark.parametrize("order", ["shuffled", "bursts"])
-async def test_the_busiest_addresses_are_reported_exactly(gate: KeyGate, order: str) -> None:
+async def test_the_busiest_addresses_are_reported_exactly(gate: Keystile, order: str) -> None:
     """With usage_top_n=3, the report names the 3 busiest addresses with their exact counts."""
     key_id, headers = await new_key(gate, "client")
     await send_skewed(gate, headers, order)
@@ -304,7 +304,7 @@ async def test_the_busiest_addresses_are_reported_exactly(gate: KeyGate, order: 
     assert report.top_ips == {"10.0.0.0": 20, "10.0.0.1": 14, "10.0.0.2": 10}
 
 
-async def test_client_origins_are_counted(gate: KeyGate) -> None:
+async def test_client_origins_are_counted(gate: Keystile) -> None:
     """A client key's requests count per origin it was used from."""
     other = "https://admin.example.com"
     key_id, headers = await new_key(gate, "client", allowed_origins=[ORIGIN, other])
@@ -315,7 +315,7 @@ async def test_client_origins_are_counted(gate: KeyGate) -> None:
     assert (await gate.usage.report(key_id)).top_origins == {ORIGIN: 3, other: 1}
 
 
-async def test_revoked_and_expired_keys_count_attempts(gate: KeyGate, clock: ManualClock) -> None:
+async def test_revoked_and_expired_keys_count_attempts(gate: Keystile, clock: ManualClock) -> None:
     """Attempts with a revoked or an expired key are refused and count against that key's
     id as inactive attempts, with the time of the last one — not as requests."""
     revoked_id, revoked_headers = await new_key(gate, "prod")
@@ -345,7 +345,7 @@ async def test_revoked_and_expired_keys_count_attempts(gate: KeyGate, clock: Man
 # -- time buckets and retention -------------------------------------------------------------
 
 
-async def test_per_minute_series(gate: KeyGate, clock: ManualClock) -> None:
+async def test_per_minute_series(gate: Keystile, clock: ManualClock) -> None:
     """Requests land in the bucket of their minute; a range reports only its own buckets,
     and an empty minute has no point."""
     t0 = clock()  # a minute boundary
@@ -371,7 +371,7 @@ async def test_per_minute_series(gate: KeyGate, clock: ManualClock) -> None:
     assert latest.totals.requests == 6
 
 
-async def test_per_day_series(gate: KeyGate, clock: ManualClock) -> None:
+async def test_per_day_series(gate: Keystile, clock: ManualClock) -> None:
     """Requests land in the bucket of their UTC day; the day series skips empty days."""
     key_id, headers = await new_key(gate)
     first_day = int(clock() // DAY) * DAY
@@ -398,7 +398,7 @@ async def test_per_day_series(gate: KeyGate, clock: ManualClock) -> None:
     ids=["minute-90-days", "day-500-days", "minute-from-year-1", "day-from-year-1"],
 )
 async def test_a_long_range_reports_the_recent_buckets_quickly(
-    gate: KeyGate, clock: ManualClock, granularity: Granularity, back: float | None
+    gate: Keystile, clock: ManualClock, granularity: Granularity, back: float | None
 ) -> None:
     """A range reaching far past what is kept (90 days of minutes, 500 days of days, or
     from year 1) still reports the buckets that are kept, and reads no more than those."""
@@ -511,9 +511,9 @@ def own_redis() -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-async def own_gate(own_redis: RedisServer, clock: ManualClock) -> AsyncIterator[KeyGate]:
+async def own_gate(own_redis: RedisServer, clock: ManualClock) -> AsyncIterator[Keystile]:
     """A gate on the test's own redis-server, closed afterwards."""
-    gate = make_gate(RedisStore.from_url(own_redis.url, namespace="kg-usage"), clock)
+    gate = make_gate(RedisStore.from_url(own_redis.url, namespace="ks-usage"), clock)
     yield gate
     await gate.aclose()
 
@@ -539,7 +539,7 @@ class Calls:
 
 
 async def test_recording_costs_no_redis_round_trip(
-    own_redis: RedisServer, own_gate: KeyGate, monkeypatch: pytest.MonkeyPatch
+    own_redis: RedisServer, own_gate: Keystile, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Requests with recording send no Redis command; one flush is one pipeline (alert
     rules that read the key record turned off, see the next test)."""
@@ -565,7 +565,7 @@ async def test_recording_costs_no_redis_round_trip(
     assert (await totals(gate, key_id)).requests == 51
 
 
-async def flush_round_trips(gate: KeyGate, keys: int, monkeypatch: pytest.MonkeyPatch) -> int:
+async def flush_round_trips(gate: Keystile, keys: int, monkeypatch: pytest.MonkeyPatch) -> int:
     """Round trips (pipelines and single commands) of one flush after one request from
     each of ``keys`` production keys, with the default alert rules."""
     made = [await new_key(gate, "prod") for _ in range(keys)]
@@ -579,7 +579,7 @@ async def flush_round_trips(gate: KeyGate, keys: int, monkeypatch: pytest.Monkey
 
 
 async def test_a_flush_costs_the_same_round_trips_for_many_keys(
-    own_gate: KeyGate, monkeypatch: pytest.MonkeyPatch
+    own_gate: Keystile, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With the default alert rules, a flush for 10 active keys costs no more round trips
     than a flush for one."""
@@ -609,7 +609,7 @@ async def test_the_buffer_is_bounded(store: KeyStore, clock: ManualClock) -> Non
 
 
 async def test_a_failed_flush_keeps_its_counts(
-    own_redis: RedisServer, own_gate: KeyGate, clock: ManualClock
+    own_redis: RedisServer, own_gate: Keystile, clock: ManualClock
 ) -> None:
     """While Redis is down a flush fails and keeps its counts; once Redis is back (same
     port, empty) the next flush writes every count exactly."""
@@ -694,7 +694,7 @@ async def test_a_flush_whose_reply_is_lost_counts_once(
     """A flush that times out after Redis ran it, retried at the next flush, counts once."""
     proxy = StallingProxy(own_redis.port)
     await proxy.start()
-    gate = make_gate(RedisStore.from_url(proxy.url, namespace="kg-usage", timeout=0.2), clock)
+    gate = make_gate(RedisStore.from_url(proxy.url, namespace="ks-usage", timeout=0.2), clock)
     try:
         key_id, headers = await new_key(gate, "prod")
         async with http(build_app(gate)) as client:
@@ -812,9 +812,9 @@ async def test_three_processes_count_exactly(redis_namespace: str, figures: Figu
     """Three app processes sharing the real Redis, each sending 2,000 mixed requests with
     one production key and shutting down gracefully, lose and double nothing."""
     store = RedisStore.from_url(REDIS_URL, namespace=redis_namespace)
-    gate = KeyGate(store=store, secret=SECRET, settings=QUIET)
+    gate = Keystile(store=store, secret=SECRET, settings=QUIET)
     created = await gate.manager.create({"name": "shared", "type": "prod"})
-    env = {**os.environ, "KG_USAGE_TOKEN": created.secret.get_secret_value()}
+    env = {**os.environ, "KS_USAGE_TOKEN": created.secret.get_secret_value()}
     started = time.perf_counter()
     workers = [
         await asyncio.create_subprocess_exec(
@@ -850,7 +850,7 @@ async def test_three_processes_count_exactly(redis_namespace: str, figures: Figu
     await gate.aclose()
 
 
-async def test_a_websocket_counts_with_its_address_and_origin(gate: KeyGate) -> None:
+async def test_a_websocket_counts_with_its_address_and_origin(gate: Keystile) -> None:
     """A client key's websocket handshake that is let through counts as a request from its
     address and origin, in the busiest-IP and busiest-origin tables like any request."""
     from test_middleware import handshake, websocket_app
@@ -872,7 +872,7 @@ def test_retention_is_bounded_by_what_a_report_reads_back() -> None:
     most 2000 hours and 400 days from Redis): longer settings are refused, not undercounted."""
     from pydantic import ValidationError
 
-    assert KeyGateSettings(usage_minute_retention=30 * DAY, usage_day_retention=366 * DAY)
+    assert KeystileSettings(usage_minute_retention=30 * DAY, usage_day_retention=366 * DAY)
     for too_long in ({"usage_minute_retention": 31 * DAY}, {"usage_day_retention": 367 * DAY}):
         with pytest.raises(ValidationError):
-            KeyGateSettings(**too_long)
+            KeystileSettings(**too_long)

@@ -1,5 +1,5 @@
 """The app that test_usage, test_alerts and their worker processes meter: a few endpoints
-behind KeyGateMiddleware, an HTTP client over ASGI from a chosen client address, and a
+behind KeystileMiddleware, an HTTP client over ASGI from a chosen client address, and a
 driver for the ASGI lifespan (startup on enter, shutdown on exit)."""
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from keygate.gate import KeyGate
-from keygate.middleware import KeyGateMiddleware
+from keystile.gate import Keystile
+from keystile.middleware import KeystileMiddleware
 
 CHUNK = 100  # bytes per chunk of /stream/{chunks}
 
 
-def build_app(gate: KeyGate) -> Starlette:
+def build_app(gate: Keystile) -> Starlette:
     """Endpoints whose answers a test can predict byte for byte.
 
     ``GET /bytes/{n}`` answers ``n`` bytes; ``POST /echo`` answers the length of the body it
@@ -66,7 +66,7 @@ def build_app(gate: KeyGate) -> Starlette:
         Route("/boom", boom),
         Route("/infer/{tokens:int}", infer, methods=["POST"]),
     ]
-    return Starlette(routes=routes, middleware=[Middleware(KeyGateMiddleware, gate=gate)])
+    return Starlette(routes=routes, middleware=[Middleware(KeystileMiddleware, gate=gate)])
 
 
 @asynccontextmanager

@@ -1,7 +1,7 @@
 """An app process for test_usage's exactness test: the full middleware over a shared Redis.
 
 Usage: ``usage_worker.py <redis url> <namespace> <secret> <seed> <requests>``, with the
-production key in the ``KG_USAGE_TOKEN`` environment variable (kept off the command line).
+production key in the ``KS_USAGE_TOKEN`` environment variable (kept off the command line).
 
 The process starts its app (ASGI lifespan), sends ``<requests>`` mixed requests with the key
 through the middleware in process — 200s of various sizes (plain, streamed, POST bodies
@@ -20,9 +20,9 @@ import random
 import sys
 from collections.abc import AsyncIterator
 
-from keygate import KeyGateSettings, RedisStore
-from keygate.gate import KeyGate
-from keygate.usage import FIELDS
+from keystile import KeystileSettings, RedisStore
+from keystile.gate import Keystile
+from keystile.usage import FIELDS
 from usage_app import build_app, http, lifespan
 
 
@@ -32,8 +32,10 @@ async def main(
     rng = random.Random(seed)
     store = RedisStore.from_url(url, namespace=namespace)
     # A short interval: background flushes run during the traffic, as in production.
-    gate = KeyGate(store=store, secret=secret, settings=KeyGateSettings(usage_flush_interval=0.2))
-    headers = {"Authorization": f"Bearer {os.environ['KG_USAGE_TOKEN']}"}
+    gate = Keystile(
+        store=store, secret=secret, settings=KeystileSettings(usage_flush_interval=0.2)
+    )
+    headers = {"Authorization": f"Bearer {os.environ['KS_USAGE_TOKEN']}"}
     sent = dict.fromkeys(FIELDS, 0)
     app = build_app(gate)
     async with lifespan(app), http(app, f"127.0.0.{seed + 1}") as client:

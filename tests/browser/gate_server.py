@@ -1,18 +1,18 @@
-"""A keygate server in its own process, for the browser, CORS and network tests.
+"""A keystile server in its own process, for the browser, CORS and network tests.
 
 Two ways to run it, both printing the secrets of the keys it was asked to create as one
-line ``KEYGATE-TEST-KEYS ["<secret>", ...]`` on standard output:
+line ``KEYSTILE-TEST-KEYS ["<secret>", ...]`` on standard output:
 
 - ``python -m uvicorn --factory gate_server:create_app --app-dir tests/browser ...``: the
-  demo API on a :class:`~keygate.gate.KeyGate` configured from the environment
-  (``KEYGATE_REDIS_URL``, ``KEYGATE_SECRET``, ``KEYGATE_NAMESPACE``), under the real
+  demo API on a :class:`~keystile.gate.Keystile` configured from the environment
+  (``KEYSTILE_REDIS_URL``, ``KEYSTILE_SECRET``, ``KEYSTILE_NAMESPACE``), under the real
   uvicorn command line and whatever flags the test gives it (``--no-proxy-headers``...).
   The keys are created when the app starts (lifespan), in the server's event loop.
-- ``python tests/browser/gate_server.py demo PORT``: ``keygate demo`` itself
-  (:func:`keygate.cli.main`), with its uvicorn configured exactly as the command line
+- ``python tests/browser/gate_server.py demo PORT``: ``keystile demo`` itself
+  (:func:`keystile.cli.main`), with its uvicorn configured exactly as the command line
   configures it; the requested keys are created next to the demo's own.
 
-The keys to create are a JSON list of key settings in ``KEYGATE_TEST_SEED``.
+The keys to create are a JSON list of key settings in ``KEYSTILE_TEST_SEED``.
 """
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from keygate.gate import KeyGate
+from keystile.gate import Keystile
 
-MARKER = "KEYGATE-TEST-KEYS"
+MARKER = "KEYSTILE-TEST-KEYS"
 
 
-async def _seed(gate: KeyGate) -> None:
-    """Create the keys ``KEYGATE_TEST_SEED`` asks for and print their secrets."""
-    wanted = json.loads(os.environ.get("KEYGATE_TEST_SEED") or "[]")
+async def _seed(gate: Keystile) -> None:
+    """Create the keys ``KEYSTILE_TEST_SEED`` asks for and print their secrets."""
+    wanted = json.loads(os.environ.get("KEYSTILE_TEST_SEED") or "[]")
     secrets = [(await gate.manager.create(s)).secret.get_secret_value() for s in wanted]
     print(MARKER, json.dumps(secrets), flush=True)
 
@@ -58,27 +58,27 @@ def _seeding(app: ASGIApp, seed: Callable[[], Awaitable[None]]) -> ASGIApp:
 
 def create_app() -> ASGIApp:
     """The demo API on a gate configured from the environment (a uvicorn factory)."""
-    from keygate.demo import build_demo_app
+    from keystile.demo import build_demo_app
 
-    gate = KeyGate()
+    gate = Keystile()
     return _seeding(build_demo_app(gate), lambda: _seed(gate))
 
 
 def run_demo(port: int) -> int:
-    """``keygate demo --port PORT``, creating the requested keys with the demo's own."""
-    import keygate.cli
-    import keygate.demo
+    """``keystile demo --port PORT``, creating the requested keys with the demo's own."""
+    import keystile.cli
+    import keystile.demo
 
-    original = keygate.demo.seed_demo_keys
+    original = keystile.demo.seed_demo_keys
 
-    async def seed_demo_keys(gate: KeyGate) -> Any:
+    async def seed_demo_keys(gate: Keystile) -> Any:
         keys = await original(gate)
         await _seed(gate)
         return keys
 
-    # cli._demo imports seed_demo_keys from keygate.demo when it runs.
-    keygate.demo.seed_demo_keys = seed_demo_keys  # type: ignore[assignment]
-    return keygate.cli.main(["demo", "--host", "127.0.0.1", "--port", str(port)])
+    # cli._demo imports seed_demo_keys from keystile.demo when it runs.
+    keystile.demo.seed_demo_keys = seed_demo_keys  # type: ignore[assignment]
+    return keystile.cli.main(["demo", "--host", "127.0.0.1", "--port", str(port)])
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ def uvicorn_argv(port: int, *flags: str) -> list[str]:
 
 
 def demo_argv(port: int) -> list[str]:
-    """``keygate demo`` on 127.0.0.1:port, through gate_server's wrapper."""
+    """``keystile demo`` on 127.0.0.1:port, through gate_server's wrapper."""
     return [sys.executable, str(GATE_SERVER), "demo", str(port)]
 
 
@@ -54,4 +54,4 @@ def serve(
 
 def seed_env(keys: list[dict[str, object]], **extra: str) -> dict[str, str]:
     """A child environment asking gate_server to create ``keys``."""
-    return child_env(KEYGATE_TEST_SEED=json.dumps(keys), **extra)
+    return child_env(KEYSTILE_TEST_SEED=json.dumps(keys), **extra)

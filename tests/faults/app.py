@@ -1,12 +1,12 @@
-"""The app the fault tests put keygate in front of, in process or under uvicorn.
+"""The app the fault tests put keystile in front of, in process or under uvicorn.
 
 ``GET /health`` is public (a ``public()`` rule); ``GET|POST /x`` needs a key and answers
 ``{"id": <key id>, "pid": <process id>, "passes": <limiter passes so far>}`` so a test can
 tell which key was admitted, by which worker, and whether the limiter decided.
 
 Under uvicorn: ``uvicorn --factory faults.app:create_app --app-dir tests ...``, configured
-by the environment: ``KEYGATE_REDIS_URL``, ``KEYGATE_SECRET``, ``KEYGATE_NAMESPACE`` and any
-other ``KEYGATE_*`` setting; ``KG_LOOKUP_TIMEOUT`` (seconds) and ``KG_TRUSTED_PROXIES``
+by the environment: ``KEYSTILE_REDIS_URL``, ``KEYSTILE_SECRET``, ``KEYSTILE_NAMESPACE`` and any
+other ``KEYSTILE_*`` setting; ``KS_LOOKUP_TIMEOUT`` (seconds) and ``KS_TRUSTED_PROXIES``
 (comma-separated) for what is not a setting.
 """
 
@@ -21,9 +21,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from keygate.gate import KeyGate
-from keygate.middleware import KeyGateMiddleware
-from keygate.routing import Rule, public
+from keystile.gate import Keystile
+from keystile.middleware import KeystileMiddleware
+from keystile.routing import Rule, public
 
 RULES = (
     public("/health"),
@@ -32,9 +32,9 @@ RULES = (
 
 
 def build_app(
-    gate: KeyGate, *, trusted_proxies: Iterable[str] = (), cors_origins: Iterable[str] = ()
+    gate: Keystile, *, trusted_proxies: Iterable[str] = (), cors_origins: Iterable[str] = ()
 ) -> Starlette:
-    """``/health`` and ``/x`` behind KeyGateMiddleware (unmatched routes refused)."""
+    """``/health`` and ``/x`` behind KeystileMiddleware (unmatched routes refused)."""
 
     async def health(request: Request) -> Response:
         return PlainTextResponse("ok")
@@ -48,7 +48,7 @@ def build_app(
         routes=[Route("/health", health), Route("/x", x, methods=["GET", "POST"])],
         middleware=[
             Middleware(
-                KeyGateMiddleware,
+                KeystileMiddleware,
                 gate=gate,
                 rules=RULES,
                 deny_unmatched=True,
@@ -61,6 +61,6 @@ def build_app(
 
 def create_app() -> Starlette:
     """A uvicorn factory: the app on a gate configured from the environment."""
-    gate = KeyGate(lookup_timeout=float(os.environ.get("KG_LOOKUP_TIMEOUT", "1.0")))
-    proxies = [p for p in os.environ.get("KG_TRUSTED_PROXIES", "").split(",") if p]
+    gate = Keystile(lookup_timeout=float(os.environ.get("KS_LOOKUP_TIMEOUT", "1.0")))
+    proxies = [p for p in os.environ.get("KS_TRUSTED_PROXIES", "").split(",") if p]
     return build_app(gate, trusted_proxies=proxies)

@@ -1,5 +1,5 @@
-"""The session-wide secret-leak watch (enabled by ``KEYGATE_TEST_LEAK_CHECK=1``, see
-conftest.py): every secret ``keygate.keys.generate_key`` returns in this process is
+"""The session-wide secret-leak watch (enabled by ``KEYSTILE_TEST_LEAK_CHECK=1``, see
+conftest.py): every secret ``keystile.keys.generate_key`` returns in this process is
 remembered, and every log record, at any level, is checked for 8 consecutive characters of
 one. Findings name the logger, the place and the key's hint — never the secret.
 
@@ -64,11 +64,11 @@ class LeakWatch(logging.Handler):
 
 
 def watch_generation(watch: LeakWatch) -> Callable[[], None]:
-    """Wrap ``keygate.keys.generate_key`` (and every keygate module's reference to it) so
+    """Wrap ``keystile.keys.generate_key`` (and every keystile module's reference to it) so
     each secret it returns is remembered; returns the function that undoes it."""
-    import keygate.keys
+    import keystile.keys
 
-    original = keygate.keys.generate_key
+    original = keystile.keys.generate_key
 
     @functools.wraps(original)
     def generate_key(prefix: str) -> str:
@@ -78,7 +78,7 @@ def watch_generation(watch: LeakWatch) -> Callable[[], None]:
 
     patched = []
     for name, module in list(sys.modules.items()):
-        if (name == "keygate" or name.startswith("keygate.")) and getattr(
+        if (name == "keystile" or name.startswith("keystile.")) and getattr(
             module, "generate_key", None
         ) is original:
             module.generate_key = generate_key  # type: ignore[attr-defined]

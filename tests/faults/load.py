@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from faults.asgi import App, Outcome, bearer, call
-from keygate import KeyHasher, KeyManager, RedisStore
-from keygate.stores import CachedStore
+from keystile import KeyHasher, KeyManager, RedisStore
+from keystile.stores import CachedStore
 
 
 @dataclass(frozen=True)

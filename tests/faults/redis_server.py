@@ -22,7 +22,7 @@ START_TIMEOUT = 5.0
 
 def need_redis_server() -> None:
     """Skip a test when no redis-server binary is installed — fail it instead when Redis
-    is required (``KEYGATE_TEST_REQUIRE_REDIS``, as .ci/run sets)."""
+    is required (``KEYSTILE_TEST_REQUIRE_REDIS``, as .ci/run sets)."""
     import pytest
 
     from conftest import REDIS_REQUIRED
@@ -61,7 +61,7 @@ class RedisServer:
         self.password = password  # requirepass: the default user's password
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        self._dir = tempfile.TemporaryDirectory(prefix="kg-redis-")
+        self._dir = tempfile.TemporaryDirectory(prefix="ks-redis-")
         self.dir = Path(self._dir.name)
         # Listening on a unix socket too (its path, in the server's directory), when asked.
         self.socket_path = str(self.dir / "redis.sock") if unix_socket else None

@@ -2,7 +2,7 @@
 driving traffic with one key until told to stop, logging when each request started.
 
 Usage: ``revoke_worker.py <redis url> <namespace> <secret> <tasks>``, the key in the
-``KG_KEY`` environment variable (kept off the command line).
+``KS_KEY`` environment variable (kept off the command line).
 
 Protocol, one line each way: this process starts its gate (announcements subscribed),
 sends one request to cache the key and answers ``ready``; on ``go`` it runs ``<tasks>``
@@ -25,19 +25,19 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from faults.app import build_app  # noqa: E402
 from faults.asgi import bearer, call  # noqa: E402
-from keygate import RedisStore  # noqa: E402
-from keygate.gate import KeyGate  # noqa: E402
+from keystile import RedisStore  # noqa: E402
+from keystile.gate import Keystile  # noqa: E402
 
 
 async def main(url: str, namespace: str, secret: str, tasks: int) -> None:
-    gate = KeyGate(
+    gate = Keystile(
         store=RedisStore.from_url(url, namespace=namespace, timeout=5.0),
         secret=secret,
         lookup_timeout=5.0,
     )
     await gate.startup()
     app = build_app(gate)
-    headers = bearer(os.environ["KG_KEY"])
+    headers = bearer(os.environ["KS_KEY"])
     loop = asyncio.get_running_loop()
     first = await call(app, "/x", headers)
     print("ready" if first.status == 200 else f"not ready {first.status}", flush=True)

@@ -24,11 +24,11 @@ STARTED = "Application startup complete."
 
 
 def child_env(**extra: str) -> dict[str, str]:
-    """This environment without keygate's (or uvicorn's) settings, plus ``extra``."""
+    """This environment without keystile's (or uvicorn's) settings, plus ``extra``."""
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("KEYGATE_", "KG_")) and k != "FORWARDED_ALLOW_IPS"
+        if not k.startswith(("KEYSTILE_", "KS_")) and k != "FORWARDED_ALLOW_IPS"
     }
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
@@ -54,8 +54,8 @@ def factory_argv(port: int, *flags: str) -> list[str]:
 
 
 def demo_argv(port: int) -> list[str]:
-    """``keygate demo`` (the command line, its uvicorn configured as it configures it)."""
-    code = "import sys; from keygate.cli import main; sys.exit(main(sys.argv[1:]))"
+    """``keystile demo`` (the command line, its uvicorn configured as it configures it)."""
+    code = "import sys; from keystile.cli import main; sys.exit(main(sys.argv[1:]))"
     return [sys.executable, "-c", code, "demo", "--host", "127.0.0.1", "--port", str(port)]
 
 

@@ -1,11 +1,11 @@
-"""The admin REST API (SPEC §8): a thin shell over :class:`~keygate.manager.KeyManager`.
+"""The admin REST API (SPEC §8): a thin shell over :class:`~keystile.manager.KeyManager`.
 
-Mount it under an app that runs :class:`~keygate.middleware.KeyGateMiddleware`, which
+Mount it under an app that runs :class:`~keystile.middleware.KeystileMiddleware`, which
 authenticates the caller; each endpoint then checks its scope itself::
 
     app = Starlette(
         routes=[Mount("/cloud/keys", app=admin_app(gate))],
-        middleware=[Middleware(KeyGateMiddleware, gate=gate)],
+        middleware=[Middleware(KeystileMiddleware, gate=gate)],
     )
 
 ======  ==================  =====================  =========================================
@@ -51,7 +51,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from keygate.exceptions import (
+from keystile.exceptions import (
     FieldError,
     KeyConflict,
     KeyNotFound,
@@ -60,10 +60,10 @@ from keygate.exceptions import (
     StoreError,
     StoreUnavailable,
 )
-from keygate.gate import KeyGate
-from keygate.manager import DEFAULT_PAGE_SIZE, RECORD_FIELDS, KeyManager, record_json
-from keygate.responses import Refusal
-from keygate.routing import PRINCIPAL, Rule, check_scopes
+from keystile.gate import Keystile
+from keystile.manager import DEFAULT_PAGE_SIZE, RECORD_FIELDS, KeyManager, record_json
+from keystile.responses import Refusal
+from keystile.routing import PRINCIPAL, Rule, check_scopes
 
 if TYPE_CHECKING:
     from fastapi import APIRouter
@@ -80,7 +80,7 @@ __all__ = [
     "record_json",
 ]
 
-logger = logging.getLogger("keygate.admin")
+logger = logging.getLogger("keystile.admin")
 
 MANAGE_KEYS = "admin:manage_keys"
 VIEW_USAGE = "admin:view_usage"
@@ -358,7 +358,7 @@ def _guarded(
         return await handler(request)
 
     endpoint.__name__ = endpoint.__qualname__ = f"admin_{handler.__name__}"
-    endpoint.__keygate_scopes__ = (scope,)  # type: ignore[attr-defined]
+    endpoint.__keystile_scopes__ = (scope,)  # type: ignore[attr-defined]
     return endpoint
 
 
@@ -373,7 +373,7 @@ def _by_method(
     return endpoint
 
 
-def admin_routes(gate: KeyGate) -> list[Route]:
+def admin_routes(gate: Keystile) -> list[Route]:
     """The admin endpoints as Starlette routes, each checking its scope; for
     ``Mount(path, routes=admin_routes(gate))``. See :func:`admin_app` for JSON 404/405s."""
     api = AdminAPI(gate.manager)
@@ -404,7 +404,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error_response(exc.status_code, code, exc.detail, headers=exc.headers)
 
 
-def admin_app(gate: KeyGate) -> Starlette:
+def admin_app(gate: Keystile) -> Starlette:
     """The admin endpoints as an app to mount, e.g. ``Mount("/cloud/keys",
     app=admin_app(gate))``, answering unknown paths and methods in the SPEC's JSON envelope
     too. It does not authenticate: the middleware in front does."""
@@ -427,12 +427,12 @@ def admin_rules(prefix: str = "/cloud/keys") -> list[Rule]:
     ]
 
 
-def fastapi_router(gate: KeyGate, *, tags: Sequence[str] = ("keys",)) -> APIRouter:
+def fastapi_router(gate: Keystile, *, tags: Sequence[str] = ("keys",)) -> APIRouter:
     """The admin endpoints as a FastAPI ``APIRouter`` whose scopes appear in the OpenAPI
     document: ``app.include_router(fastapi_router(gate), prefix="/cloud/keys")``.
 
-    Needs the ``fastapi`` extra; see :mod:`keygate.admin_fastapi`.
+    Needs the ``fastapi`` extra; see :mod:`keystile.admin_fastapi`.
     """
-    from keygate.admin_fastapi import fastapi_router as build
+    from keystile.admin_fastapi import fastapi_router as build
 
     return build(gate, tags=tags)

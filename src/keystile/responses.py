@@ -17,14 +17,14 @@ from starlette.responses import Response
 from starlette.types import Message, Send
 from starlette.websockets import WebSocket
 
-from keygate.exceptions import KeyGateError
+from keystile.exceptions import KeystileError
 
 __all__ = ["Refusal", "Refusals", "raise_refusal", "refusal_handler"]
 
 Headers = list[tuple[bytes, bytes]]
 
 
-class Refusal(HTTPException, KeyGateError):
+class Refusal(HTTPException, KeystileError):
     """An HTTP refusal, with the SPEC's body and headers.
 
     The middleware sends refusals as raw ASGI. Code below it (the FastAPI dependency, an

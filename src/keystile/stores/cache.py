@@ -21,9 +21,9 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-from keygate.clock import Clock
-from keygate.models import ApiKey
-from keygate.stores.protocol import KeyStore, StoreListener
+from keystile.clock import Clock
+from keystile.models import ApiKey
+from keystile.stores.protocol import KeyStore, StoreListener
 
 __all__ = ["CacheEntry", "CachedStore"]
 
@@ -47,7 +47,7 @@ class CacheEntry:
 
 
 class CachedStore:
-    """A :class:`~keygate.stores.protocol.KeyStore` with a bounded cache in front."""
+    """A :class:`~keystile.stores.protocol.KeyStore` with a bounded cache in front."""
 
     def __init__(
         self,

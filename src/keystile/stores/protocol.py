@@ -1,6 +1,6 @@
 """The one contract every key store keeps.
 
-A store holds key records (:class:`~keygate.models.ApiKey`) and an index from the
+A store holds key records (:class:`~keystile.models.ApiKey`) and an index from the
 HMAC digest of each key to its record. It never sees a plaintext key.
 
 Stores announce changes to listeners, so caches in front of them — in this process or,
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-from keygate.models import ApiKey
+from keystile.models import ApiKey
 
 __all__ = ["KeyStore", "StoreListener"]
 
@@ -31,8 +31,8 @@ class StoreListener(Protocol):
 
 @runtime_checkable
 class KeyStore(Protocol):
-    """Where key records live. Methods raise :class:`~keygate.exceptions.StoreError`
-    (usually :class:`~keygate.exceptions.StoreUnavailable`) when the backend fails."""
+    """Where key records live. Methods raise :class:`~keystile.exceptions.StoreError`
+    (usually :class:`~keystile.exceptions.StoreUnavailable`) when the backend fails."""
 
     @property
     def listening(self) -> bool:
@@ -42,7 +42,7 @@ class KeyStore(Protocol):
         """Deliver change announcements to ``listener`` from now on."""
 
     async def add(self, key: ApiKey, digest: str) -> None:
-        """Store a new record; :class:`~keygate.exceptions.KeyConflict` if its id or
+        """Store a new record; :class:`~keystile.exceptions.KeyConflict` if its id or
         digest is taken."""
 
     async def get(self, key_id: str) -> ApiKey | None:
@@ -52,15 +52,15 @@ class KeyStore(Protocol):
         """The record whose key has this digest, if any (revoked and expired included)."""
 
     async def replace(self, key: ApiKey, *, expected: ApiKey | None = None) -> None:
-        """Overwrite an existing record; :class:`~keygate.exceptions.KeyNotFound` if none.
+        """Overwrite an existing record; :class:`~keystile.exceptions.KeyNotFound` if none.
         With ``expected``, atomically and only if the record still equals it (compare and
-        set): :class:`~keygate.exceptions.KeyChanged` otherwise, nothing written."""
+        set): :class:`~keystile.exceptions.KeyChanged` otherwise, nothing written."""
 
     async def list_keys(self, *, after: str | None = None, limit: int = 100) -> list[ApiKey]:
         """Up to ``limit`` records in creation order, starting after the id ``after``."""
 
     async def ping(self) -> None:
-        """Raise :class:`~keygate.exceptions.StoreUnavailable` unless the store answers."""
+        """Raise :class:`~keystile.exceptions.StoreUnavailable` unless the store answers."""
 
     async def close(self) -> None:
         """Release connections and background tasks. Idempotent."""

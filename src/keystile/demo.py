@@ -1,6 +1,6 @@
-"""The demo API: a small model of the platform's services behind keygate.
+"""The demo API: a small model of the platform's services behind keystile.
 
-``keygate demo`` serves it (in memory by default) and prints one key of each type, an
+``keystile demo`` serves it (in memory by default) and prints one key of each type, an
 admin key and ``curl`` lines to try. The handlers keep real state in memory: a PUT then a
 GET returns what was put.
 """
@@ -19,11 +19,11 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 
-from keygate.admin import admin_app, admin_rules
-from keygate.gate import KeyGate
-from keygate.manager import CreatedKey
-from keygate.middleware import KeyGateMiddleware
-from keygate.routing import Rule, public
+from keystile.admin import admin_app, admin_rules
+from keystile.gate import Keystile
+from keystile.manager import CreatedKey
+from keystile.middleware import KeystileMiddleware
+from keystile.routing import Rule, public
 
 __all__ = ["DEMO_ORIGINS", "DEMO_RULES", "DemoState", "build_demo_app", "seed_demo_keys"]
 
@@ -134,8 +134,8 @@ def _demo_database() -> sqlite3.Connection:
     return db
 
 
-def build_demo_app(gate: KeyGate, state: DemoState | None = None) -> Starlette:
-    """The demo API behind KeyGateMiddleware with :data:`DEMO_RULES`."""
+def build_demo_app(gate: Keystile, state: DemoState | None = None) -> Starlette:
+    """The demo API behind KeystileMiddleware with :data:`DEMO_RULES`."""
     state = state or DemoState()
 
     async def health(request: Request) -> Response:
@@ -271,12 +271,12 @@ def build_demo_app(gate: KeyGate, state: DemoState | None = None) -> Starlette:
     routes.append(Mount("/cloud/keys", app=admin_app(gate)))
     app = Starlette(routes=routes)
     rules = [*DEMO_RULES, *admin_rules("/cloud/keys")]
-    app.add_middleware(KeyGateMiddleware, gate=gate, rules=rules, deny_unmatched=True)
+    app.add_middleware(KeystileMiddleware, gate=gate, rules=rules, deny_unmatched=True)
     app.state.demo = state
     return app
 
 
-async def seed_demo_keys(gate: KeyGate) -> dict[str, CreatedKey]:
+async def seed_demo_keys(gate: Keystile) -> dict[str, CreatedKey]:
     """One key of each type and an admin key, as the demo prints them."""
     everything = ["vec:*", "kev:*", "data:read", "ai:inference", "files:*"]
     return {

@@ -1,8 +1,8 @@
-"""Find keygate keys in files: ``keygate scan`` and the ``keygate-scan`` pre-commit hook.
+"""Find keystile keys in files: ``keystile scan`` and the ``keystile-scan`` pre-commit hook.
 
 A candidate is a known prefix followed by exactly the 33 base62 characters of a key's body
 and checksum, with no base62 character right after it. It is reported only when its
-checksum holds (:func:`keygate.keys.parse_key`), so typos, truncations, look-alikes and
+checksum holds (:func:`keystile.keys.parse_key`), so typos, truncations, look-alikes and
 random strings are not: a reported key is, all but certainly, a real one.
 
 No boundary is required *before* the prefix: keys turn up glued to the end of escape
@@ -21,9 +21,9 @@ import stat
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 
-from keygate import keys
-from keygate.exceptions import KeyFormatError
-from keygate.models import DEFAULT_POLICY
+from keystile import keys
+from keystile.exceptions import KeyFormatError
+from keystile.models import DEFAULT_POLICY
 
 __all__ = ["SKIPPED_DIRECTORIES", "Finding", "ScanProblem", "key_pattern", "scan_paths"]
 

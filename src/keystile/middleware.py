@@ -1,4 +1,4 @@
-"""KeyGateMiddleware: authenticate → authorize the route → app (SPEC §3, §4).
+"""KeystileMiddleware: authenticate → authorize the route → app (SPEC §3, §4).
 
 Pure ASGI (no ``BaseHTTPMiddleware``): lifespan and anything else that is not HTTP or a
 websocket passes straight through. The cached path does no I/O: parse the header, check
@@ -17,19 +17,19 @@ from collections.abc import Awaitable, Iterable
 from starlette.authentication import AuthCredentials, UnauthenticatedUser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from keygate.cors import CorsPolicy
-from keygate.exceptions import KeyFormatError, StoreError, StoreUnavailable
-from keygate.gate import KeyGate, Principal
-from keygate.keys import parse_key
-from keygate.network import ClientAddress, allowed
-from keygate.origins import Origin, parse_origin
-from keygate.responses import Headers, Refusal, Refusals
-from keygate.routing import MIDDLEWARE, PRINCIPAL, Rule, RuleTable, route_path
-from keygate.stores.cache import CacheEntry
+from keystile.cors import CorsPolicy
+from keystile.exceptions import KeyFormatError, StoreError, StoreUnavailable
+from keystile.gate import Keystile, Principal
+from keystile.keys import parse_key
+from keystile.network import ClientAddress, allowed
+from keystile.origins import Origin, parse_origin
+from keystile.responses import Headers, Refusal, Refusals
+from keystile.routing import MIDDLEWARE, PRINCIPAL, Rule, RuleTable, route_path
+from keystile.stores.cache import CacheEntry
 
-__all__ = ["KeyGateMiddleware"]
+__all__ = ["KeystileMiddleware"]
 
-logger = logging.getLogger("keygate")
+logger = logging.getLogger("keystile")
 
 # RFC 6750 §2.1: credentials = "Bearer" 1*SP b64token
 _B64TOKEN = re.compile(rb"[A-Za-z0-9\-._~+/]+=*")
@@ -37,18 +37,18 @@ _ANONYMOUS_AUTH = AuthCredentials()
 _ANONYMOUS_USER = UnauthenticatedUser()
 
 
-class KeyGateMiddleware:
+class KeystileMiddleware:
     """Authenticates ``Authorization: Bearer`` API keys and enforces per-route scopes.
 
-    ``app.add_middleware(KeyGateMiddleware, gate=gate, rules=[...])``. Without a ``gate``,
-    one is built from the environment (``KEYGATE_REDIS_URL``, ``KEYGATE_SECRET``, ...).
+    ``app.add_middleware(KeystileMiddleware, gate=gate, rules=[...])``. Without a ``gate``,
+    one is built from the environment (``KEYSTILE_REDIS_URL``, ``KEYSTILE_SECRET``, ...).
     """
 
     def __init__(
         self,
         app: ASGIApp,
         *,
-        gate: KeyGate | None = None,
+        gate: Keystile | None = None,
         rules: Iterable[Rule] = (),
         deny_unmatched: bool = False,
         realm: str = "api",
@@ -64,7 +64,7 @@ class KeyGateMiddleware:
         record_usage: bool = True,
     ) -> None:
         self.app = app
-        self.gate = gate if gate is not None else KeyGate()
+        self.gate = gate if gate is not None else Keystile()
         self.rules = RuleTable(rules)
         self._has_rules = bool(self.rules)
         self.deny_unmatched = deny_unmatched
@@ -185,7 +185,7 @@ class KeyGateMiddleware:
             await self.app(scope, receive, send)
         except Refusal as refusal:
             # Raised by an app with no exception handling of its own (Starlette and FastAPI
-            # apps answer it themselves, see keygate.responses.raise_refusal). Raise it
+            # apps answer it themselves, see keystile.responses.raise_refusal). Raise it
             # before the response starts.
             await self._refuse(scope, send, refusal)
         except BaseException:

@@ -1,9 +1,9 @@
-"""Configuration from keyword arguments and the environment (``KEYGATE_`` prefix).
+"""Configuration from keyword arguments and the environment (``KEYSTILE_`` prefix).
 
 Example::
 
-    KEYGATE_REDIS_URL=redis://127.0.0.1:6379/0
-    KEYGATE_SECRET=...  # python -c "import secrets; print(secrets.token_urlsafe(32))"
+    KEYSTILE_REDIS_URL=redis://127.0.0.1:6379/0
+    KEYSTILE_SECRET=...  # python -c "import secrets; print(secrets.token_urlsafe(32))"
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["KeyGateSettings"]
+__all__ = ["KeystileSettings"]
 
 
-class KeyGateSettings(BaseSettings):
-    """Every knob keygate reads from the environment."""
+class KeystileSettings(BaseSettings):
+    """Every knob keystile reads from the environment."""
 
-    model_config = SettingsConfigDict(env_prefix="KEYGATE_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_prefix="KEYSTILE_", extra="ignore", frozen=True)
 
     redis_url: str | None = Field(
         default=None, description="Redis URL; unset means the in-memory store."
@@ -27,7 +27,7 @@ class KeyGateSettings(BaseSettings):
     secret: SecretStr | None = Field(
         default=None, description="Server secret keyed into every key digest (HMAC-SHA256)."
     )
-    namespace: str = Field(default="keygate", description="Prefix of every Redis key name.")
+    namespace: str = Field(default="keystile", description="Prefix of every Redis key name.")
     redis_timeout: float = Field(default=0.5, gt=0, description="Seconds per Redis command.")
     redis_pool_size: int = Field(default=50, ge=1, description="Redis connections at most.")
     redis_pool_timeout: float = Field(
@@ -84,7 +84,7 @@ class KeyGateSettings(BaseSettings):
     )
 
     @model_validator(mode="after")
-    def _backoff_in_order(self) -> KeyGateSettings:
+    def _backoff_in_order(self) -> KeystileSettings:
         if self.rate_limit_backoff > self.rate_limit_backoff_max:
             raise ValueError("rate_limit_backoff must not exceed rate_limit_backoff_max")
         return self

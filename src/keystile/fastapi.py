@@ -3,7 +3,7 @@
 ::
 
     from fastapi import FastAPI, Security
-    from keygate.fastapi import api_key
+    from keystile.fastapi import api_key
 
     @app.post("/cloud/vec/databases")
     async def create(key: ApiKey = Security(api_key, scopes=["vec:write"])): ...
@@ -11,10 +11,10 @@
     @app.websocket("/cloud/vec/stream")
     async def stream(websocket: WebSocket, key: ApiKey = require("vec:read")): ...
 
-The scopes appear in the OpenAPI document as requirements of the ``KeyGate`` bearer
-scheme. Authentication itself is done by :class:`~keygate.middleware.KeyGateMiddleware`,
+The scopes appear in the OpenAPI document as requirements of the ``Keystile`` bearer
+scheme. Authentication itself is done by :class:`~keystile.middleware.KeystileMiddleware`,
 which must be installed in front of the app (or of an app that mounts it); refusals keep
-the SPEC's JSON body and ``WWW-Authenticate`` header (see :class:`keygate.Refusal`), and a
+the SPEC's JSON body and ``WWW-Authenticate`` header (see :class:`keystile.Refusal`), and a
 websocket handshake is closed with 1008 (policy violation), as the middleware does.
 """
 
@@ -25,9 +25,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer, SecurityS
 from fastapi.security.utils import get_authorization_scheme_param
 from starlette.requests import HTTPConnection
 
-from keygate.models import ApiKey
-from keygate.responses import raise_refusal
-from keygate.routing import PRINCIPAL, check_scopes
+from keystile.models import ApiKey
+from keystile.responses import raise_refusal
+from keystile.routing import PRINCIPAL, check_scopes
 
 __all__ = ["api_key", "bearer", "require"]
 
@@ -48,8 +48,8 @@ class _Bearer(HTTPBearer):
 
 bearer = _Bearer(
     auto_error=False,
-    scheme_name="KeyGate",
-    bearerFormat="keygate API key (dev_, prod_ or client_)",
+    scheme_name="Keystile",
+    bearerFormat="keystile API key (dev_, prod_ or client_)",
     description="An API key sent as `Authorization: Bearer <key>`.",
 )
 

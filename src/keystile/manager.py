@@ -1,8 +1,8 @@
 """The one management API (SPEC §8): create, get, list, update, revoke, rotate and usage.
 
-The admin REST API (:mod:`keygate.admin`) and the command line (:mod:`keygate.cli`) are
+The admin REST API (:mod:`keystile.admin`) and the command line (:mod:`keystile.cli`) are
 thin shells over this module; nothing here knows they exist. Every input is validated
-here, and every problem is reported as a :class:`~keygate.exceptions.KeyValidationError`
+here, and every problem is reported as a :class:`~keystile.exceptions.KeyValidationError`
 naming its field, so all three surfaces say the same thing about the same mistake.
 """
 
@@ -24,9 +24,9 @@ from typing import Any
 from pydantic import SecretStr, ValidationError
 from redis.exceptions import RedisError
 
-from keygate import keys
-from keygate.clock import Clock, system_clock, to_datetime, to_timestamp
-from keygate.exceptions import (
+from keystile import keys
+from keystile.clock import Clock, system_clock, to_datetime, to_timestamp
+from keystile.exceptions import (
     FieldError,
     KeyChanged,
     KeyNotFound,
@@ -34,7 +34,7 @@ from keygate.exceptions import (
     RotationRefused,
     StoreUnavailable,
 )
-from keygate.models import (
+from keystile.models import (
     DEFAULT_POLICY,
     ApiKey,
     KeyPolicy,
@@ -42,8 +42,8 @@ from keygate.models import (
     KeyType,
     field_errors,
 )
-from keygate.stores.protocol import KeyStore
-from keygate.usage import (
+from keystile.stores.protocol import KeyStore
+from keystile.usage import (
     Granularity,
     UsageOverview,
     UsageRecorder,
@@ -64,7 +64,7 @@ __all__ = [
     "record_json",
 ]
 
-logger = logging.getLogger("keygate.manager")
+logger = logging.getLogger("keystile.manager")
 
 DEFAULT_GRACE = timedelta(hours=24)
 """How long a rotated key keeps working by default (SPEC §8)."""
@@ -91,7 +91,7 @@ UPDATABLE_FIELDS = (
 _FIXED_FIELDS = {
     "type": "a key's type cannot be changed: create a new key of the other type",
     "secret": "a key's secret cannot be changed: rotate the key instead",
-    "id": "is assigned by keygate and cannot be changed",
+    "id": "is assigned by keystile and cannot be changed",
     "hint": "is derived from the secret and cannot be changed",
     "created_at": "is set when the key is created and cannot be changed",
     "revoked_at": "cannot be set by an update: revoke the key instead",

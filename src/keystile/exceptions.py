@@ -1,9 +1,9 @@
-"""keygate's exceptions.
+"""keystile's exceptions.
 
-Every error keygate raises on purpose derives from one root::
+Every error keystile raises on purpose derives from one root::
 
-    KeyGateError
-    ├── KeyFormatError          a token is not a well-formed keygate key (prefix, length,
+    KeystileError
+    ├── KeyFormatError          a token is not a well-formed keystile key (prefix, length,
     │                           alphabet, checksum); raised before any store is consulted
     ├── KeyValidationError      key settings break the policy (unknown scope, client key
     │                           without origins, malformed CIDR, expiry in the past, ...);
@@ -29,21 +29,21 @@ __all__ = [
     "KeyChanged",
     "KeyConflict",
     "KeyFormatError",
-    "KeyGateError",
     "KeyNotFound",
     "KeyValidationError",
+    "KeystileError",
     "RotationRefused",
     "StoreError",
     "StoreUnavailable",
 ]
 
 
-class KeyGateError(Exception):
-    """The root of every error keygate raises on purpose."""
+class KeystileError(Exception):
+    """The root of every error keystile raises on purpose."""
 
 
-class KeyFormatError(KeyGateError, ValueError):
-    """A token is not a well-formed keygate key.
+class KeyFormatError(KeystileError, ValueError):
+    """A token is not a well-formed keystile key.
 
     The message says what is wrong (prefix, length, alphabet, checksum) and never repeats
     the token itself.
@@ -61,7 +61,7 @@ class FieldError:
         return f"{self.field}: {self.message}"
 
 
-class KeyValidationError(KeyGateError, ValueError):
+class KeyValidationError(KeystileError, ValueError):
     """Key settings break the key-type policy or the scope catalogue."""
 
     def __init__(self, errors: list[FieldError]) -> None:
@@ -73,11 +73,11 @@ class KeyValidationError(KeyGateError, ValueError):
         return cls([FieldError(field, message)])
 
 
-class KeyNotFound(KeyGateError, LookupError):
+class KeyNotFound(KeystileError, LookupError):
     """No key record has that id."""
 
 
-class KeyConflict(KeyGateError):
+class KeyConflict(KeystileError):
     """A key record with that id or digest already exists."""
 
 
@@ -86,7 +86,7 @@ class KeyChanged(KeyConflict):
     updated, revoked or rotated it meanwhile)."""
 
 
-class RotationRefused(KeyGateError):
+class RotationRefused(KeystileError):
     """The key cannot be rotated: it is ``"revoked"``, ``"expired"``, or already
     ``"rotated"`` (it has a successor). ``reason`` holds which; the message says what to do.
     """
@@ -96,7 +96,7 @@ class RotationRefused(KeyGateError):
         super().__init__(message)
 
 
-class StoreError(KeyGateError):
+class StoreError(KeystileError):
     """The key store failed."""
 
 

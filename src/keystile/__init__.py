@@ -1,34 +1,34 @@
-"""keygate: API-key security for Starlette and FastAPI."""
+"""keystile: API-key security for Starlette and FastAPI."""
 
-from keygate.clock import ManualClock
-from keygate.exceptions import (
+from keystile.clock import ManualClock
+from keystile.exceptions import (
     FieldError,
     KeyChanged,
     KeyConflict,
     KeyFormatError,
-    KeyGateError,
     KeyNotFound,
+    KeystileError,
     KeyValidationError,
     RotationRefused,
     StoreError,
     StoreUnavailable,
 )
-from keygate.gate import KeyGate, KeyUser, Principal
-from keygate.keys import KeyHasher, generate_key, parse_key
-from keygate.manager import (
+from keystile.gate import Keystile, KeyUser, Principal
+from keystile.keys import KeyHasher, generate_key, parse_key
+from keystile.manager import (
     CreatedKey,
     KeyManager,
     KeyPage,
     KeyStatus,
     RotatedKey,
 )
-from keygate.middleware import KeyGateMiddleware
-from keygate.models import ApiKey, KeyPolicy, KeySettings, KeyType, KeyTypePolicy
-from keygate.responses import Refusal
-from keygate.routing import Rule, RuleTable, check_scopes, public, scopes_required
-from keygate.scopes import ScopeCatalogue
-from keygate.settings import KeyGateSettings
-from keygate.stores import CachedStore, KeyStore, MemoryStore, RedisStore, open_store
+from keystile.middleware import KeystileMiddleware
+from keystile.models import ApiKey, KeyPolicy, KeySettings, KeyType, KeyTypePolicy
+from keystile.responses import Refusal
+from keystile.routing import Rule, RuleTable, check_scopes, public, scopes_required
+from keystile.scopes import ScopeCatalogue
+from keystile.settings import KeystileSettings
+from keystile.stores import CachedStore, KeyStore, MemoryStore, RedisStore, open_store
 
 __all__ = [
     "ApiKey",
@@ -38,10 +38,6 @@ __all__ = [
     "KeyChanged",
     "KeyConflict",
     "KeyFormatError",
-    "KeyGate",
-    "KeyGateError",
-    "KeyGateMiddleware",
-    "KeyGateSettings",
     "KeyHasher",
     "KeyManager",
     "KeyNotFound",
@@ -54,6 +50,10 @@ __all__ = [
     "KeyTypePolicy",
     "KeyUser",
     "KeyValidationError",
+    "Keystile",
+    "KeystileError",
+    "KeystileMiddleware",
+    "KeystileSettings",
     "ManualClock",
     "MemoryStore",
     "Principal",

@@ -43,10 +43,10 @@ from limits import RateLimitItem
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
 
-from keygate.clock import Clock, system_clock
-from keygate.exceptions import StoreUnavailable
-from keygate.fallback import FailureMode, Fallback, FallingBack
-from keygate.resp import LeanRedis, ReplyError, encode
+from keystile.clock import Clock, system_clock
+from keystile.exceptions import StoreUnavailable
+from keystile.fallback import FailureMode, Fallback, FallingBack
+from keystile.resp import LeanRedis, ReplyError, encode
 
 __all__ = [
     "Decision",
@@ -59,7 +59,7 @@ __all__ = [
     "parse_rate_limit",
 ]
 
-logger = logging.getLogger("keygate.ratelimit")
+logger = logging.getLogger("keystile.ratelimit")
 
 _MAX_LIMIT_TEXT = 256
 # "1/0 second": limits reads a zero multiple as one; a window of no time is a mistake.
@@ -379,10 +379,10 @@ class RedisLimiter(FallingBack):
     that fails doubles the wait, up to ``backoff[1]``; the first answer from Redis ends it.
     An outage then costs each request no wait, and a struggling Redis no pile of commands;
     decisions skipped meanwhile are not counted in Redis' windows. (Both are
-    :attr:`fallback`'s, a :class:`keygate.fallback.Fallback`, shared with token quotas.)
+    :attr:`fallback`'s, a :class:`keystile.fallback.Fallback`, shared with token quotas.)
 
     With ``lean=True`` (the default) the decisions go over one connection of the
-    limiter's own (:class:`keygate.resp.LeanRedis`, to the server ``client`` talks to),
+    limiter's own (:class:`keystile.resp.LeanRedis`, to the server ``client`` talks to),
     which costs a fraction of redis-py's Python per round trip; ``client`` carries them
     when it cannot (TLS, a credential provider, fakeredis) or with ``lean=False``.
     """
@@ -391,7 +391,7 @@ class RedisLimiter(FallingBack):
         self,
         client: Redis,
         *,
-        namespace: str = "keygate",
+        namespace: str = "keystile",
         timeout: float = 0.25,
         failure: FailureMode = "allow",
         log_interval: float = 60.0,

@@ -1,7 +1,7 @@
-"""KeyGate: the store, hasher, policy and clock that the middleware, the management API,
+"""Keystile: the store, hasher, policy and clock that the middleware, the management API,
 the admin router and the command line share.
 
-One ``KeyGate`` per app: the middleware reads keys through its cache, and the manager
+One ``Keystile`` per app: the middleware reads keys through its cache, and the manager
 writes through the same cache, so a key revoked in this process is refused on the very
 next request.
 """
@@ -18,20 +18,20 @@ from pydantic import SecretStr
 from redis.exceptions import RedisError
 from starlette.authentication import AuthCredentials, BaseUser
 
-from keygate.alerts import Alerter, AlertRules, AlertState, MemoryAlertState, RedisAlertState
-from keygate.clock import Clock, system_clock, to_datetime, to_timestamp
-from keygate.cors import OriginIndex
-from keygate.exceptions import StoreError
-from keygate.keys import KeyHasher
-from keygate.manager import KeyManager
-from keygate.models import DEFAULT_POLICY, ApiKey, KeyPolicy, KeyType
-from keygate.network import parse_ip_entry
-from keygate.origins import origin_allowed, parse_origin, parse_origin_pattern
-from keygate.quotas import MemoryQuotaStore, Quotas, QuotaStore, RedisQuotaStore
-from keygate.ratelimit import Limiter, LimitSet, MemoryLimiter, RedisLimiter, limit_set
-from keygate.settings import KeyGateSettings
-from keygate.stores import CachedStore, KeyStore, MemoryStore, RedisStore, open_store
-from keygate.usage import (
+from keystile.alerts import Alerter, AlertRules, AlertState, MemoryAlertState, RedisAlertState
+from keystile.clock import Clock, system_clock, to_datetime, to_timestamp
+from keystile.cors import OriginIndex
+from keystile.exceptions import StoreError
+from keystile.keys import KeyHasher
+from keystile.manager import KeyManager
+from keystile.models import DEFAULT_POLICY, ApiKey, KeyPolicy, KeyType
+from keystile.network import parse_ip_entry
+from keystile.origins import origin_allowed, parse_origin, parse_origin_pattern
+from keystile.quotas import MemoryQuotaStore, Quotas, QuotaStore, RedisQuotaStore
+from keystile.ratelimit import Limiter, LimitSet, MemoryLimiter, RedisLimiter, limit_set
+from keystile.settings import KeystileSettings
+from keystile.stores import CachedStore, KeyStore, MemoryStore, RedisStore, open_store
+from keystile.usage import (
     BY_CLIENT,
     WATCH_IPS,
     MemoryUsageStore,
@@ -40,9 +40,9 @@ from keygate.usage import (
     UsageStore,
 )
 
-__all__ = ["KeyGate", "KeyUser", "Principal"]
+__all__ = ["KeyUser", "Keystile", "Principal"]
 
-logger = logging.getLogger("keygate")
+logger = logging.getLogger("keystile")
 
 
 class KeyUser(BaseUser):
@@ -135,14 +135,14 @@ def _hasher(secret: str | bytes | SecretStr | None, store: KeyStore) -> KeyHashe
         if not isinstance(store, MemoryStore):
             raise ValueError(
                 "a server secret is required with a shared store: pass secret= or set "
-                "KEYGATE_SECRET"
+                "KEYSTILE_SECRET"
             )
         # Keys in a memory store die with the process, and so may the secret.
         secret = secrets.token_bytes(32)
     return KeyHasher(secret)
 
 
-def _limiter(store: KeyStore, settings: KeyGateSettings, clock: Clock) -> Limiter:
+def _limiter(store: KeyStore, settings: KeystileSettings, clock: Clock) -> Limiter:
     if isinstance(store, RedisStore):
         return RedisLimiter(
             store.client,
@@ -153,8 +153,8 @@ def _limiter(store: KeyStore, settings: KeyGateSettings, clock: Clock) -> Limite
     return MemoryLimiter(clock=clock)
 
 
-class KeyGate:
-    """Everything keygate needs to authenticate and manage keys, configured once."""
+class Keystile:
+    """Everything keystile needs to authenticate and manage keys, configured once."""
 
     def __init__(
         self,
@@ -163,12 +163,12 @@ class KeyGate:
         secret: str | bytes | SecretStr | None = None,
         policy: KeyPolicy = DEFAULT_POLICY,
         clock: Clock = system_clock,
-        settings: KeyGateSettings | None = None,
+        settings: KeystileSettings | None = None,
         lookup_timeout: float = 1.0,
         limiter: Limiter | None = None,
         alert_rules: AlertRules | None = None,
     ) -> None:
-        settings = settings or KeyGateSettings()
+        settings = settings or KeystileSettings()
         if store is None or isinstance(store, str):
             cached = open_store(store, settings)
         elif isinstance(store, CachedStore):
@@ -281,4 +281,4 @@ class KeyGate:
         await self.store.close()
 
     def __repr__(self) -> str:
-        return f"KeyGate({self.store!r})"
+        return f"Keystile({self.store!r})"

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from keygate.clock import Clock, system_clock, to_datetime, to_timestamp
+from keystile.clock import Clock, system_clock, to_datetime, to_timestamp
 
 __all__ = [
     "BY_CLIENT",
@@ -52,7 +52,7 @@ __all__ = [
     "usage_store_for",
 ]
 
-logger = logging.getLogger("keygate.usage")
+logger = logging.getLogger("keystile.usage")
 
 FIELDS = (
     "requests",
@@ -469,19 +469,19 @@ return out
 class RedisUsageStore:
     """Usage in Redis, every name hash-tagged by key id and carrying a TTL::
 
-    keygate:usage:{key_id}:total        hash: field -> count, and last use
-    keygate:usage:{key_id}:h:<hour>     hash: "<minute>:<field>" -> count (a day)
-    keygate:usage:{key_id}:d:<day>      hash: field -> count (90 days)
-    keygate:usage:{key_id}:ips          sorted set: the busiest client IPs
-    keygate:usage:{key_id}:origins      sorted set: the busiest origins
-    keygate:usage:index                 sorted set: key ids by last flush
+    keystile:usage:{key_id}:total        hash: field -> count, and last use
+    keystile:usage:{key_id}:h:<hour>     hash: "<minute>:<field>" -> count (a day)
+    keystile:usage:{key_id}:d:<day>      hash: field -> count (90 days)
+    keystile:usage:{key_id}:ips          sorted set: the busiest client IPs
+    keystile:usage:{key_id}:origins      sorted set: the busiest origins
+    keystile:usage:index                 sorted set: key ids by last flush
     """
 
     def __init__(
         self,
         client: Redis,
         *,
-        namespace: str = "keygate",
+        namespace: str = "keystile",
         minute_retention: int = DAY,
         day_retention: int = 90 * DAY,
         top_n: int = 100,
@@ -771,7 +771,7 @@ class UsageRecorder:
                 loop = asyncio.get_running_loop()
             except RuntimeError:
                 return  # recorded outside a loop: the next flush() or close() takes it
-            self._task = loop.create_task(self._run(), name="keygate-usage-flush")
+            self._task = loop.create_task(self._run(), name="keystile-usage-flush")
 
     async def _run(self) -> None:
         while not self._closed:
@@ -905,7 +905,7 @@ class UsageRecorder:
 def usage_store_for(store: object) -> UsageStore:
     """A reader of the usage recorded for ``store`` (a key store, cached or not): the
     Redis usage store on the same Redis and namespace, else an empty memory one."""
-    from keygate.stores.redis import RedisStore
+    from keystile.stores.redis import RedisStore
 
     backend = getattr(store, "store", store)
     if isinstance(backend, RedisStore):

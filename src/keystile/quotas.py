@@ -28,18 +28,18 @@ from typing import Literal, Protocol
 from redis.asyncio import Redis
 from starlette.requests import HTTPConnection
 
-from keygate.alerts import Alerter
-from keygate.clock import Clock, system_clock
-from keygate.exceptions import StoreUnavailable
-from keygate.fallback import FailureMode, Fallback, FallingBack
-from keygate.models import ApiKey, KeyPolicy
-from keygate.responses import Headers, Refusal, raise_refusal
-from keygate.routing import MIDDLEWARE, PRINCIPAL
-from keygate.usage import UsageRecorder
+from keystile.alerts import Alerter
+from keystile.clock import Clock, system_clock
+from keystile.exceptions import StoreUnavailable
+from keystile.fallback import FailureMode, Fallback, FallingBack
+from keystile.models import ApiKey, KeyPolicy
+from keystile.responses import Headers, Refusal, raise_refusal
+from keystile.routing import MIDDLEWARE, PRINCIPAL
+from keystile.usage import UsageRecorder
 
 __all__ = ["MemoryQuotaStore", "QuotaState", "QuotaStore", "Quotas", "RedisQuotaStore"]
 
-logger = logging.getLogger("keygate.quotas")
+logger = logging.getLogger("keystile.quotas")
 
 WINDOW = 3600
 _BUCKET = 60
@@ -165,7 +165,7 @@ return {ok and 1 or 0, spent, oldest, now}
 class RedisQuotaStore:
     """Token buckets in Redis: one atomic script per call, on Redis' clock."""
 
-    def __init__(self, client: Redis, *, namespace: str = "keygate") -> None:
+    def __init__(self, client: Redis, *, namespace: str = "keystile") -> None:
         self.client = client
         self.namespace = namespace
         self._script = client.register_script(_SCRIPT)
@@ -202,7 +202,7 @@ class Quotas(FallingBack):
         self.store = store
         self.policy = policy
         # When the store fails: "allow" (counted in passes, logged) or "deny"; after
-        # trip_after failures in a row it is not asked for a while (keygate.fallback).
+        # trip_after failures in a row it is not asked for a while (keystile.fallback).
         self.fallback = Fallback(
             "token quotas",
             logger,
@@ -211,8 +211,8 @@ class Quotas(FallingBack):
             trip_after=trip_after,
             backoff=backoff,
         )
-        self.usage: UsageRecorder | None = None  # set by KeyGate: tokens and refusals count
-        self.alerts: Alerter | None = None  # set by KeyGate: 80/90/100 % alerts
+        self.usage: UsageRecorder | None = None  # set by Keystile: tokens and refusals count
+        self.alerts: Alerter | None = None  # set by Keystile: 80/90/100 % alerts
 
     def quota_of(self, key: ApiKey) -> int | None:
         """The hourly token budget in force for a key (``None``: unlimited)."""
@@ -255,7 +255,7 @@ class Quotas(FallingBack):
 
     async def _charge(self, conn: HTTPConnection, tokens: int, mode: Mode) -> QuotaState | None:
         if PRINCIPAL not in conn.scope:
-            raise RuntimeError("token quotas need a request authenticated by KeyGateMiddleware")
+            raise RuntimeError("token quotas need a request authenticated by KeystileMiddleware")
         refusals = conn.scope[MIDDLEWARE].refusals
         try:
             state = await self.spend(conn.scope[PRINCIPAL].key, tokens, mode)

@@ -12,7 +12,7 @@ from typing import Any, Literal, TypeVar
 
 from redis.exceptions import RedisError
 
-from keygate.exceptions import StoreUnavailable
+from keystile.exceptions import StoreUnavailable
 
 __all__ = ["FailureMode", "Fallback", "FallingBack"]
 

@@ -1,17 +1,17 @@
 """The Redis store (redis.asyncio): many app processes and hosts share one Redis.
 
-Layout, under a namespace (default ``keygate``)::
+Layout, under a namespace (default ``keystile``)::
 
-    keygate:key:{key_...}      the record, JSON          hash-tagged by key id, so every
-    keygate:digest:<hmac>      the key id                Redis Cluster slot holds all of one
-    keygate:index              sorted set of ids         key's data (usage, limits, record)
-    keygate:events             pub/sub channel of changes
+    keystile:key:{key_...}      the record, JSON          hash-tagged by key id, so every
+    keystile:digest:<hmac>      the key id                Redis Cluster slot holds all of one
+    keystile:index              sorted set of ids         key's data (usage, limits, record)
+    keystile:events             pub/sub channel of changes
 
 No secret is stored: ``<hmac>`` is the HMAC-SHA256 of the key under the server secret.
 
 The connection pool *waits* for a free connection (``BlockingConnectionPool``) instead of
 failing with "Too many connections" under bursts, and every command has a timeout, so a
-slow or dead Redis turns into :class:`~keygate.exceptions.StoreUnavailable` quickly.
+slow or dead Redis turns into :class:`~keystile.exceptions.StoreUnavailable` quickly.
 """
 
 from __future__ import annotations
@@ -30,19 +30,19 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from keygate.exceptions import (
+from keystile.exceptions import (
     KeyChanged,
     KeyConflict,
     KeyNotFound,
     StoreError,
     StoreUnavailable,
 )
-from keygate.models import ApiKey
-from keygate.stores.protocol import StoreListener
+from keystile.models import ApiKey
+from keystile.stores.protocol import StoreListener
 
 __all__ = ["RedisStore"]
 
-logger = logging.getLogger("keygate.store")
+logger = logging.getLogger("keystile.store")
 
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)
 
@@ -71,7 +71,7 @@ class RedisStore:
         self,
         client: aioredis.Redis,
         *,
-        namespace: str = "keygate",
+        namespace: str = "keystile",
         heartbeat: float = 5.0,
     ) -> None:
         if not namespace or any(c in namespace for c in "{}: \n"):
@@ -91,7 +91,7 @@ class RedisStore:
         cls,
         url: str,
         *,
-        namespace: str = "keygate",
+        namespace: str = "keystile",
         pool_size: int = 50,
         pool_timeout: float = 1.0,
         timeout: float = 0.5,
@@ -129,7 +129,7 @@ class RedisStore:
         self._listeners.append(listener)
         if self._listen_task is None and not self._closed:
             self._listen_task = asyncio.get_running_loop().create_task(
-                self._listen(), name=f"keygate-listen-{self.namespace}"
+                self._listen(), name=f"keystile-listen-{self.namespace}"
             )
 
     async def _publish(self, pipe: Any, key_id: str, digest: str | None) -> None:

@@ -1,19 +1,19 @@
-"""The ``keygate`` command line: a thin shell over :class:`~keygate.manager.KeyManager`.
+"""The ``keystile`` command line: a thin shell over :class:`~keystile.manager.KeyManager`.
 
 ::
 
-    keygate keys create --name "search service" --type prod --scope vec:read --expires 90d
-    keygate keys list [--type prod] [--status active] [--meta project=search]
-    keygate keys show|revoke KEY_ID
-    keygate keys update KEY_ID [--name ...] [--scope ...] [--expires 30d|2027-01-01|never]
-    keygate keys rotate KEY_ID [--grace 24h]
-    keygate usage [KEY_ID]
-    keygate scan [PATH ...]
-    keygate demo
+    keystile keys create --name "search service" --type prod --scope vec:read --expires 90d
+    keystile keys list [--type prod] [--status active] [--meta project=search]
+    keystile keys show|revoke KEY_ID
+    keystile keys update KEY_ID [--name ...] [--scope ...] [--expires 30d|2027-01-01|never]
+    keystile keys rotate KEY_ID [--grace 24h]
+    keystile usage [KEY_ID]
+    keystile scan [PATH ...]
+    keystile demo
 
 The key commands work on the shared store the app uses: ``--redis URL`` or
-``KEYGATE_REDIS_URL``, the server secret from ``KEYGATE_SECRET`` and the namespace from
-``KEYGATE_NAMESPACE`` (default ``keygate``), so a key created here works in the app at once.
+``KEYSTILE_REDIS_URL``, the server secret from ``KEYSTILE_SECRET`` and the namespace from
+``KEYSTILE_NAMESPACE`` (default ``keystile``), so a key created here works in the app at once.
 Every command but ``demo`` takes ``--json``.
 
 Exit codes: 0 ok, 1 not found / refused (also: the store cannot be reached, keys found by
@@ -36,8 +36,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import ValidationError
 
-from keygate import __version__
-from keygate.exceptions import (
+from keystile import __version__
+from keystile.exceptions import (
     KeyConflict,
     KeyNotFound,
     KeyValidationError,
@@ -45,13 +45,13 @@ from keygate.exceptions import (
     StoreError,
     StoreUnavailable,
 )
-from keygate.keys import KeyHasher, generate_key
-from keygate.manager import KeyManager, key_status, record_json
-from keygate.models import DEFAULT_POLICY, ApiKey
-from keygate.scan import Finding, ScanProblem, scan_paths
-from keygate.settings import KeyGateSettings
-from keygate.stores import RedisStore
-from keygate.usage import UsageOverview
+from keystile.keys import KeyHasher, generate_key
+from keystile.manager import KeyManager, key_status, record_json
+from keystile.models import DEFAULT_POLICY, ApiKey
+from keystile.scan import Finding, ScanProblem, scan_paths
+from keystile.settings import KeystileSettings
+from keystile.stores import RedisStore
+from keystile.usage import UsageOverview
 
 __all__ = ["build_parser", "execute", "main"]
 
@@ -134,7 +134,7 @@ def _shared(*, store: bool) -> argparse.ArgumentParser:
             "--redis",
             metavar="URL",
             default=None,
-            help="the Redis that the app's keys live in (default: $KEYGATE_REDIS_URL)",
+            help="the Redis that the app's keys live in (default: $KEYSTILE_REDIS_URL)",
         )
     options.add_argument("--json", action="store_true", help="answer in JSON")
     return options
@@ -195,17 +195,17 @@ def _settings_options(parser: argparse.ArgumentParser, *, update: bool) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="keygate", description="API keys for Starlette and FastAPI apps."
+        prog="keystile", description="API keys for Starlette and FastAPI apps."
     )
-    parser.add_argument("--version", action="version", version=f"keygate {__version__}")
+    parser.add_argument("--version", action="version", version=f"keystile {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     shared = _shared(store=True)
 
     keys = commands.add_parser(
         "keys",
         help="create, list, show, update, revoke and rotate keys",
-        description="Manage the keys of the shared store (--redis or KEYGATE_REDIS_URL; "
-        "KEYGATE_SECRET; KEYGATE_NAMESPACE, default keygate).",
+        description="Manage the keys of the shared store (--redis or KEYSTILE_REDIS_URL; "
+        "KEYSTILE_SECRET; KEYSTILE_NAMESPACE, default keystile).",
     )
     actions = keys.add_subparsers(dest="action", metavar="ACTION")
     keys.set_defaults(print_help=keys.print_help)
@@ -268,8 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     scan = commands.add_parser(
         "scan",
         parents=[_shared(store=False)],
-        help="find keygate keys in files (exit 1 when any is found)",
-        description="Find keygate keys with valid checksums in files and folders; prints "
+        help="find keystile keys in files (exit 1 when any is found)",
+        description="Find keystile keys with valid checksums in files and folders; prints "
         "file:line: hint for each and exits 1 when any is found. A pre-commit hook.",
     )
     scan.add_argument("paths", nargs="*", default=["."], metavar="PATH", help="default: .")
@@ -287,21 +287,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--redis",
         metavar="URL",
         default=None,
-        help="keep keys in this Redis (namespace keygate-demo) instead of in memory",
+        help="keep keys in this Redis (namespace keystile-demo) instead of in memory",
     )
     return parser
 
 
 def _print_keys(out: TextIO, base: str, keys: dict[str, object], store: str) -> None:
-    from keygate.demo import DEMO_ORIGINS
-    from keygate.manager import CreatedKey
+    from keystile.demo import DEMO_ORIGINS
+    from keystile.manager import CreatedKey
 
     def secret(name: str) -> str:
         created = keys[name]
         assert isinstance(created, CreatedKey)
         return created.secret.get_secret_value()
 
-    out.write(f"keygate demo on {base}  (store: {store})\n\n")
+    out.write(f"keystile demo on {base}  (store: {store})\n\n")
     out.write("Keys (shown once; they work until the demo stops):\n")
     for name, note in (
         ("dev", "vec:* kev:* data:read ai:inference files:*"),
@@ -350,35 +350,35 @@ async def _demo(host: str, port: int, redis_url: str | None) -> int:
     try:
         import uvicorn
     except ImportError:
-        sys.stderr.write("the demo needs uvicorn: pip install 'keygate[demo]'\n")
+        sys.stderr.write("the demo needs uvicorn: pip install 'keystile[demo]'\n")
         return 2
     import os
     import secrets
 
-    from keygate.alerts import AlertRules
-    from keygate.demo import build_demo_app, seed_demo_keys
-    from keygate.exceptions import StoreError
-    from keygate.gate import KeyGate
-    from keygate.settings import KeyGateSettings
+    from keystile.alerts import AlertRules
+    from keystile.demo import build_demo_app, seed_demo_keys
+    from keystile.exceptions import StoreError
+    from keystile.gate import Keystile
+    from keystile.settings import KeystileSettings
 
-    # Alerts (and other keygate warnings) to stderr, beside uvicorn's own log.
+    # Alerts (and other keystile warnings) to stderr, beside uvicorn's own log.
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("keygate:  %(levelname)s %(message)s"))
-    keygate_log = logging.getLogger("keygate")
-    keygate_log.addHandler(handler)
-    keygate_log.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("keystile:  %(levelname)s %(message)s"))
+    keystile_log = logging.getLogger("keystile")
+    keystile_log.addHandler(handler)
+    keystile_log.setLevel(logging.INFO)
     # Thresholds low enough to see an alert fire while trying the demo.
     rules = AlertRules(requests_per_minute=60, error_rate=0.5, error_min_requests=10)
     if redis_url:
-        settings = KeyGateSettings(namespace="keygate-demo")
-        secret = os.environ.get("KEYGATE_SECRET") or secrets.token_urlsafe(32)
-        gate = KeyGate(store=redis_url, secret=secret, settings=settings, alert_rules=rules)
+        settings = KeystileSettings(namespace="keystile-demo")
+        secret = os.environ.get("KEYSTILE_SECRET") or secrets.token_urlsafe(32)
+        gate = Keystile(store=redis_url, secret=secret, settings=settings, alert_rules=rules)
     else:
-        gate = KeyGate(store="memory://", alert_rules=rules)
+        gate = Keystile(store="memory://", alert_rules=rules)
     try:
         keys = await seed_demo_keys(gate)
     except StoreError as exc:
-        sys.stderr.write(f"keygate demo: cannot use the store: {exc}\n")
+        sys.stderr.write(f"keystile demo: cannot use the store: {exc}\n")
         await gate.aclose()
         return 1
     await gate.startup()
@@ -388,7 +388,7 @@ async def _demo(host: str, port: int, redis_url: str | None) -> int:
         sys.stdout, f"http://{shown_host}:{port}", dict(keys), "redis" if redis_url else "memory"
     )
     # proxy_headers=False: uvicorn would otherwise rewrite the client address from
-    # X-Forwarded-For for requests from 127.0.0.1, behind keygate's back.
+    # X-Forwarded-For for requests from 127.0.0.1, behind keystile's back.
     config = uvicorn.Config(
         app, host=host, port=port, proxy_headers=False, log_level="info", access_log=True
     )
@@ -448,7 +448,7 @@ def _details(out: TextIO, key: ApiKey, manager: KeyManager) -> None:
 
 def _secret(out: TextIO, secret: str) -> None:
     out.write(f"\nsecret       {secret}\n")
-    out.write("(shown this once: keygate keeps only a keyed hash of it)\n")
+    out.write("(shown this once: keystile keeps only a keyed hash of it)\n")
 
 
 # -- the commands ------------------------------------------------------------------------
@@ -537,7 +537,7 @@ async def _list(args: argparse.Namespace, manager: KeyManager, out: TextIO) -> i
     else:
         out.write("no keys\n")
     if page.next is not None:
-        out.write(f"more: keygate keys list --cursor {page.next}\n")
+        out.write(f"more: keystile keys list --cursor {page.next}\n")
     return 0
 
 
@@ -658,19 +658,19 @@ async def execute(
     try:
         return await command(args, manager, out)
     except CommandLineError as exc:
-        err.write(f"keygate: {exc}\n")
+        err.write(f"keystile: {exc}\n")
         return 2
     except KeyValidationError as exc:
-        err.write(f"keygate: invalid input: {exc}\n")
+        err.write(f"keystile: invalid input: {exc}\n")
         return 2
     except (KeyNotFound, RotationRefused, KeyConflict) as exc:  # KeyChanged: a conflict
-        err.write(f"keygate: {exc}\n")
+        err.write(f"keystile: {exc}\n")
         return 1
     except StoreUnavailable as exc:
-        err.write(f"keygate: cannot reach {where}: {exc}\n")
+        err.write(f"keystile: cannot reach {where}: {exc}\n")
         return 1
     except StoreError as exc:
-        err.write(f"keygate: {where} failed: {exc}\n")
+        err.write(f"keystile: {where} failed: {exc}\n")
         return 1
 
 
@@ -686,15 +686,15 @@ def _redacted(url: str) -> str:
 async def _managed(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Open the shared store named by ``--redis`` or the environment, and run the command."""
     try:
-        settings = KeyGateSettings()
+        settings = KeystileSettings()
     except ValidationError as exc:
         problem = exc.errors(include_url=False, include_input=False)[0]
-        name = "KEYGATE_" + str(problem["loc"][0]).upper() if problem["loc"] else "KEYGATE_*"
+        name = "KEYSTILE_" + str(problem["loc"][0]).upper() if problem["loc"] else "KEYSTILE_*"
         raise CommandLineError(f"{name} is not valid: {problem['msg']}") from None
     url = args.redis or settings.redis_url
     if not url:
         raise CommandLineError(
-            "a shared store is needed: pass --redis URL or set KEYGATE_REDIS_URL to the Redis "
+            "a shared store is needed: pass --redis URL or set KEYSTILE_REDIS_URL to the Redis "
             "your app uses (keys kept in memory would vanish when this command exits)"
         )
     try:
@@ -709,13 +709,13 @@ async def _managed(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     where = _redacted(url)
     if settings.secret is None:
         raise CommandLineError(
-            "KEYGATE_SECRET is not set: set it to your app's server secret (keys are stored "
+            "KEYSTILE_SECRET is not set: set it to your app's server secret (keys are stored "
             "as HMACs under it, so keys made with another secret would not work in the app)"
         )
     try:
         hasher = KeyHasher(settings.secret.get_secret_value())
     except ValueError as exc:
-        raise CommandLineError(f"KEYGATE_SECRET is not usable: {exc}") from None
+        raise CommandLineError(f"KEYSTILE_SECRET is not usable: {exc}") from None
     try:
         store = RedisStore.from_url(
             url,
@@ -723,7 +723,7 @@ async def _managed(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             pool_size=4,
             pool_timeout=settings.redis_pool_timeout,
             timeout=settings.redis_timeout,
-            client_name="keygate-cli",
+            client_name="keystile-cli",
         )
     except ValueError as exc:
         reason = f"cannot use {where} (namespace {settings.namespace!r}): {exc}"
@@ -751,7 +751,7 @@ def _scan(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 out.write(f"{item}\n")
         else:
             problems.append(item)
-            err.write(f"keygate scan: cannot scan {item}\n")
+            err.write(f"keystile scan: cannot scan {item}\n")
     if args.json:
         _dump(
             out,
@@ -766,7 +766,7 @@ def _scan(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if findings:
         files = len({f.path for f in findings})
         err.write(
-            f"keygate scan: found {len(findings)} key{'s' * (len(findings) != 1)} in {files} "
+            f"keystile scan: found {len(findings)} key{'s' * (len(findings) != 1)} in {files} "
             f"file{'s' * (files != 1)}. Treat them as leaked: rotate or revoke them, and "
             "remove them from the files.\n"
         )
@@ -791,7 +791,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in ("keys", "usage"):
             return asyncio.run(_managed(args, sys.stdout, sys.stderr))
     except CommandLineError as exc:
-        sys.stderr.write(f"keygate: {exc}\n")
+        sys.stderr.write(f"keystile: {exc}\n")
         return 2
     except KeyboardInterrupt:
         return 130

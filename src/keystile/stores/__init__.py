@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
-from keygate.settings import KeyGateSettings
-from keygate.stores.cache import CachedStore, CacheEntry
-from keygate.stores.memory import MemoryStore
-from keygate.stores.protocol import KeyStore, StoreListener
-from keygate.stores.redis import RedisStore
+from keystile.settings import KeystileSettings
+from keystile.stores.cache import CachedStore, CacheEntry
+from keystile.stores.memory import MemoryStore
+from keystile.stores.protocol import KeyStore, StoreListener
+from keystile.stores.redis import RedisStore
 
 __all__ = [
     "CacheEntry",
@@ -22,11 +22,11 @@ __all__ = [
 ]
 
 
-def _memory(url: str, settings: KeyGateSettings) -> KeyStore:
+def _memory(url: str, settings: KeystileSettings) -> KeyStore:
     return MemoryStore()
 
 
-def _redis(url: str, settings: KeyGateSettings) -> KeyStore:
+def _redis(url: str, settings: KeystileSettings) -> KeyStore:
     return RedisStore.from_url(
         url,
         namespace=settings.namespace,
@@ -36,7 +36,7 @@ def _redis(url: str, settings: KeyGateSettings) -> KeyStore:
     )
 
 
-BACKENDS: dict[str, Callable[[str, KeyGateSettings], KeyStore]] = {
+BACKENDS: dict[str, Callable[[str, KeystileSettings], KeyStore]] = {
     "memory": _memory,
     "redis": _redis,
     "rediss": _redis,
@@ -44,10 +44,10 @@ BACKENDS: dict[str, Callable[[str, KeyGateSettings], KeyStore]] = {
 }
 
 
-def open_store(url: str | None = None, settings: KeyGateSettings | None = None) -> CachedStore:
+def open_store(url: str | None = None, settings: KeystileSettings | None = None) -> CachedStore:
     """The store a URL names (``memory://``, ``redis://…``, ``rediss://…``, ``unix://…``;
     default: ``settings.redis_url``, else memory), behind the in-process cache."""
-    settings = settings or KeyGateSettings()
+    settings = settings or KeystileSettings()
     url = url or settings.redis_url or "memory://"
     scheme = urlsplit(url).scheme
     try:

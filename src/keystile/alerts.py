@@ -12,7 +12,7 @@ Rules (each optional, see :class:`AlertRules`):
 - ``rotation_due`` — a key is older than its type's rotation age (prod 90 days, dev a year).
 
 Each alert fires once per condition per ``cooldown`` — across processes when the store is
-Redis (``SET NX EX``) — and goes to the registered callbacks, to the ``keygate.alerts``
+Redis (``SET NX EX``) — and goes to the registered callbacks, to the ``keystile.alerts``
 log (key id only, never a secret) and, optionally, to a webhook (JSON POST with a timeout
 and bounded retries).
 """
@@ -34,14 +34,14 @@ from pydantic import BaseModel, ConfigDict
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from keygate.clock import Clock, system_clock, to_datetime, to_timestamp
-from keygate.exceptions import KeyGateError
-from keygate.models import ApiKey, KeyPolicy
-from keygate.usage import ERRORS_4XX, ERRORS_5XX, INACTIVE, REQUESTS, UsageBatch
+from keystile.clock import Clock, system_clock, to_datetime, to_timestamp
+from keystile.exceptions import KeystileError
+from keystile.models import ApiKey, KeyPolicy
+from keystile.usage import ERRORS_4XX, ERRORS_5XX, INACTIVE, REQUESTS, UsageBatch
 
 __all__ = ["Alert", "AlertRules", "Alerter", "MemoryAlertState", "RedisAlertState"]
 
-logger = logging.getLogger("keygate.alerts")
+logger = logging.getLogger("keystile.alerts")
 
 AlertCallback = Callable[["Alert"], Awaitable[None] | None]
 
@@ -131,7 +131,7 @@ class MemoryAlertState:
 class RedisAlertState:
     """Alert state in Redis, shared by every process (hash-tagged by key id, with TTLs)."""
 
-    def __init__(self, client: Redis, *, namespace: str = "keygate") -> None:
+    def __init__(self, client: Redis, *, namespace: str = "keystile") -> None:
         self.client = client
         self.namespace = namespace
 
@@ -300,7 +300,7 @@ class Alerter:
             self._looked_up[key_id] = clock + 3600
             try:
                 record = await self.lookup(key_id)
-            except (KeyGateError, RedisError, OSError):
+            except (KeystileError, RedisError, OSError):
                 return
         if record is None or record.replaced_by is not None:
             return
@@ -356,11 +356,11 @@ class Alerter:
         self.fired += 1
         payload = alert.model_dump(mode="json")
         logger.warning(
-            "keygate alert %s for %s: %s",
+            "keystile alert %s for %s: %s",
             alert.rule,
             key_id,
             message,
-            extra={"keygate_alert": payload},
+            extra={"keystile_alert": payload},
         )
         for callback in self.callbacks:
             try:

@@ -6,7 +6,7 @@
   rotation links. It never holds the secret, nor its digest.
 - :class:`KeyPolicy` holds the per-type rules and the scope catalogue, and checks settings
   against them (:meth:`KeyPolicy.validate`), raising one
-  :class:`~keygate.exceptions.KeyValidationError` that names every offending field.
+  :class:`~keystile.exceptions.KeyValidationError` that names every offending field.
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ from pydantic import (
     field_validator,
 )
 
-from keygate import keys
-from keygate.exceptions import FieldError, KeyValidationError
-from keygate.network import normalize_ip_entry
-from keygate.origins import parse_origin_pattern
-from keygate.ratelimit import normalize_rate_limit
-from keygate.scopes import DEFAULT_CATALOGUE, ScopeCatalogue
+from keystile import keys
+from keystile.exceptions import FieldError, KeyValidationError
+from keystile.network import normalize_ip_entry
+from keystile.origins import parse_origin_pattern
+from keystile.ratelimit import normalize_rate_limit
+from keystile.scopes import DEFAULT_CATALOGUE, ScopeCatalogue
 
 __all__ = [
     "DEFAULT_POLICY",

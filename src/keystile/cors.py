@@ -1,6 +1,6 @@
 """CORS for browser keys (SPEC §5): preflights answered before authentication from the
 union of every active key's allowed origins (plus the app's own), and the headers of
-actual responses. Origin parsing and matching live in :mod:`keygate.origins`.
+actual responses. Origin parsing and matching live in :mod:`keystile.origins`.
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import time
 from collections.abc import Iterable
 from typing import Protocol
 
-from keygate.clock import Clock, system_clock
-from keygate.models import ApiKey
-from keygate.origins import Origin, OriginPattern, origin_allowed, parse_origin_pattern
-from keygate.stores.protocol import KeyStore
+from keystile.clock import Clock, system_clock
+from keystile.models import ApiKey
+from keystile.origins import Origin, OriginPattern, origin_allowed, parse_origin_pattern
+from keystile.stores.protocol import KeyStore
 
 __all__ = ["CorsPolicy", "OriginIndex"]
 
@@ -120,7 +120,7 @@ class _HasOriginIndex(Protocol):
 
 
 class CorsPolicy:
-    """How keygate answers browsers: preflights from the union of active keys' origins and
+    """How keystile answers browsers: preflights from the union of active keys' origins and
     the app's own, and the headers of actual responses."""
 
     def __init__(

@@ -2,7 +2,7 @@
 
 - :func:`scopes_required` decorates a Starlette endpoint (function or method taking a
   ``request`` or ``websocket``);
-- :mod:`keygate.fastapi` offers the ``Security`` dependency that FastAPI shows in OpenAPI;
+- :mod:`keystile.fastapi` offers the ``Security`` dependency that FastAPI shows in OpenAPI;
 - :class:`Rule` and :class:`RuleTable` give the middleware a central table: method + path
   pattern → scopes, public paths, and (``deny_unmatched``) a refusal for any
   authenticated request no rule covers.
@@ -24,7 +24,7 @@ from starlette.requests import HTTPConnection
 from starlette.types import Scope
 from starlette.websockets import WebSocket
 
-from keygate.responses import Refusal, Refusals
+from keystile.responses import Refusal, Refusals
 
 __all__ = ["Rule", "RuleTable", "check_scopes", "public", "route_path", "scopes_required"]
 
@@ -38,8 +38,8 @@ _CONVERTERS = {
     "uuid": "[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}",
 }
 ANY_METHOD = "*"
-PRINCIPAL = "keygate.principal"
-MIDDLEWARE = "keygate.middleware"
+PRINCIPAL = "keystile.principal"
+MIDDLEWARE = "keystile.middleware"
 
 
 def _pattern(path: str) -> str:
@@ -149,11 +149,11 @@ def route_path(scope: Scope) -> str:
 def check_scopes(conn: HTTPConnection, scopes: Sequence[str]) -> Refusal | None:
     """The refusal for a request lacking ``scopes``, or ``None`` when it holds them all.
 
-    Needs :class:`~keygate.middleware.KeyGateMiddleware` in front of the app.
+    Needs :class:`~keystile.middleware.KeystileMiddleware` in front of the app.
     """
     middleware = conn.scope.get(MIDDLEWARE)
     if middleware is None:
-        raise RuntimeError("KeyGateMiddleware must be installed for per-route scopes")
+        raise RuntimeError("KeystileMiddleware must be installed for per-route scopes")
     refusals: Refusals = middleware.refusals
     principal = conn.scope.get(PRINCIPAL)
     if principal is None:
@@ -187,7 +187,7 @@ def scopes_required(*scopes: str) -> Callable[[F], F]:
                 refusal = check_scopes(kwargs[name] if name in kwargs else args[index], scopes)
                 return func(*args, **kwargs) if refusal is None else refusal.response()
 
-            sync_wrapper.__keygate_scopes__ = tuple(scopes)  # type: ignore[attr-defined]
+            sync_wrapper.__keystile_scopes__ = tuple(scopes)  # type: ignore[attr-defined]
             return sync_wrapper  # type: ignore[return-value]
 
         @functools.wraps(func)
@@ -201,7 +201,7 @@ def scopes_required(*scopes: str) -> Callable[[F], F]:
                 return None
             return refusal.response()
 
-        wrapper.__keygate_scopes__ = tuple(scopes)  # type: ignore[attr-defined]
+        wrapper.__keystile_scopes__ = tuple(scopes)  # type: ignore[attr-defined]
         return wrapper  # type: ignore[return-value]
 
     return decorator

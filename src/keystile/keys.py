@@ -20,7 +20,7 @@ import time
 import zlib
 from collections.abc import Container
 
-from keygate.exceptions import KeyFormatError
+from keystile.exceptions import KeyFormatError
 
 __all__ = [
     "BASE62",

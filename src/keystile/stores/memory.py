@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import bisect
 
-from keygate.exceptions import KeyChanged, KeyConflict, KeyNotFound
-from keygate.models import ApiKey
-from keygate.stores.protocol import StoreListener
+from keystile.exceptions import KeyChanged, KeyConflict, KeyNotFound
+from keystile.models import ApiKey
+from keystile.stores.protocol import StoreListener
 
 __all__ = ["MemoryStore"]
 

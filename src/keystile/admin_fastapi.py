@@ -2,11 +2,11 @@
 OpenAPI document (needs the ``fastapi`` extra)::
 
     app = FastAPI()
-    app.add_middleware(KeyGateMiddleware, gate=gate)
+    app.add_middleware(KeystileMiddleware, gate=gate)
     app.include_router(fastapi_router(gate), prefix="/cloud/keys")
 
-Each endpoint requires its scope through ``Security(keygate.fastapi.api_key, scopes=[...])``
-and then runs the same handler as the Starlette routes of :mod:`keygate.admin`, so the
+Each endpoint requires its scope through ``Security(keystile.fastapi.api_key, scopes=[...])``
+and then runs the same handler as the Starlette routes of :mod:`keystile.admin`, so the
 answers — the error envelope included — are identical. Bodies and query parameters are
 parsed by those handlers, not by FastAPI; their schemas are declared for the document only.
 """
@@ -19,11 +19,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Request, Security
 from fastapi.responses import Response
 
-from keygate.admin import MANAGE_KEYS, VIEW_USAGE, AdminAPI
-from keygate.fastapi import api_key
-from keygate.gate import KeyGate
-from keygate.manager import MAX_GRACE, UPDATABLE_FIELDS
-from keygate.models import ApiKey, KeySettings
+from keystile.admin import MANAGE_KEYS, VIEW_USAGE, AdminAPI
+from keystile.fastapi import api_key
+from keystile.gate import Keystile
+from keystile.manager import MAX_GRACE, UPDATABLE_FIELDS
+from keystile.models import ApiKey, KeySettings
 
 __all__ = ["fastapi_router"]
 
@@ -131,7 +131,7 @@ _INVALID = (422, "Invalid input: `error.fields` lists each field's problem.")
 _NOT_FOUND = (404, "No key has this id.")
 
 
-def fastapi_router(gate: KeyGate, *, tags: Sequence[str] = ("keys",)) -> APIRouter:
+def fastapi_router(gate: Keystile, *, tags: Sequence[str] = ("keys",)) -> APIRouter:
     """The admin API as an ``APIRouter`` (see the module docstring)."""
     api = AdminAPI(gate.manager)
     router = APIRouter(tags=list(tags))
