@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 
-from conftest import REDIS_URL, SECRET, Figures
+from conftest import REDIS_URL, SECRET, Figures, budget
 from keystile import KeystileMiddleware, ManualClock, RedisStore, Rule
 from keystile.admin import admin_app, admin_routes, admin_rules, fastapi_router
 from keystile.clock import to_datetime
@@ -715,6 +715,7 @@ async def test_fastapi_router_answers_like_the_starlette_routes(gate: Keystile) 
 TRIALS = 20
 
 
+@pytest.mark.timing
 async def test_a_key_revoked_through_the_api_is_refused_by_another_process_within_100_ms(
     redis_namespace: str, figures: Figures
 ) -> None:
@@ -760,4 +761,4 @@ async def test_a_key_revoked_through_the_api_is_refused_by_another_process_withi
         f"REST revocation seen by another app process over {TRIALS} trials: "
         f"median {median * 1000:.2f} ms, max {worst * 1000:.2f} ms"
     )
-    assert worst < 0.100, f"max delay {worst * 1000:.1f} ms"
+    assert worst < budget(0.100), f"max delay {worst * 1000:.1f} ms"

@@ -61,6 +61,7 @@ async def test_revocation_in_this_process_is_immediate(
     assert found is not None and found.revoked
 
 
+@pytest.mark.timing
 async def test_revocation_elsewhere_reaches_the_cache(
     manager: KeyManager, cached: CachedStore, other: KeyStore, clock: ManualClock
 ) -> None:
@@ -113,6 +114,7 @@ async def test_negative_cache_never_hides_a_new_key(
     assert await cached.find(digest) == created.key
 
 
+@pytest.mark.timing
 async def test_negative_entries_are_dropped_by_the_creation_announcement(
     cached: CachedStore, other: KeyStore, backend: tuple[str, str]
 ) -> None:
@@ -270,6 +272,7 @@ def test_memory_store_shares_one_instance() -> None:
     assert MemoryStore().listening
 
 
+@pytest.mark.timing
 async def test_remembered_credentials_follow_the_entry(
     manager: KeyManager, cached: CachedStore, other: KeyStore, clock: ManualClock
 ) -> None:

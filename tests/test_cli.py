@@ -461,6 +461,7 @@ async def app_gate(redis_namespace: str) -> AsyncIterator[Keystile]:
     await gate.aclose()
 
 
+@pytest.mark.timing
 async def test_a_key_made_on_the_command_line_works_in_a_running_app(
     redis_namespace: str, app_gate: Keystile
 ) -> None:

@@ -8,13 +8,16 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import REDIS_URL, Figures
+import pytest
+
+from conftest import REDIS_URL, Figures, budget
 from keystile import KeyHasher, KeyManager, RedisStore
 from keystile.stores import CachedStore
 
 TRIALS = 50
 
 
+@pytest.mark.timing
 async def test_another_process_refuses_a_revoked_key_within_100_ms(
     redis_namespace: str, hasher: KeyHasher, figures: Figures
 ) -> None:
@@ -58,4 +61,4 @@ async def test_another_process_refuses_a_revoked_key_within_100_ms(
         f"cross-process revocation over {TRIALS} trials: "
         f"median {median * 1000:.2f} ms, max {worst * 1000:.2f} ms"
     )
-    assert worst < 0.100, f"max delay {worst * 1000:.1f} ms"
+    assert worst < budget(0.100), f"max delay {worst * 1000:.1f} ms"
