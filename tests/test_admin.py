@@ -40,6 +40,7 @@ SPEC_RECORD = [
     "allowed_origins",
     "allowed_ips",
     "rate_limit",
+    "address_rate_limit",
     "token_quota",
     "metadata",
     "created_at",
@@ -172,7 +173,14 @@ async def test_create_answers_201_with_the_record_and_the_secret(
     assert record["metadata"] == {"project": "search"}
     assert record["created_at"] == to_datetime(clock.now).strftime("%Y-%m-%dT%H:%M:%SZ")
     assert record["expires_at"] == "2030-01-01T00:00:00Z"
-    for absent in ("rate_limit", "token_quota", "revoked_at", "replaces", "replaced_by"):
+    for absent in (
+        "rate_limit",
+        "address_rate_limit",
+        "token_quota",
+        "revoked_at",
+        "replaces",
+        "replaced_by",
+    ):
         assert record[absent] is None
     assert record["allowed_origins"] == [] and record["allowed_ips"] == []
     assert await admin.probe(body["secret"]) == (200, None)

@@ -153,6 +153,7 @@ async def test_create_prints_the_record_and_the_secret(
         *("--scope", "vec:read", "--scope", "ai:inference"),
         *("--origin", "https://app.example.com", "--ip", "10.0.0.0/8"),
         *("--rate-limit", "20/minute", "--token-quota", "500", "--expires", "30d"),
+        *("--address-rate-limit", "5 per minute"),
         *("--meta", "project=web", "--meta", "owner=ana"),
     )
     assert (code, err) == (0, "")
@@ -164,6 +165,8 @@ async def test_create_prints_the_record_and_the_secret(
     assert record.allowed_origins == ("https://app.example.com",)
     assert record.allowed_ips == ("10.0.0.0/8",)
     assert (record.rate_limit, record.token_quota) == ("20/minute", 500)
+    assert record.address_rate_limit == "5/minute"
+    assert "per address  5/minute\n" in out
     assert record.expires_at == to_datetime(clock.now) + timedelta(days=30)
     assert record.metadata == {"project": "web", "owner": "ana"}
     assert record.id in out and record.hint in out
@@ -244,6 +247,7 @@ async def test_update_changes_only_what_it_is_told(manager: KeyManager) -> None:
         *("keys", "create", "--name", "n", "--type", "prod", "--scope", "vec:read"),
         *("--ip", "10.0.0.1", "--meta", "project=a", "--meta", "owner=ana"),
         *("--rate-limit", "5/second", "--token-quota", "9", "--expires", "1d"),
+        *("--address-rate-limit", "1/second"),
     )
     key_id = created["key"]["id"]
     body = await run_json(
@@ -251,12 +255,14 @@ async def test_update_changes_only_what_it_is_told(manager: KeyManager) -> None:
         *("keys", "update", key_id, "--scope", "kev:read", "--scope", "kev:write"),
         *("--meta", "team=x", "--unset-meta", "owner", "--clear-ips"),
         *("--rate-limit", "default", "--token-quota", "default", "--expires", "never"),
+        *("--address-rate-limit", "DEFAULT"),
     )
     record = body["key"]
     assert record["scopes"] == ["kev:read", "kev:write"]
     assert record["metadata"] == {"project": "a", "team": "x"}
     assert record["allowed_ips"] == []
     assert (record["rate_limit"], record["token_quota"], record["expires_at"]) == (None,) * 3
+    assert record["address_rate_limit"] is None
     assert (record["name"], record["type"]) == ("n", "prod")
     renamed = await run_json(manager, "keys", "update", key_id, "--name", "renamed")
     assert renamed["key"] == {**record, "name": "renamed"}

@@ -122,8 +122,9 @@ def make_app(
 
 
 @asynccontextmanager
-async def client(app: Any) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=app)
+async def client(app: Any, address: str = "127.0.0.1") -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client into ``app``, whose requests come from ``address``."""
+    transport = httpx.ASGITransport(app=app, client=(address, 123))
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
         yield http
 

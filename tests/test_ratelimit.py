@@ -43,6 +43,8 @@ from faults.redis_server import RedisServer
 from keystile import KeystileSettings, ManualClock, MemoryStore, RedisStore
 from keystile.demo import DEMO_ORIGINS, build_demo_app, seed_demo_keys
 from keystile.gate import Keystile
+from keystile.models import DEFAULT_TYPE_POLICIES, KeyPolicy, KeyType
+from keystile.network import budget_address, parse_address
 from keystile.ratelimit import (
     MAX_WINDOW,
     Decision,
@@ -299,7 +301,9 @@ def test_canonical_spelling_round_trips(windows: list[tuple[int, int, str]]) -> 
 @pytest.mark.parametrize(
     ("key_type", "fields", "names"),
     [
-        pytest.param("client", {"allowed_origins": [ORIGIN]}, ["client"], id="client"),
+        pytest.param(
+            "client", {"allowed_origins": [ORIGIN]}, ["client", "client-ip"], id="client"
+        ),
         pytest.param("prod", {"rate_limit": "5/second"}, ["prod"], id="prod-override"),
         pytest.param(
             "dev", {"rate_limit": "2/second;3/minute"}, ["dev", "dev-2"], id="dev-two-windows"
@@ -812,7 +816,7 @@ async def test_concurrent_requests_share_round_trips(
     own_gate: Keystile, own_redis: OwnRedis, figures: Figures
 ) -> None:
     """64 simultaneous requests are decided by 64 EVALSHAs in fewer than 64 round trips."""
-    secret = await new_client_key(own_gate)
+    secret = await new_client_key(own_gate, address_rate_limit="100/minute")
     await warm(own_gate, secret)
     limiter = redis_limiter(own_gate)
     app, _ = make_app(own_gate)
@@ -922,33 +926,198 @@ async def test_round_trips_counts_the_script_load_of_a_noscript_retry(
 async def test_ratelimit_headers_count_down_then_429(
     gate_on: Keystile, backend: tuple[str, str]
 ) -> None:
-    """A client key's 100 admitted responses carry RateLimit-Policy "client";q=100;w=60 and
-    RateLimit "client";r=99..0;t=<seconds>; the 101st (and 102nd) is the SPEC's 429 with
-    Retry-After, Cache-Control: no-store and r=0."""
+    """A client key's 100 admitted responses (from five addresses, 20 each: each address's
+    share) carry RateLimit-Policy "client";q=100;w=60, "client-ip";q=20;w=60 and RateLimit
+    "client";r=99..0 with each address's own r; the 101st (and 102nd), from a sixth address,
+    is the SPEC's 429 with Retry-After, Cache-Control: no-store, r=0, naming "client"."""
     kind, _ = backend
     secret = await new_client_key(gate_on)
     app, seen = make_app(gate_on)
-    policy = [("client", {"q": 100, "w": 60})]
-    async with client(app) as http:
-        for n in range(100):
+    policy = [("client", {"q": 100, "w": 60}), ("client-ip", {"q": 20, "w": 60})]
+    for n in range(100):
+        async with client(app, f"203.0.113.{n % 5}") as http:
             response = await http.get("/x", headers=bearer(secret))
-            assert response.status_code == 200
-            assert parse_list(response.headers["ratelimit-policy"]) == policy
-            [(name, params)] = parse_list(response.headers["ratelimit"])
-            assert name == "client" and set(params) == {"r", "t"}
-            assert params["r"] == 99 - n
-            assert params["t"] == 60 if kind == "memory" else 59 <= params["t"] <= 60
+        assert response.status_code == 200
+        assert parse_list(response.headers["ratelimit-policy"]) == policy
+        [(name, params), (ip_name, ip_params)] = parse_list(response.headers["ratelimit"])
+        assert name == "client" and set(params) == {"r", "t"}
+        assert params["r"] == 99 - n
+        assert params["t"] == 60 if kind == "memory" else 59 <= params["t"] <= 60
+        assert (ip_name, ip_params["r"]) == ("client-ip", 19 - n // 5)
+    async with client(app, "203.0.113.9") as http:
         refusals = [await http.get("/x", headers=bearer(secret)) for _ in range(2)]
     assert len(seen) == 100
     for refused in refusals:
         assert_refused(refused, 429, "rate_limited", None)
+        assert '"client"' in refused.json()["error"]["message"]
+        assert "client-ip" not in refused.json()["error"]["message"]
         retry = parse_int(refused.headers["retry-after"])
         assert retry == 61 if kind == "memory" else 1 <= retry <= 61
         assert refused.headers.get_list("retry-after") == [str(retry)]
         assert refused.headers["cache-control"] == "no-store"
         assert parse_list(refused.headers["ratelimit-policy"]) == policy
-        [(name, params)] = parse_list(refused.headers["ratelimit"])
+        [(name, params), (_, ip_params)] = parse_list(refused.headers["ratelimit"])
         assert name == "client" and params["r"] == 0 and 0 <= params["t"] <= 60
+        assert ip_params["r"] == 20  # the new address's share is untouched
+
+
+# -- each client address's share of a client key (a public key's budget) -------------------
+
+
+async def test_one_address_cannot_spend_a_client_keys_budget(
+    gate_on: Keystile, backend: tuple[str, str]
+) -> None:
+    """A client key sits in a web page: one address gets its share (20/minute by default)
+    and then 429 naming "client-ip", while every other address is still admitted; the
+    refusals spend nothing of the key's 100 (its r counts on from where it was)."""
+    secret = await new_client_key(gate_on)
+    app, seen = make_app(gate_on)
+    async with client(app, "192.0.2.7") as scraper:
+        spent = [await scraper.get("/x", headers=bearer(secret)) for _ in range(50)]
+    assert statuses(spent) == {200: 20, 429: 30}
+    for refused in spent[20:]:
+        assert_refused(refused, 429, "rate_limited", None)
+        assert '(policy "client-ip")' in refused.json()["error"]["message"]
+        [_, (name, params)] = parse_list(refused.headers["ratelimit"])
+        assert (name, params["r"]) == ("client-ip", 0)
+        assert 1 <= parse_int(refused.headers["retry-after"]) <= 61
+    async with client(app, "192.0.2.8") as visitor:
+        response = await visitor.get("/x", headers=bearer(secret))
+    assert response.status_code == 200
+    [(name, params), _] = parse_list(response.headers["ratelimit"])
+    assert (name, params["r"]) == ("client", 79)
+    assert len(seen) == 21
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "shared"),
+    [
+        pytest.param("2001:db8:1:2::1", "2001:db8:1:2:ffff::9", True, id="ipv6-same-64"),
+        pytest.param("2001:db8:1:2::1", "2001:db8:1:3::1", False, id="ipv6-other-64"),
+        pytest.param("10.0.0.1", "::ffff:10.0.0.1", True, id="ipv4-mapped"),
+        pytest.param("10.0.0.1", "10.0.0.2", False, id="ipv4-neighbour"),
+    ],
+)
+async def test_an_ipv6_client_shares_out_its_64(
+    local: Keystile, first: str, second: str, shared: bool
+) -> None:
+    """An IPv6 host usually holds a whole /64: its addresses share one share (else one
+    client could spend it 2**64 times); IPv4-mapped IPv6 is its IPv4 address."""
+    secret = await new_client_key(local, address_rate_limit="3/minute")
+    app, _ = make_app(local)
+    async with client(app, first) as http:
+        assert statuses([await http.get("/x", headers=bearer(secret)) for _ in range(3)]) == {
+            200: 3
+        }
+    async with client(app, second) as http:
+        response = await http.get("/x", headers=bearer(secret))
+    assert response.status_code == (200 if not shared else 429)
+
+
+async def test_the_share_is_set_per_type_and_per_key(clock: ManualClock) -> None:
+    """The type's share (here 5/minute for client keys) applies unless the key names its
+    own (2/minute); clearing the key's own goes back to the type's; a dev key given one is
+    limited per address too."""
+    types = dict(DEFAULT_TYPE_POLICIES)
+    types[KeyType.CLIENT] = types[KeyType.CLIENT].model_copy(
+        update={"address_rate_limit": "5/minute"}
+    )
+    gate = Keystile(store=MemoryStore(), secret=SECRET, clock=clock, policy=KeyPolicy(types))
+    try:
+        app, _ = make_app(gate)
+        typed = await new_client_key(gate)
+        own = await gate.manager.create(
+            {
+                "name": "own",
+                "type": "client",
+                "scopes": ["vec:read"],
+                "allowed_origins": [ORIGIN],
+                "address_rate_limit": "2/minute",
+            }
+        )
+        dev = await new_key(gate, address_rate_limit="1/minute")
+
+        async def admitted(secret: str, address: str) -> int:
+            async with client(app, address) as http:
+                got = [await http.get("/x", headers=bearer(secret)) for _ in range(8)]
+            return statuses(got).get(200, 0)
+
+        assert await admitted(typed, "192.0.2.1") == 5
+        assert await admitted(own.secret.get_secret_value(), "192.0.2.1") == 2
+        assert await admitted(dev, "192.0.2.1") == 1
+        assert await admitted(dev, "192.0.2.2") == 1
+        await gate.manager.update(own.key.id, address_rate_limit=None)
+        assert (await gate.manager.get(own.key.id)).address_rate_limit is None
+        assert await admitted(own.secret.get_secret_value(), "192.0.2.3") == 5
+    finally:
+        await gate.aclose()
+
+
+async def test_a_request_without_an_address_is_limited_by_the_key_alone(local: Keystile) -> None:
+    """With no client address (an app behind a Unix socket), no share can be told apart:
+    the key's own window decides, and the headers name only it."""
+    secret = await new_client_key(local)
+    app, seen = make_app(local)
+    transport = httpx.ASGITransport(app=app)
+    transport.client = None  # type: ignore[assignment]
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        responses = [await http.get("/x", headers=bearer(secret)) for _ in range(101)]
+    assert statuses(responses) == {200: 100, 429: 1}
+    assert [n for n, _ in parse_list(responses[0].headers["ratelimit-policy"])] == ["client"]
+    assert len(seen) == 100
+
+
+async def test_the_share_is_decided_in_the_same_script_call(
+    own_gate: Keystile, own_redis: OwnRedis
+) -> None:
+    """The key's window and the address's share are decided by one EVALSHA, both lists
+    under the key's hash tag (one Cluster slot), each expiring with its window; addresses
+    refused because the key is spent write nothing to Redis."""
+    created = await own_gate.manager.create(
+        {
+            "name": "browser",
+            "type": "client",
+            "scopes": ["vec:read"],
+            "allowed_origins": [ORIGIN],
+            "rate_limit": "3/minute",
+        }
+    )
+    secret = created.secret.get_secret_value()
+    await warm(own_gate, secret)
+    app, _ = make_app(own_gate)
+    commands = own_redis.commands()
+    async with client(app, "192.0.2.1") as http:
+        assert (await http.get("/x", headers=bearer(secret))).status_code == 200
+    assert sent(commands, own_redis.commands()) == {"evalsha": 1}
+    for n in range(2, 40):
+        async with client(app, f"192.0.2.{n}") as http:
+            await http.get("/x", headers=bearer(secret))
+    redis = Redis.from_url(own_redis.url)
+    try:
+        pattern = f"{redis_limiter(own_gate).namespace}:rl:*"
+        names = sorted([name.decode() async for name in redis.scan_iter(pattern)])
+        tag = f"{{{created.key.id}}}"
+        assert all(tag in name for name in names)
+        per_address = [name for name in names if ":ip:" in name]
+        assert len(per_address) == 3  # the three admitted addresses, no more
+        for name in names:
+            assert 0 < await redis.pttl(name) <= 60_000
+    finally:
+        await redis.aclose()
+
+
+@pytest.mark.parametrize(
+    ("address", "name"),
+    [
+        ("203.0.113.9", "203.0.113.9"),
+        ("2001:db8:aa:bb:cc:dd:ee:ff", "2001:db8:aa:bb::/64"),
+        ("::ffff:203.0.113.9", "203.0.113.9"),
+    ],
+)
+def test_budget_address_names_a_host(address: str, name: str) -> None:
+    parsed = parse_address(address)
+    assert parsed is not None
+    assert budget_address(parsed) == name
 
 
 async def test_unlimited_keys_get_no_ratelimit_headers(local: Keystile) -> None:
@@ -999,26 +1168,40 @@ async def test_two_windows_are_two_policies(local: Keystile) -> None:
 
 async def test_demo_scenario(local: Keystile, clock: ManualClock) -> None:
     """In the demo (memory store, ManualClock), the browser key gets 200 with RateLimit
-    headers 100 times, 429 with Retry-After on the 101st — still at exactly 60 s — and is
-    admitted again once the clock has moved Retry-After seconds."""
+    headers 20 times from one address, then 429 naming "client-ip" (that address's share);
+    100 times in all from five addresses, then 429 naming "client" from any address — still
+    at exactly 60 s — and is admitted again once the clock has moved Retry-After seconds."""
     browser = (await seed_demo_keys(local))["client"].secret.get_secret_value()
     app = build_demo_app(local)
     headers = {**bearer(browser), "Origin": DEMO_ORIGINS[0]}
-    async with client(app) as http:
-        for n in range(100):
-            ok = await http.get("/cloud/vec/databases", headers=headers)
+    path = "/cloud/vec/databases"
+    for n in range(100):
+        async with client(app, f"198.51.100.{n // 20}") as http:
+            ok = await http.get(path, headers=headers)
             assert ok.status_code == 200
-            assert parse_list(ok.headers["ratelimit"]) == [("client", {"r": 99 - n, "t": 60})]
-        over = await http.get("/cloud/vec/databases", headers=headers)
+            assert parse_list(ok.headers["ratelimit"]) == [
+                ("client", {"r": 99 - n, "t": 60}),
+                ("client-ip", {"r": 19 - n % 20, "t": 60}),
+            ]
+            if n == 19:  # this address has spent its share; the key has not
+                own = await http.get(path, headers=headers)
+                assert_refused(own, 429, "rate_limited", None)
+                assert '(policy "client-ip")' in own.json()["error"]["message"]
+    async with client(app, "198.51.100.99") as http:
+        over = await http.get(path, headers=headers)
         assert_refused(over, 429, "rate_limited", None)
+        assert '(policy "client")' in over.json()["error"]["message"]
         retry = parse_int(over.headers["retry-after"])
         assert retry == 61
         clock.advance(60)  # the first admissions are exactly 60 s old: still inside
-        assert (await http.get("/cloud/vec/databases", headers=headers)).status_code == 429
+        assert (await http.get(path, headers=headers)).status_code == 429
         clock.advance(retry - 60)
-        again = await http.get("/cloud/vec/databases", headers=headers)
+        again = await http.get(path, headers=headers)
     assert again.status_code == 200
-    assert parse_list(again.headers["ratelimit"]) == [("client", {"r": 99, "t": 60})]
+    assert parse_list(again.headers["ratelimit"]) == [
+        ("client", {"r": 99, "t": 60}),
+        ("client-ip", {"r": 19, "t": 60}),
+    ]
 
 
 # -- failure modes -----------------------------------------------------------------------------

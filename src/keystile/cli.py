@@ -171,6 +171,12 @@ def _settings_options(parser: argparse.ArgumentParser, *, update: bool) -> None:
         help="e.g. 100/minute" + ("; 'default' for the type's" if update else ""),
     )
     parser.add_argument(
+        "--address-rate-limit",
+        metavar="LIMIT",
+        help="each client address's share, e.g. 20/minute"
+        + ("; 'default' for the type's" if update else ""),
+    )
+    parser.add_argument(
         "--token-quota",
         type=quota,
         metavar="TOKENS",
@@ -319,8 +325,9 @@ def _print_keys(out: TextIO, base: str, keys: dict[str, object], store: str) -> 
     )
     out.write("\n(200 with the dev key; 401 without a key; 403: the client key lacks kev:write)\n")
     out.write(
-        "The client key is limited to 100 requests a minute (RateLimit headers on every\n"
-        "answer; the 101st gets 429 with Retry-After), and its AI token budget is 10,000 an\n"
+        "The client key is limited to 100 requests a minute, 20 of them from any one address\n"
+        "(RateLimit headers on every answer; the 21st from your address gets 429 with\n"
+        'Retry-After, naming the policy "client-ip"), and its AI token budget is 10,000 an\n'
         f"hour: curl -s -X POST {base}/cloud/ai/infer -H 'Authorization: Bearer "
         f'{secret("client")}\' -d \'{{"model": "demo", "messages": '
         '[{"role": "user", "content": "hi"}]}\' -i\n'
@@ -420,6 +427,9 @@ def _table(out: TextIO, headers: Sequence[str], rows: Sequence[Sequence[str]]) -
 def _details(out: TextIO, key: ApiKey, manager: KeyManager) -> None:
     policy = manager.policy
     rate = key.rate_limit or f"{policy.rate_limit(key, key.type) or 'none'} (type default)"
+    per_address = policy.address_rate_limit(key, key.type) or "none"
+    if key.address_rate_limit is None:
+        per_address += " (type default)"
     tokens = policy.token_quota(key, key.type)
     quota_text = "none" if tokens is None else f"{tokens:,} / hour"
     if key.token_quota is None:
@@ -434,6 +444,7 @@ def _details(out: TextIO, key: ApiKey, manager: KeyManager) -> None:
         ("origins", ", ".join(key.allowed_origins) or "-"),
         ("ips", ", ".join(key.allowed_ips) or "-"),
         ("rate limit", rate),
+        ("per address", per_address),
         ("token quota", quota_text),
         ("metadata", ", ".join(f"{k}={v}" for k, v in key.metadata.items()) or "-"),
         ("created", _when(key.created_at)),
@@ -482,8 +493,10 @@ def _settings(args: argparse.Namespace, manager: KeyManager) -> dict[str, Any]:
             fields[field] = values
         elif cleared:
             fields[field] = []
-    if args.rate_limit is not None:
-        fields["rate_limit"] = None if args.rate_limit.lower() == DEFAULT else args.rate_limit
+    for field in ("rate_limit", "address_rate_limit"):
+        text = getattr(args, field)
+        if text is not None:
+            fields[field] = None if text.lower() == DEFAULT else text
     if args.token_quota is not None:
         fields["token_quota"] = None if args.token_quota == DEFAULT else args.token_quota
     if args.expires is not None:

@@ -80,6 +80,7 @@ class Principal:
         "ip_mode",
         "key",
         "key_id",
+        "key_limits",
         "limits",
         "networks",
         "origins",
@@ -94,8 +95,15 @@ class Principal:
         # slower to read than a slot (its __getattr__ defeats the interpreter's shortcut).
         self.key_id = key.id
         text = policy.rate_limit(key, key.type)
+        per_address = policy.address_rate_limit(key, key.type)
         # The policy is named after the key type: headers never carry key material.
-        self.limits: LimitSet | None = limit_set(text, key.type.value) if text else None
+        name = key.type.value
+        # The key's windows and each client address's, decided together; the key's alone
+        # for a request whose address is unknown (a Unix socket).
+        self.limits: LimitSet | None = (
+            limit_set(text, name, per_address) if text or per_address else None
+        )
+        self.key_limits: LimitSet | None = limit_set(text, name) if text else None
         self.catalogue = policy.catalogue
         self.scopes = policy.catalogue.expand(key.scopes) | frozenset(key.scopes)
         self.expires = to_timestamp(key.expires_at) if key.expires_at else float("inf")

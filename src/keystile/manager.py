@@ -82,6 +82,7 @@ UPDATABLE_FIELDS = (
     "allowed_origins",
     "allowed_ips",
     "rate_limit",
+    "address_rate_limit",
     "token_quota",
     "expires_at",
     "metadata",
@@ -108,6 +109,7 @@ RECORD_FIELDS = (
     "allowed_origins",
     "allowed_ips",
     "rate_limit",
+    "address_rate_limit",
     "token_quota",
     "metadata",
     "created_at",
@@ -393,7 +395,7 @@ class KeyManager:
         """Change some of a key's settings (:data:`UPDATABLE_FIELDS`; never its type or
         secret), by a mapping, keywords, or both. Each given field replaces the old value
         whole; ``None`` clears an optional one (``expires_at``, ``rate_limit``,
-        ``token_quota``: back to no expiry and the type's defaults).
+        ``address_rate_limit``, ``token_quota``: back to no expiry and the type's defaults).
 
         Checked with the rules of :meth:`create`, field formats and policy; one
         :class:`KeyValidationError` names every offending field. Fields not being changed

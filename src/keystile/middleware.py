@@ -21,7 +21,7 @@ from keystile.cors import CorsPolicy
 from keystile.exceptions import KeyFormatError, StoreError, StoreUnavailable
 from keystile.gate import Keystile, Principal
 from keystile.keys import parse_key
-from keystile.network import ClientAddress, allowed
+from keystile.network import ClientAddress, allowed, budget_address
 from keystile.origins import Origin, parse_origin
 from keystile.responses import Headers, Refusal, Refusals
 from keystile.routing import MIDDLEWARE, PRINCIPAL, Rule, RuleTable, route_path
@@ -259,9 +259,17 @@ class KeystileMiddleware:
         """Ask the limiter; refuse (and return None) or return a send that adds the
         rate-limit (and CORS) headers to the response."""
         limits = principal.limits
-        assert limits is not None
+        address = ""
+        if limits is not None and limits.per_address:
+            client = self.client_address(scope)
+            if client is None:  # no address to share the budget by (a Unix socket)
+                limits = principal.key_limits
+            else:
+                address = budget_address(client)
+        if limits is None:
+            return _adding_headers(send, extra) if extra and scope["type"] == "http" else send
         try:
-            decision = await self._limiter.hit(principal.key_id, limits)
+            decision = await self._limiter.hit(principal.key_id, limits, address=address)
         except StoreUnavailable:  # failure="deny", and the limiter could not decide
             refusal = self.refusals.limiter_unavailable
             await self._refuse(scope, send, refusal, extra, principal)
@@ -270,7 +278,8 @@ class KeystileMiddleware:
         if self.legacy_rate_limit_headers:
             headers += decision.legacy_headers(limits)
         if not decision.allowed:
-            await self._refuse(scope, send, self.refusals.rate_limited, headers, principal)
+            refusal = self.refusals.rate_limited_by(decision.refused_by)
+            await self._refuse(scope, send, refusal, headers, principal)
             return None
         if scope["type"] != "http":
             return send
@@ -350,7 +359,7 @@ class KeystileMiddleware:
                 ip=self._ip(scope),
                 origin=used_from,
                 ip_mode=principal.ip_mode,
-                rate_limited=refusal is self.refusals.rate_limited,
+                rate_limited=refusal.code == "rate_limited",
             )
         if scope["type"] == "websocket":
             # Closing before accepting refuses the handshake; 1008 = policy violation.

@@ -97,6 +97,7 @@ class _KeyFields(BaseModel):
         tuple[IPEntry, ...], Field(max_length=100), AfterValidator(_unique)
     ] = ()
     rate_limit: RateLimitText = None
+    address_rate_limit: RateLimitText = None
     token_quota: Annotated[int | None, Field(ge=0, le=10**12)] = None
     expires_at: UTCDatetime = None
     metadata: Annotated[dict[MetaKey, MetaValue], Field(max_length=50)] = Field(
@@ -140,6 +141,9 @@ class KeyTypePolicy(BaseModel):
 
     prefix: str
     rate_limit: RateLimitText = None
+    # Each client address's share of a key's budget: a public key's whole window cannot be
+    # spent from one address (IPv6: one /64).
+    address_rate_limit: RateLimitText = None
     token_quota: Annotated[int | None, Field(ge=0, le=10**12)] = None
     forbidden_scopes: frozenset[str] = frozenset()
     requires_origins: bool = False
@@ -162,6 +166,7 @@ DEFAULT_TYPE_POLICIES: Mapping[KeyType, KeyTypePolicy] = {
     KeyType.CLIENT: KeyTypePolicy(
         prefix="client_",
         rate_limit="100/minute",
+        address_rate_limit="20/minute",
         token_quota=10_000,
         forbidden_scopes=frozenset({"admin:manage_keys", "admin:view_usage", "data:admin", "*"}),
         requires_origins=True,
@@ -215,6 +220,12 @@ class KeyPolicy:
     def rate_limit(self, key: _KeyFields, key_type: KeyType) -> str | None:
         """The limit in force for a key: its own override, else its type's default."""
         return key.rate_limit if key.rate_limit is not None else self.types[key_type].rate_limit
+
+    def address_rate_limit(self, key: _KeyFields, key_type: KeyType) -> str | None:
+        """The limit in force for each client address of a key (IPv6: each /64)."""
+        if key.address_rate_limit is not None:
+            return key.address_rate_limit
+        return self.types[key_type].address_rate_limit
 
     def token_quota(self, key: _KeyFields, key_type: KeyType) -> int | None:
         """The hourly AI token budget in force for a key."""

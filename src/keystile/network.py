@@ -16,6 +16,7 @@ __all__ = [
     "IPAddress",
     "IPNetwork",
     "allowed",
+    "budget_address",
     "normalize_ip_entry",
     "parse_address",
     "parse_ip_entry",
@@ -125,3 +126,16 @@ class ClientAddress:
 def allowed(address: IPAddress | None, networks: Iterable[IPNetwork]) -> bool:
     """Whether ``address`` is in one of ``networks`` (an unknown address never is)."""
     return address is not None and any(address in network for network in networks)
+
+
+# An IPv6 host is usually given a whole /64: counting its addresses one by one would let one
+# client spend a per-address budget 2**64 times.
+IPV6_BUDGET_PREFIX = 64
+
+
+def budget_address(address: IPAddress) -> str:
+    """The name under which ``address`` shares a per-address budget: the IPv4 address
+    itself, or the IPv6 /64 it belongs to (``2001:db8:1:2::/64``)."""
+    if isinstance(address, ipaddress.IPv4Address):
+        return str(address)
+    return str(ipaddress.IPv6Network((address, IPV6_BUDGET_PREFIX), strict=False))

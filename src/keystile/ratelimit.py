@@ -105,11 +105,13 @@ def _spell(item: RateLimitItem) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Window:
-    """``amount`` requests per ``seconds``, and the name of its header policy."""
+    """``amount`` requests per ``seconds``, and the name of its header policy;
+    ``per_address``: counted for each client address apart, not for the whole key."""
 
     amount: int
     seconds: int
     name: str
+    per_address: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,22 +121,34 @@ class LimitSet:
     text: str
     windows: tuple[Window, ...]
     policy_header: bytes
+    per_address: bool = False  # whether a window counts each client address apart
+
+
+def _windows(text: str | None, name: str, per_address: bool) -> tuple[Window, ...]:
+    items = parse_rate_limit(text) if text else []
+    return tuple(
+        Window(item.amount, item.get_expiry(), name if i == 0 else f"{name}-{i + 1}", per_address)
+        for i, item in enumerate(items)
+    )
 
 
 @lru_cache(maxsize=4096)
-def limit_set(text: str, name: str) -> LimitSet:
-    """The parsed windows of ``text``; ``name`` (e.g. the key type) names their policies.
+def limit_set(text: str | None, name: str, per_address: str | None = None) -> LimitSet:
+    """The parsed windows of ``text`` (the key's), then those of ``per_address`` (each
+    client address's share); ``name`` (e.g. the key type) names their policies: ``"client"``
+    and ``"client-ip"``. A request is admitted only when every window admits it.
 
     The name goes into response headers, so it must never carry key material.
     """
-    items = parse_rate_limit(text)
-    windows = tuple(
-        Window(item.amount, item.get_expiry(), name if i == 0 else f"{name}-{i + 1}")
-        for i, item in enumerate(items)
-    )
+    windows = _windows(text, name, False) + _windows(per_address, f"{name}-ip", True)
+    if not windows:
+        raise ValueError("a limit set needs a limit for the key or for its client addresses")
     # draft-ietf-httpapi-ratelimit-headers: a structured-field List of policy items.
     policy = ", ".join(f'"{w.name}";q={w.amount};w={w.seconds}' for w in windows)
-    return LimitSet(text, windows, policy.encode("ascii"))
+    spelt = text or ""
+    if per_address:
+        spelt += f"|{per_address}"  # tells the sets apart in the limiters' caches
+    return LimitSet(spelt, windows, policy.encode("ascii"), per_address is not None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +161,7 @@ class Decision:
     retry_after: int = 0  # whole seconds until the request could be admitted (refused only)
     degraded: bool = False  # admitted because the limiter could not be asked
     at: float = 0.0  # when it was decided, on the limiter's clock (Unix seconds)
+    refused_by: tuple[str, ...] = ()  # the policies (window names) that refused
 
     def headers(self, limits: LimitSet) -> list[tuple[bytes, bytes]]:
         """``RateLimit-Policy`` and ``RateLimit`` (and ``Retry-After`` when refused); none
@@ -190,8 +205,11 @@ def _retry_after(wait: float) -> int:
 class Limiter(Protocol):
     """Decides whether a key may make a request now."""
 
-    async def hit(self, key: str, limits: LimitSet, cost: int = 1) -> Decision:
-        """Admit (and count) or refuse (and count nothing) ``cost`` units for ``key``."""
+    async def hit(
+        self, key: str, limits: LimitSet, cost: int = 1, *, address: str = ""
+    ) -> Decision:
+        """Admit (and count) or refuse (and count nothing) ``cost`` units for ``key``, and
+        for ``address`` in the windows that count each client address apart."""
 
     async def start(self) -> None:
         """Prepare (e.g. load scripts) so the first request pays nothing extra."""
@@ -209,35 +227,41 @@ class MemoryLimiter:
     def __init__(self, *, clock: Clock = system_clock, max_keys: int = 100_000) -> None:
         self._clock = clock
         self._max_keys = max_keys
-        # (key, window index) -> admission times, newest first, at most `amount` of them.
-        self._events: OrderedDict[tuple[str, int], list[float]] = OrderedDict()
-        self._spans: dict[tuple[str, int], int] = {}  # the same keys -> window seconds
+        # (key, address or "", window index) -> admission times, newest first, at most
+        # `amount` of them.
+        self._events: OrderedDict[tuple[str, str, int], list[float]] = OrderedDict()
+        self._spans: dict[tuple[str, str, int], int] = {}  # the same keys -> window seconds
 
-    async def hit(self, key: str, limits: LimitSet, cost: int = 1) -> Decision:
-        return self.hit_now(key, limits, cost)
+    async def hit(
+        self, key: str, limits: LimitSet, cost: int = 1, *, address: str = ""
+    ) -> Decision:
+        return self.hit_now(key, limits, cost, address=address)
 
-    def hit_now(self, key: str, limits: LimitSet, cost: int = 1) -> Decision:
+    def hit_now(self, key: str, limits: LimitSet, cost: int = 1, *, address: str = "") -> Decision:
         """:meth:`hit` without the coroutine: no I/O happens here."""
         now = self._clock()
         windows = limits.windows
-        logs = [self._events.get((key, i)) or [] for i in range(len(windows))]
+        names = [(key, address if w.per_address else "", i) for i, w in enumerate(windows)]
+        logs = [self._events.get(name) or [] for name in names]
         wait = 0.0
-        allowed = True
+        refused_by: list[str] = []
         for window, log in zip(windows, logs, strict=True):
             if cost > window.amount:
-                allowed, wait = False, max(wait, float(window.seconds))
+                refused_by.append(window.name)
+                wait = max(wait, float(window.seconds))
                 continue
             index = window.amount - cost
             if index < len(log) and log[index] >= now - window.seconds:
-                allowed = False
+                refused_by.append(window.name)
                 wait = max(wait, log[index] + window.seconds - now)
+        allowed = not refused_by
         if allowed:
-            for i, (window, log) in enumerate(zip(windows, logs, strict=True)):
+            for name, window, log in zip(names, windows, logs, strict=True):
                 log[:0] = [now] * cost
                 del log[window.amount :]
-                self._events[(key, i)] = log
-                self._events.move_to_end((key, i))
-                self._spans[(key, i)] = window.seconds
+                self._events[name] = log
+                self._events.move_to_end(name)
+                self._spans[name] = window.seconds
             if len(self._events) > self._max_keys:
                 self._evict(now)
         remaining, reset = [], []
@@ -249,7 +273,9 @@ class MemoryLimiter:
                 _seconds(log[count - 1] + window.seconds - now if count else window.seconds)
             )
         retry = 0 if allowed else _retry_after(wait)
-        return Decision(allowed, tuple(remaining), tuple(reset), retry, at=now)
+        return Decision(
+            allowed, tuple(remaining), tuple(reset), retry, at=now, refused_by=tuple(refused_by)
+        )
 
     def _evict(self, now: float) -> None:
         spans = self._spans
@@ -415,18 +441,23 @@ class RedisLimiter(FallingBack):
         self.sha = ""  # set once the script is loaded
         self._round_trips = 0  # over `client`
         self._lean = LeanRedis.from_client(client, timeout=timeout) if lean else None
-        # (key, limit text, cost) -> the encoded EVALSHA of a decision on Redis' clock
-        self._commands: dict[tuple[str, str, int], bytes] = {}
+        # (key, address, limit text, cost) -> the encoded EVALSHA of a decision on Redis' clock
+        self._commands: dict[tuple[str, str, str, int], bytes] = {}
         self._loading: asyncio.Task[None] | None = None
-        # (key, limit text) -> (refused until, monotonic; the decision; when; its cost)
-        self._blocked: dict[tuple[str, str], tuple[float, Decision, float, int]] = {}
+        # (key, address, limit text) -> (refused until, monotonic; the decision; when; its cost)
+        self._blocked: dict[tuple[str, str, str], tuple[float, Decision, float, int]] = {}
         self._pending: list[_Pending] = []
         self._flushing = False
         self._in_flight = 0  # round trips under way
 
-    def window_key(self, key: str, limits: LimitSet, index: int) -> str:
+    def window_key(self, key: str, limits: LimitSet, index: int, address: str = "") -> str:
+        """The Redis list of one window; an address's share lives beside the key's, under
+        the key's hash tag, so one script decides both."""
         window = limits.windows[index]
-        return f"{self.namespace}:rl:{{{key}}}:{window.amount}/{window.seconds}"
+        span = f"{window.amount}/{window.seconds}"
+        if window.per_address:
+            return f"{self.namespace}:rl:{{{key}}}:ip:{address}:{span}"
+        return f"{self.namespace}:rl:{{{key}}}:{span}"
 
     @property
     def round_trips(self) -> int:
@@ -462,15 +493,26 @@ class RedisLimiter(FallingBack):
         if self._lean is not None:
             await self._lean.aclose()
 
-    async def hit(self, key: str, limits: LimitSet, cost: int = 1) -> Decision:
-        return await self.hit_at(key, limits, cost, None)
+    async def hit(
+        self, key: str, limits: LimitSet, cost: int = 1, *, address: str = ""
+    ) -> Decision:
+        return await self.hit_at(key, limits, cost, None, address=address)
 
     async def hit_at(
-        self, key: str, limits: LimitSet, cost: int = 1, now_ms: int | None = None
+        self,
+        key: str,
+        limits: LimitSet,
+        cost: int = 1,
+        now_ms: int | None = None,
+        *,
+        address: str = "",
     ) -> Decision:
         """:meth:`hit` on a given Redis-side clock (for tests); ``None`` is Redis' own."""
+        if not limits.per_address:
+            address = ""  # one entry per key in the caches below, whoever calls
+        blocked_as = (key, address, limits.text)
         if self.local_refusals and now_ms is None:
-            blocked = self._blocked.get((key, limits.text))
+            blocked = self._blocked.get(blocked_as)
             if blocked is not None:
                 until, refused, decided, refused_cost = blocked
                 clock = time.monotonic()
@@ -479,11 +521,14 @@ class RedisLimiter(FallingBack):
                     # Still over the limit: no slot can have freed yet. No round trip.
                     elapsed = clock - decided
                     frees = tuple(_seconds(t - elapsed) for t in refused.reset)
-                    return Decision(False, refused.remaining, frees, _retry_after(left - 0.001))
+                    retry = _retry_after(left - 0.001)
+                    return Decision(
+                        False, refused.remaining, frees, retry, refused_by=refused.refused_by
+                    )
                 if left <= 0:
-                    del self._blocked[(key, limits.text)]
+                    del self._blocked[blocked_as]
         decide = self._pooled_decide if self._lean is None else self._lean_decide
-        raw = await self.fallback.ask(decide, key, limits, cost, now_ms)
+        raw = await self.fallback.ask(decide, key, limits, cost, now_ms, address)
         if raw is None:  # undecided, and the failure mode is "allow"
             full = tuple(w.amount for w in limits.windows)
             return Decision(True, full, tuple(w.seconds for w in limits.windows), degraded=True)
@@ -496,34 +541,37 @@ class RedisLimiter(FallingBack):
                 self._blocked = {k: v for k, v in self._blocked.items() if v[0] > now}
             clock = time.monotonic()
             until = clock + self._wait_ms(raw, limits) / 1000
-            self._blocked[(key, limits.text)] = (until, decision, clock, cost)
+            self._blocked[blocked_as] = (until, decision, clock, cost)
         return decision
 
     def _arguments(
-        self, key: str, limits: LimitSet, cost: int, now_ms: int | None
+        self, key: str, limits: LimitSet, cost: int, now_ms: int | None, address: str
     ) -> tuple[list[str], list[Any]]:
-        keys = [self.window_key(key, limits, i) for i in range(len(limits.windows))]
+        keys = [self.window_key(key, limits, i, address) for i in range(len(limits.windows))]
         args: list[Any] = [cost, "" if now_ms is None else now_ms]
         for window in limits.windows:
             args += [window.amount, window.seconds * 1000]
         return keys, args
 
     async def _pooled_decide(
-        self, key: str, limits: LimitSet, cost: int, now_ms: int | None
+        self, key: str, limits: LimitSet, cost: int, now_ms: int | None, address: str
     ) -> Any:
         """One EVALSHA (or a share of a pipeline) over ``client``, within ``timeout``."""
-        keys, args = self._arguments(key, limits, cost, now_ms)
+        keys, args = self._arguments(key, limits, cost, now_ms, address)
         async with asyncio.timeout(self.timeout):
             return await self._submit(keys, args)
 
-    async def _lean_decide(self, key: str, limits: LimitSet, cost: int, now_ms: int | None) -> Any:
+    async def _lean_decide(
+        self, key: str, limits: LimitSet, cost: int, now_ms: int | None, address: str
+    ) -> Any:
         """One EVALSHA over the lean connection (after loading the script on NOSCRIPT),
         all within one ``timeout``."""
         lean = self._lean
         assert lean is not None
-        command = self._commands.get((key, limits.text, cost)) if now_ms is None else None
+        cached = (key, address, limits.text, cost)
+        command = self._commands.get(cached) if now_ms is None else None
         if command is None:
-            command = self._command(key, limits, cost, now_ms)
+            command = self._command(cached, limits, now_ms)
         deadline = lean.deadline()
         if self.sha:
             reply = await lean.call(command, deadline)
@@ -538,13 +586,16 @@ class RedisLimiter(FallingBack):
             raise StoreUnavailable(f"Redis refused the rate-limit script: {reply.code}")
         return reply
 
-    def _command(self, key: str, limits: LimitSet, cost: int, now_ms: int | None) -> bytes:
-        keys, args = self._arguments(key, limits, cost, now_ms)
+    def _command(
+        self, cached: tuple[str, str, str, int], limits: LimitSet, now_ms: int | None
+    ) -> bytes:
+        key, address, _, cost = cached
+        keys, args = self._arguments(key, limits, cost, now_ms, address)
         command = encode(["EVALSHA", _SHA, len(keys), *keys, *args])
         if now_ms is None:
             if len(self._commands) >= 10_000:  # bounded: start again
                 self._commands.clear()
-            self._commands[(key, limits.text, cost)] = command
+            self._commands[cached] = command
         return command
 
     async def _load(self, deadline: float) -> None:
@@ -589,7 +640,12 @@ class RedisLimiter(FallingBack):
         # Whole milliseconds: Retry-After is the first whole second strictly after the
         # refusing entry's last refusing millisecond (no float rounding near integers).
         retry = 0 if allowed else (self._wait_ms(raw, limits) - 1) // 1000 + 1
-        return Decision(allowed, tuple(remaining), tuple(reset), retry, at=now / 1000)
+        refused_by = tuple(
+            w.name for i, w in enumerate(limits.windows) if int(raw[4 + 3 * i]) >= 0
+        )
+        return Decision(
+            allowed, tuple(remaining), tuple(reset), retry, at=now / 1000, refused_by=refused_by
+        )
 
     # -- one round trip for every request that arrives together ------------------------------
 

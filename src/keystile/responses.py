@@ -8,7 +8,7 @@ spells it. Static refusals are built once and sent as prebuilt bytes.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import NoReturn
 
 from starlette.exceptions import HTTPException
@@ -149,9 +149,8 @@ class Refusals:
             "The key store cannot be reached; try again shortly.",
             [(b"retry-after", str(retry_after).encode())],
         )
-        self.rate_limited = Refusal(
-            429, "rate_limited", "The API key is over its rate limit; see Retry-After."
-        )
+        self._rate_limited: dict[str, Refusal] = {}
+        self.rate_limited = self.rate_limited_by(())
         self.quota_exceeded = Refusal(
             429, "quota_exceeded", "The API key has used its AI token quota; see Retry-After."
         )
@@ -188,6 +187,24 @@ class Refusals:
         if scope is not None:
             value += f", scope={_quoted(scope)}"
         return (b"www-authenticate", value.encode())
+
+    def rate_limited_by(self, policies: Sequence[str]) -> Refusal:
+        """The 429 of a request that ``policies`` (``RateLimit-Policy`` names) refused: the
+        body names them, so a client can tell its own address's share (``"client-ip"``)
+        from the key's whole budget (``"client"``)."""
+        names = ", ".join(f'"{p}"' for p in policies)
+        refusal = self._rate_limited.get(names)
+        if refusal is None:
+            refusal = Refusal(
+                429,
+                "rate_limited",
+                f"The API key is over its rate limit (policy {names}); see Retry-After."
+                if names
+                else "The API key is over its rate limit; see Retry-After.",
+            )
+            if len(self._rate_limited) < 256:  # bounded: policy names come from key types
+                self._rate_limited[names] = refusal
+        return refusal
 
     def insufficient_scope(self, missing: Iterable[str]) -> Refusal:
         scopes = " ".join(missing)
