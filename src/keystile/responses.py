@@ -189,11 +189,13 @@ class Refusals:
             value += f", scope={_quoted(scope)}"
         return (b"www-authenticate", value.encode())
 
-    def insufficient_scope(self, missing: Iterable[str]) -> Refusal:
+    def insufficient_scope(self, missing: Iterable[str], message: str | None = None) -> Refusal:
+        """403 ``insufficient_scope`` naming ``missing`` in the challenge (and, unless
+        ``message`` says more, in the message)."""
         scopes = " ".join(missing)
         return Refusal(
             403,
             "insufficient_scope",
-            f"The API key lacks the scope {scopes}.",
+            message or f"The API key lacks the scope {scopes}.",
             [self.challenge("insufficient_scope", scopes)],
         )
