@@ -926,6 +926,53 @@ async def test_item3_the_handlers_refuse_a_request_without_a_key(gate: Keystile)
     assert await stored(gate) == before
 
 
+# -- a rotated-out key stays out (issue #18 item 8) ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("grace", "expires_at"),
+    [
+        (0, None),
+        (0, "2030-01-01T00:00:00Z"),
+        (3600, None),
+        (3600, "2027-01-15T09:00:01Z"),
+    ],
+    ids=["no-grace-no-expiry", "no-grace-later", "grace-no-expiry", "grace-a-second-later"],
+)
+async def test_item8_a_rotated_out_key_cannot_be_revived(
+    admin: Admin, clock: ManualClock, grace: int, expires_at: str | None
+) -> None:
+    """PATCHing a rotated key's expiry away or later is 422 naming expires_at; the record is
+    unchanged and the old secret is refused once the grace ends."""
+    created = await admin.create()
+    key_id = created["key"]["id"]
+    rotated = await admin.request("POST", f"/{key_id}/rotate", json={"grace_seconds": grace})
+    previous = rotated.json()["previous"]
+    assert previous["expires_at"] == to_datetime(clock.now + grace).strftime("%Y-%m-%dT%H:%M:%SZ")
+    response = await admin.request("PATCH", f"/{key_id}", json={"expires_at": expires_at})
+    assert field_names(response) == {"expires_at"}
+    assert rotated.json()["key"]["id"] in response.json()["error"]["message"]
+    assert (await stored(admin.gate))[key_id] == previous
+    clock.advance(grace)
+    assert await admin.probe(created["secret"]) == (401, "expired_api_key")
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"revoked_at": None}, {"expires_at": None}, {"expires_at": None, "revoked_at": None}],
+    ids=["unrevoke", "no-expiry", "both"],
+)
+async def test_item8_a_revocation_stays_final(admin: Admin, changes: dict[str, Any]) -> None:
+    """No PATCH brings a revoked key back: its secret is refused as revoked afterwards."""
+    created = await admin.create(expires_at="2027-06-01T00:00:00Z")
+    key_id = created["key"]["id"]
+    await admin.request("POST", f"/{key_id}/revoke")
+    response = await admin.request("PATCH", f"/{key_id}", json=changes)
+    assert response.status_code in (200, 422), response.text
+    assert (await stored(admin.gate))[key_id]["revoked_at"] is not None
+    assert await admin.probe(created["secret"]) == (401, "revoked_api_key")
+
+
 # -- across processes ------------------------------------------------------------------------
 
 TRIALS = 20

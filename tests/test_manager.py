@@ -879,3 +879,48 @@ def test_item3_scope_refused_is_a_keystile_error_naming_what_is_missing() -> Non
     refused = ScopeRefused(("vec:write",), "lacks vec:write")
     assert isinstance(refused, KeystileError) and not isinstance(refused, OSError)
     assert refused.missing == ("vec:write",)
+
+
+# -- a rotated-out key stays out (issue #18 item 8) ------------------------------------------
+
+
+@pytest.mark.parametrize("grace", [0, 3600], ids=["no-grace", "an-hour"])
+@pytest.mark.parametrize(
+    "later", [None, 1, 365 * 86_400], ids=["no-expiry", "a-second-later", "a-year-later"]
+)
+async def test_item8_a_rotated_out_key_cannot_be_revived(
+    gate: Keystile, clock: ManualClock, grace: int, later: int | None
+) -> None:
+    """Removing or extending a rotated key's expiry is a KeyValidationError naming
+    ``expires_at`` and the successor; the record is unchanged and the old secret is refused
+    once the grace ends."""
+    created = await gate.manager.create(OPEN)
+    rotated = await gate.manager.rotate(created.key.id, grace=grace)
+    ends = rotated.previous.expires_at
+    assert ends is not None
+    wanted = None if later is None else ends + timedelta(seconds=later)
+    with pytest.raises(KeyValidationError) as caught:
+        await gate.manager.update(created.key.id, expires_at=wanted, name="revived")
+    assert set(problems(caught)) == {"expires_at"}
+    assert rotated.key.id in problems(caught)["expires_at"]
+    assert await gate.manager.get(created.key.id) == rotated.previous
+    clock.advance(grace)
+    old = created.secret.get_secret_value()
+    assert await status_of(app_for(gate), old) == (401, "expired_api_key")
+
+
+async def test_item8_a_rotated_out_keys_expiry_may_move_earlier(
+    gate: Keystile, clock: ManualClock
+) -> None:
+    """A rotated key's expiry may be restated or brought forward, and its other settings
+    still change."""
+    created = await gate.manager.create(OPEN)
+    rotated = await gate.manager.rotate(created.key.id, grace=3600)
+    same = await gate.manager.update(created.key.id, expires_at=rotated.previous.expires_at)
+    assert same == rotated.previous
+    sooner = to_datetime(clock.now + 60)
+    updated = await gate.manager.update(created.key.id, expires_at=sooner, name="winding down")
+    assert (updated.expires_at, updated.name) == (sooner, "winding down")
+    clock.advance(60)
+    old = created.secret.get_secret_value()
+    assert await status_of(app_for(gate), old) == (401, "expired_api_key")

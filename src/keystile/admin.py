@@ -40,7 +40,8 @@ holding a scope it lacks (rotating would hand it the successor's secret). Any of
 403 ``insufficient_scope``, with the missing scopes in the message and in the
 ``WWW-Authenticate`` challenge's ``scope`` (``*`` for changes to itself). A ``*`` key may do
 everything; the command line and :class:`~keystile.manager.KeyManager` called from Python
-(no calling key) are not restricted.
+(no calling key) are not restricted. A rotated key's ``expires_at`` may only move earlier
+(else 422 ``validation_failed``), and a revocation is final.
 
 FastAPI apps include :func:`fastapi_router` instead, which shows the endpoints and their
 scopes in the OpenAPI document.

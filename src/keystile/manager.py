@@ -239,6 +239,23 @@ def _check_rotatable(key: ApiKey, moment: datetime) -> None:
         )
 
 
+def _rotated_expiry(record: ApiKey, updated: ApiKey) -> list[FieldError]:
+    """The problem with ``updated``'s expiry when ``record`` was rotated out: its expiry
+    may only move earlier, or the old key (and its secret) would come back to life."""
+    ends = record.expires_at
+    if record.replaced_by is None or ends is None:
+        return []
+    if updated.expires_at is not None and updated.expires_at <= ends:
+        return []
+    return [
+        FieldError(
+            "expires_at",
+            f"key {record.id} was rotated to {record.replaced_by}: its expiry can only move "
+            f"earlier than {ends.isoformat()}, not later or away",
+        )
+    ]
+
+
 class KeyManager:
     """Issue and manage keys in a store.
 
@@ -458,7 +475,8 @@ class KeyManager:
 
         Checked with the rules of :meth:`create`, field formats and policy; one
         :class:`KeyValidationError` names every offending field. Fields not being changed
-        are not re-judged, so a key made under older rules can still be renamed.
+        are not re-judged, so a key made under older rules can still be renamed. A rotated
+        key's expiry may only move earlier.
 
         With an ``actor`` (see the class), :class:`ScopeRefused` when the key holds scopes
         the actor lacks, the new scopes include one, or the actor changes its own scopes,
@@ -478,6 +496,7 @@ class KeyManager:
                 for e in self.policy.check(updated, updated.type, now=self.now())
                 if re.split(r"[.\[]", e.field, maxsplit=1)[0] in wanted
             ]
+            problems += _rotated_expiry(record, updated)
             if problems:
                 raise KeyValidationError(problems)
             if "scopes" in wanted:
