@@ -25,9 +25,10 @@ from starlette.routing import Mount, Route
 
 from conftest import REDIS_URL, SECRET, Figures, budget
 from keystile import KeystileMiddleware, ManualClock, RedisStore, Rule
-from keystile.admin import admin_app, admin_routes, admin_rules, fastapi_router
+from keystile.admin import AdminAPI, admin_app, admin_routes, admin_rules, fastapi_router
 from keystile.clock import to_datetime
 from keystile.gate import Keystile
+from keystile.manager import record_json
 from keystile.stores import KeyStore
 
 # SPEC §8, in its order.
@@ -49,7 +50,8 @@ SPEC_RECORD = [
     "replaces",
     "replaced_by",
 ]
-ADMIN_SCOPES = ["admin:manage_keys", "admin:view_usage"]
+# Both admin scopes, and the scopes the tests' keys are given: a key grants only what it holds.
+ADMIN_SCOPES = ["admin:manage_keys", "admin:view_usage", "vec:*", "kev:*"]
 NEW_KEY = {"name": "search service", "type": "prod", "scopes": ["vec:read"]}
 UNKNOWN = "key_0000000000nothinghere"
 
@@ -79,6 +81,7 @@ class Admin:
     gate: Keystile
     token: str
     secrets: list[str] = field(default_factory=list)  # every secret the API handed out
+    key_id: str = ""  # the admin key's id
 
     @property
     def headers(self) -> dict[str, str]:
@@ -112,11 +115,13 @@ async def gate(store: KeyStore, clock: ManualClock) -> AsyncIterator[Keystile]:
     await made.aclose()
 
 
-async def client_for(app: Any, gate: Keystile, scopes: list[str]) -> Admin:
-    created = await gate.manager.create({"name": "admin", "type": "prod", "scopes": scopes})
+async def client_for(app: Any, gate: Keystile, scopes: list[str], **settings: Any) -> Admin:
+    created = await gate.manager.create(
+        {"name": "admin", "type": "prod", "scopes": scopes, **settings}
+    )
     transport = httpx.ASGITransport(app=app)
     http = httpx.AsyncClient(transport=transport, base_url="http://test")
-    return Admin(http, gate, created.secret.get_secret_value())
+    return Admin(http, gate, created.secret.get_secret_value(), key_id=created.key.id)
 
 
 @pytest.fixture
@@ -663,6 +668,7 @@ def fastapi_app(gate: Keystile) -> FastAPI:
     app = FastAPI()
     app.add_middleware(KeystileMiddleware, gate=gate)
     app.include_router(fastapi_router(gate), prefix="/cloud/keys")
+    app.add_api_route("/x", probe)
     return app
 
 
@@ -716,6 +722,263 @@ async def test_fastapi_router_answers_like_the_starlette_routes(gate: Keystile) 
         assert_error(refused, 403, "insufficient_scope")
         assert (await admin.request("GET", "/usage", headers=outsider.headers)).status_code == 200
     await outsider.http.aclose()
+
+
+# -- the bounds of admin:manage_keys (issue #18 item 3) --------------------------------------
+
+DEPUTY = ["admin:manage_keys", "vec:*"]
+APPS = {"starlette": build_app, "fastapi": fastapi_app}
+
+
+@pytest.fixture(params=list(APPS))
+def app_kind(request: pytest.FixtureRequest) -> str:
+    """The admin API as the Starlette app and as the FastAPI router."""
+    kind: str = request.param
+    return kind
+
+
+def assert_scope_refusal(response: httpx.Response, missing: str) -> None:
+    """403 insufficient_scope naming ``missing`` in the message and in the RFC 6750
+    challenge, with no secret in the answer."""
+    error = assert_error(response, 403, "insufficient_scope")
+    assert missing in error["message"]
+    assert response.headers["www-authenticate"] == (
+        f'Bearer realm="api", error="insufficient_scope", scope="{missing}"'
+    )
+    assert "secret" not in response.json()
+
+
+async def stored(gate: Keystile) -> dict[str, dict[str, Any]]:
+    """Every record in the store, by id, as the API shows them."""
+    page = await gate.manager.list(limit=1000)
+    return {k.id: record_json(k) for k in page.keys}
+
+
+@pytest.mark.parametrize(
+    ("scopes", "missing"),
+    [
+        (["*"], "*"),
+        (["kev:read"], "kev:read"),
+        (["vec:read", "admin:view_usage"], "admin:view_usage"),
+        (["admin:*"], "admin:*"),
+    ],
+    ids=["star", "other-service", "other-admin-scope", "admin-wildcard"],
+)
+async def test_item3_a_manage_keys_key_grants_only_scopes_it_holds(
+    gate: Keystile, app_kind: str, scopes: list[str], missing: str
+) -> None:
+    """A key with admin:manage_keys and vec:* can neither create a key with a scope it
+    lacks nor PATCH one onto a key: 403 insufficient_scope naming the scope, and the store
+    holds what it held."""
+    target = await gate.manager.create(NEW_KEY)
+    admin = await client_for(APPS[app_kind](gate), gate, DEPUTY)
+    before = await stored(gate)
+    async with admin.http:
+        created = await admin.request("POST", "/", json={**NEW_KEY, "scopes": scopes})
+        patched = await admin.request("PATCH", f"/{target.key.id}", json={"scopes": scopes})
+    assert_scope_refusal(created, missing)
+    assert_scope_refusal(patched, missing)
+    assert await stored(gate) == before
+
+
+@pytest.mark.parametrize(
+    "scopes",
+    [["vec:read"], ["vec:read", "vec:delete"], ["vec:*"], ["admin:manage_keys", "vec:write"]],
+    ids=["one", "two", "wildcard", "its-own-admin-scope"],
+)
+async def test_item3_held_wildcards_cover_the_scopes_granted(
+    gate: Keystile, app_kind: str, scopes: list[str]
+) -> None:
+    """A key holding vec:* may grant vec:read, vec:* and scopes it holds itself, and PATCH
+    and rotate keys within them."""
+    admin = await client_for(APPS[app_kind](gate), gate, DEPUTY)
+    async with admin.http:
+        created = await admin.create(scopes=scopes)
+        key_id = created["key"]["id"]
+        patched = await admin.request("PATCH", f"/{key_id}", json={"scopes": ["vec:*"]})
+        rotated = await admin.request("POST", f"/{key_id}/rotate")
+    assert created["key"]["scopes"] == scopes
+    assert patched.status_code == 200 and patched.json()["key"]["scopes"] == ["vec:*"]
+    assert rotated.status_code == 201 and rotated.json()["key"]["scopes"] == ["vec:*"]
+
+
+@pytest.mark.parametrize(
+    ("held", "missing"),
+    [
+        (["*"], "*"),
+        (["vec:read", "kev:read"], "kev:read"),
+        (["admin:view_usage"], "admin:view_usage"),
+    ],
+    ids=["star", "one-more", "other-admin-scope"],
+)
+async def test_item3_a_manage_keys_key_cannot_take_over_a_key_holding_more(
+    gate: Keystile, app_kind: str, held: list[str], missing: str
+) -> None:
+    """A key with admin:manage_keys may not PATCH (not even rename or narrow) nor rotate a
+    key holding a scope it lacks — a rotation would hand it the successor's secret: 403
+    naming the scope, no secret, no successor, and the victim's key still works."""
+    victim = await gate.manager.create({"name": "root", "type": "prod", "scopes": held})
+    admin = await client_for(APPS[app_kind](gate), gate, DEPUTY)
+    before = await stored(gate)
+    url = f"/{victim.key.id}"
+    async with admin.http:
+        answers = [
+            await admin.request("PATCH", url, json={"name": "mine"}),
+            await admin.request("PATCH", url, json={"allowed_ips": ["203.0.113.0/24"]}),
+            await admin.request("PATCH", url, json={"scopes": ["vec:read"]}),
+            await admin.request("PATCH", url, json={"expires_at": "2027-01-16T00:00:00Z"}),
+            await admin.request("POST", f"{url}/rotate", json={"grace_seconds": 31_536_000}),
+            await admin.request("POST", f"{url}/rotate", json={"grace_seconds": 0}),
+        ]
+        probe = await admin.probe(victim.secret.get_secret_value())
+    for answer in answers:
+        assert_scope_refusal(answer, missing)
+    assert admin.secrets == []
+    assert await stored(gate) == before
+    assert probe == (200, None)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"scopes": ["admin:manage_keys", "vec:*", "kev:*"]},
+        {"scopes": ["admin:manage_keys"]},
+        {"allowed_ips": []},
+        {"allowed_ips": ["0.0.0.0/0"]},
+        {"allowed_origins": ["https://elsewhere.example"]},
+        {"expires_at": None},
+        {"expires_at": "2030-01-01T00:00:00Z"},
+        {"name": "renamed", "expires_at": "2027-01-20T00:00:00Z"},
+    ],
+    ids=[
+        "widen-scopes",
+        "narrow-scopes",
+        "lift-ips",
+        "open-ips",
+        "add-origin",
+        "no-expiry",
+        "later-expiry",
+        "earlier-expiry-and-rename",
+    ],
+)
+async def test_item3_a_manage_keys_key_cannot_change_its_own_bounds(
+    gate: Keystile, app_kind: str, changes: dict[str, Any]
+) -> None:
+    """A key without * cannot PATCH its own scopes, IP or origin allowlists or expiry: 403
+    naming the scope it lacks (* for changes to itself), and its record unchanged."""
+    admin = await client_for(
+        APPS[app_kind](gate),
+        gate,
+        DEPUTY,
+        allowed_ips=["127.0.0.0/8"],  # the test client's address
+        expires_at="2027-03-01T00:00:00Z",
+    )
+    before = await stored(gate)
+    async with admin.http:
+        response = await admin.request("PATCH", f"/{admin.key_id}", json=changes)
+        renamed = await admin.request("PATCH", f"/{admin.key_id}", json={"name": "me"})
+    wanted = set(changes.get("scopes", [])) - {"admin:manage_keys", "vec:*"}
+    assert_scope_refusal(response, " ".join(sorted(wanted)) or "*")
+    assert await stored(gate) == {
+        **before,
+        admin.key_id: {**before[admin.key_id], "name": "me"},
+    }
+    assert renamed.status_code == 200
+
+
+async def test_item3_a_star_key_keeps_full_power(gate: Keystile, app_kind: str) -> None:
+    """A * key creates * keys, rotates other * keys (receiving their successor's secret)
+    and changes its own scopes, allowlists and expiry."""
+    admin = await client_for(APPS[app_kind](gate), gate, ["*"])
+    async with admin.http:
+        created = await admin.create(scopes=["*"])
+        rotated = await admin.request(
+            "POST", f"/{created['key']['id']}/rotate", json={"grace_seconds": 31_536_000}
+        )
+        own = await admin.request(
+            "PATCH",
+            f"/{admin.key_id}",
+            json={
+                "scopes": ["*", "vec:read"],
+                "allowed_ips": ["127.0.0.0/8"],
+                "expires_at": "2030-01-01T00:00:00Z",
+            },
+        )
+    assert rotated.status_code == 201 and rotated.json()["key"]["scopes"] == ["*"]
+    assert own.status_code == 200, own.text
+    assert own.json()["key"]["allowed_ips"] == ["127.0.0.0/8"]
+
+
+async def test_item3_the_handlers_refuse_a_request_without_a_key(gate: Keystile) -> None:
+    """The handlers of AdminAPI, used without the scope checks and the middleware, refuse
+    to create, update or rotate rather than act unbounded."""
+    api = AdminAPI(gate.manager)
+    target = await gate.manager.create(NEW_KEY)
+    app = Starlette(
+        routes=[
+            Route("/", api.create, methods=["POST"]),
+            Route("/{key_id}", api.update, methods=["PATCH"]),
+            Route("/{key_id}/rotate", api.rotate, methods=["POST"]),
+        ]
+    )
+    before = await stored(gate)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        answers = [
+            await http.post("/", json={**NEW_KEY, "scopes": ["*"]}),
+            await http.patch(f"/{target.key.id}", json={"scopes": ["*"]}),
+            await http.post(f"/{target.key.id}/rotate"),
+        ]
+    for answer in answers:
+        assert_error(answer, 401, "missing_api_key")
+    assert await stored(gate) == before
+
+
+# -- a rotated-out key stays out (issue #18 item 8) ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("grace", "expires_at"),
+    [
+        (0, None),
+        (0, "2030-01-01T00:00:00Z"),
+        (3600, None),
+        (3600, "2027-01-15T09:00:01Z"),
+    ],
+    ids=["no-grace-no-expiry", "no-grace-later", "grace-no-expiry", "grace-a-second-later"],
+)
+async def test_item8_a_rotated_out_key_cannot_be_revived(
+    admin: Admin, clock: ManualClock, grace: int, expires_at: str | None
+) -> None:
+    """PATCHing a rotated key's expiry away or later is 422 naming expires_at; the record is
+    unchanged and the old secret is refused once the grace ends."""
+    created = await admin.create()
+    key_id = created["key"]["id"]
+    rotated = await admin.request("POST", f"/{key_id}/rotate", json={"grace_seconds": grace})
+    previous = rotated.json()["previous"]
+    assert previous["expires_at"] == to_datetime(clock.now + grace).strftime("%Y-%m-%dT%H:%M:%SZ")
+    response = await admin.request("PATCH", f"/{key_id}", json={"expires_at": expires_at})
+    assert field_names(response) == {"expires_at"}
+    assert rotated.json()["key"]["id"] in response.json()["error"]["message"]
+    assert (await stored(admin.gate))[key_id] == previous
+    clock.advance(grace)
+    assert await admin.probe(created["secret"]) == (401, "expired_api_key")
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"revoked_at": None}, {"expires_at": None}, {"expires_at": None, "revoked_at": None}],
+    ids=["unrevoke", "no-expiry", "both"],
+)
+async def test_item8_a_revocation_stays_final(admin: Admin, changes: dict[str, Any]) -> None:
+    """No PATCH brings a revoked key back: its secret is refused as revoked afterwards."""
+    created = await admin.create(expires_at="2027-06-01T00:00:00Z")
+    key_id = created["key"]["id"]
+    await admin.request("POST", f"/{key_id}/revoke")
+    response = await admin.request("PATCH", f"/{key_id}", json=changes)
+    assert response.status_code in (200, 422), response.text
+    assert (await stored(admin.gate))[key_id]["revoked_at"] is not None
+    assert await admin.probe(created["secret"]) == (401, "revoked_api_key")
 
 
 # -- across processes ------------------------------------------------------------------------

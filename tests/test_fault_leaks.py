@@ -41,7 +41,7 @@ from keystile.clock import to_datetime
 from keystile.gate import Keystile
 from keystile.ratelimit import RedisLimiter
 
-ADMIN = ["admin:manage_keys", "admin:view_usage"]
+ADMIN = ["admin:manage_keys", "admin:view_usage", "kev:*", "ai:*"]  # all the keys it manages hold
 ORIGIN = b"https://app.example.com"
 
 

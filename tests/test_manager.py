@@ -25,11 +25,13 @@ from keystile import (
     KeyManager,
     KeyNotFound,
     KeyStatus,
+    KeystileError,
     KeyValidationError,
     ManualClock,
     MemoryStore,
     RotationRefused,
     Rule,
+    ScopeRefused,
 )
 from keystile import manager as manager_module
 from keystile.clock import to_datetime
@@ -712,3 +714,213 @@ async def test_a_key_that_keeps_changing_is_a_clear_conflict(
     assert isinstance(KeyChanged("x"), KeyConflict)
     stored = await gate.store.get(key_id)
     assert stored is not None and stored.name == OPEN["name"]
+
+
+# -- the calling key's bounds (issue #18 item 3) ---------------------------------------------
+
+DEPUTY: dict[str, Any] = {
+    "name": "deputy",
+    "type": "prod",
+    "scopes": ["admin:manage_keys", "vec:*"],
+}
+WITHIN = {**SETTINGS, "scopes": ["vec:read"]}  # a key the deputy may manage
+
+
+@pytest.mark.parametrize(
+    ("scopes", "missing"),
+    [
+        (["*"], ("*",)),
+        (["kev:read"], ("kev:read",)),
+        (["vec:read", "admin:*"], ("admin:*",)),
+        (["admin:view_usage", "kev:*", "vec:write"], ("admin:view_usage", "kev:*")),
+    ],
+    ids=["star", "other-service", "service-wildcard", "two-missing"],
+)
+async def test_item3_an_actor_grants_only_scopes_it_holds(
+    manager: KeyManager, scopes: list[str], missing: tuple[str, ...]
+) -> None:
+    """With an actor, create and update refuse scopes it does not hold with ScopeRefused
+    naming exactly those, and store nothing."""
+    actor = (await manager.create(DEPUTY)).key
+    target = (await manager.create(WITHIN)).key
+    with pytest.raises(ScopeRefused) as created:
+        await manager.create({**WITHIN, "scopes": scopes}, actor=actor)
+    with pytest.raises(ScopeRefused) as updated:
+        await manager.update(target.id, scopes=scopes, actor=actor)
+    assert created.value.missing == updated.value.missing == missing
+    assert all(scope in str(created.value) for scope in missing)
+    assert {k.id for k in (await manager.list()).keys} == {actor.id, target.id}
+    assert await manager.get(target.id) == target
+
+
+async def test_item3_held_wildcards_cover_what_an_actor_grants_and_manages(
+    manager: KeyManager,
+) -> None:
+    """An actor holding ``vec:*`` may grant ``vec:read`` and ``vec:*`` and scopes it holds
+    itself, and update and rotate keys within them."""
+    actor = (await manager.create(DEPUTY)).key
+    for scopes in (["vec:read", "vec:delete"], ["vec:*"], ["admin:manage_keys"]):
+        created = await manager.create({**WITHIN, "scopes": scopes}, actor=actor)
+        assert list(created.key.scopes) == scopes
+    target = (await manager.create(WITHIN, actor=actor)).key
+    updated = await manager.update(target.id, scopes=["vec:*"], name="wider", actor=actor)
+    assert (list(updated.scopes), updated.name) == (["vec:*"], "wider")
+    rotated = await manager.rotate(target.id, actor=actor)
+    assert list(rotated.key.scopes) == ["vec:*"]
+
+
+@pytest.mark.parametrize(
+    ("held", "missing"),
+    [
+        (["*"], ("*",)),
+        (["vec:read", "kev:read"], ("kev:read",)),
+        (["admin:view_usage"], ("admin:view_usage",)),
+    ],
+    ids=["star", "one-more", "other-admin-scope"],
+)
+async def test_item3_an_actor_cannot_update_or_rotate_a_key_holding_more(
+    manager: KeyManager, held: list[str], missing: tuple[str, ...]
+) -> None:
+    """An actor may not update (even rename, or narrow) nor rotate a key holding scopes it
+    lacks: ScopeRefused, the record unchanged and no successor issued."""
+    actor = (await manager.create(DEPUTY)).key
+    victim = (await manager.create({"name": "root", "type": "prod", "scopes": held})).key
+    attempts = [
+        manager.update(victim.id, name="mine", actor=actor),
+        manager.update(victim.id, allowed_ips=["10.0.0.0/8"], actor=actor),
+        manager.update(victim.id, scopes=["vec:read"], actor=actor),
+        manager.update(victim.id, {}, actor=actor),
+        manager.rotate(victim.id, grace=timedelta(days=365), actor=actor),
+    ]
+    for attempt in attempts:
+        with pytest.raises(ScopeRefused) as caught:
+            await attempt
+        assert caught.value.missing == missing
+        assert victim.id in str(caught.value)
+    assert {k.id for k in (await manager.list()).keys} == {actor.id, victim.id}
+    assert await manager.get(victim.id) == victim
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"scopes": ["admin:manage_keys"]},
+        {"scopes": ["admin:manage_keys", "vec:*", "vec:read"]},
+        {"allowed_ips": []},
+        {"allowed_ips": ["0.0.0.0/0"]},
+        {"allowed_origins": ["https://elsewhere.example"]},
+        {"expires_at": None},
+        {"expires_at": "2030-01-01T00:00:00Z"},
+        {"expires_at": "2027-02-01T00:00:00Z"},
+        {"name": "renamed", "allowed_ips": ["10.0.0.0/8", "192.168.0.0/16"]},
+    ],
+    ids=[
+        "narrow-scopes",
+        "restate-scopes",
+        "lift-ips",
+        "open-ips",
+        "add-origin",
+        "no-expiry",
+        "later-expiry",
+        "earlier-expiry",
+        "with-a-rename",
+    ],
+)
+async def test_item3_an_actor_cannot_change_its_own_scopes_allowlists_or_expiry(
+    manager: KeyManager, changes: dict[str, Any]
+) -> None:
+    """A key without ``*`` cannot change its own scopes, allowlists or expiry, even within
+    what it holds: ScopeRefused naming ``*``, and its record unchanged."""
+    actor = (
+        await manager.create(
+            {**DEPUTY, "allowed_ips": ["10.0.0.0/8"], "expires_at": "2027-06-01T00:00:00Z"}
+        )
+    ).key
+    with pytest.raises(ScopeRefused) as caught:
+        await manager.update(actor.id, changes, actor=actor)
+    assert caught.value.missing == ("*",)
+    assert "its own" in str(caught.value)
+    assert await manager.get(actor.id) == actor
+
+
+async def test_item3_an_actor_may_rename_itself_and_restate_its_settings(
+    manager: KeyManager,
+) -> None:
+    """A key may change its own name and metadata, and give its scopes, allowlists and
+    expiry as they are."""
+    actor = (await manager.create({**DEPUTY, "allowed_ips": ["10.0.0.0/8"]})).key
+    same = {"scopes": actor.scopes, "allowed_ips": actor.allowed_ips, "expires_at": None}
+    updated = await manager.update(
+        actor.id, {**same, "name": "renamed", "metadata": {"team": "x"}}, actor=actor
+    )
+    assert updated == actor.model_copy(update={"name": "renamed", "metadata": {"team": "x"}})
+
+
+async def test_item3_a_star_actor_and_the_operator_are_not_bounded(manager: KeyManager) -> None:
+    """A ``*`` key, and no actor at all (Python code, the command line), may grant ``*``,
+    change their own settings, and update and rotate any key."""
+    root = (await manager.create({"name": "root", "type": "prod", "scopes": ["*"]})).key
+    for actor in (root, None):
+        other = (
+            await manager.create({"name": "o", "type": "prod", "scopes": ["*"]}, actor=actor)
+        ).key
+        await manager.update(other.id, scopes=["*", "vec:read"], actor=actor)
+        await manager.rotate(other.id, actor=actor)
+    changed = await manager.update(
+        root.id, allowed_ips=["10.0.0.0/8"], expires_at="2030-01-01T00:00:00Z", actor=root
+    )
+    assert list(changed.allowed_ips) == ["10.0.0.0/8"]
+    assert list((await manager.update(root.id, scopes=["admin:*"])).scopes) == ["admin:*"]
+
+
+def test_item3_scope_refused_is_a_keystile_error_naming_what_is_missing() -> None:
+    """ScopeRefused is a KeystileError (not an OSError, which store failures are caught as)
+    and carries the missing scopes."""
+    refused = ScopeRefused(("vec:write",), "lacks vec:write")
+    assert isinstance(refused, KeystileError) and not isinstance(refused, OSError)
+    assert refused.missing == ("vec:write",)
+
+
+# -- a rotated-out key stays out (issue #18 item 8) ------------------------------------------
+
+
+@pytest.mark.parametrize("grace", [0, 3600], ids=["no-grace", "an-hour"])
+@pytest.mark.parametrize(
+    "later", [None, 1, 365 * 86_400], ids=["no-expiry", "a-second-later", "a-year-later"]
+)
+async def test_item8_a_rotated_out_key_cannot_be_revived(
+    gate: Keystile, clock: ManualClock, grace: int, later: int | None
+) -> None:
+    """Removing or extending a rotated key's expiry is a KeyValidationError naming
+    ``expires_at`` and the successor; the record is unchanged and the old secret is refused
+    once the grace ends."""
+    created = await gate.manager.create(OPEN)
+    rotated = await gate.manager.rotate(created.key.id, grace=grace)
+    ends = rotated.previous.expires_at
+    assert ends is not None
+    wanted = None if later is None else ends + timedelta(seconds=later)
+    with pytest.raises(KeyValidationError) as caught:
+        await gate.manager.update(created.key.id, expires_at=wanted, name="revived")
+    assert set(problems(caught)) == {"expires_at"}
+    assert rotated.key.id in problems(caught)["expires_at"]
+    assert await gate.manager.get(created.key.id) == rotated.previous
+    clock.advance(grace)
+    old = created.secret.get_secret_value()
+    assert await status_of(app_for(gate), old) == (401, "expired_api_key")
+
+
+async def test_item8_a_rotated_out_keys_expiry_may_move_earlier(
+    gate: Keystile, clock: ManualClock
+) -> None:
+    """A rotated key's expiry may be restated or brought forward, and its other settings
+    still change."""
+    created = await gate.manager.create(OPEN)
+    rotated = await gate.manager.rotate(created.key.id, grace=3600)
+    same = await gate.manager.update(created.key.id, expires_at=rotated.previous.expires_at)
+    assert same == rotated.previous
+    sooner = to_datetime(clock.now + 60)
+    updated = await gate.manager.update(created.key.id, expires_at=sooner, name="winding down")
+    assert (updated.expires_at, updated.name) == (sooner, "winding down")
+    clock.advance(60)
+    old = created.secret.get_secret_value()
+    assert await status_of(app_for(gate), old) == (401, "expired_api_key")

@@ -10,6 +10,7 @@ from keystile.exceptions import (
     KeystileError,
     KeyValidationError,
     RotationRefused,
+    ScopeRefused,
     StoreError,
     StoreUnavailable,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "Rule",
     "RuleTable",
     "ScopeCatalogue",
+    "ScopeRefused",
     "StoreError",
     "StoreUnavailable",
     "__version__",

@@ -33,6 +33,16 @@ The secret appears only in the answers to create and rotate (sent with
 ``not_found``; a key that cannot be rotated is 409 (``key_revoked``, ``key_expired``,
 ``key_already_rotated``); an unreachable store is 503 ``store_unavailable``.
 
+``admin:manage_keys`` is not root. The calling key may grant only scopes it holds itself
+(``vec:*`` covers ``vec:read``, ``*`` covers all), may not change its own ``scopes``,
+``allowed_origins``, ``allowed_ips`` or ``expires_at``, and may not update or rotate a key
+holding a scope it lacks (rotating would hand it the successor's secret). Any of these is
+403 ``insufficient_scope``, with the missing scopes in the message and in the
+``WWW-Authenticate`` challenge's ``scope`` (``*`` for changes to itself). A ``*`` key may do
+everything; the command line and :class:`~keystile.manager.KeyManager` called from Python
+(no calling key) are not restricted. A rotated key's ``expires_at`` may only move earlier
+(else 422 ``validation_failed``), and a revocation is final.
+
 FastAPI apps include :func:`fastapi_router` instead, which shows the endpoints and their
 scopes in the OpenAPI document.
 """
@@ -57,13 +67,15 @@ from keystile.exceptions import (
     KeyNotFound,
     KeyValidationError,
     RotationRefused,
+    ScopeRefused,
     StoreError,
     StoreUnavailable,
 )
 from keystile.gate import Keystile
 from keystile.manager import DEFAULT_PAGE_SIZE, RECORD_FIELDS, KeyManager, record_json
-from keystile.responses import Refusal
-from keystile.routing import PRINCIPAL, Rule, check_scopes
+from keystile.models import ApiKey
+from keystile.responses import Refusal, Refusals
+from keystile.routing import MIDDLEWARE, PRINCIPAL, Rule, check_scopes
 
 if TYPE_CHECKING:
     from fastapi import APIRouter
@@ -156,6 +168,23 @@ def _caller(request: Request) -> str:
     return principal.key.id if principal is not None else "?"
 
 
+def _actor(request: Request) -> ApiKey:
+    """The calling key, whose scopes bound what it may do; refused when there is none (the
+    handlers are used without the routes' scope checks, or without the middleware)."""
+    principal = request.scope.get(PRINCIPAL)
+    if principal is None:
+        raise _Answer(error_response(401, "missing_api_key", "An API key is required."))
+    key: ApiKey = principal.key
+    return key
+
+
+def _scope_refusal(request: Request, exc: ScopeRefused) -> Response:
+    """403 ``insufficient_scope`` with the middleware's RFC 6750 challenge naming ``missing``."""
+    logger.warning("admin: %s was refused: %s", _caller(request), exc)
+    refusals: Refusals = request.scope[MIDDLEWARE].refusals  # present with a principal
+    return refusals.insufficient_scope(exc.missing, str(exc)).response()
+
+
 def _key_id(request: Request) -> str:
     key_id: str = request.path_params["key_id"]
     return key_id
@@ -171,11 +200,15 @@ class AdminAPI:
     def __init__(self, manager: KeyManager) -> None:
         self.manager = manager
 
-    async def _answer(self, handler: Callable[[], Awaitable[Response]]) -> Response:
+    async def _answer(
+        self, request: Request, handler: Callable[[], Awaitable[Response]]
+    ) -> Response:
         try:
             return await handler()
         except _Answer as answer:
             return answer.response
+        except ScopeRefused as exc:
+            return _scope_refusal(request, exc)
         except KeyValidationError as exc:
             return _invalid(exc.errors)
         except KeyNotFound:
@@ -197,13 +230,14 @@ class AdminAPI:
 
     async def create(self, request: Request) -> Response:
         async def handle() -> Response:
+            actor = _actor(request)
             data = await _json_object(request, required=True)
-            created = await self.manager.create(data)
+            created = await self.manager.create(data, actor=actor)
             logger.info("admin: %s created key %s", _caller(request), created.key.id)
             body = {"key": record_json(created.key), "secret": created.secret.get_secret_value()}
             return JSONResponse(body, status_code=201, headers=_NO_STORE)
 
-        return await self._answer(handle)
+        return await self._answer(request, handle)
 
     async def list(self, request: Request) -> Response:
         async def handle() -> Response:
@@ -244,24 +278,24 @@ class AdminAPI:
             )
             return JSONResponse({"keys": [record_json(k) for k in page.keys], "next": page.next})
 
-        return await self._answer(handle)
+        return await self._answer(request, handle)
 
     async def get(self, request: Request) -> Response:
         async def handle() -> Response:
             record = await self.manager.get(_key_id(request))
             return JSONResponse({"key": record_json(record)})
 
-        return await self._answer(handle)
+        return await self._answer(request, handle)
 
     async def update(self, request: Request) -> Response:
         async def handle() -> Response:
-            key_id = _key_id(request)
+            key_id, actor = _key_id(request), _actor(request)
             data = await _json_object(request, required=True)
-            record = await self.manager.update(key_id, data)
+            record = await self.manager.update(key_id, data, actor=actor)
             logger.info("admin: %s updated key %s", _caller(request), key_id)
             return JSONResponse({"key": record_json(record)})
 
-        return await self._answer(handle)
+        return await self._answer(request, handle)
 
     async def revoke(self, request: Request) -> Response:
         async def handle() -> Response:
@@ -270,11 +304,11 @@ class AdminAPI:
             logger.info("admin: %s revoked key %s", _caller(request), key_id)
             return JSONResponse({"key": record_json(record)})
 
-        return await self._answer(handle)
+        return await self._answer(request, handle)
 
     async def rotate(self, request: Request) -> Response:
         async def handle() -> Response:
-            key_id = _key_id(request)
+            key_id, actor = _key_id(request), _actor(request)
             data = await _json_object(request, required=False)
             unknown = [
                 FieldError(name[:100], "unknown field (known: grace_seconds)")
@@ -287,7 +321,7 @@ class AdminAPI:
             if isinstance(grace, bool) or not isinstance(grace, int):
                 raise KeyValidationError.single("grace_seconds", "must be a whole number")
             try:
-                rotated = await self.manager.rotate(key_id, grace=grace)
+                rotated = await self.manager.rotate(key_id, grace=grace, actor=actor)
             except KeyValidationError as exc:
                 # The manager calls it "grace"; this API calls it "grace_seconds".
                 raise KeyValidationError(
@@ -304,7 +338,7 @@ class AdminAPI:
             }
             return JSONResponse(body, status_code=201, headers=_NO_STORE)
 
-        return await self._answer(handle)
+        return await self._answer(request, handle)
 
     async def usage(self, request: Request) -> Response:
         async def handle() -> Response:
@@ -329,7 +363,7 @@ class AdminAPI:
             )
             return JSONResponse(report.model_dump(mode="json"))
 
-        return await self._answer(handle)
+        return await self._answer(request, handle)
 
 
 def _time_param(params: Mapping[str, str], name: str, errors: list[FieldError]) -> datetime | None:

@@ -9,6 +9,8 @@ Each endpoint requires its scope through ``Security(keystile.fastapi.api_key, sc
 and then runs the same handler as the Starlette routes of :mod:`keystile.admin`, so the
 answers — the error envelope included — are identical. Bodies and query parameters are
 parsed by those handlers, not by FastAPI; their schemas are declared for the document only.
+The same bounds hold: ``admin:manage_keys`` grants, changes and rotates only scopes the
+calling key holds itself (see :mod:`keystile.admin`).
 """
 
 from __future__ import annotations
@@ -129,6 +131,11 @@ def _responses(*pairs: tuple[int, str]) -> dict[int | str, dict[str, Any]]:
 
 _INVALID = (422, "Invalid input: `error.fields` lists each field's problem.")
 _NOT_FOUND = (404, "No key has this id.")
+_BEYOND = (
+    403,
+    "`insufficient_scope`: the calling key lacks the scopes named, or the key it would"
+    " change holds them.",
+)
 
 
 def fastapi_router(gate: Keystile, *, tags: Sequence[str] = ("keys",)) -> APIRouter:
@@ -145,6 +152,7 @@ def fastapi_router(gate: Keystile, *, tags: Sequence[str] = ("keys",)) -> APIRou
         responses=_responses(
             (201, "The key's record and its secret, shown this once."),
             (400, "The body is not JSON."),
+            (403, "`insufficient_scope`: the calling key lacks a scope it would grant."),
             _INVALID,
         ),
     )
@@ -176,7 +184,7 @@ def fastapi_router(gate: Keystile, *, tags: Sequence[str] = ("keys",)) -> APIRou
         "/{key_id}",
         summary="Update a key",
         openapi_extra=_body(_update_schema(settings)),
-        responses=_responses((200, "The updated record."), _NOT_FOUND, _INVALID),
+        responses=_responses((200, "The updated record."), _BEYOND, _NOT_FOUND, _INVALID),
     )
     async def update_key(key_id: str, request: Request, caller: ManageKeys) -> Response:
         return await api.update(request)
@@ -198,6 +206,7 @@ def fastapi_router(gate: Keystile, *, tags: Sequence[str] = ("keys",)) -> APIRou
         openapi_extra=_body(_ROTATE_SCHEMA, required=False),
         responses=_responses(
             (201, "The successor's record, its secret (shown once) and the previous record."),
+            _BEYOND,
             _NOT_FOUND,
             (409, "The key is revoked, expired or already rotated."),
             _INVALID,

@@ -14,6 +14,8 @@ Every error keystile raises on purpose derives from one root::
     │                           wrote it meanwhile, again and again): read it again
     ├── RotationRefused         the key cannot be rotated: it is revoked, expired, or
     │                           already rotated (``reason`` says which)
+    ├── ScopeRefused            the calling key may not do this: it would grant, change or
+    │                           rotate scopes it does not hold itself (``missing`` names them)
     └── StoreError              the key store failed
         └── StoreUnavailable    the store could not be reached or did not answer in time
 
@@ -33,6 +35,7 @@ __all__ = [
     "KeyValidationError",
     "KeystileError",
     "RotationRefused",
+    "ScopeRefused",
     "StoreError",
     "StoreUnavailable",
 ]
@@ -93,6 +96,17 @@ class RotationRefused(KeystileError):
 
     def __init__(self, reason: str, message: str) -> None:
         self.reason = reason
+        super().__init__(message)
+
+
+class ScopeRefused(KeystileError):
+    """The calling key may not make this change: it would grant scopes the key does not
+    hold itself, change its own scopes, allowlists or expiry, or act on a key holding more
+    than it does. ``missing`` holds the scopes it lacks (``("*",)`` for changes to itself).
+    """
+
+    def __init__(self, missing: tuple[str, ...], message: str) -> None:
+        self.missing = missing
         super().__init__(message)
 
 

@@ -15,7 +15,7 @@ import builtins
 import logging
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -32,6 +32,7 @@ from keystile.exceptions import (
     KeyNotFound,
     KeyValidationError,
     RotationRefused,
+    ScopeRefused,
     StoreUnavailable,
 )
 from keystile.models import (
@@ -42,6 +43,7 @@ from keystile.models import (
     KeyType,
     field_errors,
 )
+from keystile.scopes import WILDCARD
 from keystile.stores.protocol import KeyStore
 from keystile.usage import (
     Granularity,
@@ -99,6 +101,10 @@ _FIXED_FIELDS = {
     "replaces": "is set by rotation and cannot be changed",
     "replaced_by": "is set by rotation and cannot be changed",
 }
+
+# What a key may not change on itself unless it holds everything ("*"): else a key with
+# admin:manage_keys could widen its own scopes or lift its own restrictions.
+_SELF_GUARDED = ("scopes", "allowed_origins", "allowed_ips", "expires_at")
 
 RECORD_FIELDS = (
     "id",
@@ -235,12 +241,35 @@ def _check_rotatable(key: ApiKey, moment: datetime) -> None:
         )
 
 
+def _rotated_expiry(record: ApiKey, updated: ApiKey) -> list[FieldError]:
+    """The problem with ``updated``'s expiry when ``record`` was rotated out: its expiry
+    may only move earlier, or the old key (and its secret) would come back to life."""
+    ends = record.expires_at
+    if record.replaced_by is None or ends is None:
+        return []
+    if updated.expires_at is not None and updated.expires_at <= ends:
+        return []
+    return [
+        FieldError(
+            "expires_at",
+            f"key {record.id} was rotated to {record.replaced_by}: its expiry can only move "
+            f"earlier than {ends.isoformat()}, not later or away",
+        )
+    ]
+
+
 class KeyManager:
     """Issue and manage keys in a store.
 
     Changes to one record (update, revoke, rotate) read, change and write it back; they are
     serialised within this manager, so a revocation is never undone by a concurrent update
     made through the same manager.
+
+    :meth:`create`, :meth:`update` and :meth:`rotate` take the calling key as ``actor``
+    when a key (not an operator) asks, as the admin API does. Such a key may grant only
+    scopes it holds itself, may not change its own scopes, allowlists or expiry, and may not
+    update or rotate a key holding scopes it lacks: :class:`ScopeRefused` names the scopes
+    missing. A ``*`` key, and ``actor=None`` (Python code, the command line), may do all.
     """
 
     def __init__(
@@ -264,6 +293,43 @@ class KeyManager:
     def now(self) -> datetime:
         return to_datetime(self.clock())
 
+    def _lacks(self, actor: ApiKey | None, scopes: Iterable[str]) -> tuple[str, ...]:
+        """Those of ``scopes`` that ``actor`` does not hold (wildcards resolved); none for
+        the operator (``None``) or a ``*`` key."""
+        if actor is None or WILDCARD in actor.scopes:
+            return ()
+        catalogue = self.policy.catalogue
+        return tuple(s for s in dict.fromkeys(scopes) if not catalogue.grants(actor.scopes, s))
+
+    def _may_grant(self, actor: ApiKey | None, scopes: Iterable[str]) -> None:
+        missing = self._lacks(actor, scopes)
+        if actor is not None and missing:
+            raise ScopeRefused(
+                missing,
+                f"key {actor.id} cannot grant scopes it does not hold: it lacks "
+                + " ".join(missing),
+            )
+
+    def _may_manage(self, actor: ApiKey | None, target: ApiKey, action: str) -> None:
+        missing = self._lacks(actor, target.scopes)
+        if actor is not None and missing:
+            raise ScopeRefused(
+                missing,
+                f"key {actor.id} cannot {action} key {target.id}, which holds scopes it "
+                f"lacks: {' '.join(missing)}",
+            )
+
+    def _may_change_itself(self, actor: ApiKey | None, record: ApiKey, updated: ApiKey) -> None:
+        if actor is None or actor.id != record.id or not self._lacks(actor, [WILDCARD]):
+            return
+        changed = [f for f in _SELF_GUARDED if getattr(updated, f) != getattr(record, f)]
+        if changed:
+            raise ScopeRefused(
+                (WILDCARD,),
+                f"key {actor.id} cannot change its own {', '.join(changed)}: that takes "
+                f"the scope {WILDCARD}",
+            )
+
     async def _issue(
         self, settings: KeySettings, now: float, *, replaces: str | None = None
     ) -> CreatedKey:
@@ -279,10 +345,16 @@ class KeyManager:
         await self.store.add(record, self.hasher.digest(token))
         return CreatedKey(record, SecretStr(token))
 
-    async def create(self, settings: KeySettings | Mapping[str, Any]) -> CreatedKey:
-        """Validate ``settings``, issue a key, store its record; the secret is returned once."""
+    async def create(
+        self, settings: KeySettings | Mapping[str, Any], *, actor: ApiKey | None = None
+    ) -> CreatedKey:
+        """Validate ``settings``, issue a key, store its record; the secret is returned once.
+
+        With an ``actor``, the new key's scopes must be ones it holds (:class:`ScopeRefused`).
+        """
         now = self.clock()
         valid = self.policy.validate(settings, now=to_datetime(now))
+        self._may_grant(actor, valid.scopes)
         created = await self._issue(valid, now)
         logger.info("created key %s (%s, %s)", created.key.id, created.key.hint, valid.type)
         return created
@@ -390,7 +462,13 @@ class KeyManager:
         return dict(changes)
 
     async def update(
-        self, key_id: str, changes: Mapping[str, Any] | None = None, /, **fields: Any
+        self,
+        key_id: str,
+        changes: Mapping[str, Any] | None = None,
+        /,
+        *,
+        actor: ApiKey | None = None,
+        **fields: Any,
     ) -> ApiKey:
         """Change some of a key's settings (:data:`UPDATABLE_FIELDS`; never its type or
         secret), by a mapping, keywords, or both. Each given field replaces the old value
@@ -399,11 +477,17 @@ class KeyManager:
 
         Checked with the rules of :meth:`create`, field formats and policy; one
         :class:`KeyValidationError` names every offending field. Fields not being changed
-        are not re-judged, so a key made under older rules can still be renamed.
+        are not re-judged, so a key made under older rules can still be renamed. A rotated
+        key's expiry may only move earlier.
+
+        With an ``actor`` (see the class), :class:`ScopeRefused` when the key holds scopes
+        the actor lacks, the new scopes include one, or the actor changes its own scopes,
+        allowlists or expiry.
         """
         wanted = self._changes({**(changes or {}), **fields})
 
         def change(record: ApiKey) -> ApiKey:
+            self._may_manage(actor, record, "update")
             merged = {**record.model_dump(), **wanted}
             try:
                 updated = ApiKey.model_validate(merged)
@@ -414,12 +498,18 @@ class KeyManager:
                 for e in self.policy.check(updated, updated.type, now=self.now())
                 if re.split(r"[.\[]", e.field, maxsplit=1)[0] in wanted
             ]
+            problems += _rotated_expiry(record, updated)
             if problems:
                 raise KeyValidationError(problems)
+            if "scopes" in wanted:
+                self._may_grant(actor, updated.scopes)
+            self._may_change_itself(actor, record, updated)
             return updated
 
         if not wanted:
-            return await self.get(key_id)
+            record = await self.get(key_id)
+            self._may_manage(actor, record, "update")
+            return record
         record, updated = await self._write(key_id, change)
         if updated != record:
             logger.info("updated key %s (%s): %s", key_id, record.hint, ", ".join(sorted(wanted)))
@@ -460,18 +550,27 @@ class KeyManager:
             f"key {key_id} changed {_WRITE_ATTEMPTS} times while being updated; try again"
         )
 
-    async def rotate(self, key_id: str, *, grace: timedelta | float = DEFAULT_GRACE) -> RotatedKey:
+    async def rotate(
+        self,
+        key_id: str,
+        *,
+        grace: timedelta | float = DEFAULT_GRACE,
+        actor: ApiKey | None = None,
+    ) -> RotatedKey:
         """Issue a successor with the same settings and a new secret; the old key keeps
         working for ``grace`` (a duration or seconds; default 24 h, may be zero), then is
         refused as expired — never later than an expiry it already had.
 
         The two records link to each other (``previous.replaced_by``, ``key.replaces``).
         A revoked, expired or already rotated key is refused with :class:`RotationRefused`.
+        With an ``actor`` (see the class), a key holding scopes it lacks is refused with
+        :class:`ScopeRefused`: the successor's secret would give them to it.
         """
         seconds = _grace_seconds(grace)
         async with self._writing:
             for _ in range(_WRITE_ATTEMPTS):
                 old = await self.get(key_id)
+                self._may_manage(actor, old, "rotate")
                 now = self.clock()
                 moment = to_datetime(now)
                 _check_rotatable(old, moment)

@@ -206,11 +206,13 @@ class Refusals:
                 self._rate_limited[names] = refusal
         return refusal
 
-    def insufficient_scope(self, missing: Iterable[str]) -> Refusal:
+    def insufficient_scope(self, missing: Iterable[str], message: str | None = None) -> Refusal:
+        """403 ``insufficient_scope`` naming ``missing`` in the challenge (and, unless
+        ``message`` says more, in the message)."""
         scopes = " ".join(missing)
         return Refusal(
             403,
             "insufficient_scope",
-            f"The API key lacks the scope {scopes}.",
+            message or f"The API key lacks the scope {scopes}.",
             [self.challenge("insufficient_scope", scopes)],
         )
