@@ -813,6 +813,9 @@ async def test_item3_an_actor_cannot_update_or_rotate_a_key_holding_more(
         {"expires_at": "2030-01-01T00:00:00Z"},
         {"expires_at": "2027-02-01T00:00:00Z"},
         {"name": "renamed", "allowed_ips": ["10.0.0.0/8", "192.168.0.0/16"]},
+        {"rate_limit": "1000000/minute"},
+        {"address_rate_limit": "1000/second"},
+        {"token_quota": 10**12},
     ],
     ids=[
         "narrow-scopes",
@@ -824,6 +827,9 @@ async def test_item3_an_actor_cannot_update_or_rotate_a_key_holding_more(
         "later-expiry",
         "earlier-expiry",
         "with-a-rename",
+        "raise-rate-limit",
+        "raise-address-share",
+        "raise-token-quota",
     ],
 )
 async def test_item3_an_actor_cannot_change_its_own_scopes_allowlists_or_expiry(

@@ -103,8 +103,16 @@ _FIXED_FIELDS = {
 }
 
 # What a key may not change on itself unless it holds everything ("*"): else a key with
-# admin:manage_keys could widen its own scopes or lift its own restrictions.
-_SELF_GUARDED = ("scopes", "allowed_origins", "allowed_ips", "expires_at")
+# admin:manage_keys could widen its own scopes or lift its own restrictions and limits.
+_SELF_GUARDED = (
+    "scopes",
+    "allowed_origins",
+    "allowed_ips",
+    "rate_limit",
+    "address_rate_limit",
+    "token_quota",
+    "expires_at",
+)
 
 RECORD_FIELDS = (
     "id",
