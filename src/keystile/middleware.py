@@ -114,7 +114,8 @@ class KeystileMiddleware:
             await self.app(scope, receive, send)
             return
         # The hot path, inline: find the one Authorization header, and recall the cache
-        # entry those exact bytes resolved to moments ago (alive and fresh, or nothing).
+        # entry those exact bytes resolved to moments ago (alive and fresh, or nothing):
+        # only an admitted key's canonical ``Bearer <key>`` is ever remembered (_resolve).
         value = None
         for name, raw in scope["headers"]:
             if name == b"authorization":
@@ -135,6 +136,7 @@ class KeystileMiddleware:
         principal: Principal = entry.derived or self.gate.principal(entry)
         now = self._clock()
         if principal.key.revoked_at is not None or now >= principal.expires:
+            self._cache.forget(value)  # expired since it was remembered
             if self._usage is not None:  # SPEC §7: who still uses an old key
                 self._usage.record_refusal(principal.key_id, "inactive")
             revoked = principal.key.revoked_at is not None
@@ -333,8 +335,16 @@ class KeystileMiddleware:
                 return self.refusals.unavailable
             if entry is None:
                 return self.refusals.invalid
-        self._cache.remember(value, entry)
+        if scheme == b"Bearer" and len(value) == len(token) + 7:
+            self._remember_if_admitted(value, entry)
         return entry
+
+    def _remember_if_admitted(self, value: bytes, entry: CacheEntry) -> None:
+        """Remember a canonical ``Bearer <key>`` header for an active key. A revoked or
+        expired key, like an unknown one, leaves nothing behind."""
+        principal: Principal = entry.derived or self.gate.principal(entry)
+        if principal.key.revoked_at is None and self._clock() < principal.expires:
+            self._cache.remember(value, entry)
 
     async def _refuse(
         self,

@@ -12,6 +12,8 @@
   added anywhere — so it never hides a key created afterwards.
 - A lookup that raced with a change is not cached: a fetch started before an
   announcement may have read the old record.
+- Small in bytes, whatever clients send: the credential map (see :meth:`CachedStore.remember`)
+  holds at most ``max_size`` credentials of at most :data:`MAX_CREDENTIAL` bytes each.
 """
 
 from __future__ import annotations
@@ -25,7 +27,11 @@ from keystile.clock import Clock
 from keystile.models import ApiKey
 from keystile.stores.protocol import KeyStore, StoreListener
 
-__all__ = ["CacheEntry", "CachedStore"]
+__all__ = ["MAX_CREDENTIAL", "CacheEntry", "CachedStore"]
+
+# The longest credential remembered, in bytes. ``Bearer `` and the longest key (a 32-byte
+# prefix, 33 more) take 72: anything longer is padding, and padding is never remembered.
+MAX_CREDENTIAL = 256
 
 
 class CacheEntry:
@@ -100,18 +106,27 @@ class CachedStore:
     # -- lookups ----------------------------------------------------------------------------
 
     def recall(self, credential: bytes) -> CacheEntry | None:
-        """The live, fresh entry remembered for these exact credential bytes, if any."""
+        """The live, fresh entry remembered for these exact credential bytes, if any; one
+        found dead or stale is forgotten."""
         entry = self._remembered.get(credential)
-        if entry is not None and entry.alive and entry.fresh_until > self._clock():
-            self.hits += 1
-            return entry
+        if entry is not None:
+            if entry.alive and entry.fresh_until > self._clock():
+                self.hits += 1
+                return entry
+            del self._remembered[credential]
         return None
 
     def remember(self, credential: bytes, entry: CacheEntry) -> None:
         """Remember which entry these credential bytes resolved to, so a repeat request
-        skips the checksum and the HMAC. Bounded like the cache; an entry is trusted only
-        while it is alive and fresh, so revocation and TTL apply unchanged."""
-        if not entry.alive:
+        skips the checksum and the HMAC. An entry is trusted only while it is alive and
+        fresh, so revocation and TTL apply unchanged.
+
+        Bounded in count like the cache (``max_size``) and so in bytes: a credential longer
+        than :data:`MAX_CREDENTIAL` is not remembered, so the map's keys never hold more
+        than ``max_size * MAX_CREDENTIAL`` bytes (2.5 MB at the default size). Callers
+        remember only credentials that were admitted, in their canonical spelling.
+        """
+        if not entry.alive or len(credential) > MAX_CREDENTIAL:
             return
         remembered = self._remembered
         if len(remembered) >= self.max_size:
@@ -120,6 +135,10 @@ class CachedStore:
             if len(remembered) >= self.max_size:
                 del remembered[next(iter(remembered))]
         remembered[credential] = entry
+
+    def forget(self, credential: bytes) -> None:
+        """Stop remembering these credential bytes (their key is no longer admitted)."""
+        self._remembered.pop(credential, None)
 
     def lookup_task(self, digest: str) -> asyncio.Task[CacheEntry | None]:
         """:meth:`lookup` as a task, for a caller that may stop waiting for it: a late
