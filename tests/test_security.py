@@ -23,7 +23,7 @@ from conftest import SECRET, Figures
 from faults.server import Server, child_env, serve_command
 from keystile import KeyHasher, KeyManager, ManualClock, MemoryStore, generate_key
 from keystile.clock import to_datetime
-from keystile.gate import Keystile
+from keystile.gate import MAX_ORIGIN_MEMO, Keystile
 from keystile.middleware import KeystileMiddleware
 from keystile.routing import Rule, public
 from keystile.stores import CachedStore
@@ -313,3 +313,43 @@ def test_item2_padded_headers_with_a_revoked_key_do_not_grow_the_server(
         f"(+{growth:.1f} MB) after 2,000 padded revoked-key requests"
     )
     assert growth < 40, f"RSS grew by {growth:.1f} MB"
+
+
+@pytest.mark.parametrize("size", [1024, 1024 * 1024])
+async def test_item2_huge_origins_with_a_public_client_key_pin_nothing(
+    memory_gate: Keystile, size: int
+) -> None:
+    """The same class through ``Origin``: a client key is public, so anyone can send it
+    with 64 different huge origins. Each is refused 403 (origin_not_allowed) and the key's
+    principal remembers no value longer than MAX_ORIGIN_MEMO bytes."""
+    created = await memory_gate.manager.create(
+        {
+            "name": "web",
+            "type": "client",
+            "scopes": ["vec:read"],
+            "allowed_origins": ["https://app.example.com"],
+        }
+    )
+    secret = created.secret.get_secret_value()
+    app, _ = make_app(memory_gate)
+    for n in range(64):
+        origin = b"https://" + str(n).encode() + b"a" * size + b".example.com"
+        response = await call(
+            app, [(b"authorization", b"Bearer " + secret.encode()), (b"origin", origin)]
+        )
+        assert response.status_code == 403
+        assert response.json()["error"]["code"] == "origin_not_allowed"
+    ok = await call(
+        app,
+        [
+            (b"authorization", b"Bearer " + secret.encode()),
+            (b"origin", b"https://app.example.com"),
+        ],
+    )
+    assert ok.status_code == 200
+    entry = await memory_gate.store.lookup(memory_gate.hasher.digest(secret))
+    assert entry is not None
+    principal = memory_gate.principal(entry)
+    memo = principal._origin_memo
+    assert sum(len(value) for value in memo) <= len(memo) * MAX_ORIGIN_MEMO
+    assert memo == {b"https://app.example.com": True}

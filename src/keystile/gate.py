@@ -42,6 +42,10 @@ from keystile.usage import (
 
 __all__ = ["KeyUser", "Keystile", "Principal"]
 
+# The longest Origin value a key's principal remembers its answer for (a scheme, a
+# 253-character host and a port fit); longer ones are parsed each time.
+MAX_ORIGIN_MEMO = 300
+
 logger = logging.getLogger("keystile")
 
 
@@ -123,7 +127,9 @@ class Principal:
         if ok is None:
             origin = parse_origin(value)
             ok = origin is not None and origin_allowed(origin, self.origins)
-            if len(self._origin_memo) < 64:  # bounded: a key sees few distinct origins
+            # Bounded, in bytes too: a key sees few distinct origins, each short (a client
+            # key is public: anyone can send it with a megabyte of Origin).
+            if len(self._origin_memo) < 64 and len(value) <= MAX_ORIGIN_MEMO:
                 self._origin_memo[value] = ok
         return ok
 
