@@ -36,6 +36,7 @@ from keystile import KeystileSettings, ManualClock, MemoryStore, RedisStore
 from keystile.demo import DEMO_ORIGINS, build_demo_app, seed_demo_keys
 from keystile.gate import Keystile
 from keystile.ratelimit import (
+    MAX_COST,
     MAX_WINDOW,
     Decision,
     MemoryLimiter,
@@ -602,6 +603,51 @@ async def test_a_cost_above_a_window_is_refused_in_all(driver: Driver) -> None:
     assert (await driver.hit("2/second;3/minute", "k", 2, START)).remaining == (0, 1)
 
 
+# -- item 13: large costs are decided, up to MAX_COST ------------------------------------------
+
+
+async def fill(driver: Driver, text: str, units: int, now: float) -> None:
+    """Admit ``units`` at ``now``, in hits of at most MAX_COST."""
+    while units:
+        step = min(units, MAX_COST)
+        got = await driver.hit(text, "k", step, now)
+        assert got.allowed and not got.degraded
+        units -= step
+
+
+@pytest.mark.parametrize("cost", [1, 7_999, 8_000, MAX_COST])
+async def test_item13_large_costs_are_decided_exactly_at_a_limit_of_50000(
+    driver: Driver, cost: int
+) -> None:
+    """Under 50000/minute, a request of ``cost`` (past 8,000 a single Lua unpack() fails on
+    a real redis-server) one unit short of room is refused, consuming nothing; once the
+    oldest entry leaves, it is admitted to exactly the limit — never an error, never
+    admitted undecided."""
+    text = "50000/minute"
+    await fill(driver, text, 1, START)
+    await fill(driver, text, 50_000 - cost, START + 1)
+    refused = await driver.hit(text, "k", cost, START + 1)
+    assert not refused.allowed and not refused.degraded
+    assert (refused.remaining, refused.retry_after) == ((cost - 1,), 60)
+    admitted = await driver.hit(text, "k", cost, START + 60.125)
+    assert admitted.allowed and not admitted.degraded and admitted.remaining == (0,)
+    assert not (await driver.hit(text, "k", 1, START + 60.125)).allowed
+    if isinstance(driver.limiter, RedisLimiter):
+        name = driver.limiter.window_key("k", limit_set(text, "dev"), 0)
+        assert await driver.limiter.client.llen(name) == 50_000
+
+
+@pytest.mark.parametrize("cost", [0, -1, MAX_COST + 1, 10**9, 1.5, True])
+async def test_item13_a_cost_outside_1_to_max_cost_is_a_clear_error(
+    driver: Driver, cost: Any
+) -> None:
+    """Past MAX_COST (20,000), or below 1, or not a whole number, a cost is a ValueError
+    naming the bounds — not a failure of Redis — and consumes nothing."""
+    with pytest.raises(ValueError, match="from 1 to 20,000"):
+        await driver.hit("50000/minute", "k", cost, START)
+    assert (await driver.hit("50000/minute", "k", 1, START)).remaining == (49_999,)
+
+
 # -- item 12: the in-memory limiter's work and memory ------------------------------------------
 
 
@@ -642,7 +688,7 @@ async def test_item12_a_decision_reads_log_n_entries_at_ten_million_a_day(
     assert CountedList.reads <= 2 * (math.log2(held) + 1) + 4
 
 
-@pytest.mark.parametrize("cost", [1, 1_000, 1_000_000])
+@pytest.mark.parametrize("cost", [1, 1_000, MAX_COST])
 async def test_item12_memory_follows_admissions_not_the_limit_or_the_cost(
     clock: ManualClock, cost: int
 ) -> None:

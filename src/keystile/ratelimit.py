@@ -3,7 +3,10 @@
 
 Limits are written the way :mod:`limits` writes them (``"100/minute"``,
 ``"10/second;1000/hour"``) and parsed by it. A request is admitted only when *every*
-window of its key admits it, and a refused request consumes nothing (SPEC §4).
+window of its key admits it, and a refused request consumes nothing (SPEC §4). A request
+costs 1 by default and at most :data:`MAX_COST` (20,000): a window keeps one timestamp per
+unit, and in Redis one script pushes them all while Redis waits (about 10 ms for 20,000);
+a cost outside 1–20,000 is a ``ValueError``, with either limiter.
 
 The decision follows ``limits``' moving-window algorithm to the letter: a window keeps
 the timestamps of its last ``amount`` admissions, newest first, and refuses a request of
@@ -67,6 +70,7 @@ _MAX_LIMIT_TEXT = 256
 _ZERO_WINDOW = re.compile(r"(?:/|per)\s*0+\s*[a-z]", re.IGNORECASE)
 MAX_AMOUNT = 10_000_000
 MAX_WINDOW = 366 * 86_400
+MAX_COST = 20_000  # units one request may cost (one timestamp each)
 
 
 def parse_rate_limit(text: str) -> list[RateLimitItem]:
@@ -177,6 +181,11 @@ class Decision:
         ]
 
 
+def _check_cost(cost: int) -> None:
+    if isinstance(cost, bool) or not isinstance(cost, int) or not 1 <= cost <= MAX_COST:
+        raise ValueError(f"a request costs a whole number from 1 to {MAX_COST:,}, not {cost!r}")
+
+
 def _seconds(value: float) -> int:
     return max(0, math.ceil(value - 1e-9))
 
@@ -192,7 +201,8 @@ class Limiter(Protocol):
     """Decides whether a key may make a request now."""
 
     async def hit(self, key: str, limits: LimitSet, cost: int = 1) -> Decision:
-        """Admit (and count) or refuse (and count nothing) ``cost`` units for ``key``."""
+        """Admit (and count) or refuse (and count nothing) ``cost`` units for ``key``
+        (``ValueError`` unless 1 <= ``cost`` <= :data:`MAX_COST`)."""
 
     async def start(self) -> None:
         """Prepare (e.g. load scripts) so the first request pays nothing extra."""
@@ -296,6 +306,7 @@ class MemoryLimiter:
 
     def hit_now(self, key: str, limits: LimitSet, cost: int = 1) -> Decision:
         """:meth:`hit` without the coroutine: no I/O happens here."""
+        _check_cost(cost)
         now = self._clock()
         windows = limits.windows
         logs = [self._events.get((key, i)) or _Log() for i in range(len(windows))]
@@ -382,11 +393,14 @@ for i = 1, n do
   end
 end
 if allowed == 1 then
+  -- Lua's stack takes fewer than 8,000 results from one unpack(): push in chunks.
   local stamps = {}
-  for j = 1, cost do stamps[j] = now end
+  for j = 1, math.min(cost, 1000) do stamps[j] = now end
   for i = 1, n do
     local amount = tonumber(ARGV[1 + 2 * i])
-    redis.call('LPUSH', KEYS[i], unpack(stamps))
+    for pushed = 0, cost - 1, 1000 do
+      redis.call('LPUSH', KEYS[i], unpack(stamps, 1, math.min(1000, cost - pushed)))
+    end
     redis.call('LTRIM', KEYS[i], 0, amount - 1)
     redis.call('PEXPIRE', KEYS[i], tonumber(ARGV[2 + 2 * i]))
   end
@@ -548,6 +562,7 @@ class RedisLimiter(FallingBack):
         self, key: str, limits: LimitSet, cost: int = 1, now_ms: int | None = None
     ) -> Decision:
         """:meth:`hit` on a given Redis-side clock (for tests); ``None`` is Redis' own."""
+        _check_cost(cost)
         if self.local_refusals and now_ms is None:
             blocked = self._blocked.get((key, limits.text))
             if blocked is not None:
