@@ -331,6 +331,33 @@ async def test_item10_a_keys_known_addresses_stop_at_the_cap(address_state: Aler
     assert await known_addresses(address_state, key_id) == known
 
 
+@pytest.mark.parametrize("kind", ["fakeredis", "redis"])
+async def test_item10_a_set_grown_past_the_cap_before_is_cut_back_to_it(kind: str) -> None:
+    """A set the old pipeline grew to 19,200 members goes back to the cap at the key's next
+    flush, and reports nothing."""
+    import fakeredis
+    import redis.asyncio
+
+    namespace = new_namespace()
+    if kind == "redis":
+        require_redis()
+        client = redis.asyncio.Redis.from_url(REDIS_URL)
+    else:
+        client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    try:
+        state = RedisAlertState(client, namespace=namespace)
+        name = f"{namespace}:usage:{{key_old}}:seen_ips"
+        await client.sadd(
+            name, *(f"10.{n // 65536}.{n // 256 % 256}.{n % 256}" for n in range(19_200))
+        )
+        assert await state.new_addresses({"key_old": {"192.0.2.1"}}) == {}
+        assert await client.scard(name) == 10_000
+    finally:
+        await client.aclose()
+        if kind == "redis":
+            cleanup_namespace(namespace)
+
+
 @pytest.mark.parametrize("room", [0, 1, 5])
 async def test_item10_a_batch_larger_than_the_room_left_fills_to_the_cap(
     address_state: AlertState, room: int
