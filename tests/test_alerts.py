@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
-from conftest import REDIS_URL
+from conftest import REDIS_URL, cleanup_namespace, new_namespace, require_redis
 from keystile import KeystileSettings, ManualClock, MemoryStore, RedisStore
-from keystile.alerts import Alert, AlertRules, MemoryAlertState
+from keystile.alerts import Alert, AlertRules, AlertState, MemoryAlertState, RedisAlertState
 from keystile.clock import to_datetime
 from keystile.gate import Keystile
 from keystile.quotas import MemoryQuotaStore, RedisQuotaStore
@@ -274,6 +274,105 @@ async def test_a_new_address_within_one_flush_interval_fires(
     await rig.send(prod, ip="203.0.113.66")
     await rig.send(prod, ip="192.0.2.1")
     assert await rig.flush() == ["new_ip"]
+
+
+# -- item 10: the addresses a key has used are a bounded set -------------------------------
+
+
+@pytest.fixture(params=["memory", "fakeredis", "redis"])
+async def address_state(request: pytest.FixtureRequest) -> AsyncIterator[AlertState]:
+    """The alert state of each backend (Redis ones under a fresh namespace)."""
+    import fakeredis
+    import redis.asyncio
+
+    namespace = new_namespace()
+    if request.param == "memory":
+        yield MemoryAlertState()
+        return
+    if request.param == "redis":
+        require_redis()
+        client = redis.asyncio.Redis.from_url(REDIS_URL)
+    else:
+        client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    yield RedisAlertState(client, namespace=namespace)
+    await client.aclose()
+    if request.param == "redis":
+        cleanup_namespace(namespace)
+
+
+async def known_addresses(state: AlertState, key_id: str) -> set[str]:
+    """The addresses the state remembers for ``key_id``."""
+    if isinstance(state, MemoryAlertState):
+        return set(state._seen.get(key_id, set()))
+    assert isinstance(state, RedisAlertState)
+    name = f"{state.namespace}:usage:{{{key_id}}}:seen_ips"
+    return {m.decode() for m in await state.client.smembers(name)}
+
+
+async def test_item10_a_keys_known_addresses_stop_at_the_cap(address_state: AlertState) -> None:
+    """300 flushes of 64 new addresses each (19,200 in all) leave at most 10,000 remembered
+    — in Redis too, whose set the old pipeline grew without bound. Until the cap, each
+    address is reported once; at it, the rest are neither remembered nor reported, so a key
+    used from ever more addresses cannot fire on every flush."""
+    key_id = "key_item10"
+    cap = 10_000  # the default
+    reported: list[str] = []
+    for flush in range(300):
+        batch = {f"10.{flush // 256}.{flush % 256}.{n}" for n in range(64)}
+        fresh = await address_state.new_addresses({key_id: batch})
+        reported += fresh.get(key_id, [])
+        assert set(fresh.get(key_id, [])) <= batch
+    known = await known_addresses(address_state, key_id)
+    assert len(known) == cap
+    assert len(reported) == len(set(reported)) == cap - 64  # the first 64 were the baseline
+    assert set(reported) <= known
+    # Full: a new address is ignored, a known one stays known; nothing is reported.
+    assert await address_state.new_addresses({key_id: {"192.0.2.99", reported[0]}}) == {}
+    assert await known_addresses(address_state, key_id) == known
+
+
+@pytest.mark.parametrize("kind", ["fakeredis", "redis"])
+async def test_item10_a_set_grown_past_the_cap_before_is_cut_back_to_it(kind: str) -> None:
+    """A set the old pipeline grew to 19,200 members goes back to the cap at the key's next
+    flush, and reports nothing."""
+    import fakeredis
+    import redis.asyncio
+
+    namespace = new_namespace()
+    if kind == "redis":
+        require_redis()
+        client = redis.asyncio.Redis.from_url(REDIS_URL)
+    else:
+        client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    try:
+        state = RedisAlertState(client, namespace=namespace)
+        name = f"{namespace}:usage:{{key_old}}:seen_ips"
+        await client.sadd(
+            name, *(f"10.{n // 65536}.{n // 256 % 256}.{n % 256}" for n in range(19_200))
+        )
+        assert await state.new_addresses({"key_old": {"192.0.2.1"}}) == {}
+        assert await client.scard(name) == 10_000
+    finally:
+        await client.aclose()
+        if kind == "redis":
+            cleanup_namespace(namespace)
+
+
+@pytest.mark.parametrize("room", [0, 1, 5])
+async def test_item10_a_batch_larger_than_the_room_left_fills_to_the_cap(
+    address_state: AlertState, room: int
+) -> None:
+    """A batch holding more new addresses than the set has room for adds (and reports)
+    exactly as many as fit, never more — whichever backend holds the set."""
+    address_state.max_known = 20  # type: ignore[attr-defined]
+    key_id = "key_item10_room"
+    assert (
+        await address_state.new_addresses({key_id: {f"10.0.0.{n}" for n in range(20 - room)}})
+        == {}
+    )
+    fresh = await address_state.new_addresses({key_id: {f"10.0.1.{n}" for n in range(8)}})
+    assert len(fresh.get(key_id, [])) == room
+    assert len(await known_addresses(address_state, key_id)) == 20
 
 
 def percents(alerts: Iterable[Alert]) -> list[int]:

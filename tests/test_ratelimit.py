@@ -46,6 +46,7 @@ from keystile.gate import Keystile
 from keystile.models import DEFAULT_TYPE_POLICIES, KeyPolicy, KeyType
 from keystile.network import budget_address, parse_address
 from keystile.ratelimit import (
+    MAX_COST,
     MAX_WINDOW,
     Decision,
     MemoryLimiter,
@@ -612,6 +613,141 @@ async def test_a_cost_above_a_window_is_refused_in_all(driver: Driver) -> None:
     refused = await driver.hit("2/second;3/minute", "k", 3, START)
     assert not refused.allowed and refused.remaining == (2, 3)
     assert (await driver.hit("2/second;3/minute", "k", 2, START)).remaining == (0, 1)
+
+
+# -- item 13: large costs are decided, up to MAX_COST ------------------------------------------
+
+
+async def fill(driver: Driver, text: str, units: int, now: float) -> None:
+    """Admit ``units`` at ``now``, in hits of at most MAX_COST."""
+    while units:
+        step = min(units, MAX_COST)
+        got = await driver.hit(text, "k", step, now)
+        assert got.allowed and not got.degraded
+        units -= step
+
+
+@pytest.mark.parametrize("cost", [1, 7_999, 8_000, MAX_COST])
+async def test_item13_large_costs_are_decided_exactly_at_a_limit_of_50000(
+    driver: Driver, cost: int
+) -> None:
+    """Under 50000/minute, a request of ``cost`` (past 8,000 a single Lua unpack() fails on
+    a real redis-server) one unit short of room is refused, consuming nothing; once the
+    oldest entry leaves, it is admitted to exactly the limit — never an error, never
+    admitted undecided."""
+    text = "50000/minute"
+    await fill(driver, text, 1, START)
+    await fill(driver, text, 50_000 - cost, START + 1)
+    refused = await driver.hit(text, "k", cost, START + 1)
+    assert not refused.allowed and not refused.degraded
+    assert (refused.remaining, refused.retry_after) == ((cost - 1,), 60)
+    admitted = await driver.hit(text, "k", cost, START + 60.125)
+    assert admitted.allowed and not admitted.degraded and admitted.remaining == (0,)
+    assert not (await driver.hit(text, "k", 1, START + 60.125)).allowed
+    if isinstance(driver.limiter, RedisLimiter):
+        name = driver.limiter.window_key("k", limit_set(text, "dev"), 0)
+        assert await driver.limiter.client.llen(name) == 50_000
+
+
+@pytest.mark.parametrize("cost", [0, -1, MAX_COST + 1, 10**9, 1.5, True])
+async def test_item13_a_cost_outside_1_to_max_cost_is_a_clear_error(
+    driver: Driver, cost: Any
+) -> None:
+    """Past MAX_COST (20,000), or below 1, or not a whole number, a cost is a ValueError
+    naming the bounds — not a failure of Redis — and consumes nothing."""
+    with pytest.raises(ValueError, match="from 1 to 20,000"):
+        await driver.hit("50000/minute", "k", cost, START)
+    assert (await driver.hit("50000/minute", "k", 1, START)).remaining == (49_999,)
+
+
+# -- item 12: the in-memory limiter's work and memory ------------------------------------------
+
+
+class CountedList(list[Any]):
+    """A list that counts the entries read from it (``bisect`` reads a list subclass
+    through ``__getitem__`` too)."""
+
+    reads = 0
+
+    def __getitem__(self, index: Any) -> Any:
+        CountedList.reads += 1
+        return super().__getitem__(index)
+
+
+def window_log(limiter: MemoryLimiter, key: str, index: int = 0) -> Any:
+    """The in-memory log of one window of ``key``."""
+    return limiter._events[(key, "", index)]
+
+
+@pytest.mark.parametrize("held", [2**8, 2**14])
+async def test_item12_a_decision_reads_log_n_entries_at_ten_million_a_day(
+    clock: ManualClock, held: int
+) -> None:
+    """With ``held`` admissions in a 10,000,000/day window (each at its own time), one more
+    decision reads about 2·log2(held) entries of the log — not one per admission held or
+    per unit of the limit (the old list was shifted whole on every admission)."""
+    limiter = MemoryLimiter(clock=clock)
+    per_day = limit_set("10000000/day", "dev")
+    for _ in range(held):
+        clock.advance(0.001)
+        assert limiter.hit_now("k", per_day).allowed
+    log = window_log(limiter, "k")
+    log.stamps, log.ends = CountedList(log.stamps), CountedList(log.ends)
+    CountedList.reads = 0
+    clock.advance(0.001)
+    decision = limiter.hit_now("k", per_day)
+    assert decision.allowed and decision.remaining == (10_000_000 - held - 1,)
+    assert CountedList.reads <= 2 * (math.log2(held) + 1) + 4
+
+
+@pytest.mark.parametrize("cost", [1, 1_000, MAX_COST])
+async def test_item12_memory_follows_admissions_not_the_limit_or_the_cost(
+    clock: ManualClock, cost: int
+) -> None:
+    """Five admissions of any cost under 10,000,000/day hold five runs (one per distinct
+    time), not one entry per unit; once the day has passed, the next decision forgets
+    them all."""
+    limiter = MemoryLimiter(clock=clock)
+    per_day = limit_set("10000000/day", "dev")
+    for n in range(5):
+        clock.advance(1.0)
+        decision = limiter.hit_now("k", per_day, cost)
+        assert decision.allowed and decision.remaining == (10_000_000 - (n + 1) * cost,)
+    log = window_log(limiter, "k")
+    assert (log.runs, len(log)) == (5, 5 * cost)
+    clock.advance(86_400.5)  # the newest was admitted 86,400.5 s ago: out of the window
+    assert limiter.hit_now("k", per_day).remaining == (9_999_999,)
+    assert (log.runs, len(log)) == (1, 1)
+
+
+def plain_log_decides(
+    log: list[float], amount: int, seconds: int, cost: int, now: float
+) -> tuple[bool, int]:
+    """The moving window as limits writes it, over a plain newest-first list (the old
+    MemoryLimiter): admitted?, entries inside the window afterwards."""
+    index = amount - cost
+    allowed = cost <= amount and not (index < len(log) and log[index] >= now - seconds)
+    if allowed:
+        log[:0] = [now] * cost
+        del log[amount:]
+    return allowed, sum(1 for t in log if t >= now - seconds)
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_item12_runs_decide_as_a_plain_log_with_large_costs(seed: int) -> None:
+    """Random costs of up to 40 against limits of up to 100 (runs split by the trim, merged
+    at equal times): every decision and remaining count equals the plain list's."""
+    rng = random.Random(seed)
+    amount, seconds = rng.randint(1, 100), rng.choice((1, 2, 5))
+    clock = ManualClock(START)
+    limiter, plain = MemoryLimiter(clock=clock), []
+    window = limit_set(f"{amount}/{seconds} seconds", "dev")
+    for step in range(600):
+        clock.advance(rng.choice((0.0, 0.0, 0.125, 0.25, 1.0)))
+        cost = rng.randint(1, 40)
+        allowed, inside = plain_log_decides(plain, amount, seconds, cost, clock.now)
+        got = limiter.hit_now("k", window, cost)
+        assert (got.allowed, got.remaining) == (allowed, (amount - inside,)), step
 
 
 # -- exactness against the real server ---------------------------------------------------------

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import redis
 
-from conftest import REDIS_URL
+from conftest import REDIS_URL, cleanup_namespace, new_namespace, require_redis
 from keystile import KeyHasher, KeyManager, RedisStore, StoreError, StoreUnavailable
 from keystile.stores import CachedStore
 
@@ -110,3 +112,78 @@ def test_namespace_must_be_plain(namespace: str) -> None:
 
     with pytest.raises(ValueError, match="namespace"):
         RedisStore(fakeredis.FakeAsyncRedis(), namespace=namespace)
+
+
+# -- item 14: a crash inside add never leaves a key that authenticates unlisted --------------
+
+
+class Crash:
+    """Make the ``at``-th command or pipeline sent through redis-py fail with a
+    ConnectionError: ``lost`` before it reaches Redis, ``unanswered`` after Redis ran it
+    (the reply is what is lost)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, at: int, mode: str) -> None:
+        from redis.asyncio.client import Pipeline, Redis
+
+        self.at, self.mode, self.calls, self.fired = at, mode, 0, False
+        for owner, name in ((Redis, "execute_command"), (Pipeline, "execute")):
+            monkeypatch.setattr(owner, name, self._wrap(getattr(owner, name)))
+
+    def _wrap(self, original: Any) -> Any:
+        async def wrapped(this: Any, *args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            if self.calls != self.at:
+                return await original(this, *args, **kwargs)
+            self.fired = True
+            if self.mode == "unanswered":
+                await original(this, *args, **kwargs)
+            raise redis.ConnectionError("the process died here")
+
+        return wrapped
+
+
+@pytest.fixture(params=["fakeredis", "redis"])
+async def crash_store(request: pytest.FixtureRequest) -> AsyncIterator[RedisStore]:
+    """A RedisStore on fakeredis and on the real server (under a fresh namespace)."""
+    import fakeredis
+
+    namespace = new_namespace()
+    if request.param == "redis":
+        require_redis()
+        made = RedisStore.from_url(REDIS_URL, namespace=namespace)
+    else:
+        made = RedisStore(fakeredis.FakeAsyncRedis(), namespace=namespace)
+    yield made
+    await made.close()
+    if request.param == "redis":
+        cleanup_namespace(namespace)
+
+
+@pytest.mark.parametrize("mode", ["lost", "unanswered"])
+@pytest.mark.parametrize("at", [1, 2])
+async def test_item14_a_crash_inside_add_never_leaves_an_unlisted_key_that_authenticates(
+    crash_store: RedisStore, monkeypatch: pytest.MonkeyPatch, at: int, mode: str
+) -> None:
+    """Whichever of add's writes the process dies at (before Redis runs it, or after but
+    before the reply), the key authenticates if and only if it is listed: the digest that
+    makes it authenticate is written last, with the index entry. (The old add wrote the
+    record and the digest first and indexed them in a second pipeline: a crash between
+    the two left a working key no listing showed.)"""
+    from test_stores import record
+
+    key, digest = record(14), "e" * 64
+    crash = Crash(monkeypatch, at, mode)
+    with pytest.raises(StoreUnavailable):
+        await crash_store.add(key, digest)
+    assert crash.fired
+    monkeypatch.undo()
+    authenticates = await crash_store.find(digest) is not None
+    listed = key.id in [k.id for k in await crash_store.list_keys()]
+    assert authenticates == listed, "listing and authentication disagree"
+    assert not authenticates or mode == "unanswered"
+    if not authenticates:
+        # Adding it again (as a retry would, under a new id) works and is consistent.
+        again = record(15)
+        await crash_store.add(again, digest)
+        assert await crash_store.find(digest) == again
+        assert again.id in [k.id for k in await crash_store.list_keys()]

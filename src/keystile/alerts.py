@@ -7,7 +7,10 @@ Rules (each optional, see :class:`AlertRules`):
   at least ``error_min_requests`` requests that minute;
 - ``inactive_key_in_use`` — a revoked or expired key was still presented;
 - ``new_ip`` — a production key was used from an address it had not used before (the
-  first address a key ever uses is its baseline, not an alert);
+  first address a key ever uses is its baseline, not an alert). Each key remembers at most
+  10,000 addresses: once it has, a further address is neither remembered nor reported (a
+  key used from that many addresses gets nothing from this rule; it cannot fire on every
+  flush);
 - ``quota`` — AI token use passed 80, 90 and 100 % of the key's hourly budget;
 - ``rotation_due`` — a key is older than its type's rotation age (prod 90 days, dev a year).
 
@@ -75,6 +78,31 @@ class AlertRules(BaseModel):
 
 _LOOKUPS_PER_FLUSH = 20  # store reads a flush may make for keys not in the cache
 _MAX_KNOWN = 10_000  # addresses remembered per key; past that, no new-IP alerts
+_KNOWN_TTL = 90 * 86_400  # a key's addresses are forgotten 90 days after its last use
+
+# KEYS[1]: the set of the addresses one key has used. ARGV: the cap, the TTL in seconds,
+# then the addresses seen since the last flush. Adds them while the set holds fewer than
+# the cap (past it, an address is neither remembered nor reported; a set over it, from
+# before the cap was enforced here, loses random members down to it). Returns how many the
+# set held before, then the addresses it did not hold and now does.
+_NOTE_ADDRESSES = """
+local known = redis.call('SCARD', KEYS[1])
+local cap = tonumber(ARGV[1])
+local out = {known}
+if known > cap then  -- grown past the cap before it was enforced here: back to it
+  redis.call('SPOP', KEYS[1], known - cap)
+  known = cap
+end
+for i = 3, #ARGV do
+  if known >= cap then break end
+  if redis.call('SADD', KEYS[1], ARGV[i]) == 1 then
+    known = known + 1
+    out[#out + 1] = ARGV[i]
+  end
+end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return out
+"""
 
 
 class AlertState(Protocol):
@@ -88,15 +116,24 @@ class AlertState(Protocol):
 
     async def new_addresses(self, seen: dict[str, set[str]]) -> dict[str, list[str]]:
         """Note the addresses each key was seen using; for each key, those that are new.
-        The addresses of a key's very first batch are its baseline, never "new"."""
+        The addresses of a key's very first batch are its baseline, never "new". A key
+        remembers at most ``max_known`` addresses; past that, new ones are not noted nor
+        returned."""
 
 
 class MemoryAlertState:
     """Alert state in this process (bounded)."""
 
-    def __init__(self, *, clock: Clock = time.monotonic, max_entries: int = 100_000) -> None:
+    def __init__(
+        self,
+        *,
+        clock: Clock = time.monotonic,
+        max_entries: int = 100_000,
+        max_known: int = _MAX_KNOWN,
+    ) -> None:
         self._clock = clock
         self._max = max_entries
+        self.max_known = max_known
         self._until: dict[str, float] = {}
         self._seen: dict[str, set[str]] = {}
 
@@ -119,10 +156,11 @@ class MemoryAlertState:
             if known is None:
                 if len(self._seen) >= self._max:
                     continue
-                self._seen[key_id] = set(ips)  # the baseline
+                self._seen[key_id] = set(sorted(ips)[: self.max_known])  # the baseline
                 continue
-            fresh = sorted(ip for ip in ips if ip not in known)
-            if fresh and len(known) < _MAX_KNOWN:
+            room = self.max_known - len(known)
+            fresh = sorted(ip for ip in ips if ip not in known)[: max(0, room)]
+            if fresh:
                 known.update(fresh)
                 out[key_id] = fresh
         return out
@@ -131,9 +169,13 @@ class MemoryAlertState:
 class RedisAlertState:
     """Alert state in Redis, shared by every process (hash-tagged by key id, with TTLs)."""
 
-    def __init__(self, client: Redis, *, namespace: str = "keystile") -> None:
+    def __init__(
+        self, client: Redis, *, namespace: str = "keystile", max_known: int = _MAX_KNOWN
+    ) -> None:
         self.client = client
         self.namespace = namespace
+        self.max_known = max_known
+        self._note = client.register_script(_NOTE_ADDRESSES)
 
     def _name(self, name: str) -> str:
         key_id, _, rule = name.partition("|")
@@ -152,22 +194,18 @@ class RedisAlertState:
         if not seen:
             return {}
         plan = [(key_id, sorted(ips)) for key_id, ips in seen.items()]
-        async with self.client.pipeline(transaction=False) as pipe:  # one round trip
+        async with self.client.pipeline(
+            transaction=False
+        ) as pipe:  # one pipeline (and SCRIPT EXISTS)
             for key_id, ips in plan:
                 name = f"{self.namespace}:usage:{{{key_id}}}:seen_ips"
-                pipe.scard(name)
-                for ip in ips:
-                    pipe.sadd(name, ip)
-                pipe.expire(name, 90 * 86_400)
+                await self._note(keys=[name], args=[self.max_known, _KNOWN_TTL, *ips], client=pipe)
             replies = await pipe.execute()
         out: dict[str, list[str]] = {}
-        position = 0
-        for key_id, ips in plan:
-            before = int(replies[position])
-            added = [ip for ip, r in zip(ips, replies[position + 1 :], strict=False) if r]
-            position += len(ips) + 2
-            if before and added and before < _MAX_KNOWN:
-                out[key_id] = [ip for ip in ips if ip in added]
+        for (key_id, _), reply in zip(plan, replies, strict=True):
+            before, added = int(reply[0]), reply[1:]
+            if before and added:  # the first batch of a key is its baseline
+                out[key_id] = [ip.decode() if isinstance(ip, bytes) else ip for ip in added]
         return out
 
 
@@ -251,7 +289,7 @@ class Alerter:
                     {"attempts": counts[INACTIVE]},
                 )
         if rules.new_ip_for_prod:
-            # Every address a production key used since the last flush, in one round trip.
+            # Every address a production key used since the last flush, in one pipeline.
             try:
                 fresh = await self.state.new_addresses(batch.seen_ips)
             except (RedisError, OSError) as exc:

@@ -3,7 +3,10 @@
 
 Limits are written the way :mod:`limits` writes them (``"100/minute"``,
 ``"10/second;1000/hour"``) and parsed by it. A request is admitted only when *every*
-window of its key admits it, and a refused request consumes nothing (SPEC §4).
+window of its key admits it, and a refused request consumes nothing (SPEC §4). A request
+costs 1 by default and at most :data:`MAX_COST` (20,000): a window keeps one timestamp per
+unit, and in Redis one script pushes them all while Redis waits (about 10 ms for 20,000);
+a cost outside 1–20,000 is a ``ValueError``, with either limiter.
 
 The decision follows ``limits``' moving-window algorithm to the letter: a window keeps
 the timestamps of its last ``amount`` admissions, newest first, and refuses a request of
@@ -33,6 +36,7 @@ import logging
 import math
 import re
 import time
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
@@ -66,6 +70,7 @@ _MAX_LIMIT_TEXT = 256
 _ZERO_WINDOW = re.compile(r"(?:/|per)\s*0+\s*[a-z]", re.IGNORECASE)
 MAX_AMOUNT = 10_000_000
 MAX_WINDOW = 366 * 86_400
+MAX_COST = 20_000  # units one request may cost (one timestamp each)
 
 
 def parse_rate_limit(text: str) -> list[RateLimitItem]:
@@ -191,6 +196,11 @@ class Decision:
         ]
 
 
+def _check_cost(cost: int) -> None:
+    if isinstance(cost, bool) or not isinstance(cost, int) or not 1 <= cost <= MAX_COST:
+        raise ValueError(f"a request costs a whole number from 1 to {MAX_COST:,}, not {cost!r}")
+
+
 def _seconds(value: float) -> int:
     return max(0, math.ceil(value - 1e-9))
 
@@ -209,7 +219,8 @@ class Limiter(Protocol):
         self, key: str, limits: LimitSet, cost: int = 1, *, address: str = ""
     ) -> Decision:
         """Admit (and count) or refuse (and count nothing) ``cost`` units for ``key``, and
-        for ``address`` in the windows that count each client address apart."""
+        for ``address`` in the windows that count each client address apart
+        (``ValueError`` unless 1 <= ``cost`` <= :data:`MAX_COST`)."""
 
     async def start(self) -> None:
         """Prepare (e.g. load scripts) so the first request pays nothing extra."""
@@ -218,18 +229,94 @@ class Limiter(Protocol):
         """Release resources. Idempotent."""
 
 
+class _Log:
+    """The admissions of one window, oldest first, as runs of one timestamp:
+    ``stamps[i]`` was admitted ``ends[i] - ends[i - 1]`` times (``ends`` numbers every
+    admission the window ever made). The runs before ``head`` are gone, and so are the
+    admissions numbered up to ``dropped`` (the run at ``head`` may have lost its oldest).
+
+    Each operation is an append or a bisection, O(log n) in the runs held (dropped runs are
+    compacted away when they are half the list: amortised O(1)); a cost of ``c`` is one run,
+    not ``c`` entries. The runs held are at most the admissions still held, which are at most
+    the window's amount — and none once they have all left the window: 16 bytes a run."""
+
+    __slots__ = ("dropped", "ends", "head", "stamps", "total")
+
+    def __init__(self) -> None:
+        self.stamps = array("d")  # 8 bytes a run each: no float or int objects held
+        self.ends = array("q")
+        self.head = 0
+        self.dropped = 0
+        self.total = 0
+
+    def __len__(self) -> int:
+        """Admissions held."""
+        return self.total - self.dropped
+
+    @property
+    def runs(self) -> int:
+        """Runs held (what the log's memory grows with)."""
+        return len(self.stamps) - self.head
+
+    @property
+    def newest(self) -> float | None:
+        return self.stamps[-1] if self.total > self.dropped else None
+
+    def at(self, index: int) -> float | None:
+        """The entry ``index`` places from the newest (0), or ``None`` past the oldest."""
+        number = self.total - index
+        if number <= self.dropped:
+            return None
+        return self.stamps[bisect.bisect_left(self.ends, number, self.head)]
+
+    def push(self, now: float, cost: int) -> None:
+        """``cost`` admissions at ``now``."""
+        self.total += cost
+        if self.total - cost > self.dropped and self.stamps[-1] == now:
+            self.ends[-1] = self.total
+        else:
+            self.stamps.append(now)
+            self.ends.append(self.total)
+
+    def keep(self, amount: int) -> None:
+        """Drop all but the newest ``amount`` admissions."""
+        if self.total - self.dropped > amount:
+            self._drop(self.total - amount)
+
+    def inside(self, since: float) -> tuple[int, float]:
+        """How many admissions are at ``since`` or later, and the oldest of them (``-1``:
+        none). The older ones can never refuse again (time only moves on): dropped."""
+        first = bisect.bisect_left(self.stamps, since, self.head)
+        if first > self.head:
+            self._drop(max(self.dropped, self.ends[first - 1]))
+        count = self.total - self.dropped
+        return count, self.stamps[self.head] if count else -1.0
+
+    def _drop(self, number: int) -> None:
+        """Drop the admissions numbered up to ``number``."""
+        self.dropped = number
+        self.head = bisect.bisect_right(self.ends, number, self.head)
+        if self.head and 2 * self.head >= len(self.stamps):
+            del self.stamps[: self.head]
+            del self.ends[: self.head]
+            self.head = 0
+
+
 class MemoryLimiter:
     """Moving windows in this process. Bounded: at most ``max_keys`` windows are kept. When
     full, windows whose entries have all left go first; only if none has, the least
     recently used one (which can then admit again early: size ``max_keys`` for the keys
-    active within the longest window)."""
+    active within the longest window).
+
+    A decision costs O(log n) in the admissions a window holds, whatever its limit or the
+    request's cost, and a window holds one run per distinct admission time still inside
+    it (see :class:`_Log`)."""
 
     def __init__(self, *, clock: Clock = system_clock, max_keys: int = 100_000) -> None:
         self._clock = clock
         self._max_keys = max_keys
-        # (key, address or "", window index) -> admission times, newest first, at most
-        # `amount` of them.
-        self._events: OrderedDict[tuple[str, str, int], list[float]] = OrderedDict()
+        # (key, address or "", window index) -> its admissions, at most `amount` of them.
+        self._events: OrderedDict[tuple[str, str, int], _Log] = OrderedDict()
         self._spans: dict[tuple[str, str, int], int] = {}  # the same keys -> window seconds
 
     async def hit(
@@ -239,10 +326,11 @@ class MemoryLimiter:
 
     def hit_now(self, key: str, limits: LimitSet, cost: int = 1, *, address: str = "") -> Decision:
         """:meth:`hit` without the coroutine: no I/O happens here."""
+        _check_cost(cost)
         now = self._clock()
         windows = limits.windows
         names = [(key, address if w.per_address else "", i) for i, w in enumerate(windows)]
-        logs = [self._events.get(name) or [] for name in names]
+        logs = [self._events.get(name) or _Log() for name in names]
         wait = 0.0
         refused_by: list[str] = []
         for window, log in zip(windows, logs, strict=True):
@@ -250,15 +338,15 @@ class MemoryLimiter:
                 refused_by.append(window.name)
                 wait = max(wait, float(window.seconds))
                 continue
-            index = window.amount - cost
-            if index < len(log) and log[index] >= now - window.seconds:
+            entry = log.at(window.amount - cost)
+            if entry is not None and entry >= now - window.seconds:
                 refused_by.append(window.name)
-                wait = max(wait, log[index] + window.seconds - now)
+                wait = max(wait, entry + window.seconds - now)
         allowed = not refused_by
         if allowed:
             for name, window, log in zip(names, windows, logs, strict=True):
-                log[:0] = [now] * cost
-                del log[window.amount :]
+                log.push(now, cost)
+                log.keep(window.amount)
                 self._events[name] = log
                 self._events.move_to_end(name)
                 self._spans[name] = window.seconds
@@ -266,12 +354,9 @@ class MemoryLimiter:
                 self._evict(now)
         remaining, reset = [], []
         for window, log in zip(windows, logs, strict=True):
-            # Entries still inside the window: a prefix of the newest-first log.
-            count = bisect.bisect_right(log, -(now - window.seconds), key=lambda t: -t)
+            count, oldest = log.inside(now - window.seconds)
             remaining.append(window.amount - count)
-            reset.append(
-                _seconds(log[count - 1] + window.seconds - now if count else window.seconds)
-            )
+            reset.append(_seconds(oldest + window.seconds - now if count else window.seconds))
         retry = 0 if allowed else _retry_after(wait)
         return Decision(
             allowed, tuple(remaining), tuple(reset), retry, at=now, refused_by=tuple(refused_by)
@@ -279,7 +364,11 @@ class MemoryLimiter:
 
     def _evict(self, now: float) -> None:
         spans = self._spans
-        idle = [k for k, log in self._events.items() if not log or log[0] < now - spans[k]]
+        idle = [
+            k
+            for k, log in self._events.items()
+            if (newest := log.newest) is None or newest < now - spans[k]
+        ]
         for name in idle:
             del self._events[name]
             del spans[name]
@@ -329,11 +418,14 @@ for i = 1, n do
   end
 end
 if allowed == 1 then
+  -- Lua's stack takes fewer than 8,000 results from one unpack(): push in chunks.
   local stamps = {}
-  for j = 1, cost do stamps[j] = now end
+  for j = 1, math.min(cost, 1000) do stamps[j] = now end
   for i = 1, n do
     local amount = tonumber(ARGV[1 + 2 * i])
-    redis.call('LPUSH', KEYS[i], unpack(stamps))
+    for pushed = 0, cost - 1, 1000 do
+      redis.call('LPUSH', KEYS[i], unpack(stamps, 1, math.min(1000, cost - pushed)))
+    end
     redis.call('LTRIM', KEYS[i], 0, amount - 1)
     redis.call('PEXPIRE', KEYS[i], tonumber(ARGV[2 + 2 * i]))
   end
@@ -508,6 +600,7 @@ class RedisLimiter(FallingBack):
         address: str = "",
     ) -> Decision:
         """:meth:`hit` on a given Redis-side clock (for tests); ``None`` is Redis' own."""
+        _check_cost(cost)
         if not limits.per_address:
             address = ""  # one entry per key in the caches below, whoever calls
         blocked_as = (key, address, limits.text)

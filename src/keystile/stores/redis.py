@@ -194,24 +194,27 @@ class RedisStore:
     # -- records ----------------------------------------------------------------------------
 
     async def add(self, key: ApiKey, digest: str) -> None:
+        """Write the record, then index it and — last — the digest that makes the key
+        authenticate (they live in different cluster slots: no one transaction can hold
+        them all). Wherever a crash stops the writes, a key that authenticates is listed:
+        stopped before the digest, it leaves a record that nothing presents and no listing
+        shows (``get`` by id still finds it), never a working key missing from the index."""
         record = key.model_dump_json()
+        name = self.record_key(key.id)
         with _store_errors("adding a key"):
-            async with self.client.pipeline(transaction=False) as pipe:
-                pipe.set(self.record_key(key.id), record, nx=True)
-                pipe.set(self.digest_key(digest), key.id, nx=True)
-                created_record, created_digest = await pipe.execute()
-            if not (created_record and created_digest):
-                async with self.client.pipeline(transaction=False) as pipe:
-                    if created_record:
-                        pipe.delete(self.record_key(key.id))
-                    if created_digest:
-                        pipe.delete(self.digest_key(digest))
-                    await pipe.execute()
+            if not await self.client.set(name, record, nx=True):
                 raise KeyConflict(f"a key with id {key.id} or the same digest already exists")
             async with self.client.pipeline(transaction=False) as pipe:
                 pipe.zadd(self._index, {key.id: 0})
+                pipe.set(self.digest_key(digest), key.id, nx=True)
                 await self._publish(pipe, key.id, digest)
-                await pipe.execute()
+                _, created_digest, _ = await pipe.execute()
+            if not created_digest:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    pipe.zrem(self._index, key.id)
+                    pipe.delete(name)
+                    await pipe.execute()
+                raise KeyConflict(f"a key with id {key.id} or the same digest already exists")
 
     async def get(self, key_id: str) -> ApiKey | None:
         with _store_errors("reading a key"):
