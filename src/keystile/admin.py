@@ -222,7 +222,7 @@ class AdminAPI:
                 else:
                     errors.append(
                         FieldError(
-                            name[:100],
+                            name,
                             "unknown parameter (known: type, status, meta.<name>, limit, cursor)",
                         )
                     )
@@ -277,7 +277,7 @@ class AdminAPI:
             key_id = _key_id(request)
             data = await _json_object(request, required=False)
             unknown = [
-                FieldError(name[:100], "unknown field (known: grace_seconds)")
+                FieldError(name, "unknown field (known: grace_seconds)")
                 for name in data
                 if name != "grace_seconds"
             ]
