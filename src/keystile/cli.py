@@ -127,8 +127,16 @@ def quota(text: str) -> int | str:
 # -- the parser --------------------------------------------------------------------------
 
 
-def _shared(*, store: bool) -> argparse.ArgumentParser:
-    options = argparse.ArgumentParser(add_help=False)
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors that never repeat a key: argparse quotes the value it
+    refused (``invalid choice: 'prod_...'``), and a secret may have been pasted there."""
+
+    def error(self, message: str) -> NoReturn:
+        super().error(redact_keys(message))
+
+
+def _shared(*, store: bool) -> _Parser:
+    options = _Parser(add_help=False)
     if store:
         options.add_argument(
             "--redis",
@@ -191,14 +199,6 @@ def _settings_options(parser: argparse.ArgumentParser, *, update: bool) -> None:
         metavar="NAME=VALUE",
         help="a metadata entry, e.g. project=search (repeat for more)",
     )
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, with usage errors that never repeat a key: argparse quotes the value it
-    refused (``invalid choice: 'prod_...'``), and a secret may have been pasted there."""
-
-    def error(self, message: str) -> NoReturn:
-        super().error(redact_keys(message))
 
 
 def build_parser() -> argparse.ArgumentParser:
