@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shlex
 import shutil
@@ -15,7 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
-from keystile.demo import DEMO_ORIGINS, build_demo_app, seed_demo_keys
+from keystile import demo as demo_module
+from keystile.demo import DEMO_ORIGINS, DemoState, DemoStore, build_demo_app, seed_demo_keys
 from keystile.gate import Keystile
 
 
@@ -121,7 +123,7 @@ async def test_data_query_is_read_only(demo: tuple[httpx.AsyncClient, dict[str, 
         ("SELECT key, value FROM json_each('[5, 7]')", 200, [[0, 5], [1, 7]]),
         (
             "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT 100)"
-            " SELECT zeroblob(100000) FROM c",
+            " SELECT zeroblob(60000) FROM c",
             400,
             "larger than 4 MiB",
         ),
@@ -135,6 +137,21 @@ async def test_data_query_is_read_only(demo: tuple[httpx.AsyncClient, dict[str, 
             400,
             "ran too long",
         ),
+        # One VM instruction is never interrupted: these took 8 s and 11 s before the
+        # string and pattern limits.
+        (
+            "SELECT instr(hex(zeroblob(500000)), hex(zeroblob(250000)) || '1')",
+            400,
+            "too big",
+        ),
+        ("SELECT 'a' GLOB printf('%.*c', 40000, '*')", 400, "too complex"),
+        ("SELECT 'a' LIKE printf('%.*c', 201, '%')", 400, "too complex"),
+        (
+            "SELECT instr(printf('%.*c', 65535, 'a'), printf('%.*c', 32767, 'a') || 'b'),"
+            " printf('%.*c', 65535, 'a') LIKE printf('%.*c', 199, '%') || 'b'",
+            200,
+            [[0, 0]],
+        ),
     ],
     ids=[
         "blob",
@@ -145,6 +162,10 @@ async def test_data_query_is_read_only(demo: tuple[httpx.AsyncClient, dict[str, 
         "attach",
         "huge-blob",
         "endless",
+        "instr-over-long-strings",
+        "long-glob-pattern",
+        "long-like-pattern",
+        "longest-allowed",
     ],
 )
 async def test_data_query_answers_json_or_a_400(
@@ -310,3 +331,172 @@ async def test_admin_api_is_mounted(demo: tuple[httpx.AsyncClient, dict[str, str
     refused = await client.get("/cloud/keys/", headers=bearer(keys["dev"]))
     assert refused.status_code == 403
     assert refused.json()["error"]["code"] == "insufficient_scope"
+
+
+# -- issue #18 item 4: a slow query must not freeze the server; the stores are bounded ---------
+
+ENDLESS = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c"
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[httpx.AsyncClient, DemoState, dict[str, str]]]:
+    """The demo app with its state at hand (small stores), a client and the seeded keys."""
+    gate = Keystile(store="memory://")
+    keys = await seed_demo_keys(gate)
+    state = DemoState(kev=DemoStore(3, 100), files=DemoStore(3, 100))
+    transport = httpx.ASGITransport(app=build_demo_app(gate, state))
+    async with httpx.AsyncClient(transport=transport, base_url="http://demo") as client:
+        yield client, state, {n: c.secret.get_secret_value() for n, c in keys.items()}
+
+
+async def _until(condition: Any) -> None:
+    """Let other tasks run until ``condition()`` holds (a bounded number of turns)."""
+    for _ in range(10_000):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the condition never held")
+
+
+async def test_item4_a_long_query_does_not_hold_up_other_requests(
+    served: tuple[httpx.AsyncClient, DemoState, dict[str, str]],
+) -> None:
+    """While an endless query runs (in its worker thread), /health answers again and again;
+    the query is then stopped by the wall-clock limit with a 400, and the next query runs."""
+    client, state, keys = served
+    slow = asyncio.create_task(
+        client.post("/cloud/data/query", json={"sql": ENDLESS}, headers=bearer(keys["dev"]))
+    )
+    await _until(state.sql_lock.locked)
+    for _ in range(5):
+        health = await client.get("/health")
+        assert health.status_code == 200
+    assert not slow.done()  # all five answered while the query was still running
+    stopped = await slow
+    assert stopped.status_code == 400
+    seconds = demo_module.QUERY_SECONDS
+    assert stopped.json()["error"] == {
+        "code": "invalid_query",
+        "message": f"The query ran too long: it was stopped after {seconds:g} s.",
+    }
+    after = await client.post(
+        "/cloud/data/query", json={"sql": "SELECT 1"}, headers=bearer(keys["dev"])
+    )
+    assert after.json() == {"columns": ["1"], "rows": [[1]]}
+
+
+async def test_item4_queries_wait_their_turn_within_a_bound(
+    served: tuple[httpx.AsyncClient, DemoState, dict[str, str]],
+) -> None:
+    """Queries wait for the one connection, at most 16 of them: the next one is a 503
+    answered at once, and the 16 are answered when the connection is free."""
+    client, state, keys = served
+
+    async def ask(sql: str) -> httpx.Response:
+        return await client.post(
+            "/cloud/data/query", json={"sql": sql}, headers=bearer(keys["dev"])
+        )
+
+    async with state.sql_lock:  # the connection is busy
+        waiting = [asyncio.create_task(ask(f"SELECT {n}")) for n in range(16)]
+        await _until(lambda: state.queries_pending == 16)
+        refused = await ask("SELECT 'one too many'")
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "busy"
+        assert not any(task.done() for task in waiting)
+    answers = await asyncio.gather(*waiting)
+    assert [a.json()["rows"] for a in answers] == [[[n]] for n in range(16)]
+    assert state.queries_pending == 0
+
+
+def _name(path: str) -> str:
+    """The name a demo store keeps an entry under: its path after the service's."""
+    return path.removeprefix("/cloud/kev/").removeprefix("/cloud/files/")
+
+
+STORES = [
+    ("kev", "/cloud/kev/k{n}", 200),
+    ("files", "/cloud/files/dir/f{n}", 201),
+]
+
+
+@pytest.mark.parametrize(("store", "path", "created"), STORES, ids=[s for s, _, _ in STORES])
+async def test_item4_stores_refuse_entries_beyond_their_count(
+    served: tuple[httpx.AsyncClient, DemoState, dict[str, str]],
+    store: str,
+    path: str,
+    created: int,
+) -> None:
+    """A store holding its most entries answers a new one 507 storage_full and keeps
+    nothing of it; replacing an entry still works, and a delete makes room."""
+    client, state, keys = served
+    headers = bearer(keys["dev"])
+    held: DemoStore[Any] = getattr(state, store)
+    for n in range(3):
+        assert (
+            await client.put(path.format(n=n), content=b"v", headers=headers)
+        ).status_code == created
+    full = await client.put(path.format(n=3), content=b"v", headers=headers)
+    assert full.status_code == 507
+    assert full.json()["error"]["code"] == "storage_full"
+    assert len(held) == 3 and held.get(_name(path.format(n=3))) is None
+    assert (await client.get(path.format(n=3), headers=headers)).status_code == 404
+    replaced = await client.put(path.format(n=0), content=b"w", headers=headers)
+    assert replaced.status_code == created
+    if store == "kev":
+        assert (await client.delete(path.format(n=1), headers=headers)).status_code == 204
+        held_after = 2
+    else:  # the file service has no DELETE: the count stays at its bound
+        held_after = 3
+    assert len(held) == held_after
+
+
+@pytest.mark.parametrize(("store", "path", "created"), STORES, ids=[s for s, _, _ in STORES])
+async def test_item4_stores_refuse_bytes_beyond_their_size(
+    served: tuple[httpx.AsyncClient, DemoState, dict[str, str]],
+    store: str,
+    path: str,
+    created: int,
+) -> None:
+    """A value that would take a store past its bytes is a 507 and changes nothing; what
+    fits is stored and counted (name and value), a replacement counted once."""
+    client, state, keys = served
+    headers = bearer(keys["dev"])
+    held: DemoStore[Any] = getattr(state, store)
+    first = await client.put(path.format(n=0), content=b"x" * 60, headers=headers)
+    assert first.status_code == created
+    name = _name(path.format(n=0))
+    assert held.size == len(name) + 60
+    too_much = await client.put(path.format(n=1), content=b"y" * 60, headers=headers)
+    assert too_much.status_code == 507
+    assert too_much.json()["error"]["code"] == "storage_full"
+    assert (len(held), held.size) == (1, len(name) + 60)
+    assert (await client.get(path.format(n=1), headers=headers)).status_code == 404
+    again = await client.put(path.format(n=0), content=b"z" * 90, headers=headers)
+    assert again.status_code == created  # it replaces the 60 bytes: it fits
+    assert (len(held), held.size) == (1, len(name) + 90)
+    got = await client.get(path.format(n=0), headers=headers)
+    assert (got.json()["value"].encode() if store == "kev" else got.content) == b"z" * 90
+
+
+async def test_item4_the_vector_service_is_bounded(
+    demo: tuple[httpx.AsyncClient, dict[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past its most databases the vector service answers 507 and lists no more."""
+    monkeypatch.setattr(demo_module, "MAX_DATABASES", 2)
+    client, keys = demo
+    for name in ("a", "b", "c"):
+        made = await client.post(
+            "/cloud/vec/databases", json={"name": name}, headers=bearer(keys["dev"])
+        )
+    assert made.status_code == 507
+    assert made.json()["error"]["code"] == "storage_full"
+    listed = await client.get("/cloud/vec/databases", headers=bearer(keys["dev"]))
+    assert [d["name"] for d in listed.json()["databases"]] == ["a", "b"]
+
+
+def test_item4_the_default_stores_are_bounded() -> None:
+    """Out of the box every store of the demo has a bound on entries and bytes."""
+    state = DemoState()
+    assert (state.kev.max_entries, state.kev.max_bytes) == (1000, 8 << 20)
+    assert (state.files.max_entries, state.files.max_bytes) == (256, 32 << 20)

@@ -10,7 +10,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from keystile import KeyFormatError, KeyHasher, generate_key, parse_key
-from keystile.keys import BASE62, BODY_LENGTH, CHECKSUM_LENGTH, checksum, key_hint, new_key_id
+from keystile.keys import (
+    BASE62,
+    BODY_LENGTH,
+    CHECKSUM_LENGTH,
+    checksum,
+    key_hint,
+    new_key_id,
+    redact_keys,
+)
 
 PREFIXES = {"dev_", "prod_", "client_"}
 prefixes = st.sampled_from(sorted(PREFIXES))
@@ -159,3 +167,43 @@ def test_key_ids_sort_in_creation_order() -> None:
     ids = [new_key_id(1_800_000_000.0 + i / 1000) for i in range(200)]
     assert ids == sorted(ids)
     assert all(i.startswith("key_") and len(i) == 24 for i in ids)
+
+
+# -- redact_keys (issue #18 item 9) -------------------------------------------------------------
+
+PROD, CUSTOM = generate_key("prod_"), generate_key("sk2_")
+PROD_HINT, CUSTOM_HINT = key_hint(PROD, "prod_"), key_hint(CUSTOM, "sk2_")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param(PROD, PROD_HINT, id="alone"),
+        pytest.param(f"'{PROD}' is not a scope", f"'{PROD_HINT}' is not a scope", id="quoted"),
+        pytest.param(f"x{PROD}", f"x{PROD_HINT}", id="glued-before"),
+        pytest.param(f"{PROD}x9", f"{PROD_HINT}x9", id="glued-after"),
+        pytest.param(f"dev_{PROD}", f"dev_{PROD_HINT}", id="after-another-prefix"),
+        pytest.param(f"{PROD}{CUSTOM}", PROD_HINT + CUSTOM_HINT, id="two-glued"),
+        pytest.param(f"metadata.{CUSTOM}.[key]", f"metadata.{CUSTOM_HINT}.[key]", id="any-prefix"),
+        pytest.param(f"a {PROD} b {PROD}", f"a {PROD_HINT} b {PROD_HINT}", id="twice"),
+    ],
+)
+def test_redact_keys_replaces_every_key_by_its_hint(text: str, expected: str) -> None:
+    """Every run that parses as a key, whatever its prefix and whatever is glued to it,
+    becomes its display hint; the text around it stays."""
+    assert redact_keys(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("", id="empty"),
+        pytest.param("unknown action 'reed' in scope 'vec:reed'", id="message"),
+        pytest.param(PROD[:-1] + ("A" if PROD[-1] != "A" else "B"), id="bad-checksum"),
+        pytest.param("prod_" + "a" * 33, id="random-tail"),
+        pytest.param("snake_case_" + "x" * 40, id="identifier"),
+    ],
+)
+def test_redact_keys_leaves_other_text_alone(text: str) -> None:
+    """Text holding no key, look-alikes included, comes back unchanged."""
+    assert redact_keys(text) == text

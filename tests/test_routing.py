@@ -641,3 +641,79 @@ async def test_rule_is_enforced_on_the_plain_path(local: Keystile) -> None:
     assert_refused(
         response, 403, "insufficient_scope", challenge("insufficient_scope", "vec:write")
     )
+
+
+# -- issue #18 item 1: a method's spelling does not skip its rule ---------------------------
+
+# One scope per method, each rule's method spelled differently.
+SPELLED_RULES = [
+    Rule("GET", "/items/{name}", ["vec:read"]),
+    Rule("post", "/items/{name}", ["vec:write"]),
+    Rule("Put", "/items/{name}", ["kev:write"]),
+    Rule(["pAtCh"], "/items/{name}", ["files:write"]),
+    Rule("DELETE", "/items/{name}", ["vec:delete"]),
+    Rule("options", "/items/{name}", ["data:read"]),
+]
+ALL_RULE_SCOPES = ["vec:read", "vec:write", "kev:write", "files:write", "vec:delete", "data:read"]
+
+
+class MethodBlindApp:
+    """An ASGI app that serves any spelling of a method as the method, as WSGI bridges
+    (a2wsgi) and Starlette's HTTPEndpoint up to 1.0.1 do."""
+
+    def __init__(self) -> None:
+        self.served: list[str] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        self.served.append(scope["method"].upper())
+        await PlainTextResponse(f"served {scope['method'].upper()}")(scope, receive, send)
+
+
+@pytest.mark.parametrize(
+    ("method", "scope"),
+    [
+        pytest.param("get", "vec:read", id="get"),
+        pytest.param("Get", "vec:read", id="Get"),
+        pytest.param("gEt", "vec:read", id="gEt"),
+        pytest.param("head", "vec:read", id="head-as-get"),
+        pytest.param("Head", "vec:read", id="Head-as-get"),
+        pytest.param("post", "vec:write", id="post"),
+        pytest.param("POST", "vec:write", id="POST-rule-spelled-post"),
+        pytest.param("put", "kev:write", id="put"),
+        pytest.param("PUT", "kev:write", id="PUT-rule-spelled-Put"),
+        pytest.param("patch", "files:write", id="patch"),
+        pytest.param("PATCH", "files:write", id="PATCH-rule-spelled-pAtCh"),
+        pytest.param("delete", "vec:delete", id="delete"),
+        pytest.param("Delete", "vec:delete", id="Delete"),
+        pytest.param("options", "data:read", id="options"),
+        pytest.param("OPTIONS", "data:read", id="OPTIONS-rule-spelled-options"),
+    ],
+)
+async def test_item1_method_case_does_not_bypass_the_rule(
+    local: Keystile, method: str, scope: str
+) -> None:
+    """A method that differs from a rule's only in case is held to that rule: without the
+    rule's scope it is 403 insufficient_scope and never reaches the app (even with
+    deny_unmatched off); with the scope it is served."""
+    legacy = MethodBlindApp()
+    app, _ = make_app(
+        local, routes=[Route("/items/{name}", legacy)], rules=SPELLED_RULES, deny_unmatched=False
+    )
+    lacking = await new_key(local, scopes=[s for s in ALL_RULE_SCOPES if s != scope])
+    holding = await new_key(local, scopes=[scope])
+    refused = await call(app, authorization(lacking), method=method, path="/items/docs")
+    assert_refused(refused, 403, "insufficient_scope", challenge("insufficient_scope", scope))
+    assert legacy.served == []
+    granted = await call(app, authorization(holding), method=method, path="/items/docs")
+    assert granted.status_code == 200
+    assert legacy.served == [method.upper()]
+
+
+@pytest.mark.parametrize("method", ["get", "Get", "head", "post", "Put", "delete", "OPTIONS"])
+def test_item1_rule_table_matches_any_case(method: str) -> None:
+    """The rule table gives every spelling of a method the rule of its upper-case form."""
+    table = RuleTable(SPELLED_RULES)
+    expected = "GET" if method.upper() == "HEAD" else method.upper()
+    found = table.match(method, "/items/x")
+    assert found is not None and expected in found.method_set
+    assert found is table.match(method.upper(), "/items/x")

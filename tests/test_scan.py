@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import base64
+import codecs
+import importlib.util
 import json
+import marshal
 import os
+import random
+import string
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -91,7 +98,6 @@ def _lookalikes() -> list[tuple[str, str]]:
         ("bad-checksum", swapped),
         ("swapped-case", "prod_" + body.swapcase()),
         ("truncated", real[:-1]),
-        ("one-more-character", real + "x"),
         ("body-one-longer", with_checksum("prod_" + body[: BODY_LENGTH + 1].ljust(28, "Q"))),
         ("body-one-shorter", with_checksum("prod_" + body[: BODY_LENGTH - 1])),
         ("unknown-prefix", with_checksum("test_" + body[:BODY_LENGTH])),
@@ -122,26 +128,54 @@ def test_lookalikes_are_not_reported(
 
 @pytest.mark.parametrize(
     "template",
-    ['"{key}"', "\\n{key}\\n", "%22{key}%22", "x{key}", "key={key}&next", "{key}"],
-    ids=["quoted", "escaped-newline", "url-encoded", "glued-before", "query", "bare"],
+    [
+        '"{key}"',
+        "\\n{key}\\n",
+        "%22{key}%22",
+        "x{key}",
+        "key={key}&next",
+        "{key}",
+        "{key}x",
+        "{key}9Zz",
+        "{key}_suffix",
+        "dev_{filler}{key}",
+    ],
+    ids=[
+        "quoted",
+        "escaped-newline",
+        "url-encoded",
+        "glued-before",
+        "query",
+        "bare",
+        "glued-after-letter",
+        "glued-after-letters-and-digits",
+        "glued-after-underscore",
+        "inside-a-look-alike",
+    ],
 )
 def test_keys_inside_other_text_are_found(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], template: str
 ) -> None:
-    """A key is found whatever precedes it (escape sequences, encodings, glued text)."""
+    """A key is found whatever precedes or follows it (escape sequences, encodings, glued
+    text, a look-alike it completes): its checksum tells where it ends."""
     key = generate_key("client_")
-    write(tmp_path / "log.jsonl", template.format(key=key) + "\n")
+    # "dev_" and 29 characters, then "client": 33 characters, a dev_ look-alike ending
+    # inside the key's prefix.
+    filler = "Q" * (BODY_LENGTH + 6 - len("client"))
+    write(tmp_path / "log.jsonl", template.format(key=key, filler=filler) + "\n")
     code, out, _ = run(capsys, str(tmp_path))
     assert (code, out) == (1, f"{tmp_path / 'log.jsonl'}:1: {hint(key)}\n")
 
 
-def test_binaries_are_skipped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A file with a NUL byte in its first 8 KB is skipped; a NUL further in is not."""
+def test_binaries_are_searched_for_ascii_keys(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A key in plain ASCII inside a binary is found, NUL bytes early or late."""
     key = generate_key("prod_")
-    write(tmp_path / "image.png", b"\x89PNG\r\n\x1a\n\0\0" + key.encode() + b"\n")
+    early = write(tmp_path / "image.png", b"\x89PNG\r\n\x1a\n\0\0" + key.encode() + b"\n")
     late = write(tmp_path / "late.bin", b"a" * 9000 + b"\n\0" + key.encode() + b"\n")
     code, out, _ = run(capsys, str(tmp_path))
-    assert (code, out) == (1, f"{late}:2: {hint(key)}\n")
+    assert (code, out) == (1, f"{early}:3: {hint(key)}\n{late}:2: {hint(key)}\n")
 
 
 def test_git_folders_are_skipped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -269,3 +303,140 @@ def test_the_hook_entry_refuses_a_commit_with_a_key(tmp_path: Path) -> None:
     assert key not in found.stdout + found.stderr
     passed = subprocess.run([keystile, "scan", str(clean)], capture_output=True, timeout=60)
     assert passed.returncode == 0
+
+
+# -- issue #18 item 11: keys in UTF-16, binaries and base64, and the links to skip ---------------
+
+
+def _text(key: str) -> str:
+    return f"# settings\r\nAPI_KEY={key}\r\n"
+
+
+def _pyc(key: str) -> bytes:
+    """A compiled module (as `python -m compileall` writes it) holding the key."""
+    code = compile(f"API_KEY = {key!r}\n", "settings.py", "exec")
+    return importlib.util.MAGIC_NUMBER + b"\0" * 12 + marshal.dumps(code)
+
+
+def _b64(key: str) -> str:
+    return base64.b64encode(key.encode()).decode()
+
+
+def _k8s_secret(key: str) -> bytes:
+    value = _b64(key)
+    return (
+        f"apiVersion: v1\nkind: Secret\nmetadata:\n  name: api\ndata:\n  key: {value}\n".encode()
+    )
+
+
+ENCODED: list[tuple[str, Callable[[str], bytes], int | None]] = [
+    ("utf-16-le-bom", lambda k: codecs.BOM_UTF16_LE + _text(k).encode("utf-16-le"), 2),
+    ("utf-16-le", lambda k: _text(k).encode("utf-16-le"), 2),
+    ("utf-16-be-bom", lambda k: codecs.BOM_UTF16_BE + _text(k).encode("utf-16-be"), 2),
+    ("utf-16-be", lambda k: _text(k).encode("utf-16-be"), 2),
+    ("utf-16-non-ascii-text", lambda k: f"café\nclé: «{k}»\n".encode("utf-16-le"), 2),
+    ("utf-16-glued", lambda k: f"x{k}y".encode("utf-16"), 1),
+    ("pyc", _pyc, None),
+    ("binary-key-at-odd-offset", lambda k: b"\0\x01\x02" + k.encode() + b"\0", None),
+    ("kubernetes-secret", _k8s_secret, 6),
+    ("base64-with-newline", lambda k: base64.b64encode(f"{k}\n".encode()), 1),
+    (
+        "base64-inside-a-blob",
+        lambda k: b"blob: " + base64.b64encode(f"FOO=bar\nTOKEN={k}\nX=1\n".encode()),
+        1,
+    ),
+    (
+        "base64-url-safe-unpadded",
+        lambda k: base64.urlsafe_b64encode(f"x{k}".encode()).rstrip(b"="),
+        1,
+    ),
+    ("base64-in-json", lambda k: b'{"auth":"' + base64.b64encode(k.encode()) + b'"}', 1),
+    (
+        "base64-in-utf-16",
+        lambda k: f"v: {base64.b64encode(k.encode()).decode()}".encode("utf-16"),
+        1,
+    ),
+    ("glued-after", lambda k: f"token={k}abc\n".encode(), 1),
+    ("glued-on-both-sides", lambda k: f"\n\nxx{k}9\n".encode(), 3),
+]
+
+
+@pytest.mark.parametrize("chunk", [scan_module.CHUNK_BYTES, 64], ids=["1MiB-chunks", "64B-chunks"])
+@pytest.mark.parametrize(
+    ("make", "line"), [(m, n) for _, m, n in ENCODED], ids=[name for name, _, _ in ENCODED]
+)
+def test_item11_keys_in_other_encodings_are_found(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    make: Callable[[str], bytes],
+    line: int | None,
+    chunk: int,
+) -> None:
+    """A key in UTF-16 (either byte order, with or without a byte order mark), in a
+    binary, base64-encoded, or glued to the text after it is found exactly once, on its
+    line (a binary's line: its newline bytes before the key), also when the file is read
+    in chunks that cut it."""
+    monkeypatch.setattr(scan_module, "CHUNK_BYTES", chunk)
+    key = generate_key("dev_")
+    data = make(key)
+    if line is None:
+        line = data[: data.index(key.encode())].count(b"\n") + 1
+    path = write(tmp_path / "leak", data)
+    assert list(scan_paths([str(path)])) == [Finding(str(path), line, hint(key), "dev_")]
+
+
+@pytest.mark.parametrize("chunk", [scan_module.CHUNK_BYTES, 64], ids=["1MiB-chunks", "64B-chunks"])
+def test_item11_many_keys_across_chunks_are_each_found_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    """Keys spread over a file, plain and base64, each come out once with its own line,
+    however the chunks fall."""
+    monkeypatch.setattr(scan_module, "CHUNK_BYTES", chunk)
+    found = [generate_key("prod_") for _ in range(20)]
+    lines = []
+    for number, key in enumerate(found):
+        lines.append("x" * number)
+        lines.append(key if number % 2 else base64.b64encode(key.encode()).decode())
+    path = write(tmp_path / "many.txt", "\n".join(lines) + "\n")
+    assert list(scan_paths([str(path)])) == [
+        Finding(str(path), 2 * number + 2, hint(key), "prod_") for number, key in enumerate(found)
+    ]
+
+
+def test_item11_dangling_links_are_skipped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Dangling links and loops of links are skipped, not reported: the scan of a tree
+    holding them exits 0 when clean and 1 with a key, never 2."""
+    (tmp_path / "gone").symlink_to(tmp_path / "missing")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "under-a-file").symlink_to(tmp_path / "clean.txt" / "x")
+    write(tmp_path / "clean.txt", "nothing\n")
+    assert run(capsys, str(tmp_path)) == (0, "", "")
+    assert run(capsys, str(tmp_path / "gone")) == (0, "", "")
+    key = generate_key("prod_")
+    leak = write(tmp_path / "leak.txt", key)
+    code, out, err = run(capsys, str(tmp_path))
+    assert (code, out) == (1, f"{leak}:1: {hint(key)}\n")
+    assert "cannot scan" not in err
+
+
+def test_item11_no_false_positives_in_ordinary_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ordinary text, source, UTF-16, binaries and base64 — the package's own sources and
+    a soup of look-alikes (every prefix followed by random base62, raw and encoded) —
+    hold no finding."""
+    rng = random.Random(18_11)
+    alphabet = string.ascii_letters + string.digits
+
+    def lookalike() -> str:
+        prefix = rng.choice(["dev_", "prod_", "client_"])
+        return prefix + "".join(rng.choice(alphabet) for _ in range(rng.randint(30, 40)))
+
+    soup = "\n".join(f"{lookalike()}{lookalike()} {rng.random()}" for _ in range(2000))
+    write(tmp_path / "soup.txt", soup)
+    write(tmp_path / "soup16.txt", soup.encode("utf-16"))
+    write(tmp_path / "soup.b64", base64.b64encode(soup.encode()))
+    write(tmp_path / "random.bin", rng.randbytes(1 << 20))
+    assert run(capsys, str(tmp_path), str(ROOT / "src"), str(ROOT / "README.md")) == (0, "", "")

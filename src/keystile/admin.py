@@ -256,7 +256,7 @@ class AdminAPI:
                 else:
                     errors.append(
                         FieldError(
-                            name[:100],
+                            name,
                             "unknown parameter (known: type, status, meta.<name>, limit, cursor)",
                         )
                     )
@@ -311,7 +311,7 @@ class AdminAPI:
             key_id, actor = _key_id(request), _actor(request)
             data = await _json_object(request, required=False)
             unknown = [
-                FieldError(name[:100], "unknown field (known: grace_seconds)")
+                FieldError(name, "unknown field (known: grace_seconds)")
                 for name in data
                 if name != "grace_seconds"
             ]

@@ -31,7 +31,7 @@ import re
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import ValidationError
@@ -45,7 +45,7 @@ from keystile.exceptions import (
     StoreError,
     StoreUnavailable,
 )
-from keystile.keys import KeyHasher, generate_key
+from keystile.keys import KeyHasher, generate_key, redact_keys
 from keystile.manager import KeyManager, key_status, record_json
 from keystile.models import DEFAULT_POLICY, ApiKey
 from keystile.scan import Finding, ScanProblem, scan_paths
@@ -127,8 +127,16 @@ def quota(text: str) -> int | str:
 # -- the parser --------------------------------------------------------------------------
 
 
-def _shared(*, store: bool) -> argparse.ArgumentParser:
-    options = argparse.ArgumentParser(add_help=False)
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors that never repeat a key: argparse quotes the value it
+    refused (``invalid choice: 'prod_...'``), and a secret may have been pasted there."""
+
+    def error(self, message: str) -> NoReturn:
+        super().error(redact_keys(message))
+
+
+def _shared(*, store: bool) -> _Parser:
+    options = _Parser(add_help=False)
     if store:
         options.add_argument(
             "--redis",
@@ -200,9 +208,7 @@ def _settings_options(parser: argparse.ArgumentParser, *, update: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="keystile", description="API keys for Starlette and FastAPI apps."
-    )
+    parser = _Parser(prog="keystile", description="API keys for Starlette and FastAPI apps.")
     parser.add_argument("--version", action="version", version=f"keystile {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     shared = _shared(store=True)

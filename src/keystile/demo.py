@@ -3,6 +3,12 @@
 ``keystile demo`` serves it (in memory by default) and prints one key of each type, an
 admin key and ``curl`` lines to try. The handlers keep real state in memory: a PUT then a
 GET returns what was put.
+
+Anyone holding a demo key can reach it, so it is bounded: the key-value and file stores
+hold at most so many entries and bytes (beyond them a PUT is refused with 507 Insufficient
+Storage, RFC 4918 §11.5: the server cannot store it, whatever the request's own size;
+nothing is evicted), and SQL queries run in a worker thread, one at a time, each stopped
+after a second of wall-clock time (a 400), so a slow query never holds up other requests.
 """
 
 from __future__ import annotations
@@ -10,10 +16,13 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
+import anyio
+import anyio.to_thread
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -25,7 +34,14 @@ from keystile.manager import CreatedKey
 from keystile.middleware import KeystileMiddleware
 from keystile.routing import Rule, public
 
-__all__ = ["DEMO_ORIGINS", "DEMO_RULES", "DemoState", "build_demo_app", "seed_demo_keys"]
+__all__ = [
+    "DEMO_ORIGINS",
+    "DEMO_RULES",
+    "DemoState",
+    "DemoStore",
+    "build_demo_app",
+    "seed_demo_keys",
+]
 
 DEMO_ORIGINS = ("http://localhost:5173", "http://127.0.0.1:5173")
 
@@ -87,9 +103,18 @@ async def _json_body(request: Request) -> Any:
 _READING = frozenset(
     {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE}
 )
-_MAX_STEPS = 5_000_000  # SQLite VM instructions per query (~0.1-0.5 s)
-_MAX_VALUE = 1 << 20  # bytes in one string or blob
+QUERY_SECONDS = 1.0  # wall-clock time one query may run
+# SQLite sees an interrupt only between VM instructions, and one instruction can be long:
+# instr() over two 1 MiB strings ran 8 s, a GLOB with a 40,000-character pattern 11 s.
+# With these limits no one instruction measured more than about 50 ms.
+_MAX_VALUE = 1 << 16  # bytes in one string or blob
+_MAX_PATTERN = 200  # characters in a LIKE or GLOB pattern
 _MAX_RESULT = 4 << 20  # characters of strings and hex in one answer
+_MAX_PENDING = 16  # queries running or waiting for the one connection; more are a 503
+# What the demo services may hold (names and values, as sent).
+MAX_KEV_ENTRIES, MAX_KEV_BYTES = 1000, 8 << 20
+MAX_FILES, MAX_FILE_BYTES = 256, 32 << 20
+MAX_DATABASES = 1000
 
 
 def _reading_only(action: int, *_: Any) -> int:
@@ -106,14 +131,60 @@ def _json_value(value: Any) -> Any:
     return value
 
 
+V = TypeVar("V")
+
+
+class DemoStore(Generic[V]):
+    """A demo service's entries, bounded: at most ``max_entries`` of them and ``max_bytes``
+    in all (each entry counted as its name's UTF-8 bytes and the size it was given)."""
+
+    def __init__(self, max_entries: int, max_bytes: int) -> None:
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.size = 0
+        self._entries: dict[str, tuple[V, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def get(self, name: str) -> V | None:
+        entry = self._entries.get(name)
+        return None if entry is None else entry[0]
+
+    def put(self, name: str, value: V, size: int) -> bool:
+        """Store ``value`` (replacing any under ``name``) if it fits; whether it did."""
+        size += len(name.encode("utf-8", "surrogatepass"))
+        old = self._entries.get(name)
+        freed = 0 if old is None else old[1]
+        count = len(self._entries) + (old is None)
+        if count > self.max_entries or self.size - freed + size > self.max_bytes:
+            return False
+        self._entries[name] = (value, size)
+        self.size += size - freed
+        return True
+
+    def pop(self, name: str) -> V | None:
+        entry = self._entries.pop(name, None)
+        if entry is None:
+            return None
+        self.size -= entry[1]
+        return entry[0]
+
+
 @dataclass
 class DemoState:
     """What the demo services hold."""
 
     databases: dict[str, dict[str, Any]] = field(default_factory=dict)
-    kev: dict[str, str] = field(default_factory=dict)
-    files: dict[str, bytes] = field(default_factory=dict)
+    kev: DemoStore[str] = field(default_factory=lambda: DemoStore(MAX_KEV_ENTRIES, MAX_KEV_BYTES))
+    files: DemoStore[bytes] = field(default_factory=lambda: DemoStore(MAX_FILES, MAX_FILE_BYTES))
     sql: sqlite3.Connection = field(default_factory=lambda: _demo_database())
+    query_seconds: float = QUERY_SECONDS
+    sql_lock: anyio.Lock = field(default_factory=anyio.Lock)
+    queries_pending: int = 0
 
 
 def _demo_database() -> sqlite3.Connection:
@@ -131,7 +202,49 @@ def _demo_database() -> sqlite3.Connection:
     db.execute("SELECT * FROM json_each('[]'), json_tree('[]')").fetchall()
     db.set_authorizer(_reading_only)
     db.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, _MAX_VALUE)
+    db.setlimit(sqlite3.SQLITE_LIMIT_LIKE_PATTERN_LENGTH, _MAX_PATTERN)
     return db
+
+
+def _full(what: str) -> JSONResponse:
+    return _error(507, "storage_full", f"The demo's {what} is full: delete something first.")
+
+
+def _run_query(db: sqlite3.Connection, sql: str, seconds: float) -> JSONResponse:
+    """Run one query on ``db`` (in a worker thread), interrupted after ``seconds``."""
+    guard = threading.Lock()
+    running, stopped = True, False
+
+    def stop() -> None:
+        nonlocal stopped
+        with guard:  # never interrupt the next query, should this one end meanwhile
+            if running:
+                stopped = True
+                db.interrupt()
+
+    timer = threading.Timer(seconds, stop)
+    timer.daemon = True
+    timer.start()
+    try:
+        cursor = db.execute(sql)
+        columns = [c[0] for c in cursor.description or ()]
+        rows, size = [], 0
+        for row in cursor.fetchmany(1000):
+            rows.append(values := [_json_value(v) for v in row])
+            size += sum(len(v) for v in values if isinstance(v, str))
+            if size > _MAX_RESULT:
+                raise ValueError("the result is larger than 4 MiB")
+        cursor.close()
+    except (sqlite3.Error, ValueError) as exc:
+        message = str(exc)
+        if stopped:
+            message = f"The query ran too long: it was stopped after {seconds:g} s."
+        return _error(400, "invalid_query", message)
+    finally:
+        with guard:
+            running = False
+        timer.cancel()
+    return JSONResponse({"columns": columns, "rows": rows})
 
 
 def build_demo_app(gate: Keystile, state: DemoState | None = None) -> Starlette:
@@ -158,6 +271,8 @@ def build_demo_app(gate: Keystile, state: DemoState | None = None) -> Starlette:
             return _error(422, "invalid_dimensions", "'dimensions' must be 1-4096.")
         if name in state.databases:
             return _error(409, "exists", f"A database named {name!r} exists.")
+        if len(state.databases) >= MAX_DATABASES:
+            return _full("vector service")
         database = {"name": name, "dimensions": dimensions, "owner": request.user.identity}
         state.databases[name] = database
         return JSONResponse(database, status_code=201)
@@ -173,15 +288,18 @@ def build_demo_app(gate: Keystile, state: DemoState | None = None) -> Starlette:
             body = await _body(request)
             if isinstance(body, Response):
                 return body
-            state.kev[key] = body.decode("utf-8", "replace")
-            return JSONResponse({"key": key, "value": state.kev[key]})
+            value = body.decode("utf-8", "replace")
+            if not state.kev.put(key, value, len(body)):
+                return _full("key-value store")
+            return JSONResponse({"key": key, "value": value})
         if request.method == "DELETE":
-            if state.kev.pop(key, None) is None:
+            if state.kev.pop(key) is None:
                 return _error(404, "not_found", "No such key.")
             return Response(status_code=204)
-        if key not in state.kev:
+        stored = state.kev.get(key)
+        if stored is None:
             return _error(404, "not_found", "No such key.")
-        return JSONResponse({"key": key, "value": state.kev[key]})
+        return JSONResponse({"key": key, "value": stored})
 
     async def query(request: Request) -> Response:
         body = await _json_body(request)
@@ -190,28 +308,17 @@ def build_demo_app(gate: Keystile, state: DemoState | None = None) -> Starlette:
         sql = body.get("sql") if isinstance(body, dict) else None
         if not isinstance(sql, str) or not sql.strip():
             return _error(422, "invalid_query", "'sql' must be a non-empty string.")
-        steps = [0]
-
-        def runaway() -> int:  # called every 1000 VM instructions; non-zero interrupts
-            steps[0] += 1000
-            return 1 if steps[0] > _MAX_STEPS else 0
-
-        state.sql.set_progress_handler(runaway, 1000)
+        if state.queries_pending >= _MAX_PENDING:
+            return _error(503, "busy", "Too many queries are waiting; try again shortly.")
+        state.queries_pending += 1
         try:
-            cursor = state.sql.execute(sql)
-            columns = [c[0] for c in cursor.description or ()]
-            rows, size = [], 0
-            for row in cursor.fetchmany(1000):
-                rows.append(values := [_json_value(v) for v in row])
-                size += sum(len(v) for v in values if isinstance(v, str))
-                if size > _MAX_RESULT:
-                    raise ValueError("the result is larger than 4 MiB")
-        except (sqlite3.Error, ValueError) as exc:
-            message = "The query ran too long." if steps[0] > _MAX_STEPS else str(exc)
-            return _error(400, "invalid_query", message)
+            # One connection, one query at a time; waiting here holds no thread.
+            async with state.sql_lock:
+                return await anyio.to_thread.run_sync(
+                    _run_query, state.sql, sql, state.query_seconds
+                )
         finally:
-            state.sql.set_progress_handler(None, 0)
-        return JSONResponse({"columns": columns, "rows": rows})
+            state.queries_pending -= 1
 
     async def infer(request: Request) -> Response:
         body = await _json_body(request)
@@ -251,11 +358,13 @@ def build_demo_app(gate: Keystile, state: DemoState | None = None) -> Starlette:
             body = await _body(request)
             if isinstance(body, Response):
                 return body
-            state.files[path] = body
+            if not state.files.put(path, body, len(body)):
+                return _full("file store")
             return JSONResponse({"path": path, "size": len(body)}, status_code=201)
-        if path not in state.files:
+        stored = state.files.get(path)
+        if stored is None:
             return _error(404, "not_found", "No such file.")
-        return Response(state.files[path], media_type="application/octet-stream")
+        return Response(stored, media_type="application/octet-stream")
 
     routes: list[BaseRoute] = [
         Route("/health", health),

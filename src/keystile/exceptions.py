@@ -41,6 +41,9 @@ __all__ = [
 ]
 
 
+MAX_FIELD_LENGTH = 100
+
+
 class KeystileError(Exception):
     """The root of every error keystile raises on purpose."""
 
@@ -55,10 +58,21 @@ class KeyFormatError(KeystileError, ValueError):
 
 @dataclass(frozen=True, slots=True)
 class FieldError:
-    """One problem with one input field."""
+    """One problem with one input field.
+
+    Both parts are echoed to whoever sent the input (a 422 body, a terminal), so a key
+    pasted into any field comes back as its display hint only; the field's name, which
+    may be a caller's text, is cut to :data:`MAX_FIELD_LENGTH` characters after that.
+    """
 
     field: str
     message: str
+
+    def __post_init__(self) -> None:
+        from keystile.keys import redact_keys  # keys imports this module
+
+        object.__setattr__(self, "field", redact_keys(self.field)[:MAX_FIELD_LENGTH])
+        object.__setattr__(self, "message", redact_keys(self.message))
 
     def __str__(self) -> str:
         return f"{self.field}: {self.message}"

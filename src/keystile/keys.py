@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 import time
 import zlib
-from collections.abc import Container
+from collections.abc import Container, Iterator
 
 from keystile.exceptions import KeyFormatError
 
@@ -28,10 +29,12 @@ __all__ = [
     "CHECKSUM_LENGTH",
     "KeyHasher",
     "checksum",
+    "find_keys",
     "generate_key",
     "key_hint",
     "new_key_id",
     "parse_key",
+    "redact_keys",
 ]
 
 BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -118,6 +121,47 @@ def parse_key(token: str, prefixes: Container[str]) -> str:
 def key_hint(token: str, prefix: str) -> str:
     """The display hint: the prefix and the last 4 characters, e.g. ``prod_...x7Qa``."""
     return f"{prefix}...{token[-4:]}"
+
+
+# Where a key may end: a "_" (the end of its prefix) and then its 33-character tail.
+_TAIL_AFTER = re.compile(rf"_(?=[0-9A-Za-z]{{{_TAIL_LENGTH}}})")
+# The prefix's name: the letters and digits right before the "_" (at most 31 of them).
+_NAME_BEFORE = re.compile(rf"[0-9A-Za-z]{{1,{MAX_PREFIX_LENGTH - 1}}}\Z")
+
+
+def find_keys(text: str) -> Iterator[tuple[int, int, str]]:
+    """Where keys of any prefix are in ``text``: ``(start, end, prefix)`` of each run that
+    is ``prefix + body + checksum`` with a checksum that holds, whatever is glued to it
+    on either side (the checksum tells where a key starts in ``xprod_...``)."""
+    end = 0
+    for mark in _TAIL_AFTER.finditer(text):
+        sep = mark.start()
+        name = _NAME_BEFORE.search(text, max(end, sep - MAX_PREFIX_LENGTH + 1), sep)
+        if name is None:
+            continue
+        tail = text[sep + 1 : sep + 1 + _TAIL_LENGTH]
+        body, check = tail[:BODY_LENGTH], tail[BODY_LENGTH:]
+        for start in range(name.start(), sep):
+            if checksum(text[start:sep] + "_" + body) == check:
+                end = sep + 1 + _TAIL_LENGTH
+                yield start, end, text[start : sep + 1]
+                break
+
+
+def redact_keys(text: str) -> str:
+    """``text`` with every key in it (see :func:`find_keys`) replaced by its display hint:
+    for messages that echo what a caller typed, where a secret may have been pasted."""
+    if "_" not in text:
+        return text
+    out, last = [], 0
+    for start, end, prefix in find_keys(text):
+        out.append(text[last:start])
+        out.append(key_hint(text[start:end], prefix))
+        last = end
+    if not out:
+        return text
+    out.append(text[last:])
+    return "".join(out)
 
 
 def new_key_id(now: float | None = None) -> str:

@@ -464,7 +464,7 @@ class KeyManager:
             message = _FIXED_FIELDS.get(str(name)) or (
                 f"unknown field; the fields that can change are {', '.join(UPDATABLE_FIELDS)}"
             )
-            errors.append(FieldError(str(name)[:100], message))  # echoed back: keep it short
+            errors.append(FieldError(str(name), message))  # FieldError keeps it short
         if errors:
             raise KeyValidationError(errors)
         return dict(changes)

@@ -9,6 +9,9 @@
 
 Path patterns use Starlette's syntax: ``/cloud/kev/{key}``, ``/cloud/files/{path:path}``.
 Rules are tried in order; the first match wins. A rule for GET also covers HEAD.
+Methods match whatever their case: a request sent as ``get`` or ``Delete`` is held to the
+rule for GET or DELETE, since frameworks dispatch it there (Starlette's ``HTTPEndpoint``
+up to 1.0.1 calls ``get`` for ``get``; WSGI bridges upper-case it).
 """
 
 from __future__ import annotations
@@ -119,7 +122,9 @@ class RuleTable:
 
         ``path`` is the route path, as Starlette's router sees it (see :func:`route_path`).
         """
-        regex, rules = self._by_method.get(method, self._any)
+        # The exact spelling first: the one dict lookup of almost every request.
+        compiled = self._by_method.get(method) or self._by_method.get(method.upper(), self._any)
+        regex, rules = compiled
         if regex is None:
             return None
         found = regex.fullmatch(path)
