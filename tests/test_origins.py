@@ -16,6 +16,7 @@ from keystile.origins import (
     origin_allowed,
     parse_origin,
     parse_origin_pattern,
+    wildcard_public_suffix,
 )
 
 TEN_KB = "https://" + "a" * 10_000 + ".com"
@@ -340,3 +341,33 @@ def test_item5_discarding_what_was_never_held_is_a_key_error() -> None:
         with pytest.raises(KeyError):
             index.discard(entry, until)
     assert index.matches(Origin("https", "a.example.com", 443), 5.0)
+
+
+# -- wildcards over public suffixes (issue #18 item 7) -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("entry", "suffix"),
+    [
+        pytest.param("https://*.co.uk", "co.uk", id="co-uk"),
+        pytest.param("https://*.vercel.app", "vercel.app", id="vercel-private"),
+        pytest.param("https://*.github.io", "github.io", id="github-private"),
+        pytest.param("https://*.s3.amazonaws.com", "s3.amazonaws.com", id="three-labels"),
+        pytest.param("https://*.foo.ck", "foo.ck", id="psl-wildcard-rule"),
+        pytest.param("https://*.xn--55qx5d.cn", "xn--55qx5d.cn", id="idn-punycode"),
+        pytest.param("https://*.公司.cn", "xn--55qx5d.cn", id="idn-unicode"),
+        pytest.param("https://*.CO.UK:8443", "co.uk", id="upper-port"),
+        pytest.param("https://*.example.co.uk", None, id="under-co-uk"),
+        pytest.param("https://*.myapp.vercel.app", None, id="under-vercel"),
+        pytest.param("https://*.example.com", None, id="under-com"),
+        pytest.param("https://*.bücher.de", None, id="idn-under-de"),
+        pytest.param("http://*.localhost:5173", None, id="localhost"),
+        pytest.param("https://co.uk", None, id="exact-not-wildcard"),
+        pytest.param("https://github.io", None, id="exact-private"),
+    ],
+)
+def test_item7_the_public_suffix_a_wildcard_covers(entry: str, suffix: str | None) -> None:
+    """wildcard_public_suffix names the public suffix (ICANN or private section of the
+    list) a wildcard entry covers whole, and None for one under a registrable domain, for
+    *.localhost and for exact origins."""
+    assert wildcard_public_suffix(parse_origin_pattern(entry)) == suffix

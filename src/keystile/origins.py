@@ -7,11 +7,13 @@ Hosts are compared in lower case and in their ASCII (punycode) form; a default p
 same as no port (``https://a.com`` is ``https://a.com:443``).
 
 :class:`PatternIndex` answers "does any of these entries match?" for the union of every
-key's entries in time that does not grow with their number.
+key's entries in time that does not grow with their number; :func:`wildcard_public_suffix`
+tells a wildcard over a public suffix (``https://*.co.uk``), which no key may hold.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 import re
@@ -19,6 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import idna
+from publicsuffixlist import PublicSuffixList
 
 __all__ = [
     "Origin",
@@ -27,6 +30,7 @@ __all__ = [
     "origin_allowed",
     "parse_origin",
     "parse_origin_pattern",
+    "wildcard_public_suffix",
 ]
 
 _MAX_ORIGIN_LENGTH = 2048
@@ -136,7 +140,9 @@ def _split(text: str, *, pattern: bool) -> tuple[Origin, bool]:
         if not _HOST.match(host) or any(len(label) > 63 for label in host.split(".")):
             raise ValueError(f"{text!r} has an invalid host")
         if wildcard and ("." not in host and host != "localhost"):
-            raise ValueError(f"{text!r}: a wildcard must cover a registrable domain")
+            raise ValueError(
+                f"{text!r}: a wildcard must cover a registrable domain, not all of {host!r}"
+            )
         if wildcard and host.rsplit(".", 1)[-1].isdigit():
             raise ValueError(f"{text!r}: a wildcard covers domain names, not IP addresses")
     if port_text:
@@ -179,6 +185,23 @@ def parse_origin_pattern(text: str) -> OriginPattern:
 def origin_allowed(origin: Origin, patterns: Iterable[OriginPattern]) -> bool:
     """Whether any of ``patterns`` matches ``origin``."""
     return any(p.matches(origin) for p in patterns)
+
+
+def wildcard_public_suffix(pattern: OriginPattern) -> str | None:
+    """The public suffix a wildcard entry covers whole (``co.uk`` for ``https://*.co.uk``,
+    ``vercel.app`` for ``https://*.vercel.app``), or ``None``: anyone can register a site
+    under a public suffix, so such a wildcard allows strangers' sites. Judged by the Public
+    Suffix List, its private section included; ``*.localhost`` stays allowed (loopback)."""
+    host = pattern.origin.host
+    if not pattern.subdomains or host == "localhost" or _is_ip(host):
+        return None
+    return host if _public_suffix_list().is_public(host) else None
+
+
+@functools.cache
+def _public_suffix_list() -> PublicSuffixList:
+    # The copy the package ships (no network); parsed once, on first use (~80 ms).
+    return PublicSuffixList()
 
 
 class _Holders:
