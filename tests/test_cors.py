@@ -4,6 +4,8 @@ of active keys' origins, actual requests judged by the key's own list."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -21,9 +23,11 @@ from browser.harness import ServerProcess, seed_env, serve, uvicorn_argv
 from conftest import REDIS_URL, SECRET, within
 from keystile import ApiKey, Keystile, KeyStore, ManualClock, RedisStore
 from keystile.clock import to_datetime
+from keystile.keys import new_key_id
 from keystile.middleware import KeystileMiddleware
 from keystile.routing import Rule
 from keystile.settings import KeystileSettings
+from keystile.stores import MemoryStore
 
 APP = "https://app.example.com"
 OTHER = "https://other.example.com"
@@ -272,6 +276,150 @@ async def test_concurrent_preflights_are_all_allowed(gate: Keystile) -> None:
     async with client(app) as http:
         answers = await asyncio.gather(*(preflight(http, APP) for _ in range(8)))
     assert [a.status_code for a in answers] == [204] * 8
+
+
+# -- cost with many keys (issue #18 item 5) ----------------------------------------------------
+
+WILD = "https://*.wild.example.org"
+CREATED = 1_800_000_000
+
+
+async def many_keys_gate(count: int, clock: ManualClock) -> Keystile:
+    """A gate over a memory store of ``count`` client keys, each with an exact origin and a
+    wildcard of its own; the last one made allows APP and WILD."""
+    store = MemoryStore()
+    for n in range(count):
+        mine = (f"https://app{n}.example.com", f"https://*.tenant{n}.example.org")
+        record = ApiKey(
+            id=new_key_id(CREATED + n),
+            name=f"browser {n}",
+            type="client",
+            hint="client_...test",
+            scopes=("vec:read",),
+            allowed_origins=(APP, WILD) if n == count - 1 else mine,
+            created_at=to_datetime(CREATED + n),
+        )
+        await store.add(record, f"{n:064x}")
+    return Keystile(store=store, secret=SECRET, clock=clock)
+
+
+def raw_scope(method: str, origin: str) -> dict[str, Any]:
+    headers = [(b"host", b"api"), (b"origin", origin.encode())]
+    if method == "OPTIONS":
+        headers += [
+            (b"access-control-request-method", b"GET"),
+            (b"access-control-request-headers", b"authorization"),
+        ]
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": "/items",
+        "raw_path": b"/items",
+        "root_path": "",
+        "query_string": b"",
+        "headers": headers,
+        "client": ("127.0.0.1", 50000),
+        "server": ("api", 80),
+    }
+
+
+async def lines_run(app: Any, scope: dict[str, Any]) -> tuple[int, bool, int]:
+    """One request as raw ASGI: its status, whether the answer lets the origin read it, and
+    how many lines of Python ran to answer it (``sys.settrace`` line events)."""
+    status, readable, lines = 0, False, 0
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status, readable
+        if message["type"] == "http.response.start":
+            status = message["status"]
+            readable = any(k == b"access-control-allow-origin" for k, _ in message["headers"])
+
+    def trace(frame: Any, event: str, arg: Any) -> Any:
+        nonlocal lines
+        lines += event == "line"
+        return trace
+
+    # No collection meanwhile: finalizers of other tests' garbage would run traced.
+    gc.collect()
+    gc.disable()
+    previous = sys.gettrace()
+    sys.settrace(trace)
+    try:
+        await app(dict(scope), receive, send)
+    finally:
+        sys.settrace(previous)
+        gc.enable()
+    return status, readable, lines
+
+
+async def test_item5_anonymous_requests_cost_the_same_with_20000_keys(
+    clock: ManualClock,
+) -> None:
+    """A preflight, and a refusal before authentication that carries an Origin, run exactly
+    as many lines of Python with 20,000 client keys as with 10 — allowed exactly, by a
+    wildcard, or not at all — and get the same answers (work counted, not timed)."""
+    requests = [
+        ("OPTIONS", APP, 204, True),
+        ("OPTIONS", "https://a.b.wild.example.org", 204, True),
+        ("OPTIONS", EVIL, 403, False),
+        ("OPTIONS", "https://a.b.c.d.tenant7.example.net", 403, False),
+        ("GET", APP, 401, True),  # no key: refused, readable by an allowed origin
+        ("GET", EVIL, 401, False),
+    ]
+    counted: dict[int, list[tuple[int, bool, int]]] = {}
+    for count in (10, 20_000):
+        gate = await many_keys_gate(count, clock)
+        try:
+            app, calls = make_app(gate)
+            for method, origin, _, _ in requests:  # the index loads; the app starts
+                await lines_run(app, raw_scope(method, origin))
+            counted[count] = [await lines_run(app, raw_scope(m, o)) for m, o, _, _ in requests]
+            assert calls.calls == 0
+        finally:
+            await gate.aclose()
+    few, many = counted[10], counted[20_000]
+    expected = [(status, readable) for _, _, status, readable in requests]
+    assert [(status, readable) for status, readable, _ in few] == expected
+    assert [(status, readable) for status, readable, _ in many] == expected
+    assert [lines for _, _, lines in many] == [lines for _, _, lines in few], (few, many)
+
+
+async def test_item5_keys_sharing_origins_are_counted(gate: Keystile, clock: ManualClock) -> None:
+    """Two keys allowing the same origins: the union keeps an origin while any active key
+    allows it — through one key's change of origins, the other's expiry, a revocation."""
+    app, _ = make_app(gate)
+    sub = "https://eu.wild.example.org"
+
+    async with client(app) as http:
+
+        async def becomes(origin: str, code: int) -> None:
+            async def check() -> bool:
+                return (await preflight(http, origin)).status_code == code
+
+            await within(2.0, check)
+
+        first, _ = await client_key(gate, [APP, WILD])
+        await client_key(gate, [APP, WILD], expires_at=to_datetime(clock() + 60))
+        await becomes(APP, 204)
+        await becomes(sub, 204)
+        await gate.manager.update(first.id, allowed_origins=[OTHER])
+        await becomes(OTHER, 204)
+        assert (await preflight(http, APP)).status_code == 204  # the second key still does
+        assert (await preflight(http, sub)).status_code == 204
+        clock.advance(60)
+        assert (await preflight(http, APP)).status_code == 403
+        assert (await preflight(http, sub)).status_code == 403
+        await gate.manager.update(first.id, allowed_origins=[APP, OTHER])
+        await becomes(APP, 204)
+        await gate.manager.revoke(first.id)
+        await becomes(APP, 403)
+        await becomes(OTHER, 403)
 
 
 # -- actual requests --------------------------------------------------------------------------

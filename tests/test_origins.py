@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from keystile.origins import Origin, origin_allowed, parse_origin, parse_origin_pattern
+from keystile.origins import (
+    Origin,
+    OriginPattern,
+    PatternIndex,
+    origin_allowed,
+    parse_origin,
+    parse_origin_pattern,
+    wildcard_public_suffix,
+)
 
 TEN_KB = "https://" + "a" * 10_000 + ".com"
 TEN_KB_SUBDOMAIN = "https://" + "a." * 5000 + "example.com"
@@ -241,3 +250,124 @@ def test_a_wildcard_never_matches_an_ip_address(header: str) -> None:
         return
     origin = parse_origin(header)
     assert origin is not None and not pattern.matches(origin)
+
+
+# -- the index of many keys' entries (issue #18 item 5) ----------------------------------------
+
+_SCHEMES = st.sampled_from(["https", "http", "wss"])
+_PORTS = st.sampled_from([None, 80, 443, 8443])
+_LABELS = st.sampled_from(["a", "b", "example", "com", "co", "xn--bcher-kva", "1", "10"])
+_HOSTS = st.one_of(
+    st.lists(_LABELS, min_size=1, max_size=5).map(".".join),
+    st.lists(st.sampled_from(["1", "10"]), min_size=4, max_size=4).map(".".join),  # IPv4
+    st.sampled_from(["::1", "::ffff:a01:101", "localhost", "1.10.1"]),
+)
+_ORIGINS = st.builds(Origin, _SCHEMES, _HOSTS, _PORTS)
+_UNTIL = st.sampled_from([math.inf, 10.0, 20.0, 30.0])
+
+
+@st.composite
+def _entries_and_origins(
+    draw: st.DrawFn,
+) -> tuple[list[tuple[OriginPattern, float]], list[Origin]]:
+    """Entries drawn from a small pool (so that the same one is often held twice, with the
+    same or another expiry), and origins near them: each pool entry's own origin and a
+    subdomain of it, besides arbitrary ones."""
+    pool = draw(
+        st.lists(st.builds(OriginPattern, _ORIGINS, st.booleans()), min_size=1, max_size=4)
+    )
+    held = draw(st.lists(st.tuples(st.sampled_from(pool), _UNTIL), max_size=12))
+    near = [p.origin for p in pool]
+    near += [Origin(o.scheme, f"{draw(_LABELS)}.{o.host}", o.port) for o in near]
+    return held, near + draw(st.lists(_ORIGINS, max_size=4))
+
+
+_WILD_IP = OriginPattern(Origin("http", "0.1", 80), subdomains=True)
+
+
+@settings(max_examples=300)
+@example(drawn=([(_WILD_IP, math.inf)], [Origin("http", "10.0.1", 80)]), dropped=[], now=0.0)
+@example(drawn=([(_WILD_IP, math.inf)], [Origin("http", "10.10.0.1", 80)]), dropped=[], now=0.0)
+@given(
+    drawn=_entries_and_origins(),
+    dropped=st.lists(st.integers(min_value=0), max_size=12),
+    now=st.sampled_from([-math.inf, 0.0, 10.0, 15.0, 25.0, 40.0]),
+)
+def test_item5_the_index_answers_as_a_scan_does(
+    drawn: tuple[list[tuple[OriginPattern, float]], list[Origin]],
+    dropped: list[int],
+    now: float,
+) -> None:
+    """PatternIndex.matches answers exactly as a scan of every entry still held (and held
+    past ``now``) with OriginPattern.matches, after entries are added and some discarded —
+    duplicates, shared bases, IP literals, schemes and ports included."""
+    held, asked = drawn
+    index = PatternIndex(held)
+    left = list(held)
+    for n in dropped:
+        if not left:
+            break
+        pattern, until = left.pop(n % len(left))
+        index.discard(pattern, until)
+    for origin in asked:
+        expected = any(until > now and p.matches(origin) for p, until in left)
+        assert index.matches(origin, now) is expected, origin
+    # Discarding everything left empties the index: the counts were exact.
+    for pattern, until in left:
+        index.discard(pattern, until)
+    assert not any(index.matches(origin) for origin in asked)
+    assert (index._exact, index._wild, index._depths, index._depth) == ({}, {}, {}, 0)
+
+
+@pytest.mark.parametrize(
+    ("entries", "header", "expected"),
+    [p for p in MATCHES if isinstance(p.values[1], str)],
+)
+def test_item5_the_index_agrees_with_the_matching_table(
+    entries: str, header: str, expected: bool
+) -> None:
+    """Every case of the matching table answers the same through the index."""
+    origin = parse_origin(header)
+    index = PatternIndex([(parse_origin_pattern(entries), math.inf)])
+    assert (origin is not None and index.matches(origin)) is expected
+
+
+def test_item5_discarding_what_was_never_held_is_a_key_error() -> None:
+    """Discarding an entry the index does not hold (or with another expiry) raises
+    KeyError and leaves what it holds alone."""
+    pattern = parse_origin_pattern("https://*.example.com")
+    index = PatternIndex([(pattern, 10.0)])
+    for entry, until in ((pattern, 20.0), (parse_origin_pattern("https://a.com"), math.inf)):
+        with pytest.raises(KeyError):
+            index.discard(entry, until)
+    assert index.matches(Origin("https", "a.example.com", 443), 5.0)
+
+
+# -- wildcards over public suffixes (issue #18 item 7) -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("entry", "suffix"),
+    [
+        pytest.param("https://*.co.uk", "co.uk", id="co-uk"),
+        pytest.param("https://*.vercel.app", "vercel.app", id="vercel-private"),
+        pytest.param("https://*.github.io", "github.io", id="github-private"),
+        pytest.param("https://*.s3.amazonaws.com", "s3.amazonaws.com", id="three-labels"),
+        pytest.param("https://*.foo.ck", "foo.ck", id="psl-wildcard-rule"),
+        pytest.param("https://*.xn--55qx5d.cn", "xn--55qx5d.cn", id="idn-punycode"),
+        pytest.param("https://*.公司.cn", "xn--55qx5d.cn", id="idn-unicode"),
+        pytest.param("https://*.CO.UK:8443", "co.uk", id="upper-port"),
+        pytest.param("https://*.example.co.uk", None, id="under-co-uk"),
+        pytest.param("https://*.myapp.vercel.app", None, id="under-vercel"),
+        pytest.param("https://*.example.com", None, id="under-com"),
+        pytest.param("https://*.bücher.de", None, id="idn-under-de"),
+        pytest.param("http://*.localhost:5173", None, id="localhost"),
+        pytest.param("https://co.uk", None, id="exact-not-wildcard"),
+        pytest.param("https://github.io", None, id="exact-private"),
+    ],
+)
+def test_item7_the_public_suffix_a_wildcard_covers(entry: str, suffix: str | None) -> None:
+    """wildcard_public_suffix names the public suffix (ICANN or private section of the
+    list) a wildcard entry covers whole, and None for one under a registrable domain, for
+    *.localhost and for exact origins."""
+    assert wildcard_public_suffix(parse_origin_pattern(entry)) == suffix

@@ -12,10 +12,18 @@ from typing import Protocol
 
 from keystile.clock import Clock, system_clock
 from keystile.models import ApiKey
-from keystile.origins import Origin, OriginPattern, origin_allowed, parse_origin_pattern
+from keystile.origins import (
+    Origin,
+    OriginPattern,
+    PatternIndex,
+    origin_allowed,
+    parse_origin_pattern,
+)
 from keystile.stores.protocol import KeyStore
 
 __all__ = ["CorsPolicy", "OriginIndex"]
+
+_Entry = tuple[tuple[OriginPattern, ...], float]  # a key's allowed origins, its expiry
 
 
 class OriginIndex:
@@ -26,13 +34,18 @@ class OriginIndex:
     process at once, others through Redis pub/sub): each announced key is re-read. A resync
     reloads everything; while announcements are not arriving, the index reloads whenever
     it is older than ``max_age`` seconds. Expiry is checked at match time.
+
+    The origins live in a :class:`~keystile.origins.PatternIndex`, so answering costs the
+    same with 20,000 keys as with 10: preflights and refusals before authentication are
+    anonymous, and must not cost in proportion to the keys.
     """
 
     def __init__(self, store: KeyStore, *, clock: Clock = system_clock, max_age: float = 10.0):
         self.store = store
         self.clock = clock
         self.max_age = max_age
-        self._keys: dict[str, tuple[tuple[OriginPattern, ...], float]] = {}
+        self._keys: dict[str, _Entry] = {}  # what each key added to the index
+        self._patterns = PatternIndex()
         self._loaded_at: float | None = None  # monotonic
         self._stale: set[str] = set()
         self._reload = True
@@ -55,11 +68,7 @@ class OriginIndex:
     async def allows(self, origin: Origin) -> bool:
         """Whether some active key (or nothing else) allows ``origin``."""
         await self.refresh()
-        now = self.clock()
-        return any(
-            expires > now and origin_allowed(origin, patterns)
-            for patterns, expires in self._keys.values()
-        )
+        return self._patterns.matches(origin, self.clock())
 
     async def refresh(self) -> None:
         """Bring the index up to date with what was announced (or reload it all)."""
@@ -85,7 +94,7 @@ class OriginIndex:
 
     async def _load_all(self) -> None:
         started = time.monotonic()
-        keys: dict[str, tuple[tuple[OriginPattern, ...], float]] = {}
+        keys: dict[str, _Entry] = {}
         after = None
         while True:
             page = await self.store.list_keys(after=after, limit=500)
@@ -97,21 +106,31 @@ class OriginIndex:
                 break
             after = page[-1].id
         self._keys = keys
+        self._patterns = PatternIndex(
+            (pattern, expires) for patterns, expires in keys.values() for pattern in patterns
+        )
         self._loaded_at = started
 
     def _track(self, key_id: str, record: ApiKey | None) -> None:
+        """Replace what ``key_id`` holds in the index with what ``record`` allows now."""
         entry = None if record is None else _entry(record)
-        if entry is None:
-            self._keys.pop(key_id, None)
-        else:
+        old = self._keys.pop(key_id, None)
+        if old is not None:
+            patterns, expires = old
+            for pattern in patterns:
+                self._patterns.discard(pattern, expires)
+        if entry is not None:
             self._keys[key_id] = entry
+            patterns, expires = entry
+            for pattern in patterns:
+                self._patterns.add(pattern, expires)
 
 
-def _entry(record: ApiKey) -> tuple[tuple[OriginPattern, ...], float] | None:
+def _entry(record: ApiKey) -> _Entry | None:
     if record.revoked or not record.allowed_origins:
         return None
     expires = record.expires_at.timestamp() if record.expires_at else float("inf")
-    return tuple(parse_origin_pattern(o) for o in record.allowed_origins), expires
+    return tuple(dict.fromkeys(parse_origin_pattern(o) for o in record.allowed_origins)), expires
 
 
 class _HasOriginIndex(Protocol):

@@ -30,7 +30,7 @@ from pydantic import (
 from keystile import keys
 from keystile.exceptions import FieldError, KeyValidationError
 from keystile.network import normalize_ip_entry
-from keystile.origins import parse_origin_pattern
+from keystile.origins import parse_origin_pattern, wildcard_public_suffix
 from keystile.ratelimit import normalize_rate_limit
 from keystile.scopes import DEFAULT_CATALOGUE, ScopeCatalogue
 
@@ -262,6 +262,15 @@ class KeyPolicy:
                 problem = f"{key_type.value} keys may not hold {scope!r}"
             if problem is not None:
                 errors.append(FieldError(f"scopes[{index}]", problem))
+        for index, entry in enumerate(key.allowed_origins):
+            # A policy rule, not a format one: a stored key from before it still loads.
+            suffix = wildcard_public_suffix(parse_origin_pattern(entry))
+            if suffix is not None:
+                problem = (
+                    f"{entry!r} would allow every site under {suffix!r}, a public suffix; "
+                    "use a wildcard under your own domain"
+                )
+                errors.append(FieldError(f"allowed_origins[{index}]", problem))
         if policy.requires_origins and not key.allowed_origins:
             errors.append(
                 FieldError(

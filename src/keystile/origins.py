@@ -5,18 +5,33 @@ entry is an exact origin (``https://app.example.com``, ``http://localhost:5173``
 wildcard over subdomains (``https://*.example.com``: any depth, never the apex itself).
 Hosts are compared in lower case and in their ASCII (punycode) form; a default port is the
 same as no port (``https://a.com`` is ``https://a.com:443``).
+
+:class:`PatternIndex` answers "does any of these entries match?" for the union of every
+key's entries in time that does not grow with their number; :func:`wildcard_public_suffix`
+tells a wildcard over a public suffix (``https://*.co.uk``), which no key may hold.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import idna
+from publicsuffixlist import PublicSuffixList
 
-__all__ = ["Origin", "OriginPattern", "origin_allowed", "parse_origin", "parse_origin_pattern"]
+__all__ = [
+    "Origin",
+    "OriginPattern",
+    "PatternIndex",
+    "origin_allowed",
+    "parse_origin",
+    "parse_origin_pattern",
+    "wildcard_public_suffix",
+]
 
 _MAX_ORIGIN_LENGTH = 2048
 _SCHEME = re.compile(r"[a-z][a-z0-9+.\-]*\Z")
@@ -64,6 +79,8 @@ class OriginPattern:
 
 
 def _is_ip(host: str) -> bool:
+    if ":" not in host and not host[-1:].isdigit():
+        return False  # neither IPv6 nor dotted IPv4: spares ipaddress's two exceptions
     try:
         ipaddress.ip_address(host)
     except ValueError:
@@ -123,7 +140,9 @@ def _split(text: str, *, pattern: bool) -> tuple[Origin, bool]:
         if not _HOST.match(host) or any(len(label) > 63 for label in host.split(".")):
             raise ValueError(f"{text!r} has an invalid host")
         if wildcard and ("." not in host and host != "localhost"):
-            raise ValueError(f"{text!r}: a wildcard must cover a registrable domain")
+            raise ValueError(
+                f"{text!r}: a wildcard must cover a registrable domain, not all of {host!r}"
+            )
         if wildcard and host.rsplit(".", 1)[-1].isdigit():
             raise ValueError(f"{text!r}: a wildcard covers domain names, not IP addresses")
     if port_text:
@@ -166,3 +185,123 @@ def parse_origin_pattern(text: str) -> OriginPattern:
 def origin_allowed(origin: Origin, patterns: Iterable[OriginPattern]) -> bool:
     """Whether any of ``patterns`` matches ``origin``."""
     return any(p.matches(origin) for p in patterns)
+
+
+def wildcard_public_suffix(pattern: OriginPattern) -> str | None:
+    """The public suffix a wildcard entry covers whole (``co.uk`` for ``https://*.co.uk``,
+    ``vercel.app`` for ``https://*.vercel.app``), or ``None``: anyone can register a site
+    under a public suffix, so such a wildcard allows strangers' sites. Judged by the Public
+    Suffix List, its private section included; ``*.localhost`` stays allowed (loopback)."""
+    host = pattern.origin.host
+    if not pattern.subdomains or host == "localhost" or _is_ip(host):
+        return None
+    return host if _public_suffix_list().is_public(host) else None
+
+
+@functools.cache
+def _public_suffix_list() -> PublicSuffixList:
+    # The copy the package ships (no network); parsed once, on first use (~80 ms).
+    return PublicSuffixList()
+
+
+class _Holders:
+    """How many entries hold one pattern, by expiry, and the latest of those expiries."""
+
+    __slots__ = ("counts", "latest")
+
+    def __init__(self) -> None:
+        self.counts: dict[float, int] = {}
+        self.latest = -math.inf
+
+    def add(self, until: float) -> None:
+        self.counts[until] = self.counts.get(until, 0) + 1
+        if until > self.latest:
+            self.latest = until
+
+    def discard(self, until: float) -> bool:
+        """Drop one holder that expires at ``until``; whether any holder is left."""
+        left = self.counts[until] - 1
+        if left:
+            self.counts[until] = left
+            return True
+        del self.counts[until]
+        if until == self.latest:
+            self.latest = max(self.counts, default=-math.inf)
+        return bool(self.counts)
+
+
+_Key = tuple[str, str, int | None]  # scheme, host, port
+
+
+class PatternIndex:
+    """A multiset of allowed-origin entries, each held until a time (``math.inf``: for
+    ever), answering :meth:`matches` like :func:`origin_allowed` over the entries still
+    held, at a cost that does not grow with their number.
+
+    Exact entries are a dict keyed by (scheme, host, port). A wildcard lives under the
+    (scheme, host, port) of its base (``https://*.example.com`` under ``("https",
+    "example.com", 443)``): a lookup probes the origin's host's last label, its last two
+    and so on — as many probes as the deepest base has labels, never more. Each entry
+    counts its holders by expiry, so :meth:`discard` undoes :meth:`add` exactly.
+    """
+
+    __slots__ = ("_depth", "_depths", "_exact", "_wild")
+
+    def __init__(self, entries: Iterable[tuple[OriginPattern, float]] = ()) -> None:
+        self._exact: dict[_Key, _Holders] = {}
+        self._wild: dict[_Key, _Holders] = {}
+        self._depths: dict[int, int] = {}  # labels of a wildcard base -> how many bases
+        self._depth = 0
+        for pattern, until in entries:
+            self.add(pattern, until)
+
+    def add(self, pattern: OriginPattern, until: float = math.inf) -> None:
+        """Hold ``pattern`` once more, until ``until``."""
+        want = pattern.origin
+        key = (want.scheme, want.host, want.port)
+        table = self._wild if pattern.subdomains else self._exact
+        holders = table.get(key)
+        if holders is None:
+            holders = table[key] = _Holders()
+            if pattern.subdomains:
+                labels = want.host.count(".") + 1
+                self._depths[labels] = self._depths.get(labels, 0) + 1
+                self._depth = max(self._depth, labels)
+        holders.add(until)
+
+    def discard(self, pattern: OriginPattern, until: float = math.inf) -> None:
+        """Undo one :meth:`add` of ``pattern`` with the same ``until``; ``KeyError`` when
+        there was none."""
+        want = pattern.origin
+        key = (want.scheme, want.host, want.port)
+        table = self._wild if pattern.subdomains else self._exact
+        if table[key].discard(until):
+            return
+        del table[key]
+        if pattern.subdomains:
+            labels = want.host.count(".") + 1
+            if self._depths[labels] > 1:
+                self._depths[labels] -= 1
+            else:
+                del self._depths[labels]
+                self._depth = max(self._depths, default=0)
+
+    def matches(self, origin: Origin, now: float = -math.inf) -> bool:
+        """Whether an entry held past ``now`` matches ``origin``."""
+        scheme, host, port = origin.scheme, origin.host, origin.port
+        holders = self._exact.get((scheme, host, port))
+        if holders is not None and holders.latest > now:
+            return True
+        wild = self._wild
+        end = len(host)
+        for _ in range(self._depth):
+            # The host's last label, then its last two, ...: each has a label before it,
+            # so the origin is a proper subdomain of every base probed.
+            end = host.rfind(".", 0, end)
+            if end < 0:
+                return False
+            holders = wild.get((scheme, host[end + 1 :], port))
+            if holders is not None and holders.latest > now:
+                # An IP literal has no subdomains, whatever its text ends with.
+                return not _is_ip(host)
+        return False
