@@ -169,6 +169,8 @@ async def test_four_uvicorn_workers_admit_exactly_the_limit_over_http(
                     "type": "client",
                     "scopes": ["kev:read"],
                     "allowed_origins": ["https://app.example.com"],
+                    # The key's own window is the subject: one address may spend it.
+                    "address_rate_limit": "100/minute",
                 }
             )
             answers = await burst(server.port, created.secret.get_secret_value(), BURST)

@@ -96,6 +96,10 @@ async def new_client_key(gate: Keystile, **fields: Any) -> str:
     return created.secret.get_secret_value()
 
 
+# For tests of the key's own window sent from one address: its share is the whole window.
+ONE_ADDRESS = {"address_rate_limit": "100/minute"}
+
+
 async def new_key(gate: Keystile, key_type: str = "dev", **fields: Any) -> str:
     """Issue a dev (or prod) key; its secret."""
     created = await gate.manager.create(
@@ -785,7 +789,7 @@ async def test_four_processes_admit_exactly_the_limit_together(
         for worker in workers:
             assert await answer(worker) == "ready"
         for round_ in range(ROUNDS):
-            secret = await new_client_key(shared_gate)
+            secret = await new_client_key(shared_gate, **ONE_ADDRESS)
             for worker in workers:  # every worker gets its line before any answer is read
                 assert worker.stdin is not None
                 worker.stdin.write(f"go {secret}\n".encode())
@@ -824,7 +828,7 @@ async def test_one_gather_of_500_admits_exactly_100(
 ) -> None:
     """500 simultaneous requests with one client key: exactly 100 are admitted (at most
     100 is the contract), the rest are 429."""
-    secret = await new_client_key(shared_gate)
+    secret = await new_client_key(shared_gate, **ONE_ADDRESS)
     limiter = redis_limiter(shared_gate)
     trips = limiter.round_trips
     app, seen = make_app(shared_gate)
@@ -899,7 +903,7 @@ async def test_fifty_keys_at_once_each_admit_exactly_100(
 ) -> None:
     """50 client keys x 150 simultaneous requests through the middleware: each key has
     exactly 100 admitted."""
-    secrets_ = [await new_client_key(shared_gate) for _ in range(50)]
+    secrets_ = [await new_client_key(shared_gate, **ONE_ADDRESS) for _ in range(50)]
     for secret in secrets_:  # the subject is the limiter, not 7,500 first lookups
         await warm(shared_gate, secret)
     app, _ = make_app(shared_gate)
