@@ -1,0 +1,191 @@
+"""Every name keystile keeps in Redis: its pattern, what it holds, its hash tag and its TTL.
+
+One :class:`RedisSchema` per namespace builds every name the library reads or writes, so
+this module is the whole key schema — what an operator sizing Redis, a reader of the code
+and a Redis Cluster need to know. ``python -m keystile.redis [namespace]`` prints it.
+
+Everything about one key (its record, rate-limit windows, quota, usage, alert state) is
+hash-tagged by the key id (``{key_...}``), so in a Redis Cluster one key's data lives in one
+slot and each Lua script touches one slot. Names without a tag (the digest index, the id
+index, the usage index, the events channel) are read and written one name at a time.
+No secret appears in any name or value: a digest is the HMAC of a key under the server
+secret.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["NAMES", "Name", "RedisSchema"]
+
+
+@dataclass(frozen=True, slots=True)
+class Name:
+    """One row of the schema."""
+
+    pattern: str  # with <placeholders>, under the namespace <ns>
+    kind: str  # the Redis type
+    tag: str  # what the hash tag is ("-" when none)
+    ttl: str  # how long it lives
+    holds: str
+
+
+NAMES: tuple[Name, ...] = (
+    Name("<ns>:key:{<key id>}", "string", "key id", "none", "the key's record, JSON"),
+    Name("<ns>:digest:<hmac>", "string", "-", "none", "the key id of a key's HMAC digest"),
+    Name("<ns>:index", "zset", "-", "none", "every key id, by creation"),
+    Name("<ns>:events", "channel", "-", "-", "pub/sub: key changes, for every process's cache"),
+    Name(
+        "<ns>:rl:{<key id>}:<amount>/<seconds>",
+        "list",
+        "key id",
+        "the window",
+        "a rate-limit window: admission times (ms), newest first, at most <amount>",
+    ),
+    Name(
+        "<ns>:rl:{<key id>}:ip:<address>:<amount>/<seconds>",
+        "list",
+        "key id",
+        "the window",
+        "one client address's share of the key's window (IPv6: a /64)",
+    ),
+    Name(
+        "<ns>:quota:{<key id>}",
+        "hash",
+        "key id",
+        "61 minutes",
+        "AI tokens spent, per minute of the rolling hour",
+    ),
+    Name(
+        "<ns>:usage:{<key id>}:total",
+        "hash",
+        "key id",
+        "day retention + 1 day",
+        "all-time counts, and the last use (time, address, origin)",
+    ),
+    Name(
+        "<ns>:usage:{<key id>}:h:<hour>",
+        "hash",
+        "key id",
+        "minute retention + 1 hour",
+        "per-minute counts of one hour",
+    ),
+    Name(
+        "<ns>:usage:{<key id>}:d:<day>",
+        "hash",
+        "key id",
+        "day retention + 1 day",
+        "counts of one day",
+    ),
+    Name(
+        "<ns>:usage:{<key id>}:ips",
+        "zset",
+        "key id",
+        "day retention + 1 day",
+        "the busiest client addresses (top N)",
+    ),
+    Name(
+        "<ns>:usage:{<key id>}:origins",
+        "zset",
+        "key id",
+        "day retention + 1 day",
+        "the busiest origins (top N)",
+    ),
+    Name(
+        "<ns>:usage:{<key id>}:flush:<batch id>",
+        "string",
+        "key id",
+        "1 hour",
+        "marks a usage batch written, so a retried flush counts once",
+    ),
+    Name(
+        "<ns>:usage:{<key id>}:seen_ips",
+        "set",
+        "key id",
+        "90 days after last use",
+        "addresses seen (new-IP alert), at most 10,000",
+    ),
+    Name(
+        "<ns>:usage:index",
+        "zset",
+        "-",
+        "day retention + 1 day",
+        "key ids by their last usage flush",
+    ),
+    Name(
+        "<ns>:alert:{<key id>}:<rule>",
+        "string",
+        "key id",
+        "the rule's cooldown",
+        "an alert fired recently (its cooldown)",
+    ),
+)
+"""The schema, one row per name pattern."""
+
+
+class RedisSchema:
+    """The names of one namespace (``keystile`` by default)."""
+
+    __slots__ = ("namespace",)
+
+    def __init__(self, namespace: str = "keystile") -> None:
+        self.namespace = namespace
+
+    def __repr__(self) -> str:
+        return f"RedisSchema({self.namespace!r})"
+
+    # -- keys -------------------------------------------------------------------------------
+
+    def record(self, key_id: str) -> str:
+        return f"{self.namespace}:key:{{{key_id}}}"
+
+    def digest(self, digest: str) -> str:
+        return f"{self.namespace}:digest:{digest}"
+
+    @property
+    def index(self) -> str:
+        return f"{self.namespace}:index"
+
+    @property
+    def events(self) -> str:
+        return f"{self.namespace}:events"
+
+    # -- limits -----------------------------------------------------------------------------
+
+    def window(self, key_id: str, amount: int, seconds: int, address: str = "") -> str:
+        """A rate-limit window of the key, or (``address``) one address's share of it."""
+        if address:
+            return f"{self.namespace}:rl:{{{key_id}}}:ip:{address}:{amount}/{seconds}"
+        return f"{self.namespace}:rl:{{{key_id}}}:{amount}/{seconds}"
+
+    def quota(self, key_id: str) -> str:
+        return f"{self.namespace}:quota:{{{key_id}}}"
+
+    # -- usage and alerts -------------------------------------------------------------------
+
+    def usage(self, key_id: str, part: str) -> str:
+        """A usage name of the key: ``total``, ``h:<hour>``, ``d:<day>``, ``ips``,
+        ``origins``, ``flush:<batch id>``."""
+        return f"{self.namespace}:usage:{{{key_id}}}:{part}"
+
+    def seen_addresses(self, key_id: str) -> str:
+        return f"{self.namespace}:usage:{{{key_id}}}:seen_ips"
+
+    @property
+    def usage_index(self) -> str:
+        return f"{self.namespace}:usage:index"
+
+    def alert(self, key_id: str, rule: str) -> str:
+        return f"{self.namespace}:alert:{{{key_id}}}:{rule}"
+
+
+def table(namespace: str = "keystile") -> str:
+    """The schema as text, names spelt under ``namespace``."""
+    rows = [("name", "type", "hash tag", "ttl", "holds")]
+    rows += [(n.pattern.replace("<ns>", namespace), n.kind, n.tag, n.ttl, n.holds) for n in NAMES]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = []
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+        lines.append("  ".join([*cells, row[4]]).rstrip())
+    return "\n".join(lines)
