@@ -202,7 +202,13 @@ def cases(path: str, dev: str, client: str, origin: str, *, proxied: bool) -> li
         raw("path-non-ascii", b"GET /\xff\xfe HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
         raw("path-64kb", b"GET /" + b"p" * (64 * KB) + b" HTTP/1.1\r\nHost: x\r\n\r\n"),
         raw("path-dot-dot", b"GET /x/../health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
-        raw("absolute-form", b"GET http://evil.example/health HTTP/1.1\r\nHost: x\r\n\r\n"),
+        # /health is public: httptools serves an absolute-form target's path (as HTTP/1.1
+        # says a server must), h11 answers 404.
+        raw(
+            "absolute-form",
+            b"GET http://evil.example/health HTTP/1.1\r\nHost: x\r\n\r\n",
+            may=True,
+        ),
         raw("method-space", b"GE T / HTTP/1.1\r\nHost: x\r\n\r\n"),
         raw("version-9", b"GET / HTTP/9.9\r\nHost: x\r\n\r\n"),
         raw("http-0.9", b"GET /\r\n\r\n"),
