@@ -284,3 +284,20 @@ def monotonic(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     now = [1000.0]
     monkeypatch.setattr("keystile.fallback.time", SimpleNamespace(monotonic=lambda: now[0]))
     return now
+
+
+# -- event loops: KEYSTILE_TEST_LOOP=uvloop runs every async test on uvloop (.ci/run) ---------
+
+TEST_LOOP = os.environ.get("KEYSTILE_TEST_LOOP", "") or "asyncio"
+if TEST_LOOP not in ("asyncio", "uvloop"):
+    raise pytest.UsageError(f"KEYSTILE_TEST_LOOP is asyncio or uvloop, not {TEST_LOOP!r}")
+
+if TEST_LOOP == "uvloop":
+    import uvloop
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_asyncio_loop_factories(
+        config: pytest.Config, item: pytest.Item
+    ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+        """pytest-asyncio (1.4 and later) runs every async test and fixture on uvloop."""
+        return {"uvloop": uvloop.new_event_loop}

@@ -13,8 +13,8 @@ import fakeredis
 import pytest
 
 from keystile import Keystile, KeystileSettings, StoreUnavailable
-from keystile.fallback import BACKING_OFF, Fallback
-from keystile.ratelimit import RedisLimiter
+from keystile.fallback import BACKING_OFF, Fallback, Health
+from keystile.ratelimit import RedisLimiter, limit_set
 
 log = logging.getLogger("keystile.test_fallback")
 
@@ -184,3 +184,120 @@ def test_the_back_off_is_configured_from_the_settings(monkeypatch: pytest.Monkey
     monkeypatch.setenv("KEYSTILE_RATE_LIMIT_BACKOFF", "4")
     with pytest.raises(ValueError, match="rate_limit_backoff must not exceed"):
         KeystileSettings()
+
+
+# -- a loud outage: one warning with its cause, and a health signal (issue #18, item 0) -------
+
+
+def outage_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == log.name and r.levelno == logging.WARNING and "cannot reach" in r.getMessage()
+    ]
+
+
+@pytest.mark.parametrize("failure", ["allow", "deny"])
+async def test_item0_an_outage_longer_than_the_back_off_is_logged_once_with_its_cause(
+    caplog: pytest.LogCaptureFixture, failure: str
+) -> None:
+    """Redis failing past the back-off (a try fails) is logged once, a warning naming the
+    cause (class and message) and where Redis is, however many decisions and tries follow;
+    :meth:`health` is "degraded" from the back-off until Redis answers, "ok" after. Redis
+    answering ends the outage (logged at INFO); the next outage is logged once again."""
+    caplog.set_level(logging.INFO, logger=log.name)
+    now = [50.0]
+    fb = Fallback(
+        "test decisions",
+        log,
+        failure=failure,  # type: ignore[arg-type]
+        backoff=(1.0, 4.0),
+        where="10.0.0.7:6379",
+        monotonic=lambda: now[0],
+    )
+    cause = "Error 111 connecting to 10.0.0.7:6379. Connection refused."
+
+    async def down() -> str:
+        raise ConnectionError(cause)
+
+    async def up() -> str:
+        return "answer"
+
+    async def ask(call: Any) -> str | None:
+        try:
+            return await fb.ask(call)
+        except StoreUnavailable:
+            return None
+
+    for outage in range(2):
+        assert fb.health().ok and fb.health().since is None
+        for _ in range(3):  # trip_after failures in a row: backing off
+            assert await ask(down) is None
+        health = fb.health()
+        assert health.status == "degraded" and health.since is not None
+        assert health.last_error == f"ConnectionError: {cause}"
+        assert len(outage_warnings(caplog)) == outage  # not yet: the back-off is young
+        for _ in range(5):  # each wait over, a try fails; the decisions between skip Redis
+            now[0] += 4.0
+            assert await ask(down) is None
+            assert await ask(down) is None
+        warned = outage_warnings(caplog)
+        assert len(warned) == outage + 1
+        assert warned[-1].startswith("test decisions cannot reach Redis at 10.0.0.7:6379 for")
+        assert f"longer than its back-off (ConnectionError: {cause})" in warned[-1]
+        doing = "refusing" if failure == "deny" else "letting requests through undecided"
+        assert doing in warned[-1]
+        assert not fb.health().ok
+        now[0] += 4.0
+        assert await ask(up) == "answer"
+        assert fb.health() == Health("test decisions", passes=fb.passes)
+        back = [r for r in caplog.records if r.levelno == logging.INFO]
+        assert len(back) == outage + 1 and "reaches Redis at 10.0.0.7:6379 again" in (
+            back[-1].getMessage()
+        )
+
+
+async def test_item0_a_short_outage_is_not_announced() -> None:
+    """Failures that end before the back-off is over (the first try answers) degrade
+    health for their while, and log no outage warning."""
+    now = [0.0]
+    fb = Fallback("test decisions", log, backoff=(1.0, 4.0), monotonic=lambda: now[0])
+    redis = Redis()
+    await trip(fb, redis)
+    assert not fb.health().ok
+    redis.failing = False
+    now[0] += 1.0
+    assert await fb.ask(redis.answer) == "answer"
+    assert fb.health().ok and not fb._announced
+
+
+async def test_item0_a_dead_redis_makes_the_gate_say_so(
+    unused_redis_url: str, monotonic: list[float], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A gate whose Redis is gone: once the limiter has failed past its back-off it logs
+    one warning naming host:port and the cause (never the password in the URL), and
+    ``Keystile.health()`` says "degraded" for the limiter, "ok" for the quotas (not used)."""
+    caplog.set_level(logging.WARNING, logger="keystile.ratelimit")
+    url = unused_redis_url.replace("redis://", "redis://:hunter2-not-logged@")
+    settings = KeystileSettings(rate_limit_timeout=0.2, redis_timeout=0.2)
+    gate = Keystile(store=url, secret="s" * 32, settings=settings)
+    limiter = gate.limiter
+    assert isinstance(limiter, RedisLimiter)
+    limits_ = limit_set("10/minute", "dev")
+    try:
+        assert gate.health().ok and gate.health().status == "ok"
+        for _ in range(3):
+            assert (await limiter.hit("k", limits_)).degraded
+        monotonic[0] += 1.0
+        assert (await limiter.hit("k", limits_)).degraded  # the try fails
+        health = gate.health()
+        assert not health.ok and health.status == "degraded" and health.quotas.ok
+        assert health.limiter.status == "degraded" and health.limiter.passes == 4
+        port = unused_redis_url.rsplit(":", 1)[1].split("/")[0]
+        [warning] = [r.getMessage() for r in caplog.records if "cannot reach" in r.getMessage()]
+        assert f"rate limiter cannot reach Redis at 127.0.0.1:{port}" in warning
+        assert "(ConnectionError: " in warning or "(ConnectionRefusedError: " in warning
+        assert all("hunter2" not in r.getMessage() for r in caplog.records)
+        assert "hunter2" not in repr(health)
+    finally:
+        await gate.aclose()

@@ -1722,3 +1722,80 @@ async def test_a_limit_is_refused_when_parsed_or_decided_by_redis(redis_namespac
     finally:
         await made.aclose()
     assert not decision.degraded and limiter.passes == 0
+
+
+# -- every event loop and HTTP server (issue #18, item 0) -------------------------------------
+
+
+def _loop_factory(name: str) -> Any:
+    if name == "uvloop":
+        return pytest.importorskip("uvloop").new_event_loop
+    return asyncio.new_event_loop
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "redis-py"])
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_item0_the_limiter_decides_exactly_on_every_event_loop(
+    redis_namespace: str, loop: str, lean: bool
+) -> None:
+    """On the real Redis, on asyncio's loop and on uvloop's (what ``uvicorn --loop uvloop``
+    runs), one at a time and then together: a 5/minute limit admits exactly 5, each decided
+    by Redis (no pass), then refuses with a Retry-After."""
+    limits_ = limit_set("5/minute", "client")
+
+    async def decide() -> None:
+        client_: Redis = Redis.from_url(REDIS_URL)
+        limiter = RedisLimiter(client_, namespace=redis_namespace, lean=lean, timeout=2.0)
+        try:
+            assert limiter.lean == lean
+            alone = [await limiter.hit("one", limits_) for _ in range(7)]
+            together = await asyncio.gather(*(limiter.hit("two", limits_) for _ in range(7)))
+            for decisions in (alone, together):
+                assert [d.allowed for d in decisions].count(True) == 5
+                assert not any(d.degraded for d in decisions)
+                refused = [d for d in decisions if not d.allowed]
+                assert len(refused) == 2 and all(d.retry_after >= 1 for d in refused)
+            assert limiter.passes == 0 and limiter.health().ok
+        finally:
+            await limiter.close()
+            await client_.aclose()
+
+    with asyncio.Runner(loop_factory=_loop_factory(loop)) as runner:
+        runner.run(decide())
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("server", [("asyncio", "h11"), ("uvloop", "httptools")], ids="-".join)
+async def test_item0_uvicorn_enforces_the_limit_on_every_loop(
+    redis_namespace: str, server: tuple[str, str]
+) -> None:
+    """130 requests one after another with a client key (100/minute) to keystile under
+    uvicorn, with each event loop and HTTP parser: exactly 100 admitted, each decided by
+    Redis (no pass), and 30 refused 429 rate_limited — never a 500."""
+    from faults.rawhttp import exchange, request
+    from faults.server import child_env, serve
+
+    if server[0] == "uvloop":
+        pytest.importorskip("uvloop")
+    pytest.importorskip(server[1])
+    gate = Keystile(
+        store=RedisStore.from_url(REDIS_URL, namespace=redis_namespace),
+        secret=SECRET,
+        settings=QUIET,
+    )
+    # what faults.app's /x needs; the key's own window is the subject (one address)
+    secret = await new_client_key(gate, scopes=["kev:read"], **ONE_ADDRESS)
+    await gate.aclose()
+    env = child_env(
+        KEYSTILE_REDIS_URL=REDIS_URL,
+        KEYSTILE_SECRET=SECRET,
+        KEYSTILE_NAMESPACE=redis_namespace,
+        KEYSTILE_RATE_LIMIT_TIMEOUT="5",  # a busy machine shows as a failure below, not a pass
+    )
+    flags = ("--loop", server[0], "--http", server[1], "--no-access-log")
+    data = request("GET", "/x", [(b"Authorization", f"Bearer {secret}".encode())])
+    with serve(env, flags=flags) as running:
+        answers = [await exchange(running.port, data) for _ in range(130)]
+    outcome = Counter(a.describe() for a in answers)
+    assert outcome == {"200": 100, "429 rate_limited": 30}, outcome
+    assert all(a.json["passes"] == 0 for a in answers if a.status == 200)  # type: ignore[index]

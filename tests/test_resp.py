@@ -445,3 +445,52 @@ async def test_closing_the_limiter_while_a_request_connects_fails_it_cleanly() -
         with pytest.raises(StoreUnavailable):
             await request
         assert not request.cancelled()
+
+
+# -- every event loop: asyncio's and uvloop's (issue #18, item 0) ---------------------------
+
+
+def loop_factory(name: str) -> Any:
+    """A new event loop of the kind ``name`` names (uvloop: skipped where not installed)."""
+    if name == "uvloop":
+        return pytest.importorskip("uvloop").new_event_loop
+    return asyncio.new_event_loop
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_item0_a_lean_connection_works_on_every_event_loop(loop: str, transport: str) -> None:
+    """Over TCP and a unix socket, on asyncio's loop and uvloop's (whose transports are not
+    asyncio.Transport): one call, then 50 callers sharing the socket each get their own
+    reply, then an error reply comes back as a value."""
+    need_redis_server()
+    server = RedisServer(unix_socket=transport == "unix")
+    server.start()
+    url = f"unix://{server.socket_path}" if transport == "unix" else server.url
+
+    async def session() -> None:
+        lean = LeanRedis.from_client(Redis.from_url(url))
+        assert lean is not None
+        try:
+            assert await lean.execute("PING") == b"PONG"
+            replies = await asyncio.gather(*(lean.execute("INCR", "n") for _ in range(50)))
+            assert sorted(replies) == list(range(1, 51))
+            error = await lean.execute("EVALSHA", "0" * 40, 0)
+            assert isinstance(error, ReplyError) and error.code == "NOSCRIPT"
+            assert await lean.execute("GET", "n") == b"50"
+        finally:
+            await lean.aclose()
+
+    try:
+        with asyncio.Runner(loop_factory=loop_factory(loop)) as runner:
+            runner.run(session())
+    finally:
+        server.close()
+
+
+async def test_async_tests_run_on_the_loop_they_are_asked_to() -> None:
+    """KEYSTILE_TEST_LOOP=uvloop (.ci/run's second pass) really puts the tests on uvloop."""
+    from conftest import TEST_LOOP
+
+    kind = type(asyncio.get_running_loop()).__module__.split(".")[0]
+    assert kind == TEST_LOOP

@@ -433,7 +433,8 @@ def admin_routes(gate: Keystile) -> list[Route]:
 async def _http_error(request: Request, exc: Exception) -> Response:
     if isinstance(exc, Refusal):
         return exc.response()
-    assert isinstance(exc, HTTPException)
+    if not isinstance(exc, HTTPException):  # registered for another exception: not ours
+        raise exc
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     return error_response(exc.status_code, code, exc.detail, headers=exc.headers)
 

@@ -408,19 +408,16 @@ class Alerter:
             except Exception:  # one failing callback must not silence the others
                 logger.exception("alert callback failed")
         if self.webhook_url:
-            task = asyncio.get_running_loop().create_task(self._post(payload))
+            task = asyncio.get_running_loop().create_task(self._post(self.webhook_url, payload))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _post(self, payload: dict[str, Any]) -> None:
-        assert self.webhook_url is not None
+    async def _post(self, url: str, payload: dict[str, Any]) -> None:
         body = json.dumps(payload).encode()
         delay = 0.2
         for attempt in range(1, self.webhook_retries + 1):
             try:
-                status = await asyncio.to_thread(
-                    _post_json, self.webhook_url, body, self.webhook_timeout
-                )
+                status = await asyncio.to_thread(_post_json, url, body, self.webhook_timeout)
                 if 200 <= status < 300:
                     return
                 if 400 <= status < 500 and status != 429:

@@ -46,7 +46,7 @@ from keystile.exceptions import (
     StoreUnavailable,
 )
 from keystile.keys import KeyHasher, generate_key, redact_keys
-from keystile.manager import KeyManager, key_status, record_json
+from keystile.manager import CreatedKey, KeyManager, key_status, record_json
 from keystile.models import DEFAULT_POLICY, ApiKey
 from keystile.scan import Finding, ScanProblem, scan_paths
 from keystile.settings import KeystileSettings
@@ -304,14 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _print_keys(out: TextIO, base: str, keys: dict[str, object], store: str) -> None:
+def _print_keys(out: TextIO, base: str, keys: dict[str, CreatedKey], store: str) -> None:
     from keystile.demo import DEMO_ORIGINS
-    from keystile.manager import CreatedKey
 
     def secret(name: str) -> str:
-        created = keys[name]
-        assert isinstance(created, CreatedKey)
-        return created.secret.get_secret_value()
+        return keys[name].secret.get_secret_value()
 
     out.write(f"keystile demo on {base}  (store: {store})\n\n")
     out.write("Keys (shown once; they work until the demo stops):\n")
@@ -346,7 +343,6 @@ def _print_keys(out: TextIO, base: str, keys: dict[str, object], store: str) -> 
         "The same call from any other origin is refused (403 origin_not_allowed).\n"
     )
     admin, dev = secret("admin"), keys["dev"]
-    assert isinstance(dev, CreatedKey)
     out.write(
         "\nUsage is counted per key and flushed every second; alerts (more than 60 requests\n"
         "a minute, half the answers errors, a revoked key still in use...) print below.\n"
@@ -479,7 +475,8 @@ def _resolve_expiry(value: timedelta | datetime | str, now: datetime) -> datetim
             return now + value
         except OverflowError:
             raise KeyValidationError.single("expires_at", "is too far in the future") from None
-    assert isinstance(value, datetime)
+    if not isinstance(value, datetime):
+        raise KeyValidationError.single("expires_at", "is not a date, a duration or 'never'")
     return value
 
 

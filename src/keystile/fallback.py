@@ -8,13 +8,15 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
 
 from redis.exceptions import RedisError
 
 from keystile.exceptions import StoreUnavailable
 
-__all__ = ["FailureMode", "Fallback", "FallingBack"]
+__all__ = ["FailureMode", "Fallback", "FallingBack", "Health", "redis_address"]
 
 FailureMode = Literal["allow", "deny"]
 T = TypeVar("T")
@@ -23,6 +25,41 @@ T = TypeVar("T")
 REDIS_FAILED = (TimeoutError, StoreUnavailable, RedisError, OSError)
 # The cause of a refusal made while backing off, without asking Redis.
 BACKING_OFF = ConnectionError("Redis failed repeatedly: backing off")
+
+
+def _monotonic() -> float:
+    return time.monotonic()  # looked up on each call: tests replace the module's clock
+
+
+def redis_address(client: object) -> str:
+    """Where a redis-py client connects (``host:port`` or a socket path; ``""`` when it
+    does not say), for messages: never its credentials."""
+    options = getattr(getattr(client, "connection_pool", None), "connection_kwargs", None)
+    if not isinstance(options, dict):
+        return ""
+    if options.get("path"):
+        return str(options["path"])
+    host = options.get("host")
+    if not isinstance(host, str):
+        return ""
+    return f"{f'[{host}]' if ':' in host else host}:{options.get('port', 6379)}"
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """What one component knows of the Redis it needs: ``"ok"``, or ``"degraded"`` while it
+    backs off from a Redis that failed ``trip_after`` times in a row (decisions then take
+    the failure mode), ``since`` the first of those failures, the ``last_error``."""
+
+    component: str
+    status: Literal["ok", "degraded"] = "ok"
+    since: datetime | None = None
+    last_error: str | None = None
+    passes: int = 0  # decisions let through undecided, ever
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
 
 
 class Fallback:
@@ -37,10 +74,19 @@ class Fallback:
     ``try_for`` seconds). Each failed try doubles the wait, up to ``backoff[1]``; the
     first answer ends the back-off. Calls already under way when it began (or when it
     ended) do not extend it. Callers ask Redis through :meth:`ask`.
+
+    An outage that outlasts the back-off (a try fails) is logged once, a warning naming
+    the cause and ``where`` Redis is; the first answer after it once more, and
+    :meth:`health` says ``"degraded"`` while backing off. ``monotonic`` is the clock of
+    all of it.
     """
 
     __slots__ = (
+        "_announced",
+        "_down_at",
+        "_down_since",
         "_episode",
+        "_error",
         "_last_log",
         "_logger",
         "_trying_since",
@@ -50,10 +96,12 @@ class Fallback:
         "failure",
         "failures",
         "log_interval",
+        "monotonic",
         "passes",
         "skip_until",
         "trip_after",
         "try_for",
+        "where",
     )
 
     def __init__(
@@ -66,6 +114,8 @@ class Fallback:
         trip_after: int = 3,
         backoff: tuple[float, float] = (0.05, 1.0),
         try_for: float = 10.0,
+        where: str = "",
+        monotonic: Callable[[], float] = _monotonic,
     ) -> None:
         if failure not in ("allow", "deny"):
             raise ValueError("failure must be 'allow' or 'deny'")
@@ -80,6 +130,8 @@ class Fallback:
         self.trip_after = trip_after
         self.backoff = backoff
         self.try_for = try_for
+        self.where = where  # where Redis is, for the log (host:port, no credentials)
+        self.monotonic = monotonic
         self.passes = 0  # decisions let through undecided
         self.failures = 0  # failed decisions since Redis last answered
         self.skip_until = 0.0  # monotonic; non-zero: backing off (no try before then)
@@ -87,6 +139,10 @@ class Fallback:
         self._trying_since = 0.0  # monotonic; non-zero: a try is under way
         self._episode = 0  # one more each time Redis answers after failing
         self._last_log = -math.inf
+        self._down_at = 0.0  # monotonic: the first of `failures`
+        self._down_since: datetime | None = None  # the same, on the wall clock
+        self._error: str | None = None  # the last failure's cause
+        self._announced = False  # the outage has been logged
 
     async def ask(
         self, call: Callable[..., Awaitable[T]], *args: Any, allow: bool = False
@@ -97,7 +153,7 @@ class Fallback:
         ``failure="deny"`` (nothing left to refuse)."""
         trying = False
         if self.skip_until:  # backing off
-            now = time.monotonic()
+            now = self.monotonic()
             trying_since = self._trying_since
             if now < self.skip_until or (trying_since and now - trying_since < self.try_for):
                 self._fail(None, allow)
@@ -107,36 +163,74 @@ class Fallback:
         try:
             answer = await call(*args)
         except REDIS_FAILED as exc:
-            self._failed(trying and episode == self._episode)
+            self._failed(trying and episode == self._episode, exc)
             self._fail(exc, allow)
             return None
         finally:
             if trying and episode == self._episode:
                 self._trying_since = 0.0  # answered, failed, cancelled: the try is over
         if self.failures:
-            # Redis answers: no more backing off.
-            self.failures, self.skip_until, self._wait = 0, 0.0, 0.0
-            self._trying_since = 0.0
-            self._episode += 1
+            self._recovered()
         return answer
 
-    def _failed(self, tried: bool) -> None:
+    def health(self) -> Health:
+        """``"degraded"`` while backing off from a failing Redis, else ``"ok"``."""
+        if not self.skip_until:
+            return Health(self._what, passes=self.passes)
+        return Health(self._what, "degraded", self._down_since, self._error, self.passes)
+
+    def _recovered(self) -> None:
+        """Redis answers: no more backing off (and say so, if the outage was logged)."""
+        if self._announced:
+            self._logger.info(
+                "%s reaches Redis%s again after %.1f s (passes so far: %d)",
+                self._what,
+                f" at {self.where}" if self.where else "",
+                self.monotonic() - self._down_at,
+                self.passes,
+            )
+        self.failures, self.skip_until, self._wait = 0, 0.0, 0.0
+        self._trying_since = 0.0
+        self._episode += 1
+        self._down_since, self._error, self._announced = None, None, False
+
+    def _failed(self, tried: bool, exc: BaseException | None = None) -> None:
         """Count a failure: back off after ``trip_after`` in a row, and twice as long after
-        each failed try (``tried``: a try of the current back-off)."""
+        each failed try (``tried``: a try of the current back-off), logging the outage
+        the first time a try fails."""
+        if not self.failures:
+            self._down_at, self._down_since = self.monotonic(), datetime.now(UTC)
         self.failures += 1
+        if exc is not None:
+            self._error = f"{type(exc).__name__}: {str(exc)[:200]}"
         if tried:
+            if not self._announced:
+                self._announce()
             self._wait = min(max(self._wait * 2, self.backoff[0]), self.backoff[1])
         elif self.skip_until or self.failures < self.trip_after:
             return
         else:
             self._wait = self.backoff[0]
-        self.skip_until = time.monotonic() + self._wait
+        self.skip_until = self.monotonic() + self._wait
+
+    def _announce(self) -> None:
+        self._announced = True
+        self._logger.warning(
+            "%s cannot reach Redis%s for %.1f s, longer than its back-off (%s); %s until it "
+            "answers (passes so far: %d)",
+            self._what,
+            f" at {self.where}" if self.where else "",
+            self.monotonic() - self._down_at,
+            self._error,
+            "refusing" if self.failure == "deny" else "letting requests through undecided",
+            self.passes,
+        )
 
     def _fail(self, exc: BaseException | None, allow: bool) -> None:
         """Take the failure mode for a decision Redis did not make (``exc``; ``None``:
         skipped while backing off): count and log the pass, or raise StoreUnavailable."""
         deny = self.failure == "deny" and not allow
-        now = time.monotonic()
+        now = self.monotonic()
         if now - self._last_log >= self.log_interval:
             self._last_log = now
             self._logger.warning(
@@ -179,3 +273,7 @@ class FallingBack:
     def passes(self) -> int:
         """Decisions let through without Redis' answer (``failure="allow"``)."""
         return self.fallback.passes
+
+    def health(self) -> Health:
+        """``"degraded"`` while backing off from a failing Redis (:class:`Health`)."""
+        return self.fallback.health()

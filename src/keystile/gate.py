@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import SecretStr
 from redis.exceptions import RedisError
@@ -22,6 +23,7 @@ from keystile.alerts import Alerter, AlertRules, AlertState, MemoryAlertState, R
 from keystile.clock import Clock, system_clock, to_datetime, to_timestamp
 from keystile.cors import OriginIndex
 from keystile.exceptions import StoreError
+from keystile.fallback import Health
 from keystile.keys import KeyHasher
 from keystile.manager import KeyManager
 from keystile.models import DEFAULT_POLICY, ApiKey, KeyPolicy, KeyType
@@ -40,7 +42,7 @@ from keystile.usage import (
     UsageStore,
 )
 
-__all__ = ["KeyUser", "Keystile", "Principal"]
+__all__ = ["GateHealth", "KeyUser", "Keystile", "Principal"]
 
 # The longest Origin value a key's principal remembers its answer for (a scheme, a
 # 253-character host and a port fit); longer ones are parsed each time.
@@ -167,6 +169,24 @@ def _limiter(store: KeyStore, settings: KeystileSettings, clock: Clock) -> Limit
     return MemoryLimiter(clock=clock)
 
 
+@dataclass(frozen=True, slots=True)
+class GateHealth:
+    """:meth:`Keystile.health`: what the rate limiter, the token quotas and the key store
+    each know of Redis (a :class:`keystile.fallback.Health` apiece)."""
+
+    limiter: Health
+    quotas: Health
+    store: Health
+
+    @property
+    def ok(self) -> bool:
+        return self.limiter.ok and self.quotas.ok and self.store.ok
+
+    @property
+    def status(self) -> Literal["ok", "degraded"]:
+        return "ok" if self.ok else "degraded"
+
+
 class Keystile:
     """Everything keystile needs to authenticate and manage keys, configured once."""
 
@@ -250,6 +270,7 @@ class Keystile:
         )
         self.quotas.usage = self.usage
         self.quotas.alerts = self.alerts
+        self._started = False  # startup() ran: the cache follows key changes
 
     @property
     def origin_index(self) -> OriginIndex:
@@ -276,11 +297,26 @@ class Keystile:
         logged, not raised, so the app still starts.
         """
         await self.store.start()
+        self._started = True
         try:
             await self.limiter.start()
             await self.quotas.store.start()
         except (StoreError, RedisError, OSError) as exc:
             logger.warning("could not prepare the rate limiter: %s", type(exc).__name__)
+
+    def health(self) -> GateHealth:
+        """Whether Redis is answering, as each part that needs it last found: the rate
+        limiter and the token quotas are ``"degraded"`` while they back off from a failing
+        Redis (decisions take the failure mode), the key store while it no longer hears of
+        key changes (every lookup then asks Redis). No round trip: cheap enough for a
+        health endpoint."""
+        health = getattr(self.limiter, "health", None)  # a limiter without Redis has none
+        limiter = health() if callable(health) else Health("rate limiter")
+        store = Health("key store")
+        if self._started and isinstance(self.store.store, RedisStore) and not self.store.listening:
+            why = "not hearing of key changes (the events channel is down)"
+            store = Health("key store", "degraded", last_error=why)
+        return GateHealth(limiter, self.quotas.health(), store)
 
     async def shutdown(self) -> None:
         """Flush usage (and the alerts it raises) and close the limiter's own connection.

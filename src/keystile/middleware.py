@@ -23,6 +23,7 @@ from keystile.gate import Keystile, Principal
 from keystile.keys import parse_key
 from keystile.network import ClientAddress, allowed, budget_address
 from keystile.origins import Origin, parse_origin
+from keystile.ratelimit import LimitSet
 from keystile.responses import Headers, Refusal, Refusals
 from keystile.routing import MIDDLEWARE, PRINCIPAL, Rule, RuleTable, route_path
 from keystile.stores.cache import CacheEntry
@@ -164,7 +165,7 @@ class KeystileMiddleware:
         scope["user"] = principal.user
         scope[PRINCIPAL] = principal
         if principal.limits is not None:
-            limited = await self._limit(scope, send, principal, extra)
+            limited = await self._limit(scope, send, principal, principal.limits, extra)
             if limited is None:
                 return
             send = limited
@@ -195,8 +196,7 @@ class KeystileMiddleware:
                 meter.status = 500
             raise
         finally:
-            if meter is not None:
-                assert usage is not None
+            if meter is not None and usage is not None:  # (a meter is made with usage)
                 if self._proxied:
                     ip = self._ip(scope)
                 else:
@@ -256,20 +256,22 @@ class KeystileMiddleware:
         return extra
 
     async def _limit(
-        self, scope: Scope, send: Send, principal: Principal, extra: Headers
+        self, scope: Scope, send: Send, principal: Principal, limits: LimitSet, extra: Headers
     ) -> Send | None:
-        """Ask the limiter; refuse (and return None) or return a send that adds the
-        rate-limit (and CORS) headers to the response."""
-        limits = principal.limits
+        """Ask the limiter about ``principal``'s ``limits`` (and, for a window that counts
+        each client address apart, this address's share); refuse (and return None) or
+        return a send that adds the rate-limit (and CORS) headers to the response."""
         address = ""
-        if limits is not None and limits.per_address:
+        if limits.per_address:
             client = self.client_address(scope)
             if client is None:  # no address to share the budget by (a Unix socket)
+                if principal.key_limits is None:
+                    return (
+                        _adding_headers(send, extra) if extra and scope["type"] == "http" else send
+                    )
                 limits = principal.key_limits
             else:
                 address = budget_address(client)
-        if limits is None:
-            return _adding_headers(send, extra) if extra and scope["type"] == "http" else send
         try:
             decision = await self._limiter.hit(principal.key_id, limits, address=address)
         except StoreUnavailable:  # failure="deny", and the limiter could not decide

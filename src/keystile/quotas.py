@@ -31,7 +31,7 @@ from starlette.requests import HTTPConnection
 from keystile.alerts import Alerter
 from keystile.clock import Clock, system_clock
 from keystile.exceptions import StoreUnavailable
-from keystile.fallback import FailureMode, Fallback, FallingBack
+from keystile.fallback import FailureMode, Fallback, FallingBack, redis_address
 from keystile.models import ApiKey, KeyPolicy
 from keystile.responses import Headers, Refusal, raise_refusal
 from keystile.routing import MIDDLEWARE, PRINCIPAL
@@ -210,6 +210,7 @@ class Quotas(FallingBack):
             log_interval=log_interval,
             trip_after=trip_after,
             backoff=backoff,
+            where=redis_address(getattr(store, "client", None)),
         )
         self.usage: UsageRecorder | None = None  # set by Keystile: tokens and refusals count
         self.alerts: Alerter | None = None  # set by Keystile: 80/90/100 % alerts

@@ -49,7 +49,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from keystile.clock import Clock, system_clock
 from keystile.exceptions import StoreUnavailable
-from keystile.fallback import FailureMode, Fallback, FallingBack
+from keystile.fallback import FailureMode, Fallback, FallingBack, redis_address
 from keystile.resp import LeanRedis, ReplyError, encode
 
 __all__ = [
@@ -525,6 +525,7 @@ class RedisLimiter(FallingBack):
             log_interval=log_interval,
             trip_after=trip_after,
             backoff=backoff,
+            where=redis_address(client),
         )
         self.client = client
         self.namespace = namespace
@@ -660,7 +661,8 @@ class RedisLimiter(FallingBack):
         """One EVALSHA over the lean connection (after loading the script on NOSCRIPT),
         all within one ``timeout``."""
         lean = self._lean
-        assert lean is not None
+        if lean is None:  # only chosen when there is one (hit_at)
+            raise RuntimeError("the rate limiter has no lean connection")
         cached = (key, address, limits.text, cost)
         command = self._commands.get(cached) if now_ms is None else None
         if command is None:

@@ -30,7 +30,7 @@ import contextlib
 import math
 from collections import deque
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.connection import Connection, UnixDomainSocketConnection
@@ -200,7 +200,7 @@ class _Connection(asyncio.Protocol):
     def __init__(self, loop: asyncio.AbstractEventLoop, stall: float) -> None:
         self.loop = loop
         self.stall = stall
-        self.transport: asyncio.Transport | None = None
+        self.transport: asyncio.WriteTransport | None = None
         self.reader = RespReader()
         # (future, caller's deadline, when sent) per command sent or about to be sent
         self.waiting: deque[tuple[asyncio.Future[Any], float, float]] = deque()
@@ -212,8 +212,9 @@ class _Connection(asyncio.Protocol):
         self.writes = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream connection's transport writes and aborts, whatever its class: uvloop's
+        # TCPTransport and UnixTransport do not derive from asyncio's classes at all.
+        self.transport = cast(asyncio.WriteTransport, transport)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -239,7 +240,8 @@ class _Connection(asyncio.Protocol):
     def send(self, command: bytes, deadline: float) -> asyncio.Future[Any]:
         future = self.loop.create_future()
         now = self.loop.time()
-        if self.lost:
+        transport = self.transport
+        if self.lost or transport is None:
             future.set_exception(ConnectionError("the connection to Redis was lost"))
             return future
         if deadline <= now:  # no time left to send it in
@@ -252,8 +254,7 @@ class _Connection(asyncio.Protocol):
             self.arm(wake)
         if len(waiting) == 1:
             # Nothing outstanding: write at once (the common case of one caller).
-            assert self.transport is not None
-            self.transport.write(command)
+            transport.write(command)
             self.writes += 1
         else:
             # Replies are outstanding: everything that arrives meanwhile goes out together.

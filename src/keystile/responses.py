@@ -86,7 +86,8 @@ async def refusal_handler(conn: HTTPConnection, exc: Exception) -> Response | No
     ``app.add_exception_handler(Refusal, refusal_handler)`` registers it up front;
     :func:`raise_refusal` registers it on first use.
     """
-    assert isinstance(exc, Refusal)
+    if not isinstance(exc, Refusal):  # registered for another exception: not ours
+        raise exc
     if isinstance(conn, WebSocket):
         await conn.close(code=1008, reason=exc.code)
         return None

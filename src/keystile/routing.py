@@ -131,7 +131,8 @@ class RuleTable:
         if found is None:
             return None
         group = found.lastgroup
-        assert group is not None
+        if group is None:  # every alternative of the regex is a named group
+            raise RuntimeError(f"route regex matched {path!r} outside its rules' groups")
         return rules[int(group[1:])]
 
     def __bool__(self) -> bool:

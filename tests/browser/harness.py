@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from browser.gate_server import MARKER
-from faults.server import Server, child_env, serve_command
+from faults.server import Server, child_env, loop_flags, serve_command
 
 __all__ = ["ServerProcess", "child_env", "demo_argv", "seed_env", "serve", "uvicorn_argv"]
 
@@ -23,7 +23,8 @@ GATE_SERVER = HERE / "gate_server.py"
 def uvicorn_argv(port: int, *flags: str) -> list[str]:
     """The uvicorn command line serving gate_server:create_app on 127.0.0.1:port."""
     command = "-m uvicorn --factory gate_server:create_app --host 127.0.0.1 --app-dir"
-    return [sys.executable, *command.split(), str(HERE), "--port", str(port), *flags]
+    port_and_loop = ["--port", str(port), *loop_flags()]
+    return [sys.executable, *command.split(), str(HERE), *port_and_loop, *flags]
 
 
 def demo_argv(port: int) -> list[str]:

@@ -35,8 +35,17 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def loop_flags() -> list[str]:
+    """The event loop and HTTP parser of every uvicorn a test starts: asyncio and h11, or
+    with ``KEYSTILE_TEST_SERVER=uvloop`` (.ci/run) uvloop and httptools, what
+    ``uvicorn[standard]`` picks by default."""
+    if os.environ.get("KEYSTILE_TEST_SERVER", "") == "uvloop":
+        return ["--loop", "uvloop", "--http", "httptools"]
+    return ["--loop", "asyncio", "--http", "h11"]
+
+
 def factory_argv(port: int, *flags: str) -> list[str]:
-    """uvicorn serving faults.app:create_app on 127.0.0.1:port."""
+    """uvicorn serving faults.app:create_app on 127.0.0.1:port (``flags`` come last)."""
     return [
         sys.executable,
         "-m",
@@ -49,6 +58,7 @@ def factory_argv(port: int, *flags: str) -> list[str]:
         "127.0.0.1",
         "--port",
         str(port),
+        *loop_flags(),
         *flags,
     ]
 

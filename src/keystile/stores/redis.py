@@ -64,6 +64,14 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _cancelling() -> bool:
+    """Whether the running task is being cancelled. Cancelled while redis-py reads, a task
+    may instead see the read fail, on uvloop (the socket is closed as the cancel lands):
+    a loop that retried then would never end, and nor would the event loop's shutdown."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 class RedisStore:
     """Key records in Redis, with change announcements over pub/sub."""
 
@@ -182,6 +190,8 @@ class RedisStore:
             except asyncio.CancelledError:
                 raise
             except (*_UNAVAILABLE, RedisError) as exc:
+                if _cancelling():  # redis-py let a cancel through as a lost connection
+                    raise asyncio.CancelledError from exc
                 self._lost()
                 logger.warning("lost the Redis events channel (%s); retrying", type(exc).__name__)
                 await asyncio.sleep(delay)
