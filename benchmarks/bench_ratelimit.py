@@ -69,7 +69,7 @@ from keystile import RedisStore
 from keystile.gate import Keystile
 from keystile.middleware import KeystileMiddleware
 from keystile.ratelimit import RedisLimiter, limit_set
-from keystile.resp import LeanRedis, encode
+from keystile.redis.lean import LeanRedis, encode
 
 App = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 
@@ -143,7 +143,7 @@ class LowerBound:
 
 
 class RawSocketFloor(LowerBound):
-    """The lower bound's EVALSHA over keystile's lean connection (``keystile.resp``): what a
+    """The lower bound's EVALSHA over keystile's lean connection (``keystile.redis.lean``): what a
     round trip costs without redis-py's layers — a floor, not a target."""
 
     def __init__(self, app: App, *, lean: LeanRedis, sha: str, key: str) -> None:

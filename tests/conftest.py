@@ -239,9 +239,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         )
 
 
-# -- lean Redis connections (keystile.resp) must be closed by whoever opened them -------------
+# -- lean Redis connections (keystile.redis.lean) must be closed by whoever opened them ---------
 
-_lean_connections: Any = None  # weakref.WeakSet of every keystile.resp connection made
+_lean_connections: Any = None  # weakref.WeakSet of every keystile.redis.lean connection made
 
 
 def _track_lean_connections() -> Any:
@@ -249,16 +249,16 @@ def _track_lean_connections() -> Any:
     if _lean_connections is None:
         import weakref
 
-        from keystile import resp
+        from keystile.redis import lean
 
         made: weakref.WeakSet[Any] = weakref.WeakSet()
-        opened = resp._Connection.__init__
+        opened = lean._Connection.__init__
 
         def tracked(self: Any, *args: Any, **kwargs: Any) -> None:
             opened(self, *args, **kwargs)
             made.add(self)
 
-        resp._Connection.__init__ = tracked  # type: ignore[method-assign]
+        lean._Connection.__init__ = tracked  # type: ignore[method-assign]
         _lean_connections = made
     return _lean_connections
 
@@ -274,7 +274,7 @@ def lean_connections_closed(request: pytest.FixtureRequest) -> Iterator[None]:
     left = [c for c in made if c not in before and not c.closed.done()]
     for conn in left:
         conn.drop(ConnectionError("left open by the test"))
-    assert not left, f"{len(left)} keystile.resp connection(s) left open: close the gate"
+    assert not left, f"{len(left)} keystile.redis.lean connection(s) left open: close the gate"
 
 
 @pytest.fixture

@@ -50,7 +50,7 @@ from redis.exceptions import NoScriptError, RedisError
 from keystile.clock import Clock, system_clock
 from keystile.exceptions import StoreUnavailable
 from keystile.fallback import FailureMode, Fallback, FallingBack, redis_address
-from keystile.resp import LeanRedis, ReplyError, encode
+from keystile.redis.lean import LeanRedis, ReplyError, encode
 
 __all__ = [
     "Decision",
@@ -500,7 +500,7 @@ class RedisLimiter(FallingBack):
     :attr:`fallback`'s, a :class:`keystile.fallback.Fallback`, shared with token quotas.)
 
     With ``lean=True`` (the default) the decisions go over one connection of the
-    limiter's own (:class:`keystile.resp.LeanRedis`, to the server ``client`` talks to),
+    limiter's own (:class:`keystile.redis.lean.LeanRedis`, to the server ``client`` talks to),
     which costs a fraction of redis-py's Python per round trip; ``client`` carries them
     when it cannot (TLS, a credential provider, fakeredis) or with ``lean=False``.
     """

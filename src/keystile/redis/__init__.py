@@ -1,4 +1,5 @@
-"""keystile's Redis layer: the key schema (:mod:`keystile.redis.schema`)."""
+"""keystile's Redis layer: the key schema (:mod:`keystile.redis.schema`) and the rate
+limiter's lean connection (:mod:`keystile.redis.lean`)."""
 
 from __future__ import annotations
 

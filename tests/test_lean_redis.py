@@ -1,4 +1,4 @@
-"""The lean Redis connection behind the rate limiter (keystile.resp): RESP2 parsed exactly
+"""The lean Redis connection behind the rate limiter (keystile.redis.lean): RESP2 parsed exactly
 in any chunking, garbage refused, callers sharing one socket get their own replies, and a
 stuck, killed, unreachable or password-protected server ends each call with a clear error
 within its deadline."""
@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 
 from conftest import REDIS_URL, budget, require_redis
 from faults.redis_server import RedisServer, free_port, need_redis_server
-from keystile.resp import LeanRedis, ProtocolError, ReplyError, RespReader, encode
+from keystile.redis.lean import LeanRedis, ProtocolError, ReplyError, RespReader, encode
 
 # -- the wire format ---------------------------------------------------------------------------
 
