@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 
 from conftest import REDIS_URL, budget, require_redis
 from faults.redis_server import RedisServer, free_port, need_redis_server
+from keystile.redis.connect import lean_connection
 from keystile.redis.lean import LeanRedis, ProtocolError, ReplyError, RespReader, encode
 
 # -- the wire format ---------------------------------------------------------------------------
@@ -135,21 +136,21 @@ def test_commands_are_encoded_as_arrays_of_bulk_strings() -> None:
 def test_from_client_reads_the_clients_server_and_credentials() -> None:
     """TCP and unix clients map to a lean connection with their db and credentials; TLS,
     a credential provider and fakeredis do not (the limiter then uses redis-py)."""
-    lean = LeanRedis.from_client(Redis.from_url("redis://u:pw@10.0.0.7:6380/3"))
+    lean = lean_connection(Redis.from_url("redis://u:pw@10.0.0.7:6380/3"))
     assert lean is not None
     assert (lean.host, lean.port, lean.db, lean.path) == ("10.0.0.7", 6380, 3, None)
     assert "pw" not in repr(lean)
-    unix = LeanRedis.from_client(Redis.from_url("unix:///run/redis.sock?db=2"))
+    unix = lean_connection(Redis.from_url("unix:///run/redis.sock?db=2"))
     assert unix is not None and (unix.path, unix.db) == ("/run/redis.sock", 2)
-    assert LeanRedis.from_client(Redis.from_url("rediss://127.0.0.1:6380/0")) is None
-    assert LeanRedis.from_client(fakeredis.FakeAsyncRedis()) is None
+    assert lean_connection(Redis.from_url("rediss://127.0.0.1:6380/0")) is None
+    assert lean_connection(fakeredis.FakeAsyncRedis()) is None
 
     class Provider:
         def get_credentials(self) -> tuple[str, str]:
             return ("u", "pw")
 
-    assert LeanRedis.from_client(Redis(credential_provider=Provider())) is None  # type: ignore[arg-type]
-    named = LeanRedis.from_client(Redis.from_url("redis://10.0.0.7/0", client_name="app-1"))
+    assert lean_connection(Redis(credential_provider=Provider())) is None  # type: ignore[arg-type]
+    named = lean_connection(Redis.from_url("redis://10.0.0.7/0", client_name="app-1"))
     assert named is not None and named.name == "app-1-lean" and lean.name is None
 
 
@@ -159,7 +160,7 @@ def test_from_client_reads_the_clients_server_and_credentials() -> None:
 @pytest.fixture
 async def lean() -> AsyncIterator[LeanRedis]:
     require_redis()
-    made = LeanRedis.from_client(Redis.from_url(REDIS_URL), timeout=2.0)
+    made = lean_connection(Redis.from_url(REDIS_URL), timeout=2.0)
     assert made is not None
     yield made
     await made.aclose()
@@ -178,7 +179,7 @@ async def test_the_connection_is_named_after_the_clients(own_redis: RedisServer)
     """CLIENT LIST shows the lean connection as the client's name plus "-lean", beside the
     client's own connections."""
     client = Redis.from_url(own_redis.url, client_name="ks-app")
-    lean = LeanRedis.from_client(client)
+    lean = lean_connection(client)
     assert lean is not None
     try:
         assert await client.ping() and await lean.execute("PING") == b"PONG"
@@ -266,9 +267,7 @@ async def test_password_and_database_are_used_and_a_wrong_password_is_refused() 
     server = RedisServer(password="s3cret-pass")
     server.start()
     try:
-        lean = LeanRedis.from_client(
-            Redis.from_url(f"redis://:s3cret-pass@127.0.0.1:{server.port}/4")
-        )
+        lean = lean_connection(Redis.from_url(f"redis://:s3cret-pass@127.0.0.1:{server.port}/4"))
         assert lean is not None
         assert await lean.execute("SET", "k", "v") == b"OK"
         assert server.admin.execute_command("SELECT", 4) and server.admin.get("k") == b"v"
@@ -289,7 +288,7 @@ async def test_a_unix_socket_works_like_tcp() -> None:
     server = RedisServer(unix_socket=True)
     server.start()
     try:
-        lean = LeanRedis.from_client(Redis.from_url(f"unix://{server.socket_path}?db=1"))
+        lean = lean_connection(Redis.from_url(f"unix://{server.socket_path}?db=1"))
         assert lean is not None and lean.path == server.socket_path
         assert await lean.execute("SET", "u", 1) == b"OK"
         assert await lean.execute("GET", "u") == b"1"
@@ -302,7 +301,7 @@ def test_one_connection_object_serves_successive_event_loops() -> None:
     """Closed at the end of one asyncio.run, it connects again in the next, without
     errors or warnings."""
     require_redis()
-    lean = LeanRedis.from_client(Redis.from_url(REDIS_URL))
+    lean = lean_connection(Redis.from_url(REDIS_URL))
     assert lean is not None
 
     async def ping() -> Any:
@@ -469,7 +468,7 @@ def test_item0_a_lean_connection_works_on_every_event_loop(loop: str, transport:
     url = f"unix://{server.socket_path}" if transport == "unix" else server.url
 
     async def session() -> None:
-        lean = LeanRedis.from_client(Redis.from_url(url))
+        lean = lean_connection(Redis.from_url(url))
         assert lean is not None
         try:
             assert await lean.execute("PING") == b"PONG"

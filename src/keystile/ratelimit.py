@@ -50,7 +50,8 @@ from redis.exceptions import NoScriptError, RedisError
 from keystile.clock import Clock, system_clock
 from keystile.exceptions import StoreUnavailable
 from keystile.fallback import FailureMode, Fallback, FallingBack, redis_address
-from keystile.redis.lean import LeanRedis, ReplyError, encode
+from keystile.redis.connect import lean_connection
+from keystile.redis.lean import ReplyError, encode
 
 __all__ = [
     "Decision",
@@ -533,7 +534,7 @@ class RedisLimiter(FallingBack):
         self.local_refusals = local_refusals
         self.sha = ""  # set once the script is loaded
         self._round_trips = 0  # over `client`
-        self._lean = LeanRedis.from_client(client, timeout=timeout) if lean else None
+        self._lean = lean_connection(client, timeout=timeout) if lean else None
         # (key, address, limit text, cost) -> the encoded EVALSHA of a decision on Redis' clock
         self._commands: dict[tuple[str, str, str, int], bytes] = {}
         self._loading: asyncio.Task[None] | None = None

@@ -14,9 +14,9 @@ socket, shared by every caller.
   passes, everything queued behind it is stuck too: every caller gets ``TimeoutError``
   and the connection is dropped; the next call connects again.
 - It speaks what the limiter needs (commands in, RESP2 replies out, ``AUTH`` and
-  ``SELECT`` on connecting) and nothing else: no pub/sub, TLS or cluster. :meth:`LeanRedis.
-  from_client` answers ``None`` for a client it cannot stand in for, and the limiter keeps
-  using redis-py.
+  ``SELECT`` on connecting) and nothing else: no pub/sub, TLS or cluster.
+  :func:`keystile.redis.connect.lean_connection` answers ``None`` for a client it cannot
+  stand in for, and the limiter keeps using redis-py.
 
 Error replies (``-NOSCRIPT ...``) are returned as :class:`ReplyError` values, not raised:
 a caller decides what each means. Lost connections raise :class:`ConnectionError` (an
@@ -31,9 +31,6 @@ import math
 from collections import deque
 from collections.abc import Sequence
 from typing import Any, cast
-
-from redis.asyncio import Redis
-from redis.asyncio.connection import Connection, UnixDomainSocketConnection
 
 __all__ = ["LeanRedis", "ProtocolError", "ReplyError", "RespReader", "encode"]
 
@@ -353,35 +350,6 @@ class LeanRedis:
         self._conn: _Connection | None = None
         self._connecting: asyncio.Task[_Connection] | None = None
         self._writes = 0  # of connections already gone
-
-    @classmethod
-    def from_client(cls, client: Redis, *, timeout: float = 0.25) -> LeanRedis | None:
-        """A lean connection to the server ``client`` talks to, or ``None`` when it cannot
-        stand in for it (TLS, a credential provider, a cluster, or a fake). It is named
-        after the client's connections, with ``-lean`` added."""
-        pool = getattr(client, "connection_pool", None)
-        if pool is None:
-            return None
-        kind = pool.connection_class
-        options = pool.connection_kwargs
-        if options.get("credential_provider") is not None:
-            return None
-        common = {
-            "username": options.get("username"),
-            "password": options.get("password"),
-            "db": int(options.get("db") or 0),
-            "timeout": timeout,
-            "name": f"{name}-lean" if (name := options.get("client_name")) else None,
-        }
-        if kind is Connection:
-            return cls(
-                host=options.get("host", "localhost"),
-                port=int(options.get("port", 6379)),
-                **common,
-            )
-        if kind is UnixDomainSocketConnection:
-            return cls(path=options["path"], **common)
-        return None
 
     @property
     def writes(self) -> int:

@@ -1,13 +1,9 @@
 """The Redis store (redis.asyncio): many app processes and hosts share one Redis.
 
-Layout, under a namespace (default ``keystile``)::
-
-    keystile:key:{key_...}      the record, JSON          hash-tagged by key id, so every
-    keystile:digest:<hmac>      the key id                Redis Cluster slot holds all of one
-    keystile:index              sorted set of ids         key's data (usage, limits, record)
-    keystile:events             pub/sub channel of changes
-
-No secret is stored: ``<hmac>`` is the HMAC-SHA256 of the key under the server secret.
+A key's record lives under its hash-tagged id, its digest maps to the id, an index lists
+the ids, and changes are announced on a pub/sub channel: the names are
+:class:`keystile.redis.schema.RedisSchema`'s (``python -m keystile.redis`` prints them).
+No secret is stored: a digest is the HMAC-SHA256 of the key under the server secret.
 
 The connection pool *waits* for a free connection (``BlockingConnectionPool``) instead of
 failing with "Too many connections" under bursts, and every command has a timeout, so a
@@ -24,8 +20,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -38,6 +32,8 @@ from keystile.exceptions import (
     StoreUnavailable,
 )
 from keystile.models import ApiKey
+from keystile.redis.connect import open_redis
+from keystile.redis.schema import RedisSchema
 from keystile.stores.protocol import StoreListener
 
 __all__ = ["RedisStore"]
@@ -86,8 +82,9 @@ class RedisStore:
             raise ValueError(f"invalid Redis namespace {namespace!r}")
         self.client = client
         self.namespace = namespace
-        self.channel = f"{namespace}:events"
-        self._index = f"{namespace}:index"
+        self.schema = RedisSchema(namespace)
+        self.channel = self.schema.events
+        self._index = self.schema.index
         self._heartbeat = heartbeat
         self._listeners: list[StoreListener] = []
         self._listening = False
@@ -108,24 +105,14 @@ class RedisStore:
     ) -> RedisStore:
         """A store on a fresh connection pool that waits (up to ``pool_timeout``) for a free
         connection, with ``timeout`` seconds per command and connection attempt."""
-        pool = aioredis.BlockingConnectionPool.from_url(
+        client = open_redis(
             url,
-            max_connections=pool_size,
-            timeout=pool_timeout,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            # One quick retry covers a connection the server closed while idle; more would
-            # only stretch the time to an answer when Redis is really gone.
-            retry=Retry(NoBackoff(), 1),
+            pool_size=pool_size,
+            pool_timeout=pool_timeout,
+            timeout=timeout,
             client_name=client_name,
         )
-        return cls(aioredis.Redis.from_pool(pool), namespace=namespace, heartbeat=heartbeat)
-
-    def record_key(self, key_id: str) -> str:
-        return f"{self.namespace}:key:{{{key_id}}}"
-
-    def digest_key(self, digest: str) -> str:
-        return f"{self.namespace}:digest:{digest}"
+        return cls(client, namespace=namespace, heartbeat=heartbeat)
 
     # -- change announcements -------------------------------------------------------------
 
@@ -210,13 +197,13 @@ class RedisStore:
         stopped before the digest, it leaves a record that nothing presents and no listing
         shows (``get`` by id still finds it), never a working key missing from the index."""
         record = key.model_dump_json()
-        name = self.record_key(key.id)
+        name = self.schema.record(key.id)
         with _store_errors("adding a key"):
             if not await self.client.set(name, record, nx=True):
                 raise KeyConflict(f"a key with id {key.id} or the same digest already exists")
             async with self.client.pipeline(transaction=False) as pipe:
                 pipe.zadd(self._index, {key.id: 0})
-                pipe.set(self.digest_key(digest), key.id, nx=True)
+                pipe.set(self.schema.digest(digest), key.id, nx=True)
                 await self._publish(pipe, key.id, digest)
                 _, created_digest, _ = await pipe.execute()
             if not created_digest:
@@ -228,20 +215,20 @@ class RedisStore:
 
     async def get(self, key_id: str) -> ApiKey | None:
         with _store_errors("reading a key"):
-            raw = await self.client.get(self.record_key(key_id))
+            raw = await self.client.get(self.schema.record(key_id))
         return None if raw is None else ApiKey.model_validate_json(raw)
 
     async def find(self, digest: str) -> ApiKey | None:
         with _store_errors("looking a key up"):
-            key_id = await self.client.get(self.digest_key(digest))
+            key_id = await self.client.get(self.schema.digest(digest))
             if key_id is None:
                 return None
-            raw = await self.client.get(self.record_key(_text(key_id)))
+            raw = await self.client.get(self.schema.record(_text(key_id)))
         return None if raw is None else ApiKey.model_validate_json(raw)
 
     async def replace(self, key: ApiKey, *, expected: ApiKey | None = None) -> None:
         record = key.model_dump_json()
-        name = self.record_key(key.id)
+        name = self.schema.record(key.id)
         if expected is not None:
             await self._compare_and_set(name, key.id, record, expected)
             return
@@ -282,7 +269,7 @@ class RedisStore:
             ids = await self.client.zrangebylex(self._index, start, b"+", start=0, num=limit)
             if not ids:
                 return []
-            raws = await self.client.mget([self.record_key(_text(i)) for i in ids])
+            raws = await self.client.mget([self.schema.record(_text(i)) for i in ids])
         return [ApiKey.model_validate_json(raw) for raw in raws if raw is not None]
 
     async def ping(self) -> None:
