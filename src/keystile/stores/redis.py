@@ -16,44 +16,25 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, WatchError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import WatchError
 
 from keystile.exceptions import (
     KeyChanged,
     KeyConflict,
     KeyNotFound,
-    StoreError,
-    StoreUnavailable,
 )
 from keystile.models import ApiKey
 from keystile.redis.connect import open_redis
+from keystile.redis.errors import REDIS_FAILURES, redis_errors
 from keystile.redis.schema import RedisSchema
 from keystile.stores.protocol import StoreListener
 
 __all__ = ["RedisStore"]
 
 logger = logging.getLogger("keystile.store")
-
-_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)
-
-
-@contextlib.contextmanager
-def _store_errors(action: str) -> Iterator[None]:
-    """Turn redis-py's and the socket's errors into the library's own, keeping the cause."""
-    try:
-        yield
-    except _UNAVAILABLE as exc:
-        raise StoreUnavailable(
-            f"Redis is unreachable while {action}: {type(exc).__name__}"
-        ) from exc
-    except RedisError as exc:
-        raise StoreError(f"Redis failed while {action}: {type(exc).__name__}") from exc
 
 
 def _text(value: bytes | str) -> str:
@@ -176,7 +157,7 @@ class RedisStore:
                     delay = 0.05
             except asyncio.CancelledError:
                 raise
-            except (*_UNAVAILABLE, RedisError) as exc:
+            except REDIS_FAILURES as exc:
                 if _cancelling():  # redis-py let a cancel through as a lost connection
                     raise asyncio.CancelledError from exc
                 self._lost()
@@ -184,7 +165,7 @@ class RedisStore:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
             finally:
-                with contextlib.suppress(*_UNAVAILABLE, RedisError):
+                with contextlib.suppress(*REDIS_FAILURES):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
         self._lost()
 
@@ -198,7 +179,7 @@ class RedisStore:
         shows (``get`` by id still finds it), never a working key missing from the index."""
         record = key.model_dump_json()
         name = self.schema.record(key.id)
-        with _store_errors("adding a key"):
+        with redis_errors("adding a key"):
             if not await self.client.set(name, record, nx=True):
                 raise KeyConflict(f"a key with id {key.id} or the same digest already exists")
             async with self.client.pipeline(transaction=False) as pipe:
@@ -214,12 +195,12 @@ class RedisStore:
                 raise KeyConflict(f"a key with id {key.id} or the same digest already exists")
 
     async def get(self, key_id: str) -> ApiKey | None:
-        with _store_errors("reading a key"):
+        with redis_errors("reading a key"):
             raw = await self.client.get(self.schema.record(key_id))
         return None if raw is None else ApiKey.model_validate_json(raw)
 
     async def find(self, digest: str) -> ApiKey | None:
-        with _store_errors("looking a key up"):
+        with redis_errors("looking a key up"):
             key_id = await self.client.get(self.schema.digest(digest))
             if key_id is None:
                 return None
@@ -232,7 +213,7 @@ class RedisStore:
         if expected is not None:
             await self._compare_and_set(name, key.id, record, expected)
             return
-        with _store_errors("updating a key"):
+        with redis_errors("updating a key"):
             async with self.client.pipeline(transaction=False) as pipe:
                 pipe.set(name, record, xx=True)
                 await self._publish(pipe, key.id, None)
@@ -245,7 +226,7 @@ class RedisStore:
     ) -> None:
         """Optimistic locking (WATCH, compare, MULTI/EXEC): the write happens only if
         nobody wrote the record since it was compared."""
-        with _store_errors("updating a key"):
+        with redis_errors("updating a key"):
             async with self.client.pipeline(transaction=True) as pipe:
                 try:
                     await pipe.watch(name)
@@ -265,7 +246,7 @@ class RedisStore:
         if limit <= 0:
             return []
         start = b"-" if after is None else b"(" + after.encode()
-        with _store_errors("listing keys"):
+        with redis_errors("listing keys"):
             ids = await self.client.zrangebylex(self._index, start, b"+", start=0, num=limit)
             if not ids:
                 return []
@@ -273,7 +254,7 @@ class RedisStore:
         return [ApiKey.model_validate_json(raw) for raw in raws if raw is not None]
 
     async def ping(self) -> None:
-        with _store_errors("pinging"):
+        with redis_errors("pinging"):
             await self.client.ping()
 
     async def close(self) -> None:
@@ -284,7 +265,7 @@ class RedisStore:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._listening = False
-        with contextlib.suppress(*_UNAVAILABLE, RedisError):
+        with contextlib.suppress(*REDIS_FAILURES):
             await self.client.aclose()
 
     def __repr__(self) -> str:

@@ -1,0 +1,62 @@
+"""One error contract for everything keystile keeps in Redis.
+
+Whatever the store — key records, rate-limit windows, token quotas, usage, alert state —
+a Redis that cannot be reached or does not answer in time raises
+:class:`~keystile.exceptions.StoreUnavailable`, and a Redis that answers with an error
+raises :class:`~keystile.exceptions.StoreError` (its parent), each raised from the
+original so the cause stays in the traceback. Callers catch the library's errors only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+from collections.abc import Awaitable, Callable, Iterator
+from typing import ParamSpec, TypeVar
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from keystile.exceptions import StoreError, StoreUnavailable
+
+__all__ = ["REDIS_FAILURES", "UNREACHABLE", "redis_errors", "translated"]
+
+# Redis could not be asked, or did not answer in time.
+UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)
+# Anything redis-py or the socket raises when a command fails.
+REDIS_FAILURES = (*UNREACHABLE, RedisError)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def redis_errors(action: str) -> Iterator[None]:
+    """Turn redis-py's and the socket's errors into the library's own, keeping the cause;
+    ``action`` says what was being done ("reading a key")."""
+    try:
+        yield
+    except UNREACHABLE as exc:
+        raise StoreUnavailable(
+            f"Redis is unreachable while {action}: {type(exc).__name__}"
+        ) from exc
+    except RedisError as exc:
+        raise StoreError(f"Redis failed while {action}: {type(exc).__name__}") from exc
+
+
+def translated(
+    action: str,
+) -> Callable[[Callable[P, Awaitable[T]]], Callable[P, Awaitable[T]]]:
+    """A coroutine method whose Redis errors follow the contract (see :func:`redis_errors`)."""
+
+    def decorate(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+        @functools.wraps(method)
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+            with redis_errors(action):
+                return await method(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
