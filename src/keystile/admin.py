@@ -44,38 +44,26 @@ everything; the command line and :class:`~keystile.manager.KeyManager` called fr
 (else 422 ``validation_failed``), and a revocation is final.
 
 FastAPI apps include :func:`fastapi_router` instead, which shows the endpoints and their
-scopes in the OpenAPI document.
+scopes in the OpenAPI document. The handlers behind both are in
+:mod:`keystile.admin_handlers`; this module wraps them in Starlette routes.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
-from keystile.exceptions import (
-    FieldError,
-    KeyConflict,
-    KeyNotFound,
-    KeyValidationError,
-    RotationRefused,
-    ScopeRefused,
-    StoreError,
-    StoreUnavailable,
-)
+from keystile.admin_handlers import MANAGE_KEYS, VIEW_USAGE, AdminAPI, error_response
 from keystile.gate import Keystile
-from keystile.manager import DEFAULT_PAGE_SIZE, RECORD_FIELDS, KeyManager, record_json
-from keystile.models import ApiKey
-from keystile.responses import Refusal, Refusals
-from keystile.routing import MIDDLEWARE, PRINCIPAL, Rule, check_scopes
+from keystile.manager import RECORD_FIELDS, record_json
+from keystile.responses import Refusal
+from keystile.routing import Rule, check_scopes
 
 if TYPE_CHECKING:
     from fastapi import APIRouter
@@ -91,295 +79,6 @@ __all__ = [
     "fastapi_router",
     "record_json",
 ]
-
-logger = logging.getLogger("keystile.admin")
-
-MANAGE_KEYS = "admin:manage_keys"
-VIEW_USAGE = "admin:view_usage"
-
-MAX_BODY = 64 * 1024
-_LIST_PARAMETERS = ("type", "status", "limit", "cursor")
-_ROTATION_CODES = {
-    "revoked": "key_revoked",
-    "expired": "key_expired",
-    "rotated": "key_already_rotated",
-}
-# Responses that carry a secret must not be stored by any cache (RFC 9111 §5.2.2.5).
-_NO_STORE = {"cache-control": "no-store"}
-
-
-def error_response(
-    status: int,
-    code: str,
-    message: str,
-    *,
-    fields: Sequence[FieldError] | None = None,
-    headers: Mapping[str, str] | None = None,
-) -> JSONResponse:
-    """The SPEC's error envelope, with a field-by-field list when there is one."""
-    error: dict[str, Any] = {"code": code, "message": message}
-    if fields is not None:
-        error["fields"] = [{"field": f.field, "message": f.message} for f in fields]
-    return JSONResponse({"error": error}, status_code=status, headers=headers)
-
-
-def _invalid(errors: Sequence[FieldError]) -> JSONResponse:
-    count = len(errors)
-    noun = "field is" if count == 1 else "fields are"
-    return error_response(
-        422,
-        "validation_failed",
-        f"{count} {noun} not valid: " + "; ".join(str(e) for e in errors),
-        fields=errors,
-    )
-
-
-class _Answer(Exception):
-    """Raised inside a handler to answer at once with ``response``."""
-
-    def __init__(self, response: Response) -> None:
-        self.response = response
-
-
-async def _json_object(request: Request, *, required: bool) -> dict[str, Any]:
-    """The request body as a JSON object (``{}`` when it is empty and not ``required``)."""
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY:
-            raise _Answer(
-                error_response(413, "too_large", f"The body is larger than {MAX_BODY} bytes.")
-            )
-    if not body.strip():
-        if not required:
-            return {}
-        raise _Answer(error_response(400, "invalid_json", "The body must be a JSON object."))
-    try:
-        data = json.loads(bytes(body))
-    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
-        raise _Answer(error_response(400, "invalid_json", "The body is not valid JSON.")) from None
-    if not isinstance(data, dict):
-        raise KeyValidationError.single("body", "must be a JSON object")
-    return data
-
-
-def _caller(request: Request) -> str:
-    principal = request.scope.get(PRINCIPAL)
-    return principal.key.id if principal is not None else "?"
-
-
-def _actor(request: Request) -> ApiKey:
-    """The calling key, whose scopes bound what it may do; refused when there is none (the
-    handlers are used without the routes' scope checks, or without the middleware)."""
-    principal = request.scope.get(PRINCIPAL)
-    if principal is None:
-        raise _Answer(error_response(401, "missing_api_key", "An API key is required."))
-    key: ApiKey = principal.key
-    return key
-
-
-def _scope_refusal(request: Request, exc: ScopeRefused) -> Response:
-    """403 ``insufficient_scope`` with the middleware's RFC 6750 challenge naming ``missing``."""
-    logger.warning("admin: %s was refused: %s", _caller(request), exc)
-    refusals: Refusals = request.scope[MIDDLEWARE].refusals  # present with a principal
-    return refusals.insufficient_scope(exc.missing, str(exc)).response()
-
-
-def _key_id(request: Request) -> str:
-    key_id: str = request.path_params["key_id"]
-    return key_id
-
-
-class AdminAPI:
-    """The admin endpoints as plain ``request -> response`` handlers, shared by the
-    Starlette routes (:func:`admin_routes`) and the FastAPI router (:func:`fastapi_router`).
-
-    The handlers check no scopes: the routes around them do.
-    """
-
-    def __init__(self, manager: KeyManager) -> None:
-        self.manager = manager
-
-    async def _answer(
-        self, request: Request, handler: Callable[[], Awaitable[Response]]
-    ) -> Response:
-        try:
-            return await handler()
-        except _Answer as answer:
-            return answer.response
-        except ScopeRefused as exc:
-            return _scope_refusal(request, exc)
-        except KeyValidationError as exc:
-            return _invalid(exc.errors)
-        except KeyNotFound:
-            return error_response(404, "not_found", "There is no key with this id.")
-        except RotationRefused as exc:
-            return error_response(409, _ROTATION_CODES.get(exc.reason, "conflict"), str(exc))
-        except KeyConflict as exc:
-            return error_response(409, "conflict", str(exc))
-        except StoreUnavailable:
-            return error_response(
-                503,
-                "store_unavailable",
-                "The key store cannot be reached; try again shortly.",
-                headers={"retry-after": "1"},
-            )
-        except StoreError as exc:
-            logger.error("admin API: the key store failed: %s", exc)
-            return error_response(503, "store_error", "The key store failed; try again shortly.")
-
-    async def create(self, request: Request) -> Response:
-        async def handle() -> Response:
-            actor = _actor(request)
-            data = await _json_object(request, required=True)
-            created = await self.manager.create(data, actor=actor)
-            logger.info("admin: %s created key %s", _caller(request), created.key.id)
-            body = {"key": record_json(created.key), "secret": created.secret.get_secret_value()}
-            return JSONResponse(body, status_code=201, headers=_NO_STORE)
-
-        return await self._answer(request, handle)
-
-    async def list(self, request: Request) -> Response:
-        async def handle() -> Response:
-            params = request.query_params
-            errors: list[FieldError] = []
-            given: dict[str, str] = {}
-            metadata: dict[str, str] = {}
-            for name in dict.fromkeys(params.keys()):
-                values = params.getlist(name)
-                if len(values) > 1:
-                    errors.append(FieldError(name, "give this parameter once"))
-                elif name.startswith("meta.") and len(name) > len("meta."):
-                    metadata[name.removeprefix("meta.")] = values[0]
-                elif name in _LIST_PARAMETERS:
-                    given[name] = values[0]
-                else:
-                    errors.append(
-                        FieldError(
-                            name,
-                            "unknown parameter (known: type, status, meta.<name>, limit, cursor)",
-                        )
-                    )
-            limit = DEFAULT_PAGE_SIZE
-            if "limit" in given:
-                text = given["limit"]
-                if text.isascii() and text.isdigit() and len(text) <= 6:
-                    limit = int(text)
-                else:
-                    errors.append(FieldError("limit", "must be a whole number, 1 to 1000"))
-            if errors:
-                return _invalid(errors)
-            page = await self.manager.list(
-                type=given.get("type"),
-                status=given.get("status"),
-                metadata=metadata,
-                cursor=given.get("cursor"),
-                limit=limit,
-            )
-            return JSONResponse({"keys": [record_json(k) for k in page.keys], "next": page.next})
-
-        return await self._answer(request, handle)
-
-    async def get(self, request: Request) -> Response:
-        async def handle() -> Response:
-            record = await self.manager.get(_key_id(request))
-            return JSONResponse({"key": record_json(record)})
-
-        return await self._answer(request, handle)
-
-    async def update(self, request: Request) -> Response:
-        async def handle() -> Response:
-            key_id, actor = _key_id(request), _actor(request)
-            data = await _json_object(request, required=True)
-            record = await self.manager.update(key_id, data, actor=actor)
-            logger.info("admin: %s updated key %s", _caller(request), key_id)
-            return JSONResponse({"key": record_json(record)})
-
-        return await self._answer(request, handle)
-
-    async def revoke(self, request: Request) -> Response:
-        async def handle() -> Response:
-            key_id = _key_id(request)
-            record = await self.manager.revoke(key_id)
-            logger.info("admin: %s revoked key %s", _caller(request), key_id)
-            return JSONResponse({"key": record_json(record)})
-
-        return await self._answer(request, handle)
-
-    async def rotate(self, request: Request) -> Response:
-        async def handle() -> Response:
-            key_id, actor = _key_id(request), _actor(request)
-            data = await _json_object(request, required=False)
-            unknown = [
-                FieldError(name, "unknown field (known: grace_seconds)")
-                for name in data
-                if name != "grace_seconds"
-            ]
-            if unknown:
-                raise KeyValidationError(unknown)
-            grace = data.get("grace_seconds", 86_400)
-            if isinstance(grace, bool) or not isinstance(grace, int):
-                raise KeyValidationError.single("grace_seconds", "must be a whole number")
-            try:
-                rotated = await self.manager.rotate(key_id, grace=grace, actor=actor)
-            except KeyValidationError as exc:
-                # The manager calls it "grace"; this API calls it "grace_seconds".
-                raise KeyValidationError(
-                    [
-                        FieldError("grace_seconds", e.message) if e.field == "grace" else e
-                        for e in exc.errors
-                    ]
-                ) from None
-            logger.info("admin: %s rotated key %s to %s", _caller(request), key_id, rotated.key.id)
-            body = {
-                "key": record_json(rotated.key),
-                "secret": rotated.secret.get_secret_value(),
-                "previous": record_json(rotated.previous),
-            }
-            return JSONResponse(body, status_code=201, headers=_NO_STORE)
-
-        return await self._answer(request, handle)
-
-    async def usage(self, request: Request) -> Response:
-        async def handle() -> Response:
-            key_id = request.path_params.get("key_id")
-            params = request.query_params
-            errors = [
-                FieldError(name, "unknown query parameter")
-                for name in params
-                if name not in ("granularity", "start", "end") or key_id is None
-            ]
-            granularity = params.get("granularity", "minute")
-            if granularity not in ("minute", "day"):
-                errors.append(FieldError("granularity", "must be 'minute' or 'day'"))
-            start, end = _time_param(params, "start", errors), _time_param(params, "end", errors)
-            if errors:
-                raise KeyValidationError(errors)
-            report = await self.manager.usage(
-                key_id,
-                start=start,
-                end=end,
-                granularity="day" if granularity == "day" else "minute",
-            )
-            return JSONResponse(report.model_dump(mode="json"))
-
-        return await self._answer(request, handle)
-
-
-def _time_param(params: Mapping[str, str], name: str, errors: list[FieldError]) -> datetime | None:
-    """An ISO 8601 time with a zone from the query string, or None when absent."""
-    text = params.get(name)
-    if text is None:
-        return None
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        errors.append(FieldError(name, "must be an ISO 8601 time such as 2027-01-01T00:00:00Z"))
-        return None
-    if moment.tzinfo is None:
-        errors.append(FieldError(name, "needs a time zone, such as Z"))
-        return None
-    return moment
 
 
 def _guarded(
@@ -466,7 +165,8 @@ def fastapi_router(gate: Keystile, *, tags: Sequence[str] = ("keys",)) -> APIRou
     """The admin endpoints as a FastAPI ``APIRouter`` whose scopes appear in the OpenAPI
     document: ``app.include_router(fastapi_router(gate), prefix="/cloud/keys")``.
 
-    Needs the ``fastapi`` extra; see :mod:`keystile.admin_fastapi`.
+    Needs the ``fastapi`` extra; defined in :mod:`keystile.admin_fastapi`, imported only
+    when called so that this module needs no FastAPI (that one does not import this one).
     """
     from keystile.admin_fastapi import fastapi_router as build
 

@@ -6,9 +6,10 @@ OpenAPI document (needs the ``fastapi`` extra)::
     app.include_router(fastapi_router(gate), prefix="/cloud/keys")
 
 Each endpoint requires its scope through ``Security(keystile.fastapi.api_key, scopes=[...])``
-and then runs the same handler as the Starlette routes of :mod:`keystile.admin`, so the
-answers — the error envelope included — are identical. Bodies and query parameters are
-parsed by those handlers, not by FastAPI; their schemas are declared for the document only.
+and then runs the same handler (:class:`~keystile.admin_handlers.AdminAPI`) as the
+Starlette routes of :mod:`keystile.admin`, so the answers — the error envelope included —
+are identical. Bodies and query parameters are parsed by those handlers, not by FastAPI;
+their schemas are declared for the document only.
 The same bounds hold: ``admin:manage_keys`` grants, changes and rotates only scopes the
 calling key holds itself (see :mod:`keystile.admin`).
 """
@@ -21,7 +22,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Request, Security
 from fastapi.responses import Response
 
-from keystile.admin import MANAGE_KEYS, VIEW_USAGE, AdminAPI
+from keystile.admin_handlers import MANAGE_KEYS, VIEW_USAGE, AdminAPI
 from keystile.fastapi import api_key
 from keystile.gate import Keystile
 from keystile.manager import MAX_GRACE, UPDATABLE_FIELDS
