@@ -405,6 +405,11 @@ def environment(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
             [],
             "KEYSTILE_REDIS_TIMEOUT",
         ),
+        (
+            {"KEYSTILE_SECRET": SECRET},
+            ["--redis", "redis://:hunter2@127.0.0.1:1/0?bogus=1"],
+            "unexpected keyword argument 'bogus'",
+        ),
     ],
     ids=[
         "no-store",
@@ -415,6 +420,7 @@ def environment(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
         "short-secret",
         "bad-namespace",
         "bad-env",
+        "unknown-url-option",
     ],
 )
 def test_configuration_problems_exit_2_with_one_line(
@@ -432,6 +438,7 @@ def test_configuration_problems_exit_2_with_one_line(
     captured = capsys.readouterr()
     assert captured.out == ""
     assert fragment in captured.err and len(captured.err.splitlines()) == 1
+    assert "hunter2" not in captured.err
 
 
 def test_an_unreachable_redis_exits_1_without_showing_its_password(

@@ -13,7 +13,7 @@ import json
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
@@ -29,6 +29,7 @@ from keystile.exceptions import (
 from keystile.keys import KeyHasher, generate_key
 from keystile.manager import KeyManager, key_status, record_json
 from keystile.models import DEFAULT_POLICY, ApiKey
+from keystile.redis.connect import redacted_url
 from keystile.scan import Finding, ScanProblem, scan_paths
 from keystile.settings import KeystileSettings
 from keystile.stores import RedisStore
@@ -321,15 +322,6 @@ async def execute(
         return 1
 
 
-def _redacted(url: str) -> str:
-    """The URL to show in messages: no password, no query string."""
-    parts = urlsplit(url)
-    user, at, host = parts.netloc.rpartition("@")
-    if at and ":" in user:
-        user = user.partition(":")[0] + ":***"
-    return urlunsplit((parts.scheme, f"{user}{at}{host}", parts.path, "", ""))
-
-
 async def run_with_store(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Open the shared store named by ``--redis`` or the environment, and run the command."""
     try:
@@ -353,7 +345,7 @@ async def run_with_store(args: argparse.Namespace, out: TextIO, err: TextIO) -> 
             "the store must be a redis://, rediss:// or unix:// URL shared with your app "
             "(keys kept in memory would vanish when this command exits)"
         )
-    where = _redacted(url)
+    where = redacted_url(url)
     if settings.secret is None:
         raise CommandLineError(
             "KEYSTILE_SECRET is not set: set it to your app's server secret (keys are stored "

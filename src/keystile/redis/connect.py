@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit, urlunsplit
+
 import redis.asyncio as aioredis
 from redis.asyncio.connection import Connection, UnixDomainSocketConnection
 from redis.asyncio.retry import Retry
@@ -17,7 +19,16 @@ from redis.backoff import NoBackoff
 
 from keystile.redis.lean import LeanRedis
 
-__all__ = ["lean_connection", "open_redis"]
+__all__ = ["lean_connection", "open_redis", "redacted_url"]
+
+
+def redacted_url(url: str) -> str:
+    """The URL to show in messages: no password, no query string."""
+    parts = urlsplit(url)
+    user, at, host = parts.netloc.rpartition("@")
+    if at and ":" in user:
+        user = user.partition(":")[0] + ":***"
+    return urlunsplit((parts.scheme, f"{user}{at}{host}", parts.path, "", ""))
 
 
 def open_redis(
@@ -31,17 +42,26 @@ def open_redis(
     """A client on a fresh pool of at most ``pool_size`` connections that waits up to
     ``pool_timeout`` for a free one, with ``timeout`` seconds per command and connection
     attempt."""
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=pool_size,
-        timeout=pool_timeout,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        # One quick retry covers a connection the server closed while idle; more would
-        # only stretch the time to an answer when Redis is really gone.
-        retry=Retry(NoBackoff(), 1),
-        client_name=client_name,
-    )
+    try:
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=pool_size,
+            timeout=pool_timeout,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            # One quick retry covers a connection the server closed while idle; more would
+            # only stretch the time to an answer when Redis is really gone.
+            retry=Retry(NoBackoff(), 1),
+            client_name=client_name,
+        )
+        # Options from the query string reach a connection only when one is made: make
+        # one now (no I/O until it is used), so a misspelt option fails here, plainly.
+        pool.connection_class(**pool.connection_kwargs)
+    except (TypeError, ValueError) as exc:  # an unknown query option arrives as a keyword
+        problem = str(exc).partition("got ")[2] or type(exc).__name__
+        raise ValueError(
+            f"{redacted_url(url)} is not a Redis URL keystile can use ({problem})"
+        ) from None
     return aioredis.Redis.from_pool(pool)
 
 
