@@ -32,6 +32,7 @@ from keystile.cli import build_parser, duration, execute, expiry, main
 from keystile.clock import to_datetime
 from keystile.gate import Keystile
 from keystile.manager import RECORD_FIELDS
+from keystile.usage import UsageRecorder, usage_store_for
 
 KEYSTILE = os.path.join(os.path.dirname(sys.executable), "keystile")
 UNKNOWN = "key_0000000000nothinghere"
@@ -348,10 +349,15 @@ async def test_rotate_json_and_default_grace(manager: KeyManager, clock: ManualC
 
 async def test_usage_shows_what_was_recorded(manager: KeyManager) -> None:
     """usage KEY prints the key's all-time figures; usage lists keys; unknown keys exit 1."""
+    # As the gate wires it: the manager reads through its recorder's reader.
+    recorder = UsageRecorder(usage_store_for(manager.store), clock=manager.clock)
+    manager = KeyManager(
+        manager.store, manager.hasher, clock=manager.clock, usage=recorder.reader()
+    )
     created = await run_json(manager, "keys", "create", "--name", "n", "--type", "dev")
     key_id = created["key"]["id"]
-    manager.usage_recorder.record(key_id, 200, 5, 50, ip="10.9.8.7")
-    manager.usage_recorder.record(key_id, 500, 0, 0, ip="10.9.8.7")
+    recorder.record(key_id, 200, 5, 50, ip="10.9.8.7")
+    recorder.record(key_id, 500, 0, 0, ip="10.9.8.7")
     code, out, _ = await run(manager, "usage", key_id)
     assert code == 0
     assert "requests          2" in out

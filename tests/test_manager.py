@@ -29,6 +29,7 @@ from keystile import (
     KeyValidationError,
     ManualClock,
     MemoryStore,
+    RedisStore,
     RotationRefused,
     Rule,
     ScopeRefused,
@@ -39,7 +40,13 @@ from keystile.gate import Keystile
 from keystile.manager import DEFAULT_GRACE, decode_cursor, encode_cursor
 from keystile.middleware import KeystileMiddleware
 from keystile.stores import KeyStore
-from keystile.usage import UsageOverview, UsageRecorder, UsageReport
+from keystile.usage import (
+    UsageOverview,
+    UsageReader,
+    UsageRecorder,
+    UsageReport,
+    usage_store_for,
+)
 
 ORIGINS = ["https://app.example.com"]
 SETTINGS: dict[str, Any] = {
@@ -611,10 +618,11 @@ async def test_rotation_logs_never_show_a_secret(
 async def test_usage_reads_what_was_recorded(manager: KeyManager, clock: ManualClock) -> None:
     """usage(id) reports what the recorder counted for that key (flushed first); usage()
     lists every key with recorded usage."""
+    # As the gate wires it: the manager reads through its recorder's reader.
+    recorder = UsageRecorder(usage_store_for(manager.store), clock=clock)
+    manager = KeyManager(manager.store, manager.hasher, clock=clock, usage=recorder.reader())
     created = await manager.create(SETTINGS)
     other = await manager.create(SETTINGS)
-    recorder: UsageRecorder = manager.usage_recorder
-    recorder._clock = clock
     for status in (200, 200, 404, 503):
         recorder.record(created.key.id, status, 10, 100, ip="10.0.0.1", now=clock())
     recorder.record(other.key.id, 200, 1, 2, now=clock())
@@ -639,6 +647,23 @@ async def test_usage_of_an_unknown_key_is_key_not_found(manager: KeyManager) -> 
     """The usage of an id no key has is KeyNotFound."""
     with pytest.raises(KeyNotFound):
         await manager.usage("key_0000000000nothinghere")
+
+
+async def test_a_manager_without_a_gate_reads_usage_and_records_none(gate: Keystile) -> None:
+    """A manager of its own (another process, the command line) reads usage through a
+    reader and builds no recorder (no buffer, no flush task); on Redis it reads what the
+    gate recorded, as the gate's manager does (which flushes the gate's buffer first)."""
+    created = await gate.manager.create(SETTINGS)
+    gate.usage.record(created.key.id, 200, 1, 2, ip="10.0.0.1")
+    alone = KeyManager(gate.store, gate.hasher, clock=gate.clock)
+    assert isinstance(alone.usage_reader, UsageReader)
+    assert not [v for v in vars(alone).values() if isinstance(v, UsageRecorder)]
+    report = await gate.manager.usage(created.key.id)
+    assert isinstance(report, UsageReport) and report.all_time.requests == 1
+    shared = isinstance(getattr(gate.store, "store", None), RedisStore)
+    seen = await alone.usage(created.key.id)
+    assert isinstance(seen, UsageReport)
+    assert seen.all_time.requests == (1 if shared else 0)
 
 
 # -- writers in other processes: compare and set -----------------------------------------------

@@ -40,6 +40,8 @@ from redis.exceptions import RedisError
 from keystile.clock import Clock, system_clock, to_datetime, to_timestamp
 from keystile.exceptions import KeystileError
 from keystile.models import ApiKey, KeyPolicy
+from keystile.redis.schema import RedisSchema
+from keystile.redis.scripts import lua
 from keystile.usage import ERRORS_4XX, ERRORS_5XX, INACTIVE, REQUESTS, UsageBatch
 
 __all__ = ["Alert", "AlertRules", "Alerter", "MemoryAlertState", "RedisAlertState"]
@@ -80,29 +82,9 @@ _LOOKUPS_PER_FLUSH = 20  # store reads a flush may make for keys not in the cach
 _MAX_KNOWN = 10_000  # addresses remembered per key; past that, no new-IP alerts
 _KNOWN_TTL = 90 * 86_400  # a key's addresses are forgotten 90 days after its last use
 
-# KEYS[1]: the set of the addresses one key has used. ARGV: the cap, the TTL in seconds,
-# then the addresses seen since the last flush. Adds them while the set holds fewer than
-# the cap (past it, an address is neither remembered nor reported; a set over it, from
-# before the cap was enforced here, loses random members down to it). Returns how many the
-# set held before, then the addresses it did not hold and now does.
-_NOTE_ADDRESSES = """
-local known = redis.call('SCARD', KEYS[1])
-local cap = tonumber(ARGV[1])
-local out = {known}
-if known > cap then  -- grown past the cap before it was enforced here: back to it
-  redis.call('SPOP', KEYS[1], known - cap)
-  known = cap
-end
-for i = 3, #ARGV do
-  if known >= cap then break end
-  if redis.call('SADD', KEYS[1], ARGV[i]) == 1 then
-    known = known + 1
-    out[#out + 1] = ARGV[i]
-  end
-end
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-return out
-"""
+# Notes the addresses a key was seen using, up to a cap; which are new (what it takes and
+# returns: the script's file).
+_NOTE_ADDRESSES = lua("seen_addresses")
 
 
 class AlertState(Protocol):
@@ -174,12 +156,13 @@ class RedisAlertState:
     ) -> None:
         self.client = client
         self.namespace = namespace
+        self.names = RedisSchema(namespace)
         self.max_known = max_known
         self._note = client.register_script(_NOTE_ADDRESSES)
 
     def _name(self, name: str) -> str:
         key_id, _, rule = name.partition("|")
-        return f"{self.namespace}:alert:{{{key_id}}}:{rule}"
+        return self.names.alert(key_id, rule)
 
     async def claim(self, name: str, cooldown: float) -> bool:
         return (await self.claim_many([name], cooldown))[0]
@@ -198,7 +181,7 @@ class RedisAlertState:
             transaction=False
         ) as pipe:  # one pipeline (and SCRIPT EXISTS)
             for key_id, ips in plan:
-                name = f"{self.namespace}:usage:{{{key_id}}}:seen_ips"
+                name = self.names.seen_addresses(key_id)
                 await self._note(keys=[name], args=[self.max_known, _KNOWN_TTL, *ips], client=pipe)
             replies = await pipe.execute()
         out: dict[str, list[str]] = {}

@@ -266,7 +266,7 @@ class Keystile:
         )
         self.usage.on_flush.append(self.alerts.on_flush)
         self.manager = KeyManager(
-            cached, self.hasher, policy=policy, clock=clock, usage=self.usage
+            cached, self.hasher, policy=policy, clock=clock, usage=self.usage.reader()
         )
         self.quotas.usage = self.usage
         self.quotas.alerts = self.alerts

@@ -48,7 +48,7 @@ from keystile.stores.protocol import KeyStore
 from keystile.usage import (
     Granularity,
     UsageOverview,
-    UsageRecorder,
+    UsageReader,
     UsageReport,
     usage_store_for,
 )
@@ -287,15 +287,15 @@ class KeyManager:
         *,
         policy: KeyPolicy = DEFAULT_POLICY,
         clock: Clock = system_clock,
-        usage: UsageRecorder | None = None,
+        usage: UsageReader | None = None,
     ) -> None:
         self.store = store
         self.hasher = hasher
         self.policy = policy
         self.clock = clock
-        # The gate's recorder (its buffer is flushed before a report), or a reader of what
+        # The gate's reader (which flushes its recorder before a report), or a reader of what
         # other processes recorded in the same Redis.
-        self.usage_recorder = usage or UsageRecorder(usage_store_for(store), clock=clock)
+        self.usage_reader = usage or UsageReader(usage_store_for(store), clock=clock)
         self._writing = asyncio.Lock()
 
     def now(self) -> datetime:
@@ -649,11 +649,10 @@ class KeyManager:
                     raise KeyValidationError.single(field, str(exc)) from None
         if key_id is not None:
             await self.get(key_id)
-        await self.usage_recorder.flush()  # what this process counted, up to now
         try:
             if key_id is None:
-                return await self.usage_recorder.overview()
-            return await self.usage_recorder.report(
+                return await self.usage_reader.overview()
+            return await self.usage_reader.report(
                 key_id, start=start, end=end, granularity=granularity
             )
         except ValueError as exc:  # the end before the start

@@ -1,0 +1,169 @@
+"""The usage reports (pydantic models) and the layout of the rows usage is counted in.
+
+A count row is a list: the :data:`FIELDS` counters (indexed by :data:`REQUESTS` ...
+:data:`INACTIVE`), then, in a recorder's buffer, the last use seen in that minute and the
+addresses a watched key used (:data:`AT` ... :data:`SEEN`). The stores keep the counters
+only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from keystile.clock import to_datetime
+
+__all__ = [
+    "BY_CLIENT",
+    "DAY",
+    "FIELDS",
+    "MINUTE",
+    "WATCH_IPS",
+    "Granularity",
+    "KeyUsage",
+    "LastUse",
+    "UsageOverview",
+    "UsagePoint",
+    "UsageReport",
+    "UsageTotals",
+]
+
+FIELDS = (
+    "requests",
+    "bytes_in",
+    "bytes_out",
+    "errors_4xx",
+    "errors_5xx",
+    "rate_limited",
+    "quota_exceeded",
+    "tokens",
+    "inactive_attempts",
+)
+(
+    REQUESTS,
+    BYTES_IN,
+    BYTES_OUT,
+    ERRORS_4XX,
+    ERRORS_5XX,
+    RATE_LIMITED,
+    QUOTA_EXCEEDED,
+    TOKENS,
+    INACTIVE,
+) = range(len(FIELDS))
+NFIELDS = len(FIELDS)
+MINUTE = 60
+DAY = 86_400
+Granularity = Literal["minute", "day"]
+
+# A buffered row: the FIELDS counters, then the last use seen in that minute, then the
+# addresses a watched key used that minute (a set, or None).
+AT, IP, ORIGIN, INACTIVE_AT, SEEN = range(NFIELDS, NFIELDS + 5)
+MAX_SEEN = 64  # addresses a buffered row notes
+BY_CLIENT = 1  # record(ip_mode=...): count by IP and origin (client keys)
+WATCH_IPS = 2  # record(ip_mode=...): note the addresses used (production keys)
+
+
+def new_row() -> list[Any]:
+    """An empty buffered row."""
+    return [0] * NFIELDS + [None, None, None, None, None]
+
+
+def tracked(top_n: int) -> int:
+    """How many IPs or origins per client key a buffer or store keeps counting, for
+    reports of the busiest ``top_n``."""
+    return max(10 * top_n, 1_000)
+
+
+# -- reports --------------------------------------------------------------------------------
+
+
+class UsageTotals(BaseModel):
+    """Counts over some span."""
+
+    model_config = ConfigDict(frozen=True)
+
+    requests: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    errors_4xx: int = 0
+    errors_5xx: int = 0
+    rate_limited: int = 0
+    quota_exceeded: int = 0
+    tokens: int = 0
+    inactive_attempts: int = 0
+
+    @classmethod
+    def of(cls, counts: Sequence[int]) -> UsageTotals:
+        return cls(**dict(zip(FIELDS, counts, strict=True)))
+
+
+class UsagePoint(BaseModel):
+    """One bucket of a series."""
+
+    model_config = ConfigDict(frozen=True)
+
+    start: datetime
+    counts: UsageTotals
+
+
+class LastUse(BaseModel):
+    """When and from where a key was last used (and last tried while revoked/expired)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    at: datetime | None = None
+    ip: str | None = None
+    origin: str | None = None
+    inactive_attempt_at: datetime | None = None
+
+    @classmethod
+    def of(cls, raw: Sequence[Any] | None) -> LastUse:
+        """From ``[at, ip, origin, inactive attempt at]`` as a store keeps them."""
+        if raw is None:
+            return cls()
+        at, ip, origin, inactive = raw
+        return cls(
+            at=None if at is None else to_datetime(float(at)),
+            ip=ip or None,
+            origin=origin or None,
+            inactive_attempt_at=None if inactive is None else to_datetime(float(inactive)),
+        )
+
+
+class UsageReport(BaseModel):
+    """A key's usage: totals over the range, a series, the busiest IPs and origins."""
+
+    model_config = ConfigDict(frozen=True)
+
+    key_id: str
+    start: datetime
+    end: datetime
+    granularity: Granularity
+    totals: UsageTotals
+    all_time: UsageTotals
+    series: list[UsagePoint]
+    top_ips: dict[str, int]
+    top_origins: dict[str, int]
+    last_use: LastUse
+
+
+class KeyUsage(BaseModel):
+    """One key's all-time totals and last use, in an overview."""
+
+    model_config = ConfigDict(frozen=True)
+
+    key_id: str
+    totals: UsageTotals
+    last_use: LastUse
+
+
+class UsageOverview(BaseModel):
+    """Every key with recorded usage (the most recently active first, at most ``limit``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    keys: list[KeyUsage]
+    totals: UsageTotals

@@ -1,0 +1,406 @@
+"""In-process usage recording: what each key does, aggregated in a bounded buffer and
+flushed to a :class:`~keystile.usage.stores.UsageStore` in batches.
+
+Recording costs no I/O: :meth:`UsageRecorder.record` adds to an in-process buffer, and a
+background task flushes it every ``interval`` seconds in one pipeline. The buffer is
+bounded; what it must drop is counted in :attr:`UsageRecorder.dropped`, never silently.
+A flush that fails keeps its counts for the next one (bounded the same way). The
+middleware flushes on lifespan shutdown; :meth:`UsageRecorder.close` flushes too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import secrets
+from collections import Counter
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Literal
+
+from redis.exceptions import RedisError
+
+from keystile.clock import Clock, system_clock
+from keystile.usage.models import (
+    AT,
+    BY_CLIENT,
+    BYTES_IN,
+    BYTES_OUT,
+    ERRORS_4XX,
+    ERRORS_5XX,
+    INACTIVE,
+    INACTIVE_AT,
+    IP,
+    MAX_SEEN,
+    MINUTE,
+    NFIELDS,
+    ORIGIN,
+    QUOTA_EXCEEDED,
+    RATE_LIMITED,
+    REQUESTS,
+    SEEN,
+    TOKENS,
+    WATCH_IPS,
+    Granularity,
+    UsageOverview,
+    UsageReport,
+    new_row,
+    tracked,
+)
+from keystile.usage.reports import UsageReader
+
+if TYPE_CHECKING:
+    from keystile.usage.stores import UsageStore
+
+__all__ = ["UsageBatch", "UsageRecorder"]
+
+logger = logging.getLogger("keystile.usage")
+
+
+class UsageBatch:
+    """Counts gathered since the last flush: per minute, per key, one row each."""
+
+    __slots__ = ("id", "ips", "minutes", "origins", "rows")
+
+    def __init__(self) -> None:
+        self.id = secrets.token_hex(8)  # what makes a retried write idempotent
+        self.minutes: dict[int, dict[str, list[Any]]] = {}
+        self.rows = 0  # key-minutes held (the buffer's bound counts these)
+        self.ips: dict[str, Counter[str]] = {}
+        self.origins: dict[str, Counter[str]] = {}
+
+    def __bool__(self) -> bool:
+        return self.rows > 0
+
+    @property
+    def buckets(self) -> dict[tuple[str, int], list[int]]:
+        """(key id, minute) -> counters."""
+        return {
+            (key_id, minute): row[:NFIELDS]
+            for minute, table in self.minutes.items()
+            for key_id, row in table.items()
+        }
+
+    @property
+    def last(self) -> dict[str, list[Any]]:
+        """key id -> [last used at, ip, origin, last inactive attempt at] (latest wins)."""
+        out: dict[str, list[Any]] = {}
+        for minute in sorted(self.minutes):
+            for key_id, row in self.minutes[minute].items():
+                mine = out.setdefault(key_id, [None, None, None, None])
+                if row[AT] is not None:
+                    mine[0:3] = row[AT : ORIGIN + 1]
+                if row[INACTIVE_AT] is not None:
+                    mine[3] = row[INACTIVE_AT]
+        return out
+
+    @property
+    def seen_ips(self) -> dict[str, set[str]]:
+        """key id -> the addresses a watched key used since the last flush."""
+        out: dict[str, set[str]] = {}
+        for table in self.minutes.values():
+            for key_id, row in table.items():
+                if row[SEEN]:
+                    out.setdefault(key_id, set()).update(row[SEEN])
+        return out
+
+    def requests(self) -> int:
+        return sum(c[REQUESTS] + c[INACTIVE] for c in self.buckets.values())
+
+    def row(self, key_id: str, minute: int) -> list[Any]:
+        table = self.minutes.setdefault(minute, {})
+        row = table.get(key_id)
+        if row is None:
+            row = table[key_id] = new_row()
+            self.rows += 1
+        return row
+
+    def merge(
+        self, other: UsageBatch, limit: int | None = None, table_cap: int | None = None
+    ) -> int:
+        """Add ``other``'s counts into this batch; rows beyond ``limit`` are not taken, and
+        per-IP/origin tables keep their ``table_cap`` busiest. Returns the requests the
+        rows not taken held (what was dropped)."""
+        lost = 0
+        for minute, table in other.minutes.items():
+            for key_id, row in table.items():
+                mine_table = self.minutes.get(minute)
+                present = mine_table is not None and key_id in mine_table
+                if not present and limit is not None and self.rows >= limit:
+                    lost += row[REQUESTS] + row[INACTIVE]
+                    continue
+                mine = self.row(key_id, minute)
+                for i in range(NFIELDS):
+                    mine[i] += row[i]
+                if row[AT] is not None and (mine[AT] is None or row[AT] >= mine[AT]):
+                    mine[AT : ORIGIN + 1] = row[AT : ORIGIN + 1]
+                if row[INACTIVE_AT] is not None and (
+                    mine[INACTIVE_AT] is None or row[INACTIVE_AT] >= mine[INACTIVE_AT]
+                ):
+                    mine[INACTIVE_AT] = row[INACTIVE_AT]
+                if row[SEEN]:
+                    mine[SEEN] = set(list((mine[SEEN] or set()) | row[SEEN])[:MAX_SEEN])
+        for table_mine, source in ((self.ips, other.ips), (self.origins, other.origins)):
+            for key_id, counter in source.items():
+                mine_counter = table_mine.setdefault(key_id, Counter())
+                mine_counter.update(counter)
+                if table_cap is not None and len(mine_counter) > table_cap:
+                    table_mine[key_id] = Counter(dict(mine_counter.most_common(table_cap)))
+        return lost
+
+
+class UsageRecorder:
+    """Aggregates usage in process and flushes it to a :class:`UsageStore` in batches.
+
+    ``max_buckets`` bounds the buffer (distinct key-minutes waiting to be flushed); counts
+    that do not fit are dropped and counted in :attr:`dropped` (requests). ``top_n`` bounds
+    the per-IP and per-origin tables of each client key. ``on_flush`` callbacks receive
+    each flushed batch and the new per-minute totals (alert rules hang there).
+    :meth:`report` and :meth:`overview` read what is flushed; :meth:`reader` makes a
+    :class:`~keystile.usage.reports.UsageReader` that flushes first.
+    """
+
+    def __init__(
+        self,
+        store: UsageStore,
+        *,
+        clock: Clock = system_clock,
+        interval: float = 1.0,
+        max_buckets: int = 50_000,
+        top_n: int = 100,
+    ) -> None:
+        self.store = store
+        self._clock = clock
+        self.interval = interval
+        self.max_buckets = max_buckets
+        self.top_n = top_n
+        # Exact per-IP/origin counts for up to this many members per key per flush; the
+        # store keeps counting as many, and reports the busiest top_n.
+        self.table_cap = tracked(top_n)
+        self.dropped = 0
+        self.flushes = 0
+        self.failed_flushes = 0
+        self.on_flush: list[Any] = []
+        self._batch = UsageBatch()
+        self._retry: list[UsageBatch] = []  # a batch whose write failed, kept whole
+        self._minute = -1  # the minute whose table _row() last used, in self._batch
+        self._span = (0.0, 0.0)  # [start, end) of that minute, in seconds
+        self._table: dict[str, list[Any]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._flush_lock = asyncio.Lock()
+        self._last_warning = -math.inf
+
+    # -- recording (no I/O) ----------------------------------------------------------------
+
+    def _row(self, key_id: str, now: float) -> list[Any] | None:
+        minute = int(now // MINUTE)
+        if minute == self._minute:
+            table = self._table
+        else:
+            table = self._batch.minutes.setdefault(minute, {})
+            self._minute, self._table = minute, table
+            # Floats: `now` is one, and a float compares slowly with an int past 2**30.
+            self._span = (float(minute * MINUTE), float((minute + 1) * MINUTE))
+        row = table.get(key_id)
+        if row is None:
+            if self._batch.rows >= self.max_buckets:
+                return None
+            row = table[key_id] = new_row()
+            self._batch.rows += 1
+            if self._task is None:
+                self._ensure_task()
+        return row
+
+    def record(
+        self,
+        key_id: str,
+        status: int,
+        bytes_in: int,
+        bytes_out: int,
+        ip: str | None = None,
+        origin: str | None = None,
+        ip_mode: int = 0,
+        now: float | None = None,
+        rate_limited: bool = False,
+    ) -> None:
+        """Count one request a key made. ``ip_mode``: :data:`BY_CLIENT` also counts it by
+        IP and origin (client keys); :data:`WATCH_IPS` notes the addresses seen (for the
+        new-IP alert on production keys). ``rate_limited``: refused by the rate limit."""
+        if now is None:
+            now = self._clock()
+        start, end = self._span
+        row = self._table.get(key_id) if start <= now < end else None
+        if row is None:
+            row = self._row(key_id, now)
+            if row is None:
+                self._drop()
+                return
+        row[REQUESTS] += 1
+        if bytes_in:  # most requests have no body: skip making an int for nothing
+            row[BYTES_IN] += bytes_in
+        row[BYTES_OUT] += bytes_out
+        if status >= 400:
+            row[ERRORS_5XX if status >= 500 else ERRORS_4XX] += 1
+            if rate_limited:  # a 429
+                row[RATE_LIMITED] += 1
+        if ip_mode == WATCH_IPS:  # a production key: its addresses, for the new-IP alert
+            if ip is not None and ip != row[IP]:
+                seen = row[SEEN]
+                if seen is None:
+                    seen = row[SEEN] = set()
+                if len(seen) < MAX_SEEN:
+                    seen.add(ip)
+        elif ip_mode == BY_CLIENT:
+            self._count_client(key_id, ip, origin)
+        at = row[AT]
+        if at is None or now >= at:  # a slow request ending last is not the last use
+            row[AT] = now
+            row[IP] = ip
+            row[ORIGIN] = origin
+
+    def _count_client(self, key_id: str, ip: str | None, origin: str | None) -> None:
+        """Count a client key's request by IP and by origin."""
+        for tables, member in ((self._batch.ips, ip), (self._batch.origins, origin)):
+            if member is not None:
+                counter = tables.get(key_id)
+                if counter is None:  # not setdefault: that builds a Counter every time
+                    counter = tables[key_id] = Counter()
+                _count(counter, member, self.table_cap)
+
+    def record_refusal(self, key_id: str, kind: Literal["quota", "inactive"]) -> None:
+        """Count a request refused for its quota (already counted as a request by the
+        middleware) or an attempt with a revoked or expired key."""
+        now = self._clock()
+        row = self._row(key_id, now)
+        if row is None:
+            self._drop()
+            return
+        if kind == "quota":
+            row[QUOTA_EXCEEDED] += 1
+        else:
+            row[INACTIVE] += 1
+            row[INACTIVE_AT] = now
+
+    def record_tokens(self, key_id: str, tokens: int) -> None:
+        """Count AI tokens a key consumed."""
+        row = self._row(key_id, self._clock())
+        if row is None:
+            self._drop()
+            return
+        row[TOKENS] += tokens
+
+    def _drop(self) -> None:
+        self.dropped += 1
+        now = self._clock()
+        if now - self._last_warning > 60:
+            self._last_warning = now
+            logger.warning(
+                "usage buffer full (%d key-minutes): dropping counts (%d dropped so far)",
+                self.max_buckets,
+                self.dropped,
+            )
+
+    # -- flushing --------------------------------------------------------------------------
+
+    def _ensure_task(self) -> None:
+        if self._task is None and not self._closed:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return  # recorded outside a loop: the next flush() or close() takes it
+            self._task = loop.create_task(self._run(), name="keystile-usage-flush")
+
+    async def _run(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(self.interval)
+            await self.flush()
+
+    async def flush(self) -> bool:
+        """Write what is buffered now; whether everything was written (or nothing was due).
+
+        A batch whose write fails is kept whole, with its id, and retried first next time
+        (the stores apply a batch id at most once, so a write whose reply was lost is not
+        counted twice); while it fails, new counts keep gathering in the bounded buffer.
+        """
+        written: list[tuple[UsageBatch, dict[tuple[str, int], list[int]]]] = []
+        ok = True
+        async with self._flush_lock:
+            while self._retry and ok:
+                ok = await self._write(self._retry[0], written)
+                if ok:
+                    self._retry.pop(0)
+            if ok:
+                batch, self._batch = self._batch, UsageBatch()
+                self._minute = -1
+                self._span = (0.0, 0.0)
+                if batch:
+                    ok = await self._write(batch, written)
+                    if not ok:
+                        self._retry.append(batch)
+        for batch, touched in written:
+            for callback in self.on_flush:
+                try:
+                    result = callback(batch, touched)
+                    if asyncio.iscoroutine(result):
+                        await result
+                except Exception:  # an alert rule must not lose the next flush
+                    logger.exception("usage flush callback failed")
+        return ok
+
+    async def _write(
+        self,
+        batch: UsageBatch,
+        written: list[tuple[UsageBatch, dict[tuple[str, int], list[int]]]],
+    ) -> bool:
+        try:
+            touched = await self.store.write(batch)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self.failed_flushes += 1
+            logger.warning("usage flush failed (%s); counts kept", type(exc).__name__)
+            return False
+        self.flushes += 1
+        written.append((batch, touched))
+        return True
+
+    async def close(self) -> None:
+        """Stop the background flush and write what is left (one try)."""
+        self._closed = True
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.flush()
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def reader(self) -> UsageReader:
+        """A reader of this recorder's store that flushes the buffer before each read, so
+        its reports include what this process counted up to now (the gate's manager's)."""
+        return UsageReader(self.store, clock=self._clock, top_n=self.top_n, flush=self.flush)
+
+    async def overview(self, limit: int = 1000) -> UsageOverview:
+        """:meth:`UsageReader.overview` of what is flushed."""
+        reader = UsageReader(self.store, clock=self._clock, top_n=self.top_n)
+        return await reader.overview(limit)
+
+    async def report(
+        self,
+        key_id: str,
+        *,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        granularity: Granularity = "minute",
+    ) -> UsageReport:
+        """:meth:`UsageReader.report` of what is flushed."""
+        reader = UsageReader(self.store, clock=self._clock, top_n=self.top_n)
+        return await reader.report(key_id, start=start, end=end, granularity=granularity)
+
+
+def _count(counter: Counter[str], member: str, cap: int) -> None:
+    """Count ``member`` exactly; a member past ``cap`` distinct ones in one flush is not
+    tracked (memory stays bounded; the store keeps the busiest ``top_n`` of what it gets)."""
+    if member in counter or len(counter) < cap:
+        counter[member] += 1
