@@ -46,6 +46,8 @@ def pattern(row: str) -> re.Pattern[str]:
             out += r"key_[0-9A-Za-z]+"
         elif part == "<address>":
             out += r"[0-9A-Fa-f.:]+(?:/64)?"  # an IPv6 /64 holds colons
+        elif part == "<rule>":
+            out += r".+"  # a rule may name its threshold ("quota:0.8")
         elif part.startswith("<"):
             out += r"[^:{}]+"
         else:
@@ -104,10 +106,15 @@ async def test_the_schema_names_every_name_a_run_creates(own_redis: RedisServer)
     seen = {row for row, p in rows.items() if any(p.fullmatch(n) for n in names)}
     channels = {row.pattern for row in NAMES if row.kind == "channel"}
     assert set(rows) - channels - seen == set(), "rows no name matched"
-    for row in NAMES:  # each name's tag is what the schema says
-        for name in names:
-            if rows[row.pattern].fullmatch(name):
-                assert ("{" in name) == (row.tag != "-"), (row.pattern, name)
+    client_ = redis.Redis(port=own_redis.port)
+    try:
+        for row in NAMES:  # each name's type and tag are what the schema says
+            for name in names:
+                if rows[row.pattern].fullmatch(name):
+                    assert client_.type(name).decode() == row.kind, (row.pattern, name)
+                    assert ("{" in name) == (row.tag != "-"), (row.pattern, name)
+    finally:
+        client_.close()
 
 
 def test_every_row_is_built_by_the_schema() -> None:

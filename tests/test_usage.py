@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import random
-import re
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -25,7 +24,6 @@ from keystile import KeystileSettings, ManualClock, MemoryStore, RedisStore
 from keystile.alerts import AlertRules
 from keystile.clock import to_datetime
 from keystile.gate import Keystile
-from keystile.redis.schema import NAMES
 from keystile.stores import KeyStore
 from keystile.usage import DAY, FIELDS, Granularity, UsageBatch, UsageTotals
 from usage_app import CHUNK, build_app, http, lifespan
@@ -491,40 +489,6 @@ async def test_every_redis_name_carries_a_ttl(redis_store: RedisStore, clock: Ma
     ttls = {name: await redis_client.ttl(name) for name in names}
     assert all(ttl > 0 for ttl in ttls.values()), ttls
     assert all(t <= 120 + 3600 for n, t in ttls.items() if ":h:" in n), ttls
-
-
-async def test_every_redis_name_is_in_the_schema(
-    redis_store: RedisStore, clock: ManualClock
-) -> None:
-    """Each name usage and alerts write is a row of keystile.redis.schema, of its type:
-    the schema stays the whole list of what keystile keeps in Redis."""
-    gate = make_gate(redis_store, clock)
-    await write_every_usage_name(gate)
-    ns, redis_client = redis_store.namespace, redis_store.client
-
-    def placeholder(match: re.Match[str]) -> str:  # an address or a rule may hold a colon
-        return ".+" if match[1] in ("address", "rule") else "[^:/]+"
-
-    rows = [
-        (
-            re.compile(
-                re.sub("<([^>]+)>", placeholder, re.escape(row.pattern).replace("<ns>", ns))
-            ),
-            row,
-        )
-        for row in NAMES
-        if row.kind != "channel"
-    ]
-    found: dict[str, str] = {}
-    async for raw in redis_client.scan_iter(match=f"{ns}:*", count=1000):
-        name = raw.decode()
-        kind = (await redis_client.type(name)).decode()
-        matches = [row for pattern, row in rows if pattern.fullmatch(name)]
-        assert len(matches) == 1, (name, matches)
-        assert matches[0].kind == kind, (name, kind, matches[0])
-        found[matches[0].pattern] = name
-    usage = [row.pattern for row in NAMES if row.pattern.startswith(("<ns>:usage", "<ns>:alert"))]
-    assert [p for p in usage if p not in found] == []
 
 
 # -- cost: batching, bounds, failures, shutdown ---------------------------------------------
