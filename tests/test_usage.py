@@ -16,13 +16,13 @@ from typing import Any
 
 import fakeredis
 import pytest
-import redis
 
 from conftest import REDIS_URL, Figures, cleanup_namespace, new_namespace, require_redis
 from faults.redis_server import RedisServer
 from keystile import KeystileSettings, ManualClock, MemoryStore, RedisStore
 from keystile.alerts import AlertRules
 from keystile.clock import to_datetime
+from keystile.exceptions import StoreUnavailable
 from keystile.gate import Keystile
 from keystile.stores import KeyStore
 from keystile.usage import DAY, FIELDS, Granularity, UsageBatch, UsageTotals
@@ -720,7 +720,8 @@ async def test_a_flush_whose_reply_is_lost_counts_once(
 
 
 class FailingWrites:
-    """A usage store whose writes fail, as if Redis were unreachable, while ``failing``;
+    """A usage store whose writes fail as a Redis store's do when Redis is unreachable
+    (StoreUnavailable, the stores' one error contract), while ``failing``;
     ``during`` runs while a failing write is in flight (traffic that goes on meanwhile)."""
 
     def __init__(self, inner: Any) -> None:
@@ -732,7 +733,7 @@ class FailingWrites:
         if self.failing:
             if self.during is not None:
                 await self.during()
-            raise redis.ConnectionError("unreachable")
+            raise StoreUnavailable("Redis is unreachable while writing usage: ConnectionError")
         return await self.inner.write(batch)
 
     def __getattr__(self, name: str) -> Any:

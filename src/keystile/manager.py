@@ -22,7 +22,6 @@ from enum import StrEnum
 from typing import Any
 
 from pydantic import SecretStr, ValidationError
-from redis.exceptions import RedisError
 
 from keystile import keys
 from keystile.clock import Clock, system_clock, to_datetime, to_timestamp
@@ -33,6 +32,7 @@ from keystile.exceptions import (
     KeyValidationError,
     RotationRefused,
     ScopeRefused,
+    StoreError,
     StoreUnavailable,
 )
 from keystile.models import (
@@ -657,5 +657,5 @@ class KeyManager:
             )
         except ValueError as exc:  # the end before the start
             raise KeyValidationError.single("end", str(exc)) from None
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"usage cannot be read: {type(exc).__name__}") from exc
+        except StoreError as exc:
+            raise StoreUnavailable(f"usage cannot be read: {exc}") from exc

@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import Awaitable, Callable, Iterator
-from typing import ParamSpec, TypeVar
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any, ParamSpec, TypeVar
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -46,12 +46,13 @@ def redis_errors(action: str) -> Iterator[None]:
         raise StoreError(f"Redis failed while {action}: {type(exc).__name__}") from exc
 
 
-def translated(
-    action: str,
-) -> Callable[[Callable[P, Awaitable[T]]], Callable[P, Awaitable[T]]]:
+Method = Callable[P, Coroutine[Any, Any, T]]
+
+
+def translated(action: str) -> Callable[[Method[P, T]], Method[P, T]]:
     """A coroutine method whose Redis errors follow the contract (see :func:`redis_errors`)."""
 
-    def decorate(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    def decorate(method: Method[P, T]) -> Method[P, T]:
         @functools.wraps(method)
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
             with redis_errors(action):

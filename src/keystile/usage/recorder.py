@@ -19,9 +19,8 @@ from collections import Counter
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
-from redis.exceptions import RedisError
-
 from keystile.clock import Clock, system_clock
+from keystile.exceptions import StoreError
 from keystile.usage.models import (
     AT,
     BY_CLIENT,
@@ -356,9 +355,10 @@ class UsageRecorder:
     ) -> bool:
         try:
             touched = await self.store.write(batch)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except StoreError as exc:
             self.failed_flushes += 1
-            logger.warning("usage flush failed (%s); counts kept", type(exc).__name__)
+            cause = exc.__cause__ or exc
+            logger.warning("usage flush failed (%s); counts kept", type(cause).__name__)
             return False
         self.flushes += 1
         written.append((batch, touched))

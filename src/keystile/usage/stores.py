@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from redis.asyncio import Redis
 
 from keystile.clock import Clock, system_clock
+from keystile.redis.errors import translated
 from keystile.redis.schema import RedisSchema
 from keystile.redis.scripts import lua
 from keystile.usage.models import (
@@ -179,6 +180,7 @@ class RedisUsageStore:
         self.top_n = top_n
         self._script = client.register_script(_WRITE)
 
+    @translated("writing usage")
     async def write(self, batch: UsageBatch) -> dict[tuple[str, int], list[int]]:
         buckets = batch.buckets
         last = batch.last
@@ -230,6 +232,7 @@ class RedisUsageStore:
                 touched[(key_id, minute)] = [int(v) for v in counts]
         return touched
 
+    @translated("reading usage")
     async def series(
         self, key_id: str, start: float, end: float, granularity: Granularity
     ) -> list[tuple[int, list[int]]]:
@@ -259,16 +262,19 @@ class RedisUsageStore:
                 out.append((day * DAY, _counts(raw)))
         return out
 
+    @translated("reading usage")
     async def totals(self, key_id: str) -> list[int]:
         raw: dict[Any, Any] = await self.client.hgetall(self.names.usage(key_id, "total"))
         return _counts(raw)
 
+    @translated("reading usage")
     async def top(self, key_id: str, kind: Literal["ips", "origins"], n: int) -> dict[str, int]:
         raw: list[Any] = await self.client.zrevrange(
             self.names.usage(key_id, kind), 0, n - 1, withscores=True
         )
         return {_text(member): int(score) for member, score in raw}
 
+    @translated("reading usage")
     async def last_use(self, key_id: str) -> LastUse:
         fields = ("last_at", "last_ip", "last_origin", "last_inactive_at")
         raw = await self.client.hmget(self.names.usage(key_id, "total"), *fields)
@@ -277,6 +283,7 @@ class RedisUsageStore:
         values = [None if v is None else _text(v) for v in raw]
         return LastUse.of(values)
 
+    @translated("reading usage")
     async def keys(self, limit: int = 1000) -> list[str]:
         index = self.names.usage_index
         raw: list[Any] = await self.client.zrevrange(index, 0, limit - 1)
