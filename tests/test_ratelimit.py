@@ -1799,3 +1799,86 @@ async def test_item0_uvicorn_enforces_the_limit_on_every_loop(
     outcome = Counter(a.describe() for a in answers)
     assert outcome == {"200": 100, "429 rate_limited": 30}, outcome
     assert all(a.json["passes"] == 0 for a in answers if a.status == 200)  # type: ignore[index]
+
+
+# -- one module per concern (issue #14) -------------------------------------------------------
+
+# Imports keystile.models as its own modules do, without keystile/__init__.py (which loads
+# the whole library, the Redis store included), then lists what got loaded.
+ONLY_MODELS = """
+import importlib.util, sys, types
+package = types.ModuleType("keystile")
+package.__path__ = sys.argv[1:]
+sys.modules["keystile"] = package
+import keystile.models
+fields = {"name": "n", "type": "dev", "rate_limit": "10 per second"}
+assert keystile.models.KeySettings(**fields).rate_limit == "10/second"
+print(" ".join(sorted(sys.modules)))
+"""
+
+
+def test_issue14_models_normalise_limits_without_loading_redis() -> None:
+    """keystile.models spells a limit canonically through keystile.rates: neither redis
+    nor the limiters (nor the lean connection) are loaded by it."""
+    import keystile
+
+    done = subprocess.run(
+        [sys.executable, "-c", ONLY_MODELS, *keystile.__path__],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    loaded = set(done.stdout.split())
+    assert "keystile.rates" in loaded
+    assert not {m for m in loaded if m == "redis" or m.startswith("redis.")}
+    assert not {m for m in loaded if m.startswith(("keystile.ratelimit", "keystile.redis"))}
+
+
+def test_issue14_only_keystile_rates_imports_limits() -> None:
+    """One module speaks to the limits library, and it imports nothing of Redis."""
+    import ast
+
+    import keystile
+
+    root = Path(keystile.__path__[0])
+    importers: dict[str, set[str]] = {}
+    for path in sorted(root.rglob("*.py")):
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names.add(node.module)
+        importers[path.relative_to(root).as_posix()] = names
+
+    def imports(module: str, names: set[str]) -> bool:
+        return any(name == module or name.startswith(f"{module}.") for name in names)
+
+    assert [p for p, names in importers.items() if imports("limits", names)] == ["rates.py"]
+    rates = importers["rates.py"]
+    assert not any(imports(m, rates) for m in ("redis", "keystile.redis", "keystile.ratelimit"))
+
+
+async def test_issue14_a_share_decided_without_an_address_has_a_list_of_its_own(
+    redis_client: tuple[Redis, str],
+) -> None:
+    """A limit set whose address share equals the key's window, hit with no address: the
+    two windows are two lists (each admission counted once in each), both named as the
+    key schema names a key's window and an address's share."""
+    from keystile.redis.schema import RedisSchema
+
+    made, namespace = redis_client
+    limits_ = limit_set("5/minute", "client", "5/minute")
+    async with own_limiter(made, namespace=namespace) as limiter:
+        decisions = [await limiter.hit("k", limits_) for _ in range(6)]
+        key_window, share = (limiter.window_key("k", limits_, i) for i in range(2))
+        assert key_window == RedisSchema(namespace).window("k", 5, 60)
+        assert share != key_window
+        assert share.startswith(f"{namespace}:rl:{{k}}:ip:") and share.endswith(":5/60")
+        assert (await made.llen(key_window), await made.llen(share)) == (5, 5)
+        named = limiter.window_key("k", limits_, 1, "192.0.2.1")
+        assert named == RedisSchema(namespace).window("k", 5, 60, "192.0.2.1")
+    assert [d.allowed for d in decisions] == [True] * 5 + [False]
+    assert [d.remaining for d in decisions[:2]] == [(4, 4), (3, 3)]
