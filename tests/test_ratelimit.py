@@ -1478,7 +1478,7 @@ class Outage:
 def count_asked(limiter: RedisLimiter) -> list[int]:
     """Count the decisions the limiter sends towards Redis (either path), answered or not."""
     asked = [0]
-    for name in ("_lean_decide", "_submit"):
+    for name in ("_lean_decide", "_pooled_decide"):
         real = getattr(limiter, name)
 
         async def counted(*args: Any, _real: Any = real) -> Any:
@@ -1801,7 +1801,7 @@ async def test_item0_uvicorn_enforces_the_limit_on_every_loop(
     assert all(a.json["passes"] == 0 for a in answers if a.status == 200)  # type: ignore[index]
 
 
-# -- one module per concern (issue #14) -------------------------------------------------------
+# -- one module per concern, one batcher (issue #14) ------------------------------------------
 
 # Imports keystile.models as its own modules do, without keystile/__init__.py (which loads
 # the whole library, the Redis store included), then lists what got loaded.
@@ -1882,3 +1882,24 @@ async def test_issue14_a_share_decided_without_an_address_has_a_list_of_its_own(
         assert named == RedisSchema(namespace).window("k", 5, 60, "192.0.2.1")
     assert [d.allowed for d in decisions] == [True] * 5 + [False]
     assert [d.remaining for d in decisions[:2]] == [(4, 4), (3, 3)]
+
+
+async def test_issue14_the_pooled_path_sends_one_evalsha_per_decision(
+    own_redis: OwnRedis,
+) -> None:
+    """Over redis-py (lean=False), 32 simultaneous decisions are 32 EVALSHAs and 32 round
+    trips — no pipeline of the limiter's own — and admit exactly the limit."""
+    client_: Redis = Redis.from_url(own_redis.url)
+    limiter = RedisLimiter(client_, namespace=new_namespace(), lean=False, timeout=2.0)
+    limits_ = limit_set("20/minute", "dev")
+    try:
+        await limiter.start()
+        commands, trips = own_redis.commands(), limiter.round_trips
+        decisions = await asyncio.gather(*(limiter.hit("k", limits_) for _ in range(32)))
+        assert sent(commands, own_redis.commands()) == {"evalsha": 32}
+        assert limiter.round_trips - trips == 32
+    finally:
+        await limiter.close()
+        await client_.aclose()
+    assert [d.allowed for d in decisions].count(True) == 20
+    assert not any(d.degraded for d in decisions) and limiter.passes == 0

@@ -3,9 +3,11 @@ Redis.
 
 One Lua script (``keystile/redis/lua/moving_window.lua``) decides every window of a key
 atomically on Redis' own clock (``TIME``) and returns the decision with the numbers for
-the headers in the same round trip. Requests that arrive together share one pipeline; a
-key known to be over its limit is refused locally until its next slot frees, without
-asking Redis (which can only refuse more, never admit more).
+the headers in the same round trip: one EVALSHA per decision. Over the lean connection
+(:class:`keystile.redis.lean.LeanRedis`, the default) the EVALSHAs of requests that
+arrive together go out in one write; over redis-py each is a command of its own. A key
+known to be over its limit is refused locally until its next slot frees, without asking
+Redis (which can only refuse more, never admit more).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import time
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError
 
 from keystile.exceptions import StoreUnavailable
 from keystile.fallback import FailureMode, Fallback, FallingBack, redis_address
@@ -46,17 +48,6 @@ def _read_error(task: asyncio.Task[Any]) -> None:
         task.exception()
 
 
-class _Pending:
-    __slots__ = ("args", "future", "keys")
-
-    def __init__(
-        self, keys: list[str], args: list[Any], future: asyncio.Future[Any] | None
-    ) -> None:
-        self.keys = keys
-        self.args = args
-        self.future = future
-
-
 class RedisLimiter(FallingBack):
     """Moving windows in Redis, exact across every process sharing it.
 
@@ -74,7 +65,8 @@ class RedisLimiter(FallingBack):
 
     With ``lean=True`` (the default) the decisions go over one connection of the
     limiter's own (:class:`keystile.redis.lean.LeanRedis`, to the server ``client`` talks to),
-    which costs a fraction of redis-py's Python per round trip; ``client`` carries them
+    which costs a fraction of redis-py's Python per round trip and sends the decisions of
+    requests that arrive together in one write; ``client`` carries them, one EVALSHA each,
     when it cannot (TLS, a credential provider, fakeredis) or with ``lean=False``.
     """
 
@@ -113,9 +105,6 @@ class RedisLimiter(FallingBack):
         self._loading: asyncio.Task[None] | None = None
         # (key, address, limit text) -> (refused until, monotonic; the decision; when; its cost)
         self._blocked: dict[tuple[str, str, str], tuple[float, Decision, float, int]] = {}
-        self._pending: list[_Pending] = []
-        self._flushing = False
-        self._in_flight = 0  # round trips under way
 
     def window_key(self, key: str, limits: LimitSet, index: int, address: str = "") -> str:
         """The Redis list of one window; an address's share lives beside the key's, under
@@ -128,7 +117,8 @@ class RedisLimiter(FallingBack):
 
     @property
     def round_trips(self) -> int:
-        """Round trips to Redis so far (commands sent together count once)."""
+        """Round trips to Redis so far (commands the lean connection writes together
+        count once)."""
         lean = self._lean
         return self._round_trips + (lean.writes if lean is not None else 0)
 
@@ -224,10 +214,19 @@ class RedisLimiter(FallingBack):
     async def _pooled_decide(
         self, key: str, limits: LimitSet, cost: int, now_ms: int | None, address: str
     ) -> Any:
-        """One EVALSHA (or a share of a pipeline) over ``client``, within ``timeout``."""
+        """One EVALSHA over ``client`` (after loading the script on NOSCRIPT), all within
+        one ``timeout``."""
         keys, args = self._arguments(key, limits, cost, now_ms, address)
         async with asyncio.timeout(self.timeout):
-            return await self._submit(keys, args)
+            if not self.sha:
+                await self.start()
+            self._round_trips += 1
+            try:
+                return await self.client.evalsha(self.sha, len(keys), *keys, *args)
+            except NoScriptError:  # SCRIPT FLUSH, or a restarted server
+                await self.start()
+                self._round_trips += 1
+                return await self.client.evalsha(self.sha, len(keys), *keys, *args)
 
     async def _lean_decide(
         self, key: str, limits: LimitSet, cost: int, now_ms: int | None, address: str
@@ -315,87 +314,3 @@ class RedisLimiter(FallingBack):
         return Decision(
             allowed, tuple(remaining), tuple(reset), retry, at=now / 1000, refused_by=refused_by
         )
-
-    # -- one round trip for every request that arrives together ------------------------------
-
-    async def _submit(self, keys: list[str], args: list[Any]) -> Any:
-        if not self._pending and not self._in_flight:
-            # Alone: one EVALSHA from this task, no future, no extra task. Requests that
-            # arrive meanwhile gather in one pipeline behind it.
-            self._in_flight += 1
-            try:
-                return (await self._evaluate([_Pending(keys, args, None)]))[0]
-            finally:
-                self._in_flight -= 1
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._pending.append(_Pending(keys, args, future))
-        if not self._flushing:
-            self._flushing = True
-            loop.call_soon(self._launch)
-        return await future
-
-    def _launch(self) -> None:
-        batch, self._pending = self._pending, []
-        self._flushing = False
-        asyncio.get_running_loop().create_task(self._flush(batch))
-
-    async def _flush(self, batch: list[_Pending]) -> None:
-        self._in_flight += 1
-        try:
-            await self._flush_batch(batch)
-        finally:
-            self._in_flight -= 1
-
-    async def _flush_batch(self, batch: list[_Pending]) -> None:
-        # Skip callers that gave up (their deadline passed while they waited).
-        live = [(p, p.future) for p in batch if p.future is not None and not p.future.done()]
-        if not live:
-            return
-        try:
-            results = await self._evaluate([p for p, _ in live])
-        except (RedisError, OSError) as exc:
-            error = StoreUnavailable(f"Redis failed while rate limiting: {type(exc).__name__}")
-            error.__cause__ = exc
-            for _, future in live:
-                if not future.done():
-                    future.set_exception(error)
-            return
-        for (_, future), result in zip(live, results, strict=True):
-            if future.done():
-                continue
-            if isinstance(result, Exception):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
-
-    async def _evaluate(self, batch: list[_Pending]) -> list[Any]:
-        if not self.sha:
-            await self.start()
-        self._round_trips += 1
-        if len(batch) == 1:
-            only = batch[0]
-            try:
-                return [await self._evalsha(only)]
-            except NoScriptError:  # SCRIPT FLUSH, or a restarted server
-                await self.start()
-                self._round_trips += 1
-                return [await self._evalsha(only)]
-        results = await self._pipeline(batch)
-        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
-        if missing:
-            await self.start()
-            self._round_trips += 1
-            again = await self._pipeline([batch[i] for i in missing])
-            for i, result in zip(missing, again, strict=True):
-                results[i] = result
-        return results
-
-    async def _evalsha(self, pending: _Pending) -> Any:
-        return await self.client.evalsha(self.sha, len(pending.keys), *pending.keys, *pending.args)
-
-    async def _pipeline(self, batch: list[_Pending]) -> list[Any]:
-        async with self.client.pipeline(transaction=False) as pipe:
-            for pending in batch:
-                pipe.evalsha(self.sha, len(pending.keys), *pending.keys, *pending.args)
-            return list(await pipe.execute(raise_on_error=False))
