@@ -1489,13 +1489,31 @@ def count_asked(limiter: RedisLimiter) -> list[int]:
     return asked
 
 
+@pytest.fixture
+def monotonic() -> list[float]:
+    """The monotonic clock given to the limiters of a test (``monotonic=``), set by the
+    test (asyncio keeps its own): ``monotonic[0] += seconds``. Unlike conftest's, it
+    patches no module."""
+    return [1000.0]
+
+
+def on(monotonic: list[float]) -> dict[str, Any]:
+    """The options that give a limiter the test's monotonic clock."""
+    return {"monotonic": lambda: monotonic[0]}
+
+
 @pytest.fixture(params=["fakeredis", "redis", "redis-py"])
-async def outage(request: pytest.FixtureRequest) -> AsyncIterator[Outage]:
-    """A RedisLimiter (trip_after=3, backoff=(0.5, 2.0), timeout 1 s) on fakeredis (its
-    server disconnected), or on a redis-server of the test's own (killed and restarted)
-    over the lean connection or over redis-py."""
+async def outage(request: pytest.FixtureRequest, monotonic: list[float]) -> AsyncIterator[Outage]:
+    """A RedisLimiter (trip_after=3, backoff=(0.5, 2.0), timeout 1 s, on the test's
+    monotonic clock) on fakeredis (its server disconnected), or on a redis-server of the
+    test's own (killed and restarted) over the lean connection or over redis-py."""
     namespace = new_namespace()
-    options: dict[str, Any] = {"timeout": 1.0, "trip_after": 3, "backoff": (0.5, 2.0)}
+    options: dict[str, Any] = {
+        "timeout": 1.0,
+        "trip_after": 3,
+        "backoff": (0.5, 2.0),
+        **on(monotonic),
+    }
     if request.param == "fakeredis":
         server = fakeredis.FakeServer()
         fake = fakeredis.FakeAsyncRedis(server=server)
@@ -1587,7 +1605,13 @@ async def test_while_one_request_tries_redis_the_others_do_not_wait(
     namespace = new_namespace()
     client_ = Redis.from_url(own_redis.url)
     limiter = RedisLimiter(
-        client_, namespace=namespace, timeout=2.0, trip_after=3, backoff=(0.5, 2.0), lean=lean
+        client_,
+        namespace=namespace,
+        timeout=2.0,
+        trip_after=3,
+        backoff=(0.5, 2.0),
+        lean=lean,
+        **on(monotonic),
     )
     limits_ = limit_set("100/minute", "dev")
     stuck = socket.create_connection(("127.0.0.1", own_redis.port), timeout=5)
@@ -1801,7 +1825,7 @@ async def test_item0_uvicorn_enforces_the_limit_on_every_loop(
     assert all(a.json["passes"] == 0 for a in answers if a.status == 200)  # type: ignore[index]
 
 
-# -- one module per concern, one batcher (issue #14) ------------------------------------------
+# -- one module per concern, one batcher, an injectable clock (issue #14) ----------------------
 
 # Imports keystile.models as its own modules do, without keystile/__init__.py (which loads
 # the whole library, the Redis store included), then lists what got loaded.
@@ -1903,3 +1927,28 @@ async def test_issue14_the_pooled_path_sends_one_evalsha_per_decision(
         await client_.aclose()
     assert [d.allowed for d in decisions].count(True) == 20
     assert not any(d.degraded for d in decisions) and limiter.passes == 0
+
+
+async def test_issue14_local_refusals_follow_the_injected_monotonic_clock(
+    redis_client: tuple[Redis, str], monotonic: list[float]
+) -> None:
+    """A key Redis refused under 1/minute is refused locally, on the limiter's own
+    ``monotonic`` clock: half a minute later by that clock, with half a minute left and
+    no round trip; once that clock passes the refusing entry's release, Redis is asked
+    again (and, its own clock having barely moved, refuses)."""
+    made, namespace = redis_client
+    async with own_limiter(made, namespace=namespace, **on(monotonic)) as limiter:
+        limits_ = limit_set("1/minute", "dev")
+        assert (await limiter.hit("k", limits_)).allowed
+        by_redis = await limiter.hit("k", limits_)
+        assert not by_redis.allowed and by_redis.at and by_redis.reset == (60,)
+        trips = limiter.round_trips
+        monotonic[0] += 30.0
+        locally = await limiter.hit("k", limits_)
+        assert limiter.round_trips == trips
+        assert not locally.allowed and not locally.at
+        assert locally.reset == (30,) and locally.retry_after in (30, 31)
+        monotonic[0] += 30.01
+        asked = await limiter.hit("k", limits_)
+        assert limiter.round_trips == trips + 1
+        assert not asked.allowed and asked.at

@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from redis.asyncio import Redis
@@ -68,6 +69,8 @@ class RedisLimiter(FallingBack):
     which costs a fraction of redis-py's Python per round trip and sends the decisions of
     requests that arrive together in one write; ``client`` carries them, one EVALSHA each,
     when it cannot (TLS, a credential provider, fakeredis) or with ``lean=False``.
+
+    ``monotonic`` is the clock of the local refusals and of the back-off.
     """
 
     def __init__(
@@ -82,6 +85,7 @@ class RedisLimiter(FallingBack):
         lean: bool = True,
         trip_after: int = 3,
         backoff: tuple[float, float] = (0.05, 1.0),
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.fallback = Fallback(
             "rate limiter",
@@ -91,11 +95,13 @@ class RedisLimiter(FallingBack):
             trip_after=trip_after,
             backoff=backoff,
             where=redis_address(client),
+            monotonic=monotonic,
         )
         self.client = client
         self.namespace = namespace
         self.timeout = timeout
         self.local_refusals = local_refusals
+        self.monotonic = monotonic
         self.sha = ""  # set once the script is loaded
         self._schema = RedisSchema(namespace)
         self._round_trips = 0  # over `client`
@@ -173,7 +179,7 @@ class RedisLimiter(FallingBack):
             blocked = self._blocked.get(blocked_as)
             if blocked is not None:
                 until, refused, decided, refused_cost = blocked
-                clock = time.monotonic()
+                clock = self.monotonic()
                 left = until - clock
                 if left > 0 and cost >= refused_cost:
                     # Still over the limit: no slot can have freed yet. No round trip.
@@ -195,9 +201,9 @@ class RedisLimiter(FallingBack):
         if not decision.allowed and self.local_refusals and now_ms is None:
             # Nothing can free a slot before the refusing entry leaves its window.
             if len(self._blocked) >= 100_000:  # bounded: forget the ones already free
-                now = time.monotonic()
+                now = self.monotonic()
                 self._blocked = {k: v for k, v in self._blocked.items() if v[0] > now}
-            clock = time.monotonic()
+            clock = self.monotonic()
             until = clock + self._wait_ms(raw, limits) / 1000
             self._blocked[blocked_as] = (until, decision, clock, cost)
         return decision
