@@ -286,7 +286,13 @@ def limited_scope(authorization: bytes | None) -> dict[str, Any]:
 
 async def client_key(gate: Keystile, name: str, limit: str) -> Any:
     """A client key limited to ``limit``, allowed from ``ORIGIN``; the created key."""
-    fields = {"name": name, "type": "client", "scopes": ["vec:read"], "rate_limit": limit}
+    fields = {
+        "name": name,
+        "type": "client",
+        "scopes": ["vec:read"],
+        "rate_limit": limit,
+        "address_rate_limit": limit,  # the key's own window is the subject: one address
+    }
     return await gate.manager.create({**fields, "allowed_origins": [ORIGIN.decode()]})
 
 

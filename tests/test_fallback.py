@@ -41,8 +41,20 @@ class Redis:
         return await gate
 
 
-def fallback(**options: Any) -> Fallback:
-    return Fallback("test decisions", log, **{"backoff": (1.0, 4.0), **options})
+@pytest.fixture
+def monotonic() -> list[float]:
+    """The monotonic clock given to the fallbacks of a test (``monotonic=``), set by the
+    test: ``monotonic[0] += seconds``. Unlike conftest's, it patches no module."""
+    return [1000.0]
+
+
+def fallback(monotonic: list[float], **options: Any) -> Fallback:
+    """A Fallback on the test's monotonic clock."""
+    return Fallback(
+        "test decisions",
+        log,
+        **{"backoff": (1.0, 4.0), "monotonic": lambda: monotonic[0], **options},
+    )
 
 
 async def trip(fb: Fallback, redis: Redis) -> None:
@@ -57,7 +69,7 @@ async def test_while_a_try_is_under_way_the_others_skip_even_past_the_wait(
 ) -> None:
     """Past the wait one call tries; however long it takes (within try_for), every other
     call skips Redis until it ends: never two tries at once."""
-    fb, redis = fallback(), Redis()
+    fb, redis = fallback(monotonic), Redis()
     await trip(fb, redis)
     monotonic[0] += 1.0
     trying = asyncio.create_task(fb.ask(redis.held))
@@ -80,7 +92,7 @@ async def test_a_try_that_fails_after_another_call_succeeded_does_not_back_off_a
     """A call under way since before the back-off answers while the try waits, ending the
     back-off; the try then fails: that is one failure, not a failed try, so Redis is asked
     again at once (no back-off after a single failure)."""
-    fb, redis = fallback(), Redis()
+    fb, redis = fallback(monotonic), Redis()
     early = asyncio.create_task(fb.ask(redis.held))  # under way before anything failed
     await asyncio.sleep(0)
     await trip(fb, redis)
@@ -101,7 +113,7 @@ async def test_a_try_that_fails_after_another_call_succeeded_does_not_back_off_a
 async def test_a_cancelled_try_lets_the_next_call_try_at_once(monotonic: list[float]) -> None:
     """A try cancelled (its client went away) or failing with an error that is not Redis'
     no longer holds the others back: the next call tries."""
-    fb, redis = fallback(), Redis()
+    fb, redis = fallback(monotonic), Redis()
     await trip(fb, redis)
     monotonic[0] += 1.0
     trying = asyncio.create_task(fb.ask(redis.held))
@@ -119,7 +131,7 @@ async def test_a_hung_try_holds_the_others_back_for_try_for_at_most(
     monotonic: list[float],
 ) -> None:
     """Should a try hang, another may try once it has taken ``try_for``."""
-    fb, redis = fallback(try_for=5.0), Redis()
+    fb, redis = fallback(monotonic, try_for=5.0), Redis()
     await trip(fb, redis)
     monotonic[0] += 1.0
     hung = asyncio.create_task(fb.ask(redis.held))
@@ -142,7 +154,7 @@ async def test_deny_refuses_without_asking_while_backing_off_unless_allowed(
     done) lets it through as a pass instead. The log names the cause, at most once per
     ``log_interval``."""
     caplog.set_level(logging.WARNING, logger=log.name)
-    fb, redis = fallback(failure="deny", log_interval=0.0), Redis()
+    fb, redis = fallback(monotonic, failure="deny", log_interval=0.0), Redis()
     redis.failing = True
     for _ in range(3):
         with pytest.raises(StoreUnavailable) as failed:
@@ -283,6 +295,7 @@ async def test_item0_a_dead_redis_makes_the_gate_say_so(
     gate = Keystile(store=url, secret="s" * 32, settings=settings)
     limiter = gate.limiter
     assert isinstance(limiter, RedisLimiter)
+    limiter.fallback.monotonic = lambda: monotonic[0]  # the gate built it on the real clock
     limits_ = limit_set("10/minute", "dev")
     try:
         assert gate.health().ok and gate.health().status == "ok"

@@ -1479,7 +1479,7 @@ class Outage:
 def count_asked(limiter: RedisLimiter) -> list[int]:
     """Count the decisions the limiter sends towards Redis (either path), answered or not."""
     asked = [0]
-    for name in ("_lean_decide", "_submit"):
+    for name in ("_lean_decide", "_pooled_decide"):
         real = getattr(limiter, name)
 
         async def counted(*args: Any, _real: Any = real) -> Any:
@@ -1490,13 +1490,31 @@ def count_asked(limiter: RedisLimiter) -> list[int]:
     return asked
 
 
+@pytest.fixture
+def monotonic() -> list[float]:
+    """The monotonic clock given to the limiters of a test (``monotonic=``), set by the
+    test (asyncio keeps its own): ``monotonic[0] += seconds``. Unlike conftest's, it
+    patches no module."""
+    return [1000.0]
+
+
+def on(monotonic: list[float]) -> dict[str, Any]:
+    """The options that give a limiter the test's monotonic clock."""
+    return {"monotonic": lambda: monotonic[0]}
+
+
 @pytest.fixture(params=["fakeredis", "redis", "redis-py"])
-async def outage(request: pytest.FixtureRequest) -> AsyncIterator[Outage]:
-    """A RedisLimiter (trip_after=3, backoff=(0.5, 2.0), timeout 1 s) on fakeredis (its
-    server disconnected), or on a redis-server of the test's own (killed and restarted)
-    over the lean connection or over redis-py."""
+async def outage(request: pytest.FixtureRequest, monotonic: list[float]) -> AsyncIterator[Outage]:
+    """A RedisLimiter (trip_after=3, backoff=(0.5, 2.0), timeout 1 s, on the test's
+    monotonic clock) on fakeredis (its server disconnected), or on a redis-server of the
+    test's own (killed and restarted) over the lean connection or over redis-py."""
     namespace = new_namespace()
-    options: dict[str, Any] = {"timeout": 1.0, "trip_after": 3, "backoff": (0.5, 2.0)}
+    options: dict[str, Any] = {
+        "timeout": 1.0,
+        "trip_after": 3,
+        "backoff": (0.5, 2.0),
+        **on(monotonic),
+    }
     if request.param == "fakeredis":
         server = fakeredis.FakeServer()
         fake = fakeredis.FakeAsyncRedis(server=server)
@@ -1588,7 +1606,13 @@ async def test_while_one_request_tries_redis_the_others_do_not_wait(
     namespace = new_namespace()
     client_ = Redis.from_url(own_redis.url)
     limiter = RedisLimiter(
-        client_, namespace=namespace, timeout=2.0, trip_after=3, backoff=(0.5, 2.0), lean=lean
+        client_,
+        namespace=namespace,
+        timeout=2.0,
+        trip_after=3,
+        backoff=(0.5, 2.0),
+        lean=lean,
+        **on(monotonic),
     )
     limits_ = limit_set("100/minute", "dev")
     stuck = socket.create_connection(("127.0.0.1", own_redis.port), timeout=5)
@@ -1800,3 +1824,132 @@ async def test_item0_uvicorn_enforces_the_limit_on_every_loop(
     outcome = Counter(a.describe() for a in answers)
     assert outcome == {"200": 100, "429 rate_limited": 30}, outcome
     assert all(a.json["passes"] == 0 for a in answers if a.status == 200)  # type: ignore[index]
+
+
+# -- one module per concern, one batcher, an injectable clock (issue #14) ----------------------
+
+# Imports keystile.models as its own modules do, without keystile/__init__.py (which loads
+# the whole library, the Redis store included), then lists what got loaded.
+ONLY_MODELS = """
+import importlib.util, sys, types
+package = types.ModuleType("keystile")
+package.__path__ = sys.argv[1:]
+sys.modules["keystile"] = package
+import keystile.models
+fields = {"name": "n", "type": "dev", "rate_limit": "10 per second"}
+assert keystile.models.KeySettings(**fields).rate_limit == "10/second"
+print(" ".join(sorted(sys.modules)))
+"""
+
+
+def test_issue14_models_normalise_limits_without_loading_redis() -> None:
+    """keystile.models spells a limit canonically through keystile.rates: neither redis
+    nor the limiters (nor the lean connection) are loaded by it."""
+    import keystile
+
+    done = subprocess.run(
+        [sys.executable, "-c", ONLY_MODELS, *keystile.__path__],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    loaded = set(done.stdout.split())
+    assert "keystile.rates" in loaded
+    assert not {m for m in loaded if m == "redis" or m.startswith("redis.")}
+    assert not {m for m in loaded if m.startswith(("keystile.ratelimit", "keystile.redis"))}
+
+
+def test_issue14_only_keystile_rates_imports_limits() -> None:
+    """One module speaks to the limits library, and it imports nothing of Redis."""
+    import ast
+
+    import keystile
+
+    root = Path(keystile.__path__[0])
+    importers: dict[str, set[str]] = {}
+    for path in sorted(root.rglob("*.py")):
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names.add(node.module)
+        importers[path.relative_to(root).as_posix()] = names
+
+    def imports(module: str, names: set[str]) -> bool:
+        return any(name == module or name.startswith(f"{module}.") for name in names)
+
+    assert [p for p, names in importers.items() if imports("limits", names)] == ["rates.py"]
+    rates = importers["rates.py"]
+    assert not any(imports(m, rates) for m in ("redis", "keystile.redis", "keystile.ratelimit"))
+
+
+async def test_issue14_a_share_decided_without_an_address_has_a_list_of_its_own(
+    redis_client: tuple[Redis, str],
+) -> None:
+    """A limit set whose address share equals the key's window, hit with no address: the
+    two windows are two lists (each admission counted once in each), both named as the
+    key schema names a key's window and an address's share."""
+    from keystile.redis.schema import RedisSchema
+
+    made, namespace = redis_client
+    limits_ = limit_set("5/minute", "client", "5/minute")
+    async with own_limiter(made, namespace=namespace) as limiter:
+        decisions = [await limiter.hit("k", limits_) for _ in range(6)]
+        key_window, share = (limiter.window_key("k", limits_, i) for i in range(2))
+        assert key_window == RedisSchema(namespace).window("k", 5, 60)
+        assert share != key_window
+        assert share.startswith(f"{namespace}:rl:{{k}}:ip:") and share.endswith(":5/60")
+        assert (await made.llen(key_window), await made.llen(share)) == (5, 5)
+        named = limiter.window_key("k", limits_, 1, "192.0.2.1")
+        assert named == RedisSchema(namespace).window("k", 5, 60, "192.0.2.1")
+    assert [d.allowed for d in decisions] == [True] * 5 + [False]
+    assert [d.remaining for d in decisions[:2]] == [(4, 4), (3, 3)]
+
+
+async def test_issue14_the_pooled_path_sends_one_evalsha_per_decision(
+    own_redis: OwnRedis,
+) -> None:
+    """Over redis-py (lean=False), 32 simultaneous decisions are 32 EVALSHAs and 32 round
+    trips — no pipeline of the limiter's own — and admit exactly the limit."""
+    client_: Redis = Redis.from_url(own_redis.url)
+    limiter = RedisLimiter(client_, namespace=new_namespace(), lean=False, timeout=2.0)
+    limits_ = limit_set("20/minute", "dev")
+    try:
+        await limiter.start()
+        commands, trips = own_redis.commands(), limiter.round_trips
+        decisions = await asyncio.gather(*(limiter.hit("k", limits_) for _ in range(32)))
+        assert sent(commands, own_redis.commands()) == {"evalsha": 32}
+        assert limiter.round_trips - trips == 32
+    finally:
+        await limiter.close()
+        await client_.aclose()
+    assert [d.allowed for d in decisions].count(True) == 20
+    assert not any(d.degraded for d in decisions) and limiter.passes == 0
+
+
+async def test_issue14_local_refusals_follow_the_injected_monotonic_clock(
+    redis_client: tuple[Redis, str], monotonic: list[float]
+) -> None:
+    """A key Redis refused under 1/minute is refused locally, on the limiter's own
+    ``monotonic`` clock: half a minute later by that clock, with half a minute left and
+    no round trip; once that clock passes the refusing entry's release, Redis is asked
+    again (and, its own clock having barely moved, refuses)."""
+    made, namespace = redis_client
+    async with own_limiter(made, namespace=namespace, **on(monotonic)) as limiter:
+        limits_ = limit_set("1/minute", "dev")
+        assert (await limiter.hit("k", limits_)).allowed
+        by_redis = await limiter.hit("k", limits_)
+        assert not by_redis.allowed and by_redis.at and by_redis.reset == (60,)
+        trips = limiter.round_trips
+        monotonic[0] += 30.0
+        locally = await limiter.hit("k", limits_)
+        assert limiter.round_trips == trips
+        assert not locally.allowed and not locally.at
+        assert locally.reset == (30,) and locally.retry_after in (30, 31)
+        monotonic[0] += 30.01
+        asked = await limiter.hit("k", limits_)
+        assert limiter.round_trips == trips + 1
+        assert not asked.allowed and asked.at

@@ -31,7 +31,7 @@ from keystile import keys
 from keystile.exceptions import FieldError, KeyValidationError
 from keystile.network import normalize_ip_entry
 from keystile.origins import parse_origin_pattern, wildcard_public_suffix
-from keystile.ratelimit import normalize_rate_limit
+from keystile.rates import normalize_rate_limit
 from keystile.scopes import DEFAULT_CATALOGUE, ScopeCatalogue
 
 __all__ = [

@@ -1,0 +1,323 @@
+"""Moving windows in Redis: :class:`RedisLimiter`, exact across every process sharing one
+Redis.
+
+One Lua script (``keystile/redis/lua/moving_window.lua``) decides every window of a key
+atomically on Redis' own clock (``TIME``) and returns the decision with the numbers for
+the headers in the same round trip: one EVALSHA per decision. Over the lean connection
+(:class:`keystile.redis.lean.LeanRedis`, the default) the EVALSHAs of requests that
+arrive together go out in one write; over redis-py each is a command of its own. A key
+known to be over its limit is refused locally until its next slot frees, without asking
+Redis (which can only refuse more, never admit more).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
+
+from keystile.exceptions import StoreUnavailable
+from keystile.fallback import FailureMode, Fallback, FallingBack, redis_address
+from keystile.ratelimit.base import check_cost, retry_after, whole_seconds
+from keystile.rates import Decision, LimitSet
+from keystile.redis.connect import lean_connection
+from keystile.redis.lean import ReplyError, encode
+from keystile.redis.schema import RedisSchema
+from keystile.redis.scripts import lua
+
+__all__ = ["RedisLimiter"]
+
+logger = logging.getLogger("keystile.ratelimit")
+
+_SCRIPT = lua("moving_window")
+# What SCRIPT LOAD answers for it: the lean path's EVALSHA commands are built with it.
+_SHA = hashlib.sha1(_SCRIPT.encode(), usedforsecurity=False).hexdigest()
+# The address of a request whose client address is unknown, in the name of a window that
+# counts each address apart (the middleware decides such a request by the key's windows
+# alone; a caller of hit() may not): never a budget address (see keystile.network).
+_NO_ADDRESS = "-"
+
+
+def _read_error(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+class RedisLimiter(FallingBack):
+    """Moving windows in Redis, exact across every process sharing it.
+
+    ``failure`` says what happens when Redis cannot answer within ``timeout`` seconds:
+    ``"allow"`` (the default) admits the request, counts it in :attr:`passes` and logs at
+    most once per ``log_interval``; ``"deny"`` refuses it (the middleware answers 503).
+
+    After ``trip_after`` failed decisions in a row, the limiter backs off: for
+    ``backoff[0]`` seconds every decision follows ``failure`` at once, without waiting on
+    Redis; then one request tries Redis again while the others keep skipping it. Each try
+    that fails doubles the wait, up to ``backoff[1]``; the first answer from Redis ends it.
+    An outage then costs each request no wait, and a struggling Redis no pile of commands;
+    decisions skipped meanwhile are not counted in Redis' windows. (Both are
+    :attr:`fallback`'s, a :class:`keystile.fallback.Fallback`, shared with token quotas.)
+
+    With ``lean=True`` (the default) the decisions go over one connection of the
+    limiter's own (:class:`keystile.redis.lean.LeanRedis`, to the server ``client`` talks to),
+    which costs a fraction of redis-py's Python per round trip and sends the decisions of
+    requests that arrive together in one write; ``client`` carries them, one EVALSHA each,
+    when it cannot (TLS, a credential provider, fakeredis) or with ``lean=False``.
+
+    ``monotonic`` is the clock of the local refusals and of the back-off.
+    """
+
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        namespace: str = "keystile",
+        timeout: float = 0.25,
+        failure: FailureMode = "allow",
+        log_interval: float = 60.0,
+        local_refusals: bool = True,
+        lean: bool = True,
+        trip_after: int = 3,
+        backoff: tuple[float, float] = (0.05, 1.0),
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.fallback = Fallback(
+            "rate limiter",
+            logger,
+            failure=failure,
+            log_interval=log_interval,
+            trip_after=trip_after,
+            backoff=backoff,
+            where=redis_address(client),
+            monotonic=monotonic,
+        )
+        self.client = client
+        self.namespace = namespace
+        self.timeout = timeout
+        self.local_refusals = local_refusals
+        self.monotonic = monotonic
+        self.sha = ""  # set once the script is loaded
+        self._schema = RedisSchema(namespace)
+        self._round_trips = 0  # over `client`
+        self._lean = lean_connection(client, timeout=timeout) if lean else None
+        # (key, address, limit text, cost) -> the encoded EVALSHA of a decision on Redis' clock
+        self._commands: dict[tuple[str, str, str, int], bytes] = {}
+        self._loading: asyncio.Task[None] | None = None
+        # (key, address, limit text) -> (refused until, monotonic; the decision; when; its cost)
+        self._blocked: dict[tuple[str, str, str], tuple[float, Decision, float, int]] = {}
+
+    def window_key(self, key: str, limits: LimitSet, index: int, address: str = "") -> str:
+        """The Redis list of one window; an address's share lives beside the key's, under
+        the key's hash tag, so one script decides both."""
+        window = limits.windows[index]
+        if window.per_address:
+            address = address or _NO_ADDRESS
+            return self._schema.window(key, window.amount, window.seconds, address)
+        return self._schema.window(key, window.amount, window.seconds)
+
+    @property
+    def round_trips(self) -> int:
+        """Round trips to Redis so far (commands the lean connection writes together
+        count once)."""
+        lean = self._lean
+        return self._round_trips + (lean.writes if lean is not None else 0)
+
+    @property
+    def lean(self) -> bool:
+        """Whether decisions go over the limiter's own lean connection."""
+        return self._lean is not None
+
+    async def start(self) -> None:
+        """Load the script, so no request pays for a NOSCRIPT retry (and, on the lean
+        path, connect)."""
+        if self._lean is not None:
+            loaded = await self._lean.execute("SCRIPT", "LOAD", _SCRIPT)
+            if isinstance(loaded, ReplyError):
+                raise StoreUnavailable(f"Redis refused the rate-limit script: {loaded.code}")
+            if loaded != _SHA.encode():  # the EVALSHA commands are built with _SHA
+                raise StoreUnavailable("Redis loaded the rate-limit script under another sha")
+            self.sha = _SHA
+        else:
+            self._round_trips += 1
+            self.sha = await self.client.script_load(_SCRIPT)
+
+    async def close(self) -> None:
+        self._blocked.clear()
+        loading, self._loading = self._loading, None
+        if loading is not None and not loading.done():
+            with contextlib.suppress(RuntimeError):  # its event loop is closed
+                loading.cancel()
+        if self._lean is not None:
+            await self._lean.aclose()
+
+    async def hit(
+        self, key: str, limits: LimitSet, cost: int = 1, *, address: str = ""
+    ) -> Decision:
+        return await self.hit_at(key, limits, cost, None, address=address)
+
+    async def hit_at(
+        self,
+        key: str,
+        limits: LimitSet,
+        cost: int = 1,
+        now_ms: int | None = None,
+        *,
+        address: str = "",
+    ) -> Decision:
+        """:meth:`hit` on a given Redis-side clock (for tests); ``None`` is Redis' own."""
+        check_cost(cost)
+        if not limits.per_address:
+            address = ""  # one entry per key in the caches below, whoever calls
+        blocked_as = (key, address, limits.text)
+        if self.local_refusals and now_ms is None:
+            blocked = self._blocked.get(blocked_as)
+            if blocked is not None:
+                until, refused, decided, refused_cost = blocked
+                clock = self.monotonic()
+                left = until - clock
+                if left > 0 and cost >= refused_cost:
+                    # Still over the limit: no slot can have freed yet. No round trip.
+                    elapsed = clock - decided
+                    frees = tuple(whole_seconds(t - elapsed) for t in refused.reset)
+                    retry = retry_after(left - 0.001)
+                    return Decision(
+                        False, refused.remaining, frees, retry, refused_by=refused.refused_by
+                    )
+                if left <= 0:
+                    del self._blocked[blocked_as]
+        decide = self._pooled_decide if self._lean is None else self._lean_decide
+        raw = await self.fallback.ask(decide, key, limits, cost, now_ms, address)
+        if raw is None:  # undecided, and the failure mode is "allow"
+            full = tuple(w.amount for w in limits.windows)
+            return Decision(True, full, tuple(w.seconds for w in limits.windows), degraded=True)
+        raw = raw.split() if isinstance(raw, (bytes, str)) else raw
+        decision = self._decide(raw, limits)
+        if not decision.allowed and self.local_refusals and now_ms is None:
+            # Nothing can free a slot before the refusing entry leaves its window.
+            if len(self._blocked) >= 100_000:  # bounded: forget the ones already free
+                now = self.monotonic()
+                self._blocked = {k: v for k, v in self._blocked.items() if v[0] > now}
+            clock = self.monotonic()
+            until = clock + self._wait_ms(raw, limits) / 1000
+            self._blocked[blocked_as] = (until, decision, clock, cost)
+        return decision
+
+    def _arguments(
+        self, key: str, limits: LimitSet, cost: int, now_ms: int | None, address: str
+    ) -> tuple[list[str], list[Any]]:
+        keys = [self.window_key(key, limits, i, address) for i in range(len(limits.windows))]
+        args: list[Any] = [cost, "" if now_ms is None else now_ms]
+        for window in limits.windows:
+            args += [window.amount, window.seconds * 1000]
+        return keys, args
+
+    async def _pooled_decide(
+        self, key: str, limits: LimitSet, cost: int, now_ms: int | None, address: str
+    ) -> Any:
+        """One EVALSHA over ``client`` (after loading the script on NOSCRIPT), all within
+        one ``timeout``."""
+        keys, args = self._arguments(key, limits, cost, now_ms, address)
+        async with asyncio.timeout(self.timeout):
+            if not self.sha:
+                await self.start()
+            self._round_trips += 1
+            try:
+                return await self.client.evalsha(self.sha, len(keys), *keys, *args)
+            except NoScriptError:  # SCRIPT FLUSH, or a restarted server
+                await self.start()
+                self._round_trips += 1
+                return await self.client.evalsha(self.sha, len(keys), *keys, *args)
+
+    async def _lean_decide(
+        self, key: str, limits: LimitSet, cost: int, now_ms: int | None, address: str
+    ) -> Any:
+        """One EVALSHA over the lean connection (after loading the script on NOSCRIPT),
+        all within one ``timeout``."""
+        lean = self._lean
+        if lean is None:  # only chosen when there is one (hit_at)
+            raise RuntimeError("the rate limiter has no lean connection")
+        cached = (key, address, limits.text, cost)
+        command = self._commands.get(cached) if now_ms is None else None
+        if command is None:
+            command = self._command(cached, limits, now_ms)
+        deadline = lean.deadline()
+        if self.sha:
+            reply = await lean.call(command, deadline)
+            if type(reply) is not ReplyError:
+                return reply
+            if reply.code != "NOSCRIPT":
+                raise StoreUnavailable(f"Redis refused the rate-limit script: {reply.code}")
+        # The script is not loaded (yet, or any more: SCRIPT FLUSH, a restarted server).
+        await self._load(deadline)
+        reply = await lean.call(command, deadline)
+        if type(reply) is ReplyError:
+            raise StoreUnavailable(f"Redis refused the rate-limit script: {reply.code}")
+        return reply
+
+    def _command(
+        self, cached: tuple[str, str, str, int], limits: LimitSet, now_ms: int | None
+    ) -> bytes:
+        key, address, _, cost = cached
+        keys, args = self._arguments(key, limits, cost, now_ms, address)
+        command = encode(["EVALSHA", _SHA, len(keys), *keys, *args])
+        if now_ms is None:
+            if len(self._commands) >= 10_000:  # bounded: start again
+                self._commands.clear()
+            self._commands[cached] = command
+        return command
+
+    async def _load(self, deadline: float) -> None:
+        """SCRIPT LOAD, once for all the callers that found it missing together."""
+        loop = asyncio.get_running_loop()
+        loading = self._loading
+        if loading is None or loading.done() or loading.get_loop() is not loop:
+            loading = self._loading = loop.create_task(self._load_once())
+            loading.add_done_callback(_read_error)  # read even if every caller gave up
+        await asyncio.wait({loading}, timeout=max(0.0, deadline - loop.time()))
+        if not loading.done():
+            raise TimeoutError("Redis did not load the rate-limit script in time")
+        if loading.cancelled():  # the limiter was closed meanwhile
+            raise ConnectionError("the rate limiter was closed")
+        loading.result()
+
+    async def _load_once(self) -> None:
+        self.sha = ""
+        await self.start()
+
+    @staticmethod
+    def _wait_ms(raw: list[Any], limits: LimitSet) -> int:
+        """Milliseconds from now until every refusing entry has left its window (it still
+        counts at exactly `window` old, so one more millisecond)."""
+        now = int(raw[1])
+        wait = 0
+        for i, window in enumerate(limits.windows):
+            refused_by = int(raw[4 + 3 * i])
+            if refused_by >= 0:
+                wait = max(wait, refused_by + window.seconds * 1000 + 1 - now)
+        return wait
+
+    def _decide(self, raw: list[Any], limits: LimitSet) -> Decision:
+        allowed = int(raw[0]) == 1
+        now = int(raw[1])
+        remaining, reset = [], []
+        for i, window in enumerate(limits.windows):
+            count, oldest = int(raw[2 + 3 * i]), int(raw[3 + 3 * i])
+            remaining.append(window.amount - count)
+            span = (oldest + window.seconds * 1000 - now) / 1000 if oldest >= 0 else window.seconds
+            reset.append(whole_seconds(span))
+        # Whole milliseconds: Retry-After is the first whole second strictly after the
+        # refusing entry's last refusing millisecond (no float rounding near integers).
+        retry = 0 if allowed else (self._wait_ms(raw, limits) - 1) // 1000 + 1
+        refused_by = tuple(
+            w.name for i, w in enumerate(limits.windows) if int(raw[4 + 3 * i]) >= 0
+        )
+        return Decision(
+            allowed, tuple(remaining), tuple(reset), retry, at=now / 1000, refused_by=refused_by
+        )
