@@ -37,8 +37,9 @@ from keystile import (
 from keystile import manager as manager_module
 from keystile.clock import to_datetime
 from keystile.gate import Keystile
-from keystile.manager import DEFAULT_GRACE, decode_cursor, encode_cursor
+from keystile.manager import DEFAULT_GRACE
 from keystile.middleware import KeystileMiddleware
+from keystile.records import decode_cursor, encode_cursor
 from keystile.stores import KeyStore
 from keystile.usage import (
     UsageOverview,

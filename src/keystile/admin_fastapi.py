@@ -25,8 +25,9 @@ from fastapi.responses import Response
 from keystile.admin_handlers import MANAGE_KEYS, VIEW_USAGE, AdminAPI
 from keystile.fastapi import api_key
 from keystile.gate import Keystile
-from keystile.manager import MAX_GRACE, UPDATABLE_FIELDS
+from keystile.manager import UPDATABLE_FIELDS
 from keystile.models import ApiKey, KeySettings
+from keystile.rotation import MAX_GRACE
 
 __all__ = ["fastapi_router"]
 

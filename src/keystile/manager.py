@@ -9,29 +9,23 @@ naming its field, so all three surfaces say the same thing about the same mistak
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import builtins
 import logging
-import math
 import re
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
-from enum import StrEnum
 from typing import Any
 
 from pydantic import SecretStr, ValidationError
 
 from keystile import keys
+from keystile.authority import Authority
 from keystile.clock import Clock, system_clock, to_datetime, to_timestamp
 from keystile.exceptions import (
     FieldError,
     KeyChanged,
     KeyNotFound,
     KeyValidationError,
-    RotationRefused,
-    ScopeRefused,
     StoreError,
     StoreUnavailable,
 )
@@ -43,7 +37,24 @@ from keystile.models import (
     KeyType,
     field_errors,
 )
-from keystile.scopes import WILDCARD
+from keystile.records import (
+    KEY_ID,
+    RECORD_FIELDS,
+    CreatedKey,
+    KeyPage,
+    KeyStatus,
+    RotatedKey,
+    decode_cursor,
+    encode_cursor,
+    key_status,
+    record_json,
+)
+from keystile.rotation import (
+    DEFAULT_GRACE,
+    check_rotatable,
+    grace_seconds,
+    rotated_expiry,
+)
 from keystile.stores.protocol import KeyStore
 from keystile.usage import (
     Granularity,
@@ -68,10 +79,6 @@ __all__ = [
 
 logger = logging.getLogger("keystile.manager")
 
-DEFAULT_GRACE = timedelta(hours=24)
-"""How long a rotated key keeps working by default (SPEC §8)."""
-MAX_GRACE = timedelta(days=365)
-"""The longest grace a rotation may give the old key."""
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 # A filtered listing reads at most this many records per call, so a filter that matches
@@ -102,168 +109,7 @@ _FIXED_FIELDS = {
     "replaced_by": "is set by rotation and cannot be changed",
 }
 
-# What a key may not change on itself unless it holds everything ("*"): else a key with
-# admin:manage_keys could widen its own scopes or lift its own restrictions and limits.
-_SELF_GUARDED = (
-    "scopes",
-    "allowed_origins",
-    "allowed_ips",
-    "rate_limit",
-    "address_rate_limit",
-    "token_quota",
-    "expires_at",
-)
-
-RECORD_FIELDS = (
-    "id",
-    "name",
-    "type",
-    "hint",
-    "scopes",
-    "allowed_origins",
-    "allowed_ips",
-    "rate_limit",
-    "address_rate_limit",
-    "token_quota",
-    "metadata",
-    "created_at",
-    "expires_at",
-    "revoked_at",
-    "replaces",
-    "replaced_by",
-)
-"""A key record's JSON fields, in the SPEC's order."""
-
-_CURSOR_TAG = "k1:"
-_KEY_ID = re.compile(rf"{keys.KEY_ID_PREFIX}[0-9A-Za-z]{{1,60}}")
-
-
-class KeyStatus(StrEnum):
-    """Where a key stands: revocation wins over expiry."""
-
-    ACTIVE = "active"
-    REVOKED = "revoked"
-    EXPIRED = "expired"
-
-
-def key_status(key: ApiKey, now: datetime) -> KeyStatus:
-    """The status of ``key`` at ``now``."""
-    if key.revoked:
-        return KeyStatus.REVOKED
-    if key.expired(now):
-        return KeyStatus.EXPIRED
-    return KeyStatus.ACTIVE
-
-
-@dataclass(frozen=True, slots=True)
-class CreatedKey:
-    """A new key's record and its secret, shown this once (``secret.get_secret_value()``).
-
-    ``repr`` and ``str`` mask the secret.
-    """
-
-    key: ApiKey
-    secret: SecretStr
-
-
-@dataclass(frozen=True, slots=True)
-class RotatedKey(CreatedKey):
-    """The successor of a rotated key, its secret (shown this once), and the ``previous``
-    record as it now stands: linked to the successor, expiring at the end of the grace."""
-
-    previous: ApiKey
-
-
-@dataclass(frozen=True, slots=True)
-class KeyPage:
-    """One page of a listing; ``next`` is the opaque cursor of the following page, or
-    ``None`` when there is none."""
-
-    keys: tuple[ApiKey, ...]
-    next: str | None
-
-
-def record_json(key: ApiKey) -> dict[str, Any]:
-    """A key record as the SPEC's JSON object: times ISO 8601 UTC, absent values null."""
-    data = key.model_dump(mode="json")
-    return {name: data[name] for name in RECORD_FIELDS}
-
-
-def encode_cursor(key_id: str) -> str:
-    """The opaque cursor that resumes a listing after ``key_id``."""
-    return base64.urlsafe_b64encode((_CURSOR_TAG + key_id).encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> str:
-    """The key id a cursor resumes after; :class:`KeyValidationError` for anything that is
-    not a cursor this module made."""
-    problem = KeyValidationError.single("cursor", "not a cursor returned by a key listing")
-    if not isinstance(cursor, str) or not 0 < len(cursor) <= 128 or not cursor.isascii():
-        raise problem
-    try:
-        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
-    except (binascii.Error, ValueError):
-        raise problem from None
-    key_id = text.removeprefix(_CURSOR_TAG)
-    if key_id == text or not _KEY_ID.fullmatch(key_id):
-        raise problem
-    return key_id
-
-
-def _grace_seconds(grace: timedelta | float) -> float:
-    if isinstance(grace, bool) or not isinstance(grace, timedelta | int | float):
-        raise KeyValidationError.single("grace", "must be a duration or a number of seconds")
-    try:
-        seconds = grace.total_seconds() if isinstance(grace, timedelta) else float(grace)
-    except OverflowError:  # an int past any float
-        seconds = math.inf if grace > 0 else -math.inf  # type: ignore[operator]
-    if math.isnan(seconds) or seconds < 0:
-        raise KeyValidationError.single("grace", "must be zero or more seconds")
-    if seconds > MAX_GRACE.total_seconds():
-        raise KeyValidationError.single(
-            "grace", f"must be at most {MAX_GRACE.days} days ({int(MAX_GRACE.total_seconds())} s)"
-        )
-    return seconds
-
-
 _WRITE_ATTEMPTS = 5  # compare-and-set rounds before giving up (KeyChanged)
-
-
-def _check_rotatable(key: ApiKey, moment: datetime) -> None:
-    """:class:`RotationRefused` unless ``key`` can be rotated at ``moment``."""
-    if key.revoked:
-        raise RotationRefused(
-            "revoked", f"key {key.id} is revoked and cannot be rotated; create a new key instead"
-        )
-    if key.replaced_by is not None:
-        raise RotationRefused(
-            "rotated",
-            f"key {key.id} was already rotated: its successor is {key.replaced_by}; "
-            "rotate that key instead",
-        )
-    if key.expired(moment):
-        raise RotationRefused(
-            "expired",
-            f"key {key.id} has expired and cannot be rotated; create a new key, or "
-            "extend its expiry first",
-        )
-
-
-def _rotated_expiry(record: ApiKey, updated: ApiKey) -> list[FieldError]:
-    """The problem with ``updated``'s expiry when ``record`` was rotated out: its expiry
-    may only move earlier, or the old key (and its secret) would come back to life."""
-    ends = record.expires_at
-    if record.replaced_by is None or ends is None:
-        return []
-    if updated.expires_at is not None and updated.expires_at <= ends:
-        return []
-    return [
-        FieldError(
-            "expires_at",
-            f"key {record.id} was rotated to {record.replaced_by}: its expiry can only move "
-            f"earlier than {ends.isoformat()}, not later or away",
-        )
-    ]
 
 
 class KeyManager:
@@ -292,6 +138,7 @@ class KeyManager:
         self.store = store
         self.hasher = hasher
         self.policy = policy
+        self.authority = Authority(policy.catalogue)
         self.clock = clock
         # The gate's reader (which flushes its recorder before a report), or a reader of what
         # other processes recorded in the same Redis.
@@ -300,43 +147,6 @@ class KeyManager:
 
     def now(self) -> datetime:
         return to_datetime(self.clock())
-
-    def _lacks(self, actor: ApiKey | None, scopes: Iterable[str]) -> tuple[str, ...]:
-        """Those of ``scopes`` that ``actor`` does not hold (wildcards resolved); none for
-        the operator (``None``) or a ``*`` key."""
-        if actor is None or WILDCARD in actor.scopes:
-            return ()
-        catalogue = self.policy.catalogue
-        return tuple(s for s in dict.fromkeys(scopes) if not catalogue.grants(actor.scopes, s))
-
-    def _may_grant(self, actor: ApiKey | None, scopes: Iterable[str]) -> None:
-        missing = self._lacks(actor, scopes)
-        if actor is not None and missing:
-            raise ScopeRefused(
-                missing,
-                f"key {actor.id} cannot grant scopes it does not hold: it lacks "
-                + " ".join(missing),
-            )
-
-    def _may_manage(self, actor: ApiKey | None, target: ApiKey, action: str) -> None:
-        missing = self._lacks(actor, target.scopes)
-        if actor is not None and missing:
-            raise ScopeRefused(
-                missing,
-                f"key {actor.id} cannot {action} key {target.id}, which holds scopes it "
-                f"lacks: {' '.join(missing)}",
-            )
-
-    def _may_change_itself(self, actor: ApiKey | None, record: ApiKey, updated: ApiKey) -> None:
-        if actor is None or actor.id != record.id or not self._lacks(actor, [WILDCARD]):
-            return
-        changed = [f for f in _SELF_GUARDED if getattr(updated, f) != getattr(record, f)]
-        if changed:
-            raise ScopeRefused(
-                (WILDCARD,),
-                f"key {actor.id} cannot change its own {', '.join(changed)}: that takes "
-                f"the scope {WILDCARD}",
-            )
 
     async def _issue(
         self, settings: KeySettings, now: float, *, replaces: str | None = None
@@ -362,7 +172,7 @@ class KeyManager:
         """
         now = self.clock()
         valid = self.policy.validate(settings, now=to_datetime(now))
-        self._may_grant(actor, valid.scopes)
+        self.authority.may_grant(actor, valid.scopes)
         created = await self._issue(valid, now)
         logger.info("created key %s (%s, %s)", created.key.id, created.key.hint, valid.type)
         return created
@@ -375,7 +185,7 @@ class KeyManager:
         if record is None:
             # Echo only what looks like an id: a secret pasted where an id belongs must not
             # come back in an error message (or a command's stderr).
-            shown = key_id if _KEY_ID.fullmatch(key_id) else "given"
+            shown = key_id if KEY_ID.fullmatch(key_id) else "given"
             raise KeyNotFound(
                 f"no key with the id {shown}" if shown != "given" else "no key with the given id"
             )
@@ -495,7 +305,7 @@ class KeyManager:
         wanted = self._changes({**(changes or {}), **fields})
 
         def change(record: ApiKey) -> ApiKey:
-            self._may_manage(actor, record, "update")
+            self.authority.may_manage(actor, record, "update")
             merged = {**record.model_dump(), **wanted}
             try:
                 updated = ApiKey.model_validate(merged)
@@ -506,17 +316,17 @@ class KeyManager:
                 for e in self.policy.check(updated, updated.type, now=self.now())
                 if re.split(r"[.\[]", e.field, maxsplit=1)[0] in wanted
             ]
-            problems += _rotated_expiry(record, updated)
+            problems += rotated_expiry(record, updated)
             if problems:
                 raise KeyValidationError(problems)
             if "scopes" in wanted:
-                self._may_grant(actor, updated.scopes)
-            self._may_change_itself(actor, record, updated)
+                self.authority.may_grant(actor, updated.scopes)
+            self.authority.may_change_itself(actor, record, updated)
             return updated
 
         if not wanted:
             record = await self.get(key_id)
-            self._may_manage(actor, record, "update")
+            self.authority.may_manage(actor, record, "update")
             return record
         record, updated = await self._write(key_id, change)
         if updated != record:
@@ -574,14 +384,14 @@ class KeyManager:
         With an ``actor`` (see the class), a key holding scopes it lacks is refused with
         :class:`ScopeRefused`: the successor's secret would give them to it.
         """
-        seconds = _grace_seconds(grace)
+        seconds = grace_seconds(grace)
         async with self._writing:
             for _ in range(_WRITE_ATTEMPTS):
                 old = await self.get(key_id)
-                self._may_manage(actor, old, "rotate")
+                self.authority.may_manage(actor, old, "rotate")
                 now = self.clock()
                 moment = to_datetime(now)
-                _check_rotatable(old, moment)
+                check_rotatable(old, moment)
                 settings = KeySettings.model_validate(
                     old.model_dump(include=set(KeySettings.model_fields))
                 )
