@@ -75,7 +75,7 @@ from keystile.gate import Keystile
 from keystile.manager import DEFAULT_PAGE_SIZE, RECORD_FIELDS, KeyManager, record_json
 from keystile.models import ApiKey
 from keystile.responses import Refusal, Refusals
-from keystile.routing import MIDDLEWARE, PRINCIPAL, Rule, check_scopes
+from keystile.routing import PRINCIPAL, REFUSALS, Rule, check_scopes
 
 if TYPE_CHECKING:
     from fastapi import APIRouter
@@ -181,7 +181,7 @@ def _actor(request: Request) -> ApiKey:
 def _scope_refusal(request: Request, exc: ScopeRefused) -> Response:
     """403 ``insufficient_scope`` with the middleware's RFC 6750 challenge naming ``missing``."""
     logger.warning("admin: %s was refused: %s", _caller(request), exc)
-    refusals: Refusals = request.scope[MIDDLEWARE].refusals  # present with a principal
+    refusals: Refusals = request.scope[REFUSALS]  # present with a principal
     return refusals.insufficient_scope(exc.missing, str(exc)).response()
 
 

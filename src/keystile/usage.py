@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from keystile.addresses import BY_CLIENT, WATCH_IPS
 from keystile.clock import Clock, system_clock, to_datetime, to_timestamp
 
 __all__ = [
@@ -168,8 +169,6 @@ class UsageOverview(BaseModel):
 # addresses a watched key used that minute (a set, or None).
 _AT, _IP, _ORIGIN, _INACTIVE_AT, _SEEN = range(_N, _N + 5)
 _MAX_SEEN = 64
-BY_CLIENT = 1  # record(ip_mode=...): count by IP and origin (client keys)
-WATCH_IPS = 2  # record(ip_mode=...): note the addresses used (production keys)
 
 
 def tracked(top_n: int) -> int:
