@@ -22,11 +22,20 @@ import pytest
 
 from conftest import REDIS_URL, cleanup_namespace, new_namespace, require_redis
 from keystile import KeystileSettings, ManualClock, MemoryStore, RedisStore
-from keystile.alerts import Alert, AlertRules, AlertState, MemoryAlertState, RedisAlertState
+from keystile.alerts import (
+    Alert,
+    Alerter,
+    AlertRules,
+    AlertState,
+    MemoryAlertState,
+    RedisAlertState,
+)
 from keystile.clock import to_datetime
 from keystile.gate import Keystile
+from keystile.models import DEFAULT_POLICY, ApiKey
 from keystile.quotas import MemoryQuotaStore, RedisQuotaStore
 from keystile.stores import KeyStore
+from keystile.usage import MemoryUsageStore, UsageRecorder
 from usage_app import build_app, http
 
 SECRET = "x" * 20
@@ -649,3 +658,42 @@ async def test_processes_sharing_redis_alert_once(redis_namespace: str) -> None:
     report = await gate.usage.report(created.key.id)
     assert report.all_time.inactive_attempts == 2
     await gate.aclose()
+
+
+async def test_item4_an_uncached_key_is_read_once_an_hour_on_the_alerters_clock() -> None:
+    """The rotation rule reads a key missing from the cache from the store at most once an
+    hour, timed by the monotonic clock the Alerter was given."""
+    clock = ManualClock(1_800_000_000.0)
+    now = [0.0]
+    reads: list[str] = []
+
+    async def lookup(key_id: str) -> ApiKey | None:
+        reads.append(key_id)
+        return None
+
+    alerter = Alerter(
+        AlertRules(),
+        MemoryAlertState(clock=clock),
+        lambda key_id: None,  # nothing cached
+        lookup,
+        DEFAULT_POLICY,
+        clock=clock,
+        monotonic=lambda: now[0],
+    )
+    usage = UsageRecorder(MemoryUsageStore(clock=clock), clock=clock)
+    usage.on_flush.append(alerter.on_flush)
+
+    async def used_and_flushed() -> list[str]:
+        usage.record("key_rotating", 200, 0, 0)
+        assert await usage.flush()
+        return reads
+
+    try:
+        assert await used_and_flushed() == ["key_rotating"]
+        now[0] += 3600 - 2**-10
+        assert await used_and_flushed() == ["key_rotating"]
+        now[0] += 2**-10
+        assert await used_and_flushed() == ["key_rotating"] * 2
+    finally:
+        await usage.close()
+        await alerter.drain()

@@ -23,8 +23,10 @@ from browser.harness import ServerProcess, seed_env, serve, uvicorn_argv
 from conftest import REDIS_URL, SECRET, within
 from keystile import ApiKey, Keystile, KeyStore, ManualClock, RedisStore
 from keystile.clock import to_datetime
+from keystile.cors import OriginIndex
 from keystile.keys import new_key_id
 from keystile.middleware import KeystileMiddleware
+from keystile.origins import parse_origin
 from keystile.routing import Rule
 from keystile.settings import KeystileSettings
 from keystile.stores import MemoryStore
@@ -652,3 +654,41 @@ async def test_another_process_on_the_same_redis_follows(
         await becomes(OTHER, 403)
         response = await http.get(path, headers={**bearer(secret), "Origin": OTHER})
         assert response.status_code == 401
+
+
+class DeafStore(MemoryStore):
+    """A store whose change announcements stopped arriving (as a Redis store's do while its
+    subscription is down): its listeners hear of nothing."""
+
+    @property
+    def listening(self) -> bool:
+        return False
+
+    def _announce(self, key_id: str, digest: str | None) -> None:
+        return None
+
+
+async def test_item4_the_origin_index_ages_on_the_monotonic_clock_it_is_given() -> None:
+    """While announcements are not arriving, the preflight index reloads once it is older
+    than max_age on the monotonic clock passed to it, and not before: a key added unheard
+    is allowed from then on."""
+    store = DeafStore()
+    now = [500.0]
+    index = OriginIndex(store, max_age=10.0, monotonic=lambda: now[0])
+    origin = parse_origin(APP.encode())
+    assert origin is not None
+    assert not await index.allows(origin)  # loaded, empty
+    key = ApiKey(
+        id=new_key_id(CREATED),
+        name="browser",
+        type="client",
+        hint="client_...test",
+        scopes=("vec:read",),
+        allowed_origins=(APP,),
+        created_at=to_datetime(CREATED),
+    )
+    await store.add(key, "f" * 64)  # unannounced
+    now[0] += 10.0
+    assert not await index.allows(origin)  # max_age old, not older
+    now[0] += 2**-10
+    assert await index.allows(origin)

@@ -31,7 +31,7 @@ from keystile.exceptions import (
 from keystile.manager import DEFAULT_PAGE_SIZE, KeyManager, record_json
 from keystile.models import ApiKey
 from keystile.responses import Refusals
-from keystile.routing import MIDDLEWARE, PRINCIPAL
+from keystile.routing import PRINCIPAL, REFUSALS
 
 __all__ = ["MANAGE_KEYS", "MAX_BODY", "VIEW_USAGE", "AdminAPI", "error_response"]
 
@@ -125,7 +125,7 @@ def _actor(request: Request) -> ApiKey:
 def _scope_refusal(request: Request, exc: ScopeRefused) -> Response:
     """403 ``insufficient_scope`` with the middleware's RFC 6750 challenge naming ``missing``."""
     logger.warning("admin: %s was refused: %s", _caller(request), exc)
-    refusals: Refusals = request.scope[MIDDLEWARE].refusals  # present with a principal
+    refusals: Refusals = request.scope[REFUSALS]  # present with a principal
     return refusals.insufficient_scope(exc.missing, str(exc)).response()
 
 

@@ -207,6 +207,7 @@ class Alerter:
         webhook_url: str | None = None,
         webhook_timeout: float = 2.0,
         webhook_retries: int = 3,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.rules = rules
         self.state = state
@@ -214,6 +215,7 @@ class Alerter:
         self.lookup = lookup
         self.policy = policy
         self.clock = clock
+        self.monotonic = monotonic  # when remembered lookups and claims run out
         self.webhook_url = webhook_url
         self.webhook_timeout = webhook_timeout
         self.webhook_retries = webhook_retries
@@ -312,7 +314,7 @@ class Alerter:
         ``_LOOKUPS_PER_FLUSH`` per flush and once an hour per key."""
         record = self.cached(key_id)
         if record is None:
-            clock = time.monotonic()
+            clock = self.monotonic()
             if self._lookups_left <= 0 or self._looked_up.get(key_id, -math.inf) > clock:
                 return
             self._lookups_left -= 1
@@ -342,7 +344,7 @@ class Alerter:
         if self._remote:
             # A shared state costs a round trip per claim: remember the claims known taken
             # until their cool-down ends (in real time, as Redis keeps them).
-            now = time.monotonic()
+            now = self.monotonic()
             if self._claimed.get(claim, -math.inf) > now:
                 return
             if len(self._claimed) >= 100_000:

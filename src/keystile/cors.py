@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from keystile.clock import Clock, system_clock
@@ -40,10 +40,18 @@ class OriginIndex:
     anonymous, and must not cost in proportion to the keys.
     """
 
-    def __init__(self, store: KeyStore, *, clock: Clock = system_clock, max_age: float = 10.0):
+    def __init__(
+        self,
+        store: KeyStore,
+        *,
+        clock: Clock = system_clock,
+        max_age: float = 10.0,
+        monotonic: Callable[[], float] = time.monotonic,
+    ):
         self.store = store
-        self.clock = clock
+        self.clock = clock  # wall time: when keys expire
         self.max_age = max_age
+        self.monotonic = monotonic  # how old the index is
         self._keys: dict[str, _Entry] = {}  # what each key added to the index
         self._patterns = PatternIndex()
         self._loaded_at: float | None = None  # monotonic
@@ -76,7 +84,7 @@ class OriginIndex:
         if (
             loaded is not None
             and not self.store.listening
-            and time.monotonic() - loaded > self.max_age
+            and self.monotonic() - loaded > self.max_age
         ):
             self._reload = True
         if not self._reload and not self._stale and not self._lock.locked():
@@ -93,7 +101,7 @@ class OriginIndex:
                 self._track(key_id, await self.store.get(key_id))
 
     async def _load_all(self) -> None:
-        started = time.monotonic()
+        started = self.monotonic()
         keys: dict[str, _Entry] = {}
         after = None
         while True:

@@ -10,138 +10,38 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import SecretStr
 from redis.exceptions import RedisError
-from starlette.authentication import AuthCredentials, BaseUser
 
 from keystile.alerts import Alerter, AlertRules, AlertState, MemoryAlertState, RedisAlertState
-from keystile.clock import Clock, system_clock, to_datetime, to_timestamp
+from keystile.clock import Clock, system_clock, to_datetime
 from keystile.cors import OriginIndex
 from keystile.exceptions import StoreError
 from keystile.fallback import Health
 from keystile.keys import KeyHasher
 from keystile.manager import KeyManager
-from keystile.models import DEFAULT_POLICY, ApiKey, KeyPolicy, KeyType
-from keystile.network import parse_ip_entry
-from keystile.origins import origin_allowed, parse_origin, parse_origin_pattern
+from keystile.models import DEFAULT_POLICY, KeyPolicy
+from keystile.principal import MAX_ORIGIN_MEMO, KeyUser, Principal, principal_of
 from keystile.quotas import MemoryQuotaStore, Quotas, QuotaStore, RedisQuotaStore
-from keystile.ratelimit import Limiter, LimitSet, MemoryLimiter, RedisLimiter, limit_set
+from keystile.ratelimit import Limiter, MemoryLimiter, RedisLimiter
 from keystile.settings import KeystileSettings
-from keystile.stores import CachedStore, KeyStore, MemoryStore, RedisStore, open_store
-from keystile.usage import (
-    BY_CLIENT,
-    WATCH_IPS,
-    MemoryUsageStore,
-    RedisUsageStore,
-    UsageRecorder,
-    UsageStore,
+from keystile.stores import (
+    CachedStore,
+    CacheEntry,
+    KeyStore,
+    MemoryStore,
+    RedisStore,
+    open_store,
 )
+from keystile.usage import MemoryUsageStore, RedisUsageStore, UsageRecorder, UsageStore
 
-__all__ = ["GateHealth", "KeyUser", "Keystile", "Principal"]
-
-# The longest Origin value a key's principal remembers its answer for (a scheme, a
-# 253-character host and a port fit); longer ones are parsed each time.
-MAX_ORIGIN_MEMO = 300
+__all__ = ["MAX_ORIGIN_MEMO", "GateHealth", "KeyUser", "Keystile", "Principal"]
 
 logger = logging.getLogger("keystile")
-
-
-class KeyUser(BaseUser):
-    """``request.user`` after a key authenticated: carries the key record, never the secret."""
-
-    __slots__ = ("key",)
-
-    def __init__(self, key: ApiKey) -> None:
-        self.key = key
-
-    @property
-    def is_authenticated(self) -> bool:
-        return True
-
-    @property
-    def display_name(self) -> str:
-        return self.key.name
-
-    @property
-    def identity(self) -> str:
-        return self.key.id
-
-    def __repr__(self) -> str:
-        return f"KeyUser({self.key.id}, {self.key.hint})"
-
-
-class Principal:
-    """What the middleware derives once per cached record and reuses on every request."""
-
-    __slots__ = (
-        "_origin_memo",
-        "auth",
-        "catalogue",
-        "expires",
-        "ip_mode",
-        "key",
-        "key_id",
-        "key_limits",
-        "limits",
-        "networks",
-        "origins",
-        "restricted",
-        "scopes",
-        "user",
-    )
-
-    def __init__(self, key: ApiKey, policy: KeyPolicy) -> None:
-        self.key = key
-        # Read on every request that records usage; a pydantic model's attributes are
-        # slower to read than a slot (its __getattr__ defeats the interpreter's shortcut).
-        self.key_id = key.id
-        text = policy.rate_limit(key, key.type)
-        per_address = policy.address_rate_limit(key, key.type)
-        # The policy is named after the key type: headers never carry key material.
-        name = key.type.value
-        # The key's windows and each client address's, decided together; the key's alone
-        # for a request whose address is unknown (a Unix socket).
-        self.limits: LimitSet | None = (
-            limit_set(text, name, per_address) if text or per_address else None
-        )
-        self.key_limits: LimitSet | None = limit_set(text, name) if text else None
-        self.catalogue = policy.catalogue
-        self.scopes = policy.catalogue.expand(key.scopes) | frozenset(key.scopes)
-        self.expires = to_timestamp(key.expires_at) if key.expires_at else float("inf")
-        self.auth = AuthCredentials(sorted(self.scopes))
-        self.user = KeyUser(key)
-        self.origins = tuple(parse_origin_pattern(o) for o in key.allowed_origins)
-        self.networks = tuple(parse_ip_entry(n) for n in key.allowed_ips)
-        self._origin_memo: dict[bytes, bool] = {}
-        self.restricted = bool(self.origins or self.networks)
-        # Usage: client keys are counted by IP and origin; production keys' addresses are
-        # watched for the new-IP alert.
-        self.ip_mode = {KeyType.CLIENT: BY_CLIENT, KeyType.PROD: WATCH_IPS}.get(key.type, 0)
-
-    def origin_ok(self, value: bytes) -> bool:
-        """Whether this key's allowed origins match an ``Origin`` header value."""
-        ok = self._origin_memo.get(value)
-        if ok is None:
-            origin = parse_origin(value)
-            ok = origin is not None and origin_allowed(origin, self.origins)
-            # Bounded, in bytes too: a key sees few distinct origins, each short (a client
-            # key is public: anyone can send it with a megabyte of Origin).
-            if len(self._origin_memo) < 64 and len(value) <= MAX_ORIGIN_MEMO:
-                self._origin_memo[value] = ok
-        return ok
-
-    def grants(self, scope: str) -> bool:
-        """Whether this key holds ``scope`` (wildcards resolved)."""
-        return scope in self.scopes or self.catalogue.grants(self.key.scopes, scope)
-
-    def missing(self, scopes: Sequence[str]) -> tuple[str, ...]:
-        """Those of ``scopes`` this key does not hold."""
-        return tuple(s for s in scopes if not self.grants(s))
 
 
 def _hasher(secret: str | bytes | SecretStr | None, store: KeyStore) -> KeyHasher:
@@ -221,12 +121,6 @@ class Keystile:
         self.clock = clock
         self.lookup_timeout = lookup_timeout
         self.limiter = limiter if limiter is not None else _limiter(cached.store, settings, clock)
-        quota_store: QuotaStore = (
-            RedisQuotaStore(cached.store.client, namespace=cached.store.namespace)
-            if isinstance(cached.store, RedisStore)
-            else MemoryQuotaStore(clock=clock)
-        )
-        self.quotas = Quotas(quota_store, policy, **settings.fallback_options)
         self._origins: OriginIndex | None = None
         backend = cached.store
         usage_store: UsageStore
@@ -265,11 +159,22 @@ class Keystile:
             webhook_url=settings.alert_webhook_url,
         )
         self.usage.on_flush.append(self.alerts.on_flush)
+        quota_store: QuotaStore = (
+            RedisQuotaStore(backend.client, namespace=backend.namespace)
+            if isinstance(backend, RedisStore)
+            else MemoryQuotaStore(clock=clock)
+        )
+        # Tokens spent and quota refusals count in usage; spends raise the 80/90/100 % alerts.
+        self.quotas = Quotas(
+            quota_store,
+            policy,
+            usage=self.usage,
+            alerts=self.alerts,
+            **settings.fallback_options,
+        )
         self.manager = KeyManager(
             cached, self.hasher, policy=policy, clock=clock, usage=self.usage.reader()
         )
-        self.quotas.usage = self.usage
-        self.quotas.alerts = self.alerts
         self._started = False  # startup() ran: the cache follows key changes
 
     @property
@@ -279,12 +184,9 @@ class Keystile:
             self._origins = OriginIndex(self.store, clock=self.clock, max_age=self.store.ttl)
         return self._origins
 
-    def principal(self, entry: Any) -> Principal:
+    def principal(self, entry: CacheEntry) -> Principal:
         """The derived view of a cache entry, built once per entry."""
-        derived = entry.derived
-        if derived is None:
-            derived = entry.derived = Principal(entry.record, self.policy)
-        return derived  # type: ignore[no-any-return]
+        return principal_of(entry, self.policy)
 
     def now(self) -> datetime:
         return to_datetime(self.clock())

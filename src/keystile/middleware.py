@@ -1,8 +1,13 @@
-"""KeystileMiddleware: authenticate → authorize the route → app (SPEC §3, §4).
+"""KeystileMiddleware: the pure-ASGI gate in front of an app.
 
-Pure ASGI (no ``BaseHTTPMiddleware``): lifespan and anything else that is not HTTP or a
-websocket passes straight through. The cached path does no I/O: parse the header, check
-the checksum, HMAC, one dict lookup, a few comparisons.
+Each HTTP request or websocket passes, in order: a CORS preflight, answered before any
+key is asked for; the ``Authorization`` credential, resolved to its key's
+:class:`~keystile.principal.Principal`; a revoked or expired key, refused; the key's own
+origin and address lists; the route's scopes; the key's rate limits; then the app, whose
+response gets the rate-limit and CORS headers and whose use (or refusal) is recorded
+once. Lifespan passes through, starting and stopping the gate; anything else passes
+straight through. A credential seen moments ago costs no I/O: one dict lookup and a few
+comparisons.
 """
 
 from __future__ import annotations
@@ -19,13 +24,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from keystile.cors import CorsPolicy
 from keystile.exceptions import KeyFormatError, StoreError, StoreUnavailable
-from keystile.gate import Keystile, Principal
+from keystile.gate import Keystile
 from keystile.keys import parse_key
 from keystile.network import ClientAddress, allowed, budget_address
 from keystile.origins import Origin, parse_origin
+from keystile.principal import PRINCIPAL, REFUSALS, Principal
 from keystile.ratelimit import LimitSet
 from keystile.responses import Headers, Refusal, Refusals
-from keystile.routing import MIDDLEWARE, PRINCIPAL, Rule, RuleTable, route_path
+from keystile.routing import Rule, RuleTable, route_path
 from keystile.stores.cache import CacheEntry
 
 __all__ = ["KeystileMiddleware"]
@@ -98,92 +104,82 @@ class KeystileMiddleware:
                 receive = self._lifespan(receive)
             await self.app(scope, receive, send)
             return
-        if scope.get("method") == "OPTIONS" and self.preflight and kind == "http":
-            # A preflight never carries the key: answer it before authentication (SPEC §5).
-            origin = _header(scope, b"origin")
-            method = _header(scope, b"access-control-request-method")
-            if origin is not None and method is not None:
-                await self._answer_preflight(scope, send, origin, method)
-                return
+        if (
+            scope.get("method") == "OPTIONS"
+            and self.preflight
+            and kind == "http"
+            and await self._preflight(scope, send)
+        ):
+            return
         rule = None
         if self._has_rules:
             rule = self.rules.match(scope.get("method", "GET"), route_path(scope))
-        scope[MIDDLEWARE] = self
+        scope[REFUSALS] = self.refusals  # for refusals raised below: scopes, quotas, admin
         if rule is not None and rule.public:
             scope["auth"] = _ANONYMOUS_AUTH
             scope["user"] = _ANONYMOUS_USER
             await self.app(scope, receive, send)
             return
-        # The hot path, inline: find the one Authorization header, and recall the cache
-        # entry those exact bytes resolved to moments ago (alive and fresh, or nothing):
-        # only an admitted key's canonical ``Bearer <key>`` is ever remembered (_resolve).
-        value = None
-        for name, raw in scope["headers"]:
+        # Who asks: the one Authorization header (scanned here: a call costs as much as the
+        # scan), and the key it names. The hot path recalls the cache entry those exact
+        # bytes resolved to moments ago (alive and fresh, or nothing): only an admitted
+        # key's canonical ``Bearer <key>`` is ever remembered (_resolve).
+        credential = None
+        for name, value in scope["headers"]:
             if name == b"authorization":
-                if value is not None:
+                if credential is not None:
                     await self._refuse(scope, send, self.refusals.malformed)  # sent twice
                     return
-                value = raw
-        if value is None:
+                credential = value
+        if credential is None:
             await self._refuse(scope, send, self.refusals.missing)
             return
-        entry = self._cache.recall(value)
+        entry = self._cache.recall(credential)
         if entry is None:
-            resolved = await self._resolve(value)
+            resolved = await self._resolve(credential)
             if isinstance(resolved, Refusal):
                 await self._refuse(scope, send, resolved)
                 return
             entry = resolved
-        principal: Principal = entry.derived or self.gate.principal(entry)
+        principal = entry.principal or self.gate.principal(entry)
         now = self._clock()
-        if principal.key.revoked_at is not None or now >= principal.expires:
-            self._cache.forget(value)  # expired since it was remembered
-            if self._usage is not None:  # SPEC §7: who still uses an old key
-                self._usage.record_refusal(principal.key_id, "inactive")
-            revoked = principal.key.revoked_at is not None
-            await self._refuse(
-                scope, send, self.refusals.revoked if revoked else self.refusals.expired
-            )
+        if principal.revoked or now >= principal.expires:
+            await self._refuse_inactive(scope, send, principal, credential)
             return
-        extra: Headers = _NO_HEADERS
+        # What it may do: from where, on this route, how often. Refusals from here on
+        # count in the key's usage.
+        origin = None  # the Origin the key's own list admitted: answers carry CORS headers
         if principal.restricted:
-            checked = await self._check_origin_and_address(scope, send, principal)
-            if checked is None:
+            origin, refusal = self._check_origin_and_address(scope, principal)
+            if refusal is not None:
+                await self._refuse_use(scope, send, refusal, principal, origin, self._cors(origin))
                 return
-            extra = checked
-        if rule is not None:
-            if rule.scopes:
-                missing = principal.missing(rule.scopes)
-                if missing:
-                    refusal = self.refusals.insufficient_scope(missing)
-                    await self._refuse(scope, send, refusal, extra, principal)
-                    return
-        elif self.deny_unmatched:
-            await self._refuse(scope, send, self.refusals.unmatched, extra, principal)
-            return
+        if rule is not None or self.deny_unmatched:
+            refusal = self._check_scopes(principal, rule)
+            if refusal is not None:
+                await self._refuse_use(scope, send, refusal, principal, origin, self._cors(origin))
+                return
         scope["auth"] = principal.auth
         scope["user"] = principal.user
         scope[PRINCIPAL] = principal
-        if principal.limits is not None:
-            limited = await self._limit(scope, send, principal, principal.limits, extra)
+        if principal.limits is None:
+            headers = _NO_HEADERS if origin is None else self.cors.response_headers(origin)
+        else:
+            limited = await self._limit(scope, send, principal, principal.limits, origin)
             if limited is None:
                 return
-            send = limited
-        elif extra and kind == "http":
-            send = _adding_headers(send, extra)
-        usage = self._usage
-        if usage is not None and kind == "http":
-            # No __init__ of its own to call: this runs on every request.
-            meter = _Meter()
-            meter._receive, meter._send = receive, send
-            meter.bytes_in = meter.bytes_out = meter.status = 0
-            receive, send = meter.receive, meter.send
+            headers = limited
+        # The app, metered (HTTP): its response gets the headers, and its use is recorded
+        # when it ends. A websocket's use is recorded as it is let through.
+        meter = None
+        if kind == "http":
+            if self._usage is not None or headers:
+                meter = _Meter(receive, send, headers)
+                send = meter.send
+                if self._usage is not None:
+                    receive = meter.receive
         else:
-            meter = None
-            if usage is not None:  # a websocket: counted once, when it is let through
-                used_from = extra[0][1].decode("latin-1") if extra else None  # CORS lead
-                ip = self._ip(scope)
-                usage.record(principal.key_id, 101, 0, 0, ip, used_from, principal.ip_mode, now)
+            self._record(scope, principal, 101, 0, 0, origin, now)
         try:
             await self.app(scope, receive, send)
         except Refusal as refusal:
@@ -196,98 +192,10 @@ class KeystileMiddleware:
                 meter.status = 500
             raise
         finally:
-            if meter is not None and usage is not None:  # (a meter is made with usage)
-                if self._proxied:
-                    ip = self._ip(scope)
-                else:
-                    client = scope.get("client")
-                    ip = client[0] if client else None
-                usage.record(
-                    principal.key_id,
-                    meter.status,
-                    meter.bytes_in,
-                    meter.bytes_out,
-                    ip,
-                    extra[0][1].decode("latin-1") if extra else None,  # CORS headers lead
-                    principal.ip_mode,
-                    now,
+            if meter is not None:
+                self._record(
+                    scope, principal, meter.status, meter.bytes_in, meter.bytes_out, origin, now
                 )
-
-    def _lookup_failed(self, why: str) -> None:
-        """Log failed key lookups at most once every 10 seconds (an outage is thousands)."""
-        self._lookup_failures += 1
-        now = time.monotonic()
-        if now - self._lookup_logged >= 10.0:
-            logger.warning(
-                "key lookups failing (%s): %d refused with 503 since the last report",
-                why,
-                self._lookup_failures,
-            )
-            self._lookup_logged, self._lookup_failures = now, 0
-
-    def _ip(self, scope: Scope) -> str | None:
-        if self._proxied:
-            address = self.client_address(scope)
-            return None if address is None else str(address)
-        client = scope.get("client")
-        return str(client[0]) if client else None
-
-    async def _check_origin_and_address(
-        self, scope: Scope, send: Send, principal: Principal
-    ) -> Headers | None:
-        """A key restricted to origins or addresses: refuse (and return None), or return
-        the CORS headers its answers carry."""
-        extra = _NO_HEADERS
-        if principal.origins:
-            # The key's own list decides (SPEC §5); the app is never called otherwise.
-            origins = [v for k, v in scope["headers"] if k == b"origin"]
-            if origins:
-                if len(origins) > 1 or not principal.origin_ok(origins[0]):
-                    refusal = self.refusals.origin_not_allowed
-                    await self._refuse(scope, send, refusal, [], principal)
-                    return None
-                extra = self.cors.response_headers(origins[0])
-            elif self.cors.require_origin:
-                await self._refuse(scope, send, self.refusals.origin_not_allowed, [], principal)
-                return None
-        if principal.networks and not allowed(self.client_address(scope), principal.networks):
-            await self._refuse(scope, send, self.refusals.ip_not_allowed, extra, principal)
-            return None
-        return extra
-
-    async def _limit(
-        self, scope: Scope, send: Send, principal: Principal, limits: LimitSet, extra: Headers
-    ) -> Send | None:
-        """Ask the limiter about ``principal``'s ``limits`` (and, for a window that counts
-        each client address apart, this address's share); refuse (and return None) or
-        return a send that adds the rate-limit (and CORS) headers to the response."""
-        address = ""
-        if limits.per_address:
-            client = self.client_address(scope)
-            if client is None:  # no address to share the budget by (a Unix socket)
-                if principal.key_limits is None:
-                    return (
-                        _adding_headers(send, extra) if extra and scope["type"] == "http" else send
-                    )
-                limits = principal.key_limits
-            else:
-                address = budget_address(client)
-        try:
-            decision = await self._limiter.hit(principal.key_id, limits, address=address)
-        except StoreUnavailable:  # failure="deny", and the limiter could not decide
-            refusal = self.refusals.limiter_unavailable
-            await self._refuse(scope, send, refusal, extra, principal)
-            return None
-        headers = decision.headers(limits) + extra
-        if self.legacy_rate_limit_headers:
-            headers += decision.legacy_headers(limits)
-        if not decision.allowed:
-            refusal = self.refusals.rate_limited_by(decision.refused_by)
-            await self._refuse(scope, send, refusal, headers, principal)
-            return None
-        if scope["type"] != "http":
-            return send
-        return _adding_headers(send, headers)
 
     def _lifespan(self, receive: Receive) -> Receive:
         """Pass lifespan through, preparing the gate when the app starts."""
@@ -302,6 +210,33 @@ class KeystileMiddleware:
             return message
 
         return receive_lifespan
+
+    async def _preflight(self, scope: Scope, send: Send) -> bool:
+        """Answer a CORS preflight, if this ``OPTIONS`` is one (it has an ``Origin`` and an
+        ``Access-Control-Request-Method``); whether it was. A preflight never carries the
+        key: it is answered before authentication, from the union of the keys' origins."""
+        origin_value = _header(scope, b"origin")
+        method = _header(scope, b"access-control-request-method")
+        if origin_value is None or method is None:
+            return False
+        origin = parse_origin(origin_value)
+        asked = _header(scope, b"access-control-request-headers") or b""
+        try:
+            ok = origin is not None and await self.cors.preflight_allows(origin, method, asked)
+        except StoreError:
+            ok = False  # the policy cannot be read: refuse, the browser will retry later
+        if not ok:
+            await self.refusals.preflight_refused.send(send)
+            return True
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 204,
+                "headers": self.cors.preflight_headers(origin_value),
+            }
+        )
+        await send({"type": "http.response.body", "body": b""})
+        return True
 
     async def _resolve(self, value: bytes) -> CacheEntry | Refusal:
         """Parse the header, check the key's checksum, and look its digest up (the path of
@@ -341,38 +276,167 @@ class KeystileMiddleware:
             self._remember_if_admitted(value, entry)
         return entry
 
+    def _lookup_failed(self, why: str) -> None:
+        """Log failed key lookups at most once every 10 seconds (an outage is thousands)."""
+        self._lookup_failures += 1
+        now = time.monotonic()
+        if now - self._lookup_logged >= 10.0:
+            logger.warning(
+                "key lookups failing (%s): %d refused with 503 since the last report",
+                why,
+                self._lookup_failures,
+            )
+            self._lookup_logged, self._lookup_failures = now, 0
+
     def _remember_if_admitted(self, value: bytes, entry: CacheEntry) -> None:
         """Remember a canonical ``Bearer <key>`` header for an active key. A revoked or
         expired key, like an unknown one, leaves nothing behind."""
-        principal: Principal = entry.derived or self.gate.principal(entry)
-        if principal.key.revoked_at is None and self._clock() < principal.expires:
+        principal = entry.principal or self.gate.principal(entry)
+        if not principal.revoked and self._clock() < principal.expires:
             self._cache.remember(value, entry)
 
-    async def _refuse(
+    async def _refuse_inactive(
+        self, scope: Scope, send: Send, principal: Principal, credential: bytes
+    ) -> None:
+        """Refuse a revoked or expired key: counted apart from requests, as an attempt
+        (who still uses an old key), and no longer recalled by its credential."""
+        self._cache.forget(credential)  # expired since it was remembered
+        if self._usage is not None:
+            self._usage.record_refusal(principal.key_id, "inactive")
+        refusal = self.refusals.revoked if principal.revoked else self.refusals.expired
+        await self._refuse(scope, send, refusal)
+
+    def _check_origin_and_address(
+        self, scope: Scope, principal: Principal
+    ) -> tuple[bytes | None, Refusal | None]:
+        """For a key restricted to origins or addresses: the request's origin if the key's
+        list admitted it (``None`` if none was sent, or it was refused), and the refusal of
+        a request from elsewhere (or ``None``)."""
+        origin = None
+        if principal.origins:
+            # The key's own list decides (SPEC §5); the app is never called otherwise.
+            origins = [v for k, v in scope["headers"] if k == b"origin"]
+            if origins:
+                if len(origins) > 1 or not principal.origin_ok(origins[0]):
+                    return None, self.refusals.origin_not_allowed
+                origin = origins[0]
+            elif self.cors.require_origin:
+                return None, self.refusals.origin_not_allowed
+        if principal.networks and not allowed(self.client_address(scope), principal.networks):
+            return origin, self.refusals.ip_not_allowed
+        return origin, None
+
+    def _check_scopes(self, principal: Principal, rule: Rule | None) -> Refusal | None:
+        """The refusal of a key lacking the scopes the route's rule requires, or of a route
+        no rule covers (``deny_unmatched``); ``None`` if the key may go on."""
+        if rule is None:
+            return self.refusals.unmatched if self.deny_unmatched else None
+        missing = principal.missing(rule.scopes) if rule.scopes else ()
+        return self.refusals.insufficient_scope(missing) if missing else None
+
+    async def _limit(
+        self,
+        scope: Scope,
+        send: Send,
+        principal: Principal,
+        limits: LimitSet,
+        origin: bytes | None,
+    ) -> Headers | None:
+        """Ask the limiter about ``principal``'s ``limits`` (and, for a window that counts
+        each client address apart, this address's share); refuse (and return None) or
+        return the headers the response carries: rate limits, and CORS."""
+        extra = self._cors(origin)
+        address = ""
+        if limits.per_address:
+            client = self.client_address(scope)
+            if client is None:  # no address to share the budget by (a Unix socket)
+                if principal.key_limits is None:
+                    return extra
+                limits = principal.key_limits
+            else:
+                address = budget_address(client)
+        try:
+            decision = await self._limiter.hit(principal.key_id, limits, address=address)
+        except StoreUnavailable:  # failure="deny", and the limiter could not decide
+            refusal = self.refusals.limiter_unavailable
+            await self._refuse_use(scope, send, refusal, principal, origin, extra)
+            return None
+        headers = decision.headers(limits) + extra
+        if self.legacy_rate_limit_headers:
+            headers += decision.legacy_headers(limits)
+        if not decision.allowed:
+            refusal = self.refusals.rate_limited_by(decision.refused_by)
+            await self._refuse_use(scope, send, refusal, principal, origin, headers)
+            return None
+        return headers
+
+    def _cors(self, origin: bytes | None) -> Headers:
+        """The CORS headers of an answer to ``origin``, one the key's own list admitted."""
+        return _NO_HEADERS if origin is None else self.cors.response_headers(origin)
+
+    def _record(
+        self,
+        scope: Scope,
+        principal: Principal,
+        status: int,
+        bytes_in: int,
+        bytes_out: int,
+        origin: bytes | None,
+        now: float | None,
+        rate_limited: bool = False,
+    ) -> None:
+        """Count one request of ``principal``'s in its usage: answered by the app, let
+        through as a websocket, or refused. The one place the middleware records use."""
+        usage = self._usage
+        if usage is None:
+            return
+        if self._proxied:
+            ip = self._ip(scope)
+        else:
+            client = scope.get("client")
+            ip = client[0] if client else None
+        used_from = None if origin is None else origin.decode("latin-1")
+        usage.record(
+            principal.key_id,
+            status,
+            bytes_in,
+            bytes_out,
+            ip,
+            used_from,
+            principal.ip_mode,
+            now,
+            rate_limited,
+        )
+
+    def _ip(self, scope: Scope) -> str | None:
+        if self._proxied:
+            address = self.client_address(scope)
+            return None if address is None else str(address)
+        client = scope.get("client")
+        return str(client[0]) if client else None
+
+    async def _refuse_use(
         self,
         scope: Scope,
         send: Send,
         refusal: Refusal,
-        headers: Headers | None = None,
-        principal: Principal | None = None,
+        principal: Principal,
+        origin: bytes | None,
+        headers: Headers,
+    ) -> None:
+        """Refuse a request of an active key's, with ``headers``: it counts in the key's
+        usage, as from ``origin`` (the one its list admitted, if any)."""
+        rate_limited = refusal.code == "rate_limited"
+        self._record(
+            scope, principal, refusal.status, 0, len(refusal.body), origin, None, rate_limited
+        )
+        await self._refuse(scope, send, refusal, headers)
+
+    async def _refuse(
+        self, scope: Scope, send: Send, refusal: Refusal, headers: Headers | None = None
     ) -> None:
         """Send a refusal. ``headers=None`` (refusals before the key is known): a browser
-        origin the preflight policy allows gets the CORS headers, so it can read why. With
-        ``principal``, the refusal counts in the key's usage."""
-        if principal is not None and self._usage is not None:
-            used_from = next(
-                (v.decode("latin-1") for k, v in headers or () if k == _ALLOW_ORIGIN), None
-            )
-            self._usage.record(
-                principal.key_id,
-                refusal.status,
-                0,
-                len(refusal.body),
-                ip=self._ip(scope),
-                origin=used_from,
-                ip_mode=principal.ip_mode,
-                rate_limited=refusal.code == "rate_limited",
-            )
+        origin the preflight policy allows gets the CORS headers, so it can read why."""
         if scope["type"] == "websocket":
             # Closing before accepting refuses the handshake; 1008 = policy violation.
             await send({"type": "websocket.close", "code": 1008, "reason": refusal.code})
@@ -392,42 +456,21 @@ class KeystileMiddleware:
         except StoreError:
             return False
 
-    async def _answer_preflight(
-        self, scope: Scope, send: Send, origin_value: bytes, method: bytes
-    ) -> None:
-        origin = parse_origin(origin_value)
-        asked = _header(scope, b"access-control-request-headers") or b""
-        try:
-            ok = origin is not None and await self.cors.preflight_allows(origin, method, asked)
-        except StoreError:
-            ok = False  # the policy cannot be read: refuse, the browser will retry later
-        if not ok:
-            await self.refusals.preflight_refused.send(send)
-            return
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 204,
-                "headers": self.cors.preflight_headers(origin_value),
-            }
-        )
-        await send({"type": "http.response.body", "body": b""})
-
 
 _NO_HEADERS: Headers = []
-_ALLOW_ORIGIN = b"access-control-allow-origin"
 
 
 class _Meter:
-    """Counts what passes through one request: body bytes in and out, and the status."""
+    """The send (and receive) of an admitted HTTP request: adds the rate-limit and CORS
+    ``headers`` to the response, and counts body bytes in and out, and the status."""
 
-    __slots__ = ("_receive", "_send", "bytes_in", "bytes_out", "status")
+    __slots__ = ("_receive", "_send", "bytes_in", "bytes_out", "headers", "status")
 
-    _receive: Receive
-    _send: Send
-    bytes_in: int
-    bytes_out: int
-    status: int
+    def __init__(self, receive: Receive, send: Send, headers: Headers) -> None:
+        self._receive = receive
+        self._send = send
+        self.headers = headers
+        self.bytes_in = self.bytes_out = self.status = 0
 
     async def receive(self) -> Message:
         message = await self._receive()
@@ -443,6 +486,9 @@ class _Meter:
             self.bytes_out += len(message.get("body", b""))
         elif kind == "http.response.start":
             self.status = message["status"]
+            headers = self.headers
+            if headers:
+                message = {**message, "headers": [*message.get("headers", ()), *headers]}
         send = self._send  # an attribute, then a call: 3.11 specializes a slot's LOAD_ATTR
         return send(message)
 
@@ -456,12 +502,3 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
                 return None
             found = value
     return found
-
-
-def _adding_headers(send: Send, headers: Headers) -> Send:
-    async def send_with_headers(message: Message) -> None:
-        if message["type"] == "http.response.start":
-            message = {**message, "headers": [*message.get("headers", ()), *headers]}
-        await send(message)
-
-    return send_with_headers

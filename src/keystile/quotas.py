@@ -33,8 +33,8 @@ from keystile.clock import Clock, system_clock
 from keystile.exceptions import StoreUnavailable
 from keystile.fallback import FailureMode, Fallback, FallingBack, redis_address
 from keystile.models import ApiKey, KeyPolicy
-from keystile.responses import Headers, Refusal, raise_refusal
-from keystile.routing import MIDDLEWARE, PRINCIPAL
+from keystile.principal import PRINCIPAL, REFUSALS
+from keystile.responses import Headers, Refusal, Refusals, raise_refusal
 from keystile.usage import UsageRecorder
 
 __all__ = ["MemoryQuotaStore", "QuotaState", "QuotaStore", "Quotas", "RedisQuotaStore"]
@@ -194,6 +194,8 @@ class Quotas(FallingBack):
         store: QuotaStore,
         policy: KeyPolicy,
         *,
+        usage: UsageRecorder | None = None,
+        alerts: Alerter | None = None,
         failure: FailureMode = "allow",
         log_interval: float = 60.0,
         trip_after: int = 3,
@@ -201,6 +203,8 @@ class Quotas(FallingBack):
     ) -> None:
         self.store = store
         self.policy = policy
+        self.usage = usage  # tokens spent and quota refusals count in the key's usage
+        self.alerts = alerts  # spends past 80/90/100 % of the budget raise alerts
         # When the store fails: "allow" (counted in passes, logged) or "deny"; after
         # trip_after failures in a row it is not asked for a while (keystile.fallback).
         self.fallback = Fallback(
@@ -212,8 +216,6 @@ class Quotas(FallingBack):
             backoff=backoff,
             where=redis_address(getattr(store, "client", None)),
         )
-        self.usage: UsageRecorder | None = None  # set by Keystile: tokens and refusals count
-        self.alerts: Alerter | None = None  # set by Keystile: 80/90/100 % alerts
 
     def quota_of(self, key: ApiKey) -> int | None:
         """The hourly token budget in force for a key (``None``: unlimited)."""
@@ -257,7 +259,7 @@ class Quotas(FallingBack):
     async def _charge(self, conn: HTTPConnection, tokens: int, mode: Mode) -> QuotaState | None:
         if PRINCIPAL not in conn.scope:
             raise RuntimeError("token quotas need a request authenticated by KeystileMiddleware")
-        refusals = conn.scope[MIDDLEWARE].refusals
+        refusals: Refusals = conn.scope[REFUSALS]  # the middleware's realm and Retry-After
         try:
             state = await self.spend(conn.scope[PRINCIPAL].key, tokens, mode)
         except StoreUnavailable:  # failure="deny", and the store did not answer

@@ -27,9 +27,19 @@ from starlette.requests import HTTPConnection
 from starlette.types import Scope
 from starlette.websockets import WebSocket
 
+from keystile.principal import PRINCIPAL, REFUSALS
 from keystile.responses import Refusal, Refusals
 
-__all__ = ["Rule", "RuleTable", "check_scopes", "public", "route_path", "scopes_required"]
+__all__ = [
+    "PRINCIPAL",
+    "REFUSALS",
+    "Rule",
+    "RuleTable",
+    "check_scopes",
+    "public",
+    "route_path",
+    "scopes_required",
+]
 
 _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?::([a-z]+))?\}")
 _CONVERTERS = {
@@ -41,8 +51,6 @@ _CONVERTERS = {
     "uuid": "[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}",
 }
 ANY_METHOD = "*"
-PRINCIPAL = "keystile.principal"
-MIDDLEWARE = "keystile.middleware"
 
 
 def _pattern(path: str) -> str:
@@ -157,10 +165,9 @@ def check_scopes(conn: HTTPConnection, scopes: Sequence[str]) -> Refusal | None:
 
     Needs :class:`~keystile.middleware.KeystileMiddleware` in front of the app.
     """
-    middleware = conn.scope.get(MIDDLEWARE)
-    if middleware is None:
+    refusals: Refusals | None = conn.scope.get(REFUSALS)
+    if refusals is None:
         raise RuntimeError("KeystileMiddleware must be installed for per-route scopes")
-    refusals: Refusals = middleware.refusals
     principal = conn.scope.get(PRINCIPAL)
     if principal is None:
         return refusals.missing

@@ -21,10 +21,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from typing import Any
 
 from keystile.clock import Clock
 from keystile.models import ApiKey
+from keystile.principal import Principal
 from keystile.stores.protocol import KeyStore, StoreListener
 
 __all__ = ["MAX_CREDENTIAL", "CacheEntry", "CachedStore"]
@@ -35,20 +35,21 @@ MAX_CREDENTIAL = 256
 
 
 class CacheEntry:
-    """One cached record, and room for what callers derive from it (e.g. scope sets).
+    """One cached record, and room for the :class:`~keystile.principal.Principal` the
+    middleware derives from it (see :func:`keystile.principal.principal_of`).
 
     ``alive`` turns false the moment the entry leaves the cache (invalidated, evicted,
     cleared), so a reference kept elsewhere (see :meth:`CachedStore.remember`) is never
     trusted past that moment.
     """
 
-    __slots__ = ("alive", "derived", "digest", "fresh_until", "record")
+    __slots__ = ("alive", "digest", "fresh_until", "principal", "record")
 
     def __init__(self, record: ApiKey, digest: str, fresh_until: float) -> None:
         self.record = record
         self.digest = digest
         self.fresh_until = fresh_until
-        self.derived: Any = None
+        self.principal: Principal | None = None
         self.alive = True
 
 

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from keystile.addresses import BY_CLIENT, WATCH_IPS
 from keystile.clock import to_datetime
 
 __all__ = [
@@ -62,8 +63,6 @@ Granularity = Literal["minute", "day"]
 # addresses a watched key used that minute (a set, or None).
 AT, IP, ORIGIN, INACTIVE_AT, SEEN = range(NFIELDS, NFIELDS + 5)
 MAX_SEEN = 64  # addresses a buffered row notes
-BY_CLIENT = 1  # record(ip_mode=...): count by IP and origin (client keys)
-WATCH_IPS = 2  # record(ip_mode=...): note the addresses used (production keys)
 
 
 def new_row() -> list[Any]:
