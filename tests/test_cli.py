@@ -28,11 +28,12 @@ from keystile import (
     ManualClock,
     RedisStore,
 )
+from keystile.backends import backend_for
 from keystile.cli import build_parser, duration, execute, expiry, main
 from keystile.clock import to_datetime
 from keystile.gate import Keystile
 from keystile.manager import RECORD_FIELDS
-from keystile.usage import UsageRecorder, usage_store_for
+from keystile.usage import UsageRecorder
 
 KEYSTILE = os.path.join(os.path.dirname(sys.executable), "keystile")
 UNKNOWN = "key_0000000000nothinghere"
@@ -350,7 +351,9 @@ async def test_rotate_json_and_default_grace(manager: KeyManager, clock: ManualC
 async def test_usage_shows_what_was_recorded(manager: KeyManager) -> None:
     """usage KEY prints the key's all-time figures; usage lists keys; unknown keys exit 1."""
     # As the gate wires it: the manager reads through its recorder's reader.
-    recorder = UsageRecorder(usage_store_for(manager.store), clock=manager.clock)
+    recorder = UsageRecorder(
+        backend_for(manager.store).usage_store(manager.clock), clock=manager.clock
+    )
     manager = KeyManager(
         manager.store, manager.hasher, clock=manager.clock, usage=recorder.reader()
     )

@@ -35,6 +35,7 @@ from keystile import (
     ScopeRefused,
 )
 from keystile import manager as manager_module
+from keystile.backends import backend_for
 from keystile.clock import to_datetime
 from keystile.gate import Keystile
 from keystile.manager import DEFAULT_GRACE
@@ -46,7 +47,6 @@ from keystile.usage import (
     UsageReader,
     UsageRecorder,
     UsageReport,
-    usage_store_for,
 )
 
 ORIGINS = ["https://app.example.com"]
@@ -620,7 +620,7 @@ async def test_usage_reads_what_was_recorded(manager: KeyManager, clock: ManualC
     """usage(id) reports what the recorder counted for that key (flushed first); usage()
     lists every key with recorded usage."""
     # As the gate wires it: the manager reads through its recorder's reader.
-    recorder = UsageRecorder(usage_store_for(manager.store), clock=clock)
+    recorder = UsageRecorder(backend_for(manager.store).usage_store(clock), clock=clock)
     manager = KeyManager(manager.store, manager.hasher, clock=clock, usage=recorder.reader())
     created = await manager.create(SETTINGS)
     other = await manager.create(SETTINGS)

@@ -22,15 +22,18 @@ import keystile.usage
 from conftest import SECRET
 from keystile import Keystile, ManualClock
 from keystile.addresses import BY_CLIENT, WATCH_IPS, AddressMode
-from keystile.alerts import Alert, Alerter, AlertRules, MemoryAlertState
+from keystile.alerts import Alert, Alerter, AlertRules, MemoryAlertState, RedisAlertState
+from keystile.backends import MemoryBackend, RedisBackend, backend_for
 from keystile.clock import to_datetime
 from keystile.keys import new_key_id
 from keystile.middleware import KeystileMiddleware
 from keystile.models import DEFAULT_POLICY, ApiKey
 from keystile.principal import PRINCIPAL, REFUSALS, KeyUser, Principal
-from keystile.quotas import MemoryQuotaStore, Quotas
+from keystile.quotas import MemoryQuotaStore, Quotas, RedisQuotaStore
+from keystile.ratelimit import MemoryLimiter, RedisLimiter
+from keystile.stores import CachedStore, MemoryStore, RedisStore
 from keystile.stores.cache import CacheEntry
-from keystile.usage import MemoryUsageStore, UsageRecorder
+from keystile.usage import MemoryUsageStore, RedisUsageStore, UsageRecorder
 
 T0 = 1_800_000_000.0  # a minute boundary
 
@@ -174,3 +177,28 @@ def test_item3_the_old_constant_names_are_the_enum_members() -> None:
     members with the values usage has always used."""
     assert keystile.usage.BY_CLIENT is BY_CLIENT is AddressMode.BY_CLIENT == 1
     assert keystile.usage.WATCH_IPS is WATCH_IPS is AddressMode.WATCH_IPS == 2
+
+
+# -- issue #14: one factory builds every part's state from the key store ---------------------
+
+
+async def test_the_key_store_decides_where_every_part_keeps_its_state() -> None:
+    """backend_for is the one place the choice is made: on the memory store every part
+    lives in this process, on a Redis store (cached or not) in the same Redis and
+    namespace; the gate builds its limiter, quotas, usage and alert state from it."""
+    redis_store = RedisStore.from_url("redis://127.0.0.1:1/0", namespace="kstest-wiring")
+    assert isinstance(backend_for(MemoryStore()), MemoryBackend)
+    for store in (redis_store, CachedStore(redis_store)):
+        backend = backend_for(store)
+        assert isinstance(backend, RedisBackend) and backend.shared
+        assert (backend.client, backend.namespace) == (redis_store.client, "kstest-wiring")
+    kinds = {
+        False: (MemoryLimiter, MemoryQuotaStore, MemoryUsageStore, MemoryAlertState),
+        True: (RedisLimiter, RedisQuotaStore, RedisUsageStore, RedisAlertState),
+    }
+    for store, shared in ((MemoryStore(), False), (redis_store, True)):
+        gate = Keystile(store=store, secret="s" * 32)
+        parts = (gate.limiter, gate.quotas.store, gate.usage.store, gate.alerts.state)
+        assert all(isinstance(p, k) for p, k in zip(parts, kinds[shared], strict=True))
+        assert gate.backend.shared is shared
+        await gate.aclose()

@@ -90,6 +90,10 @@ _NOTE_ADDRESSES = lua("seen_addresses")
 class AlertState(Protocol):
     """Cool-downs and the addresses each production key has used."""
 
+    @property
+    def shared(self) -> bool:
+        """Whether other processes share this state (so a claim costs a round trip)."""
+
     async def claim(self, name: str, cooldown: float) -> bool:
         """True for the first caller per ``name`` in each ``cooldown`` window."""
 
@@ -105,6 +109,8 @@ class AlertState(Protocol):
 
 class MemoryAlertState:
     """Alert state in this process (bounded)."""
+
+    shared = False
 
     def __init__(
         self,
@@ -150,6 +156,8 @@ class MemoryAlertState:
 
 class RedisAlertState:
     """Alert state in Redis, shared by every process (hash-tagged by key id, with TTLs)."""
+
+    shared = True
 
     def __init__(
         self, client: Redis, *, namespace: str = "keystile", max_known: int = _MAX_KNOWN
@@ -223,7 +231,7 @@ class Alerter:
         self.fired = 0
         self._quota: list[tuple[str, int, int, int]] = []  # key id, before, after, quota
         self._claimed: dict[str, float] = {}  # claims known taken, until their cool-down ends
-        self._remote = isinstance(state, RedisAlertState)
+        self._remote = state.shared  # claims cost a round trip: remember those taken
         self._looked_up: dict[str, float] = {}
         self._lookups_left = 0
         self._candidates: list[tuple[str, str, str, str, dict[str, Any]]] = []

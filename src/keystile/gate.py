@@ -17,7 +17,8 @@ from typing import Literal
 from pydantic import SecretStr
 from redis.exceptions import RedisError
 
-from keystile.alerts import Alerter, AlertRules, AlertState, MemoryAlertState, RedisAlertState
+from keystile.alerts import Alerter, AlertRules
+from keystile.backends import backend_for
 from keystile.clock import Clock, system_clock, to_datetime
 from keystile.cors import OriginIndex
 from keystile.exceptions import StoreError
@@ -26,18 +27,17 @@ from keystile.keys import KeyHasher
 from keystile.manager import KeyManager
 from keystile.models import DEFAULT_POLICY, KeyPolicy
 from keystile.principal import MAX_ORIGIN_MEMO, KeyUser, Principal, principal_of
-from keystile.quotas import MemoryQuotaStore, Quotas, QuotaStore, RedisQuotaStore
-from keystile.ratelimit import Limiter, MemoryLimiter, RedisLimiter
+from keystile.quotas import Quotas
+from keystile.ratelimit import Limiter
 from keystile.settings import KeystileSettings
 from keystile.stores import (
     CachedStore,
     CacheEntry,
     KeyStore,
     MemoryStore,
-    RedisStore,
     open_store,
 )
-from keystile.usage import MemoryUsageStore, RedisUsageStore, UsageRecorder, UsageStore
+from keystile.usage import UsageRecorder
 
 __all__ = ["MAX_ORIGIN_MEMO", "GateHealth", "KeyUser", "Keystile", "Principal"]
 
@@ -56,17 +56,6 @@ def _hasher(secret: str | bytes | SecretStr | None, store: KeyStore) -> KeyHashe
         # Keys in a memory store die with the process, and so may the secret.
         secret = secrets.token_bytes(32)
     return KeyHasher(secret)
-
-
-def _limiter(store: KeyStore, settings: KeystileSettings, clock: Clock) -> Limiter:
-    if isinstance(store, RedisStore):
-        return RedisLimiter(
-            store.client,
-            namespace=store.namespace,
-            timeout=settings.rate_limit_timeout,
-            **settings.fallback_options,
-        )
-    return MemoryLimiter(clock=clock)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,53 +109,31 @@ class Keystile:
         self.policy = policy
         self.clock = clock
         self.lookup_timeout = lookup_timeout
-        self.limiter = limiter if limiter is not None else _limiter(cached.store, settings, clock)
+        # Where every other part keeps its state follows from the key store.
+        backend = backend_for(cached)
+        self.backend = backend
+        self.limiter = limiter if limiter is not None else backend.limiter(settings, clock)
         self._origins: OriginIndex | None = None
-        backend = cached.store
-        usage_store: UsageStore
-        alert_state: AlertState
-        if isinstance(backend, RedisStore):
-            usage_store = RedisUsageStore(
-                backend.client,
-                namespace=backend.namespace,
-                minute_retention=settings.usage_minute_retention,
-                day_retention=settings.usage_day_retention,
-                top_n=settings.usage_top_n,
-            )
-            alert_state = RedisAlertState(backend.client, namespace=backend.namespace)
-        else:
-            usage_store = MemoryUsageStore(
-                clock=clock,
-                minute_retention=settings.usage_minute_retention,
-                day_retention=settings.usage_day_retention,
-                top_n=settings.usage_top_n,
-            )
-            alert_state = MemoryAlertState(clock=clock)
-        self.usage = UsageRecorder(
-            usage_store,
-            clock=clock,
-            interval=settings.usage_flush_interval,
-            max_buckets=settings.usage_max_buckets,
-            top_n=settings.usage_top_n,
-        )
         self.alerts = Alerter(
             alert_rules or AlertRules(),
-            alert_state,
+            backend.alert_state(clock),
             cached.cached,
             cached.get,
             policy,
             clock=clock,
             webhook_url=settings.alert_webhook_url,
         )
-        self.usage.on_flush.append(self.alerts.on_flush)
-        quota_store: QuotaStore = (
-            RedisQuotaStore(backend.client, namespace=backend.namespace)
-            if isinstance(backend, RedisStore)
-            else MemoryQuotaStore(clock=clock)
+        self.usage = UsageRecorder(
+            backend.usage_store(clock, settings),
+            clock=clock,
+            interval=settings.usage_flush_interval,
+            max_buckets=settings.usage_max_buckets,
+            top_n=settings.usage_top_n,
+            on_flush=[self.alerts.on_flush],  # each flush's counts go through the rules
         )
         # Tokens spent and quota refusals count in usage; spends raise the 80/90/100 % alerts.
         self.quotas = Quotas(
-            quota_store,
+            backend.quota_store(clock),
             policy,
             usage=self.usage,
             alerts=self.alerts,
@@ -215,7 +182,7 @@ class Keystile:
         health = getattr(self.limiter, "health", None)  # a limiter without Redis has none
         limiter = health() if callable(health) else Health("rate limiter")
         store = Health("key store")
-        if self._started and isinstance(self.store.store, RedisStore) and not self.store.listening:
+        if self._started and self.backend.shared and not self.store.listening:
             why = "not hearing of key changes (the events channel is down)"
             store = Health("key store", "degraded", last_error=why)
         return GateHealth(limiter, self.quotas.health(), store)

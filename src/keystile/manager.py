@@ -20,6 +20,7 @@ from pydantic import SecretStr, ValidationError
 
 from keystile import keys
 from keystile.authority import Authority
+from keystile.backends import backend_for
 from keystile.clock import Clock, system_clock, to_datetime, to_timestamp
 from keystile.exceptions import (
     FieldError,
@@ -61,7 +62,6 @@ from keystile.usage import (
     UsageOverview,
     UsageReader,
     UsageReport,
-    usage_store_for,
 )
 
 __all__ = [
@@ -142,7 +142,9 @@ class KeyManager:
         self.clock = clock
         # The gate's reader (which flushes its recorder before a report), or a reader of what
         # other processes recorded in the same Redis.
-        self.usage_reader = usage or UsageReader(usage_store_for(store), clock=clock)
+        self.usage_reader = usage or UsageReader(
+            backend_for(store).usage_store(clock), clock=clock
+        )
         self._writing = asyncio.Lock()
 
     def now(self) -> datetime:

@@ -41,7 +41,7 @@ from keystile.usage.models import (
 )
 from keystile.usage.recorder import UsageBatch, UsageRecorder
 from keystile.usage.reports import UsageReader
-from keystile.usage.stores import MemoryUsageStore, RedisUsageStore, UsageStore, usage_store_for
+from keystile.usage.stores import MemoryUsageStore, RedisUsageStore, UsageStore
 
 __all__ = [
     "BYTES_IN",
@@ -72,5 +72,4 @@ __all__ = [
     "UsageStore",
     "UsageTotals",
     "tracked",
-    "usage_store_for",
 ]

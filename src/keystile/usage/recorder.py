@@ -16,6 +16,7 @@ import logging
 import math
 import secrets
 from collections import Counter
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -149,6 +150,11 @@ class UsageBatch:
         return lost
 
 
+# Called after each flush with the batch written and the (key id, minute) counters it
+# touched; may be a coroutine function (the alerter's is).
+FlushCallback = Callable[[UsageBatch, dict[tuple[str, int], list[int]]], Any]
+
+
 class UsageRecorder:
     """Aggregates usage in process and flushes it to a :class:`UsageStore` in batches.
 
@@ -168,6 +174,7 @@ class UsageRecorder:
         interval: float = 1.0,
         max_buckets: int = 50_000,
         top_n: int = 100,
+        on_flush: Iterable[FlushCallback] = (),
     ) -> None:
         self.store = store
         self._clock = clock
@@ -180,7 +187,7 @@ class UsageRecorder:
         self.dropped = 0
         self.flushes = 0
         self.failed_flushes = 0
-        self.on_flush: list[Any] = []
+        self.on_flush: list[FlushCallback] = list(on_flush)
         self._batch = UsageBatch()
         self._retry: list[UsageBatch] = []  # a batch whose write failed, kept whole
         self._minute = -1  # the minute whose table _row() last used, in self._batch

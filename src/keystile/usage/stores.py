@@ -32,7 +32,7 @@ from keystile.usage.models import (
 if TYPE_CHECKING:
     from keystile.usage.recorder import UsageBatch
 
-__all__ = ["MemoryUsageStore", "RedisUsageStore", "UsageStore", "usage_store_for"]
+__all__ = ["MemoryUsageStore", "RedisUsageStore", "UsageStore"]
 
 # One key's share of a flush, applied at most once per batch id (what it takes and
 # returns: the script's file).
@@ -301,14 +301,3 @@ def _counts(raw: dict[Any, Any]) -> list[int]:
         if name in FIELDS:
             counts[FIELDS.index(name)] = int(value)
     return counts
-
-
-def usage_store_for(store: object) -> UsageStore:
-    """A reader of the usage recorded for ``store`` (a key store, cached or not): the
-    Redis usage store on the same Redis and namespace, else an empty memory one."""
-    from keystile.stores.redis import RedisStore
-
-    backend = getattr(store, "store", store)
-    if isinstance(backend, RedisStore):
-        return RedisUsageStore(backend.client, namespace=backend.namespace)
-    return MemoryUsageStore()

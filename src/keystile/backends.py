@@ -1,0 +1,105 @@
+"""What a key store brings with it: where every other part keeps its state.
+
+On the memory store, the rate limiter, token quotas, usage and alert state live in this
+process; on a Redis store they live in the same Redis, under the same namespace, shared by
+every process that uses it. :func:`backend_for` is the one place that choice is made: the
+gate, the manager and the usage readers ask it, and never look at the store's type.
+Another deployment (Cluster, Sentinel) changes how the store's connection is made, not
+this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from redis.asyncio import Redis
+
+from keystile.alerts import AlertState, MemoryAlertState, RedisAlertState
+from keystile.clock import Clock
+from keystile.quotas import MemoryQuotaStore, QuotaStore, RedisQuotaStore
+from keystile.ratelimit import Limiter, MemoryLimiter, RedisLimiter
+from keystile.settings import KeystileSettings
+from keystile.stores.redis import RedisStore
+from keystile.usage import MemoryUsageStore, RedisUsageStore, UsageStore
+
+__all__ = ["Backend", "MemoryBackend", "RedisBackend", "backend_for"]
+
+
+class Backend(Protocol):
+    """Builds the state of every part that lives beside the key records."""
+
+    @property
+    def shared(self) -> bool:
+        """Whether other processes see the same state (a Redis), or only this one."""
+
+    def limiter(self, settings: KeystileSettings, clock: Clock) -> Limiter: ...
+
+    def quota_store(self, clock: Clock) -> QuotaStore: ...
+
+    def usage_store(self, clock: Clock, settings: KeystileSettings | None = None) -> UsageStore:
+        """Where usage is kept; ``settings`` gives its retention (the defaults without)."""
+
+    def alert_state(self, clock: Clock) -> AlertState: ...
+
+
+def _retention(settings: KeystileSettings | None) -> dict[str, Any]:
+    if settings is None:
+        return {}
+    return {
+        "minute_retention": settings.usage_minute_retention,
+        "day_retention": settings.usage_day_retention,
+        "top_n": settings.usage_top_n,
+    }
+
+
+class MemoryBackend:
+    """Everything in this process."""
+
+    shared = False
+
+    def limiter(self, settings: KeystileSettings, clock: Clock) -> Limiter:
+        return MemoryLimiter(clock=clock)
+
+    def quota_store(self, clock: Clock) -> QuotaStore:
+        return MemoryQuotaStore(clock=clock)
+
+    def usage_store(self, clock: Clock, settings: KeystileSettings | None = None) -> UsageStore:
+        return MemoryUsageStore(clock=clock, **_retention(settings))
+
+    def alert_state(self, clock: Clock) -> AlertState:
+        return MemoryAlertState(clock=clock)
+
+
+@dataclass(frozen=True, slots=True)
+class RedisBackend:
+    """Everything in the key store's Redis, under its namespace."""
+
+    client: Redis
+    namespace: str
+    shared = True
+
+    def limiter(self, settings: KeystileSettings, clock: Clock) -> Limiter:
+        return RedisLimiter(
+            self.client,
+            namespace=self.namespace,
+            timeout=settings.rate_limit_timeout,
+            **settings.fallback_options,
+        )
+
+    def quota_store(self, clock: Clock) -> QuotaStore:
+        return RedisQuotaStore(self.client, namespace=self.namespace)
+
+    def usage_store(self, clock: Clock, settings: KeystileSettings | None = None) -> UsageStore:
+        return RedisUsageStore(self.client, namespace=self.namespace, **_retention(settings))
+
+    def alert_state(self, clock: Clock) -> AlertState:
+        return RedisAlertState(self.client, namespace=self.namespace)
+
+
+def backend_for(store: object) -> Backend:
+    """The backend of a key store (cached or not): its Redis's, or this process's."""
+    inner = getattr(store, "store", store)  # a CachedStore's own
+    if isinstance(inner, RedisStore):
+        return RedisBackend(inner.client, inner.namespace)
+    return MemoryBackend()
