@@ -35,11 +35,11 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from keystile.clock import Clock, system_clock, to_datetime, to_timestamp
-from keystile.exceptions import KeystileError
+from keystile.exceptions import KeystileError, StoreError
 from keystile.models import ApiKey, KeyPolicy
+from keystile.redis.errors import translated
 from keystile.redis.schema import RedisSchema
 from keystile.redis.scripts import lua
 from keystile.usage import ERRORS_4XX, ERRORS_5XX, INACTIVE, REQUESTS, UsageBatch
@@ -175,12 +175,14 @@ class RedisAlertState:
     async def claim(self, name: str, cooldown: float) -> bool:
         return (await self.claim_many([name], cooldown))[0]
 
+    @translated("claiming an alert")
     async def claim_many(self, names: list[str], cooldown: float) -> list[bool]:
         async with self.client.pipeline(transaction=False) as pipe:  # one round trip
             for name in names:
                 pipe.set(self._name(name), b"1", nx=True, px=max(1, int(cooldown * 1000)))
             return [bool(r) for r in await pipe.execute()]
 
+    @translated("noting the addresses a key used")
     async def new_addresses(self, seen: dict[str, set[str]]) -> dict[str, list[str]]:
         if not seen:
             return {}
@@ -285,7 +287,7 @@ class Alerter:
             # Every address a production key used since the last flush, in one pipeline.
             try:
                 fresh = await self.state.new_addresses(batch.seen_ips)
-            except (RedisError, OSError) as exc:
+            except StoreError as exc:
                 logger.warning("alert state unavailable (%s)", type(exc).__name__)
                 fresh = {}
             for key_id, ips in fresh.items():
@@ -331,7 +333,7 @@ class Alerter:
             self._looked_up[key_id] = clock + 3600
             try:
                 record = await self.lookup(key_id)
-            except (KeystileError, RedisError, OSError):
+            except KeystileError:  # the store follows the one error contract
                 return
         if record is None or record.replaced_by is not None:
             return
@@ -367,7 +369,7 @@ class Alerter:
             return
         try:
             won = await self.state.claim_many([c[0] for c in candidates], self.rules.cooldown)
-        except (RedisError, OSError) as exc:
+        except StoreError as exc:
             logger.warning("alert state unavailable (%s); alerts not sent", type(exc).__name__)
             return
         for (_, rule, key_id, message, details), ok in zip(candidates, won, strict=True):

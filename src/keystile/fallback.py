@@ -14,15 +14,17 @@ from typing import Any, Literal, TypeVar
 
 from redis.exceptions import RedisError
 
-from keystile.exceptions import StoreUnavailable
+from keystile.exceptions import StoreError, StoreUnavailable
 
 __all__ = ["FailureMode", "Fallback", "FallingBack", "Health", "redis_address"]
 
 FailureMode = Literal["allow", "deny"]
 T = TypeVar("T")
 
-# What failing to get Redis' answer looks like (StoreUnavailable: an answer that is none).
-REDIS_FAILED = (TimeoutError, StoreUnavailable, RedisError, OSError)
+# What failing to get Redis' answer looks like: the stores' errors (StoreError, and its
+# StoreUnavailable: an answer that is none), and redis-py's or the socket's own from a
+# limiter that talks to Redis itself.
+REDIS_FAILED = (TimeoutError, StoreError, RedisError, OSError)
 # The cause of a refusal made while backing off, without asking Redis.
 BACKING_OFF = ConnectionError("Redis failed repeatedly: backing off")
 

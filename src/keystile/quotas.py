@@ -34,6 +34,9 @@ from keystile.exceptions import StoreUnavailable
 from keystile.fallback import FailureMode, Fallback, FallingBack, redis_address
 from keystile.models import ApiKey, KeyPolicy
 from keystile.principal import PRINCIPAL, REFUSALS
+from keystile.redis.errors import translated
+from keystile.redis.schema import RedisSchema
+from keystile.redis.scripts import lua
 from keystile.responses import Headers, Refusal, Refusals, raise_refusal
 from keystile.usage import UsageRecorder
 
@@ -126,40 +129,8 @@ class MemoryQuotaStore:
         return None
 
 
-# KEYS[1]: the key's buckets (a hash: minute -> tokens), hash-tagged by key id.
-# ARGV: tokens, quota, mode, now in ms ('' = Redis' own clock).
-# Returns: allowed, tokens spent in the rolling hour afterwards, oldest minute (-1: none),
-# now in ms.
-_SCRIPT = """
-local tokens, quota, mode = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
-local now
-if ARGV[4] ~= '' then now = tonumber(ARGV[4]) else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-local minute = math.floor(now / 60000)
-local spent, oldest = 0, -1
-local fields = redis.call('HGETALL', KEYS[1])
-for i = 1, #fields, 2 do
-  local m = tonumber(fields[i])
-  if m <= minute - 60 then
-    redis.call('HDEL', KEYS[1], fields[i])
-  else
-    spent = spent + tonumber(fields[i + 1])
-    if oldest < 0 or m < oldest then oldest = m end
-  end
-end
-local ok = true
-if mode == 'reserve' then ok = spent + tokens <= quota
-elseif mode == 'check' then ok = spent < quota end
-if ok and mode ~= 'check' and tokens > 0 then
-  redis.call('HINCRBY', KEYS[1], minute, tokens)
-  redis.call('PEXPIRE', KEYS[1], 3660000)
-  spent = spent + tokens
-  if oldest < 0 then oldest = minute end
-end
-return {ok and 1 or 0, spent, oldest, now}
-"""
+# The token-quota script (keystile/redis/lua/token_quota.lua): one atomic call per spend.
+_SCRIPT = lua("token_quota")
 
 
 class RedisQuotaStore:
@@ -168,11 +139,13 @@ class RedisQuotaStore:
     def __init__(self, client: Redis, *, namespace: str = "keystile") -> None:
         self.client = client
         self.namespace = namespace
+        self.names = RedisSchema(namespace)
         self._script = client.register_script(_SCRIPT)
 
     def bucket_key(self, key_id: str) -> str:
-        return f"{self.namespace}:quota:{{{key_id}}}"
+        return self.names.quota(key_id)
 
+    @translated("spending AI tokens")
     async def spend(
         self, key_id: str, tokens: int, quota: int, mode: Mode, now_ms: int | None = None
     ) -> QuotaState:
@@ -182,6 +155,7 @@ class RedisQuotaStore:
         ok, spent, oldest, now = (int(v) for v in raw)
         return _state(spent, oldest if oldest >= 0 else None, now / 1000, quota, ok == 1)
 
+    @translated("loading the token-quota script")
     async def start(self) -> None:
         await self.client.script_load(_SCRIPT)
 
