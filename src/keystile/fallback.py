@@ -47,6 +47,13 @@ def redis_address(client: object) -> str:
     return f"{f'[{host}]' if ':' in host else host}:{options.get('port', 6379)}"
 
 
+def _cause(exc: BaseException) -> BaseException:
+    """What went wrong under a store's error (it is raised from the original)."""
+    if isinstance(exc, StoreError) and exc.__cause__ is not None:
+        return exc.__cause__
+    return exc
+
+
 @dataclass(frozen=True, slots=True)
 class Health:
     """What one component knows of the Redis it needs: ``"ok"``, or ``"degraded"`` while it
@@ -204,7 +211,8 @@ class Fallback:
             self._down_at, self._down_since = self.monotonic(), datetime.now(UTC)
         self.failures += 1
         if exc is not None:
-            self._error = f"{type(exc).__name__}: {str(exc)[:200]}"
+            cause = _cause(exc)
+            self._error = f"{type(cause).__name__}: {str(cause)[:200]}"
         if tried:
             if not self._announced:
                 self._announce()
@@ -238,7 +246,7 @@ class Fallback:
             self._logger.warning(
                 "%s unavailable (%s); %s (passes so far: %d)",
                 self._what,
-                "backing off" if exc is None else type(exc).__name__,
+                "backing off" if exc is None else type(_cause(exc)).__name__,
                 "refusing" if deny else "letting requests through",
                 self.passes,
             )

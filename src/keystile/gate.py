@@ -15,7 +15,6 @@ from datetime import datetime
 from typing import Literal
 
 from pydantic import SecretStr
-from redis.exceptions import RedisError
 
 from keystile.alerts import Alerter, AlertRules
 from keystile.backends import backend_for
@@ -170,7 +169,7 @@ class Keystile:
         try:
             await self.limiter.start()
             await self.quotas.store.start()
-        except (StoreError, RedisError, OSError) as exc:
+        except StoreError as exc:
             logger.warning("could not prepare the rate limiter: %s", type(exc).__name__)
 
     def health(self) -> GateHealth:

@@ -28,6 +28,7 @@ from keystile.fallback import FailureMode, Fallback, FallingBack, redis_address
 from keystile.ratelimit.base import check_cost, retry_after, whole_seconds
 from keystile.rates import Decision, LimitSet
 from keystile.redis.connect import lean_connection
+from keystile.redis.errors import translated
 from keystile.redis.lean import ReplyError, encode
 from keystile.redis.schema import RedisSchema
 from keystile.redis.scripts import lua
@@ -134,6 +135,7 @@ class RedisLimiter(FallingBack):
         """Whether decisions go over the limiter's own lean connection."""
         return self._lean is not None
 
+    @translated("loading the rate-limit script")
     async def start(self) -> None:
         """Load the script, so no request pays for a NOSCRIPT retry (and, on the lean
         path, connect)."""
