@@ -94,3 +94,13 @@ def test_every_setting_is_listed_under_configuration() -> None:
     expected = {f"KEYSTILE_{name.upper()}" for name in KeystileSettings.model_fields}
     assert expected - listed == set(), "settings missing from the README"
     assert listed - expected == set(), "README lists settings that do not exist"
+
+
+def test_the_shipped_text_cites_no_working_document() -> None:
+    """What ships (the README, docs/, the package's sources and scripts) says things in its
+    own words: no "SPEC §n" pointing at a document that does not ship."""
+    root = Path(__file__).parents[1]
+    shipped = [root / "README.md", *sorted((root / "src").rglob("*.py"))]
+    shipped += sorted((root / "src").rglob("*.lua")) + sorted((root / "docs").rglob("*.md"))
+    citing = [str(p.relative_to(root)) for p in shipped if "SPEC" in p.read_text()]
+    assert citing == []

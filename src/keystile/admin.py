@@ -1,4 +1,4 @@
-"""The admin REST API (SPEC §8): a thin shell over :class:`~keystile.manager.KeyManager`.
+"""The admin REST API: a thin shell over :class:`~keystile.manager.KeyManager`.
 
 Mount it under an app that runs :class:`~keystile.middleware.KeystileMiddleware`, which
 authenticates the caller; each endpoint then checks its scope itself::
@@ -27,7 +27,7 @@ GET     ``/{id}/usage``     ``admin:view_usage``   the usage of one key
 takes an optional body ``{"grace_seconds": 86400}``.
 
 The secret appears only in the answers to create and rotate (sent with
-``Cache-Control: no-store``). Errors keep the SPEC envelope ``{"error": {"code",
+``Cache-Control: no-store``). Errors keep the envelope ``{"error": {"code",
 "message"}}``: invalid input is 422 ``validation_failed`` with ``"fields": [{"field",
 "message"}, ...]``; a body that is not JSON is 400 ``invalid_json``; an unknown id is 404
 ``not_found``; a key that cannot be rotated is 409 (``key_revoked``, ``key_expired``,
@@ -140,7 +140,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 def admin_app(gate: Keystile) -> Starlette:
     """The admin endpoints as an app to mount, e.g. ``Mount("/cloud/keys",
-    app=admin_app(gate))``, answering unknown paths and methods in the SPEC's JSON envelope
+    app=admin_app(gate))``, answering unknown paths and methods in the library's JSON envelope
     too. It does not authenticate: the middleware in front does."""
     return Starlette(routes=admin_routes(gate), exception_handlers={HTTPException: _http_error})
 

@@ -1,5 +1,5 @@
 """The admin endpoints as plain ``request -> response`` handlers (:class:`AdminAPI`), with
-the scopes they need and the SPEC's error envelope (:func:`error_response`).
+the scopes they need and the error envelope (:func:`error_response`).
 
 They check no scopes and read only the request: :mod:`keystile.admin` wraps them in
 Starlette routes that check the scopes, :mod:`keystile.admin_fastapi` in a FastAPI router
@@ -60,7 +60,7 @@ def error_response(
     fields: Sequence[FieldError] | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
-    """The SPEC's error envelope, with a field-by-field list when there is one."""
+    """The error envelope, with a field-by-field list when there is one."""
     error: dict[str, Any] = {"code": code, "message": message}
     if fields is not None:
         error["fields"] = [{"field": f.field, "message": f.message} for f in fields]

@@ -1,4 +1,4 @@
-"""Alerts, evaluated as usage is flushed (SPEC §7).
+"""Alerts, evaluated as usage is flushed.
 
 Rules (each optional, see :class:`AlertRules`):
 

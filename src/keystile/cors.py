@@ -1,4 +1,4 @@
-"""CORS for browser keys (SPEC §5): preflights answered before authentication from the
+"""CORS for browser keys: preflights answered before authentication from the
 union of every active key's allowed origins (plus the app's own), and the headers of
 actual responses. Origin parsing and matching live in :mod:`keystile.origins`.
 """
@@ -28,7 +28,7 @@ _Entry = tuple[tuple[OriginPattern, ...], float]  # a key's allowed origins, its
 
 class OriginIndex:
     """The union of the allowed origins of every *active* key in a store: the policy that
-    answers preflights, which never carry a key (SPEC §5).
+    answers preflights, which never carry a key.
 
     Loaded in full once, then kept current from the store's change announcements (this
     process at once, others through Redis pub/sub): each announced key is re-read. A resync

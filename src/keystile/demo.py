@@ -376,7 +376,7 @@ def build_demo_app(gate: Keystile, state: DemoState | None = None) -> Starlette:
         Route("/cloud/ai/infer", infer, methods=["POST"]),
         Route("/cloud/files/{path:path}", files, methods=["GET", "PUT"]),
     ]
-    # The admin REST API (SPEC §8), guarded by admin:manage_keys / admin:view_usage.
+    # The admin REST API, guarded by admin:manage_keys / admin:view_usage.
     routes.append(Mount("/cloud/keys", app=admin_app(gate)))
     app = Starlette(routes=routes)
     rules = [*DEMO_RULES, *admin_rules("/cloud/keys")]

@@ -1,4 +1,4 @@
-"""What a decision Redis must make does when Redis cannot make it (SPEC §9): rate limits
+"""What a decision Redis must make does when Redis cannot make it: rate limits
 and token quotas follow a failure mode, count and log what they let through, and stop
 asking a Redis that keeps failing for a while."""
 

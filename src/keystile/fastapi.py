@@ -1,4 +1,4 @@
-"""FastAPI integration: per-route scopes as a ``Security`` dependency (SPEC §3).
+"""FastAPI integration: per-route scopes as a ``Security`` dependency.
 
 ::
 
@@ -14,7 +14,7 @@
 The scopes appear in the OpenAPI document as requirements of the ``Keystile`` bearer
 scheme. Authentication itself is done by :class:`~keystile.middleware.KeystileMiddleware`,
 which must be installed in front of the app (or of an app that mounts it); refusals keep
-the SPEC's JSON body and ``WWW-Authenticate`` header (see :class:`keystile.Refusal`), and a
+the library's JSON body and ``WWW-Authenticate`` header (see :class:`keystile.Refusal`), and a
 websocket handshake is closed with 1008 (policy violation), as the middleware does.
 """
 

@@ -1,6 +1,6 @@
 """The key format: generate, check and hash API keys.
 
-A key is ``prefix + body + checksum`` (SPEC §2, the GitHub token scheme):
+A key is ``prefix + body + checksum`` (the GitHub token scheme):
 
 - ``prefix`` names the key type, e.g. ``prod_``;
 - ``body`` is 27 base62 characters drawn from :mod:`secrets` (62**27 > 2**160);

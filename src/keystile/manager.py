@@ -1,4 +1,4 @@
-"""The one management API (SPEC §8): create, get, list, update, revoke, rotate and usage.
+"""The one management API: create, get, list, update, revoke, rotate and usage.
 
 The admin REST API (:mod:`keystile.admin`) and the command line (:mod:`keystile.cli`) are
 thin shells over this module; nothing here knows they exist. Every input is validated

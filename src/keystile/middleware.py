@@ -314,7 +314,7 @@ class KeystileMiddleware:
         a request from elsewhere (or ``None``)."""
         origin = None
         if principal.origins:
-            # The key's own list decides (SPEC §5); the app is never called otherwise.
+            # The key's own list decides; the app is never called otherwise.
             origins = [v for k, v in scope["headers"] if k == b"origin"]
             if origins:
                 if len(origins) > 1 or not principal.origin_ok(origins[0]):

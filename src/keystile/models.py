@@ -1,4 +1,4 @@
-"""The key record, the key-type policy table and their validation (SPEC §1, §2, §3).
+"""The key record, the key-type policy table and their validation.
 
 - :class:`KeySettings` is what a caller chooses for a key (name, type, scopes, origins,
   IPs, limits, expiry, metadata); its field validators check each value's *format*.
@@ -47,7 +47,7 @@ __all__ = [
 
 
 class KeyType(StrEnum):
-    """The three key types of SPEC §1."""
+    """The three key types."""
 
     DEV = "dev"
     PROD = "prod"
@@ -112,7 +112,7 @@ class KeySettings(_KeyFields):
 
 
 class ApiKey(_KeyFields):
-    """A stored key record (SPEC §2). Holds no secret and no digest of one."""
+    """A stored key record. Holds no secret and no digest of one."""
 
     id: str
     type: KeyType
@@ -135,7 +135,7 @@ class ApiKey(_KeyFields):
 
 
 class KeyTypePolicy(BaseModel):
-    """The rules of one key type: prefix, defaults and restrictions (SPEC §1)."""
+    """The rules of one key type: prefix, defaults and restrictions."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -182,7 +182,7 @@ def _field_name(loc: tuple[int | str, ...]) -> str:
 
 
 def field_errors(exc: ValidationError) -> list[FieldError]:
-    """pydantic's errors as :class:`FieldError` s named like the SPEC's JSON fields."""
+    """pydantic's errors as :class:`FieldError` s named like the JSON fields."""
     errors = []
     for error in exc.errors(include_url=False, include_input=False):
         message = error["msg"].removeprefix("Value error, ")

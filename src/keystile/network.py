@@ -1,4 +1,4 @@
-"""Network rules: IP allowlist entries and the client's address (SPEC §6).
+"""Network rules: IP allowlist entries and the client's address.
 
 Entries are single addresses or CIDR networks, IPv4 or IPv6. IPv4-mapped IPv6
 (``::ffff:10.0.0.1``) is normalised to IPv4 so one rule covers both spellings.
@@ -85,7 +85,7 @@ def parse_address(text: str) -> IPAddress | None:
 
 
 class ClientAddress:
-    """Where a request comes from (SPEC §6).
+    """Where a request comes from.
 
     The ASGI ``client`` — unless that peer is one of ``trusted_proxies``: then
     ``X-Forwarded-For`` is read from the right, skipping trusted hops, and the first

@@ -1,4 +1,4 @@
-"""Origins: parsing, normalising and matching (SPEC §5).
+"""Origins: parsing, normalising and matching.
 
 Matching is on the parsed scheme, host and port, never on strings. An allowed-origin
 entry is an exact origin (``https://app.example.com``, ``http://localhost:5173``) or a

@@ -1,4 +1,4 @@
-"""AI token quotas: an hourly token budget per key (SPEC §1), spent by handlers.
+"""AI token quotas: an hourly token budget per key, spent by handlers.
 
 The budget is the key's own ``token_quota`` or its type's default. Spending is counted in
 one-minute buckets over a rolling hour: a request is measured against the tokens spent in

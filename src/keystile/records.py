@@ -48,7 +48,7 @@ RECORD_FIELDS = (
     "replaces",
     "replaced_by",
 )
-"""A key record's JSON fields, in the SPEC's order."""
+"""A key record's JSON fields, in the documented order."""
 
 _CURSOR_TAG = "k1:"
 KEY_ID = re.compile(rf"{keys.KEY_ID_PREFIX}[0-9A-Za-z]{{1,60}}")
@@ -100,7 +100,7 @@ class KeyPage:
 
 
 def record_json(key: ApiKey) -> dict[str, Any]:
-    """A key record as the SPEC's JSON object: times ISO 8601 UTC, absent values null."""
+    """A key record as its documented JSON object: times ISO 8601 UTC, absent values null."""
     data = key.model_dump(mode="json")
     return {name: data[name] for name in RECORD_FIELDS}
 

@@ -1,7 +1,7 @@
-"""The HTTP refusals of SPEC §4, rendered as raw ASGI messages.
+"""The HTTP refusals, rendered as raw ASGI messages.
 
 Every refusal is JSON ``{"error": {"code": ..., "message": ...}}`` with the status and
-headers the SPEC gives; authentication refusals carry ``WWW-Authenticate`` as RFC 6750 §3
+headers documented in the README; authentication refusals carry ``WWW-Authenticate`` as RFC 6750 §3
 spells it. Static refusals are built once and sent as prebuilt bytes.
 """
 
@@ -25,7 +25,7 @@ Headers = list[tuple[bytes, bytes]]
 
 
 class Refusal(HTTPException, KeystileError):
-    """An HTTP refusal, with the SPEC's body and headers.
+    """An HTTP refusal, with the library's body and headers.
 
     The middleware sends refusals as raw ASGI. Code below it (the FastAPI dependency, an
     endpoint) raises one with :func:`raise_refusal`: as an ``HTTPException`` it is answered
@@ -80,7 +80,7 @@ class Refusal(HTTPException, KeystileError):
 
 
 async def refusal_handler(conn: HTTPConnection, exc: Exception) -> Response | None:
-    """A Starlette/FastAPI exception handler answering a :class:`Refusal` as the SPEC says:
+    """A Starlette/FastAPI exception handler answering a :class:`Refusal`:
     the response, or for a websocket the handshake closed with 1008 (policy violation).
 
     ``app.add_exception_handler(Refusal, refusal_handler)`` registers it up front;
@@ -101,7 +101,7 @@ _HANDLERS = "starlette.exception_handlers"
 
 def raise_refusal(conn: HTTPConnection, refusal: Refusal) -> NoReturn:
     """Raise ``refusal`` from an endpoint or dependency, so that the nearest app answers it
-    with the SPEC's body and headers — not with its generic ``{"detail": ...}``."""
+    with the library's body and headers — not with its generic ``{"detail": ...}``."""
     tables = conn.scope.get(_HANDLERS)
     if tables is not None and Refusal not in tables[0]:
         tables[0][Refusal] = refusal_handler

@@ -1,4 +1,4 @@
-"""Per-route scopes (SPEC §3), configured at the endpoint or centrally:
+"""Per-route scopes, configured at the endpoint or centrally:
 
 - :func:`scopes_required` decorates a Starlette endpoint (function or method taking a
   ``request`` or ``websocket``);
@@ -181,7 +181,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 def scopes_required(*scopes: str) -> Callable[[F], F]:
     """Refuse requests to the decorated Starlette endpoint unless the key holds ``scopes``.
 
-    HTTP requests get the SPEC's 403 ``insufficient_scope``; websockets are closed with
+    HTTP requests get the library's 403 ``insufficient_scope``; websockets are closed with
     1008 (policy violation) before they are accepted.
     """
 

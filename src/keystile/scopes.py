@@ -1,6 +1,6 @@
 """The scope catalogue: which ``service:action`` scopes exist, and what a held scope grants.
 
-``service:*`` grants every action of a service and ``*`` grants everything (SPEC §3).
+``service:*`` grants every action of a service and ``*`` grants everything.
 The catalogue is configuration: apps with other services pass their own.
 """
 
