@@ -54,7 +54,24 @@ class CacheEntry:
 
 
 class CachedStore:
-    """A :class:`~keystile.stores.protocol.KeyStore` with a bounded cache in front."""
+    """A :class:`~keystile.stores.protocol.KeyStore` with a bounded cache in front.
+
+    Its reads, by what they are given and whether they may wait on the store:
+
+    ==================  ===========  ===========  =========================================
+    method              given        may do I/O   answers
+    ==================  ===========  ===========  =========================================
+    :meth:`recall`      credential   no           the entry an admitted ``Bearer`` value
+                                                  resolved to (the middleware's fast path)
+    :meth:`peek`        digest       no           the fresh entry, else ``None``
+    :meth:`lookup`      digest       yes          the entry (cached, or fetched and cached)
+    :meth:`find`        digest       yes          :meth:`lookup`'s record
+    :meth:`cached`      key id       no           the fresh entry's record, else ``None``
+    :meth:`get`         key id       yes          the store's record, never the cache's:
+                                                  what is read to be written back must be
+                                                  current
+    ==================  ===========  ===========  =========================================
+    """
 
     def __init__(
         self,
