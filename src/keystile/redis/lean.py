@@ -205,7 +205,7 @@ class _Connection(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.timer_at = math.inf  # when the timer fires (inf: not armed)
         self.lost = False
-        self.closed: asyncio.Future[None] = loop.create_future()  # done once the socket is
+        self.closed: asyncio.Future[None] = loop.create_future()  # done once it is closed
         self.writes = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
