@@ -116,3 +116,15 @@ def test_every_name_a_module_exports_exists(module: str) -> None:
     loaded = importlib.import_module(module)
     for name in loaded.__all__:
         assert hasattr(loaded, name), name
+
+
+def test_every_module_holds_one_concern_of_readable_size() -> None:
+    """No module under src/ grows past ~500 lines (one concern each): a module that must
+    says why in its docstring, with the words "one concern"."""
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text()
+        lines = text.count("\n")
+        if lines > 520 and "one concern" not in (ast.get_docstring(ast.parse(text)) or ""):
+            long.append(f"{path.relative_to(PACKAGE)}: {lines} lines")
+    assert long == []
