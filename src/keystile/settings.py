@@ -22,7 +22,9 @@ class KeystileSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KEYSTILE_", extra="ignore", frozen=True)
 
     redis_url: str | None = Field(
-        default=None, description="Redis URL; unset means the in-memory store."
+        default=None,
+        description="Redis URL (redis://, rediss://, unix://, redis+sentinel://); unset means "
+        "the in-memory store.",
     )
     secret: SecretStr | None = Field(
         default=None, description="Server secret keyed into every key digest (HMAC-SHA256)."

@@ -37,7 +37,7 @@ from keystile.usage import UsageOverview
 
 __all__ = ["execute", "run_scan", "run_with_store"]
 
-_STORE_SCHEMES = ("redis", "rediss", "unix")
+_STORE_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
 
 
 # -- output ------------------------------------------------------------------------------
@@ -342,7 +342,8 @@ async def run_with_store(args: argparse.Namespace, out: TextIO, err: TextIO) -> 
         scheme = ""
     if scheme not in _STORE_SCHEMES:
         raise CommandLineError(
-            "the store must be a redis://, rediss:// or unix:// URL shared with your app "
+            "the store must be a redis://, rediss://, unix:// or redis+sentinel:// URL shared "
+            "with your app "
             "(keys kept in memory would vanish when this command exits)"
         )
     where = redacted_url(url)

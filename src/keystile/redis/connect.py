@@ -1,8 +1,13 @@
 """The one place keystile builds Redis connections.
 
-- :func:`open_redis` — a ``redis.asyncio`` client from a URL, on a pool that *waits* for a
-  free connection (``BlockingConnectionPool``) instead of failing with "Too many
-  connections" under bursts, with a timeout on every command and connection attempt.
+- :func:`open_redis` — a ``redis.asyncio`` client from a URL, with a timeout on every
+  command and connection attempt: ``redis://``, ``rediss://`` and ``unix://`` on a pool
+  that *waits* for a free connection (``BlockingConnectionPool``) instead of failing with
+  "Too many connections" under bursts; ``redis+sentinel://`` (``rediss+sentinel://``
+  for TLS to the master), spelt as ``limits`` spells it —
+  ``redis+sentinel://[[user]:password@]host:port[,host:port...]/service[?db=N]`` — to the
+  master the sentinels name, followed through failovers. The credentials are the master's
+  and the sentinels' alike.
 - :func:`lean_connection` — the rate limiter's own connection
   (:class:`keystile.redis.lean.LeanRedis`) to the server a client talks to, when it can
   stand in for that client.
@@ -10,16 +15,25 @@
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import Connection, UnixDomainSocketConnection
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 
 from keystile.redis.lean import LeanRedis
 
-__all__ = ["lean_connection", "open_redis", "redacted_url"]
+__all__ = [
+    "SENTINEL_SCHEMES",
+    "close_redis",
+    "lean_connection",
+    "open_redis",
+    "redacted_url",
+]
+
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 
 
 def redacted_url(url: str) -> str:
@@ -42,6 +56,8 @@ def open_redis(
     """A client on a fresh pool of at most ``pool_size`` connections that waits up to
     ``pool_timeout`` for a free one, with ``timeout`` seconds per command and connection
     attempt."""
+    if urlsplit(url).scheme in SENTINEL_SCHEMES:
+        return _sentinel_master(url, pool_size=pool_size, timeout=timeout, client_name=client_name)
     try:
         pool = aioredis.BlockingConnectionPool.from_url(
             url,
@@ -63,6 +79,61 @@ def open_redis(
             f"{redacted_url(url)} is not a Redis URL keystile can use ({problem})"
         ) from None
     return aioredis.Redis.from_pool(pool)
+
+
+def _sentinel_master(
+    url: str, *, pool_size: int, timeout: float, client_name: str | None
+) -> aioredis.Redis:
+    """The master a Sentinel deployment names (see :func:`open_redis`)."""
+    parts = urlsplit(url)
+    shown = redacted_url(url)
+    service = parts.path.strip("/")
+    hosts = parts.netloc.rpartition("@")[2]
+    try:
+        locations = [_host_port(h, 26379) for h in hosts.split(",")] if hosts else []
+        db = int(dict(parse_qsl(parts.query)).get("db", 0))
+    except ValueError:
+        locations, db = [], -1
+    if not service or "/" in service or not locations or db < 0:
+        raise ValueError(
+            f"{shown} is not a Sentinel URL: use "
+            "redis+sentinel://[[user]:password@]host:port[,host:port]/service[?db=N]"
+        )
+    auth = {"username": unquote(parts.username or "") or None}
+    auth["password"] = unquote(parts.password) if parts.password is not None else None
+    auth = {k: v for k, v in auth.items() if v is not None}
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        locations,
+        sentinel_kwargs={**auth, "socket_timeout": timeout, "socket_connect_timeout": timeout},
+        **auth,
+    )
+    master: aioredis.Redis = sentinel.master_for(
+        service,
+        db=db,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 1),
+        client_name=client_name,
+        max_connections=pool_size,
+        ssl=parts.scheme == "rediss+sentinel",
+    )
+    return master
+
+
+async def close_redis(client: aioredis.Redis) -> None:
+    """Close a client from :func:`open_redis`, with the sentinels' own connections when it
+    reaches its master through them."""
+    await client.aclose()
+    manager = getattr(client.connection_pool, "sentinel_manager", None)
+    for watcher in getattr(manager, "sentinels", ()):
+        await watcher.aclose()
+
+
+def _host_port(text: str, default: int) -> tuple[str, int]:
+    host, colon, port = text.strip().rpartition(":")
+    if not colon:
+        return text.strip(), default
+    return host.strip("[]"), int(port)
 
 
 def lean_connection(client: aioredis.Redis, *, timeout: float = 0.25) -> LeanRedis | None:

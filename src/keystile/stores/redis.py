@@ -27,7 +27,7 @@ from keystile.exceptions import (
     KeyNotFound,
 )
 from keystile.models import ApiKey
-from keystile.redis.connect import open_redis
+from keystile.redis.connect import close_redis, open_redis
 from keystile.redis.errors import REDIS_FAILURES, redis_errors
 from keystile.redis.schema import RedisSchema
 from keystile.stores.protocol import StoreListener
@@ -266,7 +266,7 @@ class RedisStore:
                 await task
         self._listening = False
         with contextlib.suppress(*REDIS_FAILURES):
-            await self.client.aclose()
+            await close_redis(self.client)
 
     def __repr__(self) -> str:
         return f"RedisStore(namespace={self.namespace!r})"

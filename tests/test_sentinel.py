@@ -1,0 +1,131 @@
+"""Redis behind Sentinel: ``redis+sentinel://`` URLs, against a sentinel of the test's own.
+
+A redis-server of the test's own is the master; a sentinel (``redis-server --sentinel``) on
+another free loopback port watches it under the name ``ksmaster``. keystile reaches the
+master through the sentinel: keys are created, authenticate, are rate-limited exactly and
+revoked at once, as on a plain URL.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from conftest import SECRET
+from faults.redis_server import RedisServer, free_port, need_redis_server
+from keystile import Keystile, KeystileSettings
+from keystile.cli import main
+from keystile.redis.connect import open_redis
+from test_middleware import bearer, client, make_app
+
+SERVICE = "ksmaster"
+
+
+class Sentinel:
+    """One sentinel watching ``master`` as :data:`SERVICE`, stopped by pid."""
+
+    def __init__(self, master: RedisServer) -> None:
+        self.port = free_port()
+        self.config = master.dir / "sentinel.conf"
+        self.config.write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndir {master.dir}\n"
+            f"sentinel monitor {SERVICE} 127.0.0.1 {master.port} 1\n"
+            f"sentinel down-after-milliseconds {SERVICE} 1000\n"
+        )
+        log = Path(master.dir) / "sentinel.log"
+        self.process = subprocess.Popen(
+            ["redis-server", str(self.config), "--sentinel", "--logfile", str(log)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        admin = redis.Redis(port=self.port, socket_timeout=1)
+        deadline = time.monotonic() + 10
+        while True:  # ready once it names the master
+            try:
+                if admin.execute_command("SENTINEL", "get-master-addr-by-name", SERVICE):
+                    break
+            except redis.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.02)
+        admin.close()
+
+    def close(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=10)
+
+
+@pytest.fixture
+def sentinel() -> Iterator[tuple[RedisServer, Sentinel]]:
+    need_redis_server()
+    master = RedisServer()
+    master.start()
+    watcher = Sentinel(master)
+    yield master, watcher
+    watcher.close()
+    master.close()
+
+
+async def test_a_gate_reaches_the_master_through_the_sentinel(
+    sentinel: tuple[RedisServer, Sentinel],
+) -> None:
+    """Through ``redis+sentinel://host:port/service``: a created key authenticates, its
+    record is on the master, its rate limit is exact, and its revocation is immediate."""
+    master, watcher = sentinel
+    url = f"redis+sentinel://127.0.0.1:{watcher.port}/{SERVICE}"
+    gate = Keystile(store=url, secret=SECRET, settings=KeystileSettings(namespace="kstest-sen"))
+    await gate.startup()
+    try:
+        created = await gate.manager.create(
+            {"name": "s", "type": "dev", "scopes": ["vec:read"], "rate_limit": "3/minute"}
+        )
+        assert master.admin.exists(f"kstest-sen:key:{{{created.key.id}}}") == 1
+        secret = created.secret.get_secret_value()
+        app, _ = make_app(gate)
+        async with client(app) as http:
+            answers = [await http.get("/x", headers=bearer(secret)) for _ in range(5)]
+            assert [a.status_code for a in answers] == [200, 200, 200, 429, 429]
+            await gate.manager.revoke(created.key.id)
+            revoked = await http.get("/x", headers=bearer(secret))
+        assert revoked.status_code == 401
+        assert gate.limiter.passes == 0  # type: ignore[attr-defined]
+    finally:
+        await gate.aclose()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis+sentinel://127.0.0.1:26379",  # no service
+        "redis+sentinel:///ksmaster",  # no sentinel
+        "redis+sentinel://127.0.0.1:x/ksmaster",  # not a port
+        "redis+sentinel://:hunter2@127.0.0.1:26379/ksmaster?db=two",
+    ],
+)
+def test_a_malformed_sentinel_url_is_one_clear_error(url: str) -> None:
+    with pytest.raises(
+        ValueError, match="is not a Sentinel URL: use redis\\+sentinel://"
+    ) as caught:
+        open_redis(url)
+    assert "hunter2" not in str(caught.value)
+
+
+def test_the_command_line_takes_a_sentinel_url(
+    sentinel: tuple[RedisServer, Sentinel],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``keystile keys create --redis redis+sentinel://...`` writes to the master."""
+    master, watcher = sentinel
+    monkeypatch.setenv("KEYSTILE_SECRET", SECRET)
+    monkeypatch.setenv("KEYSTILE_NAMESPACE", "kstest-sencli")
+    url = f"redis+sentinel://127.0.0.1:{watcher.port}/{SERVICE}"
+    assert main(["keys", "create", "--name", "n", "--type", "dev", "--redis", url]) == 0
+    out = capsys.readouterr().out
+    key_id = next(w for w in out.split() if w.startswith("key_"))
+    assert master.admin.exists(f"kstest-sencli:key:{{{key_id}}}") == 1
