@@ -1,4 +1,5 @@
-"""Redis behind Sentinel: ``redis+sentinel://`` URLs, against a sentinel of the test's own.
+"""Redis deployments: ``redis+sentinel://`` URLs, against a sentinel of the test's own; a
+plain URL that reaches a Redis Cluster node, refused at start-up.
 
 A redis-server of the test's own is the master; a sentinel (``redis-server --sentinel``) on
 another free loopback port watches it under the name ``ksmaster``. keystile reaches the
@@ -18,7 +19,7 @@ import redis
 
 from conftest import SECRET
 from faults.redis_server import RedisServer, free_port, need_redis_server
-from keystile import Keystile, KeystileSettings
+from keystile import Keystile, KeystileSettings, StoreMisconfigured
 from keystile.cli import main
 from keystile.redis.connect import open_redis
 from test_middleware import bearer, client, make_app
@@ -129,3 +130,55 @@ def test_the_command_line_takes_a_sentinel_url(
     out = capsys.readouterr().out
     key_id = next(w for w in out.split() if w.startswith("key_"))
     assert master.admin.exists(f"kstest-sencli:key:{{{key_id}}}") == 1
+
+
+# -- a plain URL that reaches a Redis Cluster node -------------------------------------------
+
+
+@pytest.fixture
+def cluster_node() -> Iterator[RedisServer]:
+    need_redis_server()
+    # A cluster node also listens on its port + 10,000: the port must be 55,535 or less.
+    port = next(p for p in iter(free_port, None) if p <= 55_535)
+    node = RedisServer(port, args=("--cluster-enabled", "yes"))
+    node.start()
+    yield node
+    node.close()
+
+
+async def test_a_cluster_node_stops_start_up_with_what_to_use(cluster_node: RedisServer) -> None:
+    """A node of a Redis Cluster would answer MOVED for most keys: start-up stops with one
+    clear StoreMisconfigured, and nothing is written."""
+    gate = Keystile(store=cluster_node.url, secret=SECRET)
+    try:
+        with pytest.raises(StoreMisconfigured, match=r"Redis Cluster.*redis\+sentinel://"):
+            await gate.startup()
+    finally:
+        await gate.aclose()
+    assert cluster_node.admin.dbsize() == 0
+
+
+def test_the_command_line_refuses_a_cluster_node_in_one_line(
+    cluster_node: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("KEYSTILE_SECRET", SECRET)
+    argv = ["keys", "create", "--name", "n", "--type", "dev", "--redis", cluster_node.url]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.splitlines()) == 1
+    assert "Redis Cluster" in captured.err
+    assert cluster_node.admin.dbsize() == 0
+
+
+async def test_a_standalone_redis_or_the_memory_store_passes_the_check(
+    sentinel: tuple[RedisServer, Sentinel],
+) -> None:
+    master, watcher = sentinel
+    for store in (master.url, f"redis+sentinel://127.0.0.1:{watcher.port}/{SERVICE}", None):
+        gate = Keystile(store=store, secret=SECRET)
+        try:
+            await gate.backend.check()
+        finally:
+            await gate.aclose()

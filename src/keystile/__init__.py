@@ -12,6 +12,7 @@ from keystile.exceptions import (
     RotationRefused,
     ScopeRefused,
     StoreError,
+    StoreMisconfigured,
     StoreUnavailable,
 )
 from keystile.gate import Keystile, KeyUser, Principal
@@ -67,6 +68,7 @@ __all__ = [
     "ScopeCatalogue",
     "ScopeRefused",
     "StoreError",
+    "StoreMisconfigured",
     "StoreUnavailable",
     "__version__",
     "check_scopes",

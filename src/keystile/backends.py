@@ -17,8 +17,10 @@ from redis.asyncio import Redis
 
 from keystile.alerts import AlertState, MemoryAlertState, RedisAlertState
 from keystile.clock import Clock
+from keystile.exceptions import StoreMisconfigured
 from keystile.quotas import MemoryQuotaStore, QuotaStore, RedisQuotaStore
 from keystile.ratelimit import Limiter, MemoryLimiter, RedisLimiter
+from keystile.redis.errors import redis_errors
 from keystile.settings import KeystileSettings
 from keystile.stores.redis import RedisStore
 from keystile.usage import MemoryUsageStore, RedisUsageStore, UsageStore
@@ -41,6 +43,10 @@ class Backend(Protocol):
         """Where usage is kept; ``settings`` gives its retention (the defaults without)."""
 
     def alert_state(self, clock: Clock) -> AlertState: ...
+
+    async def check(self) -> None:
+        """:class:`~keystile.exceptions.StoreMisconfigured` when the store cannot be used as
+        configured (one round trip; a store that is down raises StoreUnavailable)."""
 
 
 def _retention(settings: KeystileSettings | None) -> dict[str, Any]:
@@ -70,6 +76,9 @@ class MemoryBackend:
     def alert_state(self, clock: Clock) -> AlertState:
         return MemoryAlertState(clock=clock)
 
+    async def check(self) -> None:
+        return None
+
 
 @dataclass(frozen=True, slots=True)
 class RedisBackend:
@@ -95,6 +104,17 @@ class RedisBackend:
 
     def alert_state(self, clock: Clock) -> AlertState:
         return RedisAlertState(self.client, namespace=self.namespace)
+
+    async def check(self) -> None:
+        """A node of a Redis Cluster answers a plain connection only for its own slots:
+        every other key is a MOVED error, so keystile refuses to start on one."""
+        with redis_errors("checking the deployment"):
+            info = await self.client.info("cluster")
+        if int(info.get("cluster_enabled", 0)) == 1:
+            raise StoreMisconfigured(
+                "the Redis at the store URL is a node of a Redis Cluster, which keystile does "
+                "not support yet: use a standalone Redis, or Sentinel (redis+sentinel://)"
+            )
 
 
 def backend_for(store: object) -> Backend:

@@ -17,7 +17,9 @@ Every error keystile raises on purpose derives from one root::
     ├── ScopeRefused            the calling key may not do this: it would grant, change or
     │                           rotate scopes it does not hold itself (``missing`` names them)
     └── StoreError              the key store failed
-        └── StoreUnavailable    the store could not be reached or did not answer in time
+        ├── StoreUnavailable    the store could not be reached or did not answer in time
+        └── StoreMisconfigured  the store answers, but not as the URL says it should (a
+                                plain redis:// URL that reaches a Redis Cluster node)
 
 Messages never contain a secret: at most a key's public id or display hint.
 """
@@ -37,6 +39,7 @@ __all__ = [
     "RotationRefused",
     "ScopeRefused",
     "StoreError",
+    "StoreMisconfigured",
     "StoreUnavailable",
 ]
 
@@ -130,3 +133,8 @@ class StoreError(KeystileError):
 
 class StoreUnavailable(StoreError):
     """The key store could not be reached, or did not answer in time."""
+
+
+class StoreMisconfigured(StoreError):
+    """The store answers, but cannot be used as configured: the message says what to use
+    instead. Start-up stops on it (a store that is only down does not stop start-up)."""

@@ -20,7 +20,7 @@ from keystile.alerts import Alerter, AlertRules
 from keystile.backends import backend_for
 from keystile.clock import Clock, system_clock, to_datetime
 from keystile.cors import OriginIndex
-from keystile.exceptions import StoreError
+from keystile.exceptions import StoreError, StoreMisconfigured
 from keystile.fallback import Health
 from keystile.keys import KeyHasher
 from keystile.manager import KeyManager
@@ -164,6 +164,12 @@ class Keystile:
         it, only the first requests pay for what it prepares; a store that is down now is
         logged, not raised, so the app still starts.
         """
+        try:
+            await self.backend.check()
+        except StoreMisconfigured:
+            raise  # the app must not start on a store it cannot use
+        except StoreError as exc:  # down now: logged, and everything recovers when it is back
+            logger.warning("could not check the store: %s", exc)
         await self.store.start()
         self._started = True
         try:

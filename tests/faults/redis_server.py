@@ -56,7 +56,9 @@ class RedisServer:
         debug: bool = False,
         password: str | None = None,
         unix_socket: bool = False,
+        args: tuple[str, ...] = (),
     ) -> None:
+        self.args = args  # more redis-server options (e.g. "--cluster-enabled", "yes")
         self.debug = debug  # allow DEBUG SLEEP and the like from loopback
         self.password = password  # requirepass: the default user's password
         self.port = port or free_port()
@@ -103,6 +105,7 @@ class RedisServer:
                 if self.socket_path is not None
                 else ()
             ),
+            *self.args,
         ]
         deadline = time.monotonic() + timeout
         while True:

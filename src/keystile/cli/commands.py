@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
+from keystile.backends import backend_for
 from keystile.cli.parser import DEFAULT, NEVER, CommandLineError
 from keystile.exceptions import (
     KeyConflict,
@@ -24,6 +25,7 @@ from keystile.exceptions import (
     KeyValidationError,
     RotationRefused,
     StoreError,
+    StoreMisconfigured,
     StoreUnavailable,
 )
 from keystile.keys import KeyHasher, generate_key
@@ -369,6 +371,12 @@ async def run_with_store(args: argparse.Namespace, out: TextIO, err: TextIO) -> 
         reason = f"cannot use {where} (namespace {settings.namespace!r}): {exc}"
         raise CommandLineError(reason) from None
     try:
+        try:
+            await backend_for(store).check()
+        except StoreMisconfigured as exc:
+            raise CommandLineError(f"cannot use {where}: {exc}") from None
+        except StoreError:
+            pass  # down: the command itself says so, in its own words
         return await execute(args, KeyManager(store, hasher), out, err, where=where)
     finally:
         await store.close()
