@@ -9,6 +9,7 @@ revoked at once, as on a plain URL.
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import time
 from collections.abc import Iterator
@@ -182,3 +183,69 @@ async def test_a_standalone_redis_or_the_memory_store_passes_the_check(
             await gate.backend.check()
         finally:
             await gate.aclose()
+
+
+def failover(admin: redis.Redis) -> bool:
+    """Ask the sentinel to fail over; False while it finds no replica fit to promote."""
+    try:
+        admin.execute_command("SENTINEL", "failover", SERVICE)
+    except redis.ResponseError as exc:
+        if "NOGOODSLAVE" not in str(exc):
+            raise
+        return False
+    return True
+
+
+@pytest.mark.slow
+async def test_keys_keep_working_across_a_sentinel_failover(
+    sentinel: tuple[RedisServer, Sentinel],
+) -> None:
+    """With a replica, SENTINEL FAILOVER makes it the master: keys made before still
+    authenticate, new ones can be made and revoked, limits still decide — through the
+    same URL, without a restart."""
+    master, watcher = sentinel
+    replica = RedisServer(args=("--replicaof", "127.0.0.1", str(master.port)))
+    replica.start()
+    admin = redis.Redis(port=watcher.port, socket_timeout=2)
+    gate = None
+    try:
+        deadline = time.monotonic() + 30  # the sentinel learns of replicas every 10 s
+        while not admin.execute_command("SENTINEL", "replicas", SERVICE):
+            assert time.monotonic() < deadline, "the sentinel never saw the replica"
+            await asyncio.sleep(0.1)
+        url = f"redis+sentinel://127.0.0.1:{watcher.port}/{SERVICE}"
+        gate = Keystile(store=url, secret=SECRET, settings=KeystileSettings(namespace="kstest-fo"))
+        await gate.startup()
+        before = await gate.manager.create({"name": "b", "type": "dev", "scopes": ["vec:read"]})
+        while replica.admin.exists(f"kstest-fo:key:{{{before.key.id}}}") == 0:
+            assert time.monotonic() < deadline, "the replica never caught up"
+            await asyncio.sleep(0.05)
+        while not failover(admin):  # until the sentinel finds the replica fit to promote
+            assert time.monotonic() < deadline, "no replica was ever fit to promote"
+            await asyncio.sleep(0.2)
+        # Over once the sentinel names the replica and the old master follows it.
+        replica_address = ["127.0.0.1", str(replica.port)]
+        while [
+            a.decode()
+            for a in admin.execute_command("SENTINEL", "get-master-addr-by-name", SERVICE)
+        ] != replica_address or master.admin.info("replication")["role"] != "slave":
+            assert time.monotonic() < deadline + 30, "the failover never happened"
+            await asyncio.sleep(0.1)
+        app, _ = make_app(gate)
+        async with client(app) as http:
+            old = bearer(before.secret.get_secret_value())
+            assert (await http.get("/x", headers=old)).status_code == 200
+            after = await gate.manager.create(
+                {"name": "a", "type": "dev", "scopes": ["vec:read"], "rate_limit": "2/minute"}
+            )
+            assert replica.admin.exists(f"kstest-fo:key:{{{after.key.id}}}") == 1
+            new = bearer(after.secret.get_secret_value())
+            codes = [(await http.get("/x", headers=new)).status_code for _ in range(3)]
+            assert codes == [200, 200, 429]
+            await gate.manager.revoke(before.key.id)
+            assert (await http.get("/x", headers=old)).status_code == 401
+    finally:
+        if gate is not None:
+            await gate.aclose()
+        admin.close()
+        replica.close()
