@@ -69,6 +69,7 @@ from keystile import RedisStore
 from keystile.gate import Keystile
 from keystile.middleware import KeystileMiddleware
 from keystile.ratelimit import RedisLimiter, limit_set
+from keystile.redis.connect import lean_connection
 from keystile.redis.lean import LeanRedis, encode
 
 App = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
@@ -411,7 +412,7 @@ async def build(url: str, namespace: str, opened: list[Any]) -> list[Contender]:
         )
     )
 
-    lean = LeanRedis.from_client(client)
+    lean = lean_connection(client)
     assert lean is not None
     opened.append(lean)
     floor_key = f"{namespace}:lb:raw"
