@@ -1953,3 +1953,49 @@ async def test_issue14_local_refusals_follow_the_injected_monotonic_clock(
         asked = await limiter.hit("k", limits_)
         assert limiter.round_trips == trips + 1
         assert not asked.allowed and asked.at
+
+
+# -- bounded tables cost O(1) per request under a flood of keys -------------------------------
+
+
+def test_a_flood_of_new_keys_scans_the_memory_limiter_rarely(clock: ManualClock) -> None:
+    """Full of live windows, each new key evicts the least recently used one without
+    scanning the whole table: 5,000 new keys past a 1,000-window bound cost at most one
+    scan per 100 of them, and the bound holds throughout."""
+    limiter = MemoryLimiter(clock=clock, max_keys=1_000)
+    per_minute = limit_set("5/minute", "dev")
+    for n in range(1_000):
+        assert limiter.hit_now(f"warm{n}", per_minute).allowed
+    assert limiter.evictions == 0
+    for n in range(5_000):
+        assert limiter.hit_now(f"flood{n}", per_minute).allowed
+        assert len(limiter._events) <= 1_000
+    assert 1 <= limiter.evictions <= 5_000 // 100 + 1
+    # The most recent keys are still limited exactly; the oldest were forgotten.
+    for _ in range(4):
+        assert limiter.hit_now("flood4999", per_minute).allowed
+    assert not limiter.hit_now("flood4999", per_minute).allowed
+
+
+async def test_a_flood_of_refused_keys_prunes_the_local_refusals_rarely(
+    redis_namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Local refusals are bounded (``max_blocked``) and pruned at most once per
+    ``max_blocked / 2`` refusals, even when every refused key is still blocked; a key
+    forgotten locally is still refused, by Redis."""
+    require_redis()
+    monkeypatch.setattr(RedisLimiter, "max_blocked", 40)
+    one = limit_set("1/minute", "dev")
+    made: Redis = Redis.from_url(REDIS_URL)
+    try:
+        async with own_limiter(made, namespace=redis_namespace) as limiter:
+            for n in range(200):
+                assert (await limiter.hit(f"k{n}", one)).allowed
+                assert not (await limiter.hit(f"k{n}", one)).allowed
+                assert len(limiter._blocked) <= 40
+            assert 1 <= limiter.blocked_prunes <= 200 // 20 + 1
+            asked = count_asked(limiter)
+            assert not (await limiter.hit("k0", one)).allowed
+            assert asked[0] == 1  # forgotten locally, refused by Redis
+    finally:
+        await made.aclose()

@@ -96,9 +96,9 @@ class _Log:
 
 class MemoryLimiter:
     """Moving windows in this process. Bounded: at most ``max_keys`` windows are kept. When
-    full, windows whose entries have all left go first; only if none has, the least
-    recently used one (which can then admit again early: size ``max_keys`` for the keys
-    active within the longest window).
+    full, windows whose entries have all left go first (looked for at most once per
+    ``max_keys / 10`` new windows); otherwise the least recently used one (which can then
+    admit again early: size ``max_keys`` for the keys active within the longest window).
 
     A decision costs O(log n) in the admissions a window holds, whatever its limit or the
     request's cost, and a window holds one run per distinct admission time still inside
@@ -110,6 +110,9 @@ class MemoryLimiter:
         # (key, address or "", window index) -> its admissions, at most `amount` of them.
         self._events: OrderedDict[tuple[str, str, int], _Log] = OrderedDict()
         self._spans: dict[tuple[str, str, int], int] = {}  # the same keys -> window seconds
+        self.evictions = 0  # how often the table was scanned to make room (tests count it)
+        self._scan_every = max(1, max_keys // 10)
+        self._overflows = self._scan_every  # the first overflow scans
 
     async def hit(
         self, key: str, limits: LimitSet, cost: int = 1, *, address: str = ""
@@ -155,18 +158,25 @@ class MemoryLimiter:
         )
 
     def _evict(self, now: float) -> None:
-        spans = self._spans
-        idle = [
-            k
-            for k, log in self._events.items()
-            if (newest := log.newest) is None or newest < now - spans[k]
-        ]
-        for name in idle:
-            del self._events[name]
-            del spans[name]
+        """Make room: scan for windows whose entries have all left (O(n)) at most once per
+        ``max_keys / 10`` overflows, and otherwise drop the least recently used window
+        (O(1)); so a flood of made-up keys costs O(1) per admission, amortised."""
+        if self._overflows >= self._scan_every:
+            self._overflows = 0
+            self.evictions += 1
+            spans = self._spans
+            idle = [
+                k
+                for k, log in self._events.items()
+                if (newest := log.newest) is None or newest < now - spans[k]
+            ]
+            for name in idle:
+                del self._events[name]
+                del spans[name]
+        self._overflows += 1
         while len(self._events) > self._max_keys:
             name, _ = self._events.popitem(last=False)
-            del spans[name]
+            del self._spans[name]
 
     async def start(self) -> None:
         return None

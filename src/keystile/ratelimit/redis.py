@@ -75,6 +75,9 @@ class RedisLimiter(FallingBack):
     ``monotonic`` is the clock of the local refusals and of the back-off.
     """
 
+    #: At most this many keys (and addresses) are refused locally at once.
+    max_blocked = 100_000
+
     def __init__(
         self,
         client: Redis,
@@ -113,6 +116,7 @@ class RedisLimiter(FallingBack):
         self._loading: asyncio.Task[None] | None = None
         # (key, address, limit text) -> (refused until, monotonic; the decision; when; its cost)
         self._blocked: dict[tuple[str, str, str], tuple[float, Decision, float, int]] = {}
+        self.blocked_prunes = 0  # how often the local refusals were pruned (tests count it)
 
     def window_key(self, key: str, limits: LimitSet, index: int, address: str = "") -> str:
         """The Redis list of one window; an address's share lives beside the key's, under
@@ -203,13 +207,22 @@ class RedisLimiter(FallingBack):
         decision = self._decide(raw, limits)
         if not decision.allowed and self.local_refusals and now_ms is None:
             # Nothing can free a slot before the refusing entry leaves its window.
-            if len(self._blocked) >= 100_000:  # bounded: forget the ones already free
-                now = self.monotonic()
-                self._blocked = {k: v for k, v in self._blocked.items() if v[0] > now}
+            if len(self._blocked) >= self.max_blocked:
+                self._prune_blocked()
             clock = self.monotonic()
             until = clock + self._wait_ms(raw, limits) / 1000
             self._blocked[blocked_as] = (until, decision, clock, cost)
         return decision
+
+    def _prune_blocked(self) -> None:
+        """Bound the local refusals at :attr:`max_blocked`: forget the ones already free;
+        if more than half are still blocked, forget them all (Redis still refuses them, one
+        round trip each). Either way the next prune is at least ``max_blocked / 2`` refusals
+        away, so a flood of refused keys costs O(1) per refusal, amortised."""
+        now = self.monotonic()
+        blocked = {k: v for k, v in self._blocked.items() if v[0] > now}
+        self._blocked = blocked if len(blocked) <= self.max_blocked // 2 else {}
+        self.blocked_prunes += 1
 
     def _arguments(
         self, key: str, limits: LimitSet, cost: int, now_ms: int | None, address: str
