@@ -16,6 +16,9 @@ Every error keystile raises on purpose derives from one root::
     │                           already rotated (``reason`` says which)
     ├── ScopeRefused            the calling key may not do this: it would grant, change or
     │                           rotate scopes it does not hold itself (``missing`` names them)
+    ├── ConfigurationError      the app is set up wrongly (a route that requires a scope
+    │                           the catalogue lacks, ...); also a ValueError, one line per
+    │                           problem in ``problems``; raised when the app starts
     └── StoreError              the key store failed
         ├── StoreUnavailable    the store could not be reached or did not answer in time
         └── StoreMisconfigured  the store answers, but not as the URL says it should (a
@@ -29,6 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
+    "ConfigurationError",
     "FieldError",
     "KeyChanged",
     "KeyConflict",
@@ -125,6 +129,21 @@ class ScopeRefused(KeystileError):
     def __init__(self, missing: tuple[str, ...], message: str) -> None:
         self.missing = missing
         super().__init__(message)
+
+
+class ConfigurationError(KeystileError, ValueError):
+    """The app is configured wrongly; ``problems`` has one line per mistake, each naming
+    where it is (a route, a rule, a setting) and, where one is close, the valid value."""
+
+    def __init__(self, problems: list[str] | str) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        count = len(self.problems)
+        head = (
+            "keystile cannot start: "
+            if count == 1
+            else f"keystile cannot start ({count} problems): "
+        )
+        super().__init__(head + "; ".join(self.problems))
 
 
 class StoreError(KeystileError):

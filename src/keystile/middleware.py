@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Iterable
 from starlette.authentication import AuthCredentials, UnauthenticatedUser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from keystile.checks import check_routes
 from keystile.cors import CorsPolicy
 from keystile.exceptions import KeyFormatError, StoreError, StoreUnavailable
 from keystile.gate import Keystile
@@ -101,7 +102,7 @@ class KeystileMiddleware:
         kind = scope["type"]
         if kind != "http" and kind != "websocket":
             if kind == "lifespan":
-                receive = self._lifespan(receive)
+                receive = self._lifespan(scope, receive)
             await self.app(scope, receive, send)
             return
         if (
@@ -197,13 +198,15 @@ class KeystileMiddleware:
                     scope, principal, meter.status, meter.bytes_in, meter.bytes_out, origin, now
                 )
 
-    def _lifespan(self, receive: Receive) -> Receive:
-        """Pass lifespan through, preparing the gate when the app starts."""
+    def _lifespan(self, scope: Scope, receive: Receive) -> Receive:
+        """Pass lifespan through, preparing the gate when the app starts — once every
+        route's scopes are known to exist (:func:`keystile.checks.check_routes`)."""
         gate = self.gate
 
         async def receive_lifespan() -> Message:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                check_routes(scope.get("app"), gate.policy.catalogue, self.rules.rules)
                 await gate.startup()
             elif message["type"] == "lifespan.shutdown":
                 await gate.shutdown()  # flush usage: a graceful shutdown loses no count

@@ -8,7 +8,9 @@
   authenticated request no rule covers.
 
 Path patterns use Starlette's syntax: ``/cloud/kev/{key}``, ``/cloud/files/{path:path}``.
-Rules are tried in order; the first match wins. A rule for GET also covers HEAD.
+Rules are tried in order; the first match wins. A rule for GET also covers HEAD. A rule's
+methods are HTTP's own (or ``"*"``): a typo such as ``"GETT"`` is refused when the rule is
+made.
 Methods match whatever their case: a request sent as ``get`` or ``Delete`` is held to the
 rule for GET or DELETE, since frameworks dispatch it there (Starlette's ``HTTPEndpoint``
 up to 1.0.1 calls ``get`` for ``get``; WSGI bridges upper-case it).
@@ -16,6 +18,7 @@ up to 1.0.1 calls ``get`` for ``get``; WSGI bridges upper-case it).
 
 from __future__ import annotations
 
+import difflib
 import functools
 import inspect
 import re
@@ -51,6 +54,10 @@ _CONVERTERS = {
     "uuid": "[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}",
 }
 ANY_METHOD = "*"
+#: The methods a rule may name (RFC 9110's, and PATCH), or ``"*"`` for any.
+HTTP_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
+)
 
 
 def _pattern(path: str) -> str:
@@ -87,6 +94,10 @@ class Rule:
         methods = {m.strip().upper() for m in raw if m.strip()}
         if not methods:
             raise ValueError(f"a rule needs at least one method: {self!r}")
+        for method in sorted(methods - HTTP_METHODS - {ANY_METHOD}):
+            near = difflib.get_close_matches(method, sorted(HTTP_METHODS), n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ValueError(f"unknown HTTP method {method!r} in the rule for {self.path!r}{hint}")
         if "GET" in methods:
             methods.add("HEAD")
         object.__setattr__(self, "_methods", frozenset(methods))

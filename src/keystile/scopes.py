@@ -1,30 +1,53 @@
 """The scope catalogue: which ``service:action`` scopes exist, and what a held scope grants.
 
 ``service:*`` grants every action of a service and ``*`` grants everything.
-The catalogue is configuration: apps with other services pass their own.
+The catalogue is configuration: apps with other services pass their own, and the admin
+scopes (``admin:manage_keys``, ``admin:view_usage``) are in every catalogue, so the
+management API works whatever an app's services are.
 """
 
 from __future__ import annotations
 
+import difflib
+import re
 from collections.abc import Iterable, Mapping
 
-__all__ = ["DEFAULT_CATALOGUE", "WILDCARD", "ScopeCatalogue"]
+__all__ = ["ADMIN_SCOPES", "DEFAULT_CATALOGUE", "WILDCARD", "ScopeCatalogue"]
 
 WILDCARD = "*"
+# Names as scopes are written in tokens (RFC 6750 scope-token characters, less ':' and '*').
+_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+ADMIN_SERVICE = "admin"
+ADMIN_ACTIONS = ("manage_keys", "view_usage")
+#: The scopes of the management API: part of every catalogue.
+ADMIN_SCOPES = frozenset(f"{ADMIN_SERVICE}:{a}" for a in ADMIN_ACTIONS)
 
 
 class ScopeCatalogue:
-    """The services and actions that scopes may name."""
+    """The services and actions that scopes may name, e.g.
+    ``ScopeCatalogue({"orders": ["read", "write"]})``; the admin scopes are always added."""
 
     __slots__ = ("_all", "_services")
 
     def __init__(self, services: Mapping[str, Iterable[str]]) -> None:
         self._services: dict[str, tuple[str, ...]] = {}
+        if isinstance(services, (str, bytes)) or not isinstance(services, Mapping):
+            raise ValueError("a scope catalogue maps each service to its actions")
+        services = {**services}
+        admin = tuple(services.get(ADMIN_SERVICE, ()))
+        services[ADMIN_SERVICE] = (*admin, *(a for a in ADMIN_ACTIONS if a not in admin))
         for service, actions in services.items():
-            acts = tuple(actions)
+            if isinstance(actions, (str, bytes)):
+                raise ValueError(f"the actions of {service!r} must be a list of names")
+            acts = tuple(dict.fromkeys(actions))
+            if not acts:
+                raise ValueError(f"service {service!r} in the scope catalogue has no actions")
             for part in (service, *acts):
-                if not part or ":" in part or part == WILDCARD or not part.isascii():
-                    raise ValueError(f"invalid name in the scope catalogue: {part!r}")
+                if not isinstance(part, str) or not _NAME.fullmatch(part):
+                    raise ValueError(
+                        f"invalid name in the scope catalogue: {part!r} (names are 1 to 64 "
+                        "letters, digits, '_', '.' or '-')"
+                    )
             self._services[service] = acts
         self._all = frozenset(f"{s}:{a}" for s, acts in self._services.items() for a in acts)
 
@@ -51,6 +74,24 @@ class ScopeCatalogue:
             return None
         actions = ", ".join(self._services[service])
         return f"unknown action {action!r} in scope {scope!r} ({service} has: {actions})"
+
+    def closest(self, scope: str) -> str | None:
+        """The valid scope that ``scope`` most looks like (for "did you mean"), if any."""
+        known = [*sorted(self._all), *(f"{s}:*" for s in sorted(self._services))]
+        found = difflib.get_close_matches(scope, known, n=1, cutoff=0.75)
+        return found[0] if found else None
+
+    def explain(self, scope: str) -> str | None:
+        """:meth:`check`'s problem with a "did you mean" when a valid scope is close."""
+        problem = self.check(scope)
+        if problem is not None and (near := self.closest(scope)) is not None:
+            problem += f"; did you mean {near!r}?"
+        return problem
+
+    def unknown(self, scopes: Iterable[str]) -> list[str]:
+        """Those of ``scopes`` this catalogue does not know (e.g. held by a key stored
+        before a service was removed): they grant only themselves, never more."""
+        return [s for s in scopes if self.check(s) is not None]
 
     def expand(self, scopes: Iterable[str]) -> frozenset[str]:
         """The concrete scopes that ``scopes`` grant, wildcards resolved."""
@@ -86,6 +127,6 @@ DEFAULT_CATALOGUE = ScopeCatalogue(
         "data": ("read", "write", "admin"),
         "ai": ("inference", "agents", "workflows"),
         "files": ("read", "write", "delete"),
-        "admin": ("manage_keys", "view_usage"),
+        ADMIN_SERVICE: ADMIN_ACTIONS,
     }
 )

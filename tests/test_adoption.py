@@ -1,0 +1,271 @@
+"""An app's own scopes, and the mistakes caught when it starts (issue #20, items 1 and 2)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Annotated, Any
+
+import pytest
+from fastapi import FastAPI, Security
+from starlette.applications import Starlette
+from starlette.endpoints import HTTPEndpoint
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.websockets import WebSocket
+
+from conftest import SECRET
+from keystile import (
+    ApiKey,
+    ConfigurationError,
+    KeyPolicy,
+    Keystile,
+    KeystileMiddleware,
+    KeyValidationError,
+    Rule,
+    ScopeCatalogue,
+    scopes_required,
+)
+from keystile.checks import route_problems
+from keystile.fastapi import api_key, require
+from keystile.scopes import ADMIN_SCOPES, DEFAULT_CATALOGUE
+from usage_app import http, lifespan
+
+ORDERS = ScopeCatalogue({"orders": ["read", "write"]})
+
+
+def orders_gate() -> Keystile:
+    return Keystile(secret=SECRET, policy=KeyPolicy(catalogue=ORDERS))
+
+
+async def ok(request: Request) -> Response:
+    return JSONResponse({"ok": True})
+
+
+async def start_up(app: Any) -> list[dict[str, Any]]:
+    """Send ``app`` the lifespan start-up and shut it down again; what it answered."""
+    inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    answered: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        answered.append(message)
+        if message["type"] == "lifespan.startup.complete":
+            await inbox.put({"type": "lifespan.shutdown"})
+
+    await inbox.put({"type": "lifespan.startup"})
+    scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
+    await asyncio.wait_for(app(scope, inbox.get, send), 10)
+    return answered
+
+
+async def refused_start(app: Any) -> str:
+    """Start-up fails with ConfigurationError, told to the server too; its message."""
+    with pytest.raises(ConfigurationError) as caught:
+        await start_up(app)
+    message = str(caught.value)
+    # The server hears of it as the lifespan protocol says (and logs it).
+    return message
+
+
+# -- your own catalogue ------------------------------------------------------------------------
+
+
+def test_an_apps_own_catalogue_keeps_the_admin_scopes() -> None:
+    assert set(ORDERS.services) == {"orders", "admin"}
+    assert ORDERS.all_scopes == {"orders:read", "orders:write"} | ADMIN_SCOPES
+    # The demo platform's catalogue stays the default.
+    assert "vec:read" in DEFAULT_CATALOGUE.all_scopes and "vec:read" not in ORDERS.all_scopes
+
+
+async def test_a_key_for_an_apps_own_scope_is_issued_and_admitted() -> None:
+    gate = orders_gate()
+    app = FastAPI()
+    app.add_middleware(KeystileMiddleware, gate=gate)
+
+    @app.get("/orders")
+    async def list_orders(
+        key: Annotated[ApiKey, Security(api_key, scopes=["orders:read"])],
+    ) -> dict[str, Any]:
+        return {"caller": key.name}
+
+    reader = await gate.manager.create(
+        {"name": "reader", "type": "prod", "scopes": ["orders:read"]}
+    )
+    admin = await gate.manager.create(
+        {"name": "admin", "type": "prod", "scopes": ["admin:manage_keys"]}
+    )
+    with pytest.raises(KeyValidationError, match="unknown service 'vec'"):
+        await gate.manager.create({"name": "x", "type": "prod", "scopes": ["vec:read"]})
+    async with lifespan(app), http(app) as client:
+        token = reader.secret.get_secret_value()
+        answer = await client.get("/orders", headers={"Authorization": f"Bearer {token}"})
+        assert answer.status_code == 200 and answer.json() == {"caller": "reader"}
+        other = admin.secret.get_secret_value()
+        answer = await client.get("/orders", headers={"Authorization": f"Bearer {other}"})
+        assert answer.status_code == 403
+        assert answer.json()["error"]["code"] == "insufficient_scope"
+
+
+def test_keys_stored_with_scopes_no_longer_in_the_catalogue_are_reported() -> None:
+    assert ORDERS.unknown(["orders:read", "vec:read", "orders:*", "*"]) == ["vec:read"]
+    # Such a scope grants itself only, never more.
+    assert ORDERS.grants(["vec:read"], "vec:read")
+    assert not ORDERS.grants(["vec:read"], "orders:read")
+
+
+@pytest.mark.parametrize(
+    "services",
+    [{"orders": "read"}, {"orders": []}, {"or ders": ["read"]}, {"orders": ["re:ad"]}, ["orders"]],
+)
+def test_a_malformed_catalogue_is_refused_with_its_reason(services: Any) -> None:
+    with pytest.raises(ValueError, match=r"orders|catalogue"):
+        ScopeCatalogue(services)
+
+
+# -- mistakes caught at start-up ---------------------------------------------------------------
+
+
+async def reader(key: Annotated[ApiKey, Security(api_key, scopes=["kev:reed"])]) -> ApiKey:
+    """A dependency of a route's own: its scopes count as the route's."""
+    return key
+
+
+async def test_a_decorators_typo_stops_start_up_naming_the_route_and_the_closest_scope() -> None:
+    @scopes_required("vec:raed")
+    async def search(request: Request) -> Response:
+        return JSONResponse({})
+
+    app = Starlette(routes=[Route("/health", ok), Route("/cloud/vec/search", search)])
+    app.add_middleware(KeystileMiddleware, gate=Keystile())
+    message = await refused_start(app)
+    assert "route GET /cloud/vec/search" in message
+    assert "unknown action 'raed' in scope 'vec:raed'" in message
+    assert "did you mean 'vec:read'?" in message
+
+
+async def test_a_fastapi_security_typo_stops_start_up() -> None:
+    app = FastAPI()
+    app.add_middleware(KeystileMiddleware, gate=orders_gate())
+
+    @app.post("/orders")
+    async def create(
+        key: Annotated[ApiKey, Security(api_key, scopes=["orders:wirte"])],
+    ) -> dict[str, Any]:
+        return {}
+
+    @app.get("/orders/{n}")
+    async def show(n: int, key: Annotated[ApiKey, require("nope")]) -> dict[str, Any]:
+        return {}
+
+    message = await refused_start(app)
+    assert "(2 problems)" in message
+    assert "route POST /orders: unknown action 'wirte'" in message
+    assert "did you mean 'orders:write'?" in message
+    assert "route GET /orders/{n}: 'nope' is not a scope" in message
+
+
+def test_scopes_deep_in_dependencies_mounts_and_endpoint_classes_are_checked() -> None:
+    inner = FastAPI()
+
+    @inner.get("/items")
+    async def items(key: Annotated[ApiKey, Security(reader)]) -> dict[str, Any]:
+        return {}
+
+    class Things(HTTPEndpoint):
+        @scopes_required("files:wrte")
+        async def put(self, request: Request) -> Response:
+            return JSONResponse({})
+
+    @scopes_required("ai:inferense")
+    async def feed(websocket: WebSocket) -> None:
+        await websocket.close()
+
+    app = Starlette(
+        routes=[
+            Mount("/v1", app=inner),
+            Route("/things", Things),
+            WebSocketRoute("/feed", feed),
+        ]
+    )
+    problems = route_problems(app, DEFAULT_CATALOGUE)
+    assert len(problems) == 3, problems
+    assert problems[0].startswith("route GET /v1/items: unknown action 'reed'")
+    assert "did you mean 'kev:read'?" in problems[0]
+    assert problems[1].startswith("route PUT /things: unknown action 'wrte'")
+    assert problems[2].startswith("route WEBSOCKET /feed: unknown action 'inferense'")
+    assert "did you mean 'ai:inference'?" in problems[2]
+
+
+async def test_a_rule_with_an_unknown_scope_stops_start_up() -> None:
+    app = Starlette(routes=[Route("/orders", ok)])
+    rules = [Rule("GET", "/orders", ["orders:read"]), Rule("POST|PUT", "/orders", ["order:write"])]
+    app.add_middleware(KeystileMiddleware, gate=orders_gate(), rules=rules)
+    message = await refused_start(app)
+    assert "rule POST|PUT /orders: unknown service 'order'" in message
+    assert "did you mean 'orders:write'?" in message
+
+
+@pytest.mark.parametrize(
+    ("methods", "near"), [("GETT", "'GET'"), ("post|PUTT", "'PUT'"), (["DELETE", "BREW"], None)]
+)
+def test_a_rule_with_an_unknown_method_is_refused_when_made(
+    methods: Any, near: str | None
+) -> None:
+    with pytest.raises(ValueError, match="unknown HTTP method") as caught:
+        Rule(methods, "/x", ["vec:read"])
+    message = str(caught.value)
+    assert "'/x'" in message
+    assert (f"did you mean {near}?" in message) if near else ("did you mean" not in message)
+
+
+async def test_a_correct_app_starts_and_wildcards_are_valid_scopes() -> None:
+    @scopes_required("vec:*")
+    async def search(request: Request) -> Response:
+        return JSONResponse({})
+
+    app = Starlette(routes=[Route("/s", search), Route("/any", scopes_required("*")(ok))])
+    app.add_middleware(
+        KeystileMiddleware, gate=Keystile(), rules=[Rule("get", "/s", ["vec:read", "admin:*"])]
+    )
+    answered = await start_up(app)
+    assert [m["type"] for m in answered] == [
+        "lifespan.startup.complete",
+        "lifespan.shutdown.complete",
+    ]
+    assert route_problems(app, DEFAULT_CATALOGUE, [Rule("*", "/s", ["vec:read"])]) == []
+
+
+def test_uvicorn_refuses_to_start_an_app_with_a_scope_typo(tmp_path: Path) -> None:
+    """Under a real server the mistake ends start-up with the message, before any request
+    is served."""
+    (tmp_path / "typo_app.py").write_text(
+        textwrap.dedent(
+            """
+            from fastapi import FastAPI
+            from keystile import Keystile, KeystileMiddleware
+            from keystile.fastapi import require
+
+            app = FastAPI()
+            app.add_middleware(KeystileMiddleware, gate=Keystile())
+
+            @app.get("/cloud/vec/databases")
+            async def databases(key=require("vec:raed")):
+                return {}
+            """
+        )
+    )
+    ran = subprocess.run(
+        [sys.executable, "-m", "uvicorn", "typo_app:app", "--port", "0", "--lifespan", "on"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ran.returncode != 0
+    assert "route GET /cloud/vec/databases: unknown action 'raed'" in ran.stderr
+    assert "did you mean 'vec:read'?" in ran.stderr
+    assert "Uvicorn running" not in ran.stderr
