@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
+import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -18,19 +21,24 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from conftest import SECRET
+from conftest import REDIS_URL, SECRET, require_redis
 from keystile import (
     ApiKey,
     ConfigurationError,
+    KeyHasher,
+    KeyManager,
     KeyPolicy,
     Keystile,
     KeystileMiddleware,
+    KeyType,
     KeyValidationError,
+    RedisStore,
     Rule,
     ScopeCatalogue,
     scopes_required,
 )
 from keystile.checks import route_problems
+from keystile.config import load_config
 from keystile.fastapi import api_key, require
 from keystile.scopes import ADMIN_SCOPES, DEFAULT_CATALOGUE
 from usage_app import http, lifespan
@@ -269,3 +277,202 @@ def test_uvicorn_refuses_to_start_an_app_with_a_scope_typo(tmp_path: Path) -> No
     assert "route GET /cloud/vec/databases: unknown action 'raed'" in ran.stderr
     assert "did you mean 'vec:read'?" in ran.stderr
     assert "Uvicorn running" not in ran.stderr
+
+
+# -- one configuration for the app and the command line ----------------------------------------
+
+ORDERS_APP = """
+from fastapi import FastAPI, Security
+from typing import Annotated
+
+from keystile import ApiKey, KeyPolicy, Keystile, KeystileMiddleware, ScopeCatalogue
+from keystile.fastapi import api_key
+
+gate = Keystile(policy=KeyPolicy(catalogue=ScopeCatalogue({"orders": ["read", "write"]})))
+app = FastAPI()
+app.add_middleware(KeystileMiddleware, gate=gate)
+
+
+@app.get("/orders")
+async def orders(key: Annotated[ApiKey, Security(api_key, scopes=["orders:read"])]) -> dict:
+    return {"caller": key.name, "project": key.metadata.get("project")}
+"""
+
+
+def cli(cwd: Path, *argv: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """The command line, run in ``cwd`` with only the KEYSTILE_ variables given."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("KEYSTILE_")}
+    return subprocess.run(
+        [sys.executable, "-m", "keystile.cli", *argv],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**clean, **env},
+    )
+
+
+def import_app(directory: Path, module: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.syspath_prepend(str(directory))
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    return importlib.import_module(module)
+
+
+async def test_the_command_line_issues_a_key_for_the_apps_own_scope_with_app(
+    tmp_path: Path, redis_namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An app with its own catalogue (orders:read, orders:write); `keystile keys create
+    --app` issues an orders:read key through the app's own gate; the app admits it."""
+    require_redis()
+    env = {"KEYSTILE_REDIS_URL": REDIS_URL, "KEYSTILE_SECRET": SECRET}
+    env["KEYSTILE_NAMESPACE"] = redis_namespace
+    (tmp_path / "orders_service.py").write_text(ORDERS_APP)
+    made = cli(
+        tmp_path,
+        *("keys", "create", "--app", "orders_service:app", "--json", "--name", "orders bot"),
+        *("--type", "prod", "--scope", "orders:read", "--meta", "project=shop"),
+        **env,
+    )
+    assert made.returncode == 0, made.stderr
+    secret = json.loads(made.stdout)["secret"]
+    # The default catalogue's scopes are refused: the app's catalogue is in force.
+    refused = cli(
+        tmp_path,
+        *("keys", "create", "--app", "orders_service:gate", "--name", "x", "--type", "prod"),
+        *("--scope", "vec:read"),
+        **env,
+    )
+    assert refused.returncode == 2
+    assert "unknown service 'vec' in scope 'vec:read' (known: admin, orders)" in refused.stderr
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    module = import_app(tmp_path, "orders_service", monkeypatch)
+    try:
+        async with lifespan(module.app), http(module.app) as client:
+            answer = await client.get("/orders", headers={"Authorization": f"Bearer {secret}"})
+        assert answer.status_code == 200
+        assert answer.json() == {"caller": "orders bot", "project": "shop"}
+    finally:
+        await module.gate.aclose()
+
+
+def test_app_must_name_a_gate_with_a_shared_store(tmp_path: Path) -> None:
+    (tmp_path / "memory_service.py").write_text(ORDERS_APP)
+    env = {"KEYSTILE_SECRET": SECRET}
+    ran = cli(tmp_path, "keys", "list", "--app", "memory_service:app", **env)
+    assert ran.returncode == 2 and "keeps its keys in memory" in ran.stderr
+    ran = cli(tmp_path, "keys", "list", "--app", "memory_service:FastAPI", **env)
+    assert ran.returncode == 2
+    assert "neither a Keystile nor an app with KeystileMiddleware" in ran.stderr
+    ran = cli(tmp_path, "keys", "list", "--app", "memory_service:nothing", **env)
+    assert ran.returncode == 2 and "has no attribute 'nothing'" in ran.stderr
+    ran = cli(tmp_path, "keys", "list", "--app", "no_such_module:app", **env)
+    assert ran.returncode == 2 and "cannot import 'no_such_module'" in ran.stderr
+    assert len(ran.stderr.splitlines()) == 1
+
+
+PROJECT_TOML = """
+[project]
+name = "orders-service"
+
+[tool.keystile.scopes]
+orders = ["read", "write"]
+
+[tool.keystile.types.client]
+rate_limit = "50/minute"
+forbidden_scopes = ["admin:*", "orders:write", "*"]
+"""
+
+
+async def test_the_configuration_file_sets_the_apps_scopes_and_key_types(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redis_namespace: str
+) -> None:
+    """``[tool.keystile]`` in pyproject.toml gives Keystile() and the command line the same
+    catalogue and key-type policy."""
+    require_redis()
+    (tmp_path / "pyproject.toml").write_text(PROJECT_TOML)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("KEYSTILE_CONFIG", raising=False)
+    gate = Keystile()
+    assert set(gate.policy.catalogue.services) == {"orders", "admin"}
+    client = gate.policy[KeyType.CLIENT]
+    assert client.rate_limit == "50/minute" and client.requires_origins  # the rest kept
+    with pytest.raises(KeyValidationError, match="client keys may not hold 'orders:write'"):
+        await gate.manager.create(
+            {
+                "name": "web",
+                "type": "client",
+                "scopes": ["orders:write"],
+                "allowed_origins": ["https://shop.example"],
+            }
+        )
+    env = {"KEYSTILE_SECRET": SECRET, "KEYSTILE_NAMESPACE": redis_namespace}
+    made = cli(
+        tmp_path,
+        *("keys", "create", "--redis", REDIS_URL, "--name", "w", "--type", "prod"),
+        *("--scope", "orders:write", "--json"),
+        **env,
+    )
+    assert made.returncode == 0, made.stderr
+    refused = cli(
+        tmp_path,
+        *("keys", "create", "--redis", REDIS_URL, "--name", "w", "--type", "prod"),
+        *("--scope", "vec:read"),
+        **env,
+    )
+    assert refused.returncode == 2 and "unknown service 'vec'" in refused.stderr
+    # A key stored with a scope the catalogue no longer has is reported, not widened.
+    old = KeyManager(RedisStore.from_url(REDIS_URL, namespace=redis_namespace), KeyHasher(SECRET))
+    legacy = await old.create({"name": "legacy", "type": "prod", "scopes": ["vec:read"]})
+    await old.store.close()
+    listed = cli(tmp_path, "keys", "list", "--redis", REDIS_URL, **env)
+    assert listed.returncode == 0, listed.stderr
+    assert f"note: {legacy.key.id} holds scopes the app's catalogue lacks: vec:read" in (
+        listed.stdout
+    )
+    shown = cli(tmp_path, "keys", "show", legacy.key.id, "--redis", REDIS_URL, **env)
+    assert "not in app   vec:read (the catalogue lacks them)" in shown.stdout
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("[tool.keystile]\nscope = {}\n", "unknown field 'scope'; did you mean 'scopes'?"),
+        ("[tool.keystile.types.clinet]\n", "unknown key type 'clinet'; did you mean 'client'?"),
+        (
+            "[tool.keystile.types.client]\nrate_limt = '1/second'\n",
+            "types.client: unknown field 'rate_limt'; did you mean 'rate_limit'?",
+        ),
+        ("[tool.keystile.types.dev]\nrate_limit = 'often'\n", "types.dev.rate_limit"),
+        ("[tool.keystile.scopes]\norders = 'read'\n", "must be a list of names"),
+        ("[tool.keystile]\napp = 'main'\n", "app must be 'module:attribute'"),
+        ("[tool.keystile\n", "cannot be read"),
+    ],
+)
+def test_a_configuration_mistake_is_one_line_naming_the_field(
+    tmp_path: Path, text: str, fragment: str
+) -> None:
+    (tmp_path / "pyproject.toml").write_text(text)
+    ran = cli(tmp_path, "keys", "list", "--redis", REDIS_URL, KEYSTILE_SECRET=SECRET)
+    assert ran.returncode == 2
+    assert fragment in ran.stderr and len(ran.stderr.splitlines()) == 1, ran.stderr
+    assert "pyproject.toml" in ran.stderr and "Traceback" not in ran.stderr
+
+
+def test_keystile_toml_and_the_variable_name_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "other.toml").write_text('default_scopes = true\n[scopes]\nbilling = ["read"]\n')
+    found = load_config(tmp_path / "other.toml").policy.catalogue.services
+    assert "billing" in found and "vec" in found  # default_scopes: beside the platform's
+    monkeypatch.setenv("KEYSTILE_CONFIG", str(tmp_path / "other.toml"))
+    assert "vec" in Keystile().policy.catalogue.services
+    monkeypatch.delenv("KEYSTILE_CONFIG")
+    # keystile.toml in the current directory; a misplaced key is named.
+    (tmp_path / "keystile.toml").write_text('[scopes]\nbilling = ["read"]\ndefault_scopes = 1\n')
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigurationError, match=r"the actions of 'default_scopes'"):
+        Keystile()
+    (tmp_path / "keystile.toml").write_text('[scopes]\nbilling = ["read"]\n')
+    assert set(Keystile().policy.catalogue.services) == {"billing", "admin"}

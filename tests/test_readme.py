@@ -104,3 +104,29 @@ def test_the_shipped_text_cites_no_working_document() -> None:
     shipped += sorted((root / "src").rglob("*.lua")) + sorted((root / "docs").rglob("*.md"))
     citing = [str(p.relative_to(root)) for p in shipped if "SPEC" in p.read_text()]
     assert citing == []
+
+
+def test_own_scopes_example_runs() -> None:
+    """The README's own-catalogue example builds a gate whose catalogue is the app's plus
+    the admin scopes; its configuration-file twin gives the same catalogue."""
+    import tomllib
+
+    from keystile.config import build_policy
+
+    block = next(b for b in BLOCKS if "ScopeCatalogue({" in b)
+    namespace: dict[str, Any] = {}
+    exec(block, namespace)
+    catalogue = namespace["gate"].policy.catalogue
+    assert catalogue.all_scopes == {
+        "orders:read",
+        "orders:write",
+        "admin:manage_keys",
+        "admin:view_usage",
+    }
+    toml = next(b for b in re.findall(r"```toml\n(.*?)```", README, flags=re.S) if "orders" in b)
+    table = tomllib.loads(toml)["tool"]["keystile"]
+    policy = build_policy(table["scopes"], table["types"])
+    assert policy.catalogue.all_scopes == catalogue.all_scopes
+    assert policy.types[next(t for t in policy.types if t.value == "client")].rate_limit == (
+        "50/minute"
+    )

@@ -19,12 +19,13 @@ from pydantic import SecretStr
 from keystile.alerts import Alerter, AlertRules
 from keystile.backends import backend_for
 from keystile.clock import Clock, system_clock, to_datetime
+from keystile.config import load_config
 from keystile.cors import OriginIndex
 from keystile.exceptions import StoreError, StoreMisconfigured
 from keystile.fallback import Health
 from keystile.keys import KeyHasher
 from keystile.manager import KeyManager
-from keystile.models import DEFAULT_POLICY, KeyPolicy
+from keystile.models import KeyPolicy
 from keystile.principal import MAX_ORIGIN_MEMO, KeyUser, Principal, principal_of
 from keystile.quotas import Quotas
 from keystile.ratelimit import Limiter
@@ -76,14 +77,19 @@ class GateHealth:
 
 
 class Keystile:
-    """Everything keystile needs to authenticate and manage keys, configured once."""
+    """Everything keystile needs to authenticate and manage keys, configured once.
+
+    ``policy`` holds the app's scopes and key types; without it, they are read from the
+    app's configuration file (``[tool.keystile]`` in ``pyproject.toml``, ``keystile.toml``
+    or ``KEYSTILE_CONFIG``; see :mod:`keystile.config`), which the command line reads too,
+    else the defaults."""
 
     def __init__(
         self,
         *,
         store: KeyStore | str | None = None,
         secret: str | bytes | SecretStr | None = None,
-        policy: KeyPolicy = DEFAULT_POLICY,
+        policy: KeyPolicy | None = None,
         clock: Clock = system_clock,
         settings: KeystileSettings | None = None,
         lookup_timeout: float = 1.0,
@@ -105,6 +111,8 @@ class Keystile:
             )
         self.store = cached
         self.hasher = _hasher(secret if secret is not None else settings.secret, cached.store)
+        # The app's own scopes and key types: given, or from its configuration file.
+        policy = policy if policy is not None else load_config().policy
         self.policy = policy
         self.clock = clock
         self.lookup_timeout = lookup_timeout

@@ -37,7 +37,7 @@ class ScopeCatalogue:
         admin = tuple(services.get(ADMIN_SERVICE, ()))
         services[ADMIN_SERVICE] = (*admin, *(a for a in ADMIN_ACTIONS if a not in admin))
         for service, actions in services.items():
-            if isinstance(actions, (str, bytes)):
+            if isinstance(actions, (str, bytes)) or not isinstance(actions, Iterable):
                 raise ValueError(f"the actions of {service!r} must be a list of names")
             acts = tuple(dict.fromkeys(actions))
             if not acts:

@@ -19,7 +19,9 @@ from pydantic import ValidationError
 
 from keystile.backends import backend_for
 from keystile.cli.parser import DEFAULT, NEVER, CommandLineError
+from keystile.config import AppConfig, load_config, load_object
 from keystile.exceptions import (
+    ConfigurationError,
     KeyConflict,
     KeyNotFound,
     KeyValidationError,
@@ -28,9 +30,11 @@ from keystile.exceptions import (
     StoreMisconfigured,
     StoreUnavailable,
 )
+from keystile.gate import Keystile
 from keystile.keys import KeyHasher, generate_key
 from keystile.manager import KeyManager, key_status, record_json
-from keystile.models import DEFAULT_POLICY, ApiKey
+from keystile.middleware import KeystileMiddleware
+from keystile.models import ApiKey
 from keystile.redis.connect import redacted_url
 from keystile.scan import Finding, ScanProblem, scan_paths
 from keystile.settings import KeystileSettings
@@ -89,6 +93,9 @@ def _details(out: TextIO, key: ApiKey, manager: KeyManager) -> None:
         ("replaces", key.replaces or "-"),
         ("replaced by", key.replaced_by or "-"),
     ]
+    unknown = policy.catalogue.unknown(key.scopes)
+    if unknown:
+        rows.insert(6, ("not in app", f"{', '.join(unknown)} (the catalogue lacks them)"))
     for label, value in rows:
         out.write(f"{label:<13}{value}\n")
 
@@ -186,6 +193,12 @@ async def _list(args: argparse.Namespace, manager: KeyManager, out: TextIO) -> i
         )
     else:
         out.write("no keys\n")
+    for key in page.keys:
+        if unknown := manager.policy.catalogue.unknown(key.scopes):
+            out.write(
+                f"note: {key.id} holds scopes the app's catalogue lacks: {', '.join(unknown)} "
+                "(they grant only themselves)\n"
+            )
     if page.next is not None:
         out.write(f"more: keystile keys list --cursor {page.next}\n")
     return 0
@@ -324,8 +337,54 @@ async def execute(
         return 1
 
 
+def _config(args: argparse.Namespace) -> AppConfig:
+    try:
+        return load_config(args.config)
+    except ConfigurationError as exc:
+        raise CommandLineError(str(exc)) from None
+
+
+def _gate_of(found: Any, spec: str) -> Keystile:
+    """The Keystile that ``--app`` names: itself, or the gate of an app's middleware."""
+    if isinstance(found, Keystile):
+        return found
+    for middleware in getattr(found, "user_middleware", None) or ():
+        if getattr(middleware, "cls", None) is KeystileMiddleware:
+            gate = middleware.kwargs.get("gate")
+            if isinstance(gate, Keystile):
+                return gate
+    raise CommandLineError(
+        f"{spec} is neither a Keystile nor an app with KeystileMiddleware(gate=...)"
+    )
+
+
+async def _run_with_app(args: argparse.Namespace, spec: str, out: TextIO, err: TextIO) -> int:
+    try:
+        gate = _gate_of(load_object(spec), spec)
+    except ConfigurationError as exc:
+        raise CommandLineError(f"--app {spec}: {exc}") from None
+    if args.redis is not None:
+        raise CommandLineError("--app brings the app's own store: leave --redis out")
+    if not backend_for(gate.store).shared:
+        raise CommandLineError(
+            f"{spec} keeps its keys in memory, which would vanish when this command exits: "
+            "give the app a Redis store (KEYSTILE_REDIS_URL)"
+        )
+    where = repr(gate.store.store)
+    try:
+        return await execute(args, gate.manager, out, err, where=where)
+    finally:
+        await gate.aclose()
+
+
 async def run_with_store(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    """Open the shared store named by ``--redis`` or the environment, and run the command."""
+    """Run the command on the app's own Keystile (``--app``, or the configuration file's
+    ``app``), else on the shared store named by ``--redis`` or the environment with the
+    configuration file's scopes and key types."""
+    config = _config(args)
+    spec = args.app or config.app
+    if spec:
+        return await _run_with_app(args, spec, out, err)
     try:
         settings = KeystileSettings()
     except ValidationError as exc:
@@ -377,7 +436,8 @@ async def run_with_store(args: argparse.Namespace, out: TextIO, err: TextIO) -> 
             raise CommandLineError(f"cannot use {where}: {exc}") from None
         except StoreError:
             pass  # down: the command itself says so, in its own words
-        return await execute(args, KeyManager(store, hasher), out, err, where=where)
+        manager = KeyManager(store, hasher, policy=config.policy)
+        return await execute(args, manager, out, err, where=where)
     finally:
         await store.close()
 
@@ -385,7 +445,7 @@ async def run_with_store(args: argparse.Namespace, out: TextIO, err: TextIO) -> 
 def run_scan(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Run ``scan``: each key found on ``out``; 1 when any is found, else 2 when a path could
     not be scanned."""
-    prefixes = set(DEFAULT_POLICY.prefixes)
+    prefixes = set(_config(args).policy.prefixes)
     for prefix in args.prefix or ():
         try:
             generate_key(prefix)  # checks the prefix's form

@@ -114,6 +114,21 @@ def _shared(*, store: bool) -> _Parser:
             default=None,
             help="the Redis that the app's keys live in (default: $KEYSTILE_REDIS_URL)",
         )
+        options.add_argument(
+            "--app",
+            metavar="MODULE:ATTR",
+            default=None,
+            help="the app's own Keystile (or an app with KeystileMiddleware), loaded as uvicorn "
+            "loads apps: its store, secret, scopes and key types (default: the configuration "
+            "file's app)",
+        )
+    options.add_argument(
+        "--config",
+        metavar="PATH",
+        default=None,
+        help="the app's keystile.toml or pyproject.toml (default: $KEYSTILE_CONFIG, else "
+        "./keystile.toml, else ./pyproject.toml's [tool.keystile])",
+    )
     options.add_argument("--json", action="store_true", help="answer in JSON")
     return options
 
