@@ -39,7 +39,7 @@ from keystile import (
 )
 from keystile.checks import route_problems
 from keystile.config import load_config
-from keystile.fastapi import api_key, require
+from keystile.fastapi import api_key, require, validation_errors
 from keystile.scopes import ADMIN_SCOPES, DEFAULT_CATALOGUE
 from usage_app import http, lifespan
 
@@ -476,3 +476,87 @@ def test_keystile_toml_and_the_variable_name_the_file(
         Keystile()
     (tmp_path / "keystile.toml").write_text('[scopes]\nbilling = ["read"]\n')
     assert set(Keystile().policy.catalogue.services) == {"billing", "admin"}
+
+
+# -- a FastAPI quick start that works when pasted ----------------------------------------------
+
+
+def quick_start(**options: Any) -> tuple[FastAPI, Keystile]:
+    gate = Keystile()
+    app = FastAPI()
+    app.add_middleware(KeystileMiddleware, gate=gate, **options)
+
+    @app.get("/cloud/vec/databases")
+    async def databases(
+        key: Annotated[ApiKey, Security(api_key, scopes=["vec:read"])], limit: int = 10
+    ) -> dict[str, Any]:
+        return {"limit": limit}
+
+    @app.get("/status")
+    async def status() -> dict[str, Any]:
+        return {}
+
+    return app, gate
+
+
+@pytest.mark.parametrize("started", [True, False], ids=["after-lifespan", "without-lifespan"])
+async def test_the_docs_pages_stay_public_and_document_the_refusals(started: bool) -> None:
+    app, gate = quick_start()
+    if started:
+        await start_up(app)
+    async with http(app) as client:
+        docs = await client.get("/docs")
+        assert docs.status_code == 200 and "swagger" in docs.text.lower()
+        assert (await client.get("/redoc")).status_code == 200
+        document = await client.get("/openapi.json")
+        assert document.status_code == 200
+        # Only those pages: the API itself still wants a key.
+        refused = await client.get("/cloud/vec/databases")
+        assert refused.status_code == 401
+        assert (await client.post("/openapi.json")).status_code == 401
+        assert (await client.get("/docs/x")).status_code == 401
+    schema = document.json()
+    answers = schema["paths"]["/cloud/vec/databases"]["get"]["responses"]
+    assert {"401", "403", "429"} <= set(answers)
+    error = {"$ref": "#/components/schemas/KeystileError"}
+    assert answers["429"]["content"]["application/json"]["schema"] == error
+    assert {"Retry-After", "RateLimit", "RateLimit-Policy"} <= set(answers["429"]["headers"])
+    assert "WWW-Authenticate" in answers["401"]["headers"]
+    assert schema["components"]["schemas"]["KeystileError"]["required"] == ["error"]
+    # A route that asks for no scope through keystile is left as the app wrote it.
+    assert set(schema["paths"]["/status"]["get"]["responses"]) == {"200"}
+    await gate.aclose()
+
+
+async def test_public_docs_can_be_turned_off() -> None:
+    app, gate = quick_start(public_docs=False)
+    async with http(app) as client:
+        assert (await client.get("/docs")).status_code == 401
+        assert (await client.get("/openapi.json")).status_code == 401
+    await gate.aclose()
+
+
+async def test_fastapis_validation_errors_can_answer_in_the_librarys_envelope() -> None:
+    app, gate = quick_start()
+    validation_errors(app)
+    created = await gate.manager.create({"name": "r", "type": "dev", "scopes": ["vec:read"]})
+    headers = {"Authorization": f"Bearer {created.secret.get_secret_value()}"}
+    async with http(app) as client:
+        answer = await client.get("/cloud/vec/databases?limit=many", headers=headers)
+        assert (await client.get("/cloud/vec/databases?limit=3", headers=headers)).json() == {
+            "limit": 3
+        }
+    assert answer.status_code == 422
+    error = answer.json()["error"]
+    assert error["code"] == "validation_failed"
+    assert error["fields"][0]["field"] == "query.limit"
+    assert "integer" in error["fields"][0]["message"]
+    assert "detail" not in answer.json()
+    await gate.aclose()
+
+
+async def test_a_starlette_app_has_no_docs_to_open() -> None:
+    app = Starlette(routes=[Route("/docs", ok)])
+    app.add_middleware(KeystileMiddleware, gate=Keystile())
+    async with http(app) as client:
+        assert (await client.get("/docs")).status_code == 401

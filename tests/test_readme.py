@@ -34,17 +34,19 @@ def test_fastapi_example_runs_and_enforces_scopes() -> None:
                 await client.get("/cloud/vec/databases", headers=headers),
                 await client.post("/cloud/vec/databases", headers=headers),
                 await client.get("/cloud/vec/databases"),
+                await client.get("/docs"),
             ]
 
-    read, write, anonymous = asyncio.run(drive())
+    read, write, anonymous, docs = asyncio.run(drive())
+    assert docs.status_code == 200  # FastAPI's own pages need no key
     assert read.status_code == 200
     assert read.json() == {"databases": [], "caller": "search service"}
     assert write.status_code == 403
     assert write.json()["error"]["code"] == "insufficient_scope"
     assert anonymous.status_code == 401
-    assert app.openapi()["paths"]["/cloud/vec/databases"]["post"]["security"] == [
-        {"Keystile": ["vec:write"]}
-    ]
+    operation = app.openapi()["paths"]["/cloud/vec/databases"]["post"]
+    assert operation["security"] == [{"Keystile": ["vec:write"]}]
+    assert {"401", "403", "429"} <= set(operation["responses"])
 
 
 def test_starlette_example_runs() -> None:

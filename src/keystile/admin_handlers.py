@@ -33,7 +33,14 @@ from keystile.models import ApiKey
 from keystile.responses import Refusals
 from keystile.routing import PRINCIPAL, REFUSALS
 
-__all__ = ["MANAGE_KEYS", "MAX_BODY", "VIEW_USAGE", "AdminAPI", "error_response"]
+__all__ = [
+    "MANAGE_KEYS",
+    "MAX_BODY",
+    "VIEW_USAGE",
+    "AdminAPI",
+    "error_response",
+    "invalid_response",
+]
 
 # One logger for the admin API, whichever framework serves it.
 logger = logging.getLogger("keystile.admin")
@@ -67,7 +74,8 @@ def error_response(
     return JSONResponse({"error": error}, status_code=status, headers=headers)
 
 
-def _invalid(errors: Sequence[FieldError]) -> JSONResponse:
+def invalid_response(errors: Sequence[FieldError]) -> JSONResponse:
+    """The 422 of input that failed validation: the envelope with each field's problem."""
     count = len(errors)
     noun = "field is" if count == 1 else "fields are"
     return error_response(
@@ -155,7 +163,7 @@ class AdminAPI:
         except ScopeRefused as exc:
             return _scope_refusal(request, exc)
         except KeyValidationError as exc:
-            return _invalid(exc.errors)
+            return invalid_response(exc.errors)
         except KeyNotFound:
             return error_response(404, "not_found", "There is no key with this id.")
         except RotationRefused as exc:
@@ -213,7 +221,7 @@ class AdminAPI:
                 else:
                     errors.append(FieldError("limit", "must be a whole number, 1 to 1000"))
             if errors:
-                return _invalid(errors)
+                return invalid_response(errors)
             page = await self.manager.list(
                 type=given.get("type"),
                 status=given.get("status"),

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Iterable
 from starlette.authentication import AuthCredentials, UnauthenticatedUser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from keystile.appdocs import AppDocs
 from keystile.checks import check_routes
 from keystile.cors import CorsPolicy
 from keystile.exceptions import KeyFormatError, StoreError, StoreUnavailable
@@ -70,6 +71,7 @@ class KeystileMiddleware:
         require_origin: bool = False,
         trusted_proxies: Iterable[str] = (),
         record_usage: bool = True,
+        public_docs: bool = True,
     ) -> None:
         self.app = app
         self.gate = gate if gate is not None else Keystile()
@@ -97,6 +99,7 @@ class KeystileMiddleware:
         self._usage = self.gate.usage if record_usage else None
         self._lookup_failures = 0
         self._lookup_logged = -math.inf
+        self.docs = AppDocs(public=public_docs)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -117,9 +120,7 @@ class KeystileMiddleware:
             rule = self.rules.match(scope.get("method", "GET"), route_path(scope))
         scope[REFUSALS] = self.refusals  # for refusals raised below: scopes, quotas, admin
         if rule is not None and rule.public:
-            scope["auth"] = _ANONYMOUS_AUTH
-            scope["user"] = _ANONYMOUS_USER
-            await self.app(scope, receive, send)
+            await self._pass_anonymously(scope, receive, send)
             return
         # Who asks: the one Authorization header (scanned here: a call costs as much as the
         # scan), and the key it names. The hot path recalls the cache entry those exact
@@ -133,6 +134,9 @@ class KeystileMiddleware:
                     return
                 credential = value
         if credential is None:
+            if self.docs.asked(scope):
+                await self._pass_anonymously(scope, receive, send)
+                return
             await self._refuse(scope, send, self.refusals.missing)
             return
         entry = self._cache.recall(credential)
@@ -198,6 +202,11 @@ class KeystileMiddleware:
                     scope, principal, meter.status, meter.bytes_in, meter.bytes_out, origin, now
                 )
 
+    async def _pass_anonymously(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope["auth"] = _ANONYMOUS_AUTH
+        scope["user"] = _ANONYMOUS_USER
+        await self.app(scope, receive, send)
+
     def _lifespan(self, scope: Scope, receive: Receive) -> Receive:
         """Pass lifespan through, preparing the gate when the app starts — once every
         route's scopes are known to exist (:func:`keystile.checks.check_routes`)."""
@@ -207,6 +216,7 @@ class KeystileMiddleware:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 check_routes(scope.get("app"), gate.policy.catalogue, self.rules.rules)
+                self.docs.discover(scope.get("app"))
                 await gate.startup()
             elif message["type"] == "lifespan.shutdown":
                 await gate.shutdown()  # flush usage: a graceful shutdown loses no count
