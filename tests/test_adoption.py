@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import json
 import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -54,10 +56,10 @@ async def ok(request: Request) -> Response:
     return JSONResponse({"ok": True})
 
 
-async def start_up(app: Any) -> list[dict[str, Any]]:
+async def start_up(app: Any, answered: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Send ``app`` the lifespan start-up and shut it down again; what it answered."""
     inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    answered: list[dict[str, Any]] = []
+    answered = [] if answered is None else answered
 
     async def send(message: dict[str, Any]) -> None:
         answered.append(message)
@@ -71,11 +73,13 @@ async def start_up(app: Any) -> list[dict[str, Any]]:
 
 
 async def refused_start(app: Any) -> str:
-    """Start-up fails with ConfigurationError, told to the server too; its message."""
+    """Start-up fails with ConfigurationError, told to the server once, with the message
+    (not a traceback), as the lifespan protocol says; the message."""
+    told: list[dict[str, Any]] = []
     with pytest.raises(ConfigurationError) as caught:
-        await start_up(app)
+        told = await start_up(app, told)
     message = str(caught.value)
-    # The server hears of it as the lifespan protocol says (and logs it).
+    assert told == [{"type": "lifespan.startup.failed", "message": message}]
     return message
 
 
@@ -267,7 +271,9 @@ def test_uvicorn_refuses_to_start_an_app_with_a_scope_typo(tmp_path: Path) -> No
         )
     )
     ran = subprocess.run(
-        [sys.executable, "-m", "uvicorn", "typo_app:app", "--port", "0", "--lifespan", "on"],
+        # The default lifespan mode ("auto") too: an exception escaping the app's start-up
+        # would have it serve on without lifespan.
+        [sys.executable, "-m", "uvicorn", "typo_app:app", "--port", "0"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -560,3 +566,52 @@ async def test_a_starlette_app_has_no_docs_to_open() -> None:
     app.add_middleware(KeystileMiddleware, gate=Keystile())
     async with http(app) as client:
         assert (await client.get("/docs")).status_code == 401
+
+
+# -- start-up and shutdown never switch lifespan off -------------------------------------------
+
+
+async def test_an_unexpected_start_up_error_is_logged_and_the_app_starts(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug or an odd failure while preparing is logged with its traceback; the server is
+    told the app started (else it would serve without lifespan, and lose the last usage)."""
+    gate = Keystile()
+
+    async def broken() -> None:
+        raise RuntimeError("the limiter's script would not load")
+
+    monkeypatch.setattr(gate, "startup", broken)
+    app = Starlette(routes=[Route("/x", ok)])
+    app.add_middleware(KeystileMiddleware, gate=gate)
+    answered = await start_up(app)
+    assert [m["type"] for m in answered] == [
+        "lifespan.startup.complete",
+        "lifespan.shutdown.complete",
+    ]
+    logged = [r for r in caplog.records if "preparing at start-up failed" in r.getMessage()]
+    assert len(logged) == 1 and logged[0].exc_info is not None
+
+
+async def test_a_failing_shutdown_is_logged_and_the_apps_own_shutdown_goes_on(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = Keystile()
+    stopped: list[str] = []
+
+    async def broken() -> None:
+        raise RuntimeError("flush failed")
+
+    monkeypatch.setattr(gate, "shutdown", broken)
+
+    @contextlib.asynccontextmanager
+    async def own(app: Any) -> AsyncIterator[None]:
+        yield
+        stopped.append("app")
+
+    app = Starlette(routes=[Route("/x", ok)], lifespan=own)
+    app.add_middleware(KeystileMiddleware, gate=gate)
+    answered = await start_up(app)
+    assert [m["type"] for m in answered][-1] == "lifespan.shutdown.complete"
+    assert stopped == ["app"]
+    assert any("shutting down failed" in r.getMessage() for r in caplog.records)

@@ -18,6 +18,7 @@ import math
 import re
 import time
 from collections.abc import Awaitable, Iterable
+from typing import Any
 
 from starlette.authentication import AuthCredentials, UnauthenticatedUser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -28,6 +29,7 @@ from keystile.cors import CorsPolicy
 from keystile.exceptions import KeyFormatError, StoreError, StoreUnavailable
 from keystile.gate import Keystile
 from keystile.keys import parse_key
+from keystile.lifespan import gate_lifespan
 from keystile.network import ClientAddress, allowed, budget_address
 from keystile.origins import Origin, parse_origin
 from keystile.principal import PRINCIPAL, REFUSALS, Principal
@@ -105,7 +107,9 @@ class KeystileMiddleware:
         kind = scope["type"]
         if kind != "http" and kind != "websocket":
             if kind == "lifespan":
-                receive = self._lifespan(scope, receive)
+                receive, send = gate_lifespan(
+                    scope, receive, send, startup=self._startup, shutdown=self.gate.shutdown
+                )
             await self.app(scope, receive, send)
             return
         if (
@@ -207,22 +211,12 @@ class KeystileMiddleware:
         scope["user"] = _ANONYMOUS_USER
         await self.app(scope, receive, send)
 
-    def _lifespan(self, scope: Scope, receive: Receive) -> Receive:
-        """Pass lifespan through, preparing the gate when the app starts — once every
-        route's scopes are known to exist (:func:`keystile.checks.check_routes`)."""
-        gate = self.gate
-
-        async def receive_lifespan() -> Message:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                check_routes(scope.get("app"), gate.policy.catalogue, self.rules.rules)
-                self.docs.discover(scope.get("app"))
-                await gate.startup()
-            elif message["type"] == "lifespan.shutdown":
-                await gate.shutdown()  # flush usage: a graceful shutdown loses no count
-            return message
-
-        return receive_lifespan
+    async def _startup(self, app: Any) -> None:
+        """When the app starts: every route's scopes exist (or start-up stops, see
+        :func:`keystile.checks.check_routes`), the docs pages are known, the gate ready."""
+        check_routes(app, self.gate.policy.catalogue, self.rules.rules)
+        self.docs.discover(app)
+        await self.gate.startup()
 
     async def _preflight(self, scope: Scope, send: Send) -> bool:
         """Answer a CORS preflight, if this ``OPTIONS`` is one (it has an ``Origin`` and an
