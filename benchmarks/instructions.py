@@ -34,8 +34,9 @@ sys.path.insert(0, str(HERE))
 CONTENDERS = {
     "bare": "bare Starlette app",
     "authmw": "AuthenticationMiddleware + dict backend",
+    "plain": "keystile, usage off, metrics off",
     "off": "keystile, cached prod_ key, memory store, usage off",
-    "on": "keystile, cached prod_ key, memory store",
+    "on": "keystile, cached prod_ key, memory store (the defaults)",
 }
 WARM_UP = 200
 
@@ -63,8 +64,8 @@ async def serve(contender: str, requests: int) -> None:
             backend = DictBackend({token: DictKey("bench", SCOPES)})
             app = make_app([Middleware(AuthenticationMiddleware, backend=backend)])
         else:
-            record = contender == "on"
-            app = make_app([Middleware(KeystileMiddleware, gate=gate, record_usage=record)])
+            options = {"record_usage": contender == "on", "metrics": contender != "plain"}
+            app = make_app([Middleware(KeystileMiddleware, gate=gate, **options)])
         template = http_scope(bearer(token))
         scopes = [fresh(template) for _ in range(WARM_UP + requests)]
         for scope in scopes:
@@ -113,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     for short in CONTENDERS:
         per_request[short] = (count(valgrind, short, n) - count(valgrind, short, 0)) / n
     bare, off, on = per_request["bare"], per_request["off"], per_request["on"]
+    plain = per_request["plain"]
     print(
         f"\nCPU instructions per request (valgrind callgrind, ({WARM_UP} + {n}) - ({WARM_UP} "
         f"+ 0) requests, raw ASGI in process); Python {sys.version.split()[0]}"
@@ -122,6 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     for short, label in CONTENDERS.items():
         value = per_request[short]
         print(f"{label:<52}  {value:>12,.0f}  {value / bare:>6.3f}  {value - bare:>+8,.0f}")
+    counted = off / plain
+    verdict = "PASS" if counted <= 1.05 else "FAIL"
+    print(
+        f"\nmetrics (keystile.telemetry's counts): {off:,.0f} on vs {plain:,.0f} off "
+        f"instructions per request = +{(counted - 1) * 100:.2f} % <= 5 %: {verdict}"
+    )
     ratio = on / off
     verdict = "PASS" if ratio <= 1.10 else "FAIL"
     print(

@@ -146,6 +146,12 @@ _CONTEXT = {
         "gate = Keystile()\napp = FastAPI()\nprompt_tokens = completion_tokens = 100\n",
         None,
     ),
+    "metrics_app(gate)": (
+        "from starlette.applications import Starlette\n"
+        "from keystile import Keystile\n"
+        "gate = Keystile()\napp = Starlette()\n",
+        None,
+    ),
     "gate.usage.report": (
         "from keystile import Keystile\n",
         "async def example(gate: Keystile, key_id: str) -> None:\n",
@@ -219,3 +225,19 @@ def test_quota_and_usage_examples_run() -> None:
     assert answer.status_code == 200 and answer.json() == {"text": "..."}
     assert answer.headers["RateLimit"].startswith('"ai-tokens";r=800')
     assert usage.totals.requests == 1
+
+
+def test_metrics_example_serves_the_metrics() -> None:
+    block = next(b for b in BLOCKS if "metrics_app(gate)" in b)
+    head, _ = _CONTEXT["metrics_app(gate)"]
+    namespace: dict[str, Any] = {}
+    exec(head + block, namespace)
+
+    async def scrape() -> httpx.Response:
+        transport = httpx.ASGITransport(app=namespace["app"])
+        async with httpx.AsyncClient(transport=transport, base_url="http://x") as client:
+            return await client.get("/metrics")
+
+    answer = asyncio.run(scrape())
+    assert answer.status_code == 200
+    assert "keystile_requests_total" in answer.text

@@ -102,6 +102,7 @@ class Fallback:
         "_wait",
         "_what",
         "backoff",
+        "errors",
         "failure",
         "failures",
         "log_interval",
@@ -143,6 +144,7 @@ class Fallback:
         self.monotonic = monotonic
         self.passes = 0  # decisions let through undecided
         self.failures = 0  # failed decisions since Redis last answered
+        self.errors = 0  # failed decisions in all (keystile.metrics)
         self.skip_until = 0.0  # monotonic; non-zero: backing off (no try before then)
         self._wait = 0.0  # the current back-off
         self._trying_since = 0.0  # monotonic; non-zero: a try is under way
@@ -210,6 +212,7 @@ class Fallback:
         if not self.failures:
             self._down_at, self._down_since = self.monotonic(), datetime.now(UTC)
         self.failures += 1
+        self.errors += 1
         if exc is not None:
             cause = _cause(exc)
             self._error = f"{type(cause).__name__}: {str(cause)[:200]}"

@@ -12,7 +12,7 @@ import logging
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
+from typing import Literal, Protocol
 
 from pydantic import SecretStr
 
@@ -37,9 +37,17 @@ from keystile.stores import (
     MemoryStore,
     open_store,
 )
+from keystile.telemetry import Telemetry
 from keystile.usage import UsageRecorder
 
-__all__ = ["MAX_ORIGIN_MEMO", "GateHealth", "KeyUser", "Keystile", "Principal"]
+__all__ = [
+    "MAX_ORIGIN_MEMO",
+    "Extension",
+    "GateHealth",
+    "KeyUser",
+    "Keystile",
+    "Principal",
+]
 
 logger = logging.getLogger("keystile")
 
@@ -56,6 +64,15 @@ def _hasher(secret: str | bytes | SecretStr | None, store: KeyStore) -> KeyHashe
         # Keys in a memory store die with the process, and so may the secret.
         secret = secrets.token_bytes(32)
     return KeyHasher(secret)
+
+
+class Extension(Protocol):
+    """Something that lives as long as the gate: started by :meth:`Keystile.startup`,
+    closed by :meth:`Keystile.shutdown` after the last usage flush."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +167,15 @@ class Keystile:
             cached, self.hasher, policy=policy, clock=clock, usage=self.usage.reader()
         )
         self._started = False  # startup() ran: the cache follows key changes
+        # What the middleware counts of its decisions (keystile.metrics reads it).
+        self.telemetry = Telemetry()
+        # Started with the gate and closed after its last usage flush (keystile.metrics).
+        self.extensions: list[Extension] = []
+
+    @property
+    def started(self) -> bool:
+        """Whether :meth:`startup` ran (and :meth:`shutdown` did not)."""
+        return self._started
 
     @property
     def origin_index(self) -> OriginIndex:
@@ -180,6 +206,8 @@ class Keystile:
             logger.warning("could not check the store: %s", exc)
         await self.store.start()
         self._started = True
+        for extension in self.extensions:
+            await extension.start()
         try:
             await self.limiter.start()
             await self.quotas.store.start()
@@ -204,9 +232,12 @@ class Keystile:
         """Flush usage (and the alerts it raises) and close the limiter's own connection.
         Called by the middleware when the app stops (lifespan); a graceful shutdown loses
         no count. The store stays open (it may be shared): :meth:`aclose` closes it too."""
+        self._started = False
         await self.usage.close()
         await self.alerts.drain()
         await self.limiter.close()
+        for extension in self.extensions:
+            await extension.close()
 
     async def aclose(self) -> None:
         await self.shutdown()

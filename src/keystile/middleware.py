@@ -17,11 +17,11 @@ import logging
 import math
 import re
 import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from starlette.authentication import AuthCredentials, UnauthenticatedUser
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from keystile.appdocs import AppDocs
 from keystile.checks import check_routes
@@ -30,6 +30,7 @@ from keystile.exceptions import KeyFormatError, StoreError, StoreUnavailable
 from keystile.gate import Keystile
 from keystile.keys import parse_key
 from keystile.lifespan import gate_lifespan
+from keystile.meter import Meter
 from keystile.network import ClientAddress, allowed, budget_address
 from keystile.origins import Origin, parse_origin
 from keystile.principal import PRINCIPAL, REFUSALS, Principal
@@ -37,6 +38,7 @@ from keystile.ratelimit import LimitSet
 from keystile.responses import Headers, Refusal, Refusals
 from keystile.routing import Rule, RuleTable, route_path
 from keystile.stores.cache import CacheEntry
+from keystile.telemetry import perf_counter_ns
 
 __all__ = ["KeystileMiddleware"]
 
@@ -74,6 +76,7 @@ class KeystileMiddleware:
         trusted_proxies: Iterable[str] = (),
         record_usage: bool = True,
         public_docs: bool = True,
+        metrics: bool = True,
     ) -> None:
         self.app = app
         self.gate = gate if gate is not None else Keystile()
@@ -102,6 +105,8 @@ class KeystileMiddleware:
         self._lookup_failures = 0
         self._lookup_logged = -math.inf
         self.docs = AppDocs(public=public_docs)
+        # Decisions counted for keystile.metrics (``metrics=False``: not even counted).
+        self.telemetry = self.gate.telemetry if metrics else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -112,6 +117,7 @@ class KeystileMiddleware:
                 )
             await self.app(scope, receive, send)
             return
+        started = perf_counter_ns()
         if (
             scope.get("method") == "OPTIONS"
             and self.preflight
@@ -172,18 +178,22 @@ class KeystileMiddleware:
         scope["user"] = principal.user
         scope[PRINCIPAL] = principal
         if principal.limits is None:
+            if self.telemetry is not None:
+                self.telemetry.admit(principal.type_name, started)
             headers = _NO_HEADERS if origin is None else self.cors.response_headers(origin)
         else:
             limited = await self._limit(scope, send, principal, principal.limits, origin)
             if limited is None:
                 return
             headers = limited
+            if self.telemetry is not None:
+                self.telemetry.admit(principal.type_name, started)
         # The app, metered (HTTP): its response gets the headers, and its use is recorded
         # when it ends. A websocket's use is recorded as it is let through.
         meter = None
         if kind == "http":
             if self._usage is not None or headers:
-                meter = _Meter(receive, send, headers)
+                meter = Meter(receive, send, headers)
                 send = meter.send
                 if self._usage is not None:
                     receive = meter.receive
@@ -286,6 +296,8 @@ class KeystileMiddleware:
     def _lookup_failed(self, why: str) -> None:
         """Log failed key lookups at most once every 10 seconds (an outage is thousands)."""
         self._lookup_failures += 1
+        if self.telemetry is not None:
+            self.telemetry.lookup_errors += 1
         now = time.monotonic()
         if now - self._lookup_logged >= 10.0:
             logger.warning(
@@ -311,7 +323,7 @@ class KeystileMiddleware:
         if self._usage is not None:
             self._usage.record_refusal(principal.key_id, "inactive")
         refusal = self.refusals.revoked if principal.revoked else self.refusals.expired
-        await self._refuse(scope, send, refusal)
+        await self._refuse(scope, send, refusal, key_type=principal.type_name)
 
     def _check_origin_and_address(
         self, scope: Scope, principal: Principal
@@ -368,6 +380,11 @@ class KeystileMiddleware:
             refusal = self.refusals.limiter_unavailable
             await self._refuse_use(scope, send, refusal, principal, origin, extra)
             return None
+        if self.telemetry is not None:
+            verdict = (
+                "degraded" if decision.degraded else "allowed" if decision.allowed else "refused"
+            )
+            self.telemetry.limits[verdict] += 1
         headers = decision.headers(limits) + extra
         if self.legacy_rate_limit_headers:
             headers += decision.legacy_headers(limits)
@@ -437,13 +454,20 @@ class KeystileMiddleware:
         self._record(
             scope, principal, refusal.status, 0, len(refusal.body), origin, None, rate_limited
         )
-        await self._refuse(scope, send, refusal, headers)
+        await self._refuse(scope, send, refusal, headers, principal.type_name)
 
     async def _refuse(
-        self, scope: Scope, send: Send, refusal: Refusal, headers: Headers | None = None
+        self,
+        scope: Scope,
+        send: Send,
+        refusal: Refusal,
+        headers: Headers | None = None,
+        key_type: str = "none",
     ) -> None:
         """Send a refusal. ``headers=None`` (refusals before the key is known): a browser
         origin the preflight policy allows gets the CORS headers, so it can read why."""
+        if self.telemetry is not None:
+            self.telemetry.refuse(refusal.code, key_type)
         if scope["type"] == "websocket":
             # Closing before accepting refuses the handshake; 1008 = policy violation.
             await send({"type": "websocket.close", "code": 1008, "reason": refusal.code})
@@ -465,39 +489,6 @@ class KeystileMiddleware:
 
 
 _NO_HEADERS: Headers = []
-
-
-class _Meter:
-    """The send (and receive) of an admitted HTTP request: adds the rate-limit and CORS
-    ``headers`` to the response, and counts body bytes in and out, and the status."""
-
-    __slots__ = ("_receive", "_send", "bytes_in", "bytes_out", "headers", "status")
-
-    def __init__(self, receive: Receive, send: Send, headers: Headers) -> None:
-        self._receive = receive
-        self._send = send
-        self.headers = headers
-        self.bytes_in = self.bytes_out = self.status = 0
-
-    async def receive(self) -> Message:
-        message = await self._receive()
-        if message["type"] == "http.request":
-            self.bytes_in += len(message.get("body", b""))
-        return message
-
-    def send(self, message: Message) -> Awaitable[None]:
-        # Not a coroutine: it counts, then hands back what the next send returns for the
-        # app to await, so a message costs one plain call here rather than a coroutine.
-        kind = message["type"]
-        if kind == "http.response.body":
-            self.bytes_out += len(message.get("body", b""))
-        elif kind == "http.response.start":
-            self.status = message["status"]
-            headers = self.headers
-            if headers:
-                message = {**message, "headers": [*message.get("headers", ()), *headers]}
-        send = self._send  # an attribute, then a call: 3.11 specializes a slot's LOAD_ATTR
-        return send(message)
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:

@@ -79,6 +79,7 @@ class Principal:
         "restricted",
         "revoked",
         "scopes",
+        "type_name",
         "user",
     )
 
@@ -87,6 +88,7 @@ class Principal:
         # Read on every request that records usage; a pydantic model's attributes are
         # slower to read than a slot (its __getattr__ defeats the interpreter's shortcut).
         self.key_id = key.id
+        self.type_name = key.type.value  # a metrics label (keystile.telemetry)
         text = policy.rate_limit(key, key.type)
         per_address = policy.address_rate_limit(key, key.type)
         # The policy is named after the key type: headers never carry key material.

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -179,6 +179,8 @@ class Quotas(FallingBack):
         self.policy = policy
         self.usage = usage  # tokens spent and quota refusals count in the key's usage
         self.alerts = alerts  # spends past 80/90/100 % of the budget raise alerts
+        # (mode, "allowed" | "refused" | "none" (no quota) | "unavailable") -> decisions
+        self.decisions: defaultdict[tuple[str, str], int] = defaultdict(int)
         # When the store fails: "allow" (counted in passes, logged) or "deny"; after
         # trip_after failures in a row it is not asked for a while (keystile.fallback).
         self.fallback = Fallback(
@@ -237,7 +239,10 @@ class Quotas(FallingBack):
         try:
             state = await self.spend(conn.scope[PRINCIPAL].key, tokens, mode)
         except StoreUnavailable:  # failure="deny", and the store did not answer
+            self.decisions[(mode, "unavailable")] += 1
             raise_refusal(conn, refusals.quota_unavailable)
+        verdict = "none" if state is None else "allowed" if state.allowed else "refused"
+        self.decisions[(mode, verdict)] += 1
         if state is not None and not state.allowed:
             base = refusals.quota_exceeded
             raise_refusal(conn, Refusal(base.status, base.code, base.message, state.headers()))

@@ -117,6 +117,7 @@ class RedisLimiter(FallingBack):
         # (key, address, limit text) -> (refused until, monotonic; the decision; when; its cost)
         self._blocked: dict[tuple[str, str, str], tuple[float, Decision, float, int]] = {}
         self.blocked_prunes = 0  # how often the local refusals were pruned (tests count it)
+        self.local_refused = 0  # requests refused without asking Redis (keystile.metrics)
 
     def window_key(self, key: str, limits: LimitSet, index: int, address: str = "") -> str:
         """The Redis list of one window; an address's share lives beside the key's, under
@@ -190,6 +191,7 @@ class RedisLimiter(FallingBack):
                 left = until - clock
                 if left > 0 and cost >= refused_cost:
                     # Still over the limit: no slot can have freed yet. No round trip.
+                    self.local_refused += 1
                     elapsed = clock - decided
                     frees = tuple(whole_seconds(t - elapsed) for t in refused.reset)
                     retry = retry_after(left - 0.001)

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import math
 import secrets
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from datetime import datetime
@@ -186,6 +187,8 @@ class UsageRecorder:
         self.table_cap = tracked(top_n)
         self.dropped = 0
         self.flushes = 0
+        self.flushed_rows = 0  # key-minutes written (keystile.metrics)
+        self.flush_seconds = 0.0  # time spent writing them
         self.failed_flushes = 0
         self.on_flush: list[FlushCallback] = list(on_flush)
         self._batch = UsageBatch()
@@ -360,6 +363,7 @@ class UsageRecorder:
         batch: UsageBatch,
         written: list[tuple[UsageBatch, dict[tuple[str, int], list[int]]]],
     ) -> bool:
+        began = time.perf_counter()
         try:
             touched = await self.store.write(batch)
         except StoreError as exc:
@@ -368,6 +372,8 @@ class UsageRecorder:
             logger.warning("usage flush failed (%s); counts kept", type(cause).__name__)
             return False
         self.flushes += 1
+        self.flushed_rows += batch.rows
+        self.flush_seconds += time.perf_counter() - began
         written.append((batch, touched))
         return True
 
