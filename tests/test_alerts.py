@@ -508,12 +508,14 @@ class Receiver:
     def __init__(self, statuses: Iterable[int] = ()) -> None:
         self.statuses = list(statuses)
         self.posts: list[tuple[str, dict[str, Any]]] = []
+        self.raw: list[tuple[bytes, dict[str, str]]] = []  # each body and its headers
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 receiver.posts.append((self.headers["Content-Type"], json.loads(body)))
+                receiver.raw.append((body, dict(self.headers.items())))
                 self.send_response(receiver.statuses.pop(0) if receiver.statuses else 200)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
@@ -551,7 +553,8 @@ async def inactive_alert(url: str, clock: ManualClock, timeout: float = 2.0) -> 
     """A memory rig posting to ``url`` (``timeout`` per attempt) whose buffer holds one
     inactive-key attempt; the key id."""
     rig = Rig(MemoryStore(), clock, AlertRules(), alert_webhook_url=url)
-    rig.gate.alerts.webhook_timeout = timeout
+    assert rig.gate.alerts.webhook is not None
+    rig.gate.alerts.webhook.timeout = timeout
     key_id, headers = await rig.key("prod")
     await rig.gate.manager.revoke(key_id)
     assert await rig.send(headers) == [401]
@@ -618,9 +621,11 @@ async def test_an_unreachable_webhook_does_not_hang(
         started = loop.time()
         assert await rig.flush() == ["inactive_key_in_use"]
         assert loop.time() - started < 0.5
-        retries = rig.gate.alerts.webhook_retries
+        assert rig.gate.alerts.webhook is not None
+        retries = rig.gate.alerts.webhook.retries
         await asyncio.wait_for(rig.gate.shutdown(), timeout * retries + 0.6 + 1.5)
-    assert "alert webhook failed after 3 attempts" in caplog.text
+    assert "not delivered" in caplog.text
+    assert rig.gate.alerts.webhook is not None and rig.gate.alerts.webhook.dead_letters == 1
     assert len(rig.alerts) == 1
 
 

@@ -16,19 +16,16 @@ Rules (each optional, see :class:`AlertRules`):
 
 Each alert fires once per condition per ``cooldown`` — across processes when the store is
 Redis (``SET NX EX``) — and goes to the registered callbacks, to the ``keystile.alerts``
-log (key id only, never a secret) and, optionally, to a webhook (JSON POST with a timeout
-and bounded retries).
+log (key id only, never a secret) and, optionally, to a webhook: a JSON POST signed as the
+Standard Webhooks specification says, queued, retried with back-off (:mod:`keystile.webhooks`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any, Protocol
@@ -43,6 +40,7 @@ from keystile.redis.errors import translated
 from keystile.redis.schema import RedisSchema
 from keystile.redis.scripts import lua
 from keystile.usage import ERRORS_4XX, ERRORS_5XX, INACTIVE, REQUESTS, UsageBatch
+from keystile.webhooks import WebhookSender
 
 __all__ = ["Alert", "AlertRules", "Alerter", "MemoryAlertState", "RedisAlertState"]
 
@@ -215,6 +213,7 @@ class Alerter:
         *,
         clock: Clock = system_clock,
         webhook_url: str | None = None,
+        webhook_secret: str | None = None,
         webhook_timeout: float = 2.0,
         webhook_retries: int = 3,
         monotonic: Callable[[], float] = time.monotonic,
@@ -226,9 +225,14 @@ class Alerter:
         self.policy = policy
         self.clock = clock
         self.monotonic = monotonic  # when remembered lookups and claims run out
-        self.webhook_url = webhook_url
-        self.webhook_timeout = webhook_timeout
-        self.webhook_retries = webhook_retries
+        # Signed deliveries, queued and retried (keystile.webhooks).
+        self.webhook = (
+            WebhookSender(
+                webhook_url, webhook_secret, timeout=webhook_timeout, retries=webhook_retries
+            )
+            if webhook_url
+            else None
+        )
         self.callbacks: list[AlertCallback] = []
         self.fired = 0
         self._quota: list[tuple[str, int, int, int]] = []  # key id, before, after, quota
@@ -237,7 +241,6 @@ class Alerter:
         self._looked_up: dict[str, float] = {}
         self._lookups_left = 0
         self._candidates: list[tuple[str, str, str, str, dict[str, Any]]] = []
-        self._tasks: set[asyncio.Task[None]] = set()
 
     def subscribe(self, callback: AlertCallback) -> AlertCallback:
         """Call ``callback(alert)`` (sync or async) for every alert; usable as a decorator."""
@@ -402,42 +405,10 @@ class Alerter:
                     await result
             except Exception:  # one failing callback must not silence the others
                 logger.exception("alert callback failed")
-        if self.webhook_url:
-            task = asyncio.get_running_loop().create_task(self._post(self.webhook_url, payload))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _post(self, url: str, payload: dict[str, Any]) -> None:
-        body = json.dumps(payload).encode()
-        delay = 0.2
-        for attempt in range(1, self.webhook_retries + 1):
-            try:
-                status = await asyncio.to_thread(_post_json, url, body, self.webhook_timeout)
-                if 200 <= status < 300:
-                    return
-                if 400 <= status < 500 and status != 429:
-                    logger.warning("alert webhook refused the alert (%d)", status)
-                    return
-            except (OSError, urllib.error.URLError) as exc:
-                status = -1
-                logger.debug("alert webhook attempt %d failed: %s", attempt, type(exc).__name__)
-            if attempt < self.webhook_retries:
-                await asyncio.sleep(delay)
-                delay *= 2
-        logger.warning("alert webhook failed after %d attempts", self.webhook_retries)
+        if self.webhook is not None:
+            self.webhook.send(payload)
 
     async def drain(self) -> None:
         """Wait for webhook deliveries in flight (each bounded by timeout and retries)."""
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-
-
-def _post_json(url: str, body: bytes, timeout: float) -> int:
-    request = urllib.request.Request(  # noqa: S310 - the operator configures the URL
-        url, data=body, method="POST", headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return int(exc.code)
+        if self.webhook is not None:
+            await self.webhook.drain()

@@ -146,6 +146,11 @@ class Keystile:
             policy,
             clock=clock,
             webhook_url=settings.alert_webhook_url,
+            webhook_secret=(
+                settings.alert_webhook_secret.get_secret_value()
+                if settings.alert_webhook_secret
+                else None
+            ),
         )
         self.usage = UsageRecorder(
             backend.usage_store(clock, settings),

@@ -69,6 +69,10 @@ class KeystileSettings(BaseSettings):
     alert_webhook_url: str | None = Field(
         default=None, description="Where alerts are POSTed as JSON (optional)."
     )
+    alert_webhook_secret: SecretStr | None = Field(
+        default=None,
+        description="Signs alert webhooks (Standard Webhooks): whsec_ + base64 of 16+ bytes.",
+    )
     rate_limit_failure: Literal["allow", "deny"] = Field(
         default="allow",
         description="When the limiter cannot decide: admit (and count, and log) or refuse.",
