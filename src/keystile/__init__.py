@@ -2,6 +2,7 @@
 
 from keystile.clock import ManualClock
 from keystile.exceptions import (
+    ConfigurationError,
     FieldError,
     KeyChanged,
     KeyConflict,
@@ -35,6 +36,7 @@ from keystile.stores import CachedStore, KeyStore, MemoryStore, RedisStore, open
 __all__ = [
     "ApiKey",
     "CachedStore",
+    "ConfigurationError",
     "CreatedKey",
     "FieldError",
     "KeyChanged",

@@ -16,6 +16,8 @@ Every error keystile raises on purpose derives from one root::
     │                           already rotated (``reason`` says which)
     ├── ScopeRefused            the calling key may not do this: it would grant, change or
     │                           rotate scopes it does not hold itself (``missing`` names them)
+    ├── ConfigurationError      a setting (keyword argument or ``KEYSTILE_*`` environment
+    │                           variable) has a value it cannot take; also a ValueError
     └── StoreError              the key store failed
         ├── StoreUnavailable    the store could not be reached or did not answer in time
         └── StoreMisconfigured  the store answers, but not as the URL says it should (a
@@ -29,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
+    "ConfigurationError",
     "FieldError",
     "KeyChanged",
     "KeyConflict",
@@ -125,6 +128,12 @@ class ScopeRefused(KeystileError):
     def __init__(self, missing: tuple[str, ...], message: str) -> None:
         self.missing = missing
         super().__init__(message)
+
+
+class ConfigurationError(KeystileError, ValueError):
+    """A setting has a value it cannot take. The message is one line naming the setting as
+    it was given (``KEYSTILE_RATE_LIMIT_FAILURE`` or ``rate_limit_failure=``) and what it
+    allows; it never repeats the value of the secret."""
 
 
 class StoreError(KeystileError):

@@ -12,7 +12,7 @@ import logging
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import SecretStr
 
@@ -21,14 +21,14 @@ from keystile.backends import backend_for
 from keystile.clock import Clock, system_clock, to_datetime
 from keystile.cors import OriginIndex
 from keystile.exceptions import StoreError, StoreMisconfigured
-from keystile.fallback import Health
+from keystile.fallback import Health, redis_address
 from keystile.keys import KeyHasher
 from keystile.manager import KeyManager
 from keystile.models import DEFAULT_POLICY, KeyPolicy
 from keystile.principal import MAX_ORIGIN_MEMO, KeyUser, Principal, principal_of
 from keystile.quotas import Quotas
 from keystile.ratelimit import Limiter
-from keystile.settings import KeystileSettings
+from keystile.settings import KeystileSettings, SettingsOptions, closest_setting
 from keystile.stores import (
     CachedStore,
     CacheEntry,
@@ -38,12 +38,17 @@ from keystile.stores import (
 )
 from keystile.usage import UsageRecorder
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
 __all__ = ["MAX_ORIGIN_MEMO", "GateHealth", "KeyUser", "Keystile", "Principal"]
 
 logger = logging.getLogger("keystile")
 
 
-def _hasher(secret: str | bytes | SecretStr | None, store: KeyStore) -> KeyHasher:
+def _hasher(secret: str | bytes | SecretStr | None, store: KeyStore) -> KeyHasher | None:
+    """The hasher under ``secret``; ``None`` when there is none and the store is in memory
+    (the caller then makes one up)."""
     if isinstance(secret, SecretStr):
         secret = secret.get_secret_value()
     if secret is None:
@@ -52,9 +57,40 @@ def _hasher(secret: str | bytes | SecretStr | None, store: KeyStore) -> KeyHashe
                 "a server secret is required with a shared store: pass secret= or set "
                 "KEYSTILE_SECRET"
             )
-        # Keys in a memory store die with the process, and so may the secret.
-        secret = secrets.token_bytes(32)
+        return None
     return KeyHasher(secret)
+
+
+def _settings(settings: KeystileSettings | None, options: dict[str, object]) -> KeystileSettings:
+    """``settings`` (default: from the environment) with the keyword ``options`` on top;
+    ``TypeError`` naming the closest setting for an option that is none."""
+    fields = KeystileSettings.model_fields
+    for name in options:
+        if name not in fields:
+            close = closest_setting(name, fields)
+            hint = f"; did you mean {close!r}?" if close else ""
+            raise TypeError(f"Keystile() got an unknown setting {name!r}{hint}")
+    if settings is None:
+        return KeystileSettings(**options)
+    if not options:
+        return settings
+    return KeystileSettings(**{**settings.model_dump(), **options})
+
+
+def store_description(store: KeyStore, namespace: str | None = None) -> str:
+    """Where keys are kept, for the start-up log: host, port, database and namespace of a
+    Redis (never a password), or the memory store."""
+    if isinstance(store, MemoryStore):
+        return "the memory store (keys live and die with this process)"
+    client = getattr(store, "client", None)
+    pool = getattr(client, "connection_pool", None)
+    options = getattr(pool, "connection_kwargs", None)
+    where = redis_address(client)
+    if isinstance(options, dict) and options.get("service_name"):
+        where = f"the master of Sentinel service {options['service_name']!r}"
+    db = options.get("db", 0) if isinstance(options, dict) else 0
+    namespace = getattr(store, "namespace", namespace)
+    return f"Redis at {where or 'an unnamed address'}, database {db}, namespace {namespace!r}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,8 +125,14 @@ class Keystile:
         lookup_timeout: float = 1.0,
         limiter: Limiter | None = None,
         alert_rules: AlertRules | None = None,
+        **options: Unpack[SettingsOptions],
     ) -> None:
-        settings = settings or KeystileSettings()
+        """Every setting of :class:`~keystile.settings.KeystileSettings` may be passed as a
+        keyword argument (``Keystile(namespace="shop", redis_url="redis://...")``); they
+        take precedence over ``settings`` (default: read from the environment), and
+        ``store=``/``secret=`` over ``redis_url``/the settings' secret."""
+        settings = _settings(settings, dict(options))
+        self.settings = settings
         if store is None or isinstance(store, str):
             cached = open_store(store, settings)
         elif isinstance(store, CachedStore):
@@ -104,7 +146,10 @@ class Keystile:
                 negative_ttl=settings.negative_cache_ttl,
             )
         self.store = cached
-        self.hasher = _hasher(secret if secret is not None else settings.secret, cached.store)
+        hasher = _hasher(secret if secret is not None else settings.secret, cached.store)
+        # Keys in a memory store die with the process, and so may the secret.
+        self.generated_secret = hasher is None
+        self.hasher = hasher or KeyHasher(secrets.token_bytes(32))
         self.policy = policy
         self.clock = clock
         self.lookup_timeout = lookup_timeout
@@ -162,8 +207,16 @@ class Keystile:
 
         Called by the middleware when the app starts (lifespan). Everything works without
         it, only the first requests pay for what it prepares; a store that is down now is
-        logged, not raised, so the app still starts.
+        logged, not raised, so the app still starts. Logs one line naming the store in use,
+        and a warning when it is the memory store under a secret made up for this process.
         """
+        logger.info("keys are kept in %s", store_description(self.store.store))
+        if self.generated_secret:
+            logger.warning(
+                "running on the MEMORY STORE with a secret made up for this "
+                "process: keys vanish when it stops and no other process accepts them. "
+                "Set KEYSTILE_REDIS_URL and KEYSTILE_SECRET to share keys between processes."
+            )
         try:
             await self.backend.check()
         except StoreMisconfigured:

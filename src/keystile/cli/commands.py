@@ -15,11 +15,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 from urllib.parse import urlsplit
 
-from pydantic import ValidationError
-
 from keystile.backends import backend_for
 from keystile.cli.parser import DEFAULT, NEVER, CommandLineError
 from keystile.exceptions import (
+    ConfigurationError,
     KeyConflict,
     KeyNotFound,
     KeyValidationError,
@@ -328,10 +327,8 @@ async def run_with_store(args: argparse.Namespace, out: TextIO, err: TextIO) -> 
     """Open the shared store named by ``--redis`` or the environment, and run the command."""
     try:
         settings = KeystileSettings()
-    except ValidationError as exc:
-        problem = exc.errors(include_url=False, include_input=False)[0]
-        name = "KEYSTILE_" + str(problem["loc"][0]).upper() if problem["loc"] else "KEYSTILE_*"
-        raise CommandLineError(f"{name} is not valid: {problem['msg']}") from None
+    except ConfigurationError as exc:
+        raise CommandLineError(str(exc)) from None
     url = args.redis or settings.redis_url
     if not url:
         raise CommandLineError(
