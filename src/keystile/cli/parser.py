@@ -269,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--redis",
         metavar="URL",
         default=None,
-        help="keep keys in this Redis (namespace keystile-demo) instead of in memory",
+        help="keep keys in this Redis (default: KEYSTILE_REDIS_URL, else in memory), "
+        "under KEYSTILE_NAMESPACE as apps and the key commands do",
     )
     return parser
