@@ -18,6 +18,9 @@ Every error keystile raises on purpose derives from one root::
     │                           rotate scopes it does not hold itself (``missing`` names them)
     ├── ConfigurationError      a setting (keyword argument or ``KEYSTILE_*`` environment
     │                           variable) has a value it cannot take; also a ValueError
+    ├── Refusal                 an HTTP refusal (status, ``error.code``, challenge) raised
+    │                           below the middleware (keystile.responses); also Starlette's
+    │                           HTTPException
     └── StoreError              the key store failed
         ├── StoreUnavailable    the store could not be reached or did not answer in time
         └── StoreMisconfigured  the store answers, but not as the URL says it should (a
