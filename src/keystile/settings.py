@@ -18,7 +18,7 @@ import difflib
 import logging
 import os
 from collections.abc import Collection, Mapping
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, TypedDict, get_args, get_origin
 
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_core import ErrorDetails
@@ -26,7 +26,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from keystile.exceptions import ConfigurationError
 
-__all__ = ["ENV_PREFIX", "KeystileSettings", "SettingsOptions", "unknown_variables"]
+__all__ = [
+    "ENV_PREFIX",
+    "KeystileSettings",
+    "SettingsOptions",
+    "settings_table",
+    "unknown_variables",
+]
 
 logger = logging.getLogger("keystile")
 
@@ -154,6 +160,44 @@ class SettingsOptions(TypedDict, total=False):
     rate_limit_trip_after: int
     rate_limit_backoff: float
     rate_limit_backoff_max: float
+
+
+def settings_table() -> str:
+    """Every setting as a Markdown table — keyword argument, environment variable, default,
+    meaning — as the configuration page of the documentation shows it (a test keeps the two
+    equal)."""
+    lines = [
+        "| keyword argument | environment variable | default | allowed | meaning |",
+        "|---|---|---|---|---|",
+    ]
+    for name, field in KeystileSettings.model_fields.items():
+        default = field.default
+        if default is None:
+            shown = "unset"
+        elif isinstance(default, str):
+            shown = f'`"{default}"`'
+        else:
+            shown = f"`{default:_}`" if isinstance(default, int) else f"`{default}`"
+        meaning = (field.description or "").replace("|", "\\|")
+        allowed = _allowed(field.annotation, field.metadata)
+        lines.append(f"| `{name}` | `{env_name(name)}` | {shown} | {allowed} | {meaning} |")
+    return "\n".join(lines) + "\n"
+
+
+def _allowed(annotation: Any, metadata: list[Any]) -> str:
+    """What a setting takes, in words: its literal values, or its type and bounds."""
+    choices = get_args(annotation) if get_origin(annotation) is Literal else ()
+    if choices:
+        return " or ".join(f'`"{c}"`' for c in choices)
+    kinds = [a for a in get_args(annotation) or (annotation,) if a is not type(None)]
+    words = {int: "whole number", float: "number", str: "text", SecretStr: "text (secret)"}
+    text = " or ".join(words.get(k, getattr(k, "__name__", str(k))) for k in kinds)
+    for bound, sign in (("gt", ">"), ("ge", "≥"), ("lt", "<"), ("le", "≤")):
+        for item in metadata:
+            value = getattr(item, bound, None)
+            if value is not None:
+                text += f" {sign} {value:_}" if isinstance(value, int) else f" {sign} {value}"
+    return text
 
 
 def env_name(field: str) -> str:
