@@ -279,3 +279,41 @@ async def test_a_lost_events_channel_is_logged_once_naming_host_and_cause(
     port = unused_redis_url.rsplit(":", 1)[1].split("/")[0]
     assert len(lost) == 1, lost
     assert f"at 127.0.0.1:{port} (connection refused" in lost[0]
+
+
+async def test_an_unreachable_store_is_named_with_its_cause_at_start_and_on_lookups(
+    unused_redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Start-up and failing key lookups (503) name the host and why, and the lookups' log
+    is one line for many refusals."""
+    import httpx
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from keystile import KeystileMiddleware, generate_key
+
+    async def endpoint(request: Any) -> JSONResponse:
+        return JSONResponse({})
+
+    caplog.set_level(logging.WARNING, logger="keystile")
+    gate = Keystile(redis_url=unused_redis_url, secret=SECRET, redis_timeout=0.2)
+    app = KeystileMiddleware(Starlette(routes=[Route("/x", endpoint)]), gate=gate)
+    port = unused_redis_url.rsplit(":", 1)[1].split("/")[0]
+    try:
+        await gate.startup()
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://x") as http:
+            for _ in range(5):
+                token = generate_key("dev_")
+                answer = await http.get("/x", headers={"Authorization": f"Bearer {token}"})
+                assert answer.status_code == 503
+    finally:
+        await gate.aclose()
+    messages = [r.getMessage() for r in caplog.records]
+    [started] = [m for m in messages if m.startswith("cannot reach the key store")]
+    assert f"Redis at 127.0.0.1:{port}, database 0" in started
+    assert ": connection refused (" in started
+    lookups = [m for m in messages if m.startswith("key lookups failing")]
+    assert len(lookups) == 1
+    assert lookups[0].startswith(f"key lookups failing at 127.0.0.1:{port} (connection refused")

@@ -21,7 +21,7 @@ from keystile.backends import backend_for
 from keystile.clock import Clock, system_clock, to_datetime
 from keystile.cors import OriginIndex
 from keystile.exceptions import StoreError, StoreMisconfigured
-from keystile.fallback import Health, redis_address
+from keystile.fallback import Health, failure_cause, redis_address
 from keystile.keys import KeyHasher
 from keystile.manager import KeyManager
 from keystile.models import DEFAULT_POLICY, KeyPolicy
@@ -222,14 +222,19 @@ class Keystile:
         except StoreMisconfigured:
             raise  # the app must not start on a store it cannot use
         except StoreError as exc:  # down now: logged, and everything recovers when it is back
-            logger.warning("could not check the store: %s", exc)
+            logger.warning(
+                "cannot reach the key store, %s: %s; starting anyway, it is retried as "
+                "requests need it",
+                store_description(self.store.store),
+                failure_cause(exc),
+            )
         await self.store.start()
         self._started = True
         try:
             await self.limiter.start()
             await self.quotas.store.start()
         except StoreError as exc:
-            logger.warning("could not prepare the rate limiter: %s", type(exc).__name__)
+            logger.warning("could not prepare the rate limiter: %s", failure_cause(exc))
 
     def health(self) -> GateHealth:
         """Whether Redis is answering, as each part that needs it last found: the rate

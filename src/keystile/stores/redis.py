@@ -178,18 +178,20 @@ class RedisStore:
         """Log a lost events channel once, naming the host and the cause, then at most
         once a minute while it stays lost (it is retried far more often)."""
         now = time.monotonic()
-        if not self._down_since:
+        first = not self._down_since
+        if first:
             self._down_since = now
         elif now - self._down_logged < 60.0:
             return
         self._down_logged = now
         where = redis_address(self.client)
         logger.warning(
-            "lost the Redis events channel%s (%s) %.0f s ago; retrying, cached keys expire "
-            "after their TTL meanwhile",
+            "%s the Redis events channel%s (%s)%s; retrying, cached keys expire after their "
+            "TTL meanwhile",
+            "lost" if first else "still no",
             f" at {where}" if where else "",
             failure_cause(exc),
-            now - self._down_since,
+            "" if first else f" for {now - self._down_since:.0f} s",
         )
 
     def _channel_back(self) -> None:
