@@ -105,6 +105,8 @@ async def test_namespace_and_redis_url_keywords_open_that_store(redis_namespace:
 def test_a_misspelt_keyword_is_refused_naming_the_setting() -> None:
     with pytest.raises(TypeError, match=r"unknown setting 'namspace'; did you mean 'namespace'"):
         Keystile(namspace="x")  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match=r"unknown setting 'cache_tl'; did you mean 'cache_ttl'"):
+        KeystileSettings(cache_tl=3)
 
 
 def test_a_misspelt_variable_is_a_warning_naming_the_closest_setting(

@@ -66,7 +66,7 @@ def _settings(settings: KeystileSettings | None, options: dict[str, object]) -> 
     ``TypeError`` naming the closest setting for an option that is none."""
     fields = KeystileSettings.model_fields
     for name in options:
-        if name not in fields:
+        if name not in fields or name.startswith("_"):
             close = closest_setting(name, fields)
             hint = f"; did you mean {close!r}?" if close else ""
             raise TypeError(f"Keystile() got an unknown setting {name!r}{hint}")

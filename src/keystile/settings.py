@@ -112,7 +112,14 @@ class KeystileSettings(BaseSettings):
     )
 
     def __init__(self, **values: Any) -> None:
-        """Read the environment, with ``values`` (keyword arguments) taking precedence."""
+        """Read the environment, with ``values`` (keyword arguments) taking precedence;
+        ``TypeError`` naming the closest setting for a keyword that is none."""
+        fields = type(self).model_fields
+        for name in values:
+            if name not in fields and not name.startswith("_"):  # _env_file & co: pydantic's
+                close = closest_setting(name, fields)
+                hint = f"; did you mean {close!r}?" if close else ""
+                raise TypeError(f"unknown setting {name!r}{hint}")
         warn_unknown_variables()
         try:
             super().__init__(**values)
