@@ -319,3 +319,17 @@ async def test_an_unreachable_store_is_named_with_its_cause_at_start_and_on_look
     lookups = [m for m in messages if m.startswith("key lookups failing")]
     assert len(lookups) == 1
     assert lookups[0].startswith(f"key lookups failing at 127.0.0.1:{port} (connection refused")
+
+
+async def test_the_startup_line_names_a_sentinel_service_without_its_password() -> None:
+    from keystile.gate import store_description
+
+    url = "redis+sentinel://:hunter2@127.0.0.1:1,127.0.0.1:2/mymaster?db=2"
+    gate = Keystile(redis_url=url, secret=SECRET, namespace="shop")
+    try:
+        described = store_description(gate.store.store)
+    finally:
+        await gate.aclose()
+    assert described == (
+        "Redis at the master of Sentinel service 'mymaster', database 2, namespace 'shop'"
+    )

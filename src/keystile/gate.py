@@ -86,8 +86,9 @@ def store_description(store: KeyStore, namespace: str | None = None) -> str:
     pool = getattr(client, "connection_pool", None)
     options = getattr(pool, "connection_kwargs", None)
     where = redis_address(client)
-    if isinstance(options, dict) and options.get("service_name"):
-        where = f"the master of Sentinel service {options['service_name']!r}"
+    service = getattr(pool, "service_name", None)  # a Sentinel pool follows a master
+    if isinstance(service, str):
+        where = f"the master of Sentinel service {service!r}"
     db = options.get("db", 0) if isinstance(options, dict) else 0
     namespace = getattr(store, "namespace", namespace)
     return f"Redis at {where or 'an unnamed address'}, database {db}, namespace {namespace!r}"
