@@ -281,4 +281,6 @@ async def test_records_carry_their_status_and_last_use_everywhere() -> None:
     shown = json.loads(await run_cli(manager, "keys", "show", used.key.id, "--json"))
     assert shown["key"]["last_used_at"] == record["last_used_at"]
     assert "last used" in await run_cli(manager, "keys", "show", used.key.id)
+    only_rotated = (await run_cli(manager, "keys", "list", "--status", "rotated")).splitlines()
+    assert [r.split()[0] for r in only_rotated[1:]] == [old.key.id]
     await gate.aclose()

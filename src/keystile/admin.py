@@ -25,7 +25,7 @@ POST    ``/{id}/rotate``    ``admin:manage_keys``  201 ``{"key", "secret", "prev
 GET     ``/{id}/usage``     ``admin:view_usage``   the usage of one key
 ======  ==================  =====================  =========================================
 
-``GET /`` filters with ``?type=dev|prod|client``, ``?status=active|revoked|expired`` and
+``GET /`` filters with ``?type=dev|prod|client``, ``?status=active|rotated|revoked|expired`` and
 ``?meta.<name>=<value>`` (e.g. ``meta.project=search``), and pages with ``?limit=`` (1 to
 1000, default 100) and ``?cursor=`` (the previous answer's ``next``). ``POST /{id}/rotate``
 takes an optional body ``{"grace_seconds": 86400}``.

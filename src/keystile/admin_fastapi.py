@@ -29,7 +29,7 @@ from fastapi.responses import Response
 from keystile.admin_handlers import MANAGE_KEYS, VIEW_USAGE, AdminAPI
 from keystile.fastapi import api_key
 from keystile.gate import Keystile
-from keystile.manager import UPDATABLE_FIELDS
+from keystile.manager import UPDATABLE_FIELDS, KeyStatus
 from keystile.models import ApiKey, KeySettings
 from keystile.rotation import MAX_GRACE
 
@@ -104,7 +104,7 @@ _LIST_PARAMETERS = [
         "name": "status",
         "in": "query",
         "required": False,
-        "schema": {"type": "string", "enum": ["active", "revoked", "expired"]},
+        "schema": {"type": "string", "enum": [s.value for s in KeyStatus]},
     },
     {
         "name": "meta",
