@@ -615,3 +615,11 @@ async def test_a_failing_shutdown_is_logged_and_the_apps_own_shutdown_goes_on(
     assert [m["type"] for m in answered][-1] == "lifespan.shutdown.complete"
     assert stopped == ["app"]
     assert any("shutting down failed" in r.getMessage() for r in caplog.records)
+
+
+def test_keystile_config_is_no_unknown_setting() -> None:
+    """KEYSTILE_CONFIG names the configuration file: no warning; a typo of it is one."""
+    from keystile.settings import unknown_variables
+
+    found = unknown_variables({"KEYSTILE_CONFIG": "x.toml", "KEYSTILE_CONFIF": "y"})
+    assert found == {"KEYSTILE_CONFIF": "KEYSTILE_CONFIG"}

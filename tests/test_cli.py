@@ -211,7 +211,9 @@ async def test_list_shows_a_table_filters_and_pages(manager: KeyManager) -> None
     code, out, _ = await run(manager, "keys", "list")
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["ID", "NAME", "TYPE", "HINT", "STATUS", "CREATED", "EXPIRES"]
+    assert lines[0].split() == [
+        *("ID", "NAME", "TYPE", "HINT", "STATUS", "CREATED", "EXPIRES", "LAST", "USED")
+    ]
     assert len(lines) == 4 and all("active" in line for line in lines[1:])
     for body in made:
         assert body["secret"] not in out
@@ -287,7 +289,8 @@ async def test_invalid_updates_exit_2(manager: KeyManager, argv: list[str], frag
     code, out, err = await run(manager, "keys", "update", created["key"]["id"], *argv)
     assert (code, out) == (2, "")
     assert fragment in err and len(err.splitlines()) == 1
-    assert (await manager.get(created["key"]["id"])).model_dump(mode="json") == created["key"]
+    stored = (await manager.get(created["key"]["id"])).model_dump(mode="json")
+    assert {**stored, "status": "active", "last_used_at": None} == created["key"]
 
 
 async def test_a_key_that_keeps_changing_exits_1_with_one_line(

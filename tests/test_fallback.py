@@ -247,7 +247,7 @@ async def test_item0_an_outage_longer_than_the_back_off_is_logged_once_with_its_
             assert await ask(down) is None
         health = fb.health()
         assert health.status == "degraded" and health.since is not None
-        assert health.last_error == f"ConnectionError: {cause}"
+        assert health.last_error == f"connection refused (ConnectionError: {cause})"
         assert len(outage_warnings(caplog)) == outage  # not yet: the back-off is young
         for _ in range(5):  # each wait over, a try fails; the decisions between skip Redis
             now[0] += 4.0
@@ -256,7 +256,7 @@ async def test_item0_an_outage_longer_than_the_back_off_is_logged_once_with_its_
         warned = outage_warnings(caplog)
         assert len(warned) == outage + 1
         assert warned[-1].startswith("test decisions cannot reach Redis at 10.0.0.7:6379 for")
-        assert f"longer than its back-off (ConnectionError: {cause})" in warned[-1]
+        assert f"back-off (connection refused (ConnectionError: {cause}))" in warned[-1]
         doing = "refusing" if failure == "deny" else "letting requests through undecided"
         assert doing in warned[-1]
         assert not fb.health().ok
@@ -309,7 +309,7 @@ async def test_item0_a_dead_redis_makes_the_gate_say_so(
         port = unused_redis_url.rsplit(":", 1)[1].split("/")[0]
         [warning] = [r.getMessage() for r in caplog.records if "cannot reach" in r.getMessage()]
         assert f"rate limiter cannot reach Redis at 127.0.0.1:{port}" in warning
-        assert "(ConnectionError: " in warning or "(ConnectionRefusedError: " in warning
+        assert "(connection refused (" in warning
         assert all("hunter2" not in r.getMessage() for r in caplog.records)
         assert "hunter2" not in repr(health)
     finally:

@@ -2,9 +2,64 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import pkgutil
+import re
+
 import keystile
-from keystile import KeyHasher, KeyManager
+from keystile import KeyHasher, KeyManager, exceptions
 from keystile.stores import CachedStore
+
+PUBLIC = {
+    "ApiKey",
+    "CachedStore",
+    "ConfigurationError",
+    "CreatedKey",
+    "FieldError",
+    "KeyChanged",
+    "KeyConflict",
+    "KeyFormatError",
+    "KeyHasher",
+    "KeyInfo",
+    "KeyManager",
+    "KeyNotFound",
+    "KeyPage",
+    "KeyPolicy",
+    "KeySettings",
+    "KeyStatus",
+    "KeyStore",
+    "KeyType",
+    "KeyTypePolicy",
+    "KeyUser",
+    "KeyValidationError",
+    "Keystile",
+    "KeystileError",
+    "KeystileMiddleware",
+    "KeystileSettings",
+    "ManualClock",
+    "MemoryStore",
+    "Principal",
+    "RedisStore",
+    "Refusal",
+    "RotatedKey",
+    "RotationRefused",
+    "Rule",
+    "RuleTable",
+    "ScopeCatalogue",
+    "ScopeRefused",
+    "StoreError",
+    "StoreMisconfigured",
+    "StoreUnavailable",
+    "__version__",
+    "check_scopes",
+    "generate_key",
+    "open_store",
+    "parse_key",
+    "public",
+    "scopes_required",
+}
+"""Every name ``keystile`` exports: adding or removing one is a decision, made here too."""
 
 
 def test_all_is_sorted_and_complete() -> None:
@@ -12,6 +67,62 @@ def test_all_is_sorted_and_complete() -> None:
     assert keystile.__all__ == sorted(keystile.__all__)
     for name in keystile.__all__:
         assert hasattr(keystile, name), name
+
+
+def test_the_exported_names_are_exactly_the_public_surface() -> None:
+    """__all__ is the pinned list, no more and no less; and every public class or function
+    the package's top level holds is in it (none exported by accident, none forgotten)."""
+    assert set(keystile.__all__) == PUBLIC
+    held = {
+        name
+        for name, value in vars(keystile).items()
+        if not name.startswith("_") and not inspect.ismodule(value)
+    }
+    assert held == PUBLIC - {"__version__"}
+
+
+def _all_errors() -> set[type[BaseException]]:
+    for module in pkgutil.walk_packages(keystile.__path__, "keystile."):
+        if not module.name.endswith("__main__"):  # (runs the command line)
+            importlib.import_module(module.name)
+    found: set[type[BaseException]] = set()
+    todo: list[type[BaseException]] = [keystile.KeystileError]
+    while todo:
+        error = todo.pop()
+        found.add(error)
+        todo.extend(error.__subclasses__())
+    return found
+
+
+def _drawn_tree() -> dict[str, str | None]:
+    """Each class the exceptions module's docstring draws, with the class drawn as its
+    parent (None for the root)."""
+    assert exceptions.__doc__ is not None
+    tree: dict[str, str | None] = {}
+    parents: list[str] = []
+    for line in exceptions.__doc__.splitlines():
+        match = re.match(
+            r"^    (?P<lead>(?:[│ ]   )*)(?:[├└]── )?(?P<name>[A-Z]\w+)(?:\s|$)", line
+        )
+        if match is None or ("──" not in line and match["name"] != "KeystileError"):
+            continue
+        depth = len(match["lead"]) // 4 + ("──" in line)
+        del parents[depth:]
+        tree[match["name"]] = parents[-1] if parents else None
+        parents.append(match["name"])
+    return tree
+
+
+def test_the_exception_tree_draws_every_error_class_under_its_parent() -> None:
+    """The drawing in keystile.exceptions names every KeystileError subclass of the package,
+    each under the keystile class it derives from."""
+    tree = _drawn_tree()
+    errors = {error.__name__: error for error in _all_errors()}
+    assert set(tree) == set(errors)
+    for name, parent in tree.items():
+        error = errors[name]
+        bases = [b.__name__ for b in error.__bases__ if issubclass(b, keystile.KeystileError)]
+        assert bases == ([] if parent is None else [parent]), name
 
 
 def test_every_error_derives_from_the_root() -> None:

@@ -20,6 +20,7 @@ from keystile.gate import Keystile, KeyUser, Principal
 from keystile.keys import KeyHasher, generate_key, parse_key
 from keystile.manager import (
     CreatedKey,
+    KeyInfo,
     KeyManager,
     KeyPage,
     KeyStatus,
@@ -43,6 +44,7 @@ __all__ = [
     "KeyConflict",
     "KeyFormatError",
     "KeyHasher",
+    "KeyInfo",
     "KeyManager",
     "KeyNotFound",
     "KeyPage",

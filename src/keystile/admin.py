@@ -4,9 +4,13 @@ Mount it under an app that runs :class:`~keystile.middleware.KeystileMiddleware`
 authenticates the caller; each endpoint then checks its scope itself::
 
     app = Starlette(
-        routes=[Mount("/cloud/keys", app=admin_app(gate))],
+        routes=[admin_mount(gate, "/cloud/keys")],
         middleware=[Middleware(KeystileMiddleware, gate=gate)],
     )
+
+:func:`admin_mount` answers the collection at the mount path itself (``GET /cloud/keys``)
+as at ``/cloud/keys/``; a plain ``Mount("/cloud/keys", app=admin_app(gate))`` would answer
+the bare path with a redirect, which ``curl`` and ``httpx`` do not follow.
 
 ======  ==================  =====================  =========================================
 method  path                scope                  answer
@@ -21,7 +25,7 @@ POST    ``/{id}/rotate``    ``admin:manage_keys``  201 ``{"key", "secret", "prev
 GET     ``/{id}/usage``     ``admin:view_usage``   the usage of one key
 ======  ==================  =====================  =========================================
 
-``GET /`` filters with ``?type=dev|prod|client``, ``?status=active|revoked|expired`` and
+``GET /`` filters with ``?type=dev|prod|client``, ``?status=active|rotated|revoked|expired`` and
 ``?meta.<name>=<value>`` (e.g. ``meta.project=search``), and pages with ``?limit=`` (1 to
 1000, default 100) and ``?cursor=`` (the previous answer's ``next``). ``POST /{id}/rotate``
 takes an optional body ``{"grace_seconds": 86400}``.
@@ -57,7 +61,8 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Match, Mount, Route
+from starlette.types import Scope
 
 from keystile.admin_handlers import MANAGE_KEYS, VIEW_USAGE, AdminAPI, error_response
 from keystile.gate import Keystile
@@ -73,7 +78,9 @@ __all__ = [
     "RECORD_FIELDS",
     "VIEW_USAGE",
     "AdminAPI",
+    "AdminMount",
     "admin_app",
+    "admin_mount",
     "admin_routes",
     "admin_rules",
     "fastapi_router",
@@ -145,6 +152,35 @@ def admin_app(gate: Keystile) -> Starlette:
     return Starlette(routes=admin_routes(gate), exception_handlers={HTTPException: _http_error})
 
 
+def _route_path(scope: Scope) -> str:
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
+class AdminMount(Mount):
+    """A ``Mount`` whose bare path (``/cloud/keys``) is the collection, as the path with a
+    slash (``/cloud/keys/``) is: no redirect."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child = super().matches(scope)
+        if match is Match.NONE and scope["type"] == "http" and _route_path(scope) == self.path:
+            slashed = {**scope, "path": scope["path"] + "/"}
+            if isinstance(scope.get("raw_path"), bytes):
+                slashed["raw_path"] = scope["raw_path"] + b"/"
+            match, child = super().matches(slashed)
+            if match is not Match.NONE:
+                child = {**child, "path": slashed["path"], "raw_path": slashed.get("raw_path")}
+        return match, child
+
+
+def admin_mount(gate: Keystile, path: str = "/cloud/keys") -> Mount:
+    """The admin API mounted at ``path``, answering there too (``GET`` and ``POST
+    /cloud/keys``, not only ``/cloud/keys/``); add ``admin_rules(path)`` to the middleware's
+    rules when it refuses unmatched routes."""
+    return AdminMount(path, app=admin_app(gate))
+
+
 def admin_rules(prefix: str = "/cloud/keys") -> list[Rule]:
     """Rules for the middleware's central table covering the admin API mounted at
     ``prefix``, with the same scopes its endpoints check; needed when the middleware
@@ -161,13 +197,16 @@ def admin_rules(prefix: str = "/cloud/keys") -> list[Rule]:
     ]
 
 
-def fastapi_router(gate: Keystile, *, tags: Sequence[str] = ("keys",)) -> APIRouter:
+def fastapi_router(
+    gate: Keystile, *, tags: Sequence[str] = ("keys",), prefix: str = ""
+) -> APIRouter:
     """The admin endpoints as a FastAPI ``APIRouter`` whose scopes appear in the OpenAPI
-    document: ``app.include_router(fastapi_router(gate), prefix="/cloud/keys")``.
+    document: ``app.include_router(fastapi_router(gate, prefix="/cloud/keys"))`` (the
+    collection then answers at ``/cloud/keys`` and ``/cloud/keys/``).
 
     Needs the ``fastapi`` extra; defined in :mod:`keystile.admin_fastapi`, imported only
     when called so that this module needs no FastAPI (that one does not import this one).
     """
     from keystile.admin_fastapi import fastapi_router as build
 
-    return build(gate, tags=tags)
+    return build(gate, tags=tags, prefix=prefix)

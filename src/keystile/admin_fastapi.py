@@ -3,7 +3,11 @@ OpenAPI document (needs the ``fastapi`` extra)::
 
     app = FastAPI()
     app.add_middleware(KeystileMiddleware, gate=gate)
-    app.include_router(fastapi_router(gate), prefix="/cloud/keys")
+    app.include_router(fastapi_router(gate, prefix="/cloud/keys"))
+
+With ``prefix=`` the collection answers at the prefix itself (``GET``/``POST /cloud/keys``)
+as at ``/cloud/keys/``; ``include_router(fastapi_router(gate), prefix=...)`` serves it at
+``/cloud/keys/`` only (the bare path then answers with a redirect).
 
 Each endpoint requires its scope through ``Security(keystile.fastapi.api_key, scopes=[...])``
 and then runs the same handler (:class:`~keystile.admin_handlers.AdminAPI`) as the
@@ -25,7 +29,7 @@ from fastapi.responses import Response
 from keystile.admin_handlers import MANAGE_KEYS, VIEW_USAGE, AdminAPI
 from keystile.fastapi import api_key
 from keystile.gate import Keystile
-from keystile.manager import UPDATABLE_FIELDS
+from keystile.manager import UPDATABLE_FIELDS, KeyStatus
 from keystile.models import ApiKey, KeySettings
 from keystile.rotation import MAX_GRACE
 
@@ -100,7 +104,7 @@ _LIST_PARAMETERS = [
         "name": "status",
         "in": "query",
         "required": False,
-        "schema": {"type": "string", "enum": ["active", "revoked", "expired"]},
+        "schema": {"type": "string", "enum": [s.value for s in KeyStatus]},
     },
     {
         "name": "meta",
@@ -140,14 +144,19 @@ _BEYOND = (
 )
 
 
-def fastapi_router(gate: Keystile, *, tags: Sequence[str] = ("keys",)) -> APIRouter:
-    """The admin API as an ``APIRouter`` (see the module docstring)."""
+def fastapi_router(
+    gate: Keystile, *, tags: Sequence[str] = ("keys",), prefix: str = ""
+) -> APIRouter:
+    """The admin API as an ``APIRouter`` (see the module docstring); under ``prefix``
+    (e.g. ``"/cloud/keys"``) the collection answers at the prefix itself too."""
     api = AdminAPI(gate.manager)
-    router = APIRouter(tags=list(tags))
+    prefix = prefix.rstrip("/")
+    router = APIRouter(tags=list(tags), prefix=prefix)
     settings = _settings_schema()
+    collection = "" if prefix else "/"
 
     @router.post(
-        "/",
+        collection,
         status_code=201,
         summary="Create a key",
         openapi_extra=_body(settings),
@@ -162,13 +171,19 @@ def fastapi_router(gate: Keystile, *, tags: Sequence[str] = ("keys",)) -> APIRou
         return await api.create(request)
 
     @router.get(
-        "/",
+        collection,
         summary="List keys",
         openapi_extra={"parameters": _LIST_PARAMETERS},
         responses=_responses((200, "A page of key records and the next cursor."), _INVALID),
     )
     async def list_keys(request: Request, caller: ManageKeys) -> Response:
         return await api.list(request)
+
+    if prefix:  # the collection with a slash too, as documented elsewhere
+        router.add_api_route(
+            "/", create_key, methods=["POST"], status_code=201, include_in_schema=False
+        )
+        router.add_api_route("/", list_keys, methods=["GET"], include_in_schema=False)
 
     @router.get("/usage", summary="Usage of all keys")
     async def usage(request: Request, caller: ViewUsage) -> Response:

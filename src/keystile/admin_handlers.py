@@ -28,7 +28,7 @@ from keystile.exceptions import (
     StoreError,
     StoreUnavailable,
 )
-from keystile.manager import DEFAULT_PAGE_SIZE, KeyManager, record_json
+from keystile.manager import DEFAULT_PAGE_SIZE, KeyManager, key_status, record_json
 from keystile.models import ApiKey
 from keystile.responses import Refusals
 from keystile.routing import PRINCIPAL, REFUSALS
@@ -181,13 +181,21 @@ class AdminAPI:
             logger.error("admin API: the key store failed: %s", exc)
             return error_response(503, "store_error", "The key store failed; try again shortly.")
 
+    def _new(self, record: ApiKey) -> dict[str, Any]:
+        """A key just made, as JSON: never used yet."""
+        return record_json(record, status=key_status(record, self.manager.now()))
+
+    async def _records(self, records: Sequence[ApiKey]) -> list[dict[str, Any]]:
+        """Records as JSON, with their status now and their last use."""
+        return [info.json() for info in await self.manager.describe(records)]
+
     async def create(self, request: Request) -> Response:
         async def handle() -> Response:
             actor = _actor(request)
             data = await _json_object(request, required=True)
             created = await self.manager.create(data, actor=actor)
             logger.info("admin: %s created key %s", _caller(request), created.key.id)
-            body = {"key": record_json(created.key), "secret": created.secret.get_secret_value()}
+            body = {"key": self._new(created.key), "secret": created.secret.get_secret_value()}
             return JSONResponse(body, status_code=201, headers=_NO_STORE)
 
         return await self._answer(request, handle)
@@ -229,14 +237,14 @@ class AdminAPI:
                 cursor=given.get("cursor"),
                 limit=limit,
             )
-            return JSONResponse({"keys": [record_json(k) for k in page.keys], "next": page.next})
+            return JSONResponse({"keys": await self._records(page.keys), "next": page.next})
 
         return await self._answer(request, handle)
 
     async def get(self, request: Request) -> Response:
         async def handle() -> Response:
             record = await self.manager.get(_key_id(request))
-            return JSONResponse({"key": record_json(record)})
+            return JSONResponse({"key": (await self._records([record]))[0]})
 
         return await self._answer(request, handle)
 
@@ -246,7 +254,7 @@ class AdminAPI:
             data = await _json_object(request, required=True)
             record = await self.manager.update(key_id, data, actor=actor)
             logger.info("admin: %s updated key %s", _caller(request), key_id)
-            return JSONResponse({"key": record_json(record)})
+            return JSONResponse({"key": (await self._records([record]))[0]})
 
         return await self._answer(request, handle)
 
@@ -255,7 +263,7 @@ class AdminAPI:
             key_id = _key_id(request)
             record = await self.manager.revoke(key_id)
             logger.info("admin: %s revoked key %s", _caller(request), key_id)
-            return JSONResponse({"key": record_json(record)})
+            return JSONResponse({"key": (await self._records([record]))[0]})
 
         return await self._answer(request, handle)
 
@@ -285,9 +293,9 @@ class AdminAPI:
                 ) from None
             logger.info("admin: %s rotated key %s to %s", _caller(request), key_id, rotated.key.id)
             body = {
-                "key": record_json(rotated.key),
+                "key": self._new(rotated.key),
                 "secret": rotated.secret.get_secret_value(),
-                "previous": record_json(rotated.previous),
+                "previous": (await self._records([rotated.previous]))[0],
             }
             return JSONResponse(body, status_code=201, headers=_NO_STORE)
 

@@ -26,9 +26,9 @@ import anyio.to_thread
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Mount, Route
+from starlette.routing import BaseRoute, Route
 
-from keystile.admin import admin_app, admin_rules
+from keystile.admin import admin_mount, admin_rules
 from keystile.gate import Keystile
 from keystile.manager import CreatedKey
 from keystile.middleware import KeystileMiddleware
@@ -377,7 +377,7 @@ def build_demo_app(gate: Keystile, state: DemoState | None = None) -> Starlette:
         Route("/cloud/files/{path:path}", files, methods=["GET", "PUT"]),
     ]
     # The admin REST API, guarded by admin:manage_keys / admin:view_usage.
-    routes.append(Mount("/cloud/keys", app=admin_app(gate)))
+    routes.append(admin_mount(gate, "/cloud/keys"))
     app = Starlette(routes=routes)
     rules = [*DEMO_RULES, *admin_rules("/cloud/keys")]
     app.add_middleware(KeystileMiddleware, gate=gate, rules=rules, deny_unmatched=True)

@@ -2,28 +2,30 @@
 seeded with one key of each type and an admin key, whose secrets it prints with ``curl``
 lines to try, then served with uvicorn until interrupted.
 
-Keys live in memory, or in the Redis given by ``--redis`` (namespace ``keystile-demo``, under
-``KEYSTILE_SECRET`` or a secret made up for the run). Alerts and keystile's warnings print
-to stderr beside uvicorn's log. Needs the ``demo`` extra (uvicorn).
+Keys live in memory, or in the Redis given by ``--redis`` or ``KEYSTILE_REDIS_URL``, under
+``KEYSTILE_NAMESPACE`` (default ``keystile``, as apps and the command line) and
+``KEYSTILE_SECRET`` (or a secret made up for the run): with the same settings, a key the
+command line makes works in the demo, and ``keystile usage`` reads what the demo counted.
+Every other ``KEYSTILE_*`` setting applies too. Alerts and keystile's warnings print to
+stderr beside uvicorn's log. Needs the ``demo`` extra (uvicorn).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import secrets
 import sys
 from typing import TextIO
 
 from keystile import demo
 from keystile.alerts import AlertRules
-from keystile.exceptions import StoreError
-from keystile.gate import Keystile
+from keystile.exceptions import ConfigurationError, StoreError
+from keystile.gate import Keystile, store_description
 from keystile.manager import CreatedKey
 from keystile.settings import KeystileSettings
 
-__all__ = ["print_keys", "run_demo", "serve_demo"]
+__all__ = ["demo_gate", "print_keys", "run_demo", "serve_demo"]
 
 
 def run_demo(host: str, port: int, redis_url: str | None) -> int:
@@ -95,14 +97,17 @@ def _log_to_stderr() -> None:
     keystile_log.setLevel(logging.INFO)
 
 
-def _gate(redis_url: str | None) -> Keystile:
+def demo_gate(redis_url: str | None = None) -> Keystile:
+    """The demo's gate: the store ``redis_url`` (``--redis``) names, else the settings' (the
+    environment's), else memory; every other setting from the environment."""
     # Thresholds low enough to see an alert fire while trying the demo.
     rules = AlertRules(requests_per_minute=60, error_rate=0.5, error_min_requests=10)
-    if redis_url:
-        settings = KeystileSettings(namespace="keystile-demo")
-        secret = os.environ.get("KEYSTILE_SECRET") or secrets.token_urlsafe(32)
-        return Keystile(store=redis_url, secret=secret, settings=settings, alert_rules=rules)
-    return Keystile(store="memory://", alert_rules=rules)
+    settings = KeystileSettings()
+    url = redis_url or settings.redis_url or "memory://"
+    secret = None
+    if not url.startswith("memory:") and settings.secret is None:
+        secret = secrets.token_urlsafe(32)  # the demo's keys work for this run only
+    return Keystile(store=url, secret=secret, settings=settings, alert_rules=rules)
 
 
 async def serve_demo(host: str, port: int, redis_url: str | None) -> int:
@@ -114,7 +119,11 @@ async def serve_demo(host: str, port: int, redis_url: str | None) -> int:
         sys.stderr.write("the demo needs uvicorn: pip install 'keystile[demo]'\n")
         return 2
     _log_to_stderr()
-    gate = _gate(redis_url)
+    try:
+        gate = demo_gate(redis_url)
+    except (ConfigurationError, ValueError) as exc:
+        sys.stderr.write(f"keystile demo: {exc}\n")
+        return 2
     try:
         # Looked up when called, so that a test server may wrap the seeding.
         keys = await demo.seed_demo_keys(gate)
@@ -126,7 +135,7 @@ async def serve_demo(host: str, port: int, redis_url: str | None) -> int:
     app = demo.build_demo_app(gate)
     shown_host = f"[{host}]" if ":" in host else host
     print_keys(
-        sys.stdout, f"http://{shown_host}:{port}", dict(keys), "redis" if redis_url else "memory"
+        sys.stdout, f"http://{shown_host}:{port}", dict(keys), store_description(gate.store.store)
     )
     # proxy_headers=False: uvicorn would otherwise rewrite the client address from
     # X-Forwarded-For for requests from 127.0.0.1, behind keystile's back.

@@ -16,9 +16,14 @@ Every error keystile raises on purpose derives from one root::
     │                           already rotated (``reason`` says which)
     ├── ScopeRefused            the calling key may not do this: it would grant, change or
     │                           rotate scopes it does not hold itself (``missing`` names them)
-    ├── ConfigurationError      the app is set up wrongly (a route that requires a scope
-    │                           the catalogue lacks, ...); also a ValueError, one line per
-    │                           problem in ``problems``; raised when the app starts
+    ├── ConfigurationError      the app is set up wrongly: a setting (keyword argument or
+    │                           ``KEYSTILE_*`` variable) with a value it cannot take, a
+    │                           configuration file's mistake, a route that requires a scope
+    │                           the catalogue lacks; also a ValueError, one line per
+    │                           problem in ``problems``
+    ├── Refusal                 an HTTP refusal (status, ``error.code``, challenge) raised
+    │                           below the middleware (keystile.responses); also Starlette's
+    │                           HTTPException
     └── StoreError              the key store failed
         ├── StoreUnavailable    the store could not be reached or did not answer in time
         └── StoreMisconfigured  the store answers, but not as the URL says it should (a
@@ -133,10 +138,16 @@ class ScopeRefused(KeystileError):
 
 class ConfigurationError(KeystileError, ValueError):
     """The app is configured wrongly; ``problems`` has one line per mistake, each naming
-    where it is (a route, a rule, a setting) and, where one is close, the valid value."""
+    where it is (a setting as it was given — ``KEYSTILE_RATE_LIMIT_FAILURE`` or
+    ``rate_limit_failure=`` — a configuration file's field, a route, a rule) and what it
+    allows or, where one is close, the valid value. It never repeats a secret's value."""
 
     def __init__(self, problems: list[str] | str) -> None:
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        if isinstance(problems, str):
+            self.problems = [problems]
+            super().__init__(problems)
+            return
+        self.problems = list(problems)
         count = len(self.problems)
         head = (
             "keystile cannot start: "

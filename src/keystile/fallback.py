@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -16,7 +17,14 @@ from redis.exceptions import RedisError
 
 from keystile.exceptions import StoreError, StoreUnavailable
 
-__all__ = ["FailureMode", "Fallback", "FallingBack", "Health", "redis_address"]
+__all__ = [
+    "FailureMode",
+    "Fallback",
+    "FallingBack",
+    "Health",
+    "failure_cause",
+    "redis_address",
+]
 
 FailureMode = Literal["allow", "deny"]
 T = TypeVar("T")
@@ -45,6 +53,51 @@ def redis_address(client: object) -> str:
     if not isinstance(host, str):
         return ""
     return f"{f'[{host}]' if ':' in host else host}:{options.get('port', 6379)}"
+
+
+_CAUSES = (  # what redis-py's messages say, when the original error is not chained
+    ("connection refused", "connection refused"),
+    ("name or service not known", "host name not found (DNS)"),
+    ("nodename nor servname", "host name not found (DNS)"),
+    ("temporary failure in name resolution", "host name not found (DNS)"),
+    ("timeout", "timed out"),
+    ("timed out", "timed out"),
+)
+
+
+def failure_cause(exc: BaseException) -> str:
+    """Why Redis could not be reached, in words — ``connection refused``, ``host name not
+    found (DNS)``, ``timed out``, ``authentication failed`` — followed by the underlying
+    error's type and message (cut short) in parentheses; just those when the cause is
+    none of these. Follows the chain of causes (a store's error, redis-py's)."""
+    original = _cause(exc)
+    detail = f"{type(original).__name__}: {str(original)[:200]}" if str(original) else ""
+    detail = detail or type(original).__name__
+    words = _cause_words(exc)
+    return f"{words} ({detail})" if words else detail
+
+
+def _cause_words(exc: BaseException) -> str | None:
+    seen: list[BaseException] = []
+    error: BaseException | None = exc
+    while error is not None and len(seen) < 8:
+        seen.append(error)
+        error = error.__cause__ or error.__context__
+    for error in seen:
+        if isinstance(error, socket.gaierror):
+            return "host name not found (DNS)"
+        if isinstance(error, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(error, TimeoutError) or type(error).__name__ == "TimeoutError":
+            return "timed out"
+        if type(error).__name__ == "AuthenticationError":
+            return "authentication failed"
+    for error in seen:
+        text = str(error).lower()
+        for words, cause in _CAUSES:
+            if words in text:
+                return cause
+    return None
 
 
 def _cause(exc: BaseException) -> BaseException:
@@ -214,8 +267,7 @@ class Fallback:
         self.failures += 1
         self.errors += 1
         if exc is not None:
-            cause = _cause(exc)
-            self._error = f"{type(cause).__name__}: {str(cause)[:200]}"
+            self._error = failure_cause(exc)
         if tried:
             if not self._announced:
                 self._announce()

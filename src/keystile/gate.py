@@ -12,7 +12,7 @@ import logging
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from pydantic import SecretStr
 
@@ -22,14 +22,14 @@ from keystile.clock import Clock, system_clock, to_datetime
 from keystile.config import load_config
 from keystile.cors import OriginIndex
 from keystile.exceptions import StoreError, StoreMisconfigured
-from keystile.fallback import Health
+from keystile.fallback import Health, failure_cause, redis_address
 from keystile.keys import KeyHasher
 from keystile.manager import KeyManager
 from keystile.models import KeyPolicy
 from keystile.principal import MAX_ORIGIN_MEMO, KeyUser, Principal, principal_of
 from keystile.quotas import Quotas
 from keystile.ratelimit import Limiter
-from keystile.settings import KeystileSettings
+from keystile.settings import KeystileSettings, SettingsOptions, closest_setting
 from keystile.stores import (
     CachedStore,
     CacheEntry,
@@ -39,6 +39,9 @@ from keystile.stores import (
 )
 from keystile.telemetry import Telemetry
 from keystile.usage import UsageRecorder
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = [
     "MAX_ORIGIN_MEMO",
@@ -52,7 +55,9 @@ __all__ = [
 logger = logging.getLogger("keystile")
 
 
-def _hasher(secret: str | bytes | SecretStr | None, store: KeyStore) -> KeyHasher:
+def _hasher(secret: str | bytes | SecretStr | None, store: KeyStore) -> KeyHasher | None:
+    """The hasher under ``secret``; ``None`` when there is none and the store is in memory
+    (the caller then makes one up)."""
     if isinstance(secret, SecretStr):
         secret = secret.get_secret_value()
     if secret is None:
@@ -61,8 +66,7 @@ def _hasher(secret: str | bytes | SecretStr | None, store: KeyStore) -> KeyHashe
                 "a server secret is required with a shared store: pass secret= or set "
                 "KEYSTILE_SECRET"
             )
-        # Keys in a memory store die with the process, and so may the secret.
-        secret = secrets.token_bytes(32)
+        return None
     return KeyHasher(secret)
 
 
@@ -73,6 +77,39 @@ class Extension(Protocol):
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...
+
+
+def _settings(settings: KeystileSettings | None, options: dict[str, object]) -> KeystileSettings:
+    """``settings`` (default: from the environment) with the keyword ``options`` on top;
+    ``TypeError`` naming the closest setting for an option that is none."""
+    fields = KeystileSettings.model_fields
+    for name in options:
+        if name not in fields or name.startswith("_"):
+            close = closest_setting(name, fields)
+            hint = f"; did you mean {close!r}?" if close else ""
+            raise TypeError(f"Keystile() got an unknown setting {name!r}{hint}")
+    if settings is None:
+        return KeystileSettings(**options)
+    if not options:
+        return settings
+    return KeystileSettings(**{**settings.model_dump(), **options})
+
+
+def store_description(store: KeyStore, namespace: str | None = None) -> str:
+    """Where keys are kept, for the start-up log: host, port, database and namespace of a
+    Redis (never a password), or the memory store."""
+    if isinstance(store, MemoryStore):
+        return "the memory store (keys live and die with this process)"
+    client = getattr(store, "client", None)
+    pool = getattr(client, "connection_pool", None)
+    options = getattr(pool, "connection_kwargs", None)
+    where = redis_address(client)
+    service = getattr(pool, "service_name", None)  # a Sentinel pool follows a master
+    if isinstance(service, str):
+        where = f"the master of Sentinel service {service!r}"
+    db = options.get("db", 0) if isinstance(options, dict) else 0
+    namespace = getattr(store, "namespace", namespace)
+    return f"Redis at {where or 'an unnamed address'}, database {db}, namespace {namespace!r}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,8 +149,14 @@ class Keystile:
         lookup_timeout: float = 1.0,
         limiter: Limiter | None = None,
         alert_rules: AlertRules | None = None,
+        **options: Unpack[SettingsOptions],
     ) -> None:
-        settings = settings or KeystileSettings()
+        """Every setting of :class:`~keystile.settings.KeystileSettings` may be passed as a
+        keyword argument (``Keystile(namespace="shop", redis_url="redis://...")``); they
+        take precedence over ``settings`` (default: read from the environment), and
+        ``store=``/``secret=`` over ``redis_url``/the settings' secret."""
+        settings = _settings(settings, dict(options))
+        self.settings = settings
         if store is None or isinstance(store, str):
             cached = open_store(store, settings)
         elif isinstance(store, CachedStore):
@@ -127,7 +170,10 @@ class Keystile:
                 negative_ttl=settings.negative_cache_ttl,
             )
         self.store = cached
-        self.hasher = _hasher(secret if secret is not None else settings.secret, cached.store)
+        hasher = _hasher(secret if secret is not None else settings.secret, cached.store)
+        # Keys in a memory store die with the process, and so may the secret.
+        self.generated_secret = hasher is None
+        self.hasher = hasher or KeyHasher(secrets.token_bytes(32))
         # The app's own scopes and key types: given, or from its configuration file.
         policy = policy if policy is not None else load_config().policy
         self.policy = policy
@@ -201,14 +247,27 @@ class Keystile:
 
         Called by the middleware when the app starts (lifespan). Everything works without
         it, only the first requests pay for what it prepares; a store that is down now is
-        logged, not raised, so the app still starts.
+        logged, not raised, so the app still starts. Logs one line naming the store in use,
+        and a warning when it is the memory store under a secret made up for this process.
         """
+        logger.info("keys are kept in %s", store_description(self.store.store))
+        if self.generated_secret:
+            logger.warning(
+                "running on the MEMORY STORE with a secret made up for this "
+                "process: keys vanish when it stops and no other process accepts them. "
+                "Set KEYSTILE_REDIS_URL and KEYSTILE_SECRET to share keys between processes."
+            )
         try:
             await self.backend.check()
         except StoreMisconfigured:
             raise  # the app must not start on a store it cannot use
         except StoreError as exc:  # down now: logged, and everything recovers when it is back
-            logger.warning("could not check the store: %s", exc)
+            logger.warning(
+                "cannot reach the key store, %s: %s; starting anyway, it is retried as "
+                "requests need it",
+                store_description(self.store.store),
+                failure_cause(exc),
+            )
         await self.store.start()
         self._started = True
         for extension in self.extensions:
@@ -217,7 +276,7 @@ class Keystile:
             await self.limiter.start()
             await self.quotas.store.start()
         except StoreError as exc:
-            logger.warning("could not prepare the rate limiter: %s", type(exc).__name__)
+            logger.warning("could not prepare the rate limiter: %s", failure_cause(exc))
 
     def health(self) -> GateHealth:
         """Whether Redis is answering, as each part that needs it last found: the rate

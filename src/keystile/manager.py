@@ -12,7 +12,7 @@ import asyncio
 import builtins
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -42,10 +42,12 @@ from keystile.records import (
     KEY_ID,
     RECORD_FIELDS,
     CreatedKey,
+    KeyInfo,
     KeyPage,
     KeyStatus,
     RotatedKey,
     decode_cursor,
+    describe,
     encode_cursor,
     key_status,
     record_json,
@@ -69,6 +71,7 @@ __all__ = [
     "RECORD_FIELDS",
     "UPDATABLE_FIELDS",
     "CreatedKey",
+    "KeyInfo",
     "KeyManager",
     "KeyPage",
     "KeyStatus",
@@ -193,6 +196,24 @@ class KeyManager:
             )
         return record
 
+    async def info(self, key_id: str) -> KeyInfo:
+        """The record with this id, its status now and its last use (:class:`KeyNotFound`
+        when there is none)."""
+        [described] = await self.describe([await self.get(key_id)])
+        return described
+
+    async def describe(self, records: Iterable[ApiKey]) -> builtins.list[KeyInfo]:
+        """Each record with its status now and when it was last used, as the usage store
+        has it (one read per key; what this process counted since its last flush is not
+        in it yet)."""
+        return await describe(records, self.now(), self._last_used)
+
+    async def _last_used(self, key_id: str) -> datetime | None:
+        try:
+            return (await self.usage_reader.store.last_use(key_id)).at
+        except StoreError as exc:
+            raise StoreUnavailable(f"usage cannot be read: {exc}") from exc
+
     async def list(
         self,
         *,
@@ -203,7 +224,7 @@ class KeyManager:
         limit: int = DEFAULT_PAGE_SIZE,
     ) -> KeyPage:
         """Records in creation order, ``limit`` at a time, that match every filter given:
-        ``type``, ``status`` (``active``, ``revoked`` or ``expired``) and ``metadata``
+        ``type``, ``status`` (``active``, ``rotated``, ``revoked`` or ``expired``) and ``metadata``
         (each named entry equal). Pass the page's ``next`` as ``cursor`` to continue.
 
         A page may hold fewer than ``limit`` records (even none) and still have a ``next``:
@@ -463,7 +484,7 @@ class KeyManager:
             await self.get(key_id)
         try:
             if key_id is None:
-                return await self.usage_reader.overview()
+                return await self._named(await self.usage_reader.overview())
             return await self.usage_reader.report(
                 key_id, start=start, end=end, granularity=granularity
             )
@@ -471,3 +492,16 @@ class KeyManager:
             raise KeyValidationError.single("end", str(exc)) from None
         except StoreError as exc:
             raise StoreUnavailable(f"usage cannot be read: {exc}") from exc
+
+    async def _named(self, overview: UsageOverview) -> UsageOverview:
+        """The overview with each key's name (``None`` for a key no longer stored)."""
+        ids = [k.key_id for k in overview.keys]
+        names: builtins.list[str | None] = []
+        for start in range(0, len(ids), 50):  # bounded concurrency
+            chunk = ids[start : start + 50]
+            records = await asyncio.gather(*(self.store.get(i) for i in chunk))
+            names.extend(None if r is None else r.name for r in records)
+        keys = [
+            k.model_copy(update={"name": n}) for k, n in zip(overview.keys, names, strict=True)
+        ]
+        return overview.model_copy(update={"keys": keys})

@@ -27,6 +27,7 @@ from keystile.appdocs import AppDocs
 from keystile.checks import check_routes
 from keystile.cors import CorsPolicy
 from keystile.exceptions import KeyFormatError, StoreError, StoreUnavailable
+from keystile.fallback import failure_cause, redis_address
 from keystile.gate import Keystile
 from keystile.keys import parse_key
 from keystile.lifespan import gate_lifespan
@@ -280,12 +281,12 @@ class KeystileMiddleware:
             lookup = self._cache.lookup_task(digest)
             done, _ = await asyncio.wait({lookup}, timeout=self.gate.lookup_timeout)
             if not done:
-                self._lookup_failed("timeout")
+                self._lookup_failed(f"timed out after {self.gate.lookup_timeout:g} s")
                 return self.refusals.unavailable
             try:
                 entry = lookup.result()
             except StoreError as exc:
-                self._lookup_failed(type(exc).__name__)
+                self._lookup_failed(failure_cause(exc))
                 return self.refusals.unavailable
             if entry is None:
                 return self.refusals.invalid
@@ -300,8 +301,10 @@ class KeystileMiddleware:
             self.telemetry.lookup_errors += 1
         now = time.monotonic()
         if now - self._lookup_logged >= 10.0:
+            where = redis_address(getattr(self._cache.store, "client", None))
             logger.warning(
-                "key lookups failing (%s): %d refused with 503 since the last report",
+                "key lookups failing%s (%s): %d refused with 503 since the last report",
+                f" at {where}" if where else "",
                 why,
                 self._lookup_failures,
             )

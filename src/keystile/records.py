@@ -1,13 +1,15 @@
-"""What the management API answers with: a key's record as JSON, its status, a new key
-and its secret, a page of keys, and the opaque cursor that continues a listing."""
+"""What the management API answers with: a key's record as JSON, its status and last use,
+a new key and its secret, a page of keys, and the opaque cursor that continues a listing."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import re
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
@@ -21,10 +23,12 @@ __all__ = [
     "KEY_ID",
     "RECORD_FIELDS",
     "CreatedKey",
+    "KeyInfo",
     "KeyPage",
     "KeyStatus",
     "RotatedKey",
     "decode_cursor",
+    "describe",
     "encode_cursor",
     "key_status",
     "record_json",
@@ -47,19 +51,25 @@ RECORD_FIELDS = (
     "revoked_at",
     "replaces",
     "replaced_by",
+    "status",
+    "last_used_at",
 )
-"""A key record's JSON fields, in the documented order."""
+"""A key record's JSON fields, in the documented order: what is stored, then ``status``
+(computed from the record and the clock) and ``last_used_at`` (from the usage counts)."""
 
 _CURSOR_TAG = "k1:"
 KEY_ID = re.compile(rf"{keys.KEY_ID_PREFIX}[0-9A-Za-z]{{1,60}}")
 
 
 class KeyStatus(StrEnum):
-    """Where a key stands: revocation wins over expiry."""
+    """Where a key stands, computed from its record and the clock: ``revoked`` wins over
+    ``expired``, which wins over ``rotated`` (a successor exists; the key is still accepted
+    until the end of its grace period, then it is ``expired``); else ``active``."""
 
     ACTIVE = "active"
     REVOKED = "revoked"
     EXPIRED = "expired"
+    ROTATED = "rotated"
 
 
 def key_status(key: ApiKey, now: datetime) -> KeyStatus:
@@ -68,7 +78,24 @@ def key_status(key: ApiKey, now: datetime) -> KeyStatus:
         return KeyStatus.REVOKED
     if key.expired(now):
         return KeyStatus.EXPIRED
+    if key.replaced_by is not None:
+        return KeyStatus.ROTATED
     return KeyStatus.ACTIVE
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    """A key's record with what is not stored in it: its ``status`` now, and when it was
+    last used (``last_used_at``: the last request it made, as of the last usage flush;
+    ``None`` when none is recorded)."""
+
+    key: ApiKey
+    status: KeyStatus
+    last_used_at: datetime | None = None
+
+    def json(self) -> dict[str, Any]:
+        """The record as its documented JSON object, ``status`` and ``last_used_at`` too."""
+        return record_json(self.key, status=self.status, last_used_at=self.last_used_at)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,10 +126,42 @@ class KeyPage:
     next: str | None
 
 
-def record_json(key: ApiKey) -> dict[str, Any]:
-    """A key record as its documented JSON object: times ISO 8601 UTC, absent values null."""
+_READS_AT_ONCE = 50  # concurrent usage reads while describing a page of keys
+
+
+async def describe(
+    records: Iterable[ApiKey],
+    now: datetime,
+    last_used: Callable[[str], Awaitable[datetime | None]],
+) -> list[KeyInfo]:
+    """Each record with its status at ``now`` and its last use (``last_used(key_id)``),
+    reading at most :data:`_READS_AT_ONCE` last uses at a time."""
+    keys: Sequence[ApiKey] = list(records)
+    used: list[datetime | None] = []
+    for start in range(0, len(keys), _READS_AT_ONCE):
+        chunk = keys[start : start + _READS_AT_ONCE]
+        used.extend(await asyncio.gather(*(last_used(k.id) for k in chunk)))
+    return [KeyInfo(k, key_status(k, now), at) for k, at in zip(keys, used, strict=True)]
+
+
+def record_json(
+    key: ApiKey,
+    *,
+    status: KeyStatus | None = None,
+    last_used_at: datetime | None = None,
+) -> dict[str, Any]:
+    """A key record as its documented JSON object: times ISO 8601 UTC, absent values null;
+    ``status`` defaults to the key's status now."""
     data = key.model_dump(mode="json")
+    data["status"] = (status or key_status(key, datetime.now(UTC))).value
+    data["last_used_at"] = None if last_used_at is None else _iso(last_used_at)
     return {name: data[name] for name in RECORD_FIELDS}
+
+
+def _iso(moment: datetime) -> str:
+    """As the record's own times are written (pydantic's JSON form)."""
+    text = moment.astimezone(UTC).isoformat()
+    return text.removesuffix("+00:00") + "Z"
 
 
 def encode_cursor(key_id: str) -> str:

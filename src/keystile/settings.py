@@ -1,19 +1,46 @@
 """Configuration from keyword arguments and the environment (``KEYSTILE_`` prefix).
 
-Example::
+Every setting is a keyword argument of :class:`~keystile.gate.Keystile` (and of
+:class:`KeystileSettings`) and an environment variable; a keyword argument wins::
 
     KEYSTILE_REDIS_URL=redis://127.0.0.1:6379/0
     KEYSTILE_SECRET=...  # python -c "import secrets; print(secrets.token_urlsafe(32))"
+
+A value a setting cannot take raises :class:`~keystile.exceptions.ConfigurationError`, one
+line naming the variable (or keyword) and what it allows. A ``KEYSTILE_*`` variable that is
+no setting is logged as a warning naming the closest one (``KEYSTILE_CONFIG`` names the
+configuration file, :mod:`keystile.config`; ``KEYSTILE_TEST_*`` belongs to the test suite;
+both are left alone).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import difflib
+import logging
+import os
+from collections.abc import Collection, Mapping
+from typing import Any, Literal, TypedDict, get_args, get_origin
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["KeystileSettings"]
+from keystile.exceptions import ConfigurationError
+
+__all__ = [
+    "ENV_PREFIX",
+    "KeystileSettings",
+    "SettingsOptions",
+    "settings_table",
+    "unknown_variables",
+]
+
+logger = logging.getLogger("keystile")
+
+ENV_PREFIX = "KEYSTILE_"
+_OWN_PREFIXES = ("KEYSTILE_TEST_",)  # the test suite's switches, not settings
+_MAX_WARNED = 100
+_warned: set[str] = set()  # unknown variables already warned about (at most _MAX_WARNED)
 
 
 class KeystileSettings(BaseSettings):
@@ -89,6 +116,22 @@ class KeystileSettings(BaseSettings):
         default=1.0, gt=0, description="Seconds the back-off doubles up to."
     )
 
+    def __init__(self, **values: Any) -> None:
+        """Read the environment, with ``values`` (keyword arguments) taking precedence;
+        ``TypeError`` naming the closest setting for a keyword that is none."""
+        fields = type(self).model_fields
+        for name in values:
+            if name not in fields and not name.startswith("_"):  # _env_file & co: pydantic's
+                close = closest_setting(name, fields)
+                hint = f"; did you mean {close!r}?" if close else ""
+                raise TypeError(f"unknown setting {name!r}{hint}")
+        warn_unknown_variables()
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            problems = [_problem(e, values) for e in exc.errors(include_url=False)]
+            raise ConfigurationError("; ".join(problems)) from None
+
     @model_validator(mode="after")
     def _backoff_in_order(self) -> KeystileSettings:
         if self.rate_limit_backoff > self.rate_limit_backoff_max:
@@ -103,3 +146,122 @@ class KeystileSettings(BaseSettings):
             "trip_after": self.rate_limit_trip_after,
             "backoff": (self.rate_limit_backoff, self.rate_limit_backoff_max),
         }
+
+
+class SettingsOptions(TypedDict, total=False):
+    """The settings as keyword arguments of :class:`~keystile.gate.Keystile` (typed, so
+    that ``mypy`` catches a misspelt one); each is described on :class:`KeystileSettings`."""
+
+    redis_url: str | None
+    namespace: str
+    redis_timeout: float
+    redis_pool_size: int
+    redis_pool_timeout: float
+    cache_size: int
+    cache_ttl: float
+    negative_cache_size: int
+    negative_cache_ttl: float
+    rate_limit_timeout: float
+    usage_flush_interval: float
+    usage_max_buckets: int
+    usage_minute_retention: int
+    usage_day_retention: int
+    usage_top_n: int
+    alert_webhook_url: str | None
+    alert_webhook_secret: SecretStr | str | None
+    rate_limit_failure: Literal["allow", "deny"]
+    rate_limit_trip_after: int
+    rate_limit_backoff: float
+    rate_limit_backoff_max: float
+
+
+def settings_table() -> str:
+    """Every setting as a Markdown table — keyword argument, environment variable, default,
+    meaning — as the configuration page of the documentation shows it (a test keeps the two
+    equal)."""
+    lines = [
+        "| keyword argument | environment variable | default | allowed | meaning |",
+        "|---|---|---|---|---|",
+    ]
+    for name, field in KeystileSettings.model_fields.items():
+        default = field.default
+        if default is None:
+            shown = "unset"
+        elif isinstance(default, str):
+            shown = f'`"{default}"`'
+        else:
+            shown = f"`{default:_}`" if isinstance(default, int) else f"`{default}`"
+        meaning = (field.description or "").replace("|", "\\|")
+        allowed = _allowed(field.annotation, field.metadata)
+        lines.append(f"| `{name}` | `{env_name(name)}` | {shown} | {allowed} | {meaning} |")
+    return "\n".join(lines) + "\n"
+
+
+def _allowed(annotation: Any, metadata: list[Any]) -> str:
+    """What a setting takes, in words: its literal values, or its type and bounds."""
+    choices = get_args(annotation) if get_origin(annotation) is Literal else ()
+    if choices:
+        return " or ".join(f'`"{c}"`' for c in choices)
+    kinds = [a for a in get_args(annotation) or (annotation,) if a is not type(None)]
+    words = {int: "whole number", float: "number", str: "text", SecretStr: "text (secret)"}
+    text = " or ".join(words.get(k, getattr(k, "__name__", str(k))) for k in kinds)
+    for bound, sign in (("gt", ">"), ("ge", "≥"), ("lt", "<"), ("le", "≤")):
+        for item in metadata:
+            value = getattr(item, bound, None)
+            if value is not None:
+                text += f" {sign} {value:_}" if isinstance(value, int) else f" {sign} {value}"
+    return text
+
+
+def env_name(field: str) -> str:
+    """The environment variable of a setting: ``namespace`` -> ``KEYSTILE_NAMESPACE``."""
+    return ENV_PREFIX + field.upper()
+
+
+def closest_setting(name: str, candidates: Collection[str]) -> str | None:
+    """The candidate ``name`` most likely misspells (difflib), or ``None``."""
+    close = difflib.get_close_matches(name, sorted(candidates), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> dict[str, str | None]:
+    """The ``KEYSTILE_*`` variables of ``environ`` (default: the process's) that are no
+    setting, each with the closest setting's variable (``None`` when none is close)."""
+    environ = os.environ if environ is None else environ
+    # KEYSTILE_CONFIG names the configuration file (keystile.config), not a setting.
+    known = {env_name(name) for name in KeystileSettings.model_fields} | {"KEYSTILE_CONFIG"}
+    found: dict[str, str | None] = {}
+    for name in environ:
+        upper = name.upper()  # the environment is read case-insensitively
+        own = upper.startswith(_OWN_PREFIXES)
+        if upper.startswith(ENV_PREFIX) and upper not in known and not own:
+            found[name] = closest_setting(upper, known)
+    return found
+
+
+def warn_unknown_variables() -> None:
+    """Log each unknown ``KEYSTILE_*`` variable once per process: a misspelt
+    ``KEYSTILE_REDIS_URL`` would otherwise run the app on the memory store unnoticed."""
+    for name, close in unknown_variables().items():
+        if name in _warned or len(_warned) >= _MAX_WARNED:
+            continue
+        _warned.add(name)
+        logger.warning(
+            "the environment variable %s is not a keystile setting and is ignored%s",
+            name,
+            f": did you mean {close}?" if close else " (see keystile.KeystileSettings)",
+        )
+
+
+def _problem(error: ErrorDetails, given: Collection[str]) -> str:
+    """One problem of a validation error, as ``KEYSTILE_X='value' is not valid: ...``."""
+    message = error["msg"].removeprefix("Value error, ")
+    if not error["loc"]:
+        return f"the settings are not consistent: {message}"
+    field = str(error["loc"][0])
+    where = field if field in given else env_name(field)
+    value = error.get("input")
+    if field != "secret" and isinstance(value, str | int | float):
+        text = repr(value)
+        where += "=" + (text if len(text) <= 60 else text[:57] + "...")
+    return f"{where} is not valid: {message}"

@@ -15,8 +15,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 from urllib.parse import urlsplit
 
-from pydantic import ValidationError
-
 from keystile.backends import backend_for
 from keystile.cli.parser import DEFAULT, NEVER, CommandLineError
 from keystile.config import AppConfig, load_config, load_object
@@ -64,7 +62,9 @@ def _table(out: TextIO, headers: Sequence[str], rows: Sequence[Sequence[str]]) -
         out.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n")
 
 
-def _details(out: TextIO, key: ApiKey, manager: KeyManager) -> None:
+def _details(
+    out: TextIO, key: ApiKey, manager: KeyManager, last_used: datetime | None = None
+) -> None:
     policy = manager.policy
     rate = key.rate_limit or f"{policy.rate_limit(key, key.type) or 'none'} (type default)"
     per_address = policy.address_rate_limit(key, key.type) or "none"
@@ -92,6 +92,7 @@ def _details(out: TextIO, key: ApiKey, manager: KeyManager) -> None:
         ("revoked", _when(key.revoked_at)),
         ("replaces", key.replaces or "-"),
         ("replaced by", key.replaced_by or "-"),
+        ("last used", _when(last_used, "never")),
     ]
     unknown = policy.catalogue.unknown(key.scopes)
     if unknown:
@@ -103,6 +104,11 @@ def _details(out: TextIO, key: ApiKey, manager: KeyManager) -> None:
 def _secret(out: TextIO, secret: str) -> None:
     out.write(f"\nsecret       {secret}\n")
     out.write("(shown this once: keystile keeps only a keyed hash of it)\n")
+
+
+def _new(key: ApiKey, manager: KeyManager) -> dict[str, Any]:
+    """A key just made, as JSON: never used yet."""
+    return record_json(key, status=key_status(key, manager.now()))
 
 
 # -- the commands ------------------------------------------------------------------------
@@ -155,7 +161,7 @@ async def _create(args: argparse.Namespace, manager: KeyManager, out: TextIO) ->
     created = await manager.create(fields)
     secret = created.secret.get_secret_value()
     if args.json:
-        _dump(out, {"key": record_json(created.key), "secret": secret})
+        _dump(out, {"key": _new(created.key, manager), "secret": secret})
     else:
         _details(out, created.key, manager)
         _secret(out, secret)
@@ -170,25 +176,26 @@ async def _list(args: argparse.Namespace, manager: KeyManager, out: TextIO) -> i
         cursor=args.cursor,
         limit=args.limit,
     )
+    described = await manager.describe(page.keys)
     if args.json:
-        _dump(out, {"keys": [record_json(k) for k in page.keys], "next": page.next})
+        _dump(out, {"keys": [i.json() for i in described], "next": page.next})
         return 0
-    now = manager.now()
-    if page.keys:
+    if described:
         _table(
             out,
-            ("ID", "NAME", "TYPE", "HINT", "STATUS", "CREATED", "EXPIRES"),
+            ("ID", "NAME", "TYPE", "HINT", "STATUS", "CREATED", "EXPIRES", "LAST USED"),
             [
                 (
-                    k.id,
-                    k.name if len(k.name) <= 40 else k.name[:39] + "…",
-                    k.type.value,
-                    k.hint,
-                    key_status(k, now).value,
-                    _when(k.created_at),
-                    _when(k.expires_at, "never"),
+                    i.key.id,
+                    i.key.name if len(i.key.name) <= 40 else i.key.name[:39] + "…",
+                    i.key.type.value,
+                    i.key.hint,
+                    i.status.value,
+                    _when(i.key.created_at),
+                    _when(i.key.expires_at, "never"),
+                    _when(i.last_used_at, "never"),
                 )
-                for k in page.keys
+                for i in described
             ],
         )
     else:
@@ -205,11 +212,11 @@ async def _list(args: argparse.Namespace, manager: KeyManager, out: TextIO) -> i
 
 
 async def _show(args: argparse.Namespace, manager: KeyManager, out: TextIO) -> int:
-    record = await manager.get(args.key_id)
+    info = await manager.info(args.key_id)
     if args.json:
-        _dump(out, {"key": record_json(record)})
+        _dump(out, {"key": info.json()})
     else:
-        _details(out, record, manager)
+        _details(out, info.key, manager, info.last_used_at)
     return 0
 
 
@@ -228,17 +235,19 @@ async def _update(args: argparse.Namespace, manager: KeyManager, out: TextIO) ->
     if not fields:
         raise CommandLineError("nothing to change: give an option such as --name or --scope")
     record = await manager.update(args.key_id, fields)
+    [info] = await manager.describe([record])
     if args.json:
-        _dump(out, {"key": record_json(record)})
+        _dump(out, {"key": info.json()})
     else:
-        _details(out, record, manager)
+        _details(out, record, manager, info.last_used_at)
     return 0
 
 
 async def _revoke(args: argparse.Namespace, manager: KeyManager, out: TextIO) -> int:
     record = await manager.revoke(args.key_id)
     if args.json:
-        _dump(out, {"key": record_json(record)})
+        [info] = await manager.describe([record])
+        _dump(out, {"key": info.json()})
     else:
         out.write(f"revoked {record.id} ({record.hint}) at {_when(record.revoked_at)}\n")
     return 0
@@ -251,9 +260,9 @@ async def _rotate(args: argparse.Namespace, manager: KeyManager, out: TextIO) ->
         _dump(
             out,
             {
-                "key": record_json(rotated.key),
+                "key": _new(rotated.key, manager),
                 "secret": secret,
-                "previous": record_json(rotated.previous),
+                "previous": (await manager.describe([rotated.previous]))[0].json(),
             },
         )
         return 0
@@ -272,13 +281,17 @@ async def _usage(args: argparse.Namespace, manager: KeyManager, out: TextIO) -> 
         return 0
     if isinstance(report, UsageOverview):
         out.write(f"usage of all keys ({len(report.keys)} with recorded usage)\n")
-        out.write(f"{'key':<26}{'requests':>10}{'errors':>9}{'tokens':>12}  last used\n")
+        out.write(
+            f"{'key':<26}{'name':<25}{'requests':>10}{'errors':>9}{'tokens':>12}  last used\n"
+        )
         for item in report.keys:
             totals = item.totals
             errors = totals.errors_4xx + totals.errors_5xx
+            name = "(deleted)" if item.name is None else item.name
+            name = name if len(name) <= 24 else name[:23] + "…"
             out.write(
-                f"{item.key_id:<26}{totals.requests:>10,}{errors:>9,}{totals.tokens:>12,}"
-                f"  {_when(item.last_use.at, 'never')}\n"
+                f"{item.key_id:<26}{name:<25}{totals.requests:>10,}{errors:>9,}"
+                f"{totals.tokens:>12,}  {_when(item.last_use.at, 'never')}\n"
             )
         return 0
     out.write(f"usage of {report.key_id} (all time; the last hour by minute: --json)\n")
@@ -387,10 +400,8 @@ async def run_with_store(args: argparse.Namespace, out: TextIO, err: TextIO) -> 
         return await _run_with_app(args, spec, out, err)
     try:
         settings = KeystileSettings()
-    except ValidationError as exc:
-        problem = exc.errors(include_url=False, include_input=False)[0]
-        name = "KEYSTILE_" + str(problem["loc"][0]).upper() if problem["loc"] else "KEYSTILE_*"
-        raise CommandLineError(f"{name} is not valid: {problem['msg']}") from None
+    except ConfigurationError as exc:
+        raise CommandLineError(str(exc)) from None
     url = args.redis or settings.redis_url
     if not url:
         raise CommandLineError(

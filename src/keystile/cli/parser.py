@@ -14,6 +14,7 @@ from typing import NoReturn
 
 from keystile import __version__
 from keystile.keys import redact_keys
+from keystile.records import KeyStatus
 
 __all__ = [
     "DEFAULT",
@@ -214,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     listing = actions.add_parser("list", parents=[shared], help="list keys")
     listing.add_argument("--type", choices=["dev", "prod", "client"])
-    listing.add_argument("--status", choices=["active", "revoked", "expired"])
+    listing.add_argument("--status", choices=[s.value for s in KeyStatus])
     listing.add_argument(
         "--meta",
         action="append",
@@ -284,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--redis",
         metavar="URL",
         default=None,
-        help="keep keys in this Redis (namespace keystile-demo) instead of in memory",
+        help="keep keys in this Redis (default: KEYSTILE_REDIS_URL, else in memory), "
+        "under KEYSTILE_NAMESPACE as apps and the key commands do",
     )
     return parser

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -26,6 +27,7 @@ from keystile.exceptions import (
     KeyConflict,
     KeyNotFound,
 )
+from keystile.fallback import failure_cause, redis_address
 from keystile.models import ApiKey
 from keystile.redis.connect import close_redis, open_redis
 from keystile.redis.errors import REDIS_FAILURES, redis_errors
@@ -71,6 +73,8 @@ class RedisStore:
         self._listening = False
         self._listen_task: asyncio.Task[None] | None = None
         self._closed = False
+        self._down_since = 0.0  # monotonic time the events channel was lost; 0: up
+        self._down_logged = 0.0  # monotonic time that loss was last logged
 
     @classmethod
     def from_url(
@@ -155,19 +159,48 @@ class RedisStore:
                     quiet = 0.0
                     self._dispatch(message)
                     delay = 0.05
+                    self._channel_back()
             except asyncio.CancelledError:
                 raise
             except REDIS_FAILURES as exc:
                 if _cancelling():  # redis-py let a cancel through as a lost connection
                     raise asyncio.CancelledError from exc
                 self._lost()
-                logger.warning("lost the Redis events channel (%s); retrying", type(exc).__name__)
+                self._channel_down(exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
             finally:
                 with contextlib.suppress(*REDIS_FAILURES):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
         self._lost()
+
+    def _channel_down(self, exc: BaseException) -> None:
+        """Log a lost events channel once, naming the host and the cause, then at most
+        once a minute while it stays lost (it is retried far more often)."""
+        now = time.monotonic()
+        first = not self._down_since
+        if first:
+            self._down_since = now
+        elif now - self._down_logged < 60.0:
+            return
+        self._down_logged = now
+        where = redis_address(self.client)
+        logger.warning(
+            "%s the Redis events channel%s (%s)%s; retrying, cached keys expire after their "
+            "TTL meanwhile",
+            "lost" if first else "still no",
+            f" at {where}" if where else "",
+            failure_cause(exc),
+            "" if first else f" for {now - self._down_since:.0f} s",
+        )
+
+    def _channel_back(self) -> None:
+        if self._down_since:
+            logger.info(
+                "the Redis events channel is back after %.1f s",
+                time.monotonic() - self._down_since,
+            )
+            self._down_since = 0.0
 
     # -- records ----------------------------------------------------------------------------
 

@@ -155,6 +155,7 @@ class KeyUsage(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     key_id: str
+    name: str | None = None  # the key's name, filled in by the manager's overview
     totals: UsageTotals
     last_use: LastUse
 
