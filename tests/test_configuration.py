@@ -38,6 +38,8 @@ VALUES: dict[str, tuple[Any, str]] = {
     "usage_top_n": (5, "5"),
     "alert_webhook_url": ("https://hooks.example/x", "https://hooks.example/x"),
     "alert_webhook_secret": ("whsec_" + "QUJD" * 8, "whsec_" + "QUJD" * 8),
+    "audit_retention": (7 * 86_400, "604800"),
+    "audit_max_events": (5000, "5000"),
     "rate_limit_failure": ("deny", "deny"),
     "rate_limit_trip_after": (4, "4"),
     "rate_limit_backoff": (0.1, "0.1"),

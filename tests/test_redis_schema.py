@@ -136,6 +136,7 @@ def test_every_row_is_built_by_the_schema() -> None:
         schema.usage("key_abc", "flush:b1"),
         schema.seen_addresses("key_abc"),
         schema.usage_index,
+        schema.audit,
         schema.alert("key_abc", "error_rate"),
     ]
     for name, row in zip(built, NAMES, strict=True):

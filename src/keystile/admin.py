@@ -123,6 +123,7 @@ def admin_routes(gate: Keystile) -> list[Route]:
         Route("/", _by_method(keys), methods=list(keys), name="keys"),
         # Before "/{key_id}", which would take "usage" for a key id.
         Route("/usage", _guarded(VIEW_USAGE, api.usage), methods=["GET"], name="usage"),
+        Route("/audit", _guarded(VIEW_USAGE, api.audit), methods=["GET"], name="audit"),
         Route("/{key_id}", _by_method(key), methods=list(key), name="key"),
         Route(
             "/{key_id}/revoke", _guarded(MANAGE_KEYS, api.revoke), methods=["POST"], name="revoke"
@@ -188,6 +189,7 @@ def admin_rules(prefix: str = "/cloud/keys") -> list[Rule]:
     base = prefix.rstrip("/")
     return [
         Rule("GET", f"{base}/usage", [VIEW_USAGE]),
+        Rule("GET", f"{base}/audit", [VIEW_USAGE]),
         Rule("GET", f"{base}/{{key_id}}/usage", [VIEW_USAGE]),
         Rule("GET|POST", base or "/", [MANAGE_KEYS]),
         Rule("GET|POST", f"{base}/", [MANAGE_KEYS]),

@@ -131,6 +131,43 @@ _LIST_PARAMETERS = [
 ]
 
 
+_AUDIT_PARAMETERS: list[dict[str, Any]] = [
+    {"name": "key_id", "in": "query", "required": False, "schema": {"type": "string"}},
+    {
+        "name": "action",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string", "enum": ["create", "update", "rotate", "revoke"]},
+    },
+    {
+        "name": "outcome",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string", "enum": ["ok", "refused"]},
+    },
+    {
+        "name": "actor",
+        "in": "query",
+        "required": False,
+        "description": "A key id, `command line` or `python`.",
+        "schema": {"type": "string"},
+    },
+    {
+        "name": "limit",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+    },
+    {
+        "name": "cursor",
+        "in": "query",
+        "required": False,
+        "description": "The previous page's `next`.",
+        "schema": {"type": "string"},
+    },
+]
+
+
 def _responses(*pairs: tuple[int, str]) -> dict[int | str, dict[str, Any]]:
     return {status: {"description": text} for status, text in pairs}
 
@@ -188,6 +225,15 @@ def fastapi_router(
     @router.get("/usage", summary="Usage of all keys")
     async def usage(request: Request, caller: ViewUsage) -> Response:
         return await api.usage(request)
+
+    @router.get(
+        "/audit",
+        summary="The audit trail",
+        openapi_extra={"parameters": _AUDIT_PARAMETERS},
+        responses=_responses((200, "Events, newest first, and the next cursor."), _INVALID),
+    )
+    async def audit(request: Request, caller: ViewUsage) -> Response:
+        return await api.audit(request)
 
     @router.get(
         "/{key_id}",

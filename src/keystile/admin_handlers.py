@@ -18,6 +18,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from keystile.audit import Actor
 from keystile.exceptions import (
     FieldError,
     KeyConflict,
@@ -115,6 +116,12 @@ async def _json_object(request: Request, *, required: bool) -> dict[str, Any]:
     return data
 
 
+def _by(request: Request) -> Actor:
+    """Who acts, for the audit trail: the calling key, from the client's address."""
+    client = request.client
+    return Actor.of_key(_actor(request), client.host if client else None)
+
+
 def _caller(request: Request) -> str:
     principal = request.scope.get(PRINCIPAL)
     return principal.key.id if principal is not None else "?"
@@ -193,7 +200,7 @@ class AdminAPI:
         async def handle() -> Response:
             actor = _actor(request)
             data = await _json_object(request, required=True)
-            created = await self.manager.create(data, actor=actor)
+            created = await self.manager.create(data, actor=actor, by=_by(request))
             logger.info("admin: %s created key %s", _caller(request), created.key.id)
             body = {"key": self._new(created.key), "secret": created.secret.get_secret_value()}
             return JSONResponse(body, status_code=201, headers=_NO_STORE)
@@ -252,7 +259,7 @@ class AdminAPI:
         async def handle() -> Response:
             key_id, actor = _key_id(request), _actor(request)
             data = await _json_object(request, required=True)
-            record = await self.manager.update(key_id, data, actor=actor)
+            record = await self.manager.update(key_id, data, actor=actor, by=_by(request))
             logger.info("admin: %s updated key %s", _caller(request), key_id)
             return JSONResponse({"key": (await self._records([record]))[0]})
 
@@ -261,7 +268,7 @@ class AdminAPI:
     async def revoke(self, request: Request) -> Response:
         async def handle() -> Response:
             key_id = _key_id(request)
-            record = await self.manager.revoke(key_id)
+            record = await self.manager.revoke(key_id, by=_by(request))
             logger.info("admin: %s revoked key %s", _caller(request), key_id)
             return JSONResponse({"key": (await self._records([record]))[0]})
 
@@ -282,7 +289,9 @@ class AdminAPI:
             if isinstance(grace, bool) or not isinstance(grace, int):
                 raise KeyValidationError.single("grace_seconds", "must be a whole number")
             try:
-                rotated = await self.manager.rotate(key_id, grace=grace, actor=actor)
+                rotated = await self.manager.rotate(
+                    key_id, grace=grace, actor=actor, by=_by(request)
+                )
             except KeyValidationError as exc:
                 # The manager calls it "grace"; this API calls it "grace_seconds".
                 raise KeyValidationError(
@@ -298,6 +307,12 @@ class AdminAPI:
                 "previous": (await self._records([rotated.previous]))[0],
             }
             return JSONResponse(body, status_code=201, headers=_NO_STORE)
+
+        return await self._answer(request, handle)
+
+    async def audit(self, request: Request) -> Response:
+        async def handle() -> Response:
+            return await audit_answer(self.manager, request)
 
         return await self._answer(request, handle)
 
@@ -325,6 +340,34 @@ class AdminAPI:
             return JSONResponse(report.model_dump(mode="json"))
 
         return await self._answer(request, handle)
+
+
+_AUDIT_PARAMETERS = ("key_id", "action", "outcome", "actor", "limit", "cursor")
+
+
+async def audit_answer(manager: KeyManager, request: Request) -> Response:
+    """``GET /audit``: the audit trail, filtered and paged."""
+    params = request.query_params
+    errors = [
+        FieldError(name, f"unknown parameter (known: {', '.join(_AUDIT_PARAMETERS)})")
+        for name in params
+        if name not in _AUDIT_PARAMETERS
+    ]
+    limit_text = params.get("limit", "100")
+    if not (limit_text.isascii() and limit_text.isdigit() and len(limit_text) <= 6):
+        errors.append(FieldError("limit", "must be a whole number, 1 to 1000"))
+    if errors:
+        raise KeyValidationError(errors)
+    page = await manager.history(
+        key_id=params.get("key_id"),
+        action=params.get("action"),
+        outcome=params.get("outcome"),
+        actor=params.get("actor"),
+        cursor=params.get("cursor"),
+        limit=int(limit_text),
+    )
+    events = [event.model_dump(mode="json") for event in page.events]
+    return JSONResponse({"events": events, "next": page.next})
 
 
 def _time_param(params: Mapping[str, str], name: str, errors: list[FieldError]) -> datetime | None:

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from redis.asyncio import Redis
 
 from keystile.alerts import AlertState, MemoryAlertState, RedisAlertState
+from keystile.audit import AuditTrail, MemoryAuditTrail, RedisAuditTrail
 from keystile.clock import Clock
 from keystile.exceptions import StoreMisconfigured
 from keystile.quotas import MemoryQuotaStore, QuotaStore, RedisQuotaStore
@@ -44,6 +45,9 @@ class Backend(Protocol):
 
     def alert_state(self, clock: Clock) -> AlertState: ...
 
+    def audit_trail(self, clock: Clock, settings: KeystileSettings | None = None) -> AuditTrail:
+        """Where management actions are recorded (``settings``: retention and bound)."""
+
     async def check(self) -> None:
         """:class:`~keystile.exceptions.StoreMisconfigured` when the store cannot be used as
         configured (one round trip; a store that is down raises StoreUnavailable)."""
@@ -57,6 +61,11 @@ def _retention(settings: KeystileSettings | None) -> dict[str, Any]:
         "day_retention": settings.usage_day_retention,
         "top_n": settings.usage_top_n,
     }
+
+
+def _audit_bounds(settings: KeystileSettings | None) -> dict[str, Any]:
+    settings = settings or KeystileSettings.model_construct()
+    return {"retention": settings.audit_retention, "max_events": settings.audit_max_events}
 
 
 class MemoryBackend:
@@ -75,6 +84,9 @@ class MemoryBackend:
 
     def alert_state(self, clock: Clock) -> AlertState:
         return MemoryAlertState(clock=clock)
+
+    def audit_trail(self, clock: Clock, settings: KeystileSettings | None = None) -> AuditTrail:
+        return MemoryAuditTrail(clock=clock, **_audit_bounds(settings))
 
     async def check(self) -> None:
         return None
@@ -104,6 +116,11 @@ class RedisBackend:
 
     def alert_state(self, clock: Clock) -> AlertState:
         return RedisAlertState(self.client, namespace=self.namespace)
+
+    def audit_trail(self, clock: Clock, settings: KeystileSettings | None = None) -> AuditTrail:
+        return RedisAuditTrail(
+            self.client, namespace=self.namespace, clock=clock, **_audit_bounds(settings)
+        )
 
     async def check(self) -> None:
         """A node of a Redis Cluster answers a plain connection only for its own slots:

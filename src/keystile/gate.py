@@ -215,7 +215,12 @@ class Keystile:
             **settings.fallback_options,
         )
         self.manager = KeyManager(
-            cached, self.hasher, policy=policy, clock=clock, usage=self.usage.reader()
+            cached,
+            self.hasher,
+            policy=policy,
+            clock=clock,
+            usage=self.usage.reader(),
+            audit=backend.audit_trail(clock, settings),
         )
         self._started = False  # startup() ran: the cache follows key changes
         # What the middleware counts of its decisions (keystile.metrics reads it).

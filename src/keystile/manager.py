@@ -3,7 +3,10 @@
 The admin REST API (:mod:`keystile.admin`) and the command line (:mod:`keystile.cli`) are
 thin shells over this module; nothing here knows they exist. Every input is validated
 here, and every problem is reported as a :class:`~keystile.exceptions.KeyValidationError`
-naming its field, so all three surfaces say the same thing about the same mistake.
+naming its field, so all three surfaces say the same thing about the same mistake, and
+every action and refused attempt is recorded in the audit trail (:mod:`keystile.audit`).
+It stays one module past the usual size because it is one concern — what may be done to a
+key, checked once for every surface.
 """
 
 from __future__ import annotations
@@ -19,6 +22,16 @@ from typing import Any
 from pydantic import SecretStr, ValidationError
 
 from keystile import keys
+from keystile.audit import (
+    ACTIONS,
+    AUDIT_CURSOR,
+    Action,
+    Actor,
+    AuditEvent,
+    AuditPage,
+    AuditTrail,
+    matcher,
+)
 from keystile.authority import Authority
 from keystile.backends import backend_for
 from keystile.clock import Clock, system_clock, to_datetime, to_timestamp
@@ -27,6 +40,8 @@ from keystile.exceptions import (
     KeyChanged,
     KeyNotFound,
     KeyValidationError,
+    RotationRefused,
+    ScopeRefused,
     StoreError,
     StoreUnavailable,
 )
@@ -115,6 +130,16 @@ _FIXED_FIELDS = {
 _WRITE_ATTEMPTS = 5  # compare-and-set rounds before giving up (KeyChanged)
 
 
+# What an attempt refused on its merits raises: recorded in the audit trail as refused.
+_REFUSED = (KeyValidationError, ScopeRefused, KeyNotFound, RotationRefused)
+
+
+def _who(actor: ApiKey | None, by: Actor | None) -> Actor:
+    if by is not None:
+        return by
+    return Actor.of_key(actor) if actor is not None else Actor.python()
+
+
 class KeyManager:
     """Issue and manage keys in a store.
 
@@ -137,6 +162,7 @@ class KeyManager:
         policy: KeyPolicy = DEFAULT_POLICY,
         clock: Clock = system_clock,
         usage: UsageReader | None = None,
+        audit: AuditTrail | None = None,
     ) -> None:
         self.store = store
         self.hasher = hasher
@@ -149,9 +175,41 @@ class KeyManager:
             backend_for(store).usage_store(clock), clock=clock
         )
         self._writing = asyncio.Lock()
+        # Every action and refused attempt, kept in the store (keystile.audit).
+        self.audit = audit or backend_for(store).audit_trail(clock)
 
     def now(self) -> datetime:
         return to_datetime(self.clock())
+
+    async def _audit(
+        self,
+        action: Action,
+        who: Actor,
+        key: ApiKey | None = None,
+        *,
+        key_id: str | None = None,
+        changes: dict[str, list[Any]] | None = None,
+        refused: Exception | None = None,
+    ) -> None:
+        """Record an action (or a refused attempt) in the audit trail; a trail that cannot
+        be written is logged, never the action's failure (it has happened)."""
+        if key is not None:
+            key_id = key.id
+        shown = key_id if key_id is None or KEY_ID.fullmatch(key_id) else "(not a key id)"
+        event = AuditEvent(
+            at=self.now(),
+            action=action,
+            outcome="refused" if refused is not None else "ok",
+            actor=who,
+            key_id=shown,
+            project=key.metadata.get("project") if key is not None else None,
+            changes=changes or {},
+            reason=None if refused is None else str(refused),
+        )
+        try:
+            await self.audit.append(event)
+        except StoreError as exc:
+            logger.warning("could not record %s of %s in the audit trail: %s", action, shown, exc)
 
     async def _issue(
         self, settings: KeySettings, now: float, *, replaces: str | None = None
@@ -169,12 +227,32 @@ class KeyManager:
         return CreatedKey(record, SecretStr(token))
 
     async def create(
-        self, settings: KeySettings | Mapping[str, Any], *, actor: ApiKey | None = None
+        self,
+        settings: KeySettings | Mapping[str, Any],
+        *,
+        actor: ApiKey | None = None,
+        by: Actor | None = None,
     ) -> CreatedKey:
         """Validate ``settings``, issue a key, store its record; the secret is returned once.
 
         With an ``actor``, the new key's scopes must be ones it holds (:class:`ScopeRefused`).
+        ``by`` says who acts, for the audit trail (default: ``actor``, else Python code).
         """
+        who = _who(actor, by)
+        try:
+            created = await self._create(settings, actor)
+        except _REFUSED as exc:
+            await self._audit("create", who, refused=exc)
+            raise
+        fields = created.key.model_dump(mode="json", include=set(KeySettings.model_fields))
+        await self._audit(
+            "create", who, created.key, changes={k: [None, v] for k, v in fields.items()}
+        )
+        return created
+
+    async def _create(
+        self, settings: KeySettings | Mapping[str, Any], actor: ApiKey | None
+    ) -> CreatedKey:
         now = self.clock()
         valid = self.policy.validate(settings, now=to_datetime(now))
         self.authority.may_grant(actor, valid.scopes)
@@ -309,6 +387,7 @@ class KeyManager:
         /,
         *,
         actor: ApiKey | None = None,
+        by: Actor | None = None,
         **fields: Any,
     ) -> ApiKey:
         """Change some of a key's settings (:data:`UPDATABLE_FIELDS`; never its type or
@@ -325,7 +404,22 @@ class KeyManager:
         the actor lacks, the new scopes include one, or the actor changes its own scopes,
         allowlists or expiry.
         """
-        wanted = self._changes({**(changes or {}), **fields})
+        who = _who(actor, by)
+        try:
+            record, updated = await self._update(key_id, {**(changes or {}), **fields}, actor)
+        except _REFUSED as exc:
+            await self._audit("update", who, key_id=key_id, refused=exc)
+            raise
+        before = record.model_dump(mode="json")
+        after = updated.model_dump(mode="json")
+        changed = {k: [before[k], v] for k, v in after.items() if before[k] != v}
+        await self._audit("update", who, updated, changes=changed)
+        return updated
+
+    async def _update(
+        self, key_id: str, asked: dict[str, Any], actor: ApiKey | None
+    ) -> tuple[ApiKey, ApiKey]:
+        wanted = self._changes(asked)
 
         def change(record: ApiKey) -> ApiKey:
             self.authority.may_manage(actor, record, "update")
@@ -350,15 +444,27 @@ class KeyManager:
         if not wanted:
             record = await self.get(key_id)
             self.authority.may_manage(actor, record, "update")
-            return record
+            return record, record
         record, updated = await self._write(key_id, change)
         if updated != record:
             logger.info("updated key %s (%s): %s", key_id, record.hint, ", ".join(sorted(wanted)))
-        return updated
+        return record, updated
 
-    async def revoke(self, key_id: str) -> ApiKey:
+    async def revoke(self, key_id: str, *, by: Actor | None = None) -> ApiKey:
         """Revoke a key at once, everywhere. Revoking a revoked key changes nothing."""
+        who = by or Actor.python()
+        try:
+            record, revoked = await self._revoke(key_id)
+        except _REFUSED as exc:
+            await self._audit("revoke", who, key_id=key_id, refused=exc)
+            raise
+        changes = {}
+        if revoked.revoked_at != record.revoked_at:
+            changes["revoked_at"] = [None, revoked.model_dump(mode="json")["revoked_at"]]
+        await self._audit("revoke", who, revoked, changes=changes)
+        return revoked
 
+    async def _revoke(self, key_id: str) -> tuple[ApiKey, ApiKey]:
         def change(record: ApiKey) -> ApiKey:
             if record.revoked:
                 return record
@@ -367,7 +473,7 @@ class KeyManager:
         record, revoked = await self._write(key_id, change)
         if revoked != record:
             logger.info("revoked key %s (%s)", key_id, record.hint)
-        return revoked
+        return record, revoked
 
     async def _write(
         self, key_id: str, change: Callable[[ApiKey], ApiKey]
@@ -397,6 +503,7 @@ class KeyManager:
         *,
         grace: timedelta | float = DEFAULT_GRACE,
         actor: ApiKey | None = None,
+        by: Actor | None = None,
     ) -> RotatedKey:
         """Issue a successor with the same settings and a new secret; the old key keeps
         working for ``grace`` (a duration or seconds; default 24 h, may be zero), then is
@@ -407,6 +514,21 @@ class KeyManager:
         With an ``actor`` (see the class), a key holding scopes it lacks is refused with
         :class:`ScopeRefused`: the successor's secret would give them to it.
         """
+        who = _who(actor, by)
+        try:
+            rotated = await self._rotate(key_id, grace, actor)
+        except _REFUSED as exc:
+            await self._audit("rotate", who, key_id=key_id, refused=exc)
+            raise
+        old = rotated.previous
+        ends = old.model_dump(mode="json")["expires_at"]
+        changes = {"replaced_by": [None, rotated.key.id], "expires_at": [None, ends]}
+        await self._audit("rotate", who, old, changes=changes)
+        return rotated
+
+    async def _rotate(
+        self, key_id: str, grace: timedelta | float, actor: ApiKey | None
+    ) -> RotatedKey:
         seconds = grace_seconds(grace)
         async with self._writing:
             for _ in range(_WRITE_ATTEMPTS):
@@ -460,6 +582,33 @@ class KeyManager:
             ends.isoformat(),
         )
         return RotatedKey(created.key, created.secret, previous)
+
+    async def history(
+        self,
+        *,
+        key_id: str | None = None,
+        action: str | None = None,
+        outcome: str | None = None,
+        actor: str | None = None,
+        cursor: str | None = None,
+        limit: int = 100,
+    ) -> AuditPage:
+        """The audit trail, newest first: events about ``key_id``, of ``action`` (create,
+        update, rotate, revoke) and ``outcome`` (ok, refused), by ``actor`` (a key id,
+        ``"command line"`` or ``"python"``); ``cursor`` is a previous page's ``next``."""
+        errors = []
+        if action is not None and action not in ACTIONS:
+            errors.append(FieldError("action", f"must be one of: {', '.join(ACTIONS)}"))
+        if outcome is not None and outcome not in ("ok", "refused"):
+            errors.append(FieldError("outcome", "must be 'ok' or 'refused'"))
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
+            errors.append(FieldError("limit", "must be a whole number, 1 to 1000"))
+        if cursor is not None and not AUDIT_CURSOR.fullmatch(cursor):
+            errors.append(FieldError("cursor", "is not a cursor this trail gave"))
+        if errors:
+            raise KeyValidationError(errors)
+        wanted = matcher(key_id=key_id, action=action, outcome=outcome, actor=actor)
+        return await self.audit.read(wanted, cursor=cursor, limit=limit)
 
     async def usage(
         self,

@@ -96,6 +96,14 @@ class KeystileSettings(BaseSettings):
     alert_webhook_url: str | None = Field(
         default=None, description="Where alerts are POSTed as JSON (optional)."
     )
+    audit_retention: int = Field(
+        default=90 * 86_400,
+        ge=3600,
+        description="Seconds audit-trail events are kept (90 days by default).",
+    )
+    audit_max_events: int = Field(
+        default=100_000, ge=100, description="Audit-trail events kept at most."
+    )
     alert_webhook_secret: SecretStr | None = Field(
         default=None,
         description="Signs alert webhooks (Standard Webhooks): whsec_ + base64 of 16+ bytes.",
@@ -169,6 +177,8 @@ class SettingsOptions(TypedDict, total=False):
     usage_top_n: int
     alert_webhook_url: str | None
     alert_webhook_secret: SecretStr | str | None
+    audit_retention: int
+    audit_max_events: int
     rate_limit_failure: Literal["allow", "deny"]
     rate_limit_trip_after: int
     rate_limit_backoff: float

@@ -8,6 +8,7 @@
     keystile keys update KEY_ID [--name ...] [--scope ...] [--expires 30d|2027-01-01|never]
     keystile keys rotate KEY_ID [--grace 24h]
     keystile usage [KEY_ID]
+    keystile audit [--key KEY_ID] [--action revoke] [--outcome refused] [--actor WHO]
     keystile scan [PATH ...]
     keystile demo
 
@@ -30,7 +31,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from keystile.cli.commands import execute, run_scan, run_with_store
+from keystile.cli.commands import execute, run_with_store
 from keystile.cli.parser import (
     CommandLineError,
     build_parser,
@@ -39,6 +40,7 @@ from keystile.cli.parser import (
     metadata_entry,
     quota,
 )
+from keystile.cli.scanning import run_scan
 
 __all__ = [
     "CommandLineError",
@@ -67,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "keys" and args.action is None:
             args.print_help(sys.stderr)
             return 2
-        if args.command in ("keys", "usage"):
+        if args.command in ("keys", "usage", "audit"):
             return asyncio.run(run_with_store(args, sys.stdout, sys.stderr))
     except CommandLineError as exc:
         sys.stderr.write(f"keystile: {exc}\n")

@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 from urllib.parse import urlsplit
 
+from keystile.audit import Actor
 from keystile.backends import backend_for
 from keystile.cli.parser import DEFAULT, NEVER, CommandLineError
 from keystile.config import AppConfig, load_config, load_object
@@ -29,17 +30,16 @@ from keystile.exceptions import (
     StoreUnavailable,
 )
 from keystile.gate import Keystile
-from keystile.keys import KeyHasher, generate_key
+from keystile.keys import KeyHasher
 from keystile.manager import KeyManager, key_status, record_json
 from keystile.middleware import KeystileMiddleware
 from keystile.models import ApiKey
 from keystile.redis.connect import redacted_url
-from keystile.scan import Finding, ScanProblem, scan_paths
 from keystile.settings import KeystileSettings
 from keystile.stores import RedisStore
 from keystile.usage import UsageOverview
 
-__all__ = ["execute", "run_scan", "run_with_store"]
+__all__ = ["execute", "run_with_store"]
 
 _STORE_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
 
@@ -158,7 +158,7 @@ async def _create(args: argparse.Namespace, manager: KeyManager, out: TextIO) ->
     fields = {"name": args.name, "type": args.type, **_settings(args, manager)}
     if args.meta:
         fields["metadata"] = dict(args.meta)
-    created = await manager.create(fields)
+    created = await manager.create(fields, by=Actor.command_line())
     secret = created.secret.get_secret_value()
     if args.json:
         _dump(out, {"key": _new(created.key, manager), "secret": secret})
@@ -234,7 +234,7 @@ async def _update(args: argparse.Namespace, manager: KeyManager, out: TextIO) ->
         fields["metadata"] = metadata
     if not fields:
         raise CommandLineError("nothing to change: give an option such as --name or --scope")
-    record = await manager.update(args.key_id, fields)
+    record = await manager.update(args.key_id, fields, by=Actor.command_line())
     [info] = await manager.describe([record])
     if args.json:
         _dump(out, {"key": info.json()})
@@ -244,7 +244,7 @@ async def _update(args: argparse.Namespace, manager: KeyManager, out: TextIO) ->
 
 
 async def _revoke(args: argparse.Namespace, manager: KeyManager, out: TextIO) -> int:
-    record = await manager.revoke(args.key_id)
+    record = await manager.revoke(args.key_id, by=Actor.command_line())
     if args.json:
         [info] = await manager.describe([record])
         _dump(out, {"key": info.json()})
@@ -254,7 +254,7 @@ async def _revoke(args: argparse.Namespace, manager: KeyManager, out: TextIO) ->
 
 
 async def _rotate(args: argparse.Namespace, manager: KeyManager, out: TextIO) -> int:
-    rotated = await manager.rotate(args.key_id, grace=args.grace)
+    rotated = await manager.rotate(args.key_id, grace=args.grace, by=Actor.command_line())
     secret = rotated.secret.get_secret_value()
     if args.json:
         _dump(
@@ -308,6 +308,36 @@ async def _usage(args: argparse.Namespace, manager: KeyManager, out: TextIO) -> 
     return 0
 
 
+async def _audit(args: argparse.Namespace, manager: KeyManager, out: TextIO) -> int:
+    page = await manager.history(
+        key_id=args.key,
+        action=args.event_action,
+        outcome=args.outcome,
+        actor=args.actor,
+        cursor=args.cursor,
+        limit=args.limit,
+    )
+    if args.json:
+        events = [event.model_dump(mode="json") for event in page.events]
+        _dump(out, {"events": events, "next": page.next})
+        return 0
+    if not page.events:
+        out.write("no events\n")
+    for event in page.events:
+        what = f"{event.action} {event.key_id or '-'}"
+        if event.outcome == "refused":
+            what += f" REFUSED: {event.reason}"
+        elif event.changes:
+            what += ": " + "; ".join(
+                f"{name} {old!r} -> {new!r}" for name, (old, new) in event.changes.items()
+            )
+        address = f" from {event.actor.address}" if event.actor.address else ""
+        out.write(f"{_when(event.at)}  {event.actor}{address}  {what}\n")
+    if page.next is not None:
+        out.write(f"more: keystile audit --cursor {page.next}\n")
+    return 0
+
+
 Command = Callable[[argparse.Namespace, KeyManager, TextIO], Coroutine[Any, Any, int]]
 _COMMANDS: dict[tuple[str, str | None], Command] = {
     ("keys", "create"): _create,
@@ -317,6 +347,7 @@ _COMMANDS: dict[tuple[str, str | None], Command] = {
     ("keys", "revoke"): _revoke,
     ("keys", "rotate"): _rotate,
     ("usage", None): _usage,
+    ("audit", None): _audit,
 }
 
 
@@ -451,45 +482,3 @@ async def run_with_store(args: argparse.Namespace, out: TextIO, err: TextIO) -> 
         return await execute(args, manager, out, err, where=where)
     finally:
         await store.close()
-
-
-def run_scan(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    """Run ``scan``: each key found on ``out``; 1 when any is found, else 2 when a path could
-    not be scanned."""
-    prefixes = set(_config(args).policy.prefixes)
-    for prefix in args.prefix or ():
-        try:
-            generate_key(prefix)  # checks the prefix's form
-        except ValueError as exc:
-            raise CommandLineError(str(exc)) from None
-        prefixes.add(prefix)
-    findings: list[Finding] = []
-    problems: list[ScanProblem] = []
-    for item in scan_paths(args.paths, prefixes):
-        if isinstance(item, Finding):
-            findings.append(item)
-            if not args.json:
-                out.write(f"{item}\n")
-        else:
-            problems.append(item)
-            err.write(f"keystile scan: cannot scan {item}\n")
-    if args.json:
-        _dump(
-            out,
-            {
-                "findings": [
-                    {"path": f.path, "line": f.line, "hint": f.hint, "prefix": f.prefix}
-                    for f in findings
-                ],
-                "problems": [{"path": p.path, "reason": p.reason} for p in problems],
-            },
-        )
-    if findings:
-        files = len({f.path for f in findings})
-        err.write(
-            f"keystile scan: found {len(findings)} key{'s' * (len(findings) != 1)} in {files} "
-            f"file{'s' * (files != 1)}. Treat them as leaked: rotate or revoke them, and "
-            "remove them from the files.\n"
-        )
-        return 1
-    return 2 if problems else 0

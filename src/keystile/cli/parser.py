@@ -263,6 +263,19 @@ def build_parser() -> argparse.ArgumentParser:
     usage = commands.add_parser("usage", parents=[shared], help="usage of one key or of all")
     usage.add_argument("key_id", metavar="KEY_ID", nargs="?")
 
+    audit = commands.add_parser(
+        "audit", parents=[shared], help="who created, changed, rotated or revoked which key"
+    )
+    audit.add_argument("--key", metavar="KEY_ID", help="only events about this key")
+    # Not "action": that names the `keys` subcommand.
+    audit.add_argument(
+        "--action", dest="event_action", choices=["create", "update", "rotate", "revoke"]
+    )
+    audit.add_argument("--outcome", choices=["ok", "refused"])
+    audit.add_argument("--actor", metavar="WHO", help="a key id, 'command line' or 'python'")
+    audit.add_argument("--limit", type=int, default=50, help="events per page (1-1000)")
+    audit.add_argument("--cursor", help="continue where the previous page ended")
+
     scan = commands.add_parser(
         "scan",
         parents=[_shared(store=False)],

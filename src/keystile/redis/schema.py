@@ -113,6 +113,13 @@ NAMES: tuple[Name, ...] = (
         "key ids by their last usage flush",
     ),
     Name(
+        "<ns>:audit",
+        "stream",
+        "-",
+        "entries: audit retention, at most audit_max_events",
+        "the audit trail: management actions and refused attempts, oldest first",
+    ),
+    Name(
         "<ns>:alert:{<key id>}:<rule>",
         "string",
         "key id",
@@ -177,6 +184,10 @@ class RedisSchema:
 
     def alert(self, key_id: str, rule: str) -> str:
         return f"{self.namespace}:alert:{{{key_id}}}:{rule}"
+
+    @property
+    def audit(self) -> str:
+        return f"{self.namespace}:audit"
 
 
 def table(namespace: str = "keystile") -> str:
