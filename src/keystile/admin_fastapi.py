@@ -93,6 +93,23 @@ _ROTATE_SCHEMA = {
     "additionalProperties": False,
 }
 
+# A page's size and where it starts: the same on every listing.
+_PAGING: list[dict[str, Any]] = [
+    {
+        "name": "limit",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+    },
+    {
+        "name": "cursor",
+        "in": "query",
+        "required": False,
+        "description": "The previous page's `next`.",
+        "schema": {"type": "string"},
+    },
+]
+
 _LIST_PARAMETERS = [
     {
         "name": "type",
@@ -115,19 +132,7 @@ _LIST_PARAMETERS = [
         "description": "Metadata filters, sent as meta.<name>=<value>.",
         "schema": {"type": "object", "additionalProperties": {"type": "string"}},
     },
-    {
-        "name": "limit",
-        "in": "query",
-        "required": False,
-        "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
-    },
-    {
-        "name": "cursor",
-        "in": "query",
-        "required": False,
-        "description": "The previous page's `next`.",
-        "schema": {"type": "string"},
-    },
+    *_PAGING,
 ]
 
 
@@ -152,19 +157,7 @@ _AUDIT_PARAMETERS: list[dict[str, Any]] = [
         "description": "A key id, `command line` or `python`.",
         "schema": {"type": "string"},
     },
-    {
-        "name": "limit",
-        "in": "query",
-        "required": False,
-        "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
-    },
-    {
-        "name": "cursor",
-        "in": "query",
-        "required": False,
-        "description": "The previous page's `next`.",
-        "schema": {"type": "string"},
-    },
+    *_PAGING,
 ]
 
 
