@@ -29,6 +29,7 @@ from keystile.exceptions import (
     StoreError,
     StoreUnavailable,
 )
+from keystile.logs import fields
 from keystile.manager import DEFAULT_PAGE_SIZE, KeyManager, key_status, record_json
 from keystile.models import ApiKey
 from keystile.responses import Refusals
@@ -122,6 +123,16 @@ def _by(request: Request) -> Actor:
     return Actor.of_key(_actor(request), client.host if client else None)
 
 
+def _logged(event: str, request: Request, key_id: str) -> dict[str, Any]:
+    client = request.client
+    return fields(
+        event,
+        key_id=key_id,
+        actor=_caller(request),
+        client_ip=client.host if client else None,
+    )
+
+
 def _caller(request: Request) -> str:
     principal = request.scope.get(PRINCIPAL)
     return principal.key.id if principal is not None else "?"
@@ -139,7 +150,12 @@ def _actor(request: Request) -> ApiKey:
 
 def _scope_refusal(request: Request, exc: ScopeRefused) -> Response:
     """403 ``insufficient_scope`` with the middleware's RFC 6750 challenge naming ``missing``."""
-    logger.warning("admin: %s was refused: %s", _caller(request), exc)
+    logger.warning(
+        "admin: %s was refused: %s",
+        _caller(request),
+        exc,
+        extra=fields("admin.refused", code="insufficient_scope", actor=_caller(request)),
+    )
     refusals: Refusals = request.scope[REFUSALS]  # present with a principal
     return refusals.insufficient_scope(exc.missing, str(exc)).response()
 
@@ -185,7 +201,9 @@ class AdminAPI:
                 headers={"retry-after": "1"},
             )
         except StoreError as exc:
-            logger.error("admin API: the key store failed: %s", exc)
+            logger.error(
+                "admin API: the key store failed: %s", exc, extra=fields("admin.store_failed")
+            )
             return error_response(503, "store_error", "The key store failed; try again shortly.")
 
     def _new(self, record: ApiKey) -> dict[str, Any]:
@@ -201,7 +219,12 @@ class AdminAPI:
             actor = _actor(request)
             data = await _json_object(request, required=True)
             created = await self.manager.create(data, actor=actor, by=_by(request))
-            logger.info("admin: %s created key %s", _caller(request), created.key.id)
+            logger.info(
+                "admin: %s created key %s",
+                _caller(request),
+                created.key.id,
+                extra=_logged("admin.created", request, created.key.id),
+            )
             body = {"key": self._new(created.key), "secret": created.secret.get_secret_value()}
             return JSONResponse(body, status_code=201, headers=_NO_STORE)
 
@@ -260,7 +283,12 @@ class AdminAPI:
             key_id, actor = _key_id(request), _actor(request)
             data = await _json_object(request, required=True)
             record = await self.manager.update(key_id, data, actor=actor, by=_by(request))
-            logger.info("admin: %s updated key %s", _caller(request), key_id)
+            logger.info(
+                "admin: %s updated key %s",
+                _caller(request),
+                key_id,
+                extra=_logged("admin.updated", request, key_id),
+            )
             return JSONResponse({"key": (await self._records([record]))[0]})
 
         return await self._answer(request, handle)
@@ -269,7 +297,12 @@ class AdminAPI:
         async def handle() -> Response:
             key_id = _key_id(request)
             record = await self.manager.revoke(key_id, by=_by(request))
-            logger.info("admin: %s revoked key %s", _caller(request), key_id)
+            logger.info(
+                "admin: %s revoked key %s",
+                _caller(request),
+                key_id,
+                extra=_logged("admin.revoked", request, key_id),
+            )
             return JSONResponse({"key": (await self._records([record]))[0]})
 
         return await self._answer(request, handle)
@@ -300,7 +333,13 @@ class AdminAPI:
                         for e in exc.errors
                     ]
                 ) from None
-            logger.info("admin: %s rotated key %s to %s", _caller(request), key_id, rotated.key.id)
+            logger.info(
+                "admin: %s rotated key %s to %s",
+                _caller(request),
+                key_id,
+                rotated.key.id,
+                extra=_logged("admin.rotated", request, key_id),
+            )
             body = {
                 "key": self._new(rotated.key),
                 "secret": rotated.secret.get_secret_value(),

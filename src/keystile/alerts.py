@@ -35,6 +35,7 @@ from redis.asyncio import Redis
 
 from keystile.clock import Clock, system_clock, to_datetime, to_timestamp
 from keystile.exceptions import KeystileError, StoreError
+from keystile.logs import fields
 from keystile.models import ApiKey, KeyPolicy
 from keystile.redis.errors import translated
 from keystile.redis.schema import RedisSchema
@@ -291,7 +292,11 @@ class Alerter:
             try:
                 fresh = await self.state.new_addresses(batch.seen_ips)
             except StoreError as exc:
-                logger.warning("alert state unavailable (%s)", type(exc).__name__)
+                logger.warning(
+                    "alert state unavailable (%s)",
+                    type(exc).__name__,
+                    extra=fields("alert.state_unavailable"),
+                )
                 fresh = {}
             for key_id, ips in fresh.items():
                 for ip in ips:
@@ -373,7 +378,11 @@ class Alerter:
         try:
             won = await self.state.claim_many([c[0] for c in candidates], self.rules.cooldown)
         except StoreError as exc:
-            logger.warning("alert state unavailable (%s); alerts not sent", type(exc).__name__)
+            logger.warning(
+                "alert state unavailable (%s); alerts not sent",
+                type(exc).__name__,
+                extra=fields("alert.state_unavailable"),
+            )
             return
         for (_, rule, key_id, message, details), ok in zip(candidates, won, strict=True):
             if ok:
@@ -396,7 +405,7 @@ class Alerter:
             alert.rule,
             key_id,
             message,
-            extra={"keystile_alert": payload},
+            extra={"keystile_alert": payload, **fields("alert.fired", key_id=key_id, code=rule)},
         )
         for callback in self.callbacks:
             try:
@@ -404,7 +413,7 @@ class Alerter:
                 if asyncio.iscoroutine(result):
                     await result
             except Exception:  # one failing callback must not silence the others
-                logger.exception("alert callback failed")
+                logger.exception("alert callback failed", extra=fields("alert.callback_failed"))
         if self.webhook is not None:
             self.webhook.send(payload)
 

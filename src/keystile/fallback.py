@@ -16,6 +16,7 @@ from typing import Any, Literal, TypeVar
 from redis.exceptions import RedisError
 
 from keystile.exceptions import StoreError, StoreUnavailable
+from keystile.logs import fields
 
 __all__ = [
     "FailureMode",
@@ -252,6 +253,7 @@ class Fallback:
                 f" at {self.where}" if self.where else "",
                 self.monotonic() - self._down_at,
                 self.passes,
+                extra=fields("redis.back", store=self.where or None),
             )
         self.failures, self.skip_until, self._wait = 0, 0.0, 0.0
         self._trying_since = 0.0
@@ -289,6 +291,7 @@ class Fallback:
             self._error,
             "refusing" if self.failure == "deny" else "letting requests through undecided",
             self.passes,
+            extra=fields("redis.down", store=self.where or None),
         )
 
     def _fail(self, exc: BaseException | None, allow: bool) -> None:
@@ -304,6 +307,7 @@ class Fallback:
                 "backing off" if exc is None else type(_cause(exc)).__name__,
                 "refusing" if deny else "letting requests through",
                 self.passes,
+                extra=fields("redis.unavailable", store=self.where or None),
             )
         if deny:
             cause = exc if exc is not None else BACKING_OFF

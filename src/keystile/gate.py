@@ -24,6 +24,7 @@ from keystile.cors import OriginIndex
 from keystile.exceptions import StoreError, StoreMisconfigured
 from keystile.fallback import Health, failure_cause, redis_address
 from keystile.keys import KeyHasher
+from keystile.logs import fields
 from keystile.manager import KeyManager
 from keystile.models import KeyPolicy
 from keystile.principal import MAX_ORIGIN_MEMO, KeyUser, Principal, principal_of
@@ -255,12 +256,14 @@ class Keystile:
         logged, not raised, so the app still starts. Logs one line naming the store in use,
         and a warning when it is the memory store under a secret made up for this process.
         """
-        logger.info("keys are kept in %s", store_description(self.store.store))
+        where = store_description(self.store.store)
+        logger.info("keys are kept in %s", where, extra=fields("gate.store", store=where))
         if self.generated_secret:
             logger.warning(
                 "running on the MEMORY STORE with a secret made up for this "
                 "process: keys vanish when it stops and no other process accepts them. "
-                "Set KEYSTILE_REDIS_URL and KEYSTILE_SECRET to share keys between processes."
+                "Set KEYSTILE_REDIS_URL and KEYSTILE_SECRET to share keys between processes.",
+                extra=fields("gate.memory_store"),
             )
         try:
             await self.backend.check()
@@ -270,8 +273,9 @@ class Keystile:
             logger.warning(
                 "cannot reach the key store, %s: %s; starting anyway, it is retried as "
                 "requests need it",
-                store_description(self.store.store),
+                where,
                 failure_cause(exc),
+                extra=fields("gate.store_unreachable", store=where),
             )
         await self.store.start()
         self._started = True
@@ -281,7 +285,11 @@ class Keystile:
             await self.limiter.start()
             await self.quotas.store.start()
         except StoreError as exc:
-            logger.warning("could not prepare the rate limiter: %s", failure_cause(exc))
+            logger.warning(
+                "could not prepare the rate limiter: %s",
+                failure_cause(exc),
+                extra=fields("gate.limiter_unprepared"),
+            )
 
     def health(self) -> GateHealth:
         """Whether Redis is answering, as each part that needs it last found: the rate

@@ -24,6 +24,7 @@ from typing import Any
 from starlette.types import Message, Receive, Scope, Send
 
 from keystile.exceptions import ConfigurationError, StoreMisconfigured
+from keystile.logs import fields
 
 __all__ = ["gate_lifespan"]
 
@@ -58,13 +59,17 @@ def gate_lifespan(
             except Exception:
                 logger.exception(
                     "keystile: preparing at start-up failed; starting anyway (what start-up "
-                    "prepares is prepared on first use)"
+                    "prepares is prepared on first use)",
+                    extra=fields("lifespan.startup_failed"),
                 )
         elif kind == "lifespan.shutdown":
             try:
                 await shutdown()
             except Exception:
-                logger.exception("keystile: shutting down failed (usage may be lost)")
+                logger.exception(
+                    "keystile: shutting down failed (usage may be lost)",
+                    extra=fields("lifespan.shutdown_failed"),
+                )
         return message
 
     async def send_lifespan(message: Message) -> None:

@@ -45,6 +45,7 @@ from keystile.exceptions import (
     StoreError,
     StoreUnavailable,
 )
+from keystile.logs import fields
 from keystile.models import (
     DEFAULT_POLICY,
     ApiKey,
@@ -209,7 +210,13 @@ class KeyManager:
         try:
             await self.audit.append(event)
         except StoreError as exc:
-            logger.warning("could not record %s of %s in the audit trail: %s", action, shown, exc)
+            logger.warning(
+                "could not record %s of %s in the audit trail: %s",
+                action,
+                shown,
+                exc,
+                extra=fields("audit.write_failed", key_id=shown),
+            )
 
     async def _issue(
         self, settings: KeySettings, now: float, *, replaces: str | None = None
@@ -257,7 +264,15 @@ class KeyManager:
         valid = self.policy.validate(settings, now=to_datetime(now))
         self.authority.may_grant(actor, valid.scopes)
         created = await self._issue(valid, now)
-        logger.info("created key %s (%s, %s)", created.key.id, created.key.hint, valid.type)
+        logger.info(
+            "created key %s (%s, %s)",
+            created.key.id,
+            created.key.hint,
+            valid.type,
+            extra=fields(
+                "key.created", key_id=created.key.id, project=created.key.metadata.get("project")
+            ),
+        )
         return created
 
     async def get(self, key_id: str) -> ApiKey:
@@ -447,7 +462,13 @@ class KeyManager:
             return record, record
         record, updated = await self._write(key_id, change)
         if updated != record:
-            logger.info("updated key %s (%s): %s", key_id, record.hint, ", ".join(sorted(wanted)))
+            logger.info(
+                "updated key %s (%s): %s",
+                key_id,
+                record.hint,
+                ", ".join(sorted(wanted)),
+                extra=fields("key.updated", key_id=key_id, project=record.metadata.get("project")),
+            )
         return record, updated
 
     async def revoke(self, key_id: str, *, by: Actor | None = None) -> ApiKey:
@@ -472,7 +493,12 @@ class KeyManager:
 
         record, revoked = await self._write(key_id, change)
         if revoked != record:
-            logger.info("revoked key %s (%s)", key_id, record.hint)
+            logger.info(
+                "revoked key %s (%s)",
+                key_id,
+                record.hint,
+                extra=fields("key.revoked", key_id=key_id, project=record.metadata.get("project")),
+            )
         return record, revoked
 
     async def _write(
@@ -558,7 +584,10 @@ class KeyManager:
                     orphan = created.key.model_copy(update={"revoked_at": self.now()})
                     await self.store.replace(orphan)
                     logger.info(
-                        "rotating %s: it changed meanwhile; withdrew %s", old.id, orphan.id
+                        "rotating %s: it changed meanwhile; withdrew %s",
+                        old.id,
+                        orphan.id,
+                        extra=fields("key.rotation_retried", key_id=old.id),
                     )
                     continue
                 except BaseException:
@@ -566,6 +595,7 @@ class KeyManager:
                         "rotating %s: issued %s but could not link the old key to it",
                         old.id,
                         created.key.id,
+                        extra=fields("key.rotation_unlinked", key_id=old.id),
                     )
                     raise
                 break
@@ -580,6 +610,7 @@ class KeyManager:
             created.key.id,
             created.key.hint,
             ends.isoformat(),
+            extra=fields("key.rotated", key_id=old.id, project=old.metadata.get("project")),
         )
         return RotatedKey(created.key, created.secret, previous)
 

@@ -31,6 +31,7 @@ from keystile.fallback import failure_cause, redis_address
 from keystile.gate import Keystile
 from keystile.keys import parse_key
 from keystile.lifespan import gate_lifespan
+from keystile.logs import fields
 from keystile.meter import Meter
 from keystile.network import ClientAddress, allowed, budget_address
 from keystile.origins import Origin, parse_origin
@@ -307,6 +308,7 @@ class KeystileMiddleware:
                 f" at {where}" if where else "",
                 why,
                 self._lookup_failures,
+                extra=fields("auth.lookups_failing", code="auth_unavailable", store=where or None),
             )
             self._lookup_logged, self._lookup_failures = now, 0
 

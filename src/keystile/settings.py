@@ -26,6 +26,7 @@ from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from keystile.exceptions import ConfigurationError
+from keystile.logs import fields
 
 __all__ = [
     "ENV_PREFIX",
@@ -260,6 +261,7 @@ def warn_unknown_variables() -> None:
             "the environment variable %s is not a keystile setting and is ignored%s",
             name,
             f": did you mean {close}?" if close else " (see keystile.KeystileSettings)",
+            extra=fields("config.unknown_variable"),
         )
 
 

@@ -31,6 +31,8 @@ from typing import Any
 
 import httpx
 
+from keystile.logs import fields
+
 __all__ = ["WebhookSender", "new_secret", "sign"]
 
 logger = logging.getLogger("keystile.alerts")
@@ -85,7 +87,8 @@ class WebhookSender:
         if self._key is None:
             logger.warning(
                 "alert webhooks go out unsigned: set KEYSTILE_ALERT_WEBHOOK_SECRET so that "
-                "the receiver can tell them from forgeries"
+                "the receiver can tell them from forgeries",
+                extra=fields("webhook.unsigned"),
             )
         self.timeout = timeout
         self.retries = retries
@@ -108,7 +111,9 @@ class WebhookSender:
             self._queue.put_nowait((_message_id(), body))
         except asyncio.QueueFull:
             self.dropped += 1
-            logger.warning("alert webhook queue full: an alert was dropped")
+            logger.warning(
+                "alert webhook queue full: an alert was dropped", extra=fields("webhook.dropped")
+            )
             return
         if self._worker is None or self._worker.done():
             self._worker = asyncio.get_running_loop().create_task(
@@ -160,7 +165,12 @@ class WebhookSender:
                 await asyncio.sleep(wait)
                 wait *= 2
         self.dead_letters += 1
-        logger.warning("alert webhook %s not delivered (%s)", message_id, status)
+        logger.warning(
+            "alert webhook %s not delivered (%s)",
+            message_id,
+            status,
+            extra=fields("webhook.dead_letter"),
+        )
 
     async def drain(self) -> None:
         """Deliver what is queued (each try bounded by ``timeout``, retries and waits)."""

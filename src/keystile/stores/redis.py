@@ -28,6 +28,7 @@ from keystile.exceptions import (
     KeyNotFound,
 )
 from keystile.fallback import failure_cause, redis_address
+from keystile.logs import fields
 from keystile.models import ApiKey
 from keystile.redis.connect import close_redis, open_redis
 from keystile.redis.errors import REDIS_FAILURES, redis_errors
@@ -128,7 +129,11 @@ class RedisStore:
                 event = json.loads(message["data"])
                 key_id, digest = str(event["id"]), event.get("digest")
             except (ValueError, KeyError, TypeError):
-                logger.warning("ignoring a malformed message on %s", self.channel)
+                logger.warning(
+                    "ignoring a malformed message on %s",
+                    self.channel,
+                    extra=fields("store.malformed_event"),
+                )
                 return
             for listener in self._listeners:
                 listener.key_changed(key_id, None if digest is None else str(digest))
@@ -192,6 +197,7 @@ class RedisStore:
             f" at {where}" if where else "",
             failure_cause(exc),
             "" if first else f" for {now - self._down_since:.0f} s",
+            extra=fields("store.events_lost", store=where or None),
         )
 
     def _channel_back(self) -> None:
@@ -199,6 +205,7 @@ class RedisStore:
             logger.info(
                 "the Redis events channel is back after %.1f s",
                 time.monotonic() - self._down_since,
+                extra=fields("store.events_back"),
             )
             self._down_since = 0.0
 

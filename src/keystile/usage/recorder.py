@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from keystile.clock import Clock, system_clock
 from keystile.exceptions import StoreError
+from keystile.logs import fields
 from keystile.usage.models import (
     AT,
     BY_CLIENT,
@@ -309,6 +310,7 @@ class UsageRecorder:
                 "usage buffer full (%d key-minutes): dropping counts (%d dropped so far)",
                 self.max_buckets,
                 self.dropped,
+                extra=fields("usage.dropped"),
             )
 
     # -- flushing --------------------------------------------------------------------------
@@ -355,7 +357,9 @@ class UsageRecorder:
                     if asyncio.iscoroutine(result):
                         await result
                 except Exception:  # an alert rule must not lose the next flush
-                    logger.exception("usage flush callback failed")
+                    logger.exception(
+                        "usage flush callback failed", extra=fields("usage.callback_failed")
+                    )
         return ok
 
     async def _write(
@@ -369,7 +373,11 @@ class UsageRecorder:
         except StoreError as exc:
             self.failed_flushes += 1
             cause = exc.__cause__ or exc
-            logger.warning("usage flush failed (%s); counts kept", type(cause).__name__)
+            logger.warning(
+                "usage flush failed (%s); counts kept",
+                type(cause).__name__,
+                extra=fields("usage.flush_failed"),
+            )
             return False
         self.flushes += 1
         self.flushed_rows += batch.rows
