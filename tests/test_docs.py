@@ -25,6 +25,7 @@ PAGES = [
     "alerts.md",
     "management.md",
     "configuration.md",
+    "observability.md",
     "failure-modes.md",
     "security.md",
 ]
