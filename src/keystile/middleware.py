@@ -23,6 +23,7 @@ from typing import Any
 from starlette.authentication import AuthCredentials, UnauthenticatedUser
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from keystile import tracing
 from keystile.appdocs import AppDocs
 from keystile.checks import check_routes
 from keystile.cors import CorsPolicy
@@ -33,7 +34,7 @@ from keystile.keys import parse_key
 from keystile.lifespan import gate_lifespan
 from keystile.logs import fields
 from keystile.meter import Meter
-from keystile.network import ClientAddress, allowed, budget_address
+from keystile.network import ClientAddress, allowed, budget_address, single_header
 from keystile.origins import Origin, parse_origin
 from keystile.principal import PRINCIPAL, REFUSALS, Principal
 from keystile.ratelimit import LimitSet
@@ -41,6 +42,7 @@ from keystile.responses import Headers, Refusal, Refusals
 from keystile.routing import Rule, RuleTable, route_path
 from keystile.stores.cache import CacheEntry
 from keystile.telemetry import perf_counter_ns
+from keystile.tracing import SPAN
 
 __all__ = ["KeystileMiddleware"]
 
@@ -120,12 +122,15 @@ class KeystileMiddleware:
             await self.app(scope, receive, send)
             return
         started = perf_counter_ns()
+        if tracing.state.tracer is not None:
+            tracing.start(scope)
         if (
             scope.get("method") == "OPTIONS"
             and self.preflight
             and kind == "http"
             and await self._preflight(scope, send)
         ):
+            tracing.end(scope, "preflight")
             return
         rule = None
         if self._has_rules:
@@ -153,7 +158,8 @@ class KeystileMiddleware:
             return
         entry = self._cache.recall(credential)
         if entry is None:
-            resolved = await self._resolve(credential)
+            with tracing.child(scope, "keystile.key_lookup"):
+                resolved = await self._resolve(credential)
             if isinstance(resolved, Refusal):
                 await self._refuse(scope, send, resolved)
                 return
@@ -180,16 +186,14 @@ class KeystileMiddleware:
         scope["user"] = principal.user
         scope[PRINCIPAL] = principal
         if principal.limits is None:
-            if self.telemetry is not None:
-                self.telemetry.admit(principal.type_name, started)
+            self._admitted(scope, principal, started)
             headers = _NO_HEADERS if origin is None else self.cors.response_headers(origin)
         else:
             limited = await self._limit(scope, send, principal, principal.limits, origin)
             if limited is None:
                 return
             headers = limited
-            if self.telemetry is not None:
-                self.telemetry.admit(principal.type_name, started)
+            self._admitted(scope, principal, started)
         # The app, metered (HTTP): its response gets the headers, and its use is recorded
         # when it ends. A websocket's use is recorded as it is let through.
         meter = None
@@ -218,7 +222,15 @@ class KeystileMiddleware:
                     scope, principal, meter.status, meter.bytes_in, meter.bytes_out, origin, now
                 )
 
+    def _admitted(self, scope: Scope, principal: Principal, started: int) -> None:
+        if self.telemetry is not None:
+            self.telemetry.admit(principal.type_name, started)
+        if SPAN in scope:
+            tracing.end(scope, "admitted", principal)
+
     async def _pass_anonymously(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if SPAN in scope:
+            tracing.end(scope, "public")
         scope["auth"] = _ANONYMOUS_AUTH
         scope["user"] = _ANONYMOUS_USER
         await self.app(scope, receive, send)
@@ -234,12 +246,12 @@ class KeystileMiddleware:
         """Answer a CORS preflight, if this ``OPTIONS`` is one (it has an ``Origin`` and an
         ``Access-Control-Request-Method``); whether it was. A preflight never carries the
         key: it is answered before authentication, from the union of the keys' origins."""
-        origin_value = _header(scope, b"origin")
-        method = _header(scope, b"access-control-request-method")
+        origin_value = single_header(scope, b"origin")
+        method = single_header(scope, b"access-control-request-method")
         if origin_value is None or method is None:
             return False
         origin = parse_origin(origin_value)
-        asked = _header(scope, b"access-control-request-headers") or b""
+        asked = single_header(scope, b"access-control-request-headers") or b""
         try:
             ok = origin is not None and await self.cors.preflight_allows(origin, method, asked)
         except StoreError:
@@ -328,6 +340,7 @@ class KeystileMiddleware:
         if self._usage is not None:
             self._usage.record_refusal(principal.key_id, "inactive")
         refusal = self.refusals.revoked if principal.revoked else self.refusals.expired
+        tracing.identify(scope, principal)
         await self._refuse(scope, send, refusal, key_type=principal.type_name)
 
     def _check_origin_and_address(
@@ -380,7 +393,10 @@ class KeystileMiddleware:
             else:
                 address = budget_address(client)
         try:
-            decision = await self._limiter.hit(principal.key_id, limits, address=address)
+            with tracing.child(scope, "keystile.rate_limit") as span:
+                decision = await self._limiter.hit(principal.key_id, limits, address=address)
+                if span is not None:
+                    span.set_attribute("keystile.allowed", decision.allowed)
         except StoreUnavailable:  # failure="deny", and the limiter could not decide
             refusal = self.refusals.limiter_unavailable
             await self._refuse_use(scope, send, refusal, principal, origin, extra)
@@ -456,6 +472,7 @@ class KeystileMiddleware:
         """Refuse a request of an active key's, with ``headers``: it counts in the key's
         usage, as from ``origin`` (the one its list admitted, if any)."""
         rate_limited = refusal.code == "rate_limited"
+        tracing.identify(scope, principal)
         self._record(
             scope, principal, refusal.status, 0, len(refusal.body), origin, None, rate_limited
         )
@@ -473,13 +490,15 @@ class KeystileMiddleware:
         origin the preflight policy allows gets the CORS headers, so it can read why."""
         if self.telemetry is not None:
             self.telemetry.refuse(refusal.code, key_type)
+        if SPAN in scope:
+            tracing.end(scope, refusal.code)
         if scope["type"] == "websocket":
             # Closing before accepting refuses the handshake; 1008 = policy violation.
             await send({"type": "websocket.close", "code": 1008, "reason": refusal.code})
             return
         if headers is None:
             headers = []
-            value = _header(scope, b"origin")
+            value = single_header(scope, b"origin")
             if value is not None:
                 origin = parse_origin(value)
                 if origin is not None and await self._union_allows(origin):
@@ -494,14 +513,3 @@ class KeystileMiddleware:
 
 
 _NO_HEADERS: Headers = []
-
-
-def _header(scope: Scope, name: bytes) -> bytes | None:
-    """The value of a header sent once; ``None`` if absent or repeated (ambiguous)."""
-    found = None
-    for key, value in scope["headers"]:
-        if key == name:
-            if found is not None:
-                return None
-            found = value
-    return found

@@ -20,6 +20,7 @@ __all__ = [
     "normalize_ip_entry",
     "parse_address",
     "parse_ip_entry",
+    "single_header",
 ]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -139,3 +140,14 @@ def budget_address(address: IPAddress) -> str:
     if isinstance(address, ipaddress.IPv4Address):
         return str(address)
     return str(ipaddress.IPv6Network((address, IPV6_BUDGET_PREFIX), strict=False))
+
+
+def single_header(scope: Scope, name: bytes) -> bytes | None:
+    """The value of a header sent once; ``None`` if absent or repeated (ambiguous)."""
+    found = None
+    for key, value in scope["headers"]:
+        if key == name:
+            if found is not None:
+                return None
+            found = value
+    return found
