@@ -55,6 +55,8 @@ class LeakWatch(logging.Handler):
             text = self.format(record)  # the message, exc_info and stack_info as text
         except Exception:  # a record whose arguments do not format: check what is there
             text = f"{record.msg!s} {record.args!r}"
+        # The structured fields too (keystile.logs), and anything else passed in ``extra``.
+        text += " " + repr(vars(record))
         hint = self.find(text)
         if hint is not None and len(self.leaks) < 100:
             self.leaks.append(
