@@ -43,6 +43,7 @@ SPEC_RECORD = [
     "address_rate_limit",
     "token_quota",
     "metadata",
+    "project",
     "created_at",
     "expires_at",
     "revoked_at",

@@ -45,7 +45,7 @@ async def test_every_action_and_refusal_is_recorded_through_python(
     """Create, update (old -> new), rotate, revoke, and four kinds of refusal; newest first,
     by "python", never a secret."""
     created = await manager.create(
-        {"name": "search", "type": "prod", "scopes": ["vec:read"], "metadata": {"project": "p1"}}
+        {"name": "search", "type": "prod", "scopes": ["vec:read"], "project": "p1"}
     )
     clock.advance(1)
     await manager.update(created.key.id, {"name": "search v2", "scopes": ["vec:*"]})

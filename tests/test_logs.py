@@ -60,9 +60,7 @@ async def test_records_carry_the_event_and_fields_and_format_as_json(
 ) -> None:
     caplog.set_level(logging.INFO, logger="keystile")
     gate = Keystile()
-    created = await gate.manager.create(
-        {"name": "a", "type": "prod", "metadata": {"project": "shop"}}
-    )
+    created = await gate.manager.create({"name": "a", "type": "prod", "project": "shop"})
     await gate.manager.revoke(created.key.id)
     records = [r for r in caplog.records if r.name.startswith("keystile")]
     revoked = next(r for r in records if getattr(r, "event", None) == "key.revoked")

@@ -678,9 +678,9 @@ def racing(gate: Keystile, monkeypatch: pytest.MonkeyPatch, meanwhile: Any) -> K
     read = gate.manager.get
     done = False
 
-    async def get_then_race(key_id: str) -> ApiKey:
+    async def get_then_race(key_id: str, project: str | None = None) -> ApiKey:
         nonlocal done
-        record = await read(key_id)
+        record = await read(key_id, project=project)
         if not done:
             done = True
             await meanwhile(other)

@@ -69,7 +69,7 @@ async def test_each_decision_is_a_span_with_its_key_and_outcome(
             "scopes": ["vec:read"],
             "allowed_origins": ["https://app.example"],
             "rate_limit": "1/minute",
-            "metadata": {"project": "shop"},
+            "project": "shop",
         }
     )
     token = reader.secret.get_secret_value()

@@ -133,6 +133,12 @@ def _logged(event: str, request: Request, key_id: str) -> dict[str, Any]:
     )
 
 
+def _project(request: Request) -> str:
+    """The calling key's project: the only one whose keys, usage and audit it may see
+    (another project's key ids answer 404, as ids that do not exist)."""
+    return _actor(request).project
+
+
 def _caller(request: Request) -> str:
     principal = request.scope.get(PRINCIPAL)
     return principal.key.id if principal is not None else "?"
@@ -218,7 +224,9 @@ class AdminAPI:
         async def handle() -> Response:
             actor = _actor(request)
             data = await _json_object(request, required=True)
-            created = await self.manager.create(data, actor=actor, by=_by(request))
+            created = await self.manager.create(
+                data, actor=actor, by=_by(request), project=actor.project
+            )
             logger.info(
                 "admin: %s created key %s",
                 _caller(request),
@@ -261,6 +269,7 @@ class AdminAPI:
             if errors:
                 return invalid_response(errors)
             page = await self.manager.list(
+                project=_project(request),
                 type=given.get("type"),
                 status=given.get("status"),
                 metadata=metadata,
@@ -273,7 +282,7 @@ class AdminAPI:
 
     async def get(self, request: Request) -> Response:
         async def handle() -> Response:
-            record = await self.manager.get(_key_id(request))
+            record = await self.manager.get(_key_id(request), project=_project(request))
             return JSONResponse({"key": (await self._records([record]))[0]})
 
         return await self._answer(request, handle)
@@ -282,7 +291,9 @@ class AdminAPI:
         async def handle() -> Response:
             key_id, actor = _key_id(request), _actor(request)
             data = await _json_object(request, required=True)
-            record = await self.manager.update(key_id, data, actor=actor, by=_by(request))
+            record = await self.manager.update(
+                key_id, data, actor=actor, by=_by(request), project=actor.project
+            )
             logger.info(
                 "admin: %s updated key %s",
                 _caller(request),
@@ -296,7 +307,7 @@ class AdminAPI:
     async def revoke(self, request: Request) -> Response:
         async def handle() -> Response:
             key_id = _key_id(request)
-            record = await self.manager.revoke(key_id, by=_by(request))
+            record = await self.manager.revoke(key_id, by=_by(request), project=_project(request))
             logger.info(
                 "admin: %s revoked key %s",
                 _caller(request),
@@ -323,7 +334,7 @@ class AdminAPI:
                 raise KeyValidationError.single("grace_seconds", "must be a whole number")
             try:
                 rotated = await self.manager.rotate(
-                    key_id, grace=grace, actor=actor, by=_by(request)
+                    key_id, grace=grace, actor=actor, by=_by(request), project=actor.project
                 )
             except KeyValidationError as exc:
                 # The manager calls it "grace"; this API calls it "grace_seconds".
@@ -372,6 +383,7 @@ class AdminAPI:
                 raise KeyValidationError(errors)
             report = await self.manager.usage(
                 key_id,
+                project=_project(request),
                 start=start,
                 end=end,
                 granularity="day" if granularity == "day" else "minute",
@@ -398,6 +410,7 @@ async def audit_answer(manager: KeyManager, request: Request) -> Response:
     if errors:
         raise KeyValidationError(errors)
     page = await manager.history(
+        project=_project(request),
         key_id=params.get("key_id"),
         action=params.get("action"),
         outcome=params.get("outcome"),

@@ -96,7 +96,7 @@ class AuditEvent(BaseModel):
     outcome: Outcome
     actor: Actor
     key_id: str | None = None
-    project: str | None = None  # the key's ``project`` metadata, if it has one
+    project: str | None = None  # the key's project (or the caller's, for a refusal)
     changes: dict[str, list[Any]] = {}  # field -> [old, new]
     reason: str | None = None  # why it was refused
 
@@ -116,6 +116,7 @@ def matcher(
     action: str | None = None,
     outcome: str | None = None,
     actor: str | None = None,
+    project: str | None = None,
 ) -> Filter:
     """Events about ``key_id``, of ``action`` and ``outcome``, by ``actor`` (a key id, or
     ``"command line"`` / ``"python"``)."""
@@ -127,6 +128,7 @@ def matcher(
             and (action is None or event.action == action)
             and (outcome is None or event.outcome == outcome)
             and (actor is None or by == actor)
+            and (project is None or event.project == project)
         )
 
     return matches

@@ -48,6 +48,7 @@ from keystile.exceptions import (
 from keystile.logs import fields
 from keystile.models import (
     DEFAULT_POLICY,
+    DEFAULT_PROJECT,
     ApiKey,
     KeyPolicy,
     KeySettings,
@@ -80,6 +81,7 @@ from keystile.usage import (
     UsageOverview,
     UsageReader,
     UsageReport,
+    UsageTotals,
 )
 
 __all__ = [
@@ -118,6 +120,7 @@ UPDATABLE_FIELDS = (
 """The fields :meth:`KeyManager.update` may change: everything a caller chose except the type."""
 
 _FIXED_FIELDS = {
+    "project": "a key's project cannot be changed: create a key in the other project",
     "type": "a key's type cannot be changed: create a new key of the other type",
     "secret": "a key's secret cannot be changed: rotate the key instead",
     "id": "is assigned by keystile and cannot be changed",
@@ -133,6 +136,26 @@ _WRITE_ATTEMPTS = 5  # compare-and-set rounds before giving up (KeyChanged)
 
 # What an attempt refused on its merits raises: recorded in the audit trail as refused.
 _REFUSED = (KeyValidationError, ScopeRefused, KeyNotFound, RotationRefused)
+
+
+def _in_project(
+    settings: KeySettings | Mapping[str, Any], project: str | None
+) -> KeySettings | Mapping[str, Any]:
+    """``settings`` placed in ``project`` (refused if they name another one)."""
+    if project is None:
+        return settings
+    asked = settings.project if isinstance(settings, KeySettings) else settings.get("project")
+    if (
+        asked is not None
+        and asked != project
+        and not (isinstance(settings, KeySettings) and asked == DEFAULT_PROJECT)
+    ):
+        raise KeyValidationError.single(
+            "project", f"keys are made in your own project ({project!r}) only"
+        )
+    if isinstance(settings, KeySettings):
+        return settings.model_copy(update={"project": project})
+    return {**settings, "project": project}
 
 
 def _who(actor: ApiKey | None, by: Actor | None) -> Actor:
@@ -191,6 +214,7 @@ class KeyManager:
         key_id: str | None = None,
         changes: dict[str, list[Any]] | None = None,
         refused: Exception | None = None,
+        project: str | None = None,
     ) -> None:
         """Record an action (or a refused attempt) in the audit trail; a trail that cannot
         be written is logged, never the action's failure (it has happened)."""
@@ -203,7 +227,7 @@ class KeyManager:
             outcome="refused" if refused is not None else "ok",
             actor=who,
             key_id=shown,
-            project=key.metadata.get("project") if key is not None else None,
+            project=key.project if key is not None else project,
             changes=changes or {},
             reason=None if refused is None else str(refused),
         )
@@ -239,17 +263,20 @@ class KeyManager:
         *,
         actor: ApiKey | None = None,
         by: Actor | None = None,
+        project: str | None = None,
     ) -> CreatedKey:
         """Validate ``settings``, issue a key, store its record; the secret is returned once.
 
         With an ``actor``, the new key's scopes must be ones it holds (:class:`ScopeRefused`).
         ``by`` says who acts, for the audit trail (default: ``actor``, else Python code).
+        With ``project``, the key is made in that project (settings naming another one
+        are refused).
         """
         who = _who(actor, by)
         try:
-            created = await self._create(settings, actor)
+            created = await self._create(_in_project(settings, project), actor)
         except _REFUSED as exc:
-            await self._audit("create", who, refused=exc)
+            await self._audit("create", who, refused=exc, project=project)
             raise
         fields = created.key.model_dump(mode="json", include=set(KeySettings.model_fields))
         await self._audit(
@@ -269,18 +296,18 @@ class KeyManager:
             created.key.id,
             created.key.hint,
             valid.type,
-            extra=fields(
-                "key.created", key_id=created.key.id, project=created.key.metadata.get("project")
-            ),
+            extra=fields("key.created", key_id=created.key.id, project=created.key.project),
         )
         return created
 
-    async def get(self, key_id: str) -> ApiKey:
-        """The record with this id; :class:`KeyNotFound` when there is none."""
+    async def get(self, key_id: str, *, project: str | None = None) -> ApiKey:
+        """The record with this id; :class:`KeyNotFound` when there is none — or, with
+        ``project``, when it belongs to another project (the same answer, word for word:
+        nobody can tell another project's key from no key)."""
         if not isinstance(key_id, str) or not key_id:
             raise KeyNotFound("a key id is a non-empty string")
         record = await self.store.get(key_id)
-        if record is None:
+        if record is None or (project is not None and record.project != project):
             # Echo only what looks like an id: a secret pasted where an id belongs must not
             # come back in an error message (or a command's stderr).
             shown = key_id if KEY_ID.fullmatch(key_id) else "given"
@@ -289,10 +316,10 @@ class KeyManager:
             )
         return record
 
-    async def info(self, key_id: str) -> KeyInfo:
+    async def info(self, key_id: str, *, project: str | None = None) -> KeyInfo:
         """The record with this id, its status now and its last use (:class:`KeyNotFound`
-        when there is none)."""
-        [described] = await self.describe([await self.get(key_id)])
+        when there is none, or it is in another ``project``)."""
+        [described] = await self.describe([await self.get(key_id, project=project)])
         return described
 
     async def describe(self, records: Iterable[ApiKey]) -> builtins.list[KeyInfo]:
@@ -315,6 +342,7 @@ class KeyManager:
         metadata: Mapping[str, str] | None = None,
         cursor: str | None = None,
         limit: int = DEFAULT_PAGE_SIZE,
+        project: str | None = None,
     ) -> KeyPage:
         """Records in creation order, ``limit`` at a time, that match every filter given:
         ``type``, ``status`` (``active``, ``rotated``, ``revoked`` or ``expired``) and ``metadata``
@@ -358,9 +386,11 @@ class KeyManager:
                 (key_type is None or record.type is key_type)
                 and (status_value is None or key_status(record, now) is status_value)
                 and all(record.metadata.get(k) == v for k, v in wanted.items())
+                and (project is None or record.project == project)
             )
 
         filtered = key_type is not None or status_value is not None or bool(wanted)
+        filtered = filtered or project is not None
         # One record more than a page tells whether another page follows.
         batch = min(max(limit + 1, 500), max(_SCAN_BUDGET, limit + 1)) if filtered else limit + 1
         found: builtins.list[ApiKey] = []
@@ -403,6 +433,7 @@ class KeyManager:
         *,
         actor: ApiKey | None = None,
         by: Actor | None = None,
+        project: str | None = None,
         **fields: Any,
     ) -> ApiKey:
         """Change some of a key's settings (:data:`UPDATABLE_FIELDS`; never its type or
@@ -421,9 +452,10 @@ class KeyManager:
         """
         who = _who(actor, by)
         try:
-            record, updated = await self._update(key_id, {**(changes or {}), **fields}, actor)
+            asked = {**(changes or {}), **fields}
+            record, updated = await self._update(key_id, asked, actor, project)
         except _REFUSED as exc:
-            await self._audit("update", who, key_id=key_id, refused=exc)
+            await self._audit("update", who, key_id=key_id, refused=exc, project=project)
             raise
         before = record.model_dump(mode="json")
         after = updated.model_dump(mode="json")
@@ -432,7 +464,7 @@ class KeyManager:
         return updated
 
     async def _update(
-        self, key_id: str, asked: dict[str, Any], actor: ApiKey | None
+        self, key_id: str, asked: dict[str, Any], actor: ApiKey | None, project: str | None
     ) -> tuple[ApiKey, ApiKey]:
         wanted = self._changes(asked)
 
@@ -457,27 +489,29 @@ class KeyManager:
             return updated
 
         if not wanted:
-            record = await self.get(key_id)
+            record = await self.get(key_id, project=project)
             self.authority.may_manage(actor, record, "update")
             return record, record
-        record, updated = await self._write(key_id, change)
+        record, updated = await self._write(key_id, change, project)
         if updated != record:
             logger.info(
                 "updated key %s (%s): %s",
                 key_id,
                 record.hint,
                 ", ".join(sorted(wanted)),
-                extra=fields("key.updated", key_id=key_id, project=record.metadata.get("project")),
+                extra=fields("key.updated", key_id=key_id, project=record.project),
             )
         return record, updated
 
-    async def revoke(self, key_id: str, *, by: Actor | None = None) -> ApiKey:
+    async def revoke(
+        self, key_id: str, *, by: Actor | None = None, project: str | None = None
+    ) -> ApiKey:
         """Revoke a key at once, everywhere. Revoking a revoked key changes nothing."""
         who = by or Actor.python()
         try:
-            record, revoked = await self._revoke(key_id)
+            record, revoked = await self._revoke(key_id, project)
         except _REFUSED as exc:
-            await self._audit("revoke", who, key_id=key_id, refused=exc)
+            await self._audit("revoke", who, key_id=key_id, refused=exc, project=project)
             raise
         changes = {}
         if revoked.revoked_at != record.revoked_at:
@@ -485,24 +519,24 @@ class KeyManager:
         await self._audit("revoke", who, revoked, changes=changes)
         return revoked
 
-    async def _revoke(self, key_id: str) -> tuple[ApiKey, ApiKey]:
+    async def _revoke(self, key_id: str, project: str | None) -> tuple[ApiKey, ApiKey]:
         def change(record: ApiKey) -> ApiKey:
             if record.revoked:
                 return record
             return record.model_copy(update={"revoked_at": self.now()})
 
-        record, revoked = await self._write(key_id, change)
+        record, revoked = await self._write(key_id, change, project)
         if revoked != record:
             logger.info(
                 "revoked key %s (%s)",
                 key_id,
                 record.hint,
-                extra=fields("key.revoked", key_id=key_id, project=record.metadata.get("project")),
+                extra=fields("key.revoked", key_id=key_id, project=record.project),
             )
         return record, revoked
 
     async def _write(
-        self, key_id: str, change: Callable[[ApiKey], ApiKey]
+        self, key_id: str, change: Callable[[ApiKey], ApiKey], project: str | None = None
     ) -> tuple[ApiKey, ApiKey]:
         """Read the record, ``change`` it, and write it back only if nobody else wrote it
         meanwhile — in any process (compare and set); else read it again and redo the
@@ -510,7 +544,7 @@ class KeyManager:
         the record before it). The record before and after; unchanged: nothing written."""
         async with self._writing:
             for _ in range(_WRITE_ATTEMPTS):
-                record = await self.get(key_id)
+                record = await self.get(key_id, project=project)
                 changed = change(record)
                 if changed == record:
                     return record, record
@@ -530,6 +564,7 @@ class KeyManager:
         grace: timedelta | float = DEFAULT_GRACE,
         actor: ApiKey | None = None,
         by: Actor | None = None,
+        project: str | None = None,
     ) -> RotatedKey:
         """Issue a successor with the same settings and a new secret; the old key keeps
         working for ``grace`` (a duration or seconds; default 24 h, may be zero), then is
@@ -542,9 +577,9 @@ class KeyManager:
         """
         who = _who(actor, by)
         try:
-            rotated = await self._rotate(key_id, grace, actor)
+            rotated = await self._rotate(key_id, grace, actor, project)
         except _REFUSED as exc:
-            await self._audit("rotate", who, key_id=key_id, refused=exc)
+            await self._audit("rotate", who, key_id=key_id, refused=exc, project=project)
             raise
         old = rotated.previous
         ends = old.model_dump(mode="json")["expires_at"]
@@ -553,12 +588,12 @@ class KeyManager:
         return rotated
 
     async def _rotate(
-        self, key_id: str, grace: timedelta | float, actor: ApiKey | None
+        self, key_id: str, grace: timedelta | float, actor: ApiKey | None, project: str | None
     ) -> RotatedKey:
         seconds = grace_seconds(grace)
         async with self._writing:
             for _ in range(_WRITE_ATTEMPTS):
-                old = await self.get(key_id)
+                old = await self.get(key_id, project=project)
                 self.authority.may_manage(actor, old, "rotate")
                 now = self.clock()
                 moment = to_datetime(now)
@@ -610,7 +645,7 @@ class KeyManager:
             created.key.id,
             created.key.hint,
             ends.isoformat(),
-            extra=fields("key.rotated", key_id=old.id, project=old.metadata.get("project")),
+            extra=fields("key.rotated", key_id=old.id, project=old.project),
         )
         return RotatedKey(created.key, created.secret, previous)
 
@@ -623,6 +658,7 @@ class KeyManager:
         actor: str | None = None,
         cursor: str | None = None,
         limit: int = 100,
+        project: str | None = None,
     ) -> AuditPage:
         """The audit trail, newest first: events about ``key_id``, of ``action`` (create,
         update, rotate, revoke) and ``outcome`` (ok, refused), by ``actor`` (a key id,
@@ -638,7 +674,9 @@ class KeyManager:
             errors.append(FieldError("cursor", "is not a cursor this trail gave"))
         if errors:
             raise KeyValidationError(errors)
-        wanted = matcher(key_id=key_id, action=action, outcome=outcome, actor=actor)
+        wanted = matcher(
+            key_id=key_id, action=action, outcome=outcome, actor=actor, project=project
+        )
         return await self.audit.read(wanted, cursor=cursor, limit=limit)
 
     async def usage(
@@ -648,10 +686,12 @@ class KeyManager:
         start: datetime | None = None,
         end: datetime | None = None,
         granularity: Granularity = "minute",
+        project: str | None = None,
     ) -> UsageReport | UsageOverview:
         """One key's usage report (:class:`KeyNotFound` if there is no such key): totals
         and a series over ``start``..``end`` at ``granularity``, all-time totals, the busiest
-        IPs and origins, last use. Without ``key_id``: every key's totals and last use."""
+        IPs and origins, last use. Without ``key_id``: every key's totals and last use, and
+        the sum of them — with ``project``, that project's keys only."""
         if granularity not in ("minute", "day"):
             raise KeyValidationError.single("granularity", "must be 'minute' or 'day'")
         for field, moment in (("start", start), ("end", end)):
@@ -661,10 +701,10 @@ class KeyManager:
                 except (ValueError, OverflowError) as exc:
                     raise KeyValidationError.single(field, str(exc)) from None
         if key_id is not None:
-            await self.get(key_id)
+            await self.get(key_id, project=project)
         try:
             if key_id is None:
-                return await self._named(await self.usage_reader.overview())
+                return await self._named(await self.usage_reader.overview(), project)
             return await self.usage_reader.report(
                 key_id, start=start, end=end, granularity=granularity
             )
@@ -673,15 +713,20 @@ class KeyManager:
         except StoreError as exc:
             raise StoreUnavailable(f"usage cannot be read: {exc}") from exc
 
-    async def _named(self, overview: UsageOverview) -> UsageOverview:
-        """The overview with each key's name (``None`` for a key no longer stored)."""
+    async def _named(self, overview: UsageOverview, project: str | None) -> UsageOverview:
+        """The overview with each key's name (``None`` for a key no longer stored); with
+        ``project``, only that project's keys, and their totals summed."""
         ids = [k.key_id for k in overview.keys]
-        names: builtins.list[str | None] = []
+        found: builtins.list[ApiKey | None] = []
         for start in range(0, len(ids), 50):  # bounded concurrency
             chunk = ids[start : start + 50]
-            records = await asyncio.gather(*(self.store.get(i) for i in chunk))
-            names.extend(None if r is None else r.name for r in records)
+            found.extend(await asyncio.gather(*(self.store.get(i) for i in chunk)))
         keys = [
-            k.model_copy(update={"name": n}) for k, n in zip(overview.keys, names, strict=True)
+            k.model_copy(update={"name": None if r is None else r.name})
+            for k, r in zip(overview.keys, found, strict=True)
+            if project is None or (r is not None and r.project == project)
         ]
-        return overview.model_copy(update={"keys": keys})
+        update: dict[str, Any] = {"keys": keys}
+        if project is not None:
+            update["totals"] = UsageTotals.sum(k.totals for k in keys)
+        return overview.model_copy(update=update)

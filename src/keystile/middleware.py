@@ -223,6 +223,9 @@ class KeystileMiddleware:
                 )
 
     def _admitted(self, scope: Scope, principal: Principal, started: int) -> None:
+        # The key's project, as request.state.keystile_project: a copy of the state, never
+        # the server's own dict (a server that shares it across requests would mix them).
+        scope["state"] = {**scope.get("state", {}), "keystile_project": principal.project}
         if self.telemetry is not None:
             self.telemetry.admit(principal.type_name, started)
         if SPAN in scope:

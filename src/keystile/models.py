@@ -36,6 +36,7 @@ from keystile.scopes import DEFAULT_CATALOGUE, ScopeCatalogue
 
 __all__ = [
     "DEFAULT_POLICY",
+    "DEFAULT_PROJECT",
     "DEFAULT_TYPE_POLICIES",
     "ApiKey",
     "KeyPolicy",
@@ -81,6 +82,10 @@ IPEntry = Annotated[str, AfterValidator(normalize_ip_entry)]
 RateLimitText = Annotated[str | None, AfterValidator(_rate_limit)]
 UTCDatetime = Annotated[AwareDatetime | None, AfterValidator(_utc)]
 RequiredUTCDatetime = Annotated[AwareDatetime, AfterValidator(lambda m: m.astimezone(UTC))]
+#: A project's name: lower-case letters, digits, ``-`` and ``_``, starting with a letter or
+#: digit (it appears in URLs, logs and metrics).
+ProjectName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+DEFAULT_PROJECT = "default"
 MetaKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 MetaValue = Annotated[str, StringConstraints(max_length=512)]
 
@@ -103,6 +108,8 @@ class _KeyFields(BaseModel):
     metadata: Annotated[dict[MetaKey, MetaValue], Field(max_length=50)] = Field(
         default_factory=dict
     )
+    # Every key belongs to one project; an admin key manages its own project's keys only.
+    project: ProjectName = DEFAULT_PROJECT
 
 
 class KeySettings(_KeyFields):

@@ -76,6 +76,7 @@ class Principal:
         "limits",
         "networks",
         "origins",
+        "project",
         "restricted",
         "revoked",
         "scopes",
@@ -89,6 +90,7 @@ class Principal:
         # slower to read than a slot (its __getattr__ defeats the interpreter's shortcut).
         self.key_id = key.id
         self.type_name = key.type.value  # a metrics label (keystile.telemetry)
+        self.project = key.project  # what the request's data is scoped by
         text = policy.rate_limit(key, key.type)
         per_address = policy.address_rate_limit(key, key.type)
         # The policy is named after the key type: headers never carry key material.

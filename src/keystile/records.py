@@ -46,6 +46,7 @@ RECORD_FIELDS = (
     "address_rate_limit",
     "token_quota",
     "metadata",
+    "project",
     "created_at",
     "expires_at",
     "revoked_at",

@@ -64,9 +64,7 @@ def identify(scope: Scope, principal: Principal) -> None:
     if span is not None:
         span.set_attribute("keystile.key_id", principal.key_id)
         span.set_attribute("keystile.key_type", principal.type_name)
-        project = principal.key.metadata.get("project")
-        if project is not None:
-            span.set_attribute("keystile.project", project)
+        span.set_attribute("keystile.project", principal.key.project)
 
 
 def end(scope: Scope, decision: str, principal: Principal | None = None) -> None:

@@ -158,7 +158,7 @@ async def _create(args: argparse.Namespace, manager: KeyManager, out: TextIO) ->
     fields = {"name": args.name, "type": args.type, **_settings(args, manager)}
     if args.meta:
         fields["metadata"] = dict(args.meta)
-    created = await manager.create(fields, by=Actor.command_line())
+    created = await manager.create(fields, by=Actor.command_line(), project=args.project)
     secret = created.secret.get_secret_value()
     if args.json:
         _dump(out, {"key": _new(created.key, manager), "secret": secret})
@@ -170,6 +170,7 @@ async def _create(args: argparse.Namespace, manager: KeyManager, out: TextIO) ->
 
 async def _list(args: argparse.Namespace, manager: KeyManager, out: TextIO) -> int:
     page = await manager.list(
+        project=args.project,
         type=args.type,
         status=args.status,
         metadata=dict(args.meta or ()),
@@ -212,7 +213,7 @@ async def _list(args: argparse.Namespace, manager: KeyManager, out: TextIO) -> i
 
 
 async def _show(args: argparse.Namespace, manager: KeyManager, out: TextIO) -> int:
-    info = await manager.info(args.key_id)
+    info = await manager.info(args.key_id, project=args.project)
     if args.json:
         _dump(out, {"key": info.json()})
     else:
@@ -227,14 +228,16 @@ async def _update(args: argparse.Namespace, manager: KeyManager, out: TextIO) ->
     if args.type is not None:
         fields["type"] = args.type  # refused by the manager, with the reason
     if args.meta or args.unset_meta:
-        metadata = dict((await manager.get(args.key_id)).metadata)
+        metadata = dict((await manager.get(args.key_id, project=args.project)).metadata)
         metadata.update(args.meta or ())
         for name in args.unset_meta or ():
             metadata.pop(name, None)
         fields["metadata"] = metadata
     if not fields:
         raise CommandLineError("nothing to change: give an option such as --name or --scope")
-    record = await manager.update(args.key_id, fields, by=Actor.command_line())
+    record = await manager.update(
+        args.key_id, fields, by=Actor.command_line(), project=args.project
+    )
     [info] = await manager.describe([record])
     if args.json:
         _dump(out, {"key": info.json()})
@@ -244,7 +247,7 @@ async def _update(args: argparse.Namespace, manager: KeyManager, out: TextIO) ->
 
 
 async def _revoke(args: argparse.Namespace, manager: KeyManager, out: TextIO) -> int:
-    record = await manager.revoke(args.key_id, by=Actor.command_line())
+    record = await manager.revoke(args.key_id, by=Actor.command_line(), project=args.project)
     if args.json:
         [info] = await manager.describe([record])
         _dump(out, {"key": info.json()})
@@ -254,7 +257,9 @@ async def _revoke(args: argparse.Namespace, manager: KeyManager, out: TextIO) ->
 
 
 async def _rotate(args: argparse.Namespace, manager: KeyManager, out: TextIO) -> int:
-    rotated = await manager.rotate(args.key_id, grace=args.grace, by=Actor.command_line())
+    rotated = await manager.rotate(
+        args.key_id, grace=args.grace, by=Actor.command_line(), project=args.project
+    )
     secret = rotated.secret.get_secret_value()
     if args.json:
         _dump(
@@ -275,7 +280,7 @@ async def _rotate(args: argparse.Namespace, manager: KeyManager, out: TextIO) ->
 
 
 async def _usage(args: argparse.Namespace, manager: KeyManager, out: TextIO) -> int:
-    report = await manager.usage(args.key_id)
+    report = await manager.usage(args.key_id, project=args.project)
     if args.json:
         _dump(out, report.model_dump(mode="json"))
         return 0
@@ -310,6 +315,7 @@ async def _usage(args: argparse.Namespace, manager: KeyManager, out: TextIO) -> 
 
 async def _audit(args: argparse.Namespace, manager: KeyManager, out: TextIO) -> int:
     page = await manager.history(
+        project=args.project,
         key_id=args.key,
         action=args.event_action,
         outcome=args.outcome,

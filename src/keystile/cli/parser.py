@@ -123,6 +123,14 @@ def _shared(*, store: bool) -> _Parser:
             "loads apps: its store, secret, scopes and key types (default: the configuration "
             "file's app)",
         )
+    if store:
+        options.add_argument(
+            "--project",
+            metavar="NAME",
+            default=None,
+            help="work within this project only (create: make the key in it); default: all "
+            "projects (create: 'default')",
+        )
     options.add_argument(
         "--config",
         metavar="PATH",

@@ -8,7 +8,7 @@ only.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any, Literal
 
@@ -93,6 +93,16 @@ class UsageTotals(BaseModel):
     quota_exceeded: int = 0
     tokens: int = 0
     inactive_attempts: int = 0
+
+    @classmethod
+    def sum(cls, totals: Iterable[UsageTotals]) -> UsageTotals:
+        """The field-by-field sum of ``totals``."""
+        fields = list(cls.model_fields)
+        summed = dict.fromkeys(fields, 0)
+        for one in totals:
+            for name in fields:
+                summed[name] += getattr(one, name)
+        return cls(**summed)
 
     @classmethod
     def of(cls, counts: Sequence[int]) -> UsageTotals:

@@ -1,0 +1,147 @@
+"""Projects: every key belongs to one; an admin key sees and manages its own project's keys
+only, and another project's ids answer exactly as ids that do not exist (issue #16, item 1)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount, Route
+
+from conftest import SECRET
+from keystile import KeyManager, KeyNotFound, Keystile, KeystileMiddleware, KeyValidationError
+from usage_app import http
+
+ADMIN = ["admin:manage_keys", "admin:view_usage"]
+
+
+async def whoami(request: Request) -> Response:
+    return JSONResponse(
+        {"project": request.state.keystile_project, "user": request.user.key.project}
+    )
+
+
+async def project_app() -> tuple[Starlette, Keystile, dict[str, Any]]:
+    from keystile.admin import admin_app
+
+    gate = Keystile(secret=SECRET)
+    app = Starlette(routes=[Mount("/keys", app=admin_app(gate)), Route("/whoami", whoami)])
+    app.add_middleware(KeystileMiddleware, gate=gate)
+    made: dict[str, Any] = {}
+    for project in ("alpha", "beta"):
+        admin = await gate.manager.create(
+            {"name": f"{project} admin", "type": "prod", "scopes": ADMIN, "project": project}
+        )
+        worker = await gate.manager.create(
+            {
+                "name": f"{project} worker",
+                "type": "dev",
+                "scopes": ["vec:read"],
+                "project": project,
+            }
+        )
+        made[project] = {
+            "admin": {"Authorization": f"Bearer {admin.secret.get_secret_value()}"},
+            "worker": worker.key.id,
+            "worker_token": worker.secret.get_secret_value(),
+        }
+    return app, gate, made
+
+
+ROUTES = [
+    ("GET", "/keys/{id}", None),
+    ("PATCH", "/keys/{id}", {"name": "taken over"}),
+    ("POST", "/keys/{id}/revoke", None),
+    ("POST", "/keys/{id}/rotate", {"grace_seconds": 0}),
+    ("GET", "/keys/{id}/usage", None),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), ROUTES)
+async def test_another_projects_key_is_indistinguishable_from_no_key(
+    method: str, path: str, body: dict[str, Any] | None
+) -> None:
+    app, gate, made = await project_app()
+    alpha, beta = made["alpha"], made["beta"]
+    missing = "key_0VgmOZcuNoSuchKey12"
+    async with http(app) as client:
+
+        async def call(key_id: str) -> httpx.Response:
+            url = path.format(id=key_id)
+            return await client.request(method, url, json=body, headers=alpha["admin"])
+
+        theirs, nobodys = await call(beta["worker"]), await call(missing)
+        assert theirs.status_code == nobodys.status_code == 404
+        assert theirs.json() == {
+            "error": {
+                **nobodys.json()["error"],
+                "message": nobodys.json()["error"]["message"].replace(missing, beta["worker"]),
+            }
+        }
+        assert theirs.headers.keys() == nobodys.headers.keys()
+    # Nothing happened to beta's key.
+    record = await gate.manager.get(beta["worker"])
+    assert record.name == "beta worker" and record.revoked_at is None
+    assert record.replaced_by is None
+    await gate.aclose()
+
+
+async def test_listing_usage_and_audit_stay_within_the_project() -> None:
+    app, gate, made = await project_app()
+    alpha, beta = made["alpha"], made["beta"]
+    async with http(app) as client:
+        await client.get("/whoami", headers={"Authorization": f"Bearer {beta['worker_token']}"})
+        await gate.usage.flush()
+        listed = await client.get("/keys/", headers=alpha["admin"])
+        usage = await client.get("/keys/usage", headers=alpha["admin"])
+        audit = await client.get("/keys/audit", headers=alpha["admin"])
+        elsewhere = await client.post(
+            "/keys/", json={"name": "x", "type": "dev", "project": "beta"}, headers=alpha["admin"]
+        )
+        own = await client.post(
+            "/keys/", json={"name": "y", "type": "dev"}, headers=alpha["admin"]
+        )
+    assert {k["project"] for k in listed.json()["keys"]} == {"alpha"}
+    assert beta["worker"] not in listed.text
+    rows = usage.json()["keys"]
+    alpha_ids = {k["id"] for k in listed.json()["keys"]}
+    assert {row["key_id"] for row in rows} <= alpha_ids and beta["worker"] not in usage.text
+    assert usage.json()["totals"]["requests"] == sum(r["totals"]["requests"] for r in rows)
+    assert all(e["project"] in ("alpha", None) for e in audit.json()["events"])
+    assert beta["worker"] not in audit.text
+    assert elsewhere.status_code == 422
+    assert elsewhere.json()["error"]["fields"][0]["field"] == "project"
+    assert own.status_code == 201 and own.json()["key"]["project"] == "alpha"
+    await gate.aclose()
+
+
+async def test_the_project_travels_with_the_request() -> None:
+    app, gate, made = await project_app()
+    async with http(app) as client:
+        answer = await client.get(
+            "/whoami", headers={"Authorization": f"Bearer {made['beta']['worker_token']}"}
+        )
+    assert answer.json() == {"project": "beta", "user": "beta"}
+    await gate.aclose()
+
+
+async def test_operators_work_across_projects_or_within_one(manager: KeyManager) -> None:
+    one = await manager.create({"name": "a", "type": "dev", "project": "alpha"})
+    two = await manager.create({"name": "b", "type": "dev"}, project="beta")
+    assert (one.key.project, two.key.project) == ("alpha", "beta")
+    assert {k.id for k in (await manager.list()).keys} >= {one.key.id, two.key.id}
+    assert [k.id for k in (await manager.list(project="beta")).keys] == [two.key.id]
+    with pytest.raises(KeyNotFound):
+        await manager.get(one.key.id, project="beta")
+    with pytest.raises(KeyValidationError, match="project"):
+        await manager.create({"name": "c", "type": "dev", "project": "alpha"}, project="beta")
+    with pytest.raises(KeyValidationError, match="cannot be changed"):
+        await manager.update(one.key.id, {"project": "beta"})
+    with pytest.raises(KeyValidationError):
+        await manager.create({"name": "d", "type": "dev", "project": "Not A Name!"})
+    default = await manager.create({"name": "e", "type": "dev"})
+    assert default.key.project == "default"
