@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 from limits.strategies import MovingWindowRateLimiter
 from redis.asyncio import Redis
 
+import conftest
 from conftest import (
     REDIS_URL,
     SECRET,
@@ -55,6 +56,7 @@ from keystile.ratelimit import (
     normalize_rate_limit,
     parse_rate_limit,
 )
+from keystile.redis.connect import open_redis
 from keystile.stores import KeyStore
 from test_middleware import assert_refused, bearer, call, client, make_app
 
@@ -468,9 +470,11 @@ async def virtual_limiter(kind: str) -> AsyncIterator[Driver]:
     namespace = new_namespace()
     if kind == "redis":
         require_redis()
-    made: Redis = (
+    made: Any = (
         Redis.from_url(REDIS_URL)
         if kind == "redis"
+        else open_redis(conftest._cluster.url)
+        if kind == "cluster"
         else fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
     )
     try:
@@ -481,6 +485,8 @@ async def virtual_limiter(kind: str) -> AsyncIterator[Driver]:
         await made.aclose()
         if kind == "redis":
             cleanup_namespace(namespace)
+        if kind == "cluster":
+            conftest._cluster.cleanup(namespace)
 
 
 @pytest.fixture
@@ -490,7 +496,7 @@ async def driver(backend: tuple[str, str]) -> AsyncIterator[Driver]:
         yield made
 
 
-SEEDS = {"memory": 40, "fakeredis": 12, "redis": 40}
+SEEDS = {"memory": 40, "fakeredis": 12, "redis": 40, "cluster": 12}
 EVENTS_PER_SCHEDULE = 250
 
 

@@ -20,14 +20,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from redis.asyncio import Redis
-from redis.exceptions import NoScriptError
+from redis.exceptions import AskError, ClusterCrossSlotError, NoScriptError
 
-from keystile.exceptions import StoreUnavailable
+from keystile.exceptions import StoreMisconfigured, StoreUnavailable
 from keystile.fallback import FailureMode, Fallback, FallingBack, redis_address
 from keystile.ratelimit.base import check_cost, retry_after, whole_seconds
 from keystile.rates import Decision, LimitSet
-from keystile.redis.connect import lean_connection
+from keystile.redis.connect import RedisClient, lean_connection
 from keystile.redis.errors import translated
 from keystile.redis.lean import ReplyError, encode
 from keystile.redis.schema import RedisSchema
@@ -40,10 +39,21 @@ logger = logging.getLogger("keystile.ratelimit")
 _SCRIPT = lua("moving_window")
 # What SCRIPT LOAD answers for it: the lean path's EVALSHA commands are built with it.
 _SHA = hashlib.sha1(_SCRIPT.encode(), usedforsecurity=False).hexdigest()
+# Replies of a cluster node asked for a key it does not serve (a plain connection to one
+# node of a Redis Cluster): not an outage, so never a decision left to the failure mode.
+_NOT_HERE = frozenset({"MOVED", "ASK", "CROSSSLOT"})
 # The address of a request whose client address is unknown, in the name of a window that
 # counts each address apart (the middleware decides such a request by the key's windows
 # alone; a caller of hit() may not): never a budget address (see keystile.network).
 _NO_ADDRESS = "-"
+
+
+def _not_here(code: str) -> StoreMisconfigured:
+    """The error of a decision a cluster node would not make (MOVED, ASK, CROSSSLOT): the
+    fallback refuses such a request whatever the failure mode."""
+    return StoreMisconfigured(
+        f"a Redis Cluster node answered {code}: reach the cluster with redis+cluster://"
+    )
 
 
 def _read_error(task: asyncio.Task[Any]) -> None:
@@ -77,7 +87,7 @@ class RedisLimiter(FallingBack):
 
     def __init__(
         self,
-        client: Redis,
+        client: RedisClient,
         *,
         namespace: str = "keystile",
         timeout: float = 0.25,
@@ -231,11 +241,14 @@ class RedisLimiter(FallingBack):
                 await self.start()
             self._round_trips += 1
             try:
-                return await self.client.evalsha(self.sha, len(keys), *keys, *args)
-            except NoScriptError:  # SCRIPT FLUSH, or a restarted server
-                await self.start()
-                self._round_trips += 1
-                return await self.client.evalsha(self.sha, len(keys), *keys, *args)
+                try:
+                    return await self.client.evalsha(self.sha, len(keys), *keys, *args)
+                except NoScriptError:  # SCRIPT FLUSH, a restarted server, a new primary
+                    await self.start()
+                    self._round_trips += 1
+                    return await self.client.evalsha(self.sha, len(keys), *keys, *args)
+            except (AskError, ClusterCrossSlotError) as exc:  # MOVED is an AskError
+                raise _not_here(type(exc).__name__) from exc
 
     async def _lean_decide(
         self, key: str, limits: LimitSet, cost: int, now_ms: int | None, address: str
@@ -254,12 +267,16 @@ class RedisLimiter(FallingBack):
             reply = await lean.call(command, deadline)
             if type(reply) is not ReplyError:
                 return reply
+            if reply.code in _NOT_HERE:
+                raise _not_here(reply.code)
             if reply.code != "NOSCRIPT":
                 raise StoreUnavailable(f"Redis refused the rate-limit script: {reply.code}")
         # The script is not loaded (yet, or any more: SCRIPT FLUSH, a restarted server).
         await self._load(deadline)
         reply = await lean.call(command, deadline)
         if type(reply) is ReplyError:
+            if reply.code in _NOT_HERE:
+                raise _not_here(reply.code)
             raise StoreUnavailable(f"Redis refused the rate-limit script: {reply.code}")
         return reply
 
