@@ -32,6 +32,9 @@ from keystile import (
     StoreError,
     StoreUnavailable,
 )
+from keystile.cli import main
+from keystile.ratelimit import RedisLimiter
+from keystile.rates import limit_set
 from keystile.redis.connect import open_redis
 from keystile.stores import CachedStore
 from test_middleware import bearer, client, make_app
@@ -313,3 +316,173 @@ async def test_cluster_errors_surface_as_the_stores_own(
     finally:
         monkeypatch.undo()
         await store.close()
+
+
+# -- rate limits, quotas, usage, alerts ---------------------------------------------------------
+
+ORIGIN = "https://app.example"
+
+
+async def keys_on_every_node(
+    gate: Keystile, nodes: RedisCluster, namespace: str, **fields: Any
+) -> list[tuple[str, str]]:
+    """One key (id, secret) whose data lives on each primary."""
+    found: dict[int, tuple[str, str]] = {}
+    for n in range(200):
+        made = await gate.manager.create({"name": f"k{n}", "scopes": ["vec:read"], **fields})
+        port = nodes.owner(f"{namespace}:key:{{{made.key.id}}}").port
+        found.setdefault(port, (made.key.id, made.secret.get_secret_value()))
+        if len(found) == 3:
+            return list(found.values())
+    raise AssertionError("200 keys and still a primary without one")
+
+
+@pytest.fixture
+async def limited(cluster: tuple[RedisCluster, str]) -> AsyncIterator[Keystile]:
+    """A gate on the cluster whose limiter may wait up to 2 s (never passes undecided on a
+    busy machine)."""
+    nodes, namespace = cluster
+    settings = KeystileSettings(
+        namespace=namespace, rate_limit_timeout=2.0, usage_flush_interval=3600.0
+    )
+    made = Keystile(store=nodes.url, secret=SECRET, settings=settings)
+    await made.startup()
+    yield made
+    await made.aclose()
+
+
+async def test_150_concurrent_requests_admit_exactly_100_on_every_node(
+    limited: Keystile, cluster: tuple[RedisCluster, str]
+) -> None:
+    """Three client keys, one on each primary, 150 simultaneous requests each (interleaved):
+    exactly 100 of each are admitted, the rest refused with 429; nothing passes undecided."""
+    nodes, namespace = cluster
+    keys = await keys_on_every_node(
+        limited,
+        nodes,
+        namespace,
+        type="client",
+        allowed_origins=[ORIGIN],
+        rate_limit="100/minute",
+        address_rate_limit="100/minute",
+    )
+    app, seen = make_app(limited)
+    headers = [{**bearer(secret), "Origin": ORIGIN} for _, secret in keys]
+    async with client(app) as http:
+        for h in headers:  # cached first: the subject is the limiter
+            assert (await http.get("/x", headers=h)).status_code == 200
+        order = [n for _ in range(150) for n in range(3)]
+        answers = await asyncio.gather(*(http.get("/x", headers=headers[n]) for n in order))
+    admitted = Counter(n for n, a in zip(order, answers, strict=True) if a.status_code == 200)
+    refused = Counter(n for n, a in zip(order, answers, strict=True) if a.status_code == 429)
+    assert admitted == {0: 99, 1: 99, 2: 99}  # and one each before: 100
+    assert refused == {0: 51, 1: 51, 2: 51}
+    assert limited.limiter.passes == 0  # type: ignore[attr-defined]
+    assert len(seen) == 300
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "redis-py"])
+async def test_a_node_answering_moved_never_lets_a_request_through(
+    cluster: tuple[RedisCluster, str], lean: bool
+) -> None:
+    """A limiter on a plain connection to one node (as RedisLimiter(Redis(...)) would make,
+    with failure="allow"): a key whose slot is elsewhere gets MOVED, which is no outage —
+    the decision is refused (StoreUnavailable: the middleware's 503), never admitted
+    undecided."""
+    nodes, namespace = cluster
+    node = nodes.primaries()[0]
+    plain = redis.asyncio.Redis(port=node.port)
+    limiter = RedisLimiter(plain, namespace=namespace, failure="allow", lean=lean)
+    limits = limit_set("5/minute", "key")
+    try:
+        assert limiter.lean is lean
+        await limiter.start()
+        elsewhere = next(
+            f"key_{n}"
+            for n in range(1000)
+            if nodes.owner(limiter.window_key(f"key_{n}", limits, 0)).port != node.port
+        )
+        for _ in range(3):
+            with pytest.raises(StoreUnavailable):
+                await limiter.hit(elsewhere, limits)
+        assert limiter.passes == 0
+    finally:
+        await limiter.close()
+        await plain.aclose()
+
+
+async def test_token_quotas_hold_on_every_node(
+    gate: Keystile, cluster: tuple[RedisCluster, str]
+) -> None:
+    """A 100-token budget on keys of every primary: three spends of 30 fit, the fourth
+    does not, and 10 are left."""
+    nodes, namespace = cluster
+    keys = await keys_on_every_node(gate, nodes, namespace, type="dev", token_quota=100)
+    for key_id, _ in keys:
+        key = await gate.manager.get(key_id)
+        states = [await gate.quotas.spend(key, 30, "reserve") for _ in range(4)]
+        assert [s.allowed for s in states if s is not None] == [True, True, True, False]
+        assert states[-1] is not None and states[-1].remaining == 10
+        assert not any(s.degraded for s in states if s is not None)
+
+
+async def test_usage_of_keys_on_every_node_is_flushed_and_reported(
+    gate: Keystile, cluster: tuple[RedisCluster, str]
+) -> None:
+    """Requests with keys on the three primaries, one flush (one script call per key, on
+    its node): each key's report counts its own requests."""
+    nodes, namespace = cluster
+    keys = await keys_on_every_node(gate, nodes, namespace, type="dev")
+    app, _ = make_app(gate)
+    async with client(app) as http:
+        for n, (_, secret) in enumerate(keys):
+            for _ in range(n + 2):
+                assert (await http.get("/x", headers=bearer(secret))).status_code == 200
+    assert await gate.usage.flush()
+    for n, (key_id, _) in enumerate(keys):
+        report = await gate.usage.report(key_id)
+        assert report.all_time.requests == n + 2
+    assert await gate.usage.flush()  # nothing new: still counted once
+    assert [(await gate.usage.report(k)).all_time.requests for k, _ in keys] == [2, 3, 4]
+
+
+async def test_new_addresses_are_noted_per_key_on_every_node(
+    gate: Keystile, cluster: tuple[RedisCluster, str]
+) -> None:
+    """The new-IP alert's state (one script per key, in one cluster pipeline): the first
+    batch of a key is its baseline, a later address is new, an address seen is not."""
+    nodes, namespace = cluster
+    keys = [k for k, _ in await keys_on_every_node(gate, nodes, namespace, type="prod")]
+    state = gate.backend.alert_state(gate.clock)
+    assert await state.new_addresses({k: {"192.0.2.1"} for k in keys}) == {}
+    again = await state.new_addresses({k: {"192.0.2.1", "192.0.2.9"} for k in keys})
+    assert again == {k: ["192.0.2.9"] for k in keys}
+    claimed = await state.claim_many([f"{k}|new_ip" for k in keys], 60.0)
+    assert claimed == [True, True, True]
+    assert await state.claim_many([f"{k}|new_ip" for k in keys], 60.0) == [False] * 3
+
+
+# -- the command line -----------------------------------------------------------------------------
+
+
+def test_the_command_line_takes_a_cluster_url(
+    cluster: tuple[RedisCluster, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``keystile keys create/list/revoke --redis redis+cluster://...``."""
+    nodes, namespace = cluster
+    monkeypatch.setenv("KEYSTILE_SECRET", SECRET)
+    monkeypatch.setenv("KEYSTILE_NAMESPACE", namespace)
+    assert main(["keys", "create", "--name", "n", "--type", "dev", "--redis", nodes.url]) == 0
+    out = capsys.readouterr().out
+    key_id = next(w for w in out.split() if w.startswith("key_"))
+    assert nodes.exists(f"{namespace}:key:{{{key_id}}}")
+    assert main(["keys", "list", "--redis", nodes.url]) == 0
+    assert key_id in capsys.readouterr().out
+    assert main(["keys", "revoke", key_id, "--redis", nodes.url]) == 0
+    capsys.readouterr()
+    record = json.loads(
+        nodes.owner(f"{namespace}:key:{{{key_id}}}").admin.get(f"{namespace}:key:{{{key_id}}}")
+    )
+    assert record["revoked_at"] is not None
