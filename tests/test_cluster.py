@@ -486,3 +486,130 @@ def test_the_command_line_takes_a_cluster_url(
         nodes.owner(f"{namespace}:key:{{{key_id}}}").admin.get(f"{namespace}:key:{{{key_id}}}")
     )
     assert record["revoked_at"] is not None
+
+
+# -- a primary killed under load ----------------------------------------------------------------
+
+
+@pytest.fixture
+def replicated() -> Iterator[RedisCluster]:
+    """A cluster of the test's own: three primaries with one replica each."""
+    made = RedisCluster(primaries=3, replicas=1)
+    try:
+        made.start()
+        yield made
+    finally:
+        made.close()
+
+
+def replicas_caught_up(nodes: RedisCluster) -> bool:
+    """Whether every replica holds as many names as its primary."""
+    for node in nodes.nodes:
+        info = node.admin.info("replication")
+        if info.get("role") == "slave":
+            primary = next(n for n in nodes.nodes if n.port == int(info["master_port"]))
+            if node.admin.dbsize() != primary.admin.dbsize():
+                return False
+    return True
+
+
+@pytest.mark.slow
+async def test_killing_a_primary_loses_no_key_and_admits_no_stranger(
+    replicated: RedisCluster, figures: Any
+) -> None:
+    """30 keys over three primaries with replicas; requests with valid, unknown and
+    malformed keys keep coming while one primary is SIGKILLed and its replica takes over.
+    No request without a valid key is ever admitted; afterwards every key authenticates
+    on a fresh gate (nothing cached), and new keys are made, limited and revoked."""
+    nodes = replicated
+    settings = KeystileSettings(namespace="kstest-failover", cache_ttl=0.5)
+    gate = Keystile(store=nodes.url, secret=SECRET, settings=settings)
+    await gate.startup()
+    fresh: Keystile | None = None
+    try:
+        made = [await gate.manager.create({"name": f"k{n}", "type": "dev"}) for n in range(30)]
+        secrets_ = [m.secret.get_secret_value() for m in made]
+        deadline = asyncio.get_running_loop().time() + 10
+        while not replicas_caught_up(nodes):
+            assert asyncio.get_running_loop().time() < deadline, "replicas never caught up"
+            await asyncio.sleep(0.05)
+        victim = nodes.owner(f"kstest-failover:key:{{{made[0].key.id}}}")
+        strangers = [secrets_[0][:-6] + "AAAAAA", "dev_" + "A" * 40, "not a key"]
+        app, _ = make_app(gate)
+        tally: Counter[tuple[str, int]] = Counter()
+        async with client(app) as http:
+
+            async def round_of_requests() -> list[int]:
+                answers = await asyncio.gather(
+                    *(http.get("/x", headers=bearer(s)) for s in [*secrets_[:10], *strangers])
+                )
+                for s, a in zip([*secrets_[:10], *strangers], answers, strict=True):
+                    tally[("valid" if s in secrets_ else "stranger", a.status_code)] += 1
+                    if s not in secrets_:
+                        assert a.status_code != 200, a.text
+                return [a.status_code for a in answers[:10]]
+
+            await round_of_requests()
+            heirs = [
+                n
+                for n in nodes.nodes
+                if int(n.admin.info("replication").get("master_port", 0)) == victim.port
+            ]
+            victim.kill()
+            killed = asyncio.get_running_loop().time()
+            recovered_in = None
+            while asyncio.get_running_loop().time() - killed < 30:
+                if set(await round_of_requests()) == {200} and _failed_over(nodes, heirs):
+                    recovered_in = asyncio.get_running_loop().time() - killed
+                    break
+                await asyncio.sleep(0.05)
+            assert recovered_in is not None, f"no failover within 30 s: {tally}"
+        assert not [k for k in tally if k[0] == "stranger" and k[1] == 200]
+
+        # Everything made before the kill is still there, read without any cache.
+        fresh = Keystile(
+            store=nodes.url,
+            secret=SECRET,
+            settings=KeystileSettings(namespace="kstest-failover"),
+        )
+        await fresh.startup()
+        app, _ = make_app(fresh)
+        async with client(app) as http:
+            answers = await asyncio.gather(*(http.get("/x", headers=bearer(s)) for s in secrets_))
+            assert [a.status_code for a in answers] == [200] * 30
+            new = await fresh.manager.create(
+                {"name": "after", "type": "dev", "rate_limit": "3/minute"}
+            )
+            after = [
+                (await http.get("/x", headers=bearer(new.secret.get_secret_value()))).status_code
+                for _ in range(4)
+            ]
+            assert after == [200, 200, 200, 429]
+            await fresh.manager.revoke(new.key.id)
+            revoked = await http.get("/x", headers=bearer(new.secret.get_secret_value()))
+            assert revoked.status_code == 401
+        figures.add(
+            f"cluster failover (SIGKILL of a primary, replica promoted): requests answered "
+            f"again {recovered_in:.1f} s after the kill; {dict(tally)}; 0 strangers admitted; "
+            "30/30 keys authenticate afterwards"
+        )
+    finally:
+        await gate.aclose()
+        if fresh is not None:
+            await fresh.aclose()
+
+
+def _failed_over(nodes: RedisCluster, heirs: list[Any]) -> bool:
+    """Whether a replica of the killed primary (one of ``heirs``) is a primary now and
+    every node still running says the cluster is ok again."""
+    if not any(h.admin.info("replication").get("role") == "master" for h in heirs):
+        return False
+    for node in nodes.nodes:
+        if not node.running:
+            continue
+        try:
+            if node.admin.cluster("info").get("cluster_state") != "ok":
+                return False
+        except redis.RedisError:
+            return False
+    return True
