@@ -38,6 +38,7 @@ from keystile.rates import limit_set
 from keystile.redis.connect import open_redis
 from keystile.stores import CachedStore
 from test_middleware import bearer, client, make_app
+from test_ratelimit import four_processes
 from test_stores import Recorder, settle
 
 
@@ -390,6 +391,16 @@ async def test_150_concurrent_requests_admit_exactly_100_on_every_node(
         f"cluster: 3 keys on 3 primaries x 150 simultaneous requests: 100 admitted each, "
         f"{trips} limiter round trips for 450 decisions (the rest refused locally or coalesced)"
     )
+
+
+@pytest.mark.slow
+async def test_four_processes_admit_exactly_the_limit_together_on_a_cluster(
+    limited: Keystile, cluster: tuple[RedisCluster, str], figures: Any
+) -> None:
+    """Four app processes on the cluster, 250 simultaneous requests each with one fresh
+    client key per round: exactly 100 admitted between them, 20 rounds running."""
+    nodes, namespace = cluster
+    await four_processes(limited, nodes.url, namespace, figures)
 
 
 @pytest.mark.parametrize("lean", [True, False], ids=["lean", "redis-py"])

@@ -783,7 +783,14 @@ async def test_four_processes_admit_exactly_the_limit_together(
 ) -> None:
     """Four app processes, each firing 250 simultaneous requests with the same fresh client
     key through the full middleware, admit exactly 100 between them — 20 rounds running."""
-    command = [str(WORKER), REDIS_URL, redis_namespace, SECRET, str(PER_PROCESS)]
+    await four_processes(shared_gate, REDIS_URL, redis_namespace, figures)
+
+
+async def four_processes(gate: Keystile, url: str, namespace: str, figures: Figures) -> None:
+    """The 20 rounds of :func:`test_four_processes_admit_exactly_the_limit_together`, by
+    worker processes on ``url`` (a Redis Cluster's too) and keys that ``gate`` makes."""
+    shared_gate, where = gate, "" if url == REDIS_URL else f" ({url.partition(':')[0]})"
+    command = [str(WORKER), url, namespace, SECRET, str(PER_PROCESS)]
     workers = [
         await asyncio.create_subprocess_exec(
             sys.executable, *command, stdin=subprocess.PIPE, stdout=subprocess.PIPE
@@ -822,7 +829,7 @@ async def test_four_processes_admit_exactly_the_limit_together(
                 await worker.wait()
     elapsed = time.perf_counter() - started
     figures.add(
-        f"{PROCESSES} processes x {PER_PROCESS} concurrent requests, {ROUNDS} rounds "
+        f"{PROCESSES} processes x {PER_PROCESS} concurrent requests, {ROUNDS} rounds{where} "
         f"({elapsed:.1f} s): admitted exactly 100 each round; admissions split across "
         f"processes in {shared}/{ROUNDS} rounds"
     )
