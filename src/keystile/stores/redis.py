@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 from typing import Any
 
 from redis.exceptions import WatchError
@@ -81,6 +82,9 @@ class RedisStore:
         self._listening = False
         self._listen_task: asyncio.Task[None] | None = None
         self._closed = False
+        # Marks this store's own announcements on a cluster (not a secret: it only tells
+        # this store its echo apart).
+        self._origin = secrets.token_hex(8)
 
     @classmethod
     def from_url(
@@ -125,11 +129,14 @@ class RedisStore:
 
     async def _announce(self, key_id: str, digest: str | None) -> None:
         """Announce a change with a PUBLISH of its own, on a cluster: it reaches every node.
-        It is sent to the node owning the channel name's slot, which is where every
-        store's listener subscribes, so a store's own listener hears it at once, as on a
-        standalone Redis (from another node it would come a moment later, over the
-        cluster bus)."""
-        message = json.dumps({"id": key_id, "digest": digest})
+        It is sent to the node owning the channel name's slot, where every store's
+        listener subscribes. This store's own listeners are told at once, before the
+        write returns (its echo, marked with this store's origin, is skipped): over a
+        cluster it could come after the caller's next lookup had begun, and the lookup's
+        answer would not be kept."""
+        for listener in self._listeners:
+            listener.key_changed(key_id, digest)
+        message = json.dumps({"id": key_id, "digest": digest, "origin": self._origin})
         node = self.client.get_node_from_key(self.channel)  # type: ignore[union-attr]
         await self.client.publish(self.channel, message, target_nodes=node)
 
@@ -145,9 +152,12 @@ class RedisStore:
             try:
                 event = json.loads(message["data"])
                 key_id, digest = str(event["id"]), event.get("digest")
-            except (ValueError, KeyError, TypeError):
+                origin = event.get("origin")
+            except (ValueError, KeyError, TypeError, AttributeError):
                 logger.warning("ignoring a malformed message on %s", self.channel)
                 return
+            if origin is not None and origin == self._origin:
+                return  # this store's own, told to its listeners already (_announce)
             for listener in self._listeners:
                 listener.key_changed(key_id, None if digest is None else str(digest))
 
