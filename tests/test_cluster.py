@@ -23,13 +23,14 @@ import pytest
 import redis
 from redis.exceptions import CrossSlotTransactionError, RedisClusterException
 
-from conftest import SECRET, new_namespace, within
+from conftest import REDIS_URL, SECRET, new_namespace, within
 from faults.redis_cluster import RedisCluster
 from keystile import (
     Keystile,
     KeystileSettings,
     RedisStore,
     StoreError,
+    StoreMisconfigured,
     StoreUnavailable,
 )
 from keystile.cli import main
@@ -97,6 +98,20 @@ def test_a_malformed_cluster_url_is_one_clear_error(url: str) -> None:
     ) as caught:
         open_redis(url)
     assert "hunter2" not in str(caught.value)
+
+
+async def test_a_cluster_url_to_a_standalone_redis_stops_start_up(redis_namespace: str) -> None:
+    """redis+cluster:// to a Redis that is no cluster node: one StoreMisconfigured saying
+    what to use, before anything is written."""
+    url = "redis+cluster://" + REDIS_URL.removeprefix("redis://").partition("/")[0]
+    gate = Keystile(store=url, secret=SECRET, settings=KeystileSettings(namespace=redis_namespace))
+    try:
+        with pytest.raises(
+            StoreMisconfigured, match="not a node of a Redis Cluster: use redis://"
+        ):
+            await gate.startup()
+    finally:
+        await gate.aclose()
 
 
 async def test_a_cluster_client_object_is_accepted(cluster: tuple[RedisCluster, str]) -> None:

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from keystile.alerts import AlertState, MemoryAlertState, RedisAlertState
 from keystile.clock import Clock
-from keystile.exceptions import StoreMisconfigured
+from keystile.exceptions import StoreError, StoreMisconfigured
 from keystile.quotas import MemoryQuotaStore, QuotaStore, RedisQuotaStore
 from keystile.ratelimit import Limiter, MemoryLimiter, RedisLimiter
 from keystile.redis.connect import RedisClient, is_cluster
@@ -110,8 +110,16 @@ class RedisBackend:
         every other key is a MOVED error, so keystile refuses to start on one (a cluster
         client finds its nodes here)."""
         if is_cluster(self.client):
-            with redis_errors("finding the cluster's nodes"):
-                await self.client.initialize()
+            try:
+                with redis_errors("finding the cluster's nodes"):
+                    await self.client.initialize()
+            except StoreError as exc:
+                if "Cluster mode is not enabled" in str(exc.__cause__):
+                    raise StoreMisconfigured(
+                        "the Redis at the store's redis+cluster:// URL is not a node of a "
+                        "Redis Cluster: use redis:// (or rediss://) for a standalone Redis"
+                    ) from None
+                raise
             return
         with redis_errors("checking the deployment"):
             info = await self.client.info("cluster")
