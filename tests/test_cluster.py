@@ -570,7 +570,9 @@ async def test_killing_a_primary_loses_no_key_and_admits_no_stranger(
         while not replicas_caught_up(nodes):
             assert asyncio.get_running_loop().time() < deadline, "replicas never caught up"
             await asyncio.sleep(0.05)
-        victim = nodes.owner(f"kstest-failover:key:{{{made[0].key.id}}}")
+        # The primary of the events channel's slot, where every listener subscribes (and
+        # of some of the keys, whose data its replica must still have).
+        victim = nodes.owner("kstest-failover:events")
         strangers = [secrets_[0][:-6] + "AAAAAA", "dev_" + "A" * 40, "not a key"]
         app, _ = make_app(gate)
         tally: Counter[tuple[str, int]] = Counter()
@@ -601,6 +603,21 @@ async def test_killing_a_primary_loses_no_key_and_admits_no_stranger(
                     break
                 await asyncio.sleep(0.05)
             assert recovered_in is not None, f"no failover within 30 s: {tally}"
+            # The events listener found the channel's node again (it may have been the
+            # victim's slot): announcements reach this gate once more.
+            await settle(gate.store, lambda: gate.store.listening, timeout=15.0)
+            changed = await gate.manager.update(made[1].key.id, {"name": "after the kill"})
+            listener = Recorder()  # hears only what comes over the channel from now on
+            gate.store.add_listener(listener)
+            same = KeystileSettings(namespace="kstest-failover")
+            other = Keystile(store=nodes.url, secret=SECRET, settings=same)
+            try:
+                await other.manager.update(changed.id, {"name": "from another gate"})
+                await settle(
+                    gate.store, lambda: any(i == changed.id for i, _ in listener.changes), 5.0
+                )
+            finally:
+                await other.aclose()
         assert not [k for k in tally if k[0] == "stranger" and k[1] == 200]
 
         # Everything made before the kill is still there, read without any cache.

@@ -176,6 +176,8 @@ class RedisStore:
             try:
                 if self.cluster:  # the slot map first: it picks the node to subscribe on
                     await self.client.initialize()
+                    if delay > 0.05:  # after a failure: the node may be gone, ask again
+                        await self.client.nodes_manager.initialize()  # type: ignore[union-attr]
                 pubsub = self.client.pubsub()
                 await pubsub.subscribe(self.channel)
                 quiet = 0.0
