@@ -236,6 +236,7 @@ class RedisStore:
             if self.cluster:
                 await self.client.zadd(self._index, {key.id: 0})
                 created_digest = await self.client.set(digest_name, key.id, nx=True, px=PENDING_MS)
+                created_digest = created_digest or await self._holds(digest_name, key.id)
                 if created_digest:
                     await self.client.persist(name)
                     await self.client.persist(digest_name)
@@ -248,12 +249,21 @@ class RedisStore:
                     pipe.persist(digest_name)  # another key's, if taken: it has no TTL
                     self._publish(pipe, key.id, digest)
                     _, created_digest, *_ = await pipe.execute()
+                created_digest = created_digest or await self._holds(digest_name, key.id)
             if not created_digest:
                 async with self.client.pipeline(transaction=False) as pipe:
                     pipe.zrem(self._index, key.id)
                     pipe.delete(name)
                     await pipe.execute()
                 raise KeyConflict(f"a key with id {key.id} or the same digest already exists")
+
+    async def _holds(self, name: str, value: str) -> bool:
+        """Whether ``name`` holds ``value`` already: a digest's SET NX that found it taken
+        may have been redis-py retrying our own write (its reply lost to a timeout), not a
+        conflict (another key's digest names another id; the same id could not have got
+        past the record's SET NX)."""
+        held = await self.client.get(name)
+        return held is not None and _text(held) == value
 
     async def get(self, key_id: str) -> ApiKey | None:
         with redis_errors("reading a key"):
