@@ -53,7 +53,7 @@ def require_redis() -> None:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         callspec = getattr(item, "callspec", None)
-        if callspec is not None and "redis" in callspec.id.split("-"):
+        if callspec is not None and {"redis", "cluster"} & set(callspec.id.split("-")):
             item.add_marker(pytest.mark.redis)
 
 
@@ -88,10 +88,34 @@ async def _make_store(kind: str, namespace: str, **options: Any) -> RedisStore |
         server = options.pop("server", None) or fakeredis.FakeServer()
         client = fakeredis.FakeAsyncRedis(server=server)
         return RedisStore(client, namespace=namespace, **options)
+    if kind == "cluster":
+        assert _cluster is not None, "the cluster backend needs the redis_cluster fixture"
+        return RedisStore.from_url(_cluster.url, namespace=namespace, **options)
     return RedisStore.from_url(REDIS_URL, namespace=namespace, **options)
 
 
-BACKENDS = ["memory", "fakeredis", "redis"]
+# "cluster": a 3-primary Redis Cluster of the session's own (tests/faults/redis_cluster.py).
+BACKENDS = ["memory", "fakeredis", "redis", "cluster"]
+_cluster: Any = None  # the session's faults.redis_cluster.RedisCluster, once started
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[Any]:
+    """Three redis-server primaries in a Redis Cluster on free loopback ports, made once
+    per session and stopped (by pid) at its end."""
+    global _cluster
+    from faults.redis_cluster import RedisCluster
+    from faults.redis_server import need_redis_server
+
+    need_redis_server()
+    made = RedisCluster(primaries=3)
+    try:
+        made.start()
+        _cluster = made
+        yield made
+    finally:
+        _cluster = None
+        made.close()
 
 
 @pytest.fixture(params=BACKENDS)
@@ -101,9 +125,12 @@ def backend(request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
     namespace = new_namespace()
     if kind == "redis":
         require_redis()
+    cluster = request.getfixturevalue("redis_cluster") if kind == "cluster" else None
     yield kind, namespace
     if kind == "redis":
         cleanup_namespace(namespace)
+    if cluster is not None:
+        cluster.cleanup(namespace)
 
 
 @pytest.fixture

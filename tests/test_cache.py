@@ -40,9 +40,21 @@ async def listening(cache: CachedStore) -> None:
     assert await cache.start(timeout=2.0)
 
 
+async def heard(store: KeyStore, manager: KeyManager, fields: dict[str, Any]) -> tuple[Any, str]:
+    """:func:`issue`, then wait until the store's listeners have heard the new key's
+    announcement (on a cluster it may come a moment after the write returns), so that a
+    lookup made next does not race it."""
+    recorder = Recorder()
+    store.add_listener(recorder)
+    made, digest = await issue(manager, fields)
+    await settle(store, lambda: any(i == made.key.id for i, _ in recorder.changes))
+    return made, digest
+
+
 async def test_hits_do_not_reach_the_store(manager: KeyManager, cached: CachedStore) -> None:
     """A looked-up key is served from the cache until its TTL passes."""
-    created, digest = await issue(manager, {"name": "n", "type": "prod"})
+    await listening(cached)  # else the subscription's resync may land mid-lookup
+    created, digest = await heard(cached.store, manager, {"name": "n", "type": "prod"})
     first = await cached.lookup(digest)
     second = await cached.lookup(digest)
     assert first is second and first is not None
@@ -307,7 +319,8 @@ async def test_remembered_credentials_expire_with_the_ttl(
     """A remembered credential is not recalled once its entry's TTL has passed."""
     clock = ManualClock(0.0)
     cache = CachedStore(store, ttl=5.0, clock=clock)
-    _created, digest = await issue(KeyManager(store, hasher), {"name": "n", "type": "dev"})
+    await listening(cache)  # else the subscription's resync may land mid-lookup
+    _created, digest = await heard(store, KeyManager(store, hasher), {"name": "n", "type": "dev"})
     entry = await cache.lookup(digest)
     assert entry is not None
     cache.remember(b"credential", entry)
@@ -321,10 +334,11 @@ async def test_remembered_credentials_are_bounded(store: KeyStore, hasher: KeyHa
     """No more credentials are remembered than the cache holds entries; dead entries go first,
     and an entry not kept by the cache (a lookup that raced a change) is never remembered."""
     cache = CachedStore(store, max_size=3, clock=ManualClock(0.0))
+    await listening(cache)  # else the subscription's resync may land mid-lookup
     manager = KeyManager(store, hasher)
     entries = []
     for n in range(5):
-        _, digest = await issue(manager, {"name": f"k{n}", "type": "dev"})
+        _, digest = await heard(store, manager, {"name": f"k{n}", "type": "dev"})
         entry = await cache.lookup(digest)
         assert entry is not None
         entries.append(entry)

@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 from limits.strategies import MovingWindowRateLimiter
 from redis.asyncio import Redis
 
+import conftest
 from conftest import (
     REDIS_URL,
     SECRET,
@@ -55,6 +56,7 @@ from keystile.ratelimit import (
     normalize_rate_limit,
     parse_rate_limit,
 )
+from keystile.redis.connect import open_redis
 from keystile.stores import KeyStore
 from test_middleware import assert_refused, bearer, call, client, make_app
 
@@ -468,9 +470,11 @@ async def virtual_limiter(kind: str) -> AsyncIterator[Driver]:
     namespace = new_namespace()
     if kind == "redis":
         require_redis()
-    made: Redis = (
+    made: Any = (
         Redis.from_url(REDIS_URL)
         if kind == "redis"
+        else open_redis(conftest._cluster.url)
+        if kind == "cluster"
         else fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
     )
     try:
@@ -481,6 +485,8 @@ async def virtual_limiter(kind: str) -> AsyncIterator[Driver]:
         await made.aclose()
         if kind == "redis":
             cleanup_namespace(namespace)
+        if kind == "cluster":
+            conftest._cluster.cleanup(namespace)
 
 
 @pytest.fixture
@@ -490,7 +496,7 @@ async def driver(backend: tuple[str, str]) -> AsyncIterator[Driver]:
         yield made
 
 
-SEEDS = {"memory": 40, "fakeredis": 12, "redis": 40}
+SEEDS = {"memory": 40, "fakeredis": 12, "redis": 40, "cluster": 12}
 EVENTS_PER_SCHEDULE = 250
 
 
@@ -777,7 +783,14 @@ async def test_four_processes_admit_exactly_the_limit_together(
 ) -> None:
     """Four app processes, each firing 250 simultaneous requests with the same fresh client
     key through the full middleware, admit exactly 100 between them — 20 rounds running."""
-    command = [str(WORKER), REDIS_URL, redis_namespace, SECRET, str(PER_PROCESS)]
+    await four_processes(shared_gate, REDIS_URL, redis_namespace, figures)
+
+
+async def four_processes(gate: Keystile, url: str, namespace: str, figures: Figures) -> None:
+    """The 20 rounds of :func:`test_four_processes_admit_exactly_the_limit_together`, by
+    worker processes on ``url`` (a Redis Cluster's too) and keys that ``gate`` makes."""
+    shared_gate, where = gate, "" if url == REDIS_URL else f" ({url.partition(':')[0]})"
+    command = [str(WORKER), url, namespace, SECRET, str(PER_PROCESS)]
     workers = [
         await asyncio.create_subprocess_exec(
             sys.executable, *command, stdin=subprocess.PIPE, stdout=subprocess.PIPE
@@ -816,7 +829,7 @@ async def test_four_processes_admit_exactly_the_limit_together(
                 await worker.wait()
     elapsed = time.perf_counter() - started
     figures.add(
-        f"{PROCESSES} processes x {PER_PROCESS} concurrent requests, {ROUNDS} rounds "
+        f"{PROCESSES} processes x {PER_PROCESS} concurrent requests, {ROUNDS} rounds{where} "
         f"({elapsed:.1f} s): admitted exactly 100 each round; admissions split across "
         f"processes in {shared}/{ROUNDS} rounds"
     )

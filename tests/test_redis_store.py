@@ -187,3 +187,22 @@ async def test_item14_a_crash_inside_add_never_leaves_an_unlisted_key_that_authe
         await crash_store.add(again, digest)
         assert await crash_store.find(digest) == again
         assert again.id in [k.id for k in await crash_store.list_keys()]
+
+
+async def test_a_retried_digest_write_is_not_a_conflict(crash_store: RedisStore) -> None:
+    """redis-py retries a pipeline whose reply a timeout lost: the digest's SET NX then
+    finds the digest taken — by this very key. That is the key's own write, not a
+    conflict: the key is added, authenticates and keeps no TTL; another key's digest is
+    still a conflict."""
+    from keystile import KeyConflict
+    from test_stores import record
+
+    key, digest = record(15), "f" * 64
+    await crash_store.client.set(crash_store.schema.digest(digest), key.id)  # the first try
+    await crash_store.add(key, digest)
+    assert await crash_store.find(digest) == key
+    assert [k.id for k in await crash_store.list_keys()] == [key.id]
+    assert await crash_store.client.ttl(crash_store.schema.record(key.id)) == -1
+    assert await crash_store.client.ttl(crash_store.schema.digest(digest)) == -1
+    with pytest.raises(KeyConflict):
+        await crash_store.add(record(16), digest)

@@ -152,7 +152,7 @@ async def test_a_cluster_node_stops_start_up_with_what_to_use(cluster_node: Redi
     clear StoreMisconfigured, and nothing is written."""
     gate = Keystile(store=cluster_node.url, secret=SECRET)
     try:
-        with pytest.raises(StoreMisconfigured, match=r"Redis Cluster.*redis\+sentinel://"):
+        with pytest.raises(StoreMisconfigured, match=r"Redis Cluster.*redis\+cluster://"):
             await gate.startup()
     finally:
         await gate.aclose()
@@ -169,7 +169,7 @@ def test_the_command_line_refuses_a_cluster_node_in_one_line(
     assert main(argv) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and len(captured.err.splitlines()) == 1
-    assert "Redis Cluster" in captured.err
+    assert "Redis Cluster" in captured.err and "redis+cluster://" in captured.err
     assert cluster_node.admin.dbsize() == 0
 
 

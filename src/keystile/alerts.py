@@ -28,15 +28,15 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from pydantic import BaseModel, ConfigDict
-from redis.asyncio import Redis
 
 from keystile.clock import Clock, system_clock, to_datetime, to_timestamp
 from keystile.exceptions import KeystileError, StoreError
 from keystile.logs import fields
 from keystile.models import ApiKey, KeyPolicy
+from keystile.redis.connect import RedisClient, is_cluster
 from keystile.redis.errors import translated
 from keystile.redis.schema import RedisSchema
 from keystile.redis.scripts import lua
@@ -159,13 +159,14 @@ class RedisAlertState:
     shared = True
 
     def __init__(
-        self, client: Redis, *, namespace: str = "keystile", max_known: int = _MAX_KNOWN
+        self, client: RedisClient, *, namespace: str = "keystile", max_known: int = _MAX_KNOWN
     ) -> None:
         self.client = client
         self.namespace = namespace
         self.names = RedisSchema(namespace)
         self.max_known = max_known
         self._note = client.register_script(_NOTE_ADDRESSES)
+        self._cluster = is_cluster(client)
 
     def _name(self, name: str) -> str:
         key_id, _, rule = name.partition("|")
@@ -191,7 +192,11 @@ class RedisAlertState:
         ) as pipe:  # one pipeline (and SCRIPT EXISTS)
             for key_id, ips in plan:
                 name = self.names.seen_addresses(key_id)
-                await self._note(keys=[name], args=[self.max_known, _KNOWN_TTL, *ips], client=pipe)
+                args: list[Any] = [self.max_known, _KNOWN_TTL, *ips]
+                if self._cluster:  # a cluster pipeline refuses EVALSHA: EVAL, on one slot
+                    pipe.eval(_NOTE_ADDRESSES, 1, name, *args)
+                else:
+                    await self._note(keys=[name], args=args, client=cast(Any, pipe))
             replies = await pipe.execute()
         out: dict[str, list[str]] = {}
         for (key_id, _), reply in zip(plan, replies, strict=True):

@@ -25,10 +25,10 @@ from datetime import datetime
 from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict
-from redis.asyncio import Redis
 
 from keystile.clock import Clock, system_clock, to_datetime
 from keystile.models import ApiKey
+from keystile.redis.connect import RedisClient
 from keystile.redis.errors import translated
 from keystile.redis.schema import RedisSchema
 
@@ -186,7 +186,7 @@ class RedisAuditTrail:
 
     def __init__(
         self,
-        client: Redis,
+        client: RedisClient,
         *,
         namespace: str = "keystile",
         clock: Clock = system_clock,

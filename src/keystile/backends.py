@@ -5,7 +5,8 @@ process; on a Redis store they live in the same Redis, under the same namespace,
 every process that uses it. :func:`backend_for` is the one place that choice is made: the
 gate, the manager and the usage readers ask it, and never look at the store's type.
 Another deployment (Cluster, Sentinel) changes how the store's connection is made, not
-this.
+this: each part asks :func:`keystile.redis.connect.is_cluster` where a cluster needs
+another way (one slot per script, transaction and pipeline of scripts).
 """
 
 from __future__ import annotations
@@ -13,14 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from redis.asyncio import Redis
-
 from keystile.alerts import AlertState, MemoryAlertState, RedisAlertState
 from keystile.audit import AuditTrail, MemoryAuditTrail, RedisAuditTrail
 from keystile.clock import Clock
-from keystile.exceptions import StoreMisconfigured
+from keystile.exceptions import StoreError, StoreMisconfigured
 from keystile.quotas import MemoryQuotaStore, QuotaStore, RedisQuotaStore
 from keystile.ratelimit import Limiter, MemoryLimiter, RedisLimiter
+from keystile.redis.connect import RedisClient, is_cluster
 from keystile.redis.errors import redis_errors
 from keystile.settings import KeystileSettings
 from keystile.stores.redis import RedisStore
@@ -96,7 +96,7 @@ class MemoryBackend:
 class RedisBackend:
     """Everything in the key store's Redis, under its namespace."""
 
-    client: Redis
+    client: RedisClient
     namespace: str
     shared = True
 
@@ -124,13 +124,26 @@ class RedisBackend:
 
     async def check(self) -> None:
         """A node of a Redis Cluster answers a plain connection only for its own slots:
-        every other key is a MOVED error, so keystile refuses to start on one."""
+        every other key is a MOVED error, so keystile refuses to start on one (a cluster
+        client finds its nodes here)."""
+        if is_cluster(self.client):
+            try:
+                with redis_errors("finding the cluster's nodes"):
+                    await self.client.initialize()
+            except StoreError as exc:
+                if "Cluster mode is not enabled" in str(exc.__cause__):
+                    raise StoreMisconfigured(
+                        "the Redis at the store's redis+cluster:// URL is not a node of a "
+                        "Redis Cluster: use redis:// (or rediss://) for a standalone Redis"
+                    ) from None
+                raise
+            return
         with redis_errors("checking the deployment"):
             info = await self.client.info("cluster")
         if int(info.get("cluster_enabled", 0)) == 1:
             raise StoreMisconfigured(
-                "the Redis at the store URL is a node of a Redis Cluster, which keystile does "
-                "not support yet: use a standalone Redis, or Sentinel (redis+sentinel://)"
+                "the Redis at the store URL is a node of a Redis Cluster: reach the cluster "
+                "with redis+cluster://host:port[,host:port...] (rediss+cluster:// for TLS)"
             )
 
 

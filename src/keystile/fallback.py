@@ -15,7 +15,7 @@ from typing import Any, Literal, TypeVar
 
 from redis.exceptions import RedisError
 
-from keystile.exceptions import StoreError, StoreUnavailable
+from keystile.exceptions import StoreError, StoreMisconfigured, StoreUnavailable
 from keystile.logs import fields
 
 __all__ = [
@@ -227,6 +227,15 @@ class Fallback:
         episode = self._episode
         try:
             answer = await call(*args)
+        except StoreMisconfigured as exc:
+            # Redis answered, but not for this key (a node of a Redis Cluster reached
+            # without the cluster answers MOVED): no outage, so no failure mode to take —
+            # never a request let through undecided for it.
+            self._failed(trying and episode == self._episode, exc)
+            if allow:
+                self.passes += 1
+                return None
+            raise StoreUnavailable(f"the {self._what} cannot use Redis: {exc}") from exc
         except REDIS_FAILED as exc:
             self._failed(trying and episode == self._episode, exc)
             self._fail(exc, allow)

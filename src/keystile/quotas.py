@@ -25,7 +25,6 @@ from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from redis.asyncio import Redis
 from starlette.requests import HTTPConnection
 
 from keystile.alerts import Alerter
@@ -34,6 +33,7 @@ from keystile.exceptions import StoreUnavailable
 from keystile.fallback import FailureMode, Fallback, FallingBack, redis_address
 from keystile.models import ApiKey, KeyPolicy
 from keystile.principal import PRINCIPAL, REFUSALS
+from keystile.redis.connect import RedisClient
 from keystile.redis.errors import translated
 from keystile.redis.schema import RedisSchema
 from keystile.redis.scripts import lua
@@ -136,7 +136,7 @@ _SCRIPT = lua("token_quota")
 class RedisQuotaStore:
     """Token buckets in Redis: one atomic script per call, on Redis' clock."""
 
-    def __init__(self, client: Redis, *, namespace: str = "keystile") -> None:
+    def __init__(self, client: RedisClient, *, namespace: str = "keystile") -> None:
         self.client = client
         self.namespace = namespace
         self.names = RedisSchema(namespace)

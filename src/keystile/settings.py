@@ -51,7 +51,8 @@ class KeystileSettings(BaseSettings):
 
     redis_url: str | None = Field(
         default=None,
-        description="Redis URL (redis://, rediss://, unix://, redis+sentinel://); unset means "
+        description="Redis URL (redis://, rediss://, unix://, redis+sentinel://, "
+        "redis+cluster://); unset means "
         "the in-memory store.",
     )
     secret: SecretStr | None = Field(

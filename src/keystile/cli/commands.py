@@ -41,7 +41,15 @@ from keystile.usage import UsageOverview
 
 __all__ = ["execute", "run_with_store"]
 
-_STORE_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
+_STORE_SCHEMES = (
+    "redis",
+    "rediss",
+    "unix",
+    "redis+sentinel",
+    "rediss+sentinel",
+    "redis+cluster",
+    "rediss+cluster",
+)
 
 
 # -- output ------------------------------------------------------------------------------
@@ -451,7 +459,8 @@ async def run_with_store(args: argparse.Namespace, out: TextIO, err: TextIO) -> 
         scheme = ""
     if scheme not in _STORE_SCHEMES:
         raise CommandLineError(
-            "the store must be a redis://, rediss://, unix:// or redis+sentinel:// URL shared "
+            "the store must be a redis://, rediss://, unix://, redis+sentinel:// or "
+            "redis+cluster:// URL shared "
             "with your app "
             "(keys kept in memory would vanish when this command exits)"
         )

@@ -20,16 +20,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from redis.asyncio import Redis
-from redis.exceptions import NoScriptError
+from redis.exceptions import AskError, ClusterCrossSlotError, NoScriptError
 
-from keystile.exceptions import StoreUnavailable
+from keystile.exceptions import StoreMisconfigured, StoreUnavailable
 from keystile.fallback import FailureMode, Fallback, FallingBack, redis_address
 from keystile.ratelimit.base import check_cost, retry_after, whole_seconds
 from keystile.rates import Decision, LimitSet
-from keystile.redis.connect import lean_connection
+from keystile.redis.connect import RedisClient, lean_connection
 from keystile.redis.errors import translated
 from keystile.redis.lean import ReplyError, encode
+from keystile.redis.lean_cluster import lean_routes
 from keystile.redis.schema import RedisSchema
 from keystile.redis.scripts import lua
 
@@ -40,10 +40,21 @@ logger = logging.getLogger("keystile.ratelimit")
 _SCRIPT = lua("moving_window")
 # What SCRIPT LOAD answers for it: the lean path's EVALSHA commands are built with it.
 _SHA = hashlib.sha1(_SCRIPT.encode(), usedforsecurity=False).hexdigest()
+# Replies of a cluster node asked for a key it does not serve (a plain connection to one
+# node of a Redis Cluster): not an outage, so never a decision left to the failure mode.
+_NOT_HERE = frozenset({"MOVED", "ASK", "CROSSSLOT"})
 # The address of a request whose client address is unknown, in the name of a window that
 # counts each address apart (the middleware decides such a request by the key's windows
 # alone; a caller of hit() may not): never a budget address (see keystile.network).
 _NO_ADDRESS = "-"
+
+
+def _not_here(code: str) -> StoreMisconfigured:
+    """The error of a decision a cluster node would not make (MOVED, ASK, CROSSSLOT): the
+    fallback refuses such a request whatever the failure mode."""
+    return StoreMisconfigured(
+        f"a Redis Cluster node answered {code}: reach the cluster with redis+cluster://"
+    )
 
 
 def _read_error(task: asyncio.Task[Any]) -> None:
@@ -80,7 +91,7 @@ class RedisLimiter(FallingBack):
 
     def __init__(
         self,
-        client: Redis,
+        client: RedisClient,
         *,
         namespace: str = "keystile",
         timeout: float = 0.25,
@@ -111,6 +122,8 @@ class RedisLimiter(FallingBack):
         self._schema = RedisSchema(namespace)
         self._round_trips = 0  # over `client`
         self._lean = lean_connection(client, timeout=timeout) if lean else None
+        # On a Redis Cluster: a lean connection per primary, routed by redis-py's slot map.
+        self._routes = lean_routes(client, timeout=timeout) if lean else None
         # (key, address, limit text, cost) -> the encoded EVALSHA of a decision on Redis' clock
         self._commands: dict[tuple[str, str, str, int], bytes] = {}
         self._loading: asyncio.Task[None] | None = None
@@ -132,13 +145,18 @@ class RedisLimiter(FallingBack):
     def round_trips(self) -> int:
         """Round trips to Redis so far (commands the lean connection writes together
         count once)."""
-        lean = self._lean
-        return self._round_trips + (lean.writes if lean is not None else 0)
+        lean, routes = self._lean, self._routes
+        return (
+            self._round_trips
+            + (lean.writes if lean is not None else 0)
+            + (routes.writes if routes is not None else 0)
+        )
 
     @property
     def lean(self) -> bool:
-        """Whether decisions go over the limiter's own lean connection."""
-        return self._lean is not None
+        """Whether decisions go over the limiter's own lean connection (connections, one
+        per primary, on a cluster)."""
+        return self._lean is not None or self._routes is not None
 
     @translated("loading the rate-limit script")
     async def start(self) -> None:
@@ -152,8 +170,10 @@ class RedisLimiter(FallingBack):
                 raise StoreUnavailable("Redis loaded the rate-limit script under another sha")
             self.sha = _SHA
         else:
+            if self._routes is not None:
+                await self.client.initialize()  # the slot map the routes follow
             self._round_trips += 1
-            self.sha = await self.client.script_load(_SCRIPT)
+            self.sha = await self.client.script_load(_SCRIPT)  # on every primary of a cluster
 
     async def close(self) -> None:
         self._blocked.clear()
@@ -163,6 +183,8 @@ class RedisLimiter(FallingBack):
                 loading.cancel()
         if self._lean is not None:
             await self._lean.aclose()
+        if self._routes is not None:
+            await self._routes.aclose()
 
     async def hit(
         self, key: str, limits: LimitSet, cost: int = 1, *, address: str = ""
@@ -200,7 +222,13 @@ class RedisLimiter(FallingBack):
                     )
                 if left <= 0:
                     del self._blocked[blocked_as]
-        decide = self._pooled_decide if self._lean is None else self._lean_decide
+        decide = (
+            self._lean_decide
+            if self._lean is not None
+            else self._routed_decide
+            if self._routes is not None
+            else self._pooled_decide
+        )
         raw = await self.fallback.ask(decide, key, limits, cost, now_ms, address)
         if raw is None:  # undecided, and the failure mode is "allow"
             full = tuple(w.amount for w in limits.windows)
@@ -246,11 +274,14 @@ class RedisLimiter(FallingBack):
                 await self.start()
             self._round_trips += 1
             try:
-                return await self.client.evalsha(self.sha, len(keys), *keys, *args)
-            except NoScriptError:  # SCRIPT FLUSH, or a restarted server
-                await self.start()
-                self._round_trips += 1
-                return await self.client.evalsha(self.sha, len(keys), *keys, *args)
+                try:
+                    return await self.client.evalsha(self.sha, len(keys), *keys, *args)
+                except NoScriptError:  # SCRIPT FLUSH, a restarted server, a new primary
+                    await self.start()
+                    self._round_trips += 1
+                    return await self.client.evalsha(self.sha, len(keys), *keys, *args)
+            except (AskError, ClusterCrossSlotError) as exc:  # MOVED is an AskError
+                raise _not_here(type(exc).__name__) from exc
 
     async def _lean_decide(
         self, key: str, limits: LimitSet, cost: int, now_ms: int | None, address: str
@@ -269,14 +300,51 @@ class RedisLimiter(FallingBack):
             reply = await lean.call(command, deadline)
             if type(reply) is not ReplyError:
                 return reply
+            if reply.code in _NOT_HERE:
+                raise _not_here(reply.code)
             if reply.code != "NOSCRIPT":
                 raise StoreUnavailable(f"Redis refused the rate-limit script: {reply.code}")
         # The script is not loaded (yet, or any more: SCRIPT FLUSH, a restarted server).
         await self._load(deadline)
         reply = await lean.call(command, deadline)
         if type(reply) is ReplyError:
+            if reply.code in _NOT_HERE:
+                raise _not_here(reply.code)
             raise StoreUnavailable(f"Redis refused the rate-limit script: {reply.code}")
         return reply
+
+    async def _routed_decide(
+        self, key: str, limits: LimitSet, cost: int, now_ms: int | None, address: str
+    ) -> Any:
+        """One EVALSHA over the lean connection to the primary serving the key (a cluster),
+        loading the script there on NOSCRIPT. A decision its node cannot make here — the
+        slot map is not known yet, the node answers MOVED or ASK, or it is gone — goes
+        over redis-py, which follows the redirect or finds the new primary and updates the
+        map that routes the next decisions."""
+        routes = self._routes
+        if routes is None:  # only chosen when there are routes
+            raise RuntimeError("the rate limiter has no lean routes")
+        lean = routes.for_key(self.window_key(key, limits, 0, address))
+        if lean is None:
+            return await self._pooled_decide(key, limits, cost, now_ms, address)
+        cached = (key, address, limits.text, cost)
+        command = self._commands.get(cached) if now_ms is None else None
+        if command is None:
+            command = self._command(cached, limits, now_ms)
+        deadline = lean.deadline()
+        try:
+            reply = await lean.call(command, deadline)
+            if type(reply) is ReplyError and reply.code == "NOSCRIPT":  # a new primary
+                await lean.execute("SCRIPT", "LOAD", _SCRIPT, deadline=deadline)
+                reply = await lean.call(command, deadline)
+        except ConnectionError:  # the node is gone: a failover, perhaps
+            routes.forget(lean)
+            return await self._pooled_decide(key, limits, cost, now_ms, address)
+        if type(reply) is not ReplyError:
+            return reply
+        if reply.code in ("MOVED", "ASK"):
+            return await self._pooled_decide(key, limits, cost, now_ms, address)
+        raise StoreUnavailable(f"Redis refused the rate-limit script: {reply.code}")
 
     def _command(
         self, cached: tuple[str, str, str, int], limits: LimitSet, now_ms: int | None

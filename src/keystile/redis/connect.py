@@ -7,7 +7,10 @@
   for TLS to the master), spelt as ``limits`` spells it —
   ``redis+sentinel://[[user]:password@]host:port[,host:port...]/service[?db=N]`` — to the
   master the sentinels name, followed through failovers. The credentials are the master's
-  and the sentinels' alike.
+  and the sentinels' alike; ``redis+cluster://`` (``rediss+cluster://`` for TLS), also
+  spelt as ``limits`` spells it — ``redis+cluster://[[user]:password@]host:port[,host:port...]``
+  — to a Redis Cluster (:class:`redis.asyncio.RedisCluster`) found from those startup
+  nodes, which follows MOVED and ASK and keeps the slot map fresh.
 - :func:`lean_connection` — the rate limiter's own connection
   (:class:`keystile.redis.lean.LeanRedis`) to the server a client talks to, when it can
   stand in for that client.
@@ -15,25 +18,41 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import Connection, UnixDomainSocketConnection
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
+from redis.exceptions import MaxConnectionsError
+from redis.typing import EncodableT
 
 from keystile.redis.lean import LeanRedis
 
 __all__ = [
+    "CLUSTER_SCHEMES",
     "SENTINEL_SCHEMES",
+    "RedisClient",
     "close_redis",
+    "is_cluster",
     "lean_connection",
     "open_redis",
     "redacted_url",
 ]
 
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+# What keystile talks to: one server (standalone, or the master Sentinel names) or a cluster.
+RedisClient = aioredis.Redis | RedisCluster
+
+
+def is_cluster(client: object) -> bool:
+    """Whether ``client`` is a Redis Cluster client (its commands routed per slot)."""
+    return isinstance(client, RedisCluster)
 
 
 def redacted_url(url: str) -> str:
@@ -52,10 +71,18 @@ def open_redis(
     pool_timeout: float = 1.0,
     timeout: float = 0.5,
     client_name: str | None = None,
-) -> aioredis.Redis:
-    """A client on a fresh pool of at most ``pool_size`` connections that waits up to
-    ``pool_timeout`` for a free one, with ``timeout`` seconds per command and connection
-    attempt."""
+) -> RedisClient:
+    """A client on a fresh pool of at most ``pool_size`` connections (per node, on a
+    cluster) that waits up to ``pool_timeout`` for a free one, with ``timeout`` seconds per
+    command and connection attempt."""
+    if urlsplit(url).scheme in CLUSTER_SCHEMES:
+        return _cluster(
+            url,
+            pool_size=pool_size,
+            pool_timeout=pool_timeout,
+            timeout=timeout,
+            client_name=client_name,
+        )
     if urlsplit(url).scheme in SENTINEL_SCHEMES:
         return _sentinel_master(url, pool_size=pool_size, timeout=timeout, client_name=client_name)
     try:
@@ -120,10 +147,69 @@ def _sentinel_master(
     return master
 
 
-async def close_redis(client: aioredis.Redis) -> None:
+class WaitingCluster(RedisCluster):
+    """A :class:`RedisCluster` whose commands *wait* (up to ``pool_timeout``) when
+    ``pool_size`` of them are already in flight, as a standalone client's
+    ``BlockingConnectionPool`` does, instead of failing with ``MaxConnectionsError`` under a
+    burst. Each node may open a few connections more than ``pool_size``, for the events
+    channel and pipelines, which do not wait."""
+
+    def __init__(self, *, pool_size: int, pool_timeout: float, **options: Any) -> None:
+        super().__init__(max_connections=pool_size + _SPARE_CONNECTIONS, **options)
+        self._in_flight = asyncio.Semaphore(pool_size)
+        self._pool_timeout = pool_timeout
+
+    async def execute_command(self, *args: EncodableT, **kwargs: Any) -> Any:
+        try:
+            async with asyncio.timeout(self._pool_timeout):
+                await self._in_flight.acquire()
+        except TimeoutError:
+            raise MaxConnectionsError("no free connection to the cluster in time") from None
+        try:
+            return await super().execute_command(*args, **kwargs)
+        finally:
+            self._in_flight.release()
+
+
+# Connections per node beyond the waiting commands': the events channel, pipelines.
+_SPARE_CONNECTIONS = 8
+
+
+def _cluster(
+    url: str, *, pool_size: int, pool_timeout: float, timeout: float, client_name: str | None
+) -> RedisCluster:
+    """A Redis Cluster found from the startup nodes of a cluster URL (see :func:`open_redis`)."""
+    parts = urlsplit(url)
+    hosts = parts.netloc.rpartition("@")[2]
+    try:
+        nodes = [_host_port(h, 6379) for h in hosts.split(",")] if hosts else []
+    except ValueError:
+        nodes = []
+    if not nodes or parts.path.strip("/") or parts.query or any(not h for h, _ in nodes):
+        raise ValueError(
+            f"{redacted_url(url)} is not a Redis Cluster URL: use "
+            "redis+cluster://[[user]:password@]host:port[,host:port...]"
+        )
+    auth = {"username": unquote(parts.username or "") or None}
+    auth["password"] = unquote(parts.password) if parts.password is not None else None
+    return WaitingCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in nodes],
+        pool_size=pool_size,
+        pool_timeout=pool_timeout,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        client_name=client_name,
+        ssl=parts.scheme == "rediss+cluster",
+        **{k: v for k, v in auth.items() if v is not None},
+    )
+
+
+async def close_redis(client: RedisClient) -> None:
     """Close a client from :func:`open_redis`, with the sentinels' own connections when it
     reaches its master through them."""
     await client.aclose()
+    if isinstance(client, RedisCluster):
+        return
     manager = getattr(client.connection_pool, "sentinel_manager", None)
     for watcher in getattr(manager, "sentinels", ()):
         await watcher.aclose()
@@ -136,12 +222,12 @@ def _host_port(text: str, default: int) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def lean_connection(client: aioredis.Redis, *, timeout: float = 0.25) -> LeanRedis | None:
+def lean_connection(client: RedisClient, *, timeout: float = 0.25) -> LeanRedis | None:
     """A lean connection to the server ``client`` talks to, or ``None`` when it cannot
     stand in for it (TLS, a credential provider, a cluster, or a fake). It is named after
     the client's connections, with ``-lean`` added."""
     pool = getattr(client, "connection_pool", None)
-    if pool is None:
+    if pool is None or is_cluster(client):
         return None
     kind = pool.connection_class
     options = pool.connection_kwargs

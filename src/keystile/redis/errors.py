@@ -5,6 +5,12 @@ a Redis that cannot be reached or does not answer in time raises
 :class:`~keystile.exceptions.StoreUnavailable`, and a Redis that answers with an error
 raises :class:`~keystile.exceptions.StoreError` (its parent), each raised from the
 original so the cause stays in the traceback. Callers catch the library's errors only.
+
+A Redis Cluster adds its own: a cluster that is down, a slot no node serves, a slot being
+moved (``CLUSTERDOWN``, ``TRYAGAIN``, redis-py's ``SlotNotCoveredError``) count as
+unreachable; every other cluster error — ``MOVED``/``ASK`` not followed, a cross-slot
+command or transaction, and redis-py's ``RedisClusterException`` family, which is not a
+``RedisError`` — as an error answer.
 """
 
 from __future__ import annotations
@@ -15,8 +21,14 @@ import functools
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, ParamSpec, TypeVar
 
+from redis.exceptions import (
+    ClusterDownError,
+    RedisClusterException,
+    RedisError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from keystile.exceptions import StoreError, StoreUnavailable
@@ -24,9 +36,17 @@ from keystile.exceptions import StoreError, StoreUnavailable
 __all__ = ["REDIS_FAILURES", "UNREACHABLE", "redis_errors", "translated"]
 
 # Redis could not be asked, or did not answer in time.
-UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)
+UNREACHABLE = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+    asyncio.TimeoutError,
+    ClusterDownError,
+    TryAgainError,
+    SlotNotCoveredError,
+)
 # Anything redis-py or the socket raises when a command fails.
-REDIS_FAILURES = (*UNREACHABLE, RedisError)
+REDIS_FAILURES = (*UNREACHABLE, RedisError, RedisClusterException)
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -42,7 +62,7 @@ def redis_errors(action: str) -> Iterator[None]:
         raise StoreUnavailable(
             f"Redis is unreachable while {action}: {type(exc).__name__}"
         ) from exc
-    except RedisError as exc:
+    except (RedisError, RedisClusterException) as exc:
         raise StoreError(f"Redis failed while {action}: {type(exc).__name__}") from exc
 
 

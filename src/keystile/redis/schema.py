@@ -31,8 +31,20 @@ class Name:
 
 
 NAMES: tuple[Name, ...] = (
-    Name("<ns>:key:{<key id>}", "string", "key id", "none", "the key's record, JSON"),
-    Name("<ns>:digest:<hmac>", "string", "-", "none", "the key id of a key's HMAC digest"),
+    Name(
+        "<ns>:key:{<key id>}",
+        "string",
+        "key id",
+        "none (60 s while being created)",
+        "the key's record, JSON",
+    ),
+    Name(
+        "<ns>:digest:<hmac>",
+        "string",
+        "-",
+        "none (60 s while being created)",
+        "the key id of a key's HMAC digest",
+    ),
     Name("<ns>:index", "zset", "-", "none", "every key id (score 0: listed in id order)"),
     Name("<ns>:events", "channel", "-", "-", "pub/sub: key changes, for every process's cache"),
     Name(

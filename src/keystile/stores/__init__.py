@@ -43,13 +43,15 @@ BACKENDS: dict[str, Callable[[str, KeystileSettings], KeyStore]] = {
     "unix": _redis,
     "redis+sentinel": _redis,
     "rediss+sentinel": _redis,
+    "redis+cluster": _redis,
+    "rediss+cluster": _redis,
 }
 
 
 def open_store(url: str | None = None, settings: KeystileSettings | None = None) -> CachedStore:
     """The store a URL names (``memory://``, ``redis://…``, ``rediss://…``, ``unix://…``,
-    ``redis+sentinel://…``; default: ``settings.redis_url``, else memory), behind the
-    in-process cache."""
+    ``redis+sentinel://…``, ``redis+cluster://…``; default: ``settings.redis_url``, else
+    memory), behind the in-process cache."""
     settings = settings or KeystileSettings()
     url = url or settings.redis_url or "memory://"
     scheme = urlsplit(url).scheme

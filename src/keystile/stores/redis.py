@@ -8,6 +8,12 @@ No secret is stored: a digest is the HMAC-SHA256 of the key under the server sec
 The connection pool *waits* for a free connection (``BlockingConnectionPool``) instead of
 failing with "Too many connections" under bursts, and every command has a timeout, so a
 slow or dead Redis turns into :class:`~keystile.exceptions.StoreUnavailable` quickly.
+
+On a Redis Cluster (a :class:`redis.asyncio.RedisCluster` client, as ``redis+cluster://``
+URLs make) every command and transaction touches one slot: announcements are plain
+``PUBLISH`` commands of their own (which reach every node), never inside a pipeline or
+``MULTI``; a listing reads records one name each, pipelined per node, never with a
+cross-slot ``MGET``; and a new key's names are written one after another.
 """
 
 from __future__ import annotations
@@ -16,10 +22,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 import time
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.exceptions import WatchError
 
 from keystile.exceptions import (
@@ -30,7 +36,7 @@ from keystile.exceptions import (
 from keystile.fallback import failure_cause, redis_address
 from keystile.logs import fields
 from keystile.models import ApiKey
-from keystile.redis.connect import close_redis, open_redis
+from keystile.redis.connect import RedisClient, close_redis, is_cluster, open_redis
 from keystile.redis.errors import REDIS_FAILURES, redis_errors
 from keystile.redis.schema import RedisSchema
 from keystile.stores.protocol import StoreListener
@@ -38,6 +44,10 @@ from keystile.stores.protocol import StoreListener
 __all__ = ["RedisStore"]
 
 logger = logging.getLogger("keystile.store")
+
+# How long a new key's record and digest live until both are written and made permanent:
+# what a crash in between leaves expires by itself.
+PENDING_MS = 60_000
 
 
 def _text(value: bytes | str) -> str:
@@ -57,7 +67,7 @@ class RedisStore:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: RedisClient,
         *,
         namespace: str = "keystile",
         heartbeat: float = 5.0,
@@ -65,6 +75,7 @@ class RedisStore:
         if not namespace or any(c in namespace for c in "{}: \n"):
             raise ValueError(f"invalid Redis namespace {namespace!r}")
         self.client = client
+        self.cluster = is_cluster(client)
         self.namespace = namespace
         self.schema = RedisSchema(namespace)
         self.channel = self.schema.events
@@ -76,6 +87,9 @@ class RedisStore:
         self._closed = False
         self._down_since = 0.0  # monotonic time the events channel was lost; 0: up
         self._down_logged = 0.0  # monotonic time that loss was last logged
+        # Marks this store's own announcements on a cluster (not a secret: it only tells
+        # this store its echo apart).
+        self._origin = secrets.token_hex(8)
 
     @classmethod
     def from_url(
@@ -113,8 +127,23 @@ class RedisStore:
                 self._listen(), name=f"keystile-listen-{self.namespace}"
             )
 
-    async def _publish(self, pipe: Any, key_id: str, digest: str | None) -> None:
+    def _publish(self, pipe: Any, key_id: str, digest: str | None) -> None:
+        """Queue the announcement of a change on ``pipe`` (a standalone Redis only: a
+        cluster's pipelines and transactions cannot carry PUBLISH; see :meth:`_announce`)."""
         pipe.publish(self.channel, json.dumps({"id": key_id, "digest": digest}))
+
+    async def _announce(self, key_id: str, digest: str | None) -> None:
+        """Announce a change with a PUBLISH of its own, on a cluster: it reaches every node.
+        It is sent to the node owning the channel name's slot, where every store's
+        listener subscribes. This store's own listeners are told at once, before the
+        write returns (its echo, marked with this store's origin, is skipped): over a
+        cluster it could come after the caller's next lookup had begun, and the lookup's
+        answer would not be kept."""
+        for listener in self._listeners:
+            listener.key_changed(key_id, digest)
+        message = json.dumps({"id": key_id, "digest": digest, "origin": self._origin})
+        node = self.client.get_node_from_key(self.channel)  # type: ignore[union-attr]
+        await self.client.publish(self.channel, message, target_nodes=node)
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
@@ -128,13 +157,16 @@ class RedisStore:
             try:
                 event = json.loads(message["data"])
                 key_id, digest = str(event["id"]), event.get("digest")
-            except (ValueError, KeyError, TypeError):
+                origin = event.get("origin")
+            except (ValueError, KeyError, TypeError, AttributeError):
                 logger.warning(
                     "ignoring a malformed message on %s",
                     self.channel,
                     extra=fields("store.malformed_event"),
                 )
                 return
+            if origin is not None and origin == self._origin:
+                return  # this store's own, told to its listeners already (_announce)
             for listener in self._listeners:
                 listener.key_changed(key_id, None if digest is None else str(digest))
 
@@ -149,8 +181,13 @@ class RedisStore:
         backoff, and probing the connection so a silent drop is noticed."""
         delay = 0.05
         while not self._closed:
-            pubsub = self.client.pubsub()
+            pubsub: Any = None
             try:
+                if self.cluster:  # the slot map first: it picks the node to subscribe on
+                    await self.client.initialize()
+                    if delay > 0.05:  # after a failure: the node may be gone, ask again
+                        await self.client.nodes_manager.initialize()  # type: ignore[union-attr]
+                pubsub = self.client.pubsub()
                 await pubsub.subscribe(self.channel)
                 quiet = 0.0
                 while not self._closed:
@@ -167,7 +204,11 @@ class RedisStore:
                     self._channel_back()
             except asyncio.CancelledError:
                 raise
-            except REDIS_FAILURES as exc:
+            except Exception as exc:
+                # Not only Redis' errors: a cluster client still finding its nodes, or any
+                # other surprise, must not end the listening for good. Whatever was missed
+                # meanwhile is made up for: every listener is told the connection was lost
+                # (and resynchronises when the subscription is back).
                 if _cancelling():  # redis-py let a cancel through as a lost connection
                     raise asyncio.CancelledError from exc
                 self._lost()
@@ -175,8 +216,9 @@ class RedisStore:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
             finally:
-                with contextlib.suppress(*REDIS_FAILURES):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        await pubsub.aclose()
         self._lost()
 
     def _channel_down(self, exc: BaseException) -> None:
@@ -212,27 +254,56 @@ class RedisStore:
     # -- records ----------------------------------------------------------------------------
 
     async def add(self, key: ApiKey, digest: str) -> None:
-        """Write the record, then index it and — last — the digest that makes the key
+        """Write the record, then index it, then the digest that makes the key
         authenticate (they live in different cluster slots: no one transaction can hold
-        them all). Wherever a crash stops the writes, a key that authenticates is listed:
-        stopped before the digest, it leaves a record that nothing presents and no listing
-        shows (``get`` by id still finds it), never a working key missing from the index."""
+        them all). The record and the digest are written with a TTL (:data:`PENDING_MS`)
+        and made permanent — record first — only once both are there; the announcement
+        comes last. Wherever a crash or an error stops the writes, nothing that
+        authenticates is left unlisted: what was written expires on its own, or (stopped
+        between the two PERSISTs) a listed record remains whose digest expires — a key
+        nobody holds, since the caller never got its secret. An index entry whose record
+        expired is skipped by listings.
+
+        On a standalone Redis all of it after the first SET goes in one pipeline, executed
+        in order; on a cluster, whose pipelines write to the nodes concurrently, one
+        command after another."""
         record = key.model_dump_json()
         name = self.schema.record(key.id)
+        digest_name = self.schema.digest(digest)
         with redis_errors("adding a key"):
-            if not await self.client.set(name, record, nx=True):
+            if not await self.client.set(name, record, nx=True, px=PENDING_MS):
                 raise KeyConflict(f"a key with id {key.id} or the same digest already exists")
-            async with self.client.pipeline(transaction=False) as pipe:
-                pipe.zadd(self._index, {key.id: 0})
-                pipe.set(self.schema.digest(digest), key.id, nx=True)
-                await self._publish(pipe, key.id, digest)
-                _, created_digest, _ = await pipe.execute()
+            if self.cluster:
+                await self.client.zadd(self._index, {key.id: 0})
+                created_digest = await self.client.set(digest_name, key.id, nx=True, px=PENDING_MS)
+                created_digest = created_digest or await self._holds(digest_name, key.id)
+                if created_digest:
+                    await self.client.persist(name)
+                    await self.client.persist(digest_name)
+                    await self._announce(key.id, digest)
+            else:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    pipe.zadd(self._index, {key.id: 0})
+                    pipe.set(digest_name, key.id, nx=True, px=PENDING_MS)
+                    pipe.persist(name)
+                    pipe.persist(digest_name)  # another key's, if taken: it has no TTL
+                    self._publish(pipe, key.id, digest)
+                    _, created_digest, *_ = await pipe.execute()
+                created_digest = created_digest or await self._holds(digest_name, key.id)
             if not created_digest:
                 async with self.client.pipeline(transaction=False) as pipe:
                     pipe.zrem(self._index, key.id)
                     pipe.delete(name)
                     await pipe.execute()
                 raise KeyConflict(f"a key with id {key.id} or the same digest already exists")
+
+    async def _holds(self, name: str, value: str) -> bool:
+        """Whether ``name`` holds ``value`` already: a digest's SET NX that found it taken
+        may have been redis-py retrying our own write (its reply lost to a timeout), not a
+        conflict (another key's digest names another id; the same id could not have got
+        past the record's SET NX)."""
+        held = await self.client.get(name)
+        return held is not None and _text(held) == value
 
     async def get(self, key_id: str) -> ApiKey | None:
         with redis_errors("reading a key"):
@@ -254,10 +325,15 @@ class RedisStore:
             await self._compare_and_set(name, key.id, record, expected)
             return
         with redis_errors("updating a key"):
-            async with self.client.pipeline(transaction=False) as pipe:
-                pipe.set(name, record, xx=True)
-                await self._publish(pipe, key.id, None)
-                updated, _ = await pipe.execute()
+            if self.cluster:
+                updated = await self.client.set(name, record, xx=True)
+                if updated:
+                    await self._announce(key.id, None)
+            else:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    pipe.set(name, record, xx=True)
+                    self._publish(pipe, key.id, None)
+                    updated, _ = await pipe.execute()
         if not updated:
             raise KeyNotFound(f"no key with id {key.id}")
 
@@ -265,7 +341,8 @@ class RedisStore:
         self, name: str, key_id: str, record: str, expected: ApiKey
     ) -> None:
         """Optimistic locking (WATCH, compare, MULTI/EXEC): the write happens only if
-        nobody wrote the record since it was compared."""
+        nobody wrote the record since it was compared. The transaction holds the record's
+        one name; on a cluster the announcement follows the EXEC."""
         with redis_errors("updating a key"):
             async with self.client.pipeline(transaction=True) as pipe:
                 try:
@@ -277,10 +354,13 @@ class RedisStore:
                         raise KeyChanged(f"key {key_id} changed meanwhile")
                     pipe.multi()  # type: ignore[no-untyped-call]
                     pipe.set(name, record, xx=True)
-                    await self._publish(pipe, key_id, None)
+                    if not self.cluster:
+                        self._publish(pipe, key_id, None)
                     await pipe.execute()
                 except WatchError:
                     raise KeyChanged(f"key {key_id} changed meanwhile") from None
+            if self.cluster:
+                await self._announce(key_id, None)
 
     async def list_keys(self, *, after: str | None = None, limit: int = 100) -> list[ApiKey]:
         if limit <= 0:
@@ -290,7 +370,14 @@ class RedisStore:
             ids = await self.client.zrangebylex(self._index, start, b"+", start=0, num=limit)
             if not ids:
                 return []
-            raws = await self.client.mget([self.schema.record(_text(i)) for i in ids])
+            names = [self.schema.record(_text(i)) for i in ids]
+            if self.cluster:  # one GET per record, pipelined per node: no cross-slot MGET
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for record_name in names:
+                        pipe.get(record_name)
+                    raws = await pipe.execute()
+            else:
+                raws = await self.client.mget(names)
         return [ApiKey.model_validate_json(raw) for raw in raws if raw is not None]
 
     async def ping(self) -> None:
