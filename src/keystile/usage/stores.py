@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
+from redis.exceptions import NoScriptError
 
 from keystile.clock import Clock, system_clock
 from keystile.redis.errors import translated
@@ -243,14 +244,23 @@ class RedisUsageStore:
         return touched
 
     async def _send(self, keys: list[str], args: list[str], members: dict[str, Any]) -> Any:
-        """One chunk's script, and its keys in the usage index, in one round trip."""
-        async with self.client.pipeline(transaction=False) as pipe:
-            await self._script(keys=keys, args=args, client=pipe)
-            # GT: a flush of tokens only, or of an older use, never moves a key back.
-            pipe.zadd(self.names.usage_index, members, gt=True)
-            pipe.expire(self.names.usage_index, self.day_retention + DAY)
-            reply, _, _ = await pipe.execute()
-        return reply
+        """One chunk's script, and its keys in the usage index, in one round trip (the
+        script is loaded, and the chunk sent again, only when Redis does not know it)."""
+        for attempt in (1, 2):
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.evalsha(self._script.sha, len(keys), *keys, *args)
+                # GT: a flush of tokens only, or of an older use, never moves a key back.
+                pipe.zadd(self.names.usage_index, members, gt=True)
+                pipe.expire(self.names.usage_index, self.day_retention + DAY)
+                replies = await pipe.execute(raise_on_error=False)
+            if isinstance(replies[0], NoScriptError) and attempt == 1:
+                await self.client.script_load(_WRITE)  # nothing of the chunk was applied
+                continue
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+            break
+        return replies[0]
 
     @translated("reading usage")
     async def series(
