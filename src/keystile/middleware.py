@@ -172,11 +172,14 @@ class KeystileMiddleware:
         # The app, metered (HTTP): its response gets the headers, and its use is recorded
         # when it ends. A websocket's use is recorded as it is let through.
         meter = None
+        usage = self._usage
         if kind == "http":
-            if self._usage is not None or headers:
-                meter = _Meter(receive, send, headers)
+            if usage is not None or headers:
+                meter = _Meter()  # no __init__ to call: this runs on every request
+                meter._receive, meter._send, meter.headers = receive, send, headers
+                meter.bytes_in = meter.bytes_out = meter.status = 0
                 send = meter.send
-                if self._usage is not None:
+                if usage is not None:
                     receive = meter.receive
         else:
             self._record(scope, principal, 101, 0, 0, origin, now)
@@ -192,9 +195,18 @@ class KeystileMiddleware:
                 meter.status = 500
             raise
         finally:
-            if meter is not None:
-                self._record(
-                    scope, principal, meter.status, meter.bytes_in, meter.bytes_out, origin, now
+            if meter is not None and usage is not None:  # _record's work, without its call
+                client = scope.get("client")
+                ip = self._ip(scope) if self._proxied else client[0] if client else None
+                usage.record(
+                    principal.key_id,
+                    meter.status,
+                    meter.bytes_in,
+                    meter.bytes_out,
+                    ip,
+                    None if origin is None else origin.decode("latin-1"),
+                    principal.ip_mode,
+                    now,
                 )
 
     def _lifespan(self, receive: Receive) -> Receive:
@@ -385,8 +397,8 @@ class KeystileMiddleware:
         now: float | None,
         rate_limited: bool = False,
     ) -> None:
-        """Count one request of ``principal``'s in its usage: answered by the app, let
-        through as a websocket, or refused. The one place the middleware records use."""
+        """Count one request of ``principal``'s in its usage: let through as a websocket,
+        or refused (an app's answer is counted in ``__call__``, which inlines this)."""
         usage = self._usage
         if usage is None:
             return
@@ -466,11 +478,12 @@ class _Meter:
 
     __slots__ = ("_receive", "_send", "bytes_in", "bytes_out", "headers", "status")
 
-    def __init__(self, receive: Receive, send: Send, headers: Headers) -> None:
-        self._receive = receive
-        self._send = send
-        self.headers = headers
-        self.bytes_in = self.bytes_out = self.status = 0
+    _receive: Receive
+    _send: Send
+    headers: Headers
+    bytes_in: int
+    bytes_out: int
+    status: int
 
     async def receive(self) -> Message:
         message = await self._receive()

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
-from redis.exceptions import NoScriptError
 
 from keystile.clock import Clock, system_clock
 from keystile.redis.errors import translated
@@ -210,7 +209,9 @@ class RedisUsageStore:
 
     @translated("writing usage")
     async def write(self, batch: UsageBatch) -> dict[tuple[str, int], list[int]]:
-        entries = _entries(batch)
+        entries = await _entries(batch)
+        index, index_ttl = self.names.usage_index, self.day_retention + DAY
+        cluster = self._slot is not None
         head = json.dumps(
             [
                 batch.process,
@@ -221,46 +222,28 @@ class RedisUsageStore:
                 self.day_retention + DAY,
                 self.day_retention + DAY,
                 tracked(self.top_n),
+                0 if cluster else index_ttl,  # the index is the last of KEYS (not on a cluster)
             ]
         )
         touched: dict[tuple[str, int], list[int]] = {}
-        index: dict[str, float] = {}
+        scores: dict[str, Any] = {}
         for chunk in _chunks(entries, self._slot):
             keys = [self.names.usage(key_id, "total") for key_id in chunk]
             payload = json.dumps([entries[key_id] for key_id in chunk], separators=(",", ":"))
-            members = {key_id: entries[key_id][1] or entries[key_id][4] or 0 for key_id in chunk}
-            if self._slot is None:
-                reply = await self._send(keys, [head, payload], members)
-            else:  # a cluster: the chunk is of one slot; the index, of its own, comes last
+            if cluster:  # one slot per call: the index, in a slot of its own, comes last
                 reply = await self._script(keys=keys, args=[head, payload])
-                index.update(members)
+                scores.update((k, entries[k][1] or entries[k][4] or 0) for k in chunk)
+            else:
+                reply = await self._script(keys=[*keys, index], args=[head, payload])
             _read_totals(chunk, entries, reply, touched)
             await asyncio.sleep(0)  # a large flush lets requests run between its chunks
-        for start in range(0, len(index), CHUNK_ROWS):
-            part = dict(itertools.islice(index.items(), start, start + CHUNK_ROWS))
-            await self.client.zadd(self.names.usage_index, part, gt=True)
-        if index:
-            await self.client.expire(self.names.usage_index, self.day_retention + DAY)
+        for start in range(0, len(scores), CHUNK_ROWS):
+            part = dict(itertools.islice(scores.items(), start, start + CHUNK_ROWS))
+            # GT: a flush of tokens only, or of an older use, never moves a key back.
+            await self.client.zadd(index, part, gt=True)
+        if scores:
+            await self.client.expire(index, index_ttl)
         return touched
-
-    async def _send(self, keys: list[str], args: list[str], members: dict[str, Any]) -> Any:
-        """One chunk's script, and its keys in the usage index, in one round trip (the
-        script is loaded, and the chunk sent again, only when Redis does not know it)."""
-        for attempt in (1, 2):
-            async with self.client.pipeline(transaction=False) as pipe:
-                pipe.evalsha(self._script.sha, len(keys), *keys, *args)
-                # GT: a flush of tokens only, or of an older use, never moves a key back.
-                pipe.zadd(self.names.usage_index, members, gt=True)
-                pipe.expire(self.names.usage_index, self.day_retention + DAY)
-                replies = await pipe.execute(raise_on_error=False)
-            if isinstance(replies[0], NoScriptError) and attempt == 1:
-                await self.client.script_load(_WRITE)  # nothing of the chunk was applied
-                continue
-            for reply in replies:
-                if isinstance(reply, Exception):
-                    raise reply
-            break
-        return replies[0]
 
     @translated("reading usage")
     async def series(
@@ -325,27 +308,35 @@ class RedisUsageStore:
         return [_text(k) for k in raw]
 
 
-def _entries(batch: UsageBatch) -> dict[str, list[Any]]:
+async def _entries(batch: UsageBatch) -> dict[str, list[Any]]:
     """Each key's share of ``batch``, as the write script takes it: [buckets (minute, then
     the counters, per minute), last used at, ip, origin, last inactive attempt at, ips,
-    origins (member, count, ...)]; the latest use wins."""
+    origins (member, count, ...), key id]; the latest use wins. Yields to the event loop
+    every ``CHUNK_ROWS`` rows."""
     entries: dict[str, list[Any]] = {}
+    done = 0
     for minute in sorted(batch.minutes):
         for key_id, row in batch.minutes[minute].items():
             entry = entries.get(key_id)
             if entry is None:
-                entry = entries[key_id] = [[], "", "", "", "", [], []]
+                entry = entries[key_id] = [[], "", "", "", "", [], [], key_id]
             entry[0] += [minute, *row[:NFIELDS]]
             at, inactive = row[AT], row[INACTIVE_AT]
             if at is not None:
                 entry[1:4] = [repr(at), row[IP] or "", row[ORIGIN] or ""]
             if inactive is not None:
                 entry[4] = repr(inactive)
+            done += 1
+            if done % CHUNK_ROWS == 0:
+                await asyncio.sleep(0)
     for position, tables in ((5, batch.ips), (6, batch.origins)):
         for key_id, counter in tables.items():
             entry = entries.get(key_id)
             if entry is not None:
                 entry[position] = [item for pair in counter.items() for item in pair]
+            done += 1
+            if done % CHUNK_ROWS == 0:
+                await asyncio.sleep(0)
     return entries
 
 

@@ -5,12 +5,14 @@
 -- there and adds nothing. A process's sequences only grow, so the hash holds one field per
 -- process (capped: past the cap the field written longest ago goes), not one per flush.
 -- KEYS: each key's totals hash, <ns>:usage:{<key id>}:total; the key's other names share its
--- prefix (and so its hash tag and slot): applied, h:<hour>, d:<day>, ips, origins.
+-- prefix (and so its hash tag and slot): applied, h:<hour>, d:<day>, ips, origins. Then,
+-- when the index ttl is not 0 (not on a cluster, where the index has a slot of its own),
+-- the usage index: each key goes in it with its last use (ZADD GT).
 -- ARGV[1], JSON: [process, sequence (text), applied ttl, applied cap, hour ttl, day ttl,
--- total ttl, top n].
+-- total ttl, top n, index ttl].
 -- ARGV[2], JSON, one entry per key of KEYS: [buckets, at, ip, origin, inactive at, ips,
--- origins]; buckets flat: minute then the 9 counters, per minute; at and inactive at as
--- text ('' = none); ips and origins flat: member, count, ...
+-- origins, key id]; buckets flat: minute then the 9 counters, per minute; at and inactive
+-- at as text ('' = none); ips and origins flat: member, count, ...
 -- The minute counts of an hour live in its hash as one field per minute of the hour (0-59),
 -- the counters comma-separated, trailing zeros left out (a small hash stays compact).
 -- Returns the totals of every bucket after the write, in order: each bucket's counters
@@ -20,6 +22,13 @@ local entries = cjson.decode(ARGV[2])
 local process, seq = head[1], tonumber(head[2])
 local applied_ttl, cap = head[3], head[4]
 local hour_ttl, day_ttl, total_ttl, keep = head[5], head[6], head[7], head[8]
+local index_ttl = head[9]
+local nkeys = #KEYS
+local index = nil
+if index_ttl > 0 then
+  index = KEYS[nkeys]
+  nkeys = nkeys - 1
+end
 local fields = {'requests', 'bytes_in', 'bytes_out', 'errors_4xx', 'errors_5xx',
                 'rate_limited', 'quota_exceeded', 'tokens', 'inactive_attempts'}
 local nfields = #fields
@@ -73,7 +82,7 @@ local function first_time(prefix)
   return true
 end
 
-for k = 1, #KEYS do
+for k = 1, nkeys do
   local total = KEYS[k]
   local prefix = string.sub(total, 1, -6) -- less 'total'
   local entry = entries[k]
@@ -127,5 +136,10 @@ for k = 1, #KEYS do
       end
     end
   end
+  if index then
+    local score = tonumber(entry[2]) or tonumber(entry[5]) or 0
+    redis.call('ZADD', index, 'GT', score, entry[8])
+  end
 end
+if index then redis.call('EXPIRE', index, index_ttl) end
 return table.concat(out, ';')
