@@ -5,6 +5,8 @@ active key after an hour of flushes; on a Redis Cluster every call stays in one 
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import os
 import time
 from collections import Counter
@@ -84,6 +86,51 @@ async def test_a_flush_of_many_keys_is_one_script_call_per_chunk(
     assert [(await store.totals(k))[REQUESTS] for k in keys[:12]] == [2] * 10 + [1] * 2
     assert (await store.totals(keys[-1]))[REQUESTS] == 1
     assert len(await store.keys(limit=2000)) == 1001  # and key_warm
+
+
+@pytest.mark.timing
+async def test_a_large_flush_lets_other_tasks_run_between_its_chunks(
+    own_client: Any, clock: ManualClock
+) -> None:
+    """While a flush of 10,000 keys is written, other tasks of the event loop (requests)
+    keep running: the most CPU time the flush's own work spends without yielding is a
+    chunk's, a few ms (the target is 5 ms; asserted at 25 ms for a loaded machine — the
+    same flush written in one go held it ~500 ms here). The interpreter's cyclic garbage
+    collection is left out: a pass lands wherever allocation triggers it, a request's
+    code as well, and lasts as long as the process's heap makes it."""
+    recorder = UsageRecorder(RedisUsageStore(own_client, namespace="ks"), clock=clock)
+    record_each(recorder, ["key_warm"])
+    assert await recorder.flush()
+    record_each(recorder, key_ids(10_000))
+    gaps: list[float] = []
+    flushing = True
+    collecting = [0.0, 0.0]  # CPU time in garbage collection so far, and when one began
+
+    def collection(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            collecting[1] = time.thread_time()
+        else:
+            collecting[0] += time.thread_time() - collecting[1]
+
+    async def ticker() -> None:
+        last = time.thread_time() - collecting[0]  # CPU time: descheduling is not ours
+        while flushing:
+            await asyncio.sleep(0)
+            now = time.thread_time() - collecting[0]
+            gaps.append(now - last)
+            last = now
+
+    gc.callbacks.append(collection)
+    try:
+        task = asyncio.get_running_loop().create_task(ticker())
+        await asyncio.sleep(0)
+        assert await recorder.flush()
+        flushing = False
+        await task
+    finally:
+        gc.callbacks.remove(collection)
+    longest = sorted(gaps)[-3:]
+    assert longest[-1] < 0.025, f"the flush held the event loop {longest} s"
 
 
 async def test_a_retried_chunked_flush_counts_every_key_once(

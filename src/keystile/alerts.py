@@ -29,7 +29,7 @@ import math
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -79,6 +79,7 @@ class AlertRules(BaseModel):
 
 
 _LOOKUPS_PER_FLUSH = 20  # store reads a flush may make for keys not in the cache
+_YIELD_EVERY = 500  # rows a flush's checks go through between yields to the event loop
 _MAX_KNOWN = 10_000  # addresses remembered per key; past that, no new-IP alerts
 _KNOWN_TTL = 90 * 86_400  # a key's addresses are forgotten 90 days after its last use
 
@@ -254,7 +255,9 @@ class Alerter:
     async def on_flush(self, batch: UsageBatch, touched: dict[tuple[str, int], list[int]]) -> None:
         rules = self.rules
         now = self.clock()
-        for (key_id, minute), counts in touched.items():
+        for n, ((key_id, minute), counts) in enumerate(touched.items(), 1):
+            if n % _YIELD_EVERY == 0:  # a flush of many keys lets requests run meanwhile
+                await asyncio.sleep(0)
             requests = counts[REQUESTS]
             if rules.requests_per_minute is not None and requests > rules.requests_per_minute:
                 await self._fire(
@@ -275,7 +278,9 @@ class Alerter:
                     f"{errors} of {requests} requests failed in one minute",
                     {"minute": to_datetime(minute * 60).isoformat(), "errors": errors},
                 )
-        for (key_id, _), counts in batch.buckets.items():
+        for n, (key_id, counts) in enumerate(_rows(batch), 1):
+            if n % _YIELD_EVERY == 0:
+                await asyncio.sleep(0)
             if rules.inactive_key_in_use and counts[INACTIVE]:
                 await self._fire(
                     "inactive_key_in_use",
@@ -301,7 +306,9 @@ class Alerter:
                     )
         if rules.rotation_due:
             self._lookups_left = _LOOKUPS_PER_FLUSH
-            for key_id in batch.last:
+            for n, key_id in enumerate({key_id: None for key_id, _ in _rows(batch)}, 1):
+                if n % _YIELD_EVERY == 0:
+                    await asyncio.sleep(0)
                 await self._check_rotation(key_id, now)
         pending, self._quota = self._quota, []
         for key_id, before, after, quota in pending:
@@ -430,6 +437,12 @@ class Alerter:
         """Wait for webhook deliveries in flight (each bounded by timeout and retries)."""
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _rows(batch: UsageBatch) -> Iterator[tuple[str, list[Any]]]:
+    """(key id, counts) of every key-minute of ``batch``."""
+    for table in batch.minutes.values():
+        yield from table.items()
 
 
 def _post_json(url: str, body: bytes, timeout: float) -> int:
