@@ -188,13 +188,15 @@ class RedisAlertState:
         if not seen:
             return {}
         plan = [(key_id, sorted(ips)) for key_id, ips in seen.items()]
-        async with self.client.pipeline(
-            transaction=False
-        ) as pipe:  # one pipeline (and SCRIPT EXISTS)
-            for key_id, ips in plan:
-                name = self.names.seen_addresses(key_id)
-                await self._note(keys=[name], args=[self.max_known, _KNOWN_TTL, *ips], client=pipe)
-            replies = await pipe.execute()
+        replies: list[Any] = []
+        for start in range(0, len(plan), _YIELD_EVERY):
+            # A pipeline (and SCRIPT EXISTS) per 500 keys: the event loop runs between them.
+            async with self.client.pipeline(transaction=False) as pipe:
+                for key_id, ips in plan[start : start + _YIELD_EVERY]:
+                    name = self.names.seen_addresses(key_id)
+                    args: list[str | int] = [self.max_known, _KNOWN_TTL, *ips]
+                    await self._note(keys=[name], args=args, client=pipe)
+                replies += await pipe.execute()
         out: dict[str, list[str]] = {}
         for (key_id, _), reply in zip(plan, replies, strict=True):
             before, added = int(reply[0]), reply[1:]
