@@ -26,7 +26,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime
 from typing import Any, Protocol, cast
 
@@ -78,6 +78,7 @@ class AlertRules(BaseModel):
 
 
 _LOOKUPS_PER_FLUSH = 20  # store reads a flush may make for keys not in the cache
+_YIELD_EVERY = 500  # rows a flush's checks go through between yields to the event loop
 _MAX_KNOWN = 10_000  # addresses remembered per key; past that, no new-IP alerts
 _KNOWN_TTL = 90 * 86_400  # a key's addresses are forgotten 90 days after its last use
 
@@ -187,17 +188,18 @@ class RedisAlertState:
         if not seen:
             return {}
         plan = [(key_id, sorted(ips)) for key_id, ips in seen.items()]
-        async with self.client.pipeline(
-            transaction=False
-        ) as pipe:  # one pipeline (and SCRIPT EXISTS)
-            for key_id, ips in plan:
-                name = self.names.seen_addresses(key_id)
-                args: list[Any] = [self.max_known, _KNOWN_TTL, *ips]
-                if self._cluster:  # a cluster pipeline refuses EVALSHA: EVAL, on one slot
-                    pipe.eval(_NOTE_ADDRESSES, 1, name, *args)
-                else:
-                    await self._note(keys=[name], args=args, client=cast(Any, pipe))
-            replies = await pipe.execute()
+        replies: list[Any] = []
+        for start in range(0, len(plan), _YIELD_EVERY):
+            # A pipeline (and SCRIPT EXISTS) per 500 keys: the event loop runs between them.
+            async with self.client.pipeline(transaction=False) as pipe:
+                for key_id, ips in plan[start : start + _YIELD_EVERY]:
+                    name = self.names.seen_addresses(key_id)
+                    args: list[Any] = [self.max_known, _KNOWN_TTL, *ips]
+                    if self._cluster:  # a cluster pipeline refuses EVALSHA: EVAL, on one slot
+                        pipe.eval(_NOTE_ADDRESSES, 1, name, *args)
+                    else:
+                        await self._note(keys=[name], args=args, client=cast(Any, pipe))
+                replies += await pipe.execute()
         out: dict[str, list[str]] = {}
         for (key_id, _), reply in zip(plan, replies, strict=True):
             before, added = int(reply[0]), reply[1:]
@@ -263,7 +265,9 @@ class Alerter:
     async def on_flush(self, batch: UsageBatch, touched: dict[tuple[str, int], list[int]]) -> None:
         rules = self.rules
         now = self.clock()
-        for (key_id, minute), counts in touched.items():
+        for n, ((key_id, minute), counts) in enumerate(touched.items(), 1):
+            if n % _YIELD_EVERY == 0:  # a flush of many keys lets requests run meanwhile
+                await asyncio.sleep(0)
             requests = counts[REQUESTS]
             if rules.requests_per_minute is not None and requests > rules.requests_per_minute:
                 await self._fire(
@@ -284,7 +288,9 @@ class Alerter:
                     f"{errors} of {requests} requests failed in one minute",
                     {"minute": to_datetime(minute * 60).isoformat(), "errors": errors},
                 )
-        for (key_id, _), counts in batch.buckets.items():
+        for n, (key_id, counts) in enumerate(_rows(batch), 1):
+            if n % _YIELD_EVERY == 0:
+                await asyncio.sleep(0)
             if rules.inactive_key_in_use and counts[INACTIVE]:
                 await self._fire(
                     "inactive_key_in_use",
@@ -314,7 +320,9 @@ class Alerter:
                     )
         if rules.rotation_due:
             self._lookups_left = _LOOKUPS_PER_FLUSH
-            for key_id in batch.last:
+            for n, key_id in enumerate({key_id: None for key_id, _ in _rows(batch)}, 1):
+                if n % _YIELD_EVERY == 0:
+                    await asyncio.sleep(0)
                 await self._check_rotation(key_id, now)
         pending, self._quota = self._quota, []
         for key_id, before, after, quota in pending:
@@ -426,3 +434,9 @@ class Alerter:
         """Wait for webhook deliveries in flight (each bounded by timeout and retries)."""
         if self.webhook is not None:
             await self.webhook.drain()
+
+
+def _rows(batch: UsageBatch) -> Iterator[tuple[str, list[Any]]]:
+    """(key id, counts) of every key-minute of ``batch``."""
+    for table in batch.minutes.values():
+        yield from table.items()

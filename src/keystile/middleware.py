@@ -197,11 +197,14 @@ class KeystileMiddleware:
         # The app, metered (HTTP): its response gets the headers, and its use is recorded
         # when it ends. A websocket's use is recorded as it is let through.
         meter = None
+        usage = self._usage
         if kind == "http":
-            if self._usage is not None or headers:
-                meter = Meter(receive, send, headers)
+            if usage is not None or headers:
+                meter = Meter.__new__(Meter)  # no __init__ to call: this runs on every request
+                meter._receive, meter._send, meter.headers = receive, send, headers
+                meter.bytes_in = meter.bytes_out = meter.status = 0
                 send = meter.send
-                if self._usage is not None:
+                if usage is not None:
                     receive = meter.receive
         else:
             self._record(scope, principal, 101, 0, 0, origin, now)
@@ -217,9 +220,18 @@ class KeystileMiddleware:
                 meter.status = 500
             raise
         finally:
-            if meter is not None:
-                self._record(
-                    scope, principal, meter.status, meter.bytes_in, meter.bytes_out, origin, now
+            if meter is not None and usage is not None:  # _record's work, without its call
+                client = scope.get("client")
+                ip = self._ip(scope) if self._proxied else client[0] if client else None
+                usage.record(
+                    principal.key_id,
+                    meter.status,
+                    meter.bytes_in,
+                    meter.bytes_out,
+                    ip,
+                    None if origin is None else origin.decode("latin-1"),
+                    principal.ip_mode,
+                    now,
                 )
 
     def _admitted(self, scope: Scope, principal: Principal, started: int) -> None:
@@ -433,28 +445,15 @@ class KeystileMiddleware:
         now: float | None,
         rate_limited: bool = False,
     ) -> None:
-        """Count one request of ``principal``'s in its usage: answered by the app, let
-        through as a websocket, or refused. The one place the middleware records use."""
-        usage = self._usage
-        if usage is None:
-            return
-        if self._proxied:
-            ip = self._ip(scope)
-        else:
-            client = scope.get("client")
-            ip = client[0] if client else None
-        used_from = None if origin is None else origin.decode("latin-1")
-        usage.record(
-            principal.key_id,
-            status,
-            bytes_in,
-            bytes_out,
-            ip,
-            used_from,
-            principal.ip_mode,
-            now,
-            rate_limited,
-        )
+        """Count one request of ``principal``'s in its usage: let through as a websocket,
+        or refused (an app's answer is counted in ``__call__``, which inlines this)."""
+        if self._usage is not None:
+            used_from = None if origin is None else origin.decode("latin-1")
+            ip, mode = self._ip(scope), principal.ip_mode
+            key_id = principal.key_id
+            self._usage.record(
+                key_id, status, bytes_in, bytes_out, ip, used_from, mode, now, rate_limited
+            )
 
     def _ip(self, scope: Scope) -> str | None:
         if self._proxied:

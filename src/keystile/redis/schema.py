@@ -80,7 +80,7 @@ NAMES: tuple[Name, ...] = (
         "hash",
         "key id",
         "minute retention + 1 hour",
-        "per-minute counts of one hour",
+        "per-minute counts of one hour: a field per minute (0-59), the counters comma-separated",
     ),
     Name(
         "<ns>:usage:{<key id>}:d:<day>",
@@ -104,11 +104,12 @@ NAMES: tuple[Name, ...] = (
         "the busiest origins (top N)",
     ),
     Name(
-        "<ns>:usage:{<key id>}:flush:<batch id>",
-        "string",
+        "<ns>:usage:{<key id>}:applied",
+        "hash",
         "key id",
         "1 hour",
-        "marks a usage batch written, so a retried flush counts once",
+        "per writing process, the latest flush sequence applied (a retried flush counts "
+        "once); at most 1,024 processes",
     ),
     Name(
         "<ns>:usage:{<key id>}:seen_ips",
@@ -184,7 +185,7 @@ class RedisSchema:
 
     def usage(self, key_id: str, part: str) -> str:
         """A usage name of the key: ``total``, ``h:<hour>``, ``d:<day>``, ``ips``,
-        ``origins``, ``flush:<batch id>``."""
+        ``origins``, ``applied``."""
         return f"{self.namespace}:usage:{{{key_id}}}:{part}"
 
     def seen_addresses(self, key_id: str) -> str:

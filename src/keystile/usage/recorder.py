@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import secrets
 import time
 from collections import Counter
@@ -63,10 +64,13 @@ logger = logging.getLogger("keystile.usage")
 class UsageBatch:
     """Counts gathered since the last flush: per minute, per key, one row each."""
 
-    __slots__ = ("id", "ips", "minutes", "origins", "rows")
+    __slots__ = ("ips", "minutes", "origins", "process", "rows", "seq")
 
     def __init__(self) -> None:
-        self.id = secrets.token_hex(8)  # what makes a retried write idempotent
+        # What makes a retried write idempotent: the writing process and a sequence number
+        # that only grows within it (the recorder stamps a batch when it takes it to flush).
+        self.process = secrets.token_hex(8)
+        self.seq = 0
         self.minutes: dict[int, dict[str, list[Any]]] = {}
         self.rows = 0  # key-minutes held (the buffer's bound counts these)
         self.ips: dict[str, Counter[str]] = {}
@@ -74,6 +78,11 @@ class UsageBatch:
 
     def __bool__(self) -> bool:
         return self.rows > 0
+
+    @property
+    def id(self) -> str:
+        """The batch's identity: its process and sequence number."""
+        return f"{self.process}:{self.seq}"
 
     @property
     def buckets(self) -> dict[tuple[str, int], list[int]]:
@@ -201,6 +210,8 @@ class UsageRecorder:
         self._closed = False
         self._flush_lock = asyncio.Lock()
         self._last_warning = -math.inf
+        self._process = (os.getpid(), secrets.token_hex(8))  # made anew in a forked child
+        self._seq = 0
 
     # -- recording (no I/O) ----------------------------------------------------------------
 
@@ -331,9 +342,10 @@ class UsageRecorder:
     async def flush(self) -> bool:
         """Write what is buffered now; whether everything was written (or nothing was due).
 
-        A batch whose write fails is kept whole, with its id, and retried first next time
-        (the stores apply a batch id at most once, so a write whose reply was lost is not
-        counted twice); while it fails, new counts keep gathering in the bounded buffer.
+        A batch whose write fails is kept whole, with its process and sequence number, and
+        retried first next time (a store applies each key's share of a process's sequence
+        number at most once, so a write whose reply was lost is not counted twice); while it
+        fails, new counts keep gathering in the bounded buffer.
         """
         written: list[tuple[UsageBatch, dict[tuple[str, int], list[int]]]] = []
         ok = True
@@ -347,6 +359,7 @@ class UsageRecorder:
                 self._minute = -1
                 self._span = (0.0, 0.0)
                 if batch:
+                    self._stamp(batch)
                     ok = await self._write(batch, written)
                     if not ok:
                         self._retry.append(batch)
@@ -361,6 +374,17 @@ class UsageRecorder:
                         "usage flush callback failed", extra=fields("usage.callback_failed")
                     )
         return ok
+
+    def _stamp(self, batch: UsageBatch) -> None:
+        """Give ``batch`` this process's next sequence number: above every earlier one
+        (a retried batch keeps its own, and goes first), and near the clock in ms, so
+        stores can tell which process wrote longest ago."""
+        pid, token = self._process
+        if pid != os.getpid():  # a forked child must not reuse its parent's sequence
+            self._process = (pid, token) = (os.getpid(), secrets.token_hex(8))
+            self._seq = 0
+        self._seq = max(self._seq + 1, int(self._clock() * 1000))
+        batch.process, batch.seq = token, self._seq
 
     async def _write(
         self,

@@ -9,20 +9,31 @@ reports name the busiest ``top_n``; the stores track the busiest ``10 * top_n`` 
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+import json
 import math
 from collections import Counter, OrderedDict
-from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
 
 from keystile.clock import Clock, system_clock
-from keystile.redis.connect import RedisClient, is_cluster
+from keystile.redis.connect import RedisClient
 from keystile.redis.errors import translated
 from keystile.redis.schema import RedisSchema
 from keystile.redis.scripts import lua
 from keystile.usage.models import (
+    AT,
     DAY,
     FIELDS,
+    INACTIVE_AT,
+    IP,
     MINUTE,
     NFIELDS,
+    ORIGIN,
     Granularity,
     LastUse,
     tracked,
@@ -33,9 +44,16 @@ if TYPE_CHECKING:
 
 __all__ = ["MemoryUsageStore", "RedisUsageStore", "UsageStore"]
 
-# One key's share of a flush, applied at most once per batch id (what it takes and
-# returns: the script's file).
+# A chunk of keys' share of a flush, each key's applied at most once per (process,
+# sequence) (what it takes and returns: the script's file).
 _WRITE = lua("usage_write")
+# Buckets (key-minutes) per script call: one call's work in the app and in Redis stays a
+# millisecond or two, whatever the keys in the flush.
+CHUNK_ROWS = 200
+# How long a key remembers the latest sequence each process applied to it (a retried
+# flush comes sooner), and how many processes it remembers.
+APPLIED_TTL = 3600
+APPLIED_CAP = 1024
 
 
 class UsageStore(Protocol):
@@ -83,13 +101,15 @@ class MemoryUsageStore:
         self._totals: dict[str, list[int]] = {}
         self._last: dict[str, list[Any]] = {}
         self._top: dict[tuple[str, str], Counter[str]] = {}
-        self._applied: OrderedDict[str, None] = OrderedDict()  # recent batch ids
+        # The latest sequence each process applied, the most recent writer last.
+        self._applied: OrderedDict[str, int] = OrderedDict()
 
     async def write(self, batch: UsageBatch) -> dict[tuple[str, int], list[int]]:
-        if batch.id in self._applied:
+        if self._applied.get(batch.process, -1) >= batch.seq:
             return {}
-        self._applied[batch.id] = None
-        while len(self._applied) > 1000:
+        self._applied[batch.process] = batch.seq
+        self._applied.move_to_end(batch.process)
+        while len(self._applied) > APPLIED_CAP:
             self._applied.popitem(last=False)
         now = self._clock()
         touched: dict[tuple[str, int], list[int]] = {}
@@ -154,8 +174,11 @@ class MemoryUsageStore:
 
 class RedisUsageStore:
     """Usage in Redis: per key, all-time totals and last use, per-minute counts in one hash
-    per hour, per-day counts, the busiest IPs and origins, and a marker per flushed batch
-    (so a retried flush counts once); and an index of the keys by their last flush. Every
+    per hour, per-day counts, the busiest IPs and origins, and per writing process the
+    latest flush sequence applied (so a retried flush counts once: one field per process,
+    not one name per flush); and an index of the keys by their last flush. A flush is one
+    script call per chunk of ~``CHUNK_ROWS`` key-minutes (on a Redis Cluster, per chunk of
+    keys of one hash slot), with a yield to the event loop between chunks. Every
     name comes from :class:`~keystile.redis.schema.RedisSchema` (``usage(key_id, part)``,
     ``usage_index``), which lists each one's type, hash tag and TTL
     (``python -m keystile.redis`` prints them). The addresses a production key has used
@@ -178,61 +201,48 @@ class RedisUsageStore:
         self.day_retention = day_retention
         self.top_n = top_n
         self._script = client.register_script(_WRITE)
-        self._cluster = is_cluster(client)
+        # On a Redis Cluster one script call may touch one hash slot only: a flush's chunks
+        # are then of keys of one slot (every name of a key shares its slot).
+        self._slot: Callable[[str], int] | None = None
+        if isinstance(client, RedisCluster):
+            self._slot = lambda key_id: int(key_slot(self.names.usage(key_id, "").encode()))
 
     @translated("writing usage")
     async def write(self, batch: UsageBatch) -> dict[tuple[str, int], list[int]]:
-        buckets = batch.buckets
-        last = batch.last
-        per_key: dict[str, list[int]] = {}
-        for key_id, minute in buckets:
-            per_key.setdefault(key_id, []).append(minute)
-        for key_id in last:
-            per_key.setdefault(key_id, [])
-        index = self.names.usage_index
-        async with self.client.pipeline(transaction=False) as pipe:
-            for key_id, minutes in per_key.items():
-                keys = [
-                    self.names.usage(key_id, f"flush:{batch.id}"),
-                    self.names.usage(key_id, "total"),
-                    self.names.usage(key_id, "ips"),
-                    self.names.usage(key_id, "origins"),
-                ]
-                args: list[Any] = [
-                    3_600_000,  # a batch id is remembered an hour: retries come sooner
-                    self.minute_retention + 3600,
-                    self.day_retention + DAY,
-                    self.day_retention + DAY,
-                    tracked(self.top_n),
-                    len(minutes),
-                ]
-                for minute in minutes:
-                    keys += [
-                        self.names.usage(key_id, f"h:{minute // 60}"),
-                        self.names.usage(key_id, f"d:{minute * MINUTE // DAY}"),
-                    ]
-                    args += [minute, *buckets[(key_id, minute)]]
-                at, ip, origin, inactive = last.get(key_id, (None, None, None, None))
-                args += ["" if at is None else at, ip or "", origin or ""]
-                args += ["" if inactive is None else inactive]
-                empty: Counter[str] = Counter()
-                for table in (batch.ips.get(key_id, empty), batch.origins.get(key_id, empty)):
-                    args.append(len(table))
-                    for member, count in table.items():
-                        args += [member, count]
-                if self._cluster:  # see _one_slot_each
-                    _one_slot_each(pipe, _WRITE, keys, args)
-                else:
-                    await self._script(keys=keys, args=args, client=cast(Any, pipe))
-                # GT: a flush of tokens only, or of an older use, never moves a key back.
-                pipe.zadd(index, {key_id: at or inactive or 0}, gt=True)
-            pipe.expire(index, self.day_retention + DAY)
-            replies = await pipe.execute()
+        entries = await _entries(batch)
+        index, index_ttl = self.names.usage_index, self.day_retention + DAY
+        cluster = self._slot is not None
+        head = json.dumps(
+            [
+                batch.process,
+                str(batch.seq),
+                APPLIED_TTL,
+                APPLIED_CAP,
+                self.minute_retention + 3600,
+                self.day_retention + DAY,
+                self.day_retention + DAY,
+                tracked(self.top_n),
+                0 if cluster else index_ttl,  # the index is the last of KEYS (not on a cluster)
+            ]
+        )
         touched: dict[tuple[str, int], list[int]] = {}
-        for (key_id, minutes), reply in zip(per_key.items(), replies[0::2], strict=False):
-            for i, minute in enumerate(minutes):
-                counts = reply[i * NFIELDS : (i + 1) * NFIELDS]
-                touched[(key_id, minute)] = [int(v) for v in counts]
+        scores: dict[str, Any] = {}
+        for chunk in _chunks(entries, self._slot):
+            keys = [self.names.usage(key_id, "total") for key_id in chunk]
+            payload = json.dumps([entries[key_id] for key_id in chunk], separators=(",", ":"))
+            if cluster:  # one slot per call: the index, in a slot of its own, comes last
+                reply = await self._script(keys=keys, args=[head, payload])
+                scores.update((k, entries[k][1] or entries[k][4] or 0) for k in chunk)
+            else:
+                reply = await self._script(keys=[*keys, index], args=[head, payload])
+            _read_totals(chunk, entries, reply, touched)
+            await asyncio.sleep(0)  # a large flush lets requests run between its chunks
+        for start in range(0, len(scores), CHUNK_ROWS):
+            part = dict(itertools.islice(scores.items(), start, start + CHUNK_ROWS))
+            # GT: a flush of tokens only, or of an older use, never moves a key back.
+            await self.client.zadd(index, part, gt=True)
+        if scores:
+            await self.client.expire(index, index_ttl)
         return touched
 
     @translated("reading usage")
@@ -247,11 +257,16 @@ class RedisUsageStore:
             async with self.client.pipeline(transaction=False) as pipe:
                 for hour in hours:
                     pipe.hgetall(self.names.usage(key_id, f"h:{hour}"))
-                for raw in await pipe.execute():
+                for hour, raw in zip(hours, await pipe.execute(), strict=True):
                     for field, value in raw.items():
-                        minute_text, _, name = _text(field).partition(":")
-                        row = rows.setdefault(int(minute_text), [0] * NFIELDS)
-                        row[FIELDS.index(name)] += int(value)
+                        minute_text, old, name = _text(field).partition(":")
+                        if old:  # written before the counts were packed: one per field
+                            row = rows.setdefault(int(minute_text), [0] * NFIELDS)
+                            row[FIELDS.index(name)] += int(value)
+                            continue
+                        row = rows.setdefault(hour * 60 + int(minute_text), [0] * NFIELDS)
+                        for i, count in enumerate(_unpack(_text(value))):
+                            row[i] += count
             return [(m * MINUTE, rows[m]) for m in sorted(rows) if start <= m * MINUTE < end]
         first_day, last_day = int(start // DAY), math.ceil(end / DAY)
         days = range(max(first_day, last_day - 399), last_day + 1)  # the latest 400 at most
@@ -293,13 +308,84 @@ class RedisUsageStore:
         return [_text(k) for k in raw]
 
 
-def _one_slot_each(pipe: Any, script: str, keys: list[str], args: list[Any]) -> None:
-    """Queue one script call on a Redis Cluster pipeline. Its names all carry one key's
-    hash tag, so the call touches one slot and the pipeline sends it to that slot's node
-    (the calls of one node together, the nodes concurrently). A cluster pipeline refuses
-    EVALSHA, so it is EVAL: the node keeps the compiled script in its cache, the body is
-    sent each time (2.5 kB a key per flush)."""
-    pipe.eval(script, len(keys), *keys, *args)
+async def _entries(batch: UsageBatch) -> dict[str, list[Any]]:
+    """Each key's share of ``batch``, as the write script takes it: [buckets (minute, then
+    the counters, per minute), last used at, ip, origin, last inactive attempt at, ips,
+    origins (member, count, ...), key id]; the latest use wins. Yields to the event loop
+    every ``CHUNK_ROWS`` rows."""
+    entries: dict[str, list[Any]] = {}
+    done = 0
+    for minute in sorted(batch.minutes):
+        for key_id, row in batch.minutes[minute].items():
+            entry = entries.get(key_id)
+            if entry is None:
+                entry = entries[key_id] = [[], "", "", "", "", [], [], key_id]
+            entry[0] += [minute, *row[:NFIELDS]]
+            at, inactive = row[AT], row[INACTIVE_AT]
+            if at is not None:
+                entry[1:4] = [repr(at), row[IP] or "", row[ORIGIN] or ""]
+            if inactive is not None:
+                entry[4] = repr(inactive)
+            done += 1
+            if done % CHUNK_ROWS == 0:
+                await asyncio.sleep(0)
+    for position, tables in ((5, batch.ips), (6, batch.origins)):
+        for key_id, counter in tables.items():
+            entry = entries.get(key_id)
+            if entry is not None:
+                entry[position] = [item for pair in counter.items() for item in pair]
+            done += 1
+            if done % CHUNK_ROWS == 0:
+                await asyncio.sleep(0)
+    return entries
+
+
+def _chunks(
+    entries: dict[str, list[Any]], slot: Callable[[str], int] | None
+) -> Iterator[list[str]]:
+    """The key ids of ``entries`` in chunks of about ``CHUNK_ROWS`` buckets; with ``slot``
+    (a cluster), each chunk of keys of one slot."""
+    if slot is None:
+        groups: list[list[str]] = [list(entries)]
+    else:
+        by_slot: dict[int, list[str]] = {}
+        for key_id in entries:
+            by_slot.setdefault(slot(key_id), []).append(key_id)
+        groups = list(by_slot.values())
+    for group in groups:
+        chunk: list[str] = []
+        rows = 0
+        for key_id in group:
+            chunk.append(key_id)
+            rows += len(entries[key_id][0]) // (NFIELDS + 1)
+            if rows >= CHUNK_ROWS:
+                yield chunk
+                chunk, rows = [], 0
+        if chunk:
+            yield chunk
+
+
+def _read_totals(
+    chunk: list[str],
+    entries: dict[str, list[Any]],
+    reply: bytes | str,
+    touched: dict[tuple[str, int], list[int]],
+) -> None:
+    """The script's reply — each bucket's totals after the write — into ``touched``."""
+    packed = _text(reply).split(";")
+    i = 0
+    for key_id in chunk:
+        buckets = entries[key_id][0]
+        for b in range(0, len(buckets), NFIELDS + 1):
+            touched[(key_id, buckets[b])] = _unpack(packed[i])
+            i += 1
+
+
+def _unpack(packed: str) -> list[int]:
+    """A minute's counters as the hour hash holds them: comma-separated, trailing zeros
+    left out."""
+    counts = [int(v) for v in packed.split(",")] if packed else []
+    return counts + [0] * (NFIELDS - len(counts))
 
 
 def _text(value: bytes | str) -> str:

@@ -1,62 +1,145 @@
--- One key's share of a usage flush, applied at most once per batch id (KEYS[1] is the
--- batch's marker: a retried flush whose first reply was lost finds it set and adds nothing).
--- KEYS: marker, total, ips, origins, then an hour and a day hash per minute bucket.
--- ARGV: marker ms, hour ttl, day ttl, total ttl, top n, number of buckets; per bucket the
--- minute and the counters; last use (at, ip, origin, inactive at; '' = none); the per-IP
--- then the per-origin table as a count followed by member, count pairs.
--- Returns each bucket's minute totals after the write.
+-- A usage flush's share for a chunk of keys, one call for many keys (on a Redis Cluster,
+-- keys of one hash slot only). Each key's share is applied at most once per (process,
+-- sequence): the key's `applied` hash keeps, per writing process, the highest sequence
+-- applied; a retried flush whose first reply was lost carries the same sequence, finds it
+-- there and adds nothing. A process's sequences only grow, so the hash holds one field per
+-- process (capped: past the cap the field written longest ago goes), not one per flush.
+-- KEYS: each key's totals hash, <ns>:usage:{<key id>}:total; the key's other names share its
+-- prefix (and so its hash tag and slot): applied, h:<hour>, d:<day>, ips, origins. Then,
+-- when the index ttl is not 0 (not on a cluster, where the index has a slot of its own),
+-- the usage index: each key goes in it with its last use (ZADD GT).
+-- ARGV[1], JSON: [process, sequence (text), applied ttl, applied cap, hour ttl, day ttl,
+-- total ttl, top n, index ttl].
+-- ARGV[2], JSON, one entry per key of KEYS: [buckets, at, ip, origin, inactive at, ips,
+-- origins, key id]; buckets flat: minute then the 9 counters, per minute; at and inactive
+-- at as text ('' = none); ips and origins flat: member, count, ...
+-- The minute counts of an hour live in its hash as one field per minute of the hour (0-59),
+-- the counters comma-separated, trailing zeros left out (a small hash stays compact).
+-- Returns the totals of every bucket after the write, in order: each bucket's counters
+-- comma-separated, the buckets joined by ';'.
+local head = cjson.decode(ARGV[1])
+local entries = cjson.decode(ARGV[2])
+local process, seq = head[1], tonumber(head[2])
+local applied_ttl, cap = head[3], head[4]
+local hour_ttl, day_ttl, total_ttl, keep = head[5], head[6], head[7], head[8]
+local index_ttl = head[9]
+local nkeys = #KEYS
+local index = nil
+if index_ttl > 0 then
+  index = KEYS[nkeys]
+  nkeys = nkeys - 1
+end
 local fields = {'requests', 'bytes_in', 'bytes_out', 'errors_4xx', 'errors_5xx',
                 'rate_limited', 'quota_exceeded', 'tokens', 'inactive_attempts'}
-local fresh = redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1])
-local n = tonumber(ARGV[6])
-local pos = 7
+local nfields = #fields
 local out = {}
-for b = 1, n do
-  local minute = ARGV[pos]
-  local hour_key, day_key = KEYS[3 + 2 * b], KEYS[4 + 2 * b]
-  for i = 1, #fields do
-    local value = tonumber(ARGV[pos + i])
-    local field = minute .. ':' .. fields[i]
-    if fresh and value ~= 0 then
-      redis.call('HINCRBY', hour_key, field, value)
-      redis.call('HINCRBY', day_key, fields[i], value)
-      redis.call('HINCRBY', KEYS[2], fields[i], value)
+
+local function text(value)
+  return string.format('%.0f', value)
+end
+
+local function pack(counts)
+  local last = 1
+  for i = 1, nfields do
+    if counts[i] ~= 0 then last = i end
+  end
+  local parts = {}
+  for i = 1, last do parts[i] = text(counts[i]) end
+  return table.concat(parts, ',')
+end
+
+local function unpack_counts(packed)
+  local counts = {0, 0, 0, 0, 0, 0, 0, 0, 0}
+  if packed then
+    local i = 1
+    for value in string.gmatch(packed, '[^,]+') do
+      counts[i] = tonumber(value)
+      i = i + 1
     end
-    out[#out + 1] = tonumber(redis.call('HGET', hour_key, field) or '0')
+  end
+  return counts
+end
+
+-- Whether this process's share with this sequence is new to the key (and note it).
+local function first_time(prefix)
+  local name = prefix .. 'applied'
+  local seen = redis.call('HGET', name, process)
+  if seen and tonumber(seen) >= seq then
+    return false
+  end
+  if redis.call('HSET', name, process, head[2]) == 1 and redis.call('HLEN', name) > cap then
+    local all = redis.call('HGETALL', name)
+    local oldest, low = nil, nil
+    for i = 1, #all, 2 do
+      local value = tonumber(all[i + 1])
+      if all[i] ~= process and (low == nil or value < low) then
+        oldest, low = all[i], value
+      end
+    end
+    if oldest then redis.call('HDEL', name, oldest) end
+  end
+  redis.call('EXPIRE', name, applied_ttl)
+  return true
+end
+
+for k = 1, nkeys do
+  local total = KEYS[k]
+  local prefix = string.sub(total, 1, -6) -- less 'total'
+  local entry = entries[k]
+  local fresh = first_time(prefix)
+  local buckets = entry[1]
+  for b = 1, #buckets, nfields + 1 do
+    local minute = buckets[b]
+    local hour_key = prefix .. 'h:' .. text(math.floor(minute / 60))
+    local field = text(minute % 60)
+    local counts = unpack_counts(redis.call('HGET', hour_key, field))
+    if fresh then
+      local day_key = prefix .. 'd:' .. text(math.floor(minute / 1440))
+      for i = 1, nfields do
+        local value = buckets[b + i]
+        if value ~= 0 then
+          counts[i] = counts[i] + value
+          redis.call('HINCRBY', day_key, fields[i], text(value))
+          redis.call('HINCRBY', total, fields[i], text(value))
+        end
+      end
+      redis.call('HSET', hour_key, field, pack(counts))
+      redis.call('EXPIRE', hour_key, hour_ttl)
+      redis.call('EXPIRE', day_key, day_ttl)
+    end
+    out[#out + 1] = pack(counts)
   end
   if fresh then
-    redis.call('EXPIRE', hour_key, ARGV[2])
-    redis.call('EXPIRE', day_key, ARGV[3])
-  end
-  pos = pos + 1 + #fields
-end
-if fresh then
-  local at, ip, origin, inactive = ARGV[pos], ARGV[pos + 1], ARGV[pos + 2], ARGV[pos + 3]
-  pos = pos + 4
-  if at ~= '' then
-    local seen = redis.call('HGET', KEYS[2], 'last_at')
-    if not seen or tonumber(at) >= tonumber(seen) then
-      redis.call('HSET', KEYS[2], 'last_at', at, 'last_ip', ip, 'last_origin', origin)
+    local at, ip, origin, inactive = entry[2], entry[3], entry[4], entry[5]
+    if at ~= '' then
+      local seen = redis.call('HGET', total, 'last_at')
+      if not seen or tonumber(at) >= tonumber(seen) then
+        redis.call('HSET', total, 'last_at', at, 'last_ip', ip, 'last_origin', origin)
+      end
+    end
+    if inactive ~= '' then
+      local seen = redis.call('HGET', total, 'last_inactive_at')
+      if not seen or tonumber(inactive) >= tonumber(seen) then
+        redis.call('HSET', total, 'last_inactive_at', inactive)
+      end
+    end
+    redis.call('EXPIRE', total, total_ttl)
+    for t = 6, 7 do
+      local members = entry[t]
+      if #members > 0 then
+        local name = prefix .. (t == 6 and 'ips' or 'origins')
+        for j = 1, #members, 2 do
+          redis.call('ZINCRBY', name, text(members[j + 1]), members[j])
+        end
+        redis.call('ZREMRANGEBYRANK', name, 0, -(keep + 1))
+        redis.call('EXPIRE', name, total_ttl)
+      end
     end
   end
-  if inactive ~= '' then
-    local seen = redis.call('HGET', KEYS[2], 'last_inactive_at')
-    if not seen or tonumber(inactive) >= tonumber(seen) then
-      redis.call('HSET', KEYS[2], 'last_inactive_at', inactive)
-    end
-  end
-  redis.call('EXPIRE', KEYS[2], ARGV[4])
-  for t = 3, 4 do
-    local count = tonumber(ARGV[pos])
-    pos = pos + 1
-    for j = 1, count do
-      redis.call('ZINCRBY', KEYS[t], ARGV[pos + 1], ARGV[pos])
-      pos = pos + 2
-    end
-    if count > 0 then
-      redis.call('ZREMRANGEBYRANK', KEYS[t], 0, -(tonumber(ARGV[5]) + 1))
-      redis.call('EXPIRE', KEYS[t], ARGV[4])
-    end
+  if index then
+    local score = tonumber(entry[2]) or tonumber(entry[5]) or 0
+    redis.call('ZADD', index, 'GT', score, entry[8])
   end
 end
-return out
+if index then redis.call('EXPIRE', index, index_ttl) end
+return table.concat(out, ';')
