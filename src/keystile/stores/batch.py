@@ -57,13 +57,15 @@ class MissBatch:
             task.add_done_callback(self._running.discard)
 
     async def _run(self, batch: list[_Waiting]) -> None:
-        assert self._find_many is not None
+        find_many = self._find_many
+        if find_many is None:  # never: only find() queues, and only when it is set
+            raise RuntimeError("no find_many to send a batch with")
         waiting = [item for item in batch if not item[2].done()]  # its caller gave up
         if not waiting:
             return
         self.calls += 1
         try:
-            records = await self._find_many([(digest, hint) for digest, hint, _ in waiting])
+            records = await find_many([(digest, hint) for digest, hint, _ in waiting])
         except asyncio.CancelledError:  # the cache is closing
             for _, _, future in waiting:
                 future.cancel()
