@@ -289,6 +289,7 @@ class Dimension:
     pattern: str
     contenders: list[Contender]
     misses: dict[str, float]  # per keystile gate: store lookups per request, timed rounds
+    paired: tuple[float, float, float] | None = None  # ks auth / its hot key: median, quartiles
 
 
 async def dimension(
@@ -398,12 +399,26 @@ async def dimension(
             "auth": (auth.store.misses - lookups[id(auth)]) / (2 * requests),  # two contenders
             "limited": (limited.store.misses - lookups[id(limited)]) / requests,
         }
+        paired = None
+        if args.paired and keys > 1:
+            # Keystile (usage off), many keys / one hot key, in adjacent small blocks: two
+            # measurements milliseconds apart meet the same moment of a noisy machine.
+            many = next(c for c in contenders if c.short == "ks auth")
+            hot = next(c for c in contenders if c.short == "ks auth hot")
+            ratios = []
+            for n in range(args.paired):
+                block = order[(n * 200) % length :][:200] or order[:200]
+                pair = [many, hot] if n % 2 == 0 else [hot, many]
+                times = {c.short: await run_block(c, block, clock) for c in pair}
+                ratios.append(times["ks auth"] / times["ks auth hot"])
+            q1, median, q3 = statistics.quantiles(ratios, n=4)
+            paired = (median, q1, q3)
         for contender in contenders:
             if contender.gate is None or contender.hot:
                 continue
             counted = await count_commands(sync, contender, order[: args.block], clock)
             contender.commands, contender.sent = counted
-        return Dimension(keys, pattern, contenders, misses)
+        return Dimension(keys, pattern, contenders, misses, paired)
     finally:
         for thing in opened:
             await thing.aclose()
@@ -486,6 +501,12 @@ def table(d: Dimension) -> None:
         f"  {'contender':<34}{'µs':>8}{'+bare':>8}{'× 1 key':>9}{'× dict':>8}"
         f"{'cmds':>7}{'sent':>7}{'503s':>7}"
     )
+    if d.paired is not None:
+        median, q1, q3 = d.paired
+        print(
+            f"  keystile, usage off / its one hot key, paired blocks of 200: {median:.2f}"
+            f" ({q1:.2f} .. {q3:.2f})"
+        )
     for c in d.contenders:
         if c.hot:
             continue
@@ -504,11 +525,12 @@ def target(results: list[Dimension]) -> None:
             continue
         ks = next(c for c in d.contenders if c.short == "ks auth")
         hot = next(c for c in d.contenders if c.short == "ks auth hot")
-        ratio = ks.micros / hot.micros
+        ratio = ks.micros / hot.micros if d.paired is None else d.paired[0]
         verdict = "PASS" if ratio <= 1.3 and ks.commands == 0 else "FAIL"
         print(
             f"\ntarget, 10,000 keys round-robin: keystile (usage off) {ks.micros:.1f} µs, "
-            f"{ratio:.2f}× its one-key figure {hot.micros:.1f} µs (≤ 1.3×), "
+            f"{ratio:.2f}× its one-key figure {hot.micros:.1f} µs (≤ 1.3×; paired when "
+            "measured so), "
             f"{ks.commands:.2f} Redis commands per request (0): {verdict}"
         )
 
@@ -555,6 +577,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--store-only", action="store_true")
     parser.add_argument("--lookups", type=int, default=2000)
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--paired", type=int, default=100, help="paired many/hot blocks (0: none)")
     args = parser.parse_args(argv)
     args.rounds = args.rounds or (3 if args.quick else 5)
     args.block = args.block or (500 if args.quick else 1000)
