@@ -376,7 +376,11 @@ async def dimension(
         ]
         rng = random.Random(f"{keys}-{pattern}")
         length = args.rounds * args.block
-        order = sequence(pattern, keys, length, rng)
+        # One block more, after the timed ones, for counting commands: keys as the pattern
+        # brings them next (at 100,000 keys round-robin, keys the cache has not held).
+        order = sequence(pattern, keys, length + args.block, rng)
+        counting = order[length:]
+        order = order[:length]
         for contender in contenders:  # every key once, then (random patterns) the run's keys
             phase = time.monotonic()
             if contender.gate is None or keys <= contender.gate.store.max_size:
@@ -416,7 +420,7 @@ async def dimension(
         for contender in contenders:
             if contender.gate is None or contender.hot:
                 continue
-            counted = await count_commands(sync, contender, order[: args.block], clock)
+            counted = await count_commands(sync, contender, counting, clock)
             contender.commands, contender.sent = counted
         return Dimension(keys, pattern, contenders, misses, paired)
     finally:
