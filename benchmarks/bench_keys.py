@@ -386,7 +386,8 @@ async def dimension(
             if contender.gate is None or keys <= contender.gate.store.max_size:
                 await warm(contender, keys, clock)  # more keys than the cache holds: no use
             if pattern != "round-robin" and not contender.shares_cache:
-                await run_block(contender, order, clock, warming=True)
+                await run_block(contender, order, clock)  # refusals here are not counted
+                contender.refused = 0
             if contender.gate is not None:
                 await contender.gate.usage.flush()
             if args.verbose:
@@ -555,7 +556,7 @@ async def main(args: argparse.Namespace) -> int:
         results = []
         if not args.store_only:
             for keys in sizes:
-                for pattern in PATTERNS if keys > 1 else PATTERNS[:1]:
+                for pattern in args.patterns if keys > 1 else PATTERNS[:1]:
                     started = time.monotonic()
                     results.append(await dimension(url, keys, pattern, args, sync))
                     print(f"  {keys:,} keys, {pattern}: {time.monotonic() - started:.0f} s")
@@ -581,6 +582,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--store-only", action="store_true")
     parser.add_argument("--lookups", type=int, default=2000)
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--patterns", nargs="*", choices=PATTERNS, default=list(PATTERNS))
     parser.add_argument("--paired", type=int, default=100, help="paired many/hot blocks (0: none)")
     args = parser.parse_args(argv)
     args.rounds = args.rounds or (3 if args.quick else 5)
