@@ -165,6 +165,7 @@ async def test_when_announcements_stop_entries_older_than_the_ttl_are_read_again
     assert len(cache) == 0
 
 
+@pytest.mark.timing
 async def test_redis_store_caches_for_minutes_and_revokes_at_once(
     redis_store: RedisStore, hasher: KeyHasher
 ) -> None:
@@ -199,6 +200,7 @@ async def test_redis_store_caches_for_minutes_and_revokes_at_once(
         await cache.close()
 
 
+@pytest.mark.timing
 async def test_a_silent_events_channel_counts_as_lost(redis_namespace: str) -> None:
     """When the events channel stops answering its pings (held up, not closed), the store
     says it is not listening within two heartbeats, and listens again once it answers."""
