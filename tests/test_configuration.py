@@ -39,6 +39,7 @@ VALUES: dict[str, tuple[Any, str]] = {
     "alert_webhook_url": ("https://hooks.example/x", "https://hooks.example/x"),
     "alert_webhook_secret": ("whsec_" + "QUJD" * 8, "whsec_" + "QUJD" * 8),
     "audit_retention": (7 * 86_400, "604800"),
+    "cache_announced_ttl": (900.0, "900"),
     "audit_max_events": (5000, "5000"),
     "rate_limit_failure": ("deny", "deny"),
     "rate_limit_trip_after": (4, "4"),

@@ -167,6 +167,7 @@ class Keystile:
                 store,
                 max_size=settings.cache_size,
                 ttl=settings.cache_ttl,
+                announced_ttl=settings.cache_announced_ttl,
                 negative_size=settings.negative_cache_size,
                 negative_ttl=settings.negative_cache_ttl,
             )

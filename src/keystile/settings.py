@@ -65,7 +65,18 @@ class KeystileSettings(BaseSettings):
         default=1.0, gt=0, description="Seconds to wait for a free pooled connection."
     )
     cache_size: int = Field(default=10_000, ge=1, description="Key records cached in process.")
-    cache_ttl: float = Field(default=10.0, gt=0, description="Seconds a cached record lives.")
+    cache_ttl: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds a cached record lives while key-change announcements are not "
+        "arriving (their connection is down): how stale a record may then be.",
+    )
+    cache_announced_ttl: float = Field(
+        default=600.0,
+        gt=0,
+        description="Seconds a cached record lives while key-change announcements arrive "
+        "(a change drops it at once); never less than cache_ttl.",
+    )
     negative_cache_size: int = Field(default=10_000, ge=0, description="Unknown digests kept.")
     negative_cache_ttl: float = Field(
         default=2.0, ge=0, description="Seconds an unknown digest is remembered."
@@ -169,6 +180,7 @@ class SettingsOptions(TypedDict, total=False):
     redis_pool_timeout: float
     cache_size: int
     cache_ttl: float
+    cache_announced_ttl: float
     negative_cache_size: int
     negative_cache_ttl: float
     rate_limit_timeout: float

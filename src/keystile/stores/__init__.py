@@ -64,6 +64,7 @@ def open_store(url: str | None = None, settings: KeystileSettings | None = None)
         backend(url, settings),
         max_size=settings.cache_size,
         ttl=settings.cache_ttl,
+        announced_ttl=settings.cache_announced_ttl,
         negative_size=settings.negative_cache_size,
         negative_ttl=settings.negative_cache_ttl,
     )

@@ -2,11 +2,17 @@
 
 - Bounded: at most ``max_size`` records (least recently used go first) and
   ``negative_size`` unknown digests.
-- Fresh: an entry lives ``ttl`` seconds at most. The store's change announcements drop
-  entries sooner — synchronously for changes made in this process, through Redis pub/sub
-  for changes made elsewhere — so a revoked key is refused on the next request here and
-  within milliseconds everywhere else. If announcements stop (connection dropped),
-  staleness is still bounded by ``ttl``, and the cache is cleared when they resume.
+- Fresh: an entry fetched while the store's change announcements flow lives
+  ``announced_ttl`` seconds (minutes: an unchanged key stays cached), because the
+  announcements drop it as soon as its key changes — synchronously for changes made in
+  this process, through Redis pub/sub for changes made elsewhere — so a revoked key is
+  refused on the next request here and within milliseconds everywhere else. Otherwise an
+  entry lives ``ttl`` seconds (seconds). When announcements stop (connection dropped or
+  silent), every entry older than ``ttl`` is re-validated before it is trusted again, so
+  staleness is bounded by ``ttl`` as before, and the cache is cleared when they resume.
+- Cheap to miss: misses of the same event-loop iteration (different keys too) go to the
+  store together, one pipeline for all (a store with ``find_many``), and a key whose id is
+  still known (its entry expired, was evicted or was dropped) is re-read in one round trip.
 - Honest about unknowns: an unknown digest is remembered ``negative_ttl`` seconds, only
   while announcements are arriving, and forgotten as soon as a key with that digest is
   added anywhere — so it never hides a key created afterwards.
@@ -25,6 +31,7 @@ from collections import OrderedDict
 from keystile.clock import Clock
 from keystile.models import ApiKey
 from keystile.principal import Principal
+from keystile.stores.batch import MissBatch
 from keystile.stores.protocol import KeyStore, StoreListener
 
 __all__ = ["MAX_CREDENTIAL", "CacheEntry", "CachedStore"]
@@ -43,13 +50,15 @@ class CacheEntry:
     trusted past that moment.
     """
 
-    __slots__ = ("alive", "digest", "fresh_until", "principal", "record")
+    __slots__ = ("alive", "credential", "digest", "fetched", "fresh_until", "principal", "record")
 
-    def __init__(self, record: ApiKey, digest: str, fresh_until: float) -> None:
+    def __init__(self, record: ApiKey, digest: str, fetched: float, fresh_until: float) -> None:
         self.record = record
         self.digest = digest
+        self.fetched = fetched
         self.fresh_until = fresh_until
         self.principal: Principal | None = None
+        self.credential: bytes | None = None  # the one remembered for it, if any
         self.alive = True
 
 
@@ -82,12 +91,15 @@ class CachedStore:
         negative_size: int = 10_000,
         negative_ttl: float = 2.0,
         clock: Clock = time.monotonic,
+        announced_ttl: float | None = None,
     ) -> None:
         if max_size < 1 or negative_size < 0 or ttl <= 0 or negative_ttl < 0:
             raise ValueError("cache sizes must be positive and TTLs non-negative")
         self.store = store
         self.max_size = max_size
         self.ttl = ttl
+        # While announcements flow (never shorter than ttl; None: ttl, as before).
+        self.announced_ttl = ttl if announced_ttl is None else max(ttl, announced_ttl)
         self.negative_size = negative_size
         self.negative_ttl = negative_ttl
         self._clock = clock
@@ -95,10 +107,16 @@ class CachedStore:
         self._ids: dict[str, str] = {}  # key id -> digest of its cached entry
         self._unknown: OrderedDict[str, float] = OrderedDict()  # digest -> fresh until
         self._inflight: dict[str, asyncio.Future[CacheEntry | None]] = {}
+        # Digest -> key id of entries that left the cache: a digest names one id for good,
+        # so its record is re-read in one round trip (bounded like the cache).
+        self._hints: OrderedDict[str, str] = OrderedDict()
+        self._batch = MissBatch(store)
         self._background: set[asyncio.Task[CacheEntry | None]] = set()
         # Credential bytes -> entry, for entries alive in the cache (see remember()).
         self._remembered: dict[bytes, CacheEntry] = {}
         self._epoch = 0  # bumped by every invalidation; see _fetch
+        self._heard = False  # something cached was fetched while announcements flowed
+        self._resyncs = 0
         self._listener = _Invalidator(self)
         self._subscribed = False
         self.hits = 0
@@ -132,6 +150,7 @@ class CachedStore:
                 self.hits += 1
                 return entry
             del self._remembered[credential]
+            entry.credential = None
         return None
 
     def remember(self, credential: bytes, entry: CacheEntry) -> None:
@@ -146,17 +165,35 @@ class CachedStore:
         """
         if not entry.alive or len(credential) > MAX_CREDENTIAL:
             return
-        remembered = self._remembered
-        if len(remembered) >= self.max_size:
-            for stale in [c for c, e in remembered.items() if not e.alive]:
-                del remembered[stale]
-            if len(remembered) >= self.max_size:
-                del remembered[next(iter(remembered))]
-        remembered[credential] = entry
+        # One credential per live entry, forgotten with it (see _kill): the map never
+        # holds more than the cache, and keeping it so costs O(1) per change.
+        if entry.credential is not None and entry.credential != credential:
+            self._remembered.pop(entry.credential, None)
+        previous = self._remembered.get(credential)
+        if previous is not None and previous is not entry:
+            previous.credential = None
+        entry.credential = credential
+        self._remembered[credential] = entry
 
     def forget(self, credential: bytes) -> None:
         """Stop remembering these credential bytes (their key is no longer admitted)."""
-        self._remembered.pop(credential, None)
+        entry = self._remembered.pop(credential, None)
+        if entry is not None and entry.credential == credential:
+            entry.credential = None
+
+    def _kill(self, entry: CacheEntry) -> None:
+        """The entry left the cache: never trusted again, its credential forgotten, and its
+        id kept as a hint for the next miss of its digest."""
+        entry.alive = False
+        if entry.credential is not None:
+            if self._remembered.get(entry.credential) is entry:
+                del self._remembered[entry.credential]
+            entry.credential = None
+        hints = self._hints
+        hints[entry.digest] = entry.record.id
+        hints.move_to_end(entry.digest)
+        if len(hints) > self.max_size:
+            hints.popitem(last=False)
 
     def lookup_task(self, digest: str) -> asyncio.Task[CacheEntry | None]:
         """:meth:`lookup` as a task, for a caller that may stop waiting for it: a late
@@ -235,8 +272,9 @@ class CachedStore:
 
     async def _fetch(self, digest: str) -> CacheEntry | None:
         self._subscribe()
-        epoch = self._epoch
-        record = await self.store.find(digest)
+        epoch, resyncs = self._epoch, self._resyncs
+        listening = self.store.listening
+        record = await self._batch.find(digest, self._hints.pop(digest, None))
         now = self._clock()
         if record is None:
             entry = None
@@ -245,20 +283,25 @@ class CachedStore:
                 while len(self._unknown) > self.negative_size:
                     self._unknown.popitem(last=False)
             return None
-        entry = CacheEntry(record, digest, now + self.ttl)
+        # Trusted for long only if announcements flowed all along the read (a lost
+        # connection bumps the epoch, and a resumed one clears the cache).
+        heard = listening and resyncs == self._resyncs and self.store.listening
+        ttl = self.announced_ttl if heard else self.ttl
+        entry = CacheEntry(record, digest, now, now + ttl)
         if epoch != self._epoch:
             # A change was announced while we read: answer this once, keep nothing.
             entry.alive = False
         else:
             replaced = self._entries.get(digest)
             if replaced is not None:
-                replaced.alive = False
+                self._kill(replaced)
             self._entries[digest] = entry
             self._ids[record.id] = digest
-            while len(self._entries) > self.max_size:
+            self._heard = self._heard or heard
+            while len(self._entries) > self.max_size:  # one at a time: O(1) per miss
                 _, evicted = self._entries.popitem(last=False)
-                evicted.alive = False
                 self._ids.pop(evicted.record.id, None)
+                self._kill(evicted)
         return entry
 
     # -- invalidation -----------------------------------------------------------------------
@@ -266,8 +309,8 @@ class CachedStore:
     def _drop(self, digest: str) -> None:
         entry = self._entries.pop(digest, None)
         if entry is not None:
-            entry.alive = False
             self._ids.pop(entry.record.id, None)
+            self._kill(entry)
 
     def invalidate(self, key_id: str, digest: str | None = None) -> None:
         """Forget what is cached for a key id (and a digest, e.g. of a key just added)."""
@@ -280,18 +323,34 @@ class CachedStore:
             self._drop(digest)
 
     def distrust(self) -> None:
-        """Announcements stopped: nothing fetched from now on is known to be current."""
+        """Announcements stopped: nothing fetched from now on is known to be current, and
+        what was cached for long on their word is trusted only ``ttl`` seconds from its
+        fetch (once per lost connection: O(size))."""
         self._epoch += 1
+        ttl = self.ttl
+        for entry in self._entries.values():
+            if entry.fresh_until > entry.fetched + ttl:
+                entry.fresh_until = entry.fetched + ttl
+
+    def resync(self) -> None:
+        """Announcements (re)started, some perhaps missed: forget everything fetched while
+        they were believed to flow. Entries fetched while they did not (all of them, on the
+        first subscription) live ``ttl`` at most anyway, and stay."""
+        self._resyncs += 1  # a fetch across it is trusted for ttl only (see _fetch)
+        if self._heard:
+            self.clear()
 
     def clear(self) -> None:
         """Forget everything."""
+        self._heard = False
         self._epoch += 1
-        for entry in self._entries.values():
-            entry.alive = False
+        entries = list(self._entries.values())
         self._entries.clear()
         self._ids.clear()
         self._unknown.clear()
         self._remembered.clear()
+        for entry in entries:
+            self._kill(entry)  # ids stay as hints: a hint is checked when it is used
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -343,6 +402,7 @@ class CachedStore:
             task.cancel()
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+        await self._batch.close()
         self.clear()
         await self.store.close()
 
@@ -362,7 +422,7 @@ class _Invalidator:
         self._cache.invalidate(key_id, digest)
 
     def resync(self) -> None:
-        self._cache.clear()
+        self._cache.resync()
 
     def connection_lost(self) -> None:
         # Positive entries stay, bounded by their TTL; negative ones are no longer trusted

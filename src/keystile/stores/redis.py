@@ -24,8 +24,10 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Sequence
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import WatchError
 
 from keystile.exceptions import (
@@ -190,15 +192,18 @@ class RedisStore:
                 pubsub = self.client.pubsub()
                 await pubsub.subscribe(self.channel)
                 quiet = 0.0
+                pinged = False  # a ping is out: if the channel stays quiet, it is dead
                 while not self._closed:
                     message = await pubsub.get_message(timeout=min(1.0, self._heartbeat))
                     if message is None:
                         quiet += min(1.0, self._heartbeat)
                         if quiet >= self._heartbeat:
+                            if pinged:  # no pong: a silent drop (caches trust it no more)
+                                raise RedisConnectionError("the events channel went silent")
                             await asyncio.wait_for(pubsub.ping(), self._heartbeat)
-                            quiet = 0.0
+                            quiet, pinged = 0.0, True
                         continue
-                    quiet = 0.0
+                    quiet, pinged = 0.0, False
                     self._dispatch(message)
                     delay = 0.05
                     self._channel_back()
@@ -317,6 +322,34 @@ class RedisStore:
                 return None
             raw = await self.client.get(self.schema.record(_text(key_id)))
         return None if raw is None else ApiKey.model_validate_json(raw)
+
+    async def find_many(self, wanted: Sequence[tuple[str, str | None]]) -> list[ApiKey | None]:
+        """:meth:`find` for many digests in one pipeline. With the key id a digest named
+        before (``hint``), its record is read in the same round trip (and kept only if the
+        digest still names that id); the others' records take a second, shared one."""
+        schema = self.schema
+        with redis_errors("looking keys up"):
+            async with self.client.pipeline(transaction=False) as pipe:
+                for digest, hint in wanted:
+                    pipe.get(schema.digest(digest))
+                    if hint is not None:
+                        pipe.get(schema.record(hint))
+                replies = iter(await pipe.execute())
+            raws: list[bytes | None] = []
+            later: list[tuple[int, str]] = []  # (position, key id) still to read
+            for position, (_, hint) in enumerate(wanted):
+                key_id = next(replies)
+                raw = next(replies) if hint is not None else None
+                if key_id is not None and _text(key_id) != hint:
+                    later.append((position, _text(key_id)))
+                raws.append(raw if key_id is not None else None)
+            if later:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for _, key_id in later:
+                        pipe.get(schema.record(key_id))
+                    for (position, _), raw in zip(later, await pipe.execute(), strict=True):
+                        raws[position] = raw
+        return [None if raw is None else ApiKey.model_validate_json(raw) for raw in raws]
 
     async def replace(self, key: ApiKey, *, expected: ApiKey | None = None) -> None:
         record = key.model_dump_json()
