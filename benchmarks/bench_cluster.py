@@ -1,6 +1,6 @@
-"""Standalone Redis against a Redis Cluster, in the same run: cached, uncached and
-rate-limited requests through the middleware, and rate-limit decisions over the lean
-connection(s) and over redis-py.
+"""Standalone Redis against a Redis Cluster and Redis behind Sentinel, in the same run:
+cached, uncached and rate-limited requests through the middleware, and rate-limit
+decisions over the lean connection(s) and over redis-py.
 
 Both deployments are this script's own, on free loopback ports, stopped at the end: one
 redis-server (tests/faults/redis_server.py) and a cluster of three primaries
@@ -43,6 +43,7 @@ from keystile.redis.connect import close_redis, open_redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from faults.redis_cluster import RedisCluster
+from faults.redis_sentinel import Sentinel
 from faults.redis_server import RedisServer
 
 SECRET = "bench-server-secret-0123456789abcdef"
@@ -148,6 +149,9 @@ async def main(args: argparse.Namespace) -> int:
     namespace = "ksbench-" + secrets.token_hex(4)
     cluster = RedisCluster(primaries=3)
     cluster.start()
+    master = RedisServer()  # watched by a sentinel: the store reaches it through that
+    master.start()
+    watcher = Sentinel(master)
     server = None
     if args.redis_url is None:
         server = RedisServer()
@@ -159,18 +163,28 @@ async def main(args: argparse.Namespace) -> int:
     try:
         standalone = await gate_on(args.redis_url, namespace)
         clustered = await gate_on(cluster.url, namespace)
-        gates += [standalone, clustered]
+        guarded = await gate_on(watcher.store_url, namespace)
+        gates += [standalone, clustered, guarded]
         await compare(
             "requests through the middleware",
-            {"standalone": await scenarios(standalone), "cluster": await scenarios(clustered)},
+            {
+                "standalone": await scenarios(standalone),
+                "cluster": await scenarios(clustered),
+                "sentinel": await scenarios(guarded),
+            },
             args.rounds,
             args.requests,
             {},
         )
         sides: dict[str, dict[str, Step]] = {}
-        for label, url in (("standalone", args.redis_url), ("cluster", cluster.url)):
-            for lean in (True, False):
-                client = open_redis(url)
+        deployments = [
+            ("standalone", args.redis_url, (True, False)),
+            ("cluster", cluster.url, (True, False)),
+            ("sentinel", watcher.store_url, (False,)),  # redis-py follows the master
+        ]
+        for label, url, leans in deployments:
+            for lean in leans:
+                client = open_redis(url, pool_size=max(50, 2 * args.burst))
                 clients.append(client)
                 limiter = RedisLimiter(client, namespace=namespace, lean=lean, timeout=2.0)
                 limiters.append(limiter)
@@ -199,6 +213,8 @@ async def main(args: argparse.Namespace) -> int:
             admin.delete(*names)
         admin.close()
         cluster.close()
+        watcher.close()
+        master.close()
         if server is not None:
             server.close()
     return 0

@@ -53,7 +53,7 @@ def require_redis() -> None:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         callspec = getattr(item, "callspec", None)
-        if callspec is not None and {"redis", "cluster"} & set(callspec.id.split("-")):
+        if callspec is not None and {"redis", "cluster", "sentinel"} & set(callspec.id.split("-")):
             item.add_marker(pytest.mark.redis)
 
 
@@ -91,12 +91,40 @@ async def _make_store(kind: str, namespace: str, **options: Any) -> RedisStore |
     if kind == "cluster":
         assert _cluster is not None, "the cluster backend needs the redis_cluster fixture"
         return RedisStore.from_url(_cluster.url, namespace=namespace, **options)
+    if kind == "sentinel":
+        assert _sentinel is not None, "the sentinel backend needs the redis_sentinel fixture"
+        return RedisStore.from_url(_sentinel.store_url, namespace=namespace, **options)
     return RedisStore.from_url(REDIS_URL, namespace=namespace, **options)
 
 
-# "cluster": a 3-primary Redis Cluster of the session's own (tests/faults/redis_cluster.py).
-BACKENDS = ["memory", "fakeredis", "redis", "cluster"]
+# "cluster": a 3-primary Redis Cluster of the session's own (tests/faults/redis_cluster.py);
+# "sentinel": a master of the session's own reached through a sentinel (redis+sentinel://).
+BACKENDS = ["memory", "fakeredis", "redis", "cluster", "sentinel"]
 _cluster: Any = None  # the session's faults.redis_cluster.RedisCluster, once started
+_sentinel: Any = None  # the session's faults.redis_sentinel.Sentinel, once started
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel() -> Iterator[Any]:
+    """A redis-server master and one sentinel watching it, on free loopback ports, made
+    once per session and stopped (by pid) at its end."""
+    global _sentinel
+    from faults.redis_sentinel import Sentinel
+    from faults.redis_server import RedisServer, need_redis_server
+
+    need_redis_server()
+    master = RedisServer()
+    master.start()
+    watcher = None
+    try:
+        watcher = Sentinel(master)
+        _sentinel = watcher
+        yield watcher
+    finally:
+        _sentinel = None
+        if watcher is not None:
+            watcher.close()
+        master.close()
 
 
 @pytest.fixture(scope="session")
@@ -126,11 +154,14 @@ def backend(request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
     if kind == "redis":
         require_redis()
     cluster = request.getfixturevalue("redis_cluster") if kind == "cluster" else None
+    sentinel = request.getfixturevalue("redis_sentinel") if kind == "sentinel" else None
     yield kind, namespace
     if kind == "redis":
         cleanup_namespace(namespace)
     if cluster is not None:
         cluster.cleanup(namespace)
+    if sentinel is not None:
+        sentinel.cleanup(namespace)
 
 
 @pytest.fixture

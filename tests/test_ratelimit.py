@@ -56,7 +56,7 @@ from keystile.ratelimit import (
     normalize_rate_limit,
     parse_rate_limit,
 )
-from keystile.redis.connect import open_redis
+from keystile.redis.connect import close_redis, open_redis
 from keystile.stores import KeyStore
 from test_middleware import assert_refused, bearer, call, client, make_app
 
@@ -475,6 +475,8 @@ async def virtual_limiter(kind: str) -> AsyncIterator[Driver]:
         if kind == "redis"
         else open_redis(conftest._cluster.url)
         if kind == "cluster"
+        else open_redis(conftest._sentinel.store_url)
+        if kind == "sentinel"
         else fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
     )
     try:
@@ -482,11 +484,13 @@ async def virtual_limiter(kind: str) -> AsyncIterator[Driver]:
             await limiter.start()
             yield Driver(kind, limiter, clock)
     finally:
-        await made.aclose()
+        await close_redis(made)  # a sentinel's connections too
         if kind == "redis":
             cleanup_namespace(namespace)
         if kind == "cluster":
             conftest._cluster.cleanup(namespace)
+        if kind == "sentinel":
+            conftest._sentinel.cleanup(namespace)
 
 
 @pytest.fixture
@@ -496,7 +500,7 @@ async def driver(backend: tuple[str, str]) -> AsyncIterator[Driver]:
         yield made
 
 
-SEEDS = {"memory": 40, "fakeredis": 12, "redis": 40, "cluster": 12}
+SEEDS = {"memory": 40, "fakeredis": 12, "redis": 40, "cluster": 12, "sentinel": 12}
 EVENTS_PER_SCHEDULE = 250
 
 

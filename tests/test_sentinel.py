@@ -10,56 +10,19 @@ revoked at once, as on a plain URL.
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import redis
 
 from conftest import SECRET
+from faults.redis_sentinel import SERVICE, Sentinel
 from faults.redis_server import RedisServer, free_port, need_redis_server
 from keystile import Keystile, KeystileSettings, StoreMisconfigured
 from keystile.cli import main
 from keystile.redis.connect import open_redis
 from test_middleware import bearer, client, make_app
-
-SERVICE = "ksmaster"
-
-
-class Sentinel:
-    """One sentinel watching ``master`` as :data:`SERVICE`, stopped by pid."""
-
-    def __init__(self, master: RedisServer) -> None:
-        self.port = free_port()
-        self.config = master.dir / "sentinel.conf"
-        self.config.write_text(
-            f"port {self.port}\nbind 127.0.0.1\ndir {master.dir}\n"
-            f"sentinel monitor {SERVICE} 127.0.0.1 {master.port} 1\n"
-            f"sentinel down-after-milliseconds {SERVICE} 1000\n"
-        )
-        log = Path(master.dir) / "sentinel.log"
-        self.process = subprocess.Popen(
-            ["redis-server", str(self.config), "--sentinel", "--logfile", str(log)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        admin = redis.Redis(port=self.port, socket_timeout=1)
-        deadline = time.monotonic() + 10
-        while True:  # ready once it names the master
-            try:
-                if admin.execute_command("SENTINEL", "get-master-addr-by-name", SERVICE):
-                    break
-            except redis.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()[-2000:]
-            time.sleep(0.02)
-        admin.close()
-
-    def close(self) -> None:
-        self.process.kill()
-        self.process.wait(timeout=10)
 
 
 @pytest.fixture
