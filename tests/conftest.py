@@ -61,9 +61,9 @@ def new_namespace() -> str:
     return "kstest-" + secrets.token_hex(6)
 
 
-def cleanup_namespace(namespace: str) -> None:
+def cleanup_namespace(namespace: str, url: str = REDIS_URL) -> None:
     """Delete what a test wrote under its own namespace; never flush the server."""
-    client = redis.Redis.from_url(REDIS_URL)
+    client = redis.Redis.from_url(url)
     try:
         names = list(client.scan_iter(match=f"{namespace}:*", count=1000))
         if names:

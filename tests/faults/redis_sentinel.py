@@ -52,13 +52,9 @@ class Sentinel:
 
     def cleanup(self, namespace: str) -> None:
         """Delete what a test wrote under its namespace on the master (never a flush)."""
-        admin = redis.Redis(port=self.master.port)
-        try:
-            names = list(admin.scan_iter(match=f"{namespace}:*", count=1000))
-            if names:
-                admin.delete(*names)
-        finally:
-            admin.close()
+        from conftest import cleanup_namespace
+
+        cleanup_namespace(namespace, self.master.url)
 
     def close(self) -> None:
         self.process.kill()
