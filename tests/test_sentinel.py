@@ -212,3 +212,91 @@ async def test_keys_keep_working_across_a_sentinel_failover(
             await gate.aclose()
         admin.close()
         replica.close()
+
+
+@pytest.mark.slow
+async def test_a_failover_under_load_loses_no_key_and_admits_no_stranger() -> None:
+    """A master, a replica and three sentinels (quorum 2); requests with a valid key and
+    without one keep coming while SENTINEL FAILOVER promotes the replica. No request without
+    a valid key is ever admitted, every key made before the failover works after it, and
+    valid requests are admitted again within seconds."""
+    need_redis_server()
+    master = RedisServer()
+    master.start()
+    replica = RedisServer(args=("--replicaof", "127.0.0.1", str(master.port)))
+    replica.start()
+    watchers = [Sentinel(master, quorum=2, number=n) for n in range(3)]
+    admin = redis.Redis(port=watchers[0].port, socket_timeout=2)
+    gate = None
+    try:
+        deadline = time.monotonic() + 40  # sentinels learn of replicas every 10 s
+        while not admin.execute_command("SENTINEL", "replicas", SERVICE) or (
+            len(admin.execute_command("SENTINEL", "sentinels", SERVICE)) < 2
+        ):
+            assert time.monotonic() < deadline, "the sentinels never saw the replica or each other"
+            await asyncio.sleep(0.1)
+        url = ",".join(f"127.0.0.1:{w.port}" for w in watchers)
+        gate = Keystile(
+            store=f"redis+sentinel://{url}/{SERVICE}",
+            secret=SECRET,
+            settings=KeystileSettings(namespace="kstest-load"),
+        )
+        await gate.startup()
+        made = [
+            await gate.manager.create({"name": f"k{n}", "type": "dev", "scopes": ["vec:read"]})
+            for n in range(10)
+        ]
+        last = made[-1].key.id
+        while replica.admin.exists(f"kstest-load:key:{{{last}}}") == 0:
+            assert time.monotonic() < deadline, "the replica never caught up"
+            await asyncio.sleep(0.05)
+        app, _ = make_app(gate)
+        valid = [bearer(c.secret.get_secret_value()) for c in made]
+        strangers = [{}, bearer("dev_" + "A" * 27 + "AAAAAA"), {"Authorization": "Basic x"}]
+        seen: list[tuple[bool, int]] = []
+        stop = asyncio.Event()
+
+        async def load() -> None:
+            async with client(app) as http:
+                n = 0
+                while not stop.is_set() and n < 20_000:  # bounded
+                    n += 1
+                    good = n % 2 == 0
+                    headers = valid[n % len(valid)] if good else strangers[n % len(strangers)]
+                    answer = await http.get("/x", headers=headers)
+                    seen.append((good, answer.status_code))
+                    await asyncio.sleep(0.005)
+
+        loader = asyncio.create_task(load())
+        await asyncio.sleep(0.5)
+        while not failover(admin):
+            assert time.monotonic() < deadline, "no replica was ever fit to promote"
+            await asyncio.sleep(0.2)
+        replica_address = ["127.0.0.1", str(replica.port)]
+        while [
+            a.decode()
+            for a in admin.execute_command("SENTINEL", "get-master-addr-by-name", SERVICE)
+        ] != replica_address:
+            assert time.monotonic() < deadline + 30, "the failover never happened"
+            await asyncio.sleep(0.1)
+        promoted = len(seen)
+        await asyncio.sleep(3)
+        stop.set()
+        await loader
+        assert [s for good, s in seen if not good and s == 200] == []  # no stranger admitted
+        assert {s for good, s in seen if not good} <= {400, 401, 503}
+        after = [s for good, s in seen[promoted:] if good]
+        assert after and after[-20:] == [200] * 20, after[-40:]
+        async with client(app) as http:
+            for headers in valid:  # every key made before the failover
+                assert (await http.get("/x", headers=headers)).status_code == 200
+        counts = {s: sum(1 for _, c in seen if c == s) for s in {c for _, c in seen}}
+        print(f"\nsentinel failover under load: {len(seen)} requests, statuses {counts}")
+    finally:
+        if gate is not None:
+            await gate.aclose()
+        admin.close()
+        for watcher in watchers:
+            watcher.close()
+        replica.close()
+        master.close()

@@ -1,4 +1,4 @@
-"""One redis-server master watched by one sentinel, on free loopback ports, stopped by pid."""
+"""A redis-server master watched by sentinels, on free loopback ports, stopped by pid."""
 
 from __future__ import annotations
 
@@ -18,16 +18,16 @@ SERVICE = "ksmaster"
 class Sentinel:
     """One sentinel watching ``master`` as :data:`SERVICE`, stopped by pid."""
 
-    def __init__(self, master: RedisServer) -> None:
+    def __init__(self, master: RedisServer, *, quorum: int = 1, number: int = 0) -> None:
         self.master = master
         self.port = free_port()
-        self.config = master.dir / "sentinel.conf"
+        self.config = master.dir / f"sentinel{number}.conf"
         self.config.write_text(
             f"port {self.port}\nbind 127.0.0.1\ndir {master.dir}\n"
-            f"sentinel monitor {SERVICE} 127.0.0.1 {master.port} 1\n"
+            f"sentinel monitor {SERVICE} 127.0.0.1 {master.port} {quorum}\n"
             f"sentinel down-after-milliseconds {SERVICE} 1000\n"
         )
-        log = Path(master.dir) / "sentinel.log"
+        log = Path(master.dir) / f"sentinel{number}.log"
         self.process = subprocess.Popen(
             ["redis-server", str(self.config), "--sentinel", "--logfile", str(log)],
             stdout=subprocess.DEVNULL,
