@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -300,3 +301,26 @@ async def test_a_failover_under_load_loses_no_key_and_admits_no_stranger() -> No
             watcher.close()
         replica.close()
         master.close()
+
+
+@pytest.mark.slow
+async def test_four_processes_admit_exactly_the_limit_together_through_sentinel(
+    redis_sentinel: Any, figures: Any
+) -> None:
+    """Four app processes reaching the master through the sentinel, 250 simultaneous
+    requests each with one fresh client key per round: exactly 100 admitted between them,
+    20 rounds running."""
+    from conftest import new_namespace
+    from test_ratelimit import four_processes
+
+    namespace = new_namespace()
+    settings = KeystileSettings(
+        namespace=namespace, rate_limit_timeout=2.0, usage_flush_interval=3600.0
+    )
+    gate = Keystile(store=redis_sentinel.store_url, secret=SECRET, settings=settings)
+    await gate.startup()
+    try:
+        await four_processes(gate, redis_sentinel.store_url, namespace, figures)
+    finally:
+        await gate.aclose()
+        redis_sentinel.cleanup(namespace)

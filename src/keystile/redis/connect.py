@@ -84,7 +84,13 @@ def open_redis(
             client_name=client_name,
         )
     if urlsplit(url).scheme in SENTINEL_SCHEMES:
-        return _sentinel_master(url, pool_size=pool_size, timeout=timeout, client_name=client_name)
+        return _sentinel_master(
+            url,
+            pool_size=pool_size,
+            pool_timeout=pool_timeout,
+            timeout=timeout,
+            client_name=client_name,
+        )
     try:
         pool = aioredis.BlockingConnectionPool.from_url(
             url,
@@ -109,7 +115,7 @@ def open_redis(
 
 
 def _sentinel_master(
-    url: str, *, pool_size: int, timeout: float, client_name: str | None
+    url: str, *, pool_size: int, pool_timeout: float, timeout: float, client_name: str | None
 ) -> aioredis.Redis:
     """The master a Sentinel deployment names (see :func:`open_redis`)."""
     parts = urlsplit(url)
@@ -134,28 +140,31 @@ def _sentinel_master(
         sentinel_kwargs={**auth, "socket_timeout": timeout, "socket_connect_timeout": timeout},
         **auth,
     )
-    master: aioredis.Redis = sentinel.master_for(
+    master: WaitingRedis = sentinel.master_for(
         service,
+        redis_class=WaitingRedis,
         db=db,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         retry=Retry(NoBackoff(), 1),
         client_name=client_name,
-        max_connections=pool_size,
+        max_connections=pool_size + _SPARE_CONNECTIONS,
         ssl=parts.scheme == "rediss+sentinel",
     )
+    master._wait_for(pool_size, pool_timeout)
     return master
 
 
-class WaitingCluster(RedisCluster):
-    """A :class:`RedisCluster` whose commands *wait* (up to ``pool_timeout``) when
-    ``pool_size`` of them are already in flight, as a standalone client's
-    ``BlockingConnectionPool`` does, instead of failing with ``MaxConnectionsError`` under a
-    burst. Each node may open a few connections more than ``pool_size``, for the events
-    channel and pipelines, which do not wait."""
+class _WaitsForConnections:
+    """Commands that *wait* (up to ``pool_timeout``) while ``pool_size`` of them are in
+    flight, as a ``BlockingConnectionPool`` makes a standalone client's, instead of failing
+    with "Too many connections" under a burst. Pipelines and the events channel do not
+    wait: the pool holds a few connections more for them."""
 
-    def __init__(self, *, pool_size: int, pool_timeout: float, **options: Any) -> None:
-        super().__init__(max_connections=pool_size + _SPARE_CONNECTIONS, **options)
+    _in_flight: asyncio.Semaphore
+    _pool_timeout: float
+
+    def _wait_for(self, pool_size: int, pool_timeout: float) -> None:
         self._in_flight = asyncio.Semaphore(pool_size)
         self._pool_timeout = pool_timeout
 
@@ -164,11 +173,26 @@ class WaitingCluster(RedisCluster):
             async with asyncio.timeout(self._pool_timeout):
                 await self._in_flight.acquire()
         except TimeoutError:
-            raise MaxConnectionsError("no free connection to the cluster in time") from None
+            raise MaxConnectionsError("no free connection to Redis in time") from None
         try:
-            return await super().execute_command(*args, **kwargs)
+            return await super().execute_command(*args, **kwargs)  # type: ignore[misc]
         finally:
             self._in_flight.release()
+
+
+class WaitingCluster(_WaitsForConnections, RedisCluster):  # type: ignore[misc]
+    """A :class:`RedisCluster` whose commands wait for a free connection (see
+    :class:`_WaitsForConnections`); each node may open a few connections more than
+    ``pool_size``."""
+
+    def __init__(self, *, pool_size: int, pool_timeout: float, **options: Any) -> None:
+        super().__init__(max_connections=pool_size + _SPARE_CONNECTIONS, **options)
+        self._wait_for(pool_size, pool_timeout)
+
+
+class WaitingRedis(_WaitsForConnections, aioredis.Redis):  # type: ignore[misc]
+    """The client of the master Sentinel names: its pool (Sentinel's) does not wait, so
+    its commands do (see :class:`_WaitsForConnections`)."""
 
 
 # Connections per node beyond the waiting commands': the events channel, pipelines.
