@@ -257,6 +257,7 @@ async def test_the_trail_is_bounded_and_keeps_its_retention(
     assert [e.key_id for e in page.events[:2]] == ["k299", "k298"]
     if client is not None:
         assert await client.xlen(trail.name) == 100
+        assert 0 < await client.ttl(trail.name) <= 1  # the stream ends with its retention
     await asyncio.sleep(1.1)  # everything is now past the retention
     await trail.append(event(300))
     page = await trail.read(matcher(), limit=1000)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import math
 import re
 import socket
 from collections import deque
@@ -207,6 +208,8 @@ class RedisAuditTrail:
             # Exact trims: each entry is removed once, so a write costs O(1), amortised.
             pipe.xtrim(self.name, minid=oldest, approximate=False)
             pipe.xtrim(self.name, maxlen=self.max_events, approximate=False)
+            # Its newest event outlives the retention by nothing: neither does the stream.
+            pipe.expire(self.name, max(1, math.ceil(self.retention)))
             await pipe.execute()
 
     @translated("reading the audit trail")

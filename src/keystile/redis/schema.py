@@ -129,7 +129,7 @@ NAMES: tuple[Name, ...] = (
         "<ns>:audit",
         "stream",
         "-",
-        "entries: audit retention, at most audit_max_events",
+        "audit retention after the last event (entries too; at most audit_max_events)",
         "the audit trail: management actions and refused attempts, oldest first",
     ),
     Name(
