@@ -13,6 +13,7 @@ after a second of wall-clock time (a 400), so a slow query never holds up other 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sqlite3
@@ -110,7 +111,7 @@ QUERY_SECONDS = 1.0  # wall-clock time one query may run
 _MAX_VALUE = 1 << 16  # bytes in one string or blob
 _MAX_PATTERN = 200  # characters in a LIKE or GLOB pattern
 _MAX_RESULT = 4 << 20  # characters of strings and hex in one answer
-_MAX_PENDING = 16  # queries running or waiting for the one connection; more are a 503
+_MAX_PENDING = 16  # queries running or waiting for their turn; more are a 503
 # What the demo services may hold (names and values, as sent).
 MAX_KEV_ENTRIES, MAX_KEV_BYTES = 1000, 8 << 20
 MAX_FILES, MAX_FILE_BYTES = 256, 32 << 20
@@ -181,7 +182,6 @@ class DemoState:
     databases: dict[str, dict[str, Any]] = field(default_factory=dict)
     kev: DemoStore[str] = field(default_factory=lambda: DemoStore(MAX_KEV_ENTRIES, MAX_KEV_BYTES))
     files: DemoStore[bytes] = field(default_factory=lambda: DemoStore(MAX_FILES, MAX_FILE_BYTES))
-    sql: sqlite3.Connection = field(default_factory=lambda: _demo_database())
     query_seconds: float = QUERY_SECONDS
     sql_lock: anyio.Lock = field(default_factory=anyio.Lock)
     queries_pending: int = 0
@@ -210,8 +210,15 @@ def _full(what: str) -> JSONResponse:
     return _error(507, "storage_full", f"The demo's {what} is full: delete something first.")
 
 
-def _run_query(db: sqlite3.Connection, sql: str, seconds: float) -> JSONResponse:
-    """Run one query on ``db`` (in a worker thread), interrupted after ``seconds``."""
+def _run_query(sql: str, seconds: float) -> JSONResponse:
+    """Run one query (in a worker thread) on a fresh copy of the demo database, closed when
+    the query ends — no connection outlives its query, whether or not the app is shut down
+    — and interrupted after ``seconds``."""
+    with contextlib.closing(_demo_database()) as db:
+        return _query(db, sql, seconds)
+
+
+def _query(db: sqlite3.Connection, sql: str, seconds: float) -> JSONResponse:
     guard = threading.Lock()
     running, stopped = True, False
 
@@ -312,11 +319,9 @@ def build_demo_app(gate: Keystile, state: DemoState | None = None) -> Starlette:
             return _error(503, "busy", "Too many queries are waiting; try again shortly.")
         state.queries_pending += 1
         try:
-            # One connection, one query at a time; waiting here holds no thread.
+            # One query at a time; waiting here holds no thread.
             async with state.sql_lock:
-                return await anyio.to_thread.run_sync(
-                    _run_query, state.sql, sql, state.query_seconds
-                )
+                return await anyio.to_thread.run_sync(_run_query, sql, state.query_seconds)
         finally:
             state.queries_pending -= 1
 
