@@ -127,6 +127,19 @@ def redis_sentinel() -> Iterator[Any]:
         master.close()
 
 
+@pytest.fixture
+def own_redis() -> Iterator[Any]:
+    """A redis-server of the test's own on a free loopback port (to kill, slow or fill
+    without touching the shared one), stopped by pid at teardown."""
+    from faults.redis_server import RedisServer, need_redis_server
+
+    need_redis_server()
+    server = RedisServer()
+    server.start()
+    yield server
+    server.close()
+
+
 @pytest.fixture(scope="session")
 def redis_cluster() -> Iterator[Any]:
     """Three redis-server primaries in a Redis Cluster on free loopback ports, made once

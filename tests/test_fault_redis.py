@@ -24,7 +24,7 @@ from faults.app import build_app
 from faults.asgi import Outcome, bearer, call
 from faults.load import Key, Load, keyed, kind, make_keys, mixed, presented, public_path
 from faults.proxy import LatencyProxy
-from faults.redis_server import RedisServer, need_redis_server
+from faults.redis_server import RedisServer
 from keystile import (
     ApiKey,
     KeystileSettings,
@@ -40,16 +40,6 @@ pytestmark = pytest.mark.slow
 
 SCOPED = {"type": "dev", "scopes": ["kev:read"]}
 LIMITED = {**SCOPED, "rate_limit": "100000/minute"}
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    """A redis-server of this test's own, killed at teardown."""
-    need_redis_server()
-    server = RedisServer()
-    server.start()
-    yield server
-    server.close()
 
 
 @pytest.fixture

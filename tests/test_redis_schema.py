@@ -11,13 +11,11 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 
-import pytest
 import redis
 
 from conftest import SECRET
-from faults.redis_server import RedisServer, need_redis_server
+from faults.redis_server import RedisServer
 from keystile import KeystileSettings, RedisStore
 from keystile.alerts import AlertRules
 from keystile.gate import Keystile
@@ -25,15 +23,6 @@ from keystile.redis import NAMES, RedisSchema
 from test_middleware import bearer, client, make_app
 
 NAMESPACE = "kstest-schema"
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    need_redis_server()
-    server = RedisServer()
-    server.start()
-    yield server
-    server.close()
 
 
 def pattern(row: str) -> re.Pattern[str]:

@@ -9,7 +9,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -505,15 +505,6 @@ def client_commands(server: RedisServer) -> dict[str, int]:
         for name, calls in server.commands().items()
         if not name.startswith(_PROBE_COMMANDS)
     }
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    """A redis-server this test starts and kills."""
-    server = RedisServer()
-    server.start()
-    yield server
-    server.close()
 
 
 @pytest.fixture

@@ -47,15 +47,6 @@ async def names_under(client: Any, namespace: str) -> list[str]:
 
 
 @pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    need_redis_server()
-    server = RedisServer()
-    server.start()
-    yield server
-    server.close()
-
-
-@pytest.fixture
 async def own_client(own_redis: RedisServer) -> AsyncIterator[Any]:
     client = redis.asyncio.Redis.from_url(own_redis.url)
     yield client
