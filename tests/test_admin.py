@@ -1,4 +1,5 @@
-"""The admin REST API (SPEC §8): endpoints, scopes, JSON shapes, errors, on every backend."""
+"""The admin REST API (docs/management.md): endpoints, scopes, JSON shapes, errors, on each
+backend."""
 
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ from keystile.clock import to_datetime
 from keystile.gate import Keystile
 from keystile.stores import KeyStore
 
-# SPEC §8, in its order.
-SPEC_RECORD = [
+# The record's fields, in the documented order (docs/management.md).
+RECORD_FIELDS = [
     "id",
     "name",
     "type",
@@ -135,7 +136,7 @@ async def admin(gate: Keystile) -> AsyncIterator[Admin]:
 
 
 def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    """The response is the SPEC's error envelope with this status and code."""
+    """The response is the documented error envelope with this status and code."""
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/json"
     body = response.json()
@@ -147,7 +148,7 @@ def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, 
 
 
 def field_names(response: httpx.Response) -> set[str]:
-    """The fields a 422 answer names (and the answer is the SPEC's envelope with a list)."""
+    """The fields a 422 answer names (and the answer is the documented envelope with a list)."""
     error = assert_error(response, 422, "validation_failed")
     assert set(error) == {"code", "message", "fields"}
     assert all(set(f) == {"field", "message"} and f["message"] for f in error["fields"])
@@ -160,7 +161,7 @@ def field_names(response: httpx.Response) -> set[str]:
 async def test_create_answers_201_with_the_record_and_the_secret(
     admin: Admin, clock: ManualClock
 ) -> None:
-    """POST / answers 201 with the record in the SPEC's shape and the secret, which works
+    """POST / answers 201 with the record in the documented shape and the secret, which works
     at once; the answer must not be cached."""
     response = await admin.request(
         "POST",
@@ -172,7 +173,7 @@ async def test_create_answers_201_with_the_record_and_the_secret(
     body = response.json()
     assert list(body) == ["key", "secret"]
     record = body["key"]
-    assert list(record) == SPEC_RECORD
+    assert list(record) == RECORD_FIELDS
     assert record["id"].startswith("key_")
     assert record["type"] == "prod"
     assert record["hint"] == f"prod_...{body['secret'][-4:]}"
@@ -328,7 +329,7 @@ async def test_list_pages_with_an_opaque_cursor(admin: Admin) -> None:
         body = response.json()
         assert list(body) == ["keys", "next"]
         assert len(body["keys"]) <= 2
-        assert all(list(k) == SPEC_RECORD for k in body["keys"])
+        assert all(list(k) == RECORD_FIELDS for k in body["keys"])
         seen += [k["id"] for k in body["keys"]]
         if body["next"] is None:
             break
@@ -443,7 +444,7 @@ async def test_rotate_answers_the_successor_its_secret_and_the_previous_record(
     body = response.json()
     assert list(body) == ["key", "secret", "previous"]
     new, previous = body["key"], body["previous"]
-    assert list(new) == SPEC_RECORD and list(previous) == SPEC_RECORD
+    assert list(new) == RECORD_FIELDS and list(previous) == RECORD_FIELDS
     assert (previous["replaced_by"], new["replaces"]) == (new["id"], key_id)
     assert new["scopes"] == created["key"]["scopes"] and new["name"] == created["key"]["name"]
     assert body["secret"] != created["secret"]
@@ -701,13 +702,13 @@ def test_fastapi_router_shows_every_endpoint_and_its_scope_in_openapi(
 
 async def test_fastapi_router_answers_like_the_starlette_routes(gate: Keystile) -> None:
     """Through FastAPI the admin API creates (201), validates (422 with fields), refuses a
-    missing scope with the SPEC's 403 and 404s an unknown id, in the same envelopes."""
+    missing scope with the documented 403 and 404s an unknown id, in the same envelopes."""
     app = fastapi_app(gate)
     admin = await client_for(app, gate, ADMIN_SCOPES)
     outsider = await client_for(app, gate, ["admin:view_usage"])
     async with admin.http:
         created = await admin.create()
-        assert list(created["key"]) == SPEC_RECORD
+        assert list(created["key"]) == RECORD_FIELDS
         listed = await admin.request("GET", "/?type=prod&limit=10")
         assert created["key"] in listed.json()["keys"]
         invalid = await admin.request("PATCH", f"/{created['key']['id']}", json={"type": "dev"})

@@ -1,5 +1,5 @@
-"""Alerts (SPEC §7): every rule fires once per cool-down as usage is flushed, and reaches the
-callbacks, the log (key id, never the secret) and a webhook that cannot stall the app."""
+"""Alerts (docs/alerts.md): every rule fires once per cool-down as usage is flushed, and reaches
+the callbacks, the log (key id, never the secret) and a webhook that cannot stall the app."""
 
 from __future__ import annotations
 

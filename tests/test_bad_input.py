@@ -92,7 +92,7 @@ CASES = [
 async def test_hostile_header_gets_the_right_4xx(
     value: Value, expected: tuple[int, str, str]
 ) -> None:
-    """Each malformed header gets its SPEC status and code; the store is never asked, the app
+    """Each malformed header gets its documented status and code; the store is never asked, the app
     never called, and the answer does not echo the input."""
     gate, counting = counting_gate()
     created = await gate.manager.create({"name": "n", "type": "prod"})
@@ -171,7 +171,7 @@ header_values = st.one_of(
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(values=st.lists(header_values, min_size=1, max_size=2))
 async def test_fuzzed_authorization_headers_never_get_a_5xx(values: list[bytes]) -> None:
-    """Any bytes as Authorization (once or twice) get 400 or 401 with the SPEC's JSON body,
+    """Any bytes as Authorization (once or twice) get 400 or 401 with the documented JSON body,
     and never reach the store or the app."""
     gate, counting = counting_gate()
     app, seen = make_app(gate)

@@ -1,4 +1,4 @@
-"""End to end in headless Chromium (SPEC §5): a page on one origin calls `keystile demo` on
+"""End to end in headless Chromium (docs/cors.md): a page on one origin calls `keystile demo` on
 another with a client key, and the browser itself enforces what keystile answers.
 
 Needs Chromium, its driver and Selenium; skipped with the reason when any is missing,

@@ -1,4 +1,5 @@
-"""The `keystile` command line (SPEC §8): every key command, its output, its exit codes."""
+"""The `keystile` command line (docs/management.md): every key command, its output, its exit
+codes."""
 
 from __future__ import annotations
 
@@ -176,7 +177,8 @@ async def test_create_prints_the_record_and_the_secret(
 
 
 async def test_create_json_answers_like_the_rest_api(manager: KeyManager) -> None:
-    """keys create --json answers {"key": record, "secret": ...}, the record in SPEC shape."""
+    """keys create --json answers {"key": record, "secret": ...}, the record in its documented
+    shape."""
     body = await run_json(
         manager, "keys", "create", "--name", "n", "--type", "dev", "--expires", "2030-01-01"
     )

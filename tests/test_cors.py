@@ -1,4 +1,4 @@
-"""CORS for browser keys (SPEC §5), through the whole middleware: preflights from the union
+"""CORS for browser keys (docs/cors.md), through the whole middleware: preflights from the union
 of active keys' origins, actual requests judged by the key's own list."""
 
 from __future__ import annotations

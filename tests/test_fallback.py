@@ -1,5 +1,5 @@
 """The failure mode and back-off that rate limits and token quotas share when Redis fails
-(SPEC §9): the state machine on its own, with calls that succeed, fail, hang or are
+(docs/failure-modes.md): the state machine on its own, with calls that succeed, fail, hang or are
 cancelled on command (the Redis-backed behaviour is in test_ratelimit.py and
 test_quotas.py, on fakeredis and a real server)."""
 

@@ -1,4 +1,4 @@
-"""Hostile bytes through a real server (SPEC §4: no input may produce a 5xx): raw sockets
+"""Hostile bytes through a real server (docs/errors.md: no input may produce a 5xx): raw sockets
 to uvicorn serving the demo (``keystile demo``, memory store) and a keystile app behind a
 trusted proxy (shared Redis) — header fuzz, homoglyph keys, malformed Origin and
 X-Forwarded-For. uvicorn (h11) may refuse a request itself with a 400 or close the

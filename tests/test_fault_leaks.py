@@ -1,4 +1,4 @@
-"""Secrets never leak (SPEC §2): not in any answer but create's and rotate's, not in an
+"""Secrets never leak (docs/key-format.md): not in any answer but create's and rotate's, not in an
 exception message, not in a log record — checked on every refusal path and the admin API,
 and (with KEYSTILE_TEST_LEAK_CHECK=1) across the whole test session by conftest.py."""
 

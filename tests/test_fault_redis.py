@@ -1,4 +1,4 @@
-"""Redis failing under load (SPEC §9): killed, slow, restarted empty.
+"""Redis failing under load (docs/failure-modes.md): killed, slow, restarted empty.
 
 Each test runs its own redis-server on a free loopback port (tests/faults/redis_server.py),
 never the shared one, and drives hundreds of concurrent requests through the full

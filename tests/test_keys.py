@@ -1,4 +1,4 @@
-"""The key format (SPEC §2): generation, parsing, checksum, digest."""
+"""The key format (docs/key-format.md): generation, parsing, checksum, digest."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def test_generated_key_shape() -> None:
 
 
 def test_body_carries_at_least_160_bits() -> None:
-    """The random body has at least 160 bits of entropy (SPEC §2)."""
+    """The random body has at least 160 bits of entropy (docs/key-format.md)."""
     assert 62**BODY_LENGTH >= 2**160
 
 

@@ -1,4 +1,5 @@
-"""The management API (SPEC §8): get, list, update, revoke, rotate and usage, on every backend."""
+"""The management API (docs/management.md): get, list, update, revoke, rotate and usage, on
+every backend."""
 
 from __future__ import annotations
 

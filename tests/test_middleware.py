@@ -1,4 +1,5 @@
-"""KeystileMiddleware authenticates as SPEC §4 says: status, JSON body and WWW-Authenticate."""
+"""KeystileMiddleware authenticates as docs/errors.md says: status, JSON body and
+WWW-Authenticate."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ REALM = 'Bearer realm="api"'
 
 
 def challenge(error: str, scope: str | None = None, realm: str = REALM) -> str:
-    """The WWW-Authenticate value SPEC §4 gives for an error (RFC 6750 §3)."""
+    """The WWW-Authenticate value docs/errors.md gives for an error (RFC 6750 §3)."""
     value = f'{realm}, error="{error}"'
     return value if scope is None else f'{value}, scope="{scope}"'
 
@@ -51,7 +52,7 @@ def challenge(error: str, scope: str | None = None, realm: str = REALM) -> str:
 def assert_refused(
     response: httpx.Response, status: int, code: str, www_authenticate: str | None
 ) -> None:
-    """The response is the SPEC's refusal: status, exact JSON shape, exact challenge."""
+    """The response is the documented refusal: status, exact JSON shape, exact challenge."""
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/json"
     body = response.json()

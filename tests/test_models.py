@@ -1,4 +1,4 @@
-"""Key settings, the key-type policy table and the scope catalogue (SPEC §1, §3)."""
+"""Key settings, the key-type policy table and the scope catalogue (docs/key-format.md)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def problems(**fields: Any) -> dict[str, str]:
 
 
 def test_default_policy_table_matches_the_spec() -> None:
-    """Prefixes, default limits and quotas are those of SPEC §1."""
+    """Prefixes, default limits and quotas are those of docs/key-format.md."""
     dev, prod, client = (DEFAULT_TYPE_POLICIES[t] for t in KeyType)
     assert (dev.prefix, prod.prefix, client.prefix) == ("dev_", "prod_", "client_")
     assert (dev.rate_limit, prod.rate_limit, client.rate_limit) == (None, None, "100/minute")
@@ -214,7 +214,7 @@ def test_policy_table_refuses_shared_prefixes_and_gaps() -> None:
     ids=str,
 )
 def test_scope_grants(held: list[str], required: str, granted: bool) -> None:
-    """service:* grants every action of its service and * grants everything (SPEC §3)."""
+    """service:* grants every action of its service and * grants everything."""
     assert DEFAULT_CATALOGUE.grants(held, required) is granted
 
 

@@ -1,4 +1,4 @@
-"""IP allowlists and the client address (SPEC §6): the ASGI client, X-Forwarded-For only
+"""IP allowlists and the client address (docs/ip-rules.md): the ASGI client, X-Forwarded-For only
 through configured trusted proxies, and a real uvicorn in front."""
 
 from __future__ import annotations

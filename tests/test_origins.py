@@ -1,4 +1,4 @@
-"""Origin parsing and matching (SPEC §5): parsed scheme, host and port, never strings."""
+"""Origin parsing and matching (docs/cors.md): parsed scheme, host and port, never strings."""
 
 from __future__ import annotations
 

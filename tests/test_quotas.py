@@ -1,4 +1,4 @@
-"""AI token quotas: an hourly budget per key, spent before or after the work (SPEC §1)."""
+"""AI token quotas: an hourly budget per key, spent before or after the work (docs/usage.md)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Rate limits (SPEC §1, §4, §9, §10): exact moving windows, decided as ``limits`` decides
-them, in one Redis round trip, with the IETF headers, failing as configured."""
+"""Rate limits (docs/headers.md, docs/failure-modes.md): exact moving windows, decided as
+``limits`` decides them, in one Redis round trip, with the IETF headers, failing as configured."""
 
 from __future__ import annotations
 
@@ -1087,7 +1087,7 @@ async def test_ratelimit_headers_count_down_then_429(
     """A client key's 100 admitted responses (from five addresses, 20 each: each address's
     share) carry RateLimit-Policy "client";q=100;w=60, "client-ip";q=20;w=60 and RateLimit
     "client";r=99..0 with each address's own r; the 101st (and 102nd), from a sixth address,
-    is the SPEC's 429 with Retry-After, Cache-Control: no-store, r=0, naming "client"."""
+    is the documented 429 with Retry-After, Cache-Control: no-store, r=0, naming "client"."""
     kind, _ = backend
     secret = await new_client_key(gate_on)
     app, seen = make_app(gate_on)

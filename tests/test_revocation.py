@@ -1,4 +1,4 @@
-"""Revocation across processes sharing one Redis (SPEC §8: within 100 ms)."""
+"""Revocation across processes sharing one Redis (docs/management.md: within 100 ms)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Per-route scopes (SPEC §3): the decorator, the FastAPI dependency and the central rule table."""
+"""Per-route scopes (docs/key-format.md): the decorator, the FastAPI dependency and the central
+rule table."""
 
 from __future__ import annotations
 
@@ -77,7 +78,7 @@ def decorated_app(gate: Keystile, **options: Any) -> Any:
 
 
 async def test_decorator_refuses_a_key_without_the_scope(local: Keystile) -> None:
-    """@scopes_required answers 403 insufficient_scope with the SPEC body and challenge."""
+    """@scopes_required answers 403 insufficient_scope with the documented body and challenge."""
     app = decorated_app(local)
     key = await new_key(local, scopes=["vec:read"])
     async with client(app) as http:
@@ -205,7 +206,7 @@ def fastapi_app(gate: Keystile | None) -> tuple[FastAPI, list[str]]:
 
 
 async def test_fastapi_security_refuses_a_key_without_the_scope(local: Keystile) -> None:
-    """Security(api_key, scopes=[...]) answers 403 with the SPEC body and challenge."""
+    """Security(api_key, scopes=[...]) answers 403 with the documented body and challenge."""
     app, called = fastapi_app(local)
     key = await new_key(local, scopes=["vec:read"])
     async with client(app) as http:
@@ -293,7 +294,7 @@ async def test_fastapi_sub_app_mounted_under_the_middleware_admits(local: Keysti
 
 async def test_fastapi_sub_app_mounted_under_the_middleware_refuses(local: Keystile) -> None:
     """A FastAPI app mounted under the middleware's app refuses a missing scope with the
-    SPEC's 403, never a 500."""
+    documented 403, never a 500."""
     app, called = mounted_fastapi_app(local)
     key = await new_key(local, scopes=["vec:read"])
     response = await call(app, authorization(key), method="POST", path="/api/cloud/vec/databases")
@@ -490,7 +491,7 @@ async def test_rules_apply_to_websockets(local: Keystile) -> None:
     assert accepted[0]["type"] == "websocket.accept"
 
 
-# -- wildcards (SPEC §3) ------------------------------------------------------------------------
+# -- wildcards (docs/key-format.md) ---------------------------------------------------------
 
 
 @pytest.mark.parametrize(

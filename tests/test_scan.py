@@ -1,4 +1,5 @@
-"""`keystile scan` (SPEC §8): finds real keys in files, nothing else, and never prints a key."""
+"""`keystile scan` (docs/management.md): finds real keys in files, nothing else, and never
+prints a key."""
 
 from __future__ import annotations
 

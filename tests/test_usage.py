@@ -1,4 +1,4 @@
-"""Usage monitoring (SPEC §7): what the middleware counts per key, in which time buckets, for
+"""Usage monitoring (docs/usage.md): what the middleware counts per key, in which time buckets, for
 how long, and at what cost — aggregated in process, flushed in one pipeline, nothing lost."""
 
 from __future__ import annotations
