@@ -10,11 +10,14 @@ with uvicorn (``--app-dir benchmarks``):
 The factories issue a ``prod_`` key when their lifespan starts (keystile: through its
 manager, memory store; the do-it-yourself app: a token of the same format in a dict) and
 write it to the file named by ``KSBENCH_TOKEN_FILE``: the file appears once the app is
-about to serve.
+about to serve. With ``KSBENCH_KEYS=N`` they issue N keys (one per line in the file);
+``KSBENCH_REDIS_URL`` and ``KSBENCH_NAMESPACE`` put keystile's keys in Redis instead of
+memory, and ``KSBENCH_USAGE=off`` turns its usage recording off.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator
@@ -40,6 +43,10 @@ from keystile.middleware import KeystileMiddleware
 PATH = "/cloud/vec/databases"
 SECRET = "benchmark-secret-0123456789"
 TOKEN_FILE_ENV = "KSBENCH_TOKEN_FILE"
+KEYS_ENV = "KSBENCH_KEYS"
+REDIS_ENV = "KSBENCH_REDIS_URL"
+NAMESPACE_ENV = "KSBENCH_NAMESPACE"
+USAGE_ENV = "KSBENCH_USAGE"
 SCOPES = ("vec:read",)
 KEY_SETTINGS = {"name": "bench", "type": "prod", "scopes": list(SCOPES)}
 
@@ -99,27 +106,48 @@ class DictBackend(AuthenticationBackend):
 bare_app = make_app()
 
 
-def write_token(path: str, token: str) -> None:
+def write_tokens(path: str, tokens: list[str]) -> None:
     partial = path + ".partial"
     with open(partial, "w", encoding="ascii") as out:
-        out.write(token)
+        out.write("\n".join(tokens))
     os.replace(partial, path)  # the file appears whole, once the app is about to serve
 
 
+def key_count() -> int:
+    return max(1, int(os.environ.get(KEYS_ENV, "1")))
+
+
+async def issue(gate: Keystile, count: int) -> list[str]:
+    """``count`` keys through the manager, 50 at a time (the store pool's size)."""
+    secrets: list[str] = []
+    for start in range(0, count, 50):
+        batch = [gate.manager.create(KEY_SETTINGS) for _ in range(min(50, count - start))]
+        secrets += [created.secret.get_secret_value() for created in await asyncio.gather(*batch)]
+    return secrets
+
+
 def keystile_app() -> Starlette:
-    """A uvicorn ``--factory``: the app behind keystile with a memory store."""
-    gate = memory_gate()
+    """A uvicorn ``--factory``: the app behind keystile, with a memory store (or Redis)."""
+    url = os.environ.get(REDIS_ENV)
+    if url:
+        gate = Keystile(
+            store=url, secret=SECRET, namespace=os.environ.get(NAMESPACE_ENV, "ksbench")
+        )
+    else:
+        gate = memory_gate()
     token_file = os.environ.get(TOKEN_FILE_ENV)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        created = await gate.manager.create(KEY_SETTINGS)
+        tokens = await issue(gate, key_count())
         if token_file:
-            write_token(token_file, created.secret.get_secret_value())
+            write_tokens(token_file, tokens)
         yield
         await gate.aclose()
 
-    return make_app([Middleware(KeystileMiddleware, gate=gate)], lifespan=lifespan)
+    usage = os.environ.get(USAGE_ENV, "on") != "off"
+    middleware = [Middleware(KeystileMiddleware, gate=gate, record_usage=usage)]
+    return make_app(middleware, lifespan=lifespan)
 
 
 def authmw_app() -> Starlette:
@@ -129,10 +157,11 @@ def authmw_app() -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        token = generate_key("prod_")
-        tokens[token] = DictKey("bench", SCOPES)
+        issued = [generate_key("prod_") for _ in range(key_count())]
+        for token in issued:
+            tokens[token] = DictKey("bench", SCOPES)
         if token_file:
-            write_token(token_file, token)
+            write_tokens(token_file, issued)
         yield
 
     backend = DictBackend(tokens)
