@@ -269,6 +269,16 @@ class Contender:
     concurrent: list[float] = field(default_factory=list)  # requests per second, per round
     trips: int = 0  # round trips counted during the timed runs
     served: int = 0
+    templates: list[dict[str, Any]] = field(default_factory=list)  # one per key, or none
+    window_prefix: str | None = None  # its window names, when they are found by prefix
+    calls: int = 0
+
+    def scope(self) -> dict[str, Any]:
+        """The next request's scope: the keys (or addresses) in turn, else the template."""
+        if not self.templates:
+            return fresh(self.template)
+        self.calls += 1
+        return fresh(self.templates[self.calls % len(self.templates)])
 
     @property
     def micros(self) -> float:
@@ -297,7 +307,44 @@ async def client_key(gate: Keystile, name: str, limit: str) -> Any:
     return await gate.manager.create({**fields, "allowed_origins": [ORIGIN.decode()]})
 
 
-async def build(url: str, namespace: str, opened: list[Any]) -> list[Contender]:
+def address(number: int) -> str:
+    return f"10.{number >> 16 & 255}.{number >> 8 & 255}.{number & 255}"
+
+
+async def spread(gate: Keystile, contenders: list[Contender], keys: int, namespace: str) -> None:
+    """With ``--keys N``: keystile calls with N client keys in turn, `limits` and slowapi
+    (keyed by the client's address) see N addresses in turn: N windows each. The other
+    contenders keep their one key."""
+    limiter = gate.limiter
+    assert isinstance(limiter, RedisLimiter)
+    windows = limit_set(LIMIT, "client")
+    created = []
+    for start in range(0, keys, 50):  # 50 at a time: the store pool's size
+        batch = (
+            client_key(gate, f"bench-{n}", LIMIT) for n in range(start, min(start + 50, keys))
+        )
+        created += await asyncio.gather(*batch)
+    for contender in contenders:
+        if contender.short == "keystile":
+            contender.templates = [
+                limited_scope(bearer(c.secret.get_secret_value())) for c in created
+            ]
+            contender.window_keys = [limiter.window_key(c.key.id, windows, 0) for c in created]
+            contender.label = f"keystile, {keys:,} client keys in turn"
+        elif contender.short in ("limits", "slowapi"):
+            template = contender.template
+            contender.templates = [
+                {**template, "client": (address(n), 40000)} for n in range(keys)
+            ]
+            contender.window_prefix = f"{namespace}-{contender.short}*"
+            contender.window_keys = []
+            contender.label += f", {keys:,} addresses in turn"
+    for contender in contenders:  # every key once: keystile has seen (and cached) them all
+        for _ in range(len(contender.templates)):
+            await contender.app(contender.scope(), receive, discard)
+
+
+async def build(url: str, namespace: str, opened: list[Any], keys: int = 1) -> list[Contender]:
     """The contenders, each checked once. What needs closing goes into ``opened``; every
     Redis key they write starts with ``namespace``."""
     bare = Contender("bare Starlette app", "bare", make_app(), limited_scope(None), 200)
@@ -465,6 +512,8 @@ async def build(url: str, namespace: str, opened: list[Any]) -> list[Contender]:
                 raise RuntimeError(f"{contender.label}: no window key under {prefix}")
     finally:
         sync.close()
+    if keys > 1:
+        await spread(gate, contenders, keys, namespace)
     return contenders
 
 
@@ -475,8 +524,11 @@ def clear_windows(sync: redis.Redis, contenders: list[Contender]) -> None:
     """A never-refusing limit never trims its list: start every round from empty windows,
     so each list holds at most one round's admissions and no contender pays for the last."""
     names = [name for c in contenders for name in c.window_keys]
-    if names:
-        sync.delete(*names)
+    for c in contenders:
+        if c.window_prefix is not None:
+            names += [n.decode() for n in sync.scan_iter(match=c.window_prefix, count=1000)]
+    for start in range(0, len(names), 1000):
+        sync.delete(*names[start : start + 1000])
 
 
 async def timed(contender: Contender, run: Callable[[], Awaitable[None]]) -> float:
@@ -495,7 +547,7 @@ async def sequential_round(
     contenders: list[Contender], start: int, requests: int, record: bool
 ) -> None:
     for contender in contenders[start:] + contenders[:start]:
-        scopes = [fresh(contender.template) for _ in range(requests)]
+        scopes = [contender.scope() for _ in range(requests)]
         app = contender.app
 
         async def run(app: App = app, scopes: list[dict[str, Any]] = scopes) -> None:
@@ -512,7 +564,7 @@ async def concurrent_round(
     contenders: list[Contender], start: int, batches: int, record: bool
 ) -> None:
     for contender in contenders[start:] + contenders[:start]:
-        work = [[fresh(contender.template) for _ in range(IN_FLIGHT)] for _ in range(batches)]
+        work = [[contender.scope() for _ in range(IN_FLIGHT)] for _ in range(batches)]
         app = contender.app
 
         async def run(app: App = app, work: list[list[dict[str, Any]]] = work) -> None:
@@ -537,7 +589,7 @@ async def check_concurrent(contender: Contender) -> None:
         return keep
 
     await asyncio.gather(
-        *[contender.app(fresh(contender.template), receive, keeper()) for _ in range(IN_FLIGHT)]
+        *[contender.app(contender.scope(), receive, keeper()) for _ in range(IN_FLIGHT)]
     )
     wrong = [s for s in statuses if s != contender.status]
     if wrong or len(statuses) != IN_FLIGHT:
@@ -597,9 +649,9 @@ async def count_commands(
     if concurrent:
         batches = max(1, requests // IN_FLIGHT)
         requests = batches * IN_FLIGHT
-        work = [[fresh(contender.template) for _ in range(IN_FLIGHT)] for _ in range(batches)]
+        work = [[contender.scope() for _ in range(IN_FLIGHT)] for _ in range(batches)]
     else:
-        work = [[fresh(contender.template)] for _ in range(requests)]
+        work = [[contender.scope()] for _ in range(requests)]
     await flush_usage(opened)
     flushes = usage_flushes(opened)
     trips = contender.round_trips() if contender.round_trips else 0
@@ -654,7 +706,7 @@ async def main(args: argparse.Namespace) -> int:
         version = sync.info("server")["redis_version"]
         opened: list[Any] = []
         try:
-            contenders = await build(url, namespace, opened)
+            contenders = await build(url, namespace, opened, args.keys)
             by_short = {c.short: c for c in contenders}
             for contender in contenders:
                 await check_concurrent(contender)
@@ -684,7 +736,18 @@ async def main(args: argparse.Namespace) -> int:
                 await concurrent_round(contenders, start, batches, record=True)
             wall = time.monotonic() - began
 
-            report(contenders, by_short, counts, rounds, requests, batches, wall, where, version)
+            report(
+                contenders,
+                by_short,
+                counts,
+                rounds,
+                requests,
+                batches,
+                wall,
+                where,
+                version,
+                args.keys,
+            )
             return 0
         finally:
             for thing in reversed(opened):
@@ -721,6 +784,7 @@ def report(
     wall: float,
     where: str,
     version: str,
+    keys: int = 1,
 ) -> None:
     width = max(len(c.label) for c in contenders)
     bare = by_short["bare"]
@@ -729,8 +793,8 @@ def report(
     refused = by_short["keystile 429"]
 
     print(
-        f"\nRate limiting in Redis, raw ASGI in process: {rounds} interleaved rounds "
-        f"({wall:.1f} s); limit {LIMIT} (never refuses), window lists emptied every round; "
+        f"\nRate limiting in Redis, raw ASGI in process, {keys:,} key(s): {rounds} interleaved "
+        f"rounds ({wall:.1f} s); limit {LIMIT} (never refuses), window lists emptied every round; "
         f"Python {sys.version.split()[0]}, Redis {version} ({where})"
     )
 
@@ -889,6 +953,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Linux: pin this process to one CPU and its redis-server to the same CPU (same) "
         "or to another (split); default none: wherever the scheduler puts them",
     )
+    parser.add_argument(
+        "--keys",
+        type=int,
+        default=1,
+        help="keystile calls with this many client keys in turn, limits and slowapi see as "
+        "many addresses (default 1)",
+    )
     args = parser.parse_args(argv)
     if args.pin != "none" and not hasattr(os, "sched_setaffinity"):
         parser.error("--pin needs Linux (os.sched_setaffinity)")
@@ -896,8 +967,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--pin only applies to the redis-server this script starts")
     if args.pin == "split" and len(os.sched_getaffinity(0)) < 2:
         parser.error("--pin split needs two CPUs")
-    if min(args.rounds, args.requests, args.batches, args.count_requests) < 1:
-        parser.error("--rounds, --requests, --batches and --count-requests must be positive")
+    if min(args.rounds, args.requests, args.batches, args.count_requests, args.keys) < 1:
+        parser.error(
+            "--rounds, --requests, --batches, --count-requests and --keys must be positive"
+        )
     return args
 
 
