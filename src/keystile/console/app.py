@@ -766,13 +766,16 @@ class Console:
             notice = '<p class="notice" role="status">Saved.</p>'
         elif params.get("revoked"):
             notice = '<p class="notice" role="status">The key is revoked.</p>'
+        last = hour.last_use
+        used_from = f" from {e(last.ip)}" if last.ip else ""
+        used_from += f" ({e(last.origin)})" if last.origin else ""
         facts: list[tuple[str, str]] = [
             ("Type", e(key.type.value)),
             ("Hint", f"<code>{e(key.hint)}</code>"),
             ("Status", pages.status_badge(info.status.value)),
             ("Scopes", f'<span class="scopes">{pages.scope_list(key.scopes)}</span>'),
             ("Created", when(key.created_at)),
-            ("Last used", when(hour.last_use.at or info.last_used_at)),
+            ("Last used", when(hour.last_use.at or info.last_used_at) + used_from),
             ("Expires", when(key.expires_at, "no expiry")),
         ]
         if key.allowed_origins:
