@@ -230,7 +230,7 @@ async def test_every_page_sends_a_strict_content_security_policy(world: World) -
         assert "default-src 'self'" in policy and "frame-ancestors 'none'" in policy
         assert "unsafe-inline" not in policy
         assert answer.headers["x-content-type-options"] == "nosniff"
-        assert answer.headers["referrer-policy"] == "no-referrer"
+        assert answer.headers["referrer-policy"] == "same-origin"
         assert answer.headers["cache-control"] == "no-store"
         assert "<script>" not in answer.text and " style=" not in answer.text
 

@@ -64,7 +64,8 @@ SECURITY_HEADERS = {
         "object-src 'none'"
     ),
     "x-content-type-options": "nosniff",
-    "referrer-policy": "no-referrer",
+    # "no-referrer" would make Chromium send "Origin: null" with the console's own forms.
+    "referrer-policy": "same-origin",
     "x-frame-options": "DENY",
     "cross-origin-opener-policy": "same-origin",
 }
@@ -389,7 +390,7 @@ class Console:
         main = (
             f'{notice}<form method="post" action="{e(base)}/signin">'
             '<div class="field"><label for="key">Admin key</label>'
-            f'<input type="password" id="key" name="key" class="wide" autocomplete="off" '
+            f'<input type="password" id="key" name="key" class="wide" '
             f"required autofocus{described}>"
             '<p class="hint">A key holding admin:manage_keys. It is checked once and not kept: '
             "the browser gets a session of 30 minutes, renewed while you use the console.</p>"
@@ -555,7 +556,7 @@ class Console:
                 f'<p class="hint" id="{name}-hint">{e(hint)}</p>{message}</div></fieldset>'
             )
         submit = "Create key" if new else "Save changes"
-        parts.append(f'<button type="submit">{submit}</button></form>')
+        parts.append(f'<button type="submit" id="save">{submit}</button></form>')
         return "".join(parts)
 
     def _settings(self, ctx: _Context, errors: list[FieldError]) -> dict[str, Any]:

@@ -232,10 +232,10 @@ def totals_cards(prefix: str, totals: UsageTotals) -> str:
         ("quota", "Quota refusals", str(totals.quota_exceeded)),
     )
     cards = "".join(
-        f'<div class="card"><dt>{label}</dt><dd id="{prefix}-{ident}">{e(value)}</dd></div>'
+        f'<dl class="card"><dt>{label}</dt><dd id="{prefix}-{ident}">{e(value)}</dd></dl>'
         for ident, label, value in figures
     )
-    return f'<dl class="cards">{cards}</dl>'
+    return f'<div class="cards">{cards}</div>'
 
 
 def ranking(title: str, ident: str, counts: Mapping[str, int], limit: int = 10) -> str:
