@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -481,3 +482,20 @@ async def test_the_demo_mounts_the_console(world: World) -> None:
         assert signin.status_code == 200 and 'name="key"' in signin.text
         css = await client.get("/console/static/console.css")
         assert css.status_code == 200 and css.headers["content-type"].startswith("text/css")
+
+
+async def test_the_readmes_console_example_serves_the_sign_in_page() -> None:
+    """The README's mounting example, run as written, serves the console without a key and
+    still guards the admin API."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    [block] = [
+        b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "console_mount" in b
+    ]
+    namespace: dict[str, Any] = {}
+    exec(block, namespace)
+    async with http(namespace["app"]) as client:
+        signin = await client.get("/console/signin")
+        assert signin.status_code == 200 and 'name="key"' in signin.text
+        assert (await client.get("/console/keys")).status_code == 303
+        assert (await client.get("/cloud/keys/")).status_code == 401
+    await namespace["gate"].aclose()
