@@ -499,3 +499,112 @@ async def test_the_readmes_console_example_serves_the_sign_in_page() -> None:
         assert (await client.get("/console/keys")).status_code == 303
         assert (await client.get("/cloud/keys/")).status_code == 401
     await namespace["gate"].aclose()
+
+
+BAD_REQUESTS = [
+    ("GET", "/console/audit?cursor=nonsense", None, None),
+    ("GET", "/console/audit?outcome=maybe", None, None),
+    ("GET", "/console/keys?q=" + "x" * 300, None, None),
+    ("GET", "/console/keys/%00%ff", None, None),
+    ("GET", "/console/static/..%2F..%2Fetc%2Fpasswd", None, None),
+    ("PUT", "/console/keys", None, None),
+    ("POST", "/console/keys/new", b"\xff\xfe=\xff", "application/x-www-form-urlencoded"),
+    ("POST", "/console/keys/new", b'{"name": "x"}', "application/json"),
+    ("POST", "/console/keys/new", b"a=" + b"b" * 70_000, "application/x-www-form-urlencoded"),
+    ("POST", "/console/signin", b"key=\xc3\xa9\xff", "application/x-www-form-urlencoded"),
+    ("POST", "/console/signin", "key=ключ".encode(), "application/x-www-form-urlencoded"),
+    ("POST", "/console/signin", b"", "text/plain"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body", "kind"), BAD_REQUESTS)
+async def test_bad_input_gets_a_4xx_page_never_a_500(
+    world: World, method: str, path: str, body: bytes | None, kind: str | None
+) -> None:
+    """Malformed filters, ids, bodies and methods get a 4xx page with the console's
+    headers, never a server error."""
+    async with http(world.app) as client:
+        await sign_in(client, world.admin)
+        headers = {"content-type": kind} if kind else {}
+        answer = await client.request(method, path, content=body, headers=headers)
+    assert 400 <= answer.status_code < 500, (answer.status_code, answer.text[:300])
+    assert "content-security-policy" in answer.headers
+
+
+async def test_bad_fields_in_a_signed_form_get_422_beside_the_fields(world: World) -> None:
+    """An over-long name, a malformed address and an impossible date are field errors."""
+    async with http(world.app) as client:
+        await sign_in(client, world.admin)
+        data = {
+            "csrf": await csrf(client),
+            "name": "n" * 500,
+            "type": "prod",
+            "allowed_ips": "999.1.1.1",
+            "expires_at": "2027-02-30",
+        }
+        answer = await client.post("/console/keys/new", data=data)
+    assert answer.status_code == 422
+    assert 'id="expires_at-error"' in answer.text
+    data["expires_at"] = ""
+    async with http(world.app) as client:
+        await sign_in(client, world.admin)
+        data["csrf"] = await csrf(client)
+        answer = await client.post("/console/keys/new", data=data)
+    assert answer.status_code == 422
+    assert 'id="name-error"' in answer.text and 'id="allowed_ips-error"' in answer.text
+    data["type"] = "root"
+    async with http(world.app) as client:
+        await sign_in(client, world.admin)
+        data["csrf"] = await csrf(client)
+        answer = await client.post("/console/keys/new", data=data)
+    assert answer.status_code == 422 and 'id="type-error"' in answer.text
+
+
+async def test_signing_out_clears_the_cookie(world: World) -> None:
+    """Sign out (a CSRF-checked form) clears the cookie; the console then asks to sign in."""
+    async with http(world.app) as client:
+        await sign_in(client, world.admin)
+        answer = await client.post("/console/signout", data={"csrf": await csrf(client)})
+        assert answer.status_code == 303
+        assert answer.headers["location"].startswith("/console/signin")
+        assert 'keystile_console=""' in answer.headers["set-cookie"]
+        assert (await client.get("/console/keys")).status_code == 303
+
+
+async def test_the_keys_page_shows_alerts_raised_for_the_key(world: World) -> None:
+    """An alert the gate raises for a key appears on that key's page, with the rules."""
+    from datetime import UTC, datetime
+
+    from keystile.alerts import Alert
+
+    alert = Alert(
+        rule="error_rate",
+        key_id=world.worker,
+        message="half the answers are errors",
+        at=datetime.now(UTC),
+    )
+    for callback in world.gate.alerts.callbacks:
+        callback(alert)
+    async with http(world.app) as client:
+        await sign_in(client, world.admin)
+        page = (await client.get(f"/console/keys/{world.worker}")).text
+        other = (await client.get(f"/console/keys/{world.admin_id}")).text
+    assert "half the answers are errors" in page and 'id="alert-rules"' in page
+    assert "half the answers are errors" not in other
+
+
+async def test_fastapi_mounts_the_console(world: World) -> None:
+    """A FastAPI app mounts console_app at /console; the bare path leads to the keys."""
+    from fastapi import FastAPI
+
+    from keystile.console import console_app
+
+    app = FastAPI()
+    app.mount("/console", console_app(world.gate))
+    app.add_middleware(KeystileMiddleware, gate=world.gate, rules=console_rules("/console"))
+    async with http(app) as client:
+        await sign_in(client, world.admin)
+        keys = await client.get("/console/keys")
+        assert keys.status_code == 200 and "alpha admin" in keys.text
+        bare = await client.get("/console", follow_redirects=True)
+        assert bare.status_code == 200 and str(bare.url).endswith("/console/keys")
