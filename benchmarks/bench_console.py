@@ -126,10 +126,12 @@ def main() -> int:
         else:
             print("(no redis-server on PATH: the memory store only)")
         print(f"console pages, {KEYS} keys in the project, ms server time: median / worst")
+        print("  (target: every page's median under 100 ms)")
         for label, url in stores:
             figures = asyncio.run(measure(url, args.rounds))
             for page, (median, worst) in figures.items():
-                print(f"  {label:<7} {page:<12} {median:7.1f} / {worst:7.1f}")
+                verdict = "PASS" if median < 100 else "FAIL"
+                print(f"  {label:<7} {page:<12} {median:7.1f} / {worst:7.1f}  {verdict}")
     return 0
 
 

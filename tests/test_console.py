@@ -608,3 +608,15 @@ async def test_fastapi_mounts_the_console(world: World) -> None:
         assert keys.status_code == 200 and "alpha admin" in keys.text
         bare = await client.get("/console", follow_redirects=True)
         assert bare.status_code == 200 and str(bare.url).endswith("/console/keys")
+
+
+async def test_the_demo_prints_the_consoles_address(world: World) -> None:
+    """`keystile demo` tells where the console is and which key signs in."""
+    import io
+
+    from keystile.demo import seed_demo_keys
+    from keystile.demo_server import print_keys
+
+    out = io.StringIO()
+    print_keys(out, "http://127.0.0.1:8000", await seed_demo_keys(world.gate), "memory")
+    assert "open http://127.0.0.1:8000/console and sign in with the admin key" in out.getvalue()
