@@ -4,6 +4,7 @@ signed-in admin key and within its project."""
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from importlib import resources
@@ -19,7 +20,7 @@ from starlette.types import ASGIApp
 
 from keystile.alerts import Alert
 from keystile.audit import ACTIONS
-from keystile.console import forms, pages, views
+from keystile.console import forms, pages, search, views
 from keystile.console.pages import e
 from keystile.console.session import COOKIE, Session, SessionSigner
 from keystile.console.slots import SecretSlots
@@ -44,16 +45,16 @@ from keystile.exceptions import (
 )
 from keystile.gate import Keystile
 from keystile.keys import parse_key
-from keystile.manager import MAX_PAGE_SIZE
+from keystile.logs import fields
 from keystile.models import ApiKey, KeyType
-from keystile.records import KeyStatus, encode_cursor
+from keystile.records import KeyStatus
 from keystile.usage import UsageReport
 
 __all__ = ["SECURITY_HEADERS", "Console"]
 
+logger = logging.getLogger("keystile.console")
+
 MANAGE_KEYS = "admin:manage_keys"
-PAGE_SIZE = 50
-_SCAN_BUDGET = 5000  # records a keys page reads at most (the cursor goes on)
 _SLOTS = 256  # secrets waiting to be shown once
 _SLOT_SECONDS = 600
 _GRACES = {"0": "At once", "3600": "1 hour", "86400": "24 hours", "604800": "7 days"}
@@ -239,11 +240,26 @@ class Console:
             except StoreError:
                 return self._plain(request, 503, "Unavailable", "The key store cannot be reached.")
             why = "This is not a valid key." if record is None else self._refusal(record)
+            client = request.client.host if request.client else None
+            shown = record.id if record is not None else "(no key)"
             if record is not None and why is None:
+                logger.info(
+                    "console: %s signed in from %s",
+                    shown,
+                    client,
+                    extra=fields("console.signed_in", key_id=shown, client_ip=client),
+                )
                 session = self.signer.new(record.id, self.gate.clock())
                 response = RedirectResponse(f"{base}/keys", status_code=303)
                 self._set_cookie(request, response, session)
                 return response
+            logger.warning(
+                "console: sign-in refused for %s from %s: %s",
+                shown,
+                client,
+                why,
+                extra=fields("console.sign_in_refused", key_id=shown, client_ip=client),
+            )
             message, status = why or "", 401
         elif request.query_params.get("why") == "signin":
             message = "Sign in to continue."
@@ -275,8 +291,8 @@ class Console:
             errors.append("the search is longer than 200 characters")
         if errors:
             raise Refused(400, "Bad request", "; ".join(errors))
-        shown, after = await self._find(
-            ctx.project, kind, status, query.casefold(), params.get("cursor") or None
+        shown, after = await search.find(
+            self.manager, ctx.project, kind, status, query.casefold(), params.get("cursor") or None
         )
         rows = await self.manager.describe(shown)
 
@@ -301,38 +317,6 @@ class Console:
             f"{filters}{pages.keys_table(ctx.base, rows)}{pager}"
         )
         return self._html(ctx, "Keys", main, "keys")
-
-    async def _find(
-        self,
-        project: str,
-        kind: str | None,
-        status: str | None,
-        query: str,
-        cursor: str | None,
-    ) -> tuple[list[ApiKey], str | None]:
-        """A page of the project's keys matching the filters, and the cursor after it;
-        reading at most :data:`_SCAN_BUDGET` records."""
-        if not query:  # the manager's own paging: it reads no more than it needs
-            page = await self.manager.list(
-                project=project, type=kind, status=status, cursor=cursor, limit=PAGE_SIZE
-            )
-            return list(page.keys), page.next
-        found: list[ApiKey] = []
-        scanned = 0
-        while True:
-            page = await self.manager.list(
-                project=project, type=kind, status=status, cursor=cursor, limit=MAX_PAGE_SIZE
-            )
-            for record in page.keys:
-                if query and query not in record.name.casefold():
-                    continue
-                if len(found) == PAGE_SIZE:
-                    return found, encode_cursor(found[-1].id)
-                found.append(record)
-            scanned += len(page.keys)
-            cursor = page.next
-            if cursor is None or scanned >= _SCAN_BUDGET:
-                return found, cursor
 
     async def new_key(self, ctx: Context) -> Response:
         form = forms.key_form(
@@ -489,7 +473,7 @@ class Console:
         wanted = {
             name: params.get(name) or None for name in ("key_id", "action", "outcome", "cursor")
         }
-        page = await self.manager.history(project=ctx.project, limit=PAGE_SIZE, **wanted)
+        page = await self.manager.history(project=ctx.project, limit=search.PAGE_SIZE, **wanted)
 
         fields = (
             '<div><label for="key_id">Key id</label><input type="text" id="key_id" '
