@@ -447,7 +447,8 @@ class Console:
         [info] = await self.manager.describe([key])
         hour = await self.manager.usage(key.id, project=ctx.project, granularity="minute")
         month = await self.manager.usage(key.id, project=ctx.project, granularity="day")
-        assert isinstance(hour, UsageReport) and isinstance(month, UsageReport)
+        if not isinstance(hour, UsageReport) or not isinstance(month, UsageReport):
+            raise TypeError("a key's usage came back as an overview")  # never: a key id given
         params = ctx.request.query_params
         notice = ""
         if params.get("saved"):
