@@ -134,13 +134,22 @@ def test_keys_made_in_the_browser_work_until_revoked_through_the_menu(
     assert api(server, made["client"], ORIGIN) == 200
     for _ in range(4):
         assert api(server, made["dev"]) == 200
+    for _ in range(2):  # kev:write is not among the key's scopes: two errors
+        refused = httpx.put(
+            f"{server.base_url}/cloud/kev/greeting",
+            content=b"hi",
+            headers={"Authorization": f"Bearer {made['dev']}"},
+        )
+        assert refused.status_code == 403
 
     dev_id = key_id_of(server, admin, "browser dev")
     driver.get(f"{server.base_url}/console/keys/{dev_id}")
     chart = driver.find_element(by("ID"), "chart-hour")
-    assert int(chart.get_attribute("data-total")) == 5
-    assert driver.find_element(by("ID"), "hour-requests").text == "5"
+    assert int(chart.get_attribute("data-total")) == 7
+    assert driver.find_element(by("ID"), "hour-requests").text == "7"
+    assert driver.find_element(by("ID"), "hour-errors").text == "2"
     assert len(chart.find_elements(by("CSS_SELECTOR"), "rect.bar")) >= 1
+    assert len(chart.find_elements(by("CSS_SELECTOR"), "rect.bar-error")) >= 1
     shot(driver, "key-usage")
     if os.environ.get("KEYSTILE_TEST_DOCS_SCREENSHOT"):
         driver.save_screenshot(str(ROOT / "docs" / "console.png"))

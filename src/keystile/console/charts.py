@@ -14,7 +14,7 @@ from html import escape
 
 __all__ = ["Bucket", "bar_chart"]
 
-WIDTH, HEIGHT = 720, 160
+WIDTH, HEIGHT = 1100, 170
 _TOP, _BOTTOM, _LEFT = 12, 22, 44
 
 
@@ -44,7 +44,7 @@ def bar_chart(chart_id: str, title: str, buckets: Sequence[Bucket], *, daily: bo
     parts = [
         f'<svg class="chart" id="{chart_id}" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" '
         f'aria-labelledby="{chart_id}-title {chart_id}-desc" '
-        f'data-total="{total}" data-peak="{peak}" preserveAspectRatio="none">',
+        f'data-total="{total}" data-peak="{peak}">',
         f'<title id="{chart_id}-title">{escape(title)}</title>',
         f'<desc id="{chart_id}-desc">{total} requests, {errors} errors; '
         f"the busiest {'day' if daily else 'minute'} had {peak}.</desc>",
