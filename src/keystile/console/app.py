@@ -18,6 +18,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp
 
+from keystile.admin_handlers import MANAGE_KEYS
 from keystile.alerts import Alert
 from keystile.audit import ACTIONS
 from keystile.console import forms, pages, search, views
@@ -54,9 +55,6 @@ __all__ = ["SECURITY_HEADERS", "Console"]
 
 logger = logging.getLogger("keystile.console")
 
-MANAGE_KEYS = "admin:manage_keys"
-_SLOTS = 256  # secrets waiting to be shown once
-_SLOT_SECONDS = 600
 _GRACES = {"0": "At once", "3600": "1 hour", "86400": "24 hours", "604800": "7 days"}
 
 
