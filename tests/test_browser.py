@@ -9,32 +9,17 @@ given the driver's path, so it never tries to download one.
 from __future__ import annotations
 
 import http.server
-import os
 import re
-import shutil
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from browser.chromium import chromium
 from browser.harness import ServerProcess, demo_argv, seed_env, serve
 from keystile.origins import parse_origin_pattern
 
-REQUIRED = os.environ.get("KEYSTILE_TEST_REQUIRE_BROWSER", "") not in ("", "0")
-TIMEOUT = 15  # seconds for a page load or a script in the page
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-proxy-server",
-]
 PATH = "/cloud/vec/databases"
 
 PAGE = b"""<!doctype html>
@@ -66,46 +51,11 @@ function originOf(text) {
 """
 
 
-def unavailable(reason: str) -> None:
-    """Skip, or fail when a browser is required."""
-    if REQUIRED:
-        pytest.fail(f"a browser is required (KEYSTILE_TEST_REQUIRE_BROWSER): {reason}")
-    pytest.skip(reason)
-
-
-def _executable(name: str) -> str | None:
-    found = shutil.which(name) or f"/usr/bin/{name}"
-    return found if Path(found).is_file() and os.access(found, os.X_OK) else None
-
-
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """Headless Chromium driven by Debian's chromedriver, with a fresh profile."""
-    try:
-        from selenium import webdriver
-        from selenium.common.exceptions import WebDriverException
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        unavailable("selenium is not installed (pip install -e '.[test]')")
-    chromium, chromedriver = _executable("chromium"), _executable("chromedriver")
-    if chromium is None or chromedriver is None:
-        unavailable("no chromium/chromedriver (apt-get install chromium chromium-driver)")
-    assert chromium is not None and chromedriver is not None
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in CHROMIUM_FLAGS:
-        options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
-    try:
-        browser = webdriver.Chrome(options=options, service=Service(chromedriver))
-    except WebDriverException as exc:
-        unavailable(f"chromium does not start: {exc.msg}")
-    try:
-        browser.set_page_load_timeout(TIMEOUT)
-        browser.set_script_timeout(TIMEOUT)
+    with chromium(tmp_path_factory.mktemp("chromium-profile")) as browser:
         yield browser
-    finally:
-        browser.quit()  # the browser and its chromedriver
 
 
 class _PageHandler(http.server.BaseHTTPRequestHandler):

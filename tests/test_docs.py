@@ -24,6 +24,7 @@ PAGES = [
     "usage.md",
     "alerts.md",
     "management.md",
+    "console.md",
     "configuration.md",
     "observability.md",
     "failure-modes.md",

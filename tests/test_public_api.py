@@ -155,3 +155,17 @@ async def test_no_repr_or_str_shows_the_secret(manager: KeyManager, cached: Cach
     for text in shown:
         assert secret not in text
         assert secret[5:13] not in text
+
+
+def test_the_console_module_exports_its_mounting_api() -> None:
+    """keystile.console offers its app, its mount, the middleware rules it needs, the
+    Console class and the headers it sends."""
+    from keystile import console
+
+    assert console.__all__ == [
+        "SECURITY_HEADERS",
+        "Console",
+        "console_app",
+        "console_mount",
+        "console_rules",
+    ]

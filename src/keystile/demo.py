@@ -30,6 +30,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from keystile.admin import admin_mount, admin_rules
+from keystile.console import console_mount, console_rules
 from keystile.gate import Keystile
 from keystile.manager import CreatedKey
 from keystile.middleware import KeystileMiddleware
@@ -383,8 +384,10 @@ def build_demo_app(gate: Keystile, state: DemoState | None = None) -> Starlette:
     ]
     # The admin REST API, guarded by admin:manage_keys / admin:view_usage.
     routes.append(admin_mount(gate, "/cloud/keys"))
+    # The web console, signed in with an admin key (its own session: no key per request).
+    routes.append(console_mount(gate, "/console"))
     app = Starlette(routes=routes)
-    rules = [*DEMO_RULES, *admin_rules("/cloud/keys")]
+    rules = [*DEMO_RULES, *admin_rules("/cloud/keys"), *console_rules("/console")]
     app.add_middleware(KeystileMiddleware, gate=gate, rules=rules, deny_unmatched=True)
     app.state.demo = state
     return app

@@ -84,6 +84,7 @@ def print_keys(out: TextIO, base: str, keys: dict[str, CreatedKey], store: str) 
         f"  curl -s {base}/cloud/keys/{dev.key.id}/usage -H 'Authorization: Bearer {admin}'\n"
         f"  curl -s -X POST {base}/cloud/keys/{dev.key.id}/revoke"
         f" -H 'Authorization: Bearer {admin}'\n"
+        f"\nThe console: open {base}/console and sign in with the admin key.\n"
     )
     out.flush()
 
