@@ -80,7 +80,7 @@ class AlertRules(BaseModel):
         tuple[Annotated[float, Field(gt=0.0, le=1.0)], ...], Field(max_length=10)
     ] = (0.8, 0.9, 1.0)
     rotation_due: bool = True
-    cooldown: Annotated[float, Field(ge=1.0, le=30 * 86_400)] = 3600.0
+    cooldown: Annotated[float, Field(gt=0.0, le=30 * 86_400)] = 3600.0
 
 
 _LOOKUPS_PER_FLUSH = 20  # store reads a flush may make for keys not in the cache

@@ -176,9 +176,10 @@ def effective_rules(default: AlertRules, *levels: Rules) -> AlertRules:
     if not merged:
         return default
     try:
-        return AlertRules.model_validate({**default.model_dump(), **merged})
+        checked = AlertRules.model_validate(merged)  # what is not set: valid class defaults
     except ValidationError:  # a stored rule no longer valid (edited by hand): the default
         return default
+    return default.model_copy(update={name: getattr(checked, name) for name in merged})
 
 
 class ProjectStore(Protocol):
