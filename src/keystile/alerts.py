@@ -215,13 +215,12 @@ class RedisAlertState:
 
 
 class RuleSource(Protocol):
-    """Each key's rules, by project (:class:`keystile.projects.RuleBook`)."""
+    """Each key's rules, by project (:class:`keystile.projects.RuleBook`): ``refresh``
+    makes some projects' current (one round trip at most), ``rules`` answers from that."""
 
-    async def refresh(self, projects: Iterable[str]) -> None:
-        """Make the rules of ``projects`` current (at most one round trip)."""
+    async def refresh(self, projects: Iterable[str]) -> None: ...
 
-    def rules(self, default: AlertRules, project: str, key_id: str) -> AlertRules:
-        """The key's rules as known now (no round trip)."""
+    def rules(self, default: AlertRules, project: str, key_id: str) -> AlertRules: ...
 
 
 class Alerter:
@@ -290,14 +289,10 @@ class Alerter:
     def _project_of(self, key_id: str) -> str | None:
         """The key's project: remembered, else from the cached record (no round trip)."""
         project = self._projects.get(key_id)
-        if project is None:
-            record = self.cached(key_id)
-            if record is None:
-                return None
-            project = record.project
+        if project is None and (record := self.cached(key_id)) is not None:
             if len(self._projects) >= 100_000:
                 self._projects.clear()
-            self._projects[key_id] = project
+            project = self._projects[key_id] = record.project
         return project
 
     def _known(self, key_id: str) -> AlertRules:
@@ -308,9 +303,8 @@ class Alerter:
         return self.rulebook.rules(self.rules, project, key_id)
 
     async def _resolve(self, key_ids: Iterable[str]) -> Callable[[str], AlertRules]:
-        """Every key's rules for this flush: the projects of its keys made current in one
-        round trip (at most); a key not cached is looked up, ``_LOOKUPS_PER_FLUSH`` at
-        most, else judged by the default until it is."""
+        """Every key's rules for this flush (its projects' read in one round trip at most; a
+        key not cached is looked up, ``_LOOKUPS_PER_FLUSH`` at most, else the default)."""
         if self.rulebook is None:
             return lambda _: self.rules
         projects: set[str] = set()
@@ -328,15 +322,7 @@ class Alerter:
             if project is not None:
                 projects.add(project)
         await self.rulebook.refresh(projects)
-        memo: dict[str, AlertRules] = {}
-
-        def rules_of(key_id: str) -> AlertRules:
-            found = memo.get(key_id)
-            if found is None:
-                found = memo[key_id] = self._known(key_id)
-            return found
-
-        return rules_of
+        return self._known
 
     async def on_flush(self, batch: UsageBatch, touched: dict[tuple[str, int], list[int]]) -> None:
         now = self.clock()
