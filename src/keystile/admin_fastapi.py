@@ -28,6 +28,7 @@ from fastapi.responses import Response
 
 from keystile.admin_handlers import MANAGE_KEYS, VIEW_USAGE, AdminAPI
 from keystile.alerts import AlertRules
+from keystile.audit import ACTIONS
 from keystile.fastapi import api_key
 from keystile.gate import Keystile
 from keystile.manager import UPDATABLE_FIELDS, KeyStatus
@@ -143,7 +144,7 @@ _AUDIT_PARAMETERS: list[dict[str, Any]] = [
         "name": "action",
         "in": "query",
         "required": False,
-        "schema": {"type": "string", "enum": ["create", "update", "rotate", "revoke"]},
+        "schema": {"type": "string", "enum": list(ACTIONS)},
     },
     {
         "name": "outcome",

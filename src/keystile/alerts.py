@@ -215,8 +215,7 @@ class RedisAlertState:
 
 
 class RuleSource(Protocol):
-    """Each key's rules, by project (:class:`keystile.projects.RuleBook`): ``refresh``
-    makes some projects' current (one round trip at most), ``rules`` answers from that."""
+    """Each key's rules by project, refreshed per flush (:class:`~keystile.projects.RuleBook`)."""
 
     async def refresh(self, projects: Iterable[str]) -> None: ...
 
@@ -224,11 +223,9 @@ class RuleSource(Protocol):
 
 
 class Alerter:
-    """Evaluates the rules on each usage flush and delivers what fires.
-
-    ``rules`` are the process default; with a ``rulebook``, each key is judged by its own
-    rules (its overrides, else its project's, else the default), resolved once per flush
-    for every project in it — cached, so most flushes make no round trip for them."""
+    """Evaluates the rules on each usage flush and delivers what fires. ``rules`` are the
+    default; with a ``rulebook``, each key is judged by its own (its overrides, else its
+    project's, else the default), cached: most flushes make no round trip for them."""
 
     def __init__(
         self,
@@ -278,8 +275,7 @@ class Alerter:
         return callback
 
     def quota_spent(self, key_id: str, before: int, after: int, quota: int) -> None:
-        """Note a token spend; thresholds it crossed fire at the next flush (judged by the
-        key's rules as known now, and again by its current rules at the flush)."""
+        """Note a token spend; thresholds it crossed (the key's rules) fire at the next flush."""
         thresholds = self._known(key_id).quota_thresholds
         if quota > 0 and thresholds:
             crossed = any(before < t * quota <= after for t in thresholds)
@@ -290,9 +286,13 @@ class Alerter:
         """The key's project: remembered, else from the cached record (no round trip)."""
         project = self._projects.get(key_id)
         if project is None and (record := self.cached(key_id)) is not None:
-            if len(self._projects) >= 100_000:
-                self._projects.clear()
-            project = self._projects[key_id] = record.project
+            project = self._remember(key_id, record.project)
+        return project
+
+    def _remember(self, key_id: str, project: str) -> str:
+        if len(self._projects) >= 100_000:  # bounded: forget all, re-learn from the cache
+            self._projects.clear()
+        self._projects[key_id] = project
         return project
 
     def _known(self, key_id: str) -> AlertRules:
@@ -316,10 +316,10 @@ class Alerter:
                 try:
                     record = await self.lookup(key_id)
                 except KeystileError:
-                    record = None
-                if record is not None:
-                    project = self._projects[key_id] = record.project
-            if project is not None:
+                    continue
+                # A key no longer stored is judged by the default, and not looked up again.
+                project = self._remember(key_id, "" if record is None else record.project)
+            if project:
                 projects.add(project)
         await self.rulebook.refresh(projects)
         return self._known
