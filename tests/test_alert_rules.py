@@ -337,3 +337,30 @@ async def test_a_project_keeps_one_small_rule_hash(world: World) -> None:
         f"key:{world.worker['alpha']}": {"cooldown": 60.0},
     }
     assert MAX_KEY_OVERRIDES == 10_000
+
+
+async def test_a_change_made_elsewhere_is_seen_within_the_ttl(
+    store: KeyStore, clock: ManualClock
+) -> None:
+    """Rules changed by another process (here: another manager on the same Redis, as the
+    command line is) reach the alerter once the cached rules are older than the TTL."""
+    if not isinstance(store, RedisStore):
+        pytest.skip("another process shares only a Redis store")
+    rig = Rig(store, clock, AlertRules())
+    book = rig.gate.alerts.rulebook
+    assert isinstance(book, RuleBook)
+    now = [0.0]
+    book.monotonic = lambda: now[0]
+    elsewhere = KeyManager(store, rig.gate.hasher)
+    try:
+        _, headers = await rig.key(project="alpha")
+        assert await rig.send(headers, n=6) == [200] * 6
+        assert await rig.flush() == []  # alpha's rules are read (none) and cached
+        await elsewhere.set_alert_rules(requests_per_minute=5, project="alpha")
+        assert await rig.send(headers, n=6) == [200] * 6
+        assert await rig.flush() == []  # within the TTL: the cached rules
+        now[0] += book.ttl
+        assert await rig.send(headers, n=6) == [200] * 6
+        assert await rig.flush() == ["requests_per_minute"]
+    finally:
+        await rig.close()
