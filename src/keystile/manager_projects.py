@@ -8,6 +8,7 @@ through the one management API; every change and refused attempt goes to the aud
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 from collections import Counter
 from collections.abc import Mapping
@@ -45,14 +46,22 @@ _PROJECT_ID: TypeAdapter[str] = TypeAdapter(ProjectName)
 
 
 def _project_id(project: object) -> str:
-    try:
-        return _PROJECT_ID.validate_python(project)
-    except ValidationError:
+    checked = _shown(project)
+    if checked is None:
         raise KeyValidationError.single(
             "project",
             "must be 1 to 63 lower-case letters, digits, '-' or '_', starting with a letter "
             "or digit",
-        ) from None
+        )
+    return checked
+
+
+def _shown(project: object) -> str | None:
+    """A project id fit for the audit trail: a valid one, else none (never raw input)."""
+    try:
+        return _PROJECT_ID.validate_python(project)
+    except ValidationError:
+        return None
 
 
 def _rule_diff(old: Rules, new: Rules) -> dict[str, list[Any]]:
@@ -72,6 +81,7 @@ class ProjectManagement:
     if TYPE_CHECKING:  # what the manager brings
         store: KeyStore
         clock: Clock
+        _writing: asyncio.Lock
 
         async def get(self, key_id: str, *, project: str | None = None) -> ApiKey: ...
 
@@ -116,33 +126,37 @@ class ProjectManagement:
             ]
             if unknown:
                 raise KeyValidationError(unknown)
-            before = await self.projects_store.get(project)
-            old = {"name": project, "description": ""} if before is None else before.model_dump()
-            values = {
-                "name": asked.get("name", old["name"]),
-                "description": asked.get("description", old["description"]),
-            }
-            try:
-                record = ProjectRecord.model_validate(
-                    now_record(
-                        project,
-                        values["name"],
-                        values["description"],
-                        self.clock(),
-                        None if before is None else before.created_at,
-                    )
-                )
-            except ValidationError as exc:
-                raise KeyValidationError(field_errors(exc)) from None
-            await self.projects_store.put(record)
+            async with self._writing:  # read, change, write: one at a time here
+                old, record = await self._renamed(project, asked)
         except (KeyValidationError, KeyNotFound) as exc:
-            await self._audit("update_project", who, refused=exc, project=str(project))
+            await self._audit("update_project", who, refused=exc, project=_shown(project))
             raise
         diff = {
             k: [old[k], getattr(record, k)] for k in PROJECT_FIELDS if old[k] != getattr(record, k)
         }
         await self._audit("update_project", who, changes=diff, project=project)
         return ProjectInfo.of(project, record)
+
+    async def _renamed(
+        self, project: str, asked: dict[str, Any]
+    ) -> tuple[dict[str, Any], ProjectRecord]:
+        """The project's fields before, and its record with ``asked`` applied, written."""
+        before = await self.projects_store.get(project)
+        old = {"name": project, "description": ""} if before is None else before.model_dump()
+        try:
+            record = ProjectRecord.model_validate(
+                now_record(
+                    project,
+                    asked.get("name", old["name"]),
+                    asked.get("description", old["description"]),
+                    self.clock(),
+                    None if before is None else before.created_at,
+                )
+            )
+        except ValidationError as exc:
+            raise KeyValidationError(field_errors(exc)) from None
+        await self.projects_store.put(record)
+        return old, record
 
     async def projects(self) -> builtins.list[ProjectInfo]:
         """Every project, recorded or holding keys, by id, with how many keys each holds
@@ -256,15 +270,18 @@ class ProjectManagement:
                 project = record.project
             project = _project_id(project)
             wanted = rule_changes(asked)
-            held = (await self.projects_store.rules([project]))[project]
-            old = held.project if record is None else held.keys.get(record.id, {})
-            new = wanted if replace else {**old, **wanted}
-            if new != old:
-                await self.projects_store.set_rules(
-                    project, None if record is None else record.id, new
-                )
+            # Read, merge, write: serialised within this manager (across processes, the
+            # last write wins).
+            async with self._writing:
+                held = (await self.projects_store.rules([project]))[project]
+                old = held.project if record is None else held.keys.get(record.id, {})
+                new = wanted if replace else {**old, **wanted}
+                if new != old:
+                    await self.projects_store.set_rules(
+                        project, None if record is None else record.id, new
+                    )
         except (KeyValidationError, KeyNotFound) as exc:
-            await self._audit(action, who, key_id=key_id, refused=exc, project=project)
+            await self._audit(action, who, key_id=key_id, refused=exc, project=_shown(project))
             raise
         if record is None:
             await self._audit(action, who, changes=_rule_diff(old, new), project=project)
