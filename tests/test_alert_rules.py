@@ -364,3 +364,34 @@ async def test_a_change_made_elsewhere_is_seen_within_the_ttl(
         assert await rig.flush() == ["requests_per_minute"]
     finally:
         await rig.close()
+
+
+async def test_a_project_holds_a_bounded_number_of_key_overrides(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the most key overrides a project holds, another key's is refused (422 over
+    REST, naming key_id); changing a key that has one, and the project's own, still work."""
+    monkeypatch.setattr("keystile.projects.MAX_KEY_OVERRIDES", 2)
+    manager = world.manager
+    await manager.set_alert_rules(cooldown=60, project="alpha")
+    made = [world.worker["alpha"]]
+    for n in range(2):
+        made.append(
+            (await manager.create({"name": f"k{n}", "type": "dev"}, project="alpha")).key.id
+        )
+    await manager.set_key_alert_rules(made[0], cooldown=61)
+    await manager.set_key_alert_rules(made[1], cooldown=62)
+    async with http(world.app) as client:
+        refused = await client.put(
+            f"/keys/{made[2]}/alert-rules", json={"cooldown": 63}, headers=world.admin["alpha"]
+        )
+    assert refused.status_code == 422
+    assert [f["field"] for f in refused.json()["error"]["fields"]] == ["key_id"]
+    await manager.set_key_alert_rules(made[0], cooldown=64)
+    await manager.set_alert_rules(cooldown=65, project="alpha")
+    rules = await manager.alert_rules("alpha")
+    assert (rules.overridden, rules.rules) == (sorted(made[:2]), {"cooldown": 65.0})
+    await manager.clear_key_alert_rules(made[1])
+    assert (await manager.set_key_alert_rules(made[2], cooldown=66)).overrides == {
+        "cooldown": 66.0
+    }

@@ -342,13 +342,15 @@ class RedisProjectStore(_Announcing):
         if not rules:
             await self.client.hdel(name, entry)
         else:
-            # At most one field per key, plus the project's own.
-            if (
-                key_id is not None
-                and not await self.client.hexists(name, entry)
-                and await self.client.hlen(name) > MAX_KEY_OVERRIDES
-            ):
-                raise _too_many()
+            if key_id is not None:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    pipe.hexists(name, entry)
+                    pipe.hexists(name, _PROJECT_FIELD)
+                    pipe.hlen(name)
+                    held, own, fields = await pipe.execute()
+                # A field per key with overrides, plus the project's own.
+                if not held and int(fields) - bool(own) >= MAX_KEY_OVERRIDES:
+                    raise _too_many()
             await self.client.hset(name, entry, json.dumps(rules, separators=(",", ":")))
         self._announce(project)
 
