@@ -231,6 +231,9 @@ async def test_a_project_has_a_name_set_and_read_through_every_surface(
         "name": ["alpha", "Alpha Search"],
         "description": ["", "the search team"],
     }
+    code, out, _ = await world.cli("audit", "--action", "update_project", "--project", "beta")
+    assert code == 0
+    assert "update_project project beta: name 'beta' -> 'Beta Billing'" in out
     await gate.shutdown()
 
 

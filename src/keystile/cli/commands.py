@@ -327,7 +327,8 @@ async def _audit(args: argparse.Namespace, manager: KeyManager, out: TextIO) -> 
     if not page.events:
         out.write("no events\n")
     for event in page.events:
-        what = f"{event.action} {event.key_id or '-'}"
+        target = event.key_id or (f"project {event.project}" if event.project else "-")
+        what = f"{event.action} {target}"
         if event.outcome == "refused":
             what += f" REFUSED: {event.reason}"
         elif event.changes:
