@@ -395,3 +395,32 @@ async def test_a_project_holds_a_bounded_number_of_key_overrides(
     assert (await manager.set_key_alert_rules(made[2], cooldown=66)).overrides == {
         "cooldown": 66.0
     }
+
+
+async def test_quota_alerts_follow_the_projects_and_the_keys_thresholds(
+    store: KeyStore, clock: ManualClock
+) -> None:
+    """A project's quota thresholds replace the default's (50 % fires, 80 % does not), and
+    a key's override replaces its project's."""
+    rig = Rig(store, clock, AlertRules())
+    try:
+        manager = rig.gate.manager
+        project_key, project_headers = await rig.key(project="alpha", token_quota=100)
+        own_key, own_headers = await rig.key(project="alpha", token_quota=100)
+        await manager.set_alert_rules(quota_thresholds=[0.5], project="alpha")
+        await manager.set_key_alert_rules(own_key, quota_thresholds=[0.25])
+        # The first flush of a project reads its rules; spends are judged by them after.
+        assert await rig.send(project_headers, "/infer/1") == [200]
+        assert await rig.send(own_headers, "/infer/1") == [200]
+        await rig.flush()
+        assert await rig.send(project_headers, "/infer/54") == [200]
+        assert await rig.send(own_headers, "/infer/29") == [200]
+        assert await rig.flush() == ["quota", "quota"]
+        assert {(a.key_id, a.details["used"]) for a in rig.alerts} == {
+            (project_key, 55),
+            (own_key, 30),
+        }
+        assert await rig.send(project_headers, "/infer/30") == [200]  # 85 %: not alpha's
+        assert await rig.flush() == []
+    finally:
+        await rig.close()
