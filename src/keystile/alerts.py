@@ -63,11 +63,8 @@ class Alert(BaseModel):
 
 
 class AlertRules(BaseModel):
-    """Which rules run, and their thresholds (``None`` turns a rule off).
-
-    The process-wide rules (``Keystile(alert_rules=...)``) are the default; a project may
-    set its own, and a key its own overrides (:mod:`keystile.projects`): a key's rules are
-    its overrides, else its project's, else these."""
+    """Which rules run, and their thresholds (``None`` turns a rule off): the process's
+    default; a key's overrides, else its project's rules, come first (:mod:`keystile.projects`)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -290,7 +287,7 @@ class Alerter:
         return project
 
     def _remember(self, key_id: str, project: str) -> str:
-        if len(self._projects) >= 100_000:  # bounded: forget all, re-learn from the cache
+        if len(self._projects) >= 100_000:  # bounded: forget all, re-learn them
             self._projects.clear()
         self._projects[key_id] = project
         return project
@@ -309,7 +306,9 @@ class Alerter:
             return lambda _: self.rules
         projects: set[str] = set()
         lookups = _LOOKUPS_PER_FLUSH
-        for key_id in key_ids:
+        for n, key_id in enumerate(key_ids, 1):
+            if n % _YIELD_EVERY == 0:
+                await asyncio.sleep(0)
             project = self._project_of(key_id)
             if project is None and lookups > 0:
                 lookups -= 1
