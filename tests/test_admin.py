@@ -567,7 +567,26 @@ ENDPOINTS = [
     ("POST", "/{id}/rotate", "admin:manage_keys"),
     ("GET", "/{id}/usage", "admin:view_usage"),
     ("GET", "/usage", "admin:view_usage"),
+    ("GET", "/project", "admin:view_usage"),
+    ("PATCH", "/project", "admin:manage_keys"),
+    ("GET", "/alert-rules", "admin:view_usage"),
+    ("PUT", "/alert-rules", "admin:manage_keys"),
+    ("PATCH", "/alert-rules", "admin:manage_keys"),
+    ("DELETE", "/alert-rules", "admin:manage_keys"),
+    ("GET", "/{id}/alert-rules", "admin:view_usage"),
+    ("PUT", "/{id}/alert-rules", "admin:manage_keys"),
+    ("PATCH", "/{id}/alert-rules", "admin:manage_keys"),
+    ("DELETE", "/{id}/alert-rules", "admin:manage_keys"),
 ]
+
+
+def body_for(method: str, path: str) -> dict[str, Any] | None:
+    """A valid body for each endpoint that takes one."""
+    if path.endswith("alert-rules"):
+        return {"cooldown": 60} if method in ("PUT", "PATCH") else None
+    if path == "/":
+        return NEW_KEY if method == "POST" else None
+    return {"name": "x"} if method == "PATCH" else {} if method == "POST" else None
 
 
 @pytest.mark.parametrize(("method", "path", "scope"), ENDPOINTS)
@@ -582,13 +601,16 @@ async def test_each_endpoint_requires_its_scope(
     admin = await client_for(app, gate, ["vec:*", other])
     async with admin.http:
         url = path.replace("{id}", target.key.id)
-        body = {"name": "x"} if method == "PATCH" else NEW_KEY if method == "POST" else None
+        body = body_for(method, path)
         anonymous = await admin.request(method, url, json=body, headers={})
         refused = await admin.request(method, url, json=body)
     assert_error(anonymous, 401, "missing_api_key")
     assert_error(refused, 403, "insufficient_scope")
     assert refused.headers["www-authenticate"].endswith(f'scope="{scope}"')
     assert await gate.manager.get(target.key.id) == target.key
+    assert (await gate.manager.key_alert_rules(target.key.id)).overrides == {}
+    assert (await gate.manager.alert_rules()).rules == {}
+    assert not (await gate.manager.project_info()).recorded
 
 
 async def test_routes_mounted_without_the_sub_app_work_too(gate: Keystile) -> None:
@@ -609,9 +631,7 @@ async def test_admin_rules_let_the_api_through_a_deny_unmatched_table(gate: Keys
         created = await admin.create()
         for method, path, _ in ENDPOINTS:
             url = path.replace("{id}", created["key"]["id"])
-            body = {"name": "x"} if method == "PATCH" else {} if method == "POST" else None
-            if path == "/":
-                body = NEW_KEY if method == "POST" else None
+            body = body_for(method, path)
             response = await admin.request(method, url, json=body)
             assert response.status_code in (200, 201, 409), (method, path, response.text)
             refused = await admin.request(

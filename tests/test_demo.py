@@ -345,7 +345,7 @@ async def served() -> AsyncIterator[tuple[httpx.AsyncClient, DemoState, dict[str
     """The demo app with its state at hand (small stores), a client and the seeded keys."""
     gate = Keystile(store="memory://")
     keys = await seed_demo_keys(gate)
-    state = DemoState(kev=DemoStore(3, 100), files=DemoStore(3, 100))
+    state = DemoState(kev=DemoStore(3, 110), files=DemoStore(3, 110))
     transport = httpx.ASGITransport(app=build_demo_app(gate, state))
     async with httpx.AsyncClient(transport=transport, base_url="http://demo") as client:
         yield client, state, {n: c.secret.get_secret_value() for n, c in keys.items()}
@@ -467,7 +467,7 @@ async def test_item4_stores_refuse_bytes_beyond_their_size(
     held: DemoStore[Any] = getattr(state, store)
     first = await client.put(path.format(n=0), content=b"x" * 60, headers=headers)
     assert first.status_code == created
-    name = _name(path.format(n=0))
+    name = "default/" + _name(path.format(n=0))  # kept within the key's project
     assert held.size == len(name) + 60
     too_much = await client.put(path.format(n=1), content=b"y" * 60, headers=headers)
     assert too_much.status_code == 507

@@ -3,6 +3,7 @@ only, and another project's ids answer exactly as ids that do not exist (issue #
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
@@ -13,7 +14,16 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
 from conftest import SECRET
-from keystile import KeyManager, KeyNotFound, Keystile, KeystileMiddleware, KeyValidationError
+from keystile import (
+    KeyManager,
+    KeyNotFound,
+    Keystile,
+    KeystileMiddleware,
+    KeyValidationError,
+    ManualClock,
+)
+from keystile.stores import KeyStore
+from test_alert_rules import World
 from usage_app import http
 
 ADMIN = ["admin:manage_keys", "admin:view_usage"]
@@ -58,6 +68,10 @@ ROUTES = [
     ("POST", "/keys/{id}/revoke", None),
     ("POST", "/keys/{id}/rotate", {"grace_seconds": 0}),
     ("GET", "/keys/{id}/usage", None),
+    ("GET", "/keys/{id}/alert-rules", None),
+    ("PUT", "/keys/{id}/alert-rules", {"requests_per_minute": 1}),
+    ("PATCH", "/keys/{id}/alert-rules", {"requests_per_minute": 1}),
+    ("DELETE", "/keys/{id}/alert-rules", None),
 ]
 
 
@@ -87,6 +101,7 @@ async def test_another_projects_key_is_indistinguishable_from_no_key(
     record = await gate.manager.get(beta["worker"])
     assert record.name == "beta worker" and record.revoked_at is None
     assert record.replaced_by is None
+    assert (await gate.manager.key_alert_rules(beta["worker"])).overrides == {}
     await gate.aclose()
 
 
@@ -145,3 +160,120 @@ async def test_operators_work_across_projects_or_within_one(manager: KeyManager)
         await manager.create({"name": "d", "type": "dev", "project": "Not A Name!"})
     default = await manager.create({"name": "e", "type": "dev"})
     assert default.key.project == "default"
+
+
+# -- a project's name (issue #16, item 1) ------------------------------------------------
+
+
+async def test_a_project_has_a_name_set_and_read_through_every_surface(
+    store: KeyStore, clock: ManualClock
+) -> None:
+    """A project not yet named shows its id as its name; renamed over REST it reads back in
+    Python and on the command line, and renamed there it reads back over REST; an admin
+    key reads and renames only its own project; each rename is in the audit trail."""
+    gate = Keystile(store=store, secret=SECRET, clock=clock)
+    world = await World(gate).populate()
+    manager = gate.manager
+    unnamed = await manager.project_info("alpha")
+    assert (unnamed.id, unnamed.name, unnamed.recorded, unnamed.created_at) == (
+        "alpha",
+        "alpha",
+        False,
+        None,
+    )
+    async with http(world.app) as client:
+        shown = await client.get("/keys/project", headers=world.admin["alpha"])
+        assert shown.json()["project"]["name"] == "alpha"
+        renamed = await client.patch(
+            "/keys/project",
+            json={"name": "Alpha Search", "description": "the search team"},
+            headers=world.admin["alpha"],
+        )
+        assert renamed.status_code == 200
+        assert renamed.json()["project"]["name"] == "Alpha Search"
+        info = await manager.project_info("alpha")
+        assert (info.name, info.description, info.recorded) == (
+            "Alpha Search",
+            "the search team",
+            True,
+        )
+        code, out, _ = await world.cli("projects", "show", "--project", "alpha")
+        assert code == 0 and "Alpha Search" in out
+        code, _, _ = await world.cli("projects", "rename", "Beta Billing", "--project", "beta")
+        assert code == 0
+        theirs = await client.get("/keys/project", headers=world.admin["beta"])
+        assert theirs.json()["project"]["name"] == "Beta Billing"
+        # Alpha's admin still sees alpha only, and cannot name a project in its body.
+        mine = await client.get("/keys/project", headers=world.admin["alpha"])
+        assert mine.json()["project"]["id"] == "alpha"
+        sneaky = await client.patch(
+            "/keys/project", json={"id": "beta", "name": "x"}, headers=world.admin["alpha"]
+        )
+        assert sneaky.status_code == 422
+        assert [f["field"] for f in sneaky.json()["error"]["fields"]] == ["id"]
+        empty = await client.patch(
+            "/keys/project", json={"name": " "}, headers=world.admin["alpha"]
+        )
+        assert empty.status_code == 422
+    assert (await manager.project_info("beta")).name == "Beta Billing"
+    code, out, _ = await world.cli("projects", "list", "--json")
+    listed = {p["id"]: p for p in json.loads(out)["projects"]}
+    assert listed["alpha"]["keys"] == 2 and listed["beta"]["name"] == "Beta Billing"
+    assert [p.id for p in await manager.projects()] == ["alpha", "beta"]
+    events = (await manager.history(action="update_project")).events
+    assert [(e.project, e.outcome) for e in reversed(events)] == [
+        ("alpha", "ok"),
+        ("beta", "ok"),
+        ("alpha", "refused"),
+        ("alpha", "refused"),
+    ]
+    assert events[-1].changes == {
+        "name": ["alpha", "Alpha Search"],
+        "description": ["", "the search team"],
+    }
+    code, out, _ = await world.cli("audit", "--action", "update_project", "--project", "beta")
+    assert code == 0
+    assert "update_project project beta: name 'beta' -> 'Beta Billing'" in out
+    await gate.shutdown()
+
+
+# -- the demo scopes its data by project ---------------------------------------------------
+
+
+async def test_the_demos_data_is_kept_per_project() -> None:
+    """A vec database, a kev entry and a file made with project A's key are invisible to
+    project B's key (B may make its own of the same name)."""
+    from keystile.demo import build_demo_app
+
+    gate = Keystile(secret=SECRET)
+    everything = ["vec:*", "kev:*", "files:*"]
+    tokens = {}
+    for project in ("alpha", "beta"):
+        made = await gate.manager.create(
+            {"name": project, "type": "dev", "scopes": everything, "project": project}
+        )
+        tokens[project] = {"Authorization": f"Bearer {made.secret.get_secret_value()}"}
+    async with http(build_demo_app(gate)) as client:
+        created = await client.post(
+            "/cloud/vec/databases", json={"name": "docs"}, headers=tokens["alpha"]
+        )
+        assert created.status_code == 201
+        await client.put("/cloud/kev/colour", content=b"blue", headers=tokens["alpha"])
+        await client.put("/cloud/files/a.txt", content=b"alpha's", headers=tokens["alpha"])
+        seen = await client.get("/cloud/vec/databases", headers=tokens["beta"])
+        assert seen.json() == {"databases": []}
+        assert (await client.get("/cloud/kev/colour", headers=tokens["beta"])).status_code == 404
+        assert (await client.get("/cloud/files/a.txt", headers=tokens["beta"])).status_code == 404
+        gone = await client.delete("/cloud/vec/databases/docs", headers=tokens["beta"])
+        assert gone.status_code == 404
+        again = await client.post(
+            "/cloud/vec/databases", json={"name": "docs"}, headers=tokens["beta"]
+        )
+        assert again.status_code == 201
+        mine = await client.get("/cloud/vec/databases", headers=tokens["alpha"])
+        assert [d["name"] for d in mine.json()["databases"]] == ["docs"]
+        assert (await client.get("/cloud/kev/colour", headers=tokens["alpha"])).json() == {
+            "key": "colour",
+            "value": "blue",
+        }
+    await gate.aclose()

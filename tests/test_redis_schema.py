@@ -65,6 +65,9 @@ async def workload(url: str) -> None:
         )
         server = await manager.create({"name": "server", "type": "prod", "scopes": ["*"]})
         old = await manager.create({"name": "old", "type": "dev", "rate_limit": "5/second"})
+        await manager.update_project("default", name="Default project")
+        await manager.set_alert_rules(error_rate=0.2)
+        await manager.set_key_alert_rules(old.key.id, requests_per_minute=3)
         await manager.rotate(old.key.id)
         await manager.revoke(server.key.id)
         server = await manager.create({"name": "server", "type": "prod", "scopes": ["*"]})
@@ -126,6 +129,9 @@ def test_every_row_is_built_by_the_schema() -> None:
         schema.seen_addresses("key_abc"),
         schema.usage_index,
         schema.audit,
+        schema.project("shop"),
+        schema.project_rules("shop"),
+        schema.projects,
         schema.alert("key_abc", "error_rate"),
     ]
     for name, row in zip(built, NAMES, strict=True):

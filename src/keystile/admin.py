@@ -23,7 +23,19 @@ PATCH   ``/{id}``           ``admin:manage_keys``  ``{"key": record}``
 POST    ``/{id}/revoke``    ``admin:manage_keys``  ``{"key": record}`` (idempotent)
 POST    ``/{id}/rotate``    ``admin:manage_keys``  201 ``{"key", "secret", "previous"}``
 GET     ``/{id}/usage``     ``admin:view_usage``   the usage of one key
+GET     ``/project``        ``admin:view_usage``   ``{"project": {"id", "name", ...}}``
+PATCH   ``/project``        ``admin:manage_keys``  ``{"project": ...}`` (body: name, description)
+GET     ``/alert-rules``    ``admin:view_usage``   ``{"alert_rules": {"rules", "effective"...}}``
+PUT     ``/alert-rules``    ``admin:manage_keys``  the same; the body is the rules it sets
 ======  ==================  =====================  =========================================
+
+``/alert-rules`` also takes ``PATCH`` (change the rules given, keep the others) and
+``DELETE`` (back to the process-wide rules); ``/{id}/alert-rules`` takes the same four
+methods for one key's overrides (``{"alert_rules": {"overrides", "project_rules",
+"effective", ...}}``), with the same scopes.
+
+``/project`` and ``/alert-rules`` are the calling key's own project's: no route reaches
+another project's (and another project's key id answers 404, as an unknown one does).
 
 ``GET /`` filters with ``?type=dev|prod|client``, ``?status=active|rotated|revoked|expired`` and
 ``?meta.<name>=<value>`` (e.g. ``meta.project=search``), and pages with ``?limit=`` (1 to
@@ -119,11 +131,21 @@ def admin_routes(gate: Keystile) -> list[Route]:
     api = AdminAPI(gate.manager)
     keys = {"POST": _guarded(MANAGE_KEYS, api.create), "GET": _guarded(MANAGE_KEYS, api.list)}
     key = {"GET": _guarded(MANAGE_KEYS, api.get), "PATCH": _guarded(MANAGE_KEYS, api.update)}
+    project = {
+        "GET": _guarded(VIEW_USAGE, api.project),
+        "PATCH": _guarded(MANAGE_KEYS, api.update_project),
+    }
+    rules = {
+        "GET": _guarded(VIEW_USAGE, api.alert_rules),
+        **{m: _guarded(MANAGE_KEYS, api.alert_rules) for m in ("PUT", "PATCH", "DELETE")},
+    }
     return [
         Route("/", _by_method(keys), methods=list(keys), name="keys"),
         # Before "/{key_id}", which would take "usage" for a key id.
         Route("/usage", _guarded(VIEW_USAGE, api.usage), methods=["GET"], name="usage"),
         Route("/audit", _guarded(VIEW_USAGE, api.audit), methods=["GET"], name="audit"),
+        Route("/project", _by_method(project), methods=list(project), name="project"),
+        Route("/alert-rules", _by_method(rules), methods=list(rules), name="alert_rules"),
         Route("/{key_id}", _by_method(key), methods=list(key), name="key"),
         Route(
             "/{key_id}/revoke", _guarded(MANAGE_KEYS, api.revoke), methods=["POST"], name="revoke"
@@ -133,6 +155,12 @@ def admin_routes(gate: Keystile) -> list[Route]:
         ),
         Route(
             "/{key_id}/usage", _guarded(VIEW_USAGE, api.usage), methods=["GET"], name="key_usage"
+        ),
+        Route(
+            "/{key_id}/alert-rules",
+            _by_method(rules),
+            methods=list(rules),
+            name="key_alert_rules",
         ),
     ]
 
@@ -191,6 +219,12 @@ def admin_rules(prefix: str = "/cloud/keys") -> list[Rule]:
         Rule("GET", f"{base}/usage", [VIEW_USAGE]),
         Rule("GET", f"{base}/audit", [VIEW_USAGE]),
         Rule("GET", f"{base}/{{key_id}}/usage", [VIEW_USAGE]),
+        Rule("GET", f"{base}/project", [VIEW_USAGE]),
+        Rule("PATCH", f"{base}/project", [MANAGE_KEYS]),
+        Rule("GET", f"{base}/alert-rules", [VIEW_USAGE]),
+        Rule("PUT|PATCH|DELETE", f"{base}/alert-rules", [MANAGE_KEYS]),
+        Rule("GET", f"{base}/{{key_id}}/alert-rules", [VIEW_USAGE]),
+        Rule("PUT|PATCH|DELETE", f"{base}/{{key_id}}/alert-rules", [MANAGE_KEYS]),
         Rule("GET|POST", base or "/", [MANAGE_KEYS]),
         Rule("GET|POST", f"{base}/", [MANAGE_KEYS]),
         Rule("GET|PATCH", f"{base}/{{key_id}}", [MANAGE_KEYS]),

@@ -27,6 +27,8 @@ from fastapi import APIRouter, Request, Security
 from fastapi.responses import Response
 
 from keystile.admin_handlers import MANAGE_KEYS, VIEW_USAGE, AdminAPI
+from keystile.alerts import AlertRules
+from keystile.audit import ACTIONS
 from keystile.fastapi import api_key
 from keystile.gate import Keystile
 from keystile.manager import UPDATABLE_FIELDS, KeyStatus
@@ -142,7 +144,7 @@ _AUDIT_PARAMETERS: list[dict[str, Any]] = [
         "name": "action",
         "in": "query",
         "required": False,
-        "schema": {"type": "string", "enum": ["create", "update", "rotate", "revoke"]},
+        "schema": {"type": "string", "enum": list(ACTIONS)},
     },
     {
         "name": "outcome",
@@ -172,6 +174,57 @@ _BEYOND = (
     "`insufficient_scope`: the calling key lacks the scopes named, or the key it would"
     " change holds them.",
 )
+
+
+_PROJECT_SCHEMA = {
+    "title": "ProjectUpdate",
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": 200},
+        "description": {"type": "string", "maxLength": 1000},
+    },
+    "additionalProperties": False,
+}
+
+
+def _rules_schema() -> dict[str, Any]:
+    schema = AlertRules.model_json_schema()
+    return {
+        "title": "AlertRuleSettings",
+        "description": "The rules this level sets; the others are inherited.",
+        "type": "object",
+        "properties": schema["properties"],
+        "additionalProperties": False,
+    }
+
+
+def _rule_routes(router: APIRouter, api: AdminAPI, path: str, what: str) -> None:
+    """GET (``admin:view_usage``), PUT, PATCH and DELETE (``admin:manage_keys``) of ``path``."""
+    found = (_NOT_FOUND,) if "{key_id}" in path else ()
+
+    async def read(request: Request, caller: ViewUsage) -> Response:
+        return await api.alert_rules(request)
+
+    async def write(request: Request, caller: ManageKeys) -> Response:
+        return await api.alert_rules(request)
+
+    router.add_api_route(
+        path, read, methods=["GET"], summary=f"Show {what}", responses=_responses(*found)
+    )
+    for method, verb, body in (
+        ("PUT", "Set", True),
+        ("PATCH", "Change", True),
+        ("DELETE", "Clear", False),
+    ):
+        router.add_api_route(
+            path,
+            write,
+            methods=[method],
+            summary=f"{verb} {what}",
+            openapi_extra=_body(_rules_schema()) if body else None,
+            responses=_responses(*found, *((_INVALID,) if body else ())),
+            operation_id=f"{verb.lower()}_{'key_' if found else ''}alert_rules",
+        )
 
 
 def fastapi_router(
@@ -227,6 +280,22 @@ def fastapi_router(
     )
     async def audit(request: Request, caller: ViewUsage) -> Response:
         return await api.audit(request)
+
+    @router.get("/project", summary="The calling key's project")
+    async def project(request: Request, caller: ViewUsage) -> Response:
+        return await api.project(request)
+
+    @router.patch(
+        "/project",
+        summary="Rename the calling key's project",
+        openapi_extra=_body(_PROJECT_SCHEMA),
+        responses=_responses((200, "The project."), _INVALID),
+    )
+    async def update_project(request: Request, caller: ManageKeys) -> Response:
+        return await api.update_project(request)
+
+    _rule_routes(router, api, "/alert-rules", "the project's alert rules")
+    _rule_routes(router, api, "/{key_id}/alert-rules", "a key's alert-rule overrides")
 
     @router.get(
         "/{key_id}",

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -357,6 +358,74 @@ class AdminAPI:
                 "previous": (await self._records([rotated.previous]))[0],
             }
             return JSONResponse(body, status_code=201, headers=_NO_STORE)
+
+        return await self._answer(request, handle)
+
+    # -- the caller's project and alert rules ----------------------------------------------
+
+    async def project(self, request: Request) -> Response:
+        """``GET /project``: the calling key's project (its id as its name if unnamed)."""
+
+        async def handle() -> Response:
+            info = await self.manager.project_info(_project(request))
+            return JSONResponse({"project": info.model_dump(mode="json")})
+
+        return await self._answer(request, handle)
+
+    async def update_project(self, request: Request) -> Response:
+        """``PATCH /project``: rename the calling key's project, or change its description."""
+
+        async def handle() -> Response:
+            data = await _json_object(request, required=True)
+            info = await self.manager.update_project(_project(request), data, by=_by(request))
+            logger.info(
+                "admin: %s changed project %s",
+                _caller(request),
+                info.id,
+                extra=_logged("admin.project_updated", request, _caller(request)),
+            )
+            return JSONResponse({"project": info.model_dump(mode="json")})
+
+        return await self._answer(request, handle)
+
+    async def alert_rules(self, request: Request) -> Response:
+        """``GET|PUT|PATCH|DELETE /alert-rules`` (the project's) and ``/{key_id}/alert-rules``
+        (a key's overrides): PUT replaces what the level sets, PATCH changes the fields
+        given, DELETE removes them all."""
+
+        async def handle() -> Response:
+            key_id = request.path_params.get("key_id")
+            project, by = _project(request), _by(request)
+            data: dict[str, Any] = {}
+            if request.method in ("PUT", "PATCH"):
+                data = await _json_object(request, required=True)
+            replace = request.method == "PUT"
+            answer: BaseModel
+            if key_id is None:
+                if request.method == "DELETE":
+                    answer = await self.manager.clear_alert_rules(project=project, by=by)
+                elif data or replace:
+                    answer = await self.manager.set_alert_rules(
+                        data, project=project, replace=replace, by=by
+                    )
+                else:
+                    answer = await self.manager.alert_rules(project)
+            elif request.method == "DELETE":
+                answer = await self.manager.clear_key_alert_rules(key_id, project=project, by=by)
+            elif data or replace:
+                answer = await self.manager.set_key_alert_rules(
+                    key_id, data, project=project, replace=replace, by=by
+                )
+            else:
+                answer = await self.manager.key_alert_rules(key_id, project=project)
+            if request.method != "GET":
+                logger.info(
+                    "admin: %s set the alert rules of %s",
+                    _caller(request),
+                    key_id or f"project {project}",
+                    extra=_logged("admin.alert_rules", request, key_id or _caller(request)),
+                )
+            return JSONResponse({"alert_rules": answer.model_dump(mode="json")})
 
         return await self._answer(request, handle)
 

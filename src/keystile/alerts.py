@@ -26,11 +26,11 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from datetime import datetime
-from typing import Any, Protocol, cast
+from typing import Annotated, Any, Protocol, cast
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from keystile.clock import Clock, system_clock, to_datetime, to_timestamp
 from keystile.exceptions import KeystileError, StoreError
@@ -63,18 +63,21 @@ class Alert(BaseModel):
 
 
 class AlertRules(BaseModel):
-    """Which rules run, and their thresholds (``None`` turns a rule off)."""
+    """Which rules run, and their thresholds (``None`` turns a rule off): the process's
+    default; a key's overrides, else its project's rules, come first (:mod:`keystile.projects`)."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
-    requests_per_minute: int | None = None
-    error_rate: float | None = 0.5
-    error_min_requests: int = 20
+    requests_per_minute: Annotated[int, Field(ge=1, le=1_000_000_000)] | None = None
+    error_rate: Annotated[float, Field(ge=0.0, le=1.0)] | None = 0.5
+    error_min_requests: Annotated[int, Field(ge=1, le=1_000_000_000)] = 20
     inactive_key_in_use: bool = True
     new_ip_for_prod: bool = True
-    quota_thresholds: tuple[float, ...] = (0.8, 0.9, 1.0)
+    quota_thresholds: Annotated[
+        tuple[Annotated[float, Field(gt=0.0, le=1.0)], ...], Field(max_length=10)
+    ] = (0.8, 0.9, 1.0)
     rotation_due: bool = True
-    cooldown: float = 3600.0
+    cooldown: Annotated[float, Field(gt=0.0, le=30 * 86_400)] = 3600.0
 
 
 _LOOKUPS_PER_FLUSH = 20  # store reads a flush may make for keys not in the cache
@@ -208,8 +211,18 @@ class RedisAlertState:
         return out
 
 
+class RuleSource(Protocol):
+    """Each key's rules by project, refreshed per flush (:class:`~keystile.projects.RuleBook`)."""
+
+    async def refresh(self, projects: Iterable[str]) -> None: ...
+
+    def rules(self, default: AlertRules, project: str, key_id: str) -> AlertRules: ...
+
+
 class Alerter:
-    """Evaluates the rules on each usage flush and delivers what fires."""
+    """Evaluates the rules on each usage flush and delivers what fires. ``rules`` are the
+    default; with a ``rulebook``, each key is judged by its own (its overrides, else its
+    project's, else the default), cached: most flushes make no round trip for them."""
 
     def __init__(
         self,
@@ -225,8 +238,11 @@ class Alerter:
         webhook_timeout: float = 2.0,
         webhook_retries: int = 3,
         monotonic: Callable[[], float] = time.monotonic,
+        rulebook: RuleSource | None = None,
     ) -> None:
         self.rules = rules
+        self.rulebook = rulebook
+        self._projects: dict[str, str] = {}  # key id -> project (a key never changes it)
         self.state = state
         self.cached = cached
         self.lookup = lookup
@@ -248,7 +264,7 @@ class Alerter:
         self._remote = state.shared  # claims cost a round trip: remember those taken
         self._looked_up: dict[str, float] = {}
         self._lookups_left = 0
-        self._candidates: list[tuple[str, str, str, str, dict[str, Any]]] = []
+        self._candidates: list[tuple[str, str, str, str, dict[str, Any], float]] = []
 
     def subscribe(self, callback: AlertCallback) -> AlertCallback:
         """Call ``callback(alert)`` (sync or async) for every alert; usable as a decorator."""
@@ -256,18 +272,71 @@ class Alerter:
         return callback
 
     def quota_spent(self, key_id: str, before: int, after: int, quota: int) -> None:
-        """Note a token spend; thresholds it crossed fire at the next flush."""
-        if quota > 0 and self.rules.quota_thresholds:
-            crossed = any(before < t * quota <= after for t in self.rules.quota_thresholds)
+        """Note a token spend; thresholds it crossed (the key's rules) fire at the next flush."""
+        thresholds = self._known(key_id).quota_thresholds
+        if quota > 0 and thresholds:
+            crossed = any(before < t * quota <= after for t in thresholds)
             if crossed and len(self._quota) < 10_000:  # bounded while flushes fail
                 self._quota.append((key_id, before, after, quota))
 
+    def _project_of(self, key_id: str) -> str | None:
+        """The key's project: remembered, else from the cached record (no round trip)."""
+        project = self._projects.get(key_id)
+        if project is None and (record := self.cached(key_id)) is not None:
+            project = self._remember(key_id, record.project)
+        return project
+
+    def _remember(self, key_id: str, project: str) -> str:
+        if len(self._projects) >= 100_000:  # bounded: forget all, re-learn them
+            self._projects.clear()
+        self._projects[key_id] = project
+        return project
+
+    def _known(self, key_id: str) -> AlertRules:
+        """The key's rules from what is cached (the default when its project is unknown)."""
+        project = self._project_of(key_id) if self.rulebook is not None else None
+        if project is None or self.rulebook is None:
+            return self.rules
+        return self.rulebook.rules(self.rules, project, key_id)
+
+    async def _resolve(self, key_ids: Iterable[str]) -> Callable[[str], AlertRules]:
+        """Every key's rules for this flush (its projects' read in one round trip at most; a
+        key not cached is looked up, ``_LOOKUPS_PER_FLUSH`` at most, else the default)."""
+        if self.rulebook is None:
+            return lambda _: self.rules
+        projects: set[str] = set()
+        lookups = _LOOKUPS_PER_FLUSH
+        for n, key_id in enumerate(key_ids, 1):
+            if n % _YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+            project = self._project_of(key_id)
+            if project is None and lookups > 0:
+                lookups -= 1
+                try:
+                    record = await self.lookup(key_id)
+                except KeystileError:
+                    continue
+                # A key no longer stored is judged by the default, and not looked up again.
+                project = self._remember(key_id, "" if record is None else record.project)
+            if project:
+                projects.add(project)
+        await self.rulebook.refresh(projects)
+        return self._known
+
     async def on_flush(self, batch: UsageBatch, touched: dict[tuple[str, int], list[int]]) -> None:
-        rules = self.rules
         now = self.clock()
+        rules_of = await self._resolve(
+            {
+                **dict.fromkeys(key_id for key_id, _ in touched),
+                **dict.fromkeys(key_id for key_id, _ in _rows(batch)),
+                **dict.fromkeys(batch.seen_ips),
+                **dict.fromkeys(spend[0] for spend in self._quota),
+            }
+        )
         for n, ((key_id, minute), counts) in enumerate(touched.items(), 1):
             if n % _YIELD_EVERY == 0:  # a flush of many keys lets requests run meanwhile
                 await asyncio.sleep(0)
+            rules = rules_of(key_id)
             requests = counts[REQUESTS]
             if rules.requests_per_minute is not None and requests > rules.requests_per_minute:
                 await self._fire(
@@ -291,17 +360,18 @@ class Alerter:
         for n, (key_id, counts) in enumerate(_rows(batch), 1):
             if n % _YIELD_EVERY == 0:
                 await asyncio.sleep(0)
-            if rules.inactive_key_in_use and counts[INACTIVE]:
+            if counts[INACTIVE] and rules_of(key_id).inactive_key_in_use:
                 await self._fire(
                     "inactive_key_in_use",
                     key_id,
                     "a revoked or expired key is still being used",
                     {"attempts": counts[INACTIVE]},
                 )
-        if rules.new_ip_for_prod:
+        watched = {k: ips for k, ips in batch.seen_ips.items() if rules_of(k).new_ip_for_prod}
+        if watched:
             # Every address a production key used since the last flush, in one pipeline.
             try:
-                fresh = await self.state.new_addresses(batch.seen_ips)
+                fresh = await self.state.new_addresses(watched)
             except StoreError as exc:
                 logger.warning(
                     "alert state unavailable (%s)",
@@ -318,15 +388,15 @@ class Alerter:
                         {"ip": ip},
                         rule="new_ip",
                     )
-        if rules.rotation_due:
-            self._lookups_left = _LOOKUPS_PER_FLUSH
-            for n, key_id in enumerate({key_id: None for key_id, _ in _rows(batch)}, 1):
-                if n % _YIELD_EVERY == 0:
-                    await asyncio.sleep(0)
+        self._lookups_left = _LOOKUPS_PER_FLUSH
+        for n, key_id in enumerate({key_id: None for key_id, _ in _rows(batch)}, 1):
+            if n % _YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+            if rules_of(key_id).rotation_due:
                 await self._check_rotation(key_id, now)
         pending, self._quota = self._quota, []
         for key_id, before, after, quota in pending:
-            for threshold in rules.quota_thresholds:
+            for threshold in rules_of(key_id).quota_thresholds:
                 line = threshold * quota
                 if before < line <= after:
                     percent = round(threshold * 100)
@@ -371,6 +441,7 @@ class Alerter:
         self, name: str, key_id: str, message: str, details: dict[str, Any], rule: str = ""
     ) -> None:
         """Queue an alert; :meth:`_settle` claims the flush's alerts in one round trip."""
+        cooldown = self._known(key_id).cooldown
         claim = f"{key_id}|{name}"
         if self._remote:
             # A shared state costs a round trip per claim: remember the claims known taken
@@ -380,8 +451,8 @@ class Alerter:
                 return
             if len(self._claimed) >= 100_000:
                 self._claimed = {k: v for k, v in self._claimed.items() if v > now}
-            self._claimed[claim] = now + self.rules.cooldown
-        self._candidates.append((claim, rule or name, key_id, message, details))
+            self._claimed[claim] = now + cooldown
+        self._candidates.append((claim, rule or name, key_id, message, details, cooldown))
 
     async def _settle(self) -> None:
         """Claim every queued alert at once (one pipeline with Redis), deliver the won ones."""
@@ -389,7 +460,13 @@ class Alerter:
         if not candidates:
             return
         try:
-            won = await self.state.claim_many([c[0] for c in candidates], self.rules.cooldown)
+            won = [False] * len(candidates)
+            # One claim per cool-down in use (usually one): keys may set their own.
+            for cooldown in {c[5] for c in candidates}:
+                at = [i for i, c in enumerate(candidates) if c[5] == cooldown]
+                taken = await self.state.claim_many([candidates[i][0] for i in at], cooldown)
+                for i, ok in zip(at, taken, strict=True):
+                    won[i] = ok
         except StoreError as exc:
             logger.warning(
                 "alert state unavailable (%s); alerts not sent",
@@ -397,7 +474,7 @@ class Alerter:
                 extra=fields("alert.state_unavailable"),
             )
             return
-        for (_, rule, key_id, message, details), ok in zip(candidates, won, strict=True):
+        for (_, rule, key_id, message, details, _), ok in zip(candidates, won, strict=True):
             if ok:
                 await self._deliver(rule, key_id, message, details)
 

@@ -1,11 +1,13 @@
 """The audit trail: who did what to which key, when and from where — kept in the store.
 
 Every management action — create, update (with each changed field, old → new), rotate,
-revoke — and every refused attempt (a scope the caller lacks, invalid settings, an id
-that does not exist, a key that cannot be rotated) is one :class:`AuditEvent` naming its
-:class:`Actor`: the calling key (id and hint, and the client address), the command line
-(the operating-system user and host), or Python code. Events never hold a secret: records
-carry none, and refusals are described by messages that never echo one.
+revoke, a project renamed (``update_project``), alert rules set or cleared (``alert_rules``,
+a project's or, with its ``key_id``, a key's) — and every refused attempt (a scope the
+caller lacks, invalid settings, an id that does not exist, a key that cannot be rotated)
+is one :class:`AuditEvent` naming its :class:`Actor`: the calling key (id and hint, and
+the client address), the command line (the operating-system user and host), or Python
+code. Events never hold a secret: records carry none, and refusals are described by
+messages that never echo one.
 
 On a Redis store the trail is one stream (``<ns>:audit``), trimmed to ``retention``
 seconds and at most ``max_events`` entries as it is written; on the memory store, a bounded
@@ -42,8 +44,15 @@ __all__ = [
     "RedisAuditTrail",
 ]
 
-Action = Literal["create", "update", "rotate", "revoke"]
-ACTIONS: tuple[Action, ...] = ("create", "update", "rotate", "revoke")
+Action = Literal["create", "update", "rotate", "revoke", "update_project", "alert_rules"]
+ACTIONS: tuple[Action, ...] = (
+    "create",
+    "update",
+    "rotate",
+    "revoke",
+    "update_project",  # a project's name or description
+    "alert_rules",  # a project's alert rules, or a key's overrides (with its key_id)
+)
 #: What a cursor looks like: a stream entry id (Redis) or a position (memory).
 AUDIT_CURSOR = re.compile(r"[0-9]{1,20}(-[0-9]{1,20})?")
 Outcome = Literal["ok", "refused"]

@@ -18,6 +18,7 @@ from keystile.alerts import AlertState, MemoryAlertState, RedisAlertState
 from keystile.audit import AuditTrail, MemoryAuditTrail, RedisAuditTrail
 from keystile.clock import Clock
 from keystile.exceptions import StoreError, StoreMisconfigured
+from keystile.projects import MemoryProjectStore, ProjectStore, RedisProjectStore
 from keystile.quotas import MemoryQuotaStore, QuotaStore, RedisQuotaStore
 from keystile.ratelimit import Limiter, MemoryLimiter, RedisLimiter
 from keystile.redis.connect import RedisClient, is_cluster
@@ -44,6 +45,9 @@ class Backend(Protocol):
         """Where usage is kept; ``settings`` gives its retention (the defaults without)."""
 
     def alert_state(self, clock: Clock) -> AlertState: ...
+
+    def project_store(self) -> ProjectStore:
+        """Where project records and alert rules are kept."""
 
     def audit_trail(self, clock: Clock, settings: KeystileSettings | None = None) -> AuditTrail:
         """Where management actions are recorded (``settings``: retention and bound)."""
@@ -85,6 +89,9 @@ class MemoryBackend:
     def alert_state(self, clock: Clock) -> AlertState:
         return MemoryAlertState(clock=clock)
 
+    def project_store(self) -> ProjectStore:
+        return MemoryProjectStore()
+
     def audit_trail(self, clock: Clock, settings: KeystileSettings | None = None) -> AuditTrail:
         return MemoryAuditTrail(clock=clock, **_audit_bounds(settings))
 
@@ -116,6 +123,9 @@ class RedisBackend:
 
     def alert_state(self, clock: Clock) -> AlertState:
         return RedisAlertState(self.client, namespace=self.namespace)
+
+    def project_store(self) -> ProjectStore:
+        return RedisProjectStore(self.client, namespace=self.namespace)
 
     def audit_trail(self, clock: Clock, settings: KeystileSettings | None = None) -> AuditTrail:
         return RedisAuditTrail(

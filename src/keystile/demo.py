@@ -180,12 +180,24 @@ class DemoStore(Generic[V]):
 class DemoState:
     """What the demo services hold."""
 
-    databases: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # (project, name) -> database: each project sees its own (the key's project).
+    databases: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     kev: DemoStore[str] = field(default_factory=lambda: DemoStore(MAX_KEV_ENTRIES, MAX_KEV_BYTES))
     files: DemoStore[bytes] = field(default_factory=lambda: DemoStore(MAX_FILES, MAX_FILE_BYTES))
     query_seconds: float = QUERY_SECONDS
     sql_lock: anyio.Lock = field(default_factory=anyio.Lock)
     queries_pending: int = 0
+
+
+def _project(request: Request) -> str:
+    """The calling key's project: every demo service keeps each project's data apart."""
+    project: str = request.state.keystile_project
+    return project
+
+
+def _scoped(request: Request, name: str) -> str:
+    """``name`` within the caller's project (a project id holds no ``/``)."""
+    return f"{_project(request)}/{name}"
 
 
 def _demo_database() -> sqlite3.Connection:
@@ -263,9 +275,9 @@ def build_demo_app(gate: Keystile, state: DemoState | None = None) -> Starlette:
         return JSONResponse({"status": "ok"})
 
     async def list_databases(request: Request) -> Response:
-        return JSONResponse(
-            {"databases": sorted(state.databases.values(), key=lambda d: d["name"])}
-        )
+        project = _project(request)
+        mine = [db for (owner, _), db in state.databases.items() if owner == project]
+        return JSONResponse({"databases": sorted(mine, key=lambda d: d["name"])})
 
     async def create_database(request: Request) -> Response:
         body = await _json_body(request)
@@ -277,34 +289,36 @@ def build_demo_app(gate: Keystile, state: DemoState | None = None) -> Starlette:
             return _error(422, "invalid_name", "'name' must be a string of 1-64 characters.")
         if not isinstance(dimensions, int) or not 1 <= dimensions <= 4096:
             return _error(422, "invalid_dimensions", "'dimensions' must be 1-4096.")
-        if name in state.databases:
+        if (_project(request), name) in state.databases:
             return _error(409, "exists", f"A database named {name!r} exists.")
         if len(state.databases) >= MAX_DATABASES:
             return _full("vector service")
         database = {"name": name, "dimensions": dimensions, "owner": request.user.identity}
-        state.databases[name] = database
+        state.databases[_project(request), name] = database
         return JSONResponse(database, status_code=201)
 
     async def delete_database(request: Request) -> Response:
-        if state.databases.pop(request.path_params["name"], None) is None:
+        gone = state.databases.pop((_project(request), request.path_params["name"]), None)
+        if gone is None:
             return _error(404, "not_found", "No such database.")
         return Response(status_code=204)
 
     async def kev(request: Request) -> Response:
         key = request.path_params["key"]
+        name = _scoped(request, key)
         if request.method == "PUT":
             body = await _body(request)
             if isinstance(body, Response):
                 return body
             value = body.decode("utf-8", "replace")
-            if not state.kev.put(key, value, len(body)):
+            if not state.kev.put(name, value, len(body)):
                 return _full("key-value store")
             return JSONResponse({"key": key, "value": value})
         if request.method == "DELETE":
-            if state.kev.pop(key) is None:
+            if state.kev.pop(name) is None:
                 return _error(404, "not_found", "No such key.")
             return Response(status_code=204)
-        stored = state.kev.get(key)
+        stored = state.kev.get(name)
         if stored is None:
             return _error(404, "not_found", "No such key.")
         return JSONResponse({"key": key, "value": stored})
@@ -364,10 +378,10 @@ def build_demo_app(gate: Keystile, state: DemoState | None = None) -> Starlette:
             body = await _body(request)
             if isinstance(body, Response):
                 return body
-            if not state.files.put(path, body, len(body)):
+            if not state.files.put(_scoped(request, path), body, len(body)):
                 return _full("file store")
             return JSONResponse({"path": path, "size": len(body)}, status_code=201)
-        stored = state.files.get(path)
+        stored = state.files.get(_scoped(request, path))
         if stored is None:
             return _error(404, "not_found", "No such file.")
         return Response(stored, media_type="application/octet-stream")

@@ -28,6 +28,7 @@ from keystile.logs import fields
 from keystile.manager import KeyManager
 from keystile.models import KeyPolicy
 from keystile.principal import MAX_ORIGIN_MEMO, KeyUser, Principal, principal_of
+from keystile.projects import RuleBook
 from keystile.quotas import Quotas
 from keystile.ratelimit import Limiter
 from keystile.settings import KeystileSettings, SettingsOptions, closest_setting
@@ -186,8 +187,12 @@ class Keystile:
         self.backend = backend
         self.limiter = limiter if limiter is not None else backend.limiter(settings, clock)
         self._origins: OriginIndex | None = None
+        alert_rules = alert_rules or AlertRules()
+        # Project names and alert rules, shared by the manager (which changes them) and the
+        # alerter (which reads them, cached: a change made here is seen at the next flush).
+        self.projects = backend.project_store()
         self.alerts = Alerter(
-            alert_rules or AlertRules(),
+            alert_rules,
             backend.alert_state(clock),
             cached.cached,
             cached.get,
@@ -199,6 +204,7 @@ class Keystile:
                 if settings.alert_webhook_secret
                 else None
             ),
+            rulebook=RuleBook(self.projects),
         )
         self.usage = UsageRecorder(
             backend.usage_store(clock, settings),
@@ -223,6 +229,8 @@ class Keystile:
             clock=clock,
             usage=self.usage.reader(),
             audit=backend.audit_trail(clock, settings),
+            projects=self.projects,
+            alert_rules=alert_rules,
         )
         self._started = False  # startup() ran: the cache follows key changes
         # What the middleware counts of its decisions (keystile.metrics reads it).

@@ -22,6 +22,7 @@ from typing import Any
 from pydantic import SecretStr, ValidationError
 
 from keystile import keys
+from keystile.alerts import AlertRules
 from keystile.audit import (
     ACTIONS,
     AUDIT_CURSOR,
@@ -46,6 +47,7 @@ from keystile.exceptions import (
     StoreUnavailable,
 )
 from keystile.logs import fields
+from keystile.manager_projects import ProjectManagement
 from keystile.models import (
     DEFAULT_POLICY,
     DEFAULT_PROJECT,
@@ -55,6 +57,7 @@ from keystile.models import (
     KeyType,
     field_errors,
 )
+from keystile.projects import ProjectStore
 from keystile.records import (
     KEY_ID,
     RECORD_FIELDS,
@@ -164,8 +167,9 @@ def _who(actor: ApiKey | None, by: Actor | None) -> Actor:
     return Actor.of_key(actor) if actor is not None else Actor.python()
 
 
-class KeyManager:
-    """Issue and manage keys in a store.
+class KeyManager(ProjectManagement):
+    """Issue and manage keys in a store, and the projects they belong to (their names and
+    alert rules: :class:`~keystile.manager_projects.ProjectManagement`).
 
     Changes to one record (update, revoke, rotate) read, change and write it back; they are
     serialised within this manager, so a revocation is never undone by a concurrent update
@@ -187,6 +191,8 @@ class KeyManager:
         clock: Clock = system_clock,
         usage: UsageReader | None = None,
         audit: AuditTrail | None = None,
+        projects: ProjectStore | None = None,
+        alert_rules: AlertRules | None = None,
     ) -> None:
         self.store = store
         self.hasher = hasher
@@ -201,6 +207,9 @@ class KeyManager:
         self._writing = asyncio.Lock()
         # Every action and refused attempt, kept in the store (keystile.audit).
         self.audit = audit or backend_for(store).audit_trail(clock)
+        # Project names and alert rules; ``alert_rules``: the process default.
+        self.projects_store = projects or backend_for(store).project_store()
+        self.alert_defaults = alert_rules or AlertRules()
 
     def now(self) -> datetime:
         return to_datetime(self.clock())
@@ -516,8 +525,23 @@ class KeyManager:
         changes = {}
         if revoked.revoked_at != record.revoked_at:
             changes["revoked_at"] = [None, revoked.model_dump(mode="json")["revoked_at"]]
+            await self._follow(revoked, None)
         await self._audit("revoke", who, revoked, changes=changes)
         return revoked
+
+    async def _follow(self, record: ApiKey, successor: ApiKey | None) -> None:
+        """Move or remove the key's alert-rule overrides; a store failure here is logged,
+        never the revocation's or rotation's (it has happened)."""
+        try:
+            await self._key_rules_follow(record, successor)
+        except StoreError as exc:
+            logger.warning(
+                "could not %s the alert rules of %s: %s",
+                "remove" if successor is None else "copy",
+                record.id,
+                exc,
+                extra=fields("key.rules_not_moved", key_id=record.id),
+            )
 
     async def _revoke(self, key_id: str, project: str | None) -> tuple[ApiKey, ApiKey]:
         def change(record: ApiKey) -> ApiKey:
@@ -584,6 +608,7 @@ class KeyManager:
         old = rotated.previous
         ends = old.model_dump(mode="json")["expires_at"]
         changes = {"replaced_by": [None, rotated.key.id], "expires_at": [None, ends]}
+        await self._follow(old, rotated.key)
         await self._audit("rotate", who, old, changes=changes)
         return rotated
 

@@ -9,6 +9,9 @@
     keystile keys rotate KEY_ID [--grace 24h]
     keystile usage [KEY_ID]
     keystile audit [--key KEY_ID] [--action revoke] [--outcome refused] [--actor WHO]
+    keystile projects list | show [--project P] | rename NAME [--project P]
+    keystile alerts rules show|clear [--project P | --key KEY_ID]
+    keystile alerts rules set requests_per_minute=100 error_rate=off [--key KEY_ID] [--replace]
     keystile scan [PATH ...]
     keystile demo
 
@@ -66,10 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "scan":
             return run_scan(args, sys.stdout, sys.stderr)
-        if args.command == "keys" and args.action is None:
+        if args.command in ("keys", "projects", "alerts") and not getattr(args, "action", None):
             args.print_help(sys.stderr)
             return 2
-        if args.command in ("keys", "usage", "audit"):
+        if args.command in ("keys", "usage", "audit", "projects", "alerts"):
             return asyncio.run(run_with_store(args, sys.stdout, sys.stderr))
     except CommandLineError as exc:
         sys.stderr.write(f"keystile: {exc}\n")

@@ -1,5 +1,6 @@
-"""The ``keystile`` commands: ``keys create|list|show|update|revoke|rotate``, ``usage`` and
-``scan``, and how they print their answers.
+"""The ``keystile`` commands: ``keys create|list|show|update|revoke|rotate``, ``usage``,
+``audit``, ``projects list|show|rename``, ``alerts rules show|set|clear`` and ``scan``, and
+how they print their answers.
 
 :func:`execute` runs a parsed ``keys`` or ``usage`` command with a
 :class:`~keystile.manager.KeyManager`; :func:`run_with_store` first opens the shared store the
@@ -9,15 +10,18 @@ environment names; :func:`run_scan` needs no store. Errors are one line, never a
 from __future__ import annotations
 
 import argparse
-import json
-from collections.abc import Callable, Coroutine, Sequence
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable, Coroutine
+from datetime import datetime, timedelta
 from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 from keystile.audit import Actor
 from keystile.backends import backend_for
+from keystile.cli.output import dump as _dump
+from keystile.cli.output import table as _table
+from keystile.cli.output import when as _when
 from keystile.cli.parser import DEFAULT, NEVER, CommandLineError
+from keystile.cli.projects import project_rename, project_show, projects, rules
 from keystile.config import AppConfig, load_config, load_object
 from keystile.exceptions import (
     ConfigurationError,
@@ -53,21 +57,6 @@ _STORE_SCHEMES = (
 
 
 # -- output ------------------------------------------------------------------------------
-
-
-def _when(moment: datetime | None, empty: str = "-") -> str:
-    return empty if moment is None else moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _dump(out: TextIO, data: Any) -> None:
-    json.dump(data, out, indent=2)
-    out.write("\n")
-
-
-def _table(out: TextIO, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    for row in (headers, *rows):
-        out.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n")
 
 
 def _details(
@@ -338,7 +327,8 @@ async def _audit(args: argparse.Namespace, manager: KeyManager, out: TextIO) -> 
     if not page.events:
         out.write("no events\n")
     for event in page.events:
-        what = f"{event.action} {event.key_id or '-'}"
+        target = event.key_id or (f"project {event.project}" if event.project else "-")
+        what = f"{event.action} {target}"
         if event.outcome == "refused":
             what += f" REFUSED: {event.reason}"
         elif event.changes:
@@ -362,6 +352,12 @@ _COMMANDS: dict[tuple[str, str | None], Command] = {
     ("keys", "rotate"): _rotate,
     ("usage", None): _usage,
     ("audit", None): _audit,
+    ("projects", "list"): projects,
+    ("projects", "show"): project_show,
+    ("projects", "rename"): project_rename,
+    ("alerts", "show"): rules,
+    ("alerts", "set"): rules,
+    ("alerts", "clear"): rules,
 }
 
 

@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import NoReturn
 
 from keystile import __version__
+from keystile.audit import ACTIONS
 from keystile.keys import redact_keys
 from keystile.records import KeyStatus
 
@@ -25,6 +26,7 @@ __all__ = [
     "expiry",
     "metadata_entry",
     "quota",
+    "rule_entry",
 ]
 
 _DURATION = re.compile(r"([0-9]{1,9})([smhd])")
@@ -93,6 +95,39 @@ def quota(text: str) -> int | str:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number or 'default'") from None
+
+
+def rule_entry(text: str) -> tuple[str, object]:
+    """``rule=value``: ``off`` (or ``none``) turns a threshold off, ``on``/``off`` for a
+    rule without one, numbers as numbers, ``0.8,0.9`` a list of thresholds."""
+    name, sep, raw = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not rule=value")
+    word = raw.strip().lower()
+    value: object
+    if word in ("off", "none", "null"):
+        value = False if name.strip() in _SWITCHES else None
+    elif word in ("on", "true", "yes"):
+        value = True
+    elif word in ("false", "no"):
+        value = False
+    elif "," in word or name.strip() == "quota_thresholds":
+        value = [_number(part) for part in word.split(",") if part.strip()]
+    else:
+        value = _number(word)
+    return name.strip(), value
+
+
+_SWITCHES = ("inactive_key_in_use", "new_ip_for_prod", "rotation_due")
+
+
+def _number(word: str) -> object:
+    for kind in (int, float):
+        try:
+            return kind(word)
+        except ValueError:
+            continue
+    return word  # refused by the manager, which names the rule
 
 
 # -- the parser --------------------------------------------------------------------------
@@ -276,13 +311,59 @@ def build_parser() -> argparse.ArgumentParser:
     )
     audit.add_argument("--key", metavar="KEY_ID", help="only events about this key")
     # Not "action": that names the `keys` subcommand.
-    audit.add_argument(
-        "--action", dest="event_action", choices=["create", "update", "rotate", "revoke"]
-    )
+    audit.add_argument("--action", dest="event_action", choices=list(ACTIONS))
     audit.add_argument("--outcome", choices=["ok", "refused"])
     audit.add_argument("--actor", metavar="WHO", help="a key id, 'command line' or 'python'")
     audit.add_argument("--limit", type=int, default=50, help="events per page (1-1000)")
     audit.add_argument("--cursor", help="continue where the previous page ended")
+
+    projects = commands.add_parser(
+        "projects",
+        help="list projects, show or rename one",
+        description="Projects group keys; each has a name (its id until it is renamed).",
+    )
+    project_actions = projects.add_subparsers(dest="action", metavar="ACTION")
+    projects.set_defaults(print_help=projects.print_help)
+    project_actions.add_parser(
+        "list", parents=[shared], help="every project, with how many keys it holds"
+    )
+    project_actions.add_parser("show", parents=[shared], help="one project (--project)")
+    rename = project_actions.add_parser(
+        "rename", parents=[shared], help="give a project (--project) a display name"
+    )
+    rename.add_argument("name", metavar="NAME", nargs="?", help="the new display name")
+    rename.add_argument("--description", help="what the project is for")
+
+    alerts = commands.add_parser(
+        "alerts",
+        help="the alert rules of a project or a key",
+        description="Alert rules: a key's overrides, else its project's, else the app's.",
+    )
+    alert_groups = alerts.add_subparsers(dest="group", metavar="GROUP")
+    alerts.set_defaults(print_help=alerts.print_help)
+    rules = alert_groups.add_parser("rules", help="show, set or clear alert rules")
+    rules.set_defaults(print_help=rules.print_help)
+    rule_actions = rules.add_subparsers(dest="action", metavar="ACTION")
+    for name, text in (
+        ("show", "the rules of a project (--project) or a key (--key)"),
+        ("set", "set rules, e.g. requests_per_minute=100 error_rate=off"),
+        ("clear", "remove a project's rules or a key's overrides"),
+    ):
+        action = rule_actions.add_parser(name, parents=[shared], help=text)
+        action.add_argument("--key", metavar="KEY_ID", help="a key's overrides, not the project's")
+        if name == "set":
+            action.add_argument(
+                "rules",
+                nargs="+",
+                type=rule_entry,
+                metavar="RULE=VALUE",
+                help="a rule and its value: a number, on/off, or thresholds such as 0.8,1.0",
+            )
+            action.add_argument(
+                "--replace",
+                action="store_true",
+                help="the rules given are all this level sets (the others are inherited)",
+            )
 
     scan = commands.add_parser(
         "scan",

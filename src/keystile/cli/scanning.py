@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import TextIO
 
-from keystile.cli.commands import _config, _dump
+from keystile.cli.commands import _config
+from keystile.cli.output import dump as _dump
 from keystile.cli.parser import CommandLineError
 from keystile.keys import generate_key
 from keystile.scan import Finding, ScanProblem, scan_paths

@@ -7,7 +7,8 @@ and a Redis Cluster need to know. ``python -m keystile.redis [namespace]`` print
 Everything about one key (its record, rate-limit windows, quota, usage, alert state) is
 hash-tagged by the key id (``{key_...}``), so in a Redis Cluster one key's data lives in one
 slot and each Lua script touches one slot. Names without a tag (the digest index, the id
-index, the usage index, the events channel) are read and written one name at a time.
+index, the usage index, the events channel, the project index) are read and written one
+name at a time. A project's record and rules are tagged by the project id.
 No secret appears in any name or value: a digest is the HMAC of a key under the server
 secret.
 """
@@ -133,6 +134,22 @@ NAMES: tuple[Name, ...] = (
         "the audit trail: management actions and refused attempts, oldest first",
     ),
     Name(
+        "<ns>:project:{<project>}",
+        "hash",
+        "project",
+        "none",
+        "a project's record: name, description, created_at, updated_at",
+    ),
+    Name(
+        "<ns>:project:{<project>}:rules",
+        "hash",
+        "project",
+        "none",
+        "a project's alert rules (field 'project') and its keys' overrides ('key:<key id>'; "
+        "at most 10,000, removed when the key is revoked), JSON",
+    ),
+    Name("<ns>:projects", "zset", "-", "none", "every recorded project id, at most 100,000"),
+    Name(
         "<ns>:alert:{<key id>}:<rule>",
         "string",
         "key id",
@@ -197,6 +214,18 @@ class RedisSchema:
 
     def alert(self, key_id: str, rule: str) -> str:
         return f"{self.namespace}:alert:{{{key_id}}}:{rule}"
+
+    # -- projects ---------------------------------------------------------------------------
+
+    def project(self, project: str) -> str:
+        return f"{self.namespace}:project:{{{project}}}"
+
+    def project_rules(self, project: str) -> str:
+        return f"{self.namespace}:project:{{{project}}}:rules"
+
+    @property
+    def projects(self) -> str:
+        return f"{self.namespace}:projects"
 
     @property
     def audit(self) -> str:
