@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from starlette.applications import Starlette
 
-from conftest import SECRET
+from conftest import BACKENDS, SECRET
 from keystile import KeyNotFound, KeystileMiddleware, KeyValidationError, ManualClock, RedisStore
 from keystile.admin import admin_mount
 from keystile.alerts import AlertRules
@@ -22,6 +22,8 @@ from keystile.projects import MAX_KEY_OVERRIDES, RuleBook
 from keystile.stores import KeyStore
 from test_alerts import Rig
 from usage_app import http
+
+REDIS_BACKENDS = [kind for kind in BACKENDS if kind != "memory"]
 
 ADMIN = ["admin:manage_keys", "admin:view_usage"]
 MISSING = "key_0VgmOZcuNoSuchKey12"
@@ -322,12 +324,12 @@ async def test_overrides_follow_the_key(world: World) -> None:
     assert (await manager.alert_rules("alpha")).overridden == [worker]
 
 
+@pytest.mark.parametrize("backend", REDIS_BACKENDS, indirect=True)
 async def test_a_project_keeps_one_small_rule_hash(world: World) -> None:
     """On Redis a project's rules are one hash, tagged by the project: a field for its own
     rules and one per overridden key, no more."""
     store = world.gate.store.store
-    if not isinstance(store, RedisStore):
-        pytest.skip("the Redis layout")
+    assert isinstance(store, RedisStore)
     await world.manager.set_alert_rules(requests_per_minute=5, project="alpha")
     await world.manager.set_key_alert_rules(world.worker["alpha"], cooldown=60)
     name = f"{store.namespace}:project:{{alpha}}:rules"
@@ -339,13 +341,13 @@ async def test_a_project_keeps_one_small_rule_hash(world: World) -> None:
     assert MAX_KEY_OVERRIDES == 10_000
 
 
+@pytest.mark.parametrize("backend", REDIS_BACKENDS, indirect=True)
 async def test_a_change_made_elsewhere_is_seen_within_the_ttl(
     store: KeyStore, clock: ManualClock
 ) -> None:
     """Rules changed by another process (here: another manager on the same Redis, as the
     command line is) reach the alerter once the cached rules are older than the TTL."""
-    if not isinstance(store, RedisStore):
-        pytest.skip("another process shares only a Redis store")
+    assert isinstance(store, RedisStore)  # another process shares only a Redis store
     rig = Rig(store, clock, AlertRules())
     book = rig.gate.alerts.rulebook
     assert isinstance(book, RuleBook)
