@@ -290,14 +290,14 @@ async def test_keys_stored_before_the_index_are_indexed_on_first_listing(
         assert await store.client.get(store.schema.listing_version) == b"1"
         await assert_index_holds(manager, settled=False)
         # A store that starts afresh on the namespace finds the version: no reindex.
-        store._indexed = False
+        store.listing.indexed = False
         calls: list[int] = []
 
         async def reindex() -> int:
             calls.append(1)
             return 0
 
-        store.reindex = reindex  # type: ignore[method-assign]
+        store.listing.reindex = reindex  # type: ignore[method-assign]
         await store.list_matching(now=now, status=KeyStatus.REVOKED)
         assert calls == []
     finally:

@@ -43,17 +43,8 @@ from keystile.records import KeyStatus
 from keystile.redis.connect import RedisClient, close_redis, is_cluster, open_redis
 from keystile.redis.errors import REDIS_FAILURES, redis_errors
 from keystile.redis.schema import RedisSchema
-from keystile.redis.scripts import lua
-from keystile.stores.listing import (
-    PARTS,
-    SETTLE_BOUND,
-    matches,
-    micros,
-    positions,
-    select,
-    stored_state,
-)
 from keystile.stores.protocol import StoreListener
+from keystile.stores.redis_listing import RedisListing
 
 __all__ = ["RedisStore"]
 
@@ -62,11 +53,6 @@ logger = logging.getLogger("keystile.store")
 # How long a new key's record and digest live until both are written and made permanent:
 # what a crash in between leaves expires by itself.
 PENDING_MS = 60_000
-
-# The listing index's version (RedisSchema.listing_version): a store finding another (or
-# none) indexes every stored key once, then sets it.
-LISTING_VERSION = "1"
-_REINDEX_CHUNK = 500
 
 
 def _text(value: bytes | str) -> str:
@@ -109,9 +95,7 @@ class RedisStore:
         # Marks this store's own announcements on a cluster (not a secret: it only tells
         # this store its echo apart).
         self._origin = secrets.token_hex(8)
-        self._place = client.register_script(lua("key_place"))
-        self._select = client.register_script(lua("key_select"))
-        self._indexed = False  # the listing index known to hold every key (its version)
+        self.listing = RedisListing(client, self.schema, cluster=self.cluster, read=self._read)
 
     @classmethod
     def from_url(
@@ -278,33 +262,6 @@ class RedisStore:
 
     # -- records ----------------------------------------------------------------------------
 
-    def _sets(self, project: str | None, key_type: KeyType | str) -> list[str]:
-        """The listing index's sets of ``key_type`` in ``project`` (``None``: over all)."""
-        kind = KeyType(key_type).value
-        return [self.schema.listing(project, kind, part) for part in PARTS]
-
-    def _groups(self, key: ApiKey) -> list[list[str]]:
-        """The two groups of sets a key is listed in: its project's, and every project's."""
-        return [self._sets(key.project, key.type), self._sets(None, key.type)]
-
-    @staticmethod
-    def _placement(key: ApiKey, state: str | None = None) -> list[str]:
-        """key_place.lua's arguments after the record: id, state, expiry."""
-        ends = "" if key.expires_at is None or key.revoked else str(micros(key.expires_at))
-        return [key.id, state or stored_state(key), ends]
-
-    async def _index_key(self, key: ApiKey, *, pipe: Any = None, state: str | None = None) -> None:
-        """Place ``key`` in the listing index as its record stands (``state="none"``: take
-        it out). On a standalone Redis one script for both groups (queued on ``pipe`` if
-        given); on a cluster, whose groups live in two slots, one script each."""
-        args = ["", *self._placement(key, state)]
-        groups = self._groups(key)
-        if self.cluster:
-            for names in groups:
-                await self._place(keys=names, args=args)
-        else:
-            await self._place(keys=[n for g in groups for n in g], args=args, client=pipe)
-
     async def add(self, key: ApiKey, digest: str) -> None:
         """Write the record, then index it, then the digest that makes the key
         authenticate (they live in different cluster slots: no one transaction can hold
@@ -322,13 +279,13 @@ class RedisStore:
         record = key.model_dump_json()
         name = self.schema.record(key.id)
         digest_name = self.schema.digest(digest)
-        await self._ensure_indexed(reindex=False)  # a new namespace's index is complete
+        await self.listing.ensure(reindex=False)  # a new namespace's index is complete
         with redis_errors("adding a key"):
             if not await self.client.set(name, record, nx=True, px=PENDING_MS):
                 raise KeyConflict(f"a key with id {key.id} or the same digest already exists")
             if self.cluster:
                 await self.client.zadd(self._index, {key.id: 0})
-                await self._index_key(key)
+                await self.listing.place(key)
                 created_digest = await self.client.set(digest_name, key.id, nx=True, px=PENDING_MS)
                 created_digest = created_digest or await self._holds(digest_name, key.id)
                 if created_digest:
@@ -338,7 +295,7 @@ class RedisStore:
             else:
                 async with self.client.pipeline(transaction=False) as pipe:
                     pipe.zadd(self._index, {key.id: 0})
-                    await self._index_key(key, pipe=pipe)
+                    await self.listing.place(key, pipe=pipe)
                     pipe.set(digest_name, key.id, nx=True, px=PENDING_MS)
                     pipe.persist(name)
                     pipe.persist(digest_name)  # another key's, if taken: it has no TTL
@@ -346,7 +303,7 @@ class RedisStore:
                     _, _, created_digest, *_ = await pipe.execute()
                 created_digest = created_digest or await self._holds(digest_name, key.id)
             if not created_digest:
-                await self._index_key(key, state="none")
+                await self.listing.place(key, state="none")
                 async with self.client.pipeline(transaction=False) as pipe:
                     pipe.zrem(self._index, key.id)
                     pipe.delete(name)
@@ -412,21 +369,15 @@ class RedisStore:
             if self.cluster:
                 updated = await self.client.set(name, record, xx=True)
                 if updated:
-                    await self._index_key(key)
+                    await self.listing.place(key)
                     await self._announce(key.id, None)
             else:
                 async with self.client.pipeline(transaction=False) as pipe:
-                    await self._write(pipe, key, name, record)
+                    await self.listing.write(pipe, key, name, record)
                     self._publish(pipe, key.id, None)
                     updated, _ = await pipe.execute()
         if not updated:
             raise KeyNotFound(f"no key with id {key.id}")
-
-    async def _write(self, pipe: Any, key: ApiKey, name: str, record: str) -> None:
-        """Queue, on a standalone Redis, the record's SET XX and its listing index in one
-        script (key_place.lua): both or neither, whatever crashes."""
-        names = [n for group in self._groups(key) for n in group]
-        await self._place(keys=[name, *names], args=[record, *self._placement(key)], client=pipe)
 
     async def _compare_and_set(
         self, key: ApiKey, name: str, record: str, expected: ApiKey
@@ -449,13 +400,13 @@ class RedisStore:
                     if self.cluster:
                         pipe.set(name, record, xx=True)
                     else:
-                        await self._write(pipe, key, name, record)
+                        await self.listing.write(pipe, key, name, record)
                         self._publish(pipe, key_id, None)
                     await pipe.execute()
                 except WatchError:
                     raise KeyChanged(f"key {key_id} changed meanwhile") from None
             if self.cluster:
-                await self._index_key(key)
+                await self.listing.place(key)
                 await self._announce(key_id, None)
 
     async def list_keys(self, *, after: str | None = None, limit: int = 100) -> list[ApiKey]:
@@ -491,81 +442,14 @@ class RedisStore:
         after: str | None = None,
         limit: int = 100,
     ) -> list[ApiKey]:
-        """See :class:`~keystile.stores.KeyStore`: one script call (key_select.lua, in the
-        project's slot) per page of ids, then one read of their records."""
-        if limit <= 0:
-            return []
-        await self._ensure_indexed()
-        types = list(KeyType) if key_type is None else [key_type]
-        names = [n for t in types for n in self._sets(project, t)]
-        settle = "" if status in (None, KeyStatus.REVOKED) else str(micros(now))
-        sets = [str(p) for p in positions(status)]
-
-        async def page(start: str | None, count: int) -> tuple[bool, list[str]]:
-            with redis_errors("listing keys"):
-                reply = await self._select(
-                    keys=names, args=[settle, start or "", count, SETTLE_BOUND, *sets]
-                )
-            return int(reply[0]) == 1, [_text(i) for i in reply[1:]]
-
-        async def prune(ids: list[str]) -> None:
-            """Take ids whose record is gone (expired before its add completed) out."""
-            every = [n for t in KeyType for n in self._sets(project, t)]
-            with redis_errors("listing keys"):
-                for key_id in ids:
-                    await self._place(keys=every, args=["", key_id, "none", ""])
-                    await self.client.zrem(self._index, key_id)
-
-        def keep(record: ApiKey) -> bool:
-            return matches(record, now=now, project=project, key_type=key_type, status=status)
-
-        return await select(page, self._read, prune, keep, after=after, limit=limit)
-
-    async def _ensure_indexed(self, *, reindex: bool = True) -> None:
-        """Know (once per store) that the listing index holds every key: its version is
-        set, or no key is stored yet (a new namespace: set it); else, with ``reindex``,
-        index them all now."""
-        if self._indexed:
-            return
-        with redis_errors("listing keys"):
-            version = await self.client.get(self.schema.listing_version)
-            if version is None and not await self.client.zcard(self._index):
-                await self.client.set(self.schema.listing_version, LISTING_VERSION, nx=True)
-                version = LISTING_VERSION.encode()
-        if version is not None and _text(version) == LISTING_VERSION:
-            self._indexed = True
-        elif reindex:
-            await self.reindex()
+        return await self.listing.list_matching(
+            now=now, project=project, key_type=key_type, status=status, after=after, limit=limit
+        )
 
     async def reindex(self) -> int:
-        """Place every stored key in the listing index, as its record stands, then mark the
-        index complete (its version). Run once, by the first listing, on a store written
-        by a keystile without the index; safe to run again, and beside writers (a key's
-        state never moves back: see key_place.lua). The number of keys indexed."""
-        indexed, after = 0, b"-"
-        while True:
-            with redis_errors("indexing keys"):
-                ids = await self.client.zrangebylex(
-                    self._index, after, b"+", start=0, num=_REINDEX_CHUNK
-                )
-            records = [r for r in await self._read([_text(i) for i in ids]) if r is not None]
-            with redis_errors("indexing keys"):
-                if self.cluster:
-                    for record in records:
-                        await self._index_key(record)
-                else:
-                    async with self.client.pipeline(transaction=False) as pipe:
-                        for record in records:
-                            await self._index_key(record, pipe=pipe)
-                        await pipe.execute()
-            indexed += len(records)
-            if len(ids) < _REINDEX_CHUNK:
-                break
-            after = b"(" + _text(ids[-1]).encode()
-        with redis_errors("indexing keys"):
-            await self.client.set(self.schema.listing_version, LISTING_VERSION)
-        self._indexed = True
-        return indexed
+        """Place every stored key in the listing index (see :meth:`RedisListing.reindex`);
+        the number of keys indexed."""
+        return await self.listing.reindex()
 
     async def ping(self) -> None:
         with redis_errors("pinging"):
