@@ -61,6 +61,7 @@ class RedisListing:
         self._place_script = client.register_script(lua("key_place"))
         self._select = client.register_script(lua("key_select"))
         self.indexed = False  # the index known to hold every key (its version is set)
+        self.asked = False  # its version read once
 
     def sets(self, project: str | None, key_type: KeyType | str) -> list[str]:
         """The listing index's sets of ``key_type`` in ``project`` (``None``: over all)."""
@@ -140,9 +141,10 @@ class RedisListing:
     async def ensure(self, *, reindex: bool = True) -> None:
         """Know (once per store) that the listing index holds every key: its version is
         set, or no key is stored yet (a new namespace: set it); else, with ``reindex``,
-        index them all now."""
-        if self.indexed:
+        index them all now (without: leave that to the first listing, asking once)."""
+        if self.indexed or (self.asked and not reindex):
             return
+        self.asked = True
         with redis_errors("listing keys"):
             version = await self.client.get(self.schema.listing_version)
             if version is None and not await self.client.zcard(self.schema.index):
