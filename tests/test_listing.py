@@ -9,8 +9,16 @@ from typing import Any
 import fakeredis
 import pytest
 
-from conftest import SECRET, _make_store
-from keystile import ApiKey, KeyHasher, KeyManager, ManualClock, MemoryStore, RedisStore
+from conftest import SECRET, _make_store, cleanup_namespace, new_namespace, require_redis
+from keystile import (
+    ApiKey,
+    KeyHasher,
+    KeyManager,
+    KeyNotFound,
+    ManualClock,
+    MemoryStore,
+    RedisStore,
+)
 from keystile.clock import to_datetime
 from keystile.keys import new_key_id
 from keystile.manager import KeyStatus, key_status
@@ -251,8 +259,6 @@ async def test_keys_stored_before_the_index_are_indexed_on_first_listing(
 ) -> None:
     """A store written by a keystile without the index is indexed, once, by its first
     listing, which then lists exactly; the index's version is set."""
-    from conftest import cleanup_namespace, new_namespace, require_redis
-
     namespace = new_namespace()
     if kind == "redis":
         require_redis()
@@ -331,3 +337,48 @@ async def test_an_entry_whose_record_is_gone_leaves_the_index(manager: KeyManage
     assert await walk(manager, project="default") == [kept.key.id]
     index = await index_of(store)
     assert not any(gone.key.id in ids for ids in index.values())
+
+
+async def test_a_write_that_finds_no_record_indexes_nothing(store: KeyStore) -> None:
+    """Replacing a record that is not stored is KeyNotFound, and the index gains nothing
+    (on a standalone Redis the record's SET XX and its placement are one script)."""
+    manager = KeyManager(store, KeyHasher(SECRET), clock=ManualClock())
+    stray = ApiKey.model_validate(
+        {
+            "id": new_key_id(manager.clock()),
+            "name": "stray",
+            "type": "dev",
+            "hint": "dev_...abcd",
+            "created_at": manager.now(),
+        }
+    )
+    with pytest.raises(KeyNotFound):
+        await store.replace(stray)
+    index = await index_of(store)
+    assert not any(stray.id in ids for ids in index.values())
+    assert await walk(manager) == []
+
+
+@pytest.mark.parametrize("kind", ["fakeredis", "redis"])
+async def test_a_late_placement_never_moves_a_key_back(
+    kind: str,
+) -> None:
+    """A placement from a record read before a revocation (a reindex running beside a
+    writer, a late writer on a cluster) leaves the key revoked in the index."""
+    if kind == "redis":
+        require_redis()
+    namespace = new_namespace()
+    store = await _make_store(kind, namespace)
+    assert isinstance(store, RedisStore)
+    try:
+        manager = KeyManager(store, KeyHasher(SECRET), clock=ManualClock())
+        created = await manager.create({"name": "a", "type": "dev"})
+        await manager.revoke(created.key.id)
+        await store.listing.place(created.key)  # the record as it was before
+        assert await walk(manager, status="revoked") == [created.key.id]
+        assert await walk(manager, status="active") == []
+        await assert_index_holds(manager, settled=True)
+    finally:
+        await store.close()
+        if kind == "redis":
+            cleanup_namespace(namespace)
