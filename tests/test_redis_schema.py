@@ -116,6 +116,8 @@ def test_every_row_is_built_by_the_schema() -> None:
         schema.record("key_abc"),
         schema.digest("f" * 64),
         schema.index,
+        schema.listing("default", "prod", "ends-active"),
+        schema.listing_version,
         schema.events,
         schema.window("key_abc", 100, 60),
         schema.window("key_abc", 20, 60, "2001:db8:1:2::/64"),

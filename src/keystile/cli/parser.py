@@ -269,6 +269,13 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--limit", type=int, default=100, help="keys per page (1-1000)")
     listing.add_argument("--cursor", help="continue a listing where the previous page ended")
 
+    actions.add_parser(
+        "reindex",
+        parents=[shared],
+        help="index every stored key for listing (keys an older keystile stored; the first "
+        "listing does it by itself)",
+    )
+
     show = actions.add_parser("show", parents=[shared], help="show one key")
     show.add_argument("key_id", metavar="KEY_ID")
 
