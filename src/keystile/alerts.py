@@ -81,6 +81,12 @@ _LOOKUPS_PER_FLUSH = 20  # store reads a flush may make for keys not in the cach
 _YIELD_EVERY = 500  # rows a flush's checks go through between yields to the event loop
 _MAX_KNOWN = 10_000  # addresses remembered per key; past that, no new-IP alerts
 _KNOWN_TTL = 90 * 86_400  # a key's addresses are forgotten 90 days after its last use
+# How long a process trusts what it learnt of a key's set of addresses (each address it
+# holds is one the set holds; a set it found full stays full) before asking Redis again —
+# which also renews the set's TTL, far longer. Bounded: addresses remembered in all.
+_RECHECK = 3600.0
+_LOCAL_ADDRESSES = 100_000
+_LOCAL_PER_KEY = 16
 
 # Notes the addresses a key was seen using, up to a cap; which are new (what it takes and
 # returns: the script's file).
@@ -160,7 +166,12 @@ class RedisAlertState:
     shared = True
 
     def __init__(
-        self, client: RedisClient, *, namespace: str = "keystile", max_known: int = _MAX_KNOWN
+        self,
+        client: RedisClient,
+        *,
+        namespace: str = "keystile",
+        max_known: int = _MAX_KNOWN,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.client = client
         self.namespace = namespace
@@ -168,6 +179,12 @@ class RedisAlertState:
         self.max_known = max_known
         self._note = client.register_script(_NOTE_ADDRESSES)
         self._cluster = is_cluster(client)
+        self._monotonic = monotonic
+        # key id -> (ask Redis again after, the addresses its set is known to hold, or None:
+        # the set is known full). A flush asks Redis only about keys with an address not in
+        # here: a key used from its usual addresses costs no round trip.
+        self._learnt: dict[str, tuple[float, frozenset[str] | None]] = {}
+        self._learnt_size = 0
 
     def _name(self, name: str) -> str:
         key_id, _, rule = name.partition("|")
@@ -187,7 +204,15 @@ class RedisAlertState:
     async def new_addresses(self, seen: dict[str, set[str]]) -> dict[str, list[str]]:
         if not seen:
             return {}
-        plan = [(key_id, sorted(ips)) for key_id, ips in seen.items()]
+        now = self._monotonic()
+        plan: list[tuple[str, list[str]]] = []
+        for n, (key_id, ips) in enumerate(seen.items(), 1):
+            if n % _YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+            learnt = self._learnt.get(key_id)
+            if learnt is not None and learnt[0] > now and (learnt[1] is None or ips <= learnt[1]):
+                continue  # nothing new to note, nothing to report
+            plan.append((key_id, sorted(ips)))
         replies: list[Any] = []
         for start in range(0, len(plan), _YIELD_EVERY):
             # A pipeline (and SCRIPT EXISTS) per 500 keys: the event loop runs between them.
@@ -201,11 +226,37 @@ class RedisAlertState:
                         await self._note(keys=[name], args=args, client=cast(Any, pipe))
                 replies += await pipe.execute()
         out: dict[str, list[str]] = {}
-        for (key_id, _), reply in zip(plan, replies, strict=True):
+        for n, ((key_id, ips), reply) in enumerate(zip(plan, replies, strict=True), 1):
+            if n % _YIELD_EVERY == 0:
+                await asyncio.sleep(0)
             before, added = int(reply[0]), reply[1:]
-            if before and added:  # the first batch of a key is its baseline
-                out[key_id] = [ip.decode() if isinstance(ip, bytes) else ip for ip in added]
+            fresh = [ip.decode() if isinstance(ip, bytes) else ip for ip in added]
+            if before and fresh:  # the first batch of a key is its baseline
+                out[key_id] = fresh
+            full = min(before, self.max_known) + len(fresh) >= self.max_known
+            # Not full: the set holds every address of the batch (added now or before).
+            self._learn(key_id, None if full else ips, now)
         return out
+
+    def _learn(self, key_id: str, ips: list[str] | None, now: float) -> None:
+        """Remember what the set of ``key_id`` holds (``None``: it is full) until
+        :data:`_RECHECK` seconds from ``now``, within the bounds."""
+        old = self._learnt.pop(key_id, None)
+        if old is not None and old[1] is not None:
+            self._learnt_size -= len(old[1])
+        known: frozenset[str] | None = None
+        if ips is not None:
+            held = set(ips)
+            if old is not None and old[1] is not None and old[0] > now:
+                held |= old[1]
+            known = frozenset(sorted(held)[:_LOCAL_PER_KEY])
+            if self._learnt_size + len(known) > _LOCAL_ADDRESSES:
+                self._learnt = {k: v for k, v in self._learnt.items() if v[0] > now}
+                self._learnt_size = sum(len(v[1] or ()) for v in self._learnt.values())
+                if self._learnt_size + len(known) > _LOCAL_ADDRESSES:
+                    return  # full of live entries: this key asks Redis each flush
+            self._learnt_size += len(known)
+        self._learnt[key_id] = (now + _RECHECK, known)
 
 
 class Alerter:
