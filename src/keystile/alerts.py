@@ -226,7 +226,7 @@ class RedisAlertState:
                         await self._note(keys=[name], args=args, client=cast(Any, pipe))
                 replies += await pipe.execute()
         out: dict[str, list[str]] = {}
-        for n, ((key_id, ips), reply) in enumerate(zip(plan, replies, strict=True), 1):
+        for n, ((key_id, noted), reply) in enumerate(zip(plan, replies, strict=True), 1):
             if n % _YIELD_EVERY == 0:
                 await asyncio.sleep(0)
             before, added = int(reply[0]), reply[1:]
@@ -235,7 +235,7 @@ class RedisAlertState:
                 out[key_id] = fresh
             full = min(before, self.max_known) + len(fresh) >= self.max_known
             # Not full: the set holds every address of the batch (added now or before).
-            self._learn(key_id, None if full else ips, now)
+            self._learn(key_id, None if full else noted, now)
         return out
 
     def _learn(self, key_id: str, ips: list[str] | None, now: float) -> None:
