@@ -217,9 +217,9 @@ class RedisAlertState:
         for start in range(0, len(plan), _YIELD_EVERY):
             # A pipeline (and SCRIPT EXISTS) per 500 keys: the event loop runs between them.
             async with self.client.pipeline(transaction=False) as pipe:
-                for key_id, ips in plan[start : start + _YIELD_EVERY]:
+                for key_id, sent in plan[start : start + _YIELD_EVERY]:
                     name = self.names.seen_addresses(key_id)
-                    args: list[Any] = [self.max_known, _KNOWN_TTL, *ips]
+                    args: list[Any] = [self.max_known, _KNOWN_TTL, *sent]
                     if self._cluster:  # a cluster pipeline refuses EVALSHA: EVAL, on one slot
                         pipe.eval(_NOTE_ADDRESSES, 1, name, *args)
                     else:
