@@ -52,6 +52,7 @@ from keystile.usage.models import (
     tracked,
 )
 from keystile.usage.reports import UsageReader
+from keystile.usage.stores import CHUNK_ROWS
 
 if TYPE_CHECKING:
     from keystile.usage.stores import UsageStore
@@ -114,6 +115,25 @@ class UsageBatch:
             for key_id, row in table.items():
                 if row[SEEN]:
                     out.setdefault(key_id, set()).update(row[SEEN])
+        return out
+
+    async def watched_addresses(self, every: int = CHUNK_ROWS) -> dict[str, set[str]]:
+        """:attr:`seen_ips`, gathered with a yield to the event loop every ``every`` rows
+        (a flush of many keys lets requests run meanwhile)."""
+        out: dict[str, set[str]] = {}
+        done = 0
+        for table in self.minutes.values():
+            for key_id, row in table.items():
+                seen = row[SEEN]
+                if seen:
+                    mine = out.get(key_id)
+                    if mine is None:
+                        out[key_id] = set(seen)
+                    else:
+                        mine.update(seen)
+                done += 1
+                if done % every == 0:
+                    await asyncio.sleep(0)
         return out
 
     def requests(self) -> int:
