@@ -351,7 +351,8 @@ class Alerter:
                     {"attempts": counts[INACTIVE]},
                 )
         if rules.new_ip_for_prod:
-            # Every address a production key used since the last flush, in one pipeline.
+            # Every address a production key used since the last flush; only keys seen from
+            # an address this process has not learnt their set holds go to the state's store.
             try:
                 fresh = await self.state.new_addresses(await batch.watched_addresses())
             except StoreError as exc:
