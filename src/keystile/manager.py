@@ -343,20 +343,24 @@ class KeyManager:
         cursor: str | None = None,
         limit: int = DEFAULT_PAGE_SIZE,
         project: str | None = None,
+        undeclared: bool = False,
     ) -> KeyPage:
         """Records in creation order, ``limit`` at a time, that match every filter given:
-        ``type``, ``status`` (``active``, ``rotated``, ``revoked`` or ``expired``) and ``metadata``
-        (each named entry equal). Pass the page's ``next`` as ``cursor`` to continue.
+        ``type`` (a declared one), ``status`` (``active``, ``rotated``, ``revoked`` or
+        ``expired``) and ``metadata`` (each named entry equal); with ``undeclared``, only
+        records of a type the policy no longer declares (refused when used). Pass the page's
+        ``next`` as ``cursor`` to continue.
 
         A page may hold fewer than ``limit`` records (even none) and still have a ``next``:
         each call reads a bounded number of records.
         """
         errors: builtins.list[FieldError] = []
         key_type = status_value = after = None
-        try:
-            key_type = None if type is None else KeyType(type)
-        except ValueError:
-            errors.append(FieldError("type", f"must be one of {', '.join(KeyType)}"))
+        if type is not None:
+            if isinstance(type, str) and self.policy.declares(type):
+                key_type = type
+            else:
+                errors.append(FieldError("type", f"must be one of {', '.join(self.policy.names)}"))
         try:
             status_value = None if status is None else KeyStatus(status)
         except ValueError:
@@ -383,14 +387,15 @@ class KeyManager:
 
         def matches(record: ApiKey) -> bool:
             return (
-                (key_type is None or record.type is key_type)
+                (key_type is None or record.type == key_type)
+                and (not undeclared or not self.policy.declares(record.type))
                 and (status_value is None or key_status(record, now) is status_value)
                 and all(record.metadata.get(k) == v for k, v in wanted.items())
                 and (project is None or record.project == project)
             )
 
         filtered = key_type is not None or status_value is not None or bool(wanted)
-        filtered = filtered or project is not None
+        filtered = filtered or project is not None or undeclared
         # One record more than a page tells whether another page follows.
         batch = min(max(limit + 1, 500), max(_SCAN_BUDGET, limit + 1)) if filtered else limit + 1
         found: builtins.list[ApiKey] = []
