@@ -206,6 +206,22 @@ def test_policy_table_refuses_shared_prefixes_and_bad_names() -> None:
         KeyTypePolicy(prefix="partner_", browser=True, watch_new_ips=True)
 
 
+def test_a_type_may_require_an_ip_allowlist() -> None:
+    """A type with ``requires_ips`` refuses a key without allowed addresses, naming the
+    field; with one, the key is valid."""
+    partner = KeyTypePolicy(prefix="partner_", requires_ips=True)
+    policy = KeyPolicy({**DEFAULT_TYPE_POLICIES, "partner": partner})
+    with pytest.raises(KeyValidationError) as refused:
+        policy.validate({"name": "n", "type": "partner"}, now=NOW)
+    assert refused.value.errors == [
+        FieldError("allowed_ips", "partner keys must list at least one address or network")
+    ]
+    allowed = policy.validate(
+        {"name": "n", "type": "partner", "allowed_ips": ["203.0.113.0/24"]}, now=NOW
+    )
+    assert allowed.allowed_ips == ("203.0.113.0/24",)
+
+
 def test_a_policy_may_add_a_type_and_leave_one_out() -> None:
     """A fourth type is declared by its name and rules; a type left out is refused for
     new keys, naming the types there are; records of it still load."""

@@ -176,7 +176,8 @@ class KeyTypePolicy(BaseModel):
     ``browser``: the key is public, shipped in web pages; usage counts its requests by
     client address and by origin. ``watch_new_ips``: the addresses a key is used from are
     noted, and the first use from a new one raises the ``new_ip`` alert. A type is one or
-    the other or neither. ``requires_origins``: each key must list its allowed origins.
+    the other or neither. ``requires_origins``: each key must list its allowed origins;
+    ``requires_ips``: each key must list the addresses or networks it may be used from.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -191,6 +192,7 @@ class KeyTypePolicy(BaseModel):
     token_quota: Annotated[int | None, Field(ge=0, le=10**12)] = None
     forbidden_scopes: frozenset[str] = frozenset()
     requires_origins: bool = False
+    requires_ips: bool = False
     rotation_age: timedelta | None = None
 
     @field_validator("prefix")
@@ -378,6 +380,12 @@ class KeyPolicy:
         if policy.requires_origins and not key.allowed_origins:
             errors.append(
                 FieldError("allowed_origins", f"{key_type} keys must list at least one origin")
+            )
+        if policy.requires_ips and not key.allowed_ips:
+            errors.append(
+                FieldError(
+                    "allowed_ips", f"{key_type} keys must list at least one address or network"
+                )
             )
         if key.expires_at is not None and key.expires_at <= now:
             errors.append(FieldError("expires_at", "the expiry is not in the future"))
