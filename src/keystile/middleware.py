@@ -89,8 +89,6 @@ class KeystileMiddleware:
         self.deny_unmatched = deny_unmatched
         self.refusals = Refusals(realm, retry_after)
         self._prefixes = self.gate.policy.prefixes
-        self._types = self.gate.policy.types
-        self._undeclared_seen: set[str] = set()
         self._cache = self.gate.store
         self._digest = self.gate.hasher.digest
         self._clock = self.gate.clock
@@ -320,26 +318,12 @@ class KeystileMiddleware:
                 return self.refusals.unavailable
             if entry is None:
                 return self.refusals.invalid
-        if entry.record.type not in self._types:
-            self._undeclared_type(entry.record.id, entry.record.type)
+        if entry.record.type not in self.gate.policy.types:  # a type no longer declared
+            self.gate.undeclared_type(entry.record)
             return self.refusals.invalid
         if scheme == b"Bearer" and len(value) == len(token) + 7:
             self._remember_if_admitted(value, entry)
         return entry
-
-    def _undeclared_type(self, key_id: str, key_type: str) -> None:
-        """Say once per key (a bounded number of them) why a stored key was refused: the
-        policy no longer declares its type."""
-        if key_id in self._undeclared_seen or len(self._undeclared_seen) >= 1000:
-            return
-        self._undeclared_seen.add(key_id)
-        logger.warning(
-            "refused key %s: its type %r is not declared by the policy (declared: %s)",
-            key_id,
-            str(key_type),
-            ", ".join(self._types),
-            extra=fields("auth.undeclared_type", key_id=key_id, code="invalid_api_key"),
-        )
 
     def _lookup_failed(self, why: str) -> None:
         """Log failed key lookups at most once every 10 seconds (an outage is thousands)."""
