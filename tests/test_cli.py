@@ -104,7 +104,6 @@ def test_expiries(text: str, expected: object) -> None:
         ["keys", "create", "--name", "n", "--type", "dev", "--expires", "9999-12-31T23:00-01:00"],
         ["keys", "update", "key_x", "--expires", "0001-01-01T00:00:00+01:00"],
         ["keys", "create", "--name", "n", "--type", "prod", "--meta", "project"],
-        ["keys", "create", "--name", "n", "--type", "admin"],
         ["keys", "create", "--type", "prod"],
         ["keys", "update", "key_x", "--token-quota", "many"],
         ["keys", "frobnicate"],
@@ -119,7 +118,6 @@ def test_expiries(text: str, expected: object) -> None:
         "expiry-past-9999-in-utc",
         "expiry-before-year-1-in-utc",
         "bad-meta",
-        "bad-type",
         "no-name",
         "bad-quota",
         "bad-action",
@@ -196,6 +194,19 @@ async def test_invalid_settings_exit_2_naming_each_field(manager: KeyManager) ->
     assert (code, out) == (2, "")
     assert len(err.splitlines()) == 1
     assert "scopes[0]" in err and "allowed_origins" in err
+    assert (await manager.list()).keys == ()
+
+
+async def test_a_type_the_policy_lacks_exits_2_naming_the_declared_ones(
+    manager: KeyManager,
+) -> None:
+    """The key types are the app's (its policy's), so an unknown one is refused with them."""
+    for action in (("create", "--name", "n"), ("list",)):
+        code, out, err = await run(manager, "keys", *action, "--type", "admin")
+        assert (code, out) == (2, "")
+        assert err.splitlines() == [
+            "keystile: invalid input: type: must be one of dev, prod, client"
+        ]
     assert (await manager.list()).keys == ()
 
 

@@ -381,3 +381,26 @@ async def test_a_late_placement_never_moves_a_key_back(
         await store.close()
         if kind == "redis":
             cleanup_namespace(namespace)
+
+
+async def test_a_type_the_app_declares_is_listed_with_the_others(
+    cached: CachedStore, hasher: KeyHasher, clock: ManualClock
+) -> None:
+    """Keys of an app's own type are in the listings over every type, by their type, and
+    (on Redis) in a second process's listings, which learns the type from the store."""
+    from keystile.models import DEFAULT_TYPE_POLICIES, KeyPolicy, KeyTypePolicy
+
+    policy = KeyPolicy({**DEFAULT_TYPE_POLICIES, "partner": KeyTypePolicy(prefix="partner_")})
+    manager = KeyManager(cached, hasher, clock=clock, policy=policy)
+    dev = (await manager.create({"name": "d", "type": "dev"})).key.id
+    partners = [(await manager.create({"name": "p", "type": "partner"})).key.id for _ in "ab"]
+    assert sorted(await walk(manager)) == sorted([dev, *partners])
+    assert await walk(manager, type="partner") == sorted(partners)
+    assert await walk(manager, type="partner", status="active", project="default") == sorted(
+        partners
+    )
+    store = inner(cached)
+    if isinstance(store, RedisStore):  # another process: nothing of this one's memory
+        other = RedisStore(store.client, namespace=store.namespace)
+        elsewhere = KeyManager(other, hasher, clock=clock, policy=policy)
+        assert sorted(await walk(elsewhere)) == sorted([dev, *partners])

@@ -117,6 +117,7 @@ def test_every_row_is_built_by_the_schema() -> None:
         schema.digest("f" * 64),
         schema.index,
         schema.listing("default", "prod", "ends-active"),
+        schema.listing_types,
         schema.listing_version,
         schema.events,
         schema.window("key_abc", 100, 60),

@@ -503,7 +503,8 @@ class Alerter:
                 return
         if record is None or record.replaced_by is not None:
             return
-        age = self.policy[record.type].rotation_age
+        rules = self.policy.types.get(record.type)
+        age = None if rules is None else rules.rotation_age
         if age is not None and now - to_timestamp(record.created_at) > age.total_seconds():
             await self._fire(
                 "rotation_due",

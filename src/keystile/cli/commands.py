@@ -74,7 +74,7 @@ def _details(
     rows = [
         ("id", key.id),
         ("name", key.name),
-        ("type", key.type.value),
+        ("type", _type_text(key, manager)),
         ("hint", key.hint),
         ("status", key_status(key, manager.now()).value),
         ("scopes", ", ".join(key.scopes) or "-"),
@@ -96,6 +96,13 @@ def _details(
         rows.insert(6, ("not in app", f"{', '.join(unknown)} (the catalogue lacks them)"))
     for label, value in rows:
         out.write(f"{label:<13}{value}\n")
+
+
+def _type_text(key: ApiKey, manager: KeyManager) -> str:
+    """The key's type, marked when the policy no longer declares it (the key is refused)."""
+    if manager.policy.declares(key.type):
+        return str(key.type)
+    return f"{key.type} (not declared: refused)"
 
 
 def _secret(out: TextIO, secret: str) -> None:
@@ -173,6 +180,7 @@ async def _list(args: argparse.Namespace, manager: KeyManager, out: TextIO) -> i
         metadata=dict(args.meta or ()),
         cursor=args.cursor,
         limit=args.limit,
+        undeclared=args.undeclared,
     )
     described = await manager.describe(page.keys)
     if args.json:
@@ -186,7 +194,7 @@ async def _list(args: argparse.Namespace, manager: KeyManager, out: TextIO) -> i
                 (
                     i.key.id,
                     i.key.name if len(i.key.name) <= 40 else i.key.name[:39] + "…",
-                    i.key.type.value,
+                    _type_text(i.key, manager),
                     i.key.hint,
                     i.status.value,
                     _when(i.key.created_at),

@@ -253,11 +253,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     create = actions.add_parser("create", parents=[shared], help="issue a key")
     create.add_argument("--name", required=True, help="what the key is for")
-    create.add_argument("--type", required=True, choices=["dev", "prod", "client"])
+    create.add_argument(
+        "--type", required=True, help="a key type the app declares (default: dev, prod, client)"
+    )
     _settings_options(create, update=False)
 
     listing = actions.add_parser("list", parents=[shared], help="list keys")
-    listing.add_argument("--type", choices=["dev", "prod", "client"])
+    listing.add_argument("--type", help="only keys of this type")
+    listing.add_argument(
+        "--undeclared",
+        action="store_true",
+        help="only keys of a type the app no longer declares (they are refused)",
+    )
     listing.add_argument("--status", choices=[s.value for s in KeyStatus])
     listing.add_argument(
         "--meta",

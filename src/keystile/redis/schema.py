@@ -59,6 +59,14 @@ NAMES: tuple[Name, ...] = (
         "(ends-active, ends-rotated, gone-active, gone-rotated)",
     ),
     Name(
+        "<ns>:list:{*}:types",
+        "set",
+        "*",
+        "none",
+        "the listing index's key types: every type a key was indexed with (as many as the "
+        "app declares)",
+    ),
+    Name(
         "<ns>:list:{*}:version",
         "string",
         "*",
@@ -204,6 +212,10 @@ class RedisSchema:
     def listing(self, project: str | None, key_type: str, part: str) -> str:
         """A set of the listing index: ``project``'s keys (``None``: every project's)."""
         return f"{self.namespace}:list:{{{project or '*'}}}:{key_type}:{part}"
+
+    @property
+    def listing_types(self) -> str:
+        return f"{self.namespace}:list:{{*}}:types"
 
     @property
     def listing_version(self) -> str:

@@ -30,7 +30,7 @@ from collections import OrderedDict
 from datetime import datetime
 
 from keystile.clock import Clock
-from keystile.models import ApiKey, KeyType
+from keystile.models import ApiKey
 from keystile.principal import Principal
 from keystile.records import KeyStatus
 from keystile.stores.batch import MissBatch
@@ -401,7 +401,7 @@ class CachedStore:
         *,
         now: datetime,
         project: str | None = None,
-        key_type: KeyType | None = None,
+        key_type: str | None = None,
         status: KeyStatus | None = None,
         after: str | None = None,
         limit: int = 100,

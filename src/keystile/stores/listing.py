@@ -22,7 +22,7 @@ import bisect
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
-from keystile.models import ApiKey, KeyType
+from keystile.models import ApiKey
 from keystile.records import KeyStatus, key_status
 
 __all__ = [
@@ -81,13 +81,13 @@ def matches(
     *,
     now: datetime,
     project: str | None,
-    key_type: KeyType | None,
+    key_type: str | None,
     status: KeyStatus | None,
 ) -> bool:
     """Whether ``key`` belongs in a listing with these filters at ``now``."""
     return (
         (project is None or key.project == project)
-        and (key_type is None or key.type is key_type)
+        and (key_type is None or key.type == key_type)
         and (status is None or key_status(key, now) is status)
     )
 
@@ -168,9 +168,9 @@ class MemoryListing:
     and moves of the Redis scripts (``key_place.lua``, ``key_select.lua``)."""
 
     def __init__(self) -> None:
-        self._sets: dict[tuple[str | None, KeyType], list[_Sorted]] = {}
+        self._sets: dict[tuple[str | None, str], list[_Sorted]] = {}
 
-    def _block(self, project: str | None, key_type: KeyType) -> list[_Sorted]:
+    def _block(self, project: str | None, key_type: str) -> list[_Sorted]:
         block = self._sets.get((project, key_type))
         if block is None:
             block = self._sets[project, key_type] = [_Sorted() for _ in PARTS]
@@ -205,14 +205,16 @@ class MemoryListing:
         *,
         now: datetime | None,
         project: str | None,
-        key_type: KeyType | None,
+        key_type: str | None,
         status: KeyStatus | None,
         after: str | None,
         count: int,
     ) -> list[str]:
         """Ids in id order after ``after``, settled at ``now`` (``None``: no status asked)."""
-        types = list(KeyType) if key_type is None else [key_type]
-        blocks = [b for t in types if (b := self._sets.get((project, t))) is not None]
+        if key_type is None:  # every type a key was ever indexed with
+            blocks = [b for (p, _), b in self._sets.items() if p == project]
+        else:
+            blocks = [b for b in (self._sets.get((project, key_type)),) if b is not None]
         if now is not None:
             at = micros(now)
             for block in blocks:

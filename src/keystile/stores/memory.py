@@ -6,7 +6,7 @@ import bisect
 from datetime import datetime
 
 from keystile.exceptions import KeyChanged, KeyConflict, KeyNotFound
-from keystile.models import ApiKey, KeyType
+from keystile.models import ApiKey
 from keystile.records import KeyStatus
 from keystile.stores.listing import MemoryListing, matches, select
 from keystile.stores.protocol import StoreListener
@@ -70,7 +70,7 @@ class MemoryStore:
         *,
         now: datetime,
         project: str | None = None,
-        key_type: KeyType | None = None,
+        key_type: str | None = None,
         status: KeyStatus | None = None,
         after: str | None = None,
         limit: int = 100,

@@ -12,7 +12,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Protocol, runtime_checkable
 
-from keystile.models import ApiKey, KeyType
+from keystile.models import ApiKey
 from keystile.records import KeyStatus
 
 __all__ = ["KeyStore", "StoreListener"]
@@ -66,7 +66,7 @@ class KeyStore(Protocol):
         *,
         now: datetime,
         project: str | None = None,
-        key_type: KeyType | None = None,
+        key_type: str | None = None,
         status: KeyStatus | None = None,
         after: str | None = None,
         limit: int = 100,

@@ -38,7 +38,7 @@ from keystile.exceptions import (
 )
 from keystile.fallback import failure_cause, redis_address
 from keystile.logs import fields
-from keystile.models import ApiKey, KeyType
+from keystile.models import ApiKey
 from keystile.records import KeyStatus
 from keystile.redis.connect import RedisClient, close_redis, is_cluster, open_redis
 from keystile.redis.errors import REDIS_FAILURES, redis_errors
@@ -437,7 +437,7 @@ class RedisStore:
         *,
         now: datetime,
         project: str | None = None,
-        key_type: KeyType | None = None,
+        key_type: str | None = None,
         status: KeyStatus | None = None,
         after: str | None = None,
         limit: int = 100,

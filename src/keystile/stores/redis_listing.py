@@ -61,12 +61,26 @@ class RedisListing:
         self._place_script = client.register_script(lua("key_place"))
         self._select = client.register_script(lua("key_select"))
         self.indexed = False  # the index known to hold every key (its version is set)
+        self._registered: set[str] = set()  # type names this process added to the types set
         self.asked = False  # its version read once
 
-    def sets(self, project: str | None, key_type: KeyType | str) -> list[str]:
+    def sets(self, project: str | None, key_type: str) -> list[str]:
         """The listing index's sets of ``key_type`` in ``project`` (``None``: over all)."""
-        kind = KeyType(key_type).value
-        return [self.schema.listing(project, kind, part) for part in PARTS]
+        return [self.schema.listing(project, str(key_type), part) for part in PARTS]
+
+    async def register(self, key_type: str) -> None:
+        """Note ``key_type`` in the set of the types keys were indexed with (before any key
+        of it is placed: a listing over every type reads that set), once per process."""
+        if key_type not in self._registered:
+            with redis_errors("indexing a key"):
+                await self.client.sadd(self.schema.listing_types, str(key_type))
+            self._registered.add(key_type)
+
+    async def types(self) -> list[str]:
+        """Every type keys were indexed with (the built-in ones at least)."""
+        with redis_errors("listing keys"):
+            held = await self.client.smembers(self.schema.listing_types)
+        return sorted({*(t.value for t in KeyType), *(_text(t) for t in held)})
 
     def groups(self, key: ApiKey) -> list[list[str]]:
         """The two groups of sets a key is listed in: its project's, and every project's."""
@@ -83,6 +97,7 @@ class RedisListing:
         it out). On a standalone Redis one script for both groups (queued on ``pipe`` if
         given); on a cluster, whose groups live in two slots, one script each."""
         args = ["", *self._placement(key, state)]
+        await self.register(key.type)
         groups = self.groups(key)
         if self.cluster:
             for names in groups:
@@ -93,6 +108,7 @@ class RedisListing:
     async def write(self, pipe: Any, key: ApiKey, name: str, record: str) -> None:
         """Queue, on a standalone Redis, the record's SET XX and its listing index in one
         script (key_place.lua): both or neither, whatever crashes."""
+        await self.register(key.type)
         names = [n for group in self.groups(key) for n in group]
         await self._place_script(
             keys=[name, *names], args=[record, *self._placement(key)], client=pipe
@@ -103,7 +119,7 @@ class RedisListing:
         *,
         now: datetime,
         project: str | None = None,
-        key_type: KeyType | None = None,
+        key_type: str | None = None,
         status: KeyStatus | None = None,
         after: str | None = None,
         limit: int = 100,
@@ -113,7 +129,7 @@ class RedisListing:
         if limit <= 0:
             return []
         await self.ensure()
-        types = list(KeyType) if key_type is None else [key_type]
+        types = await self.types() if key_type is None else [key_type]
         names = [n for t in types for n in self.sets(project, t)]
         settle = "" if status in (None, KeyStatus.REVOKED) else str(micros(now))
         sets = [str(p) for p in positions(status)]
@@ -127,7 +143,7 @@ class RedisListing:
 
         async def prune(ids: list[str]) -> None:
             """Take ids whose record is gone (expired before its add completed) out."""
-            every = [n for t in KeyType for n in self.sets(project, t)]
+            every = [n for t in await self.types() for n in self.sets(project, t)]
             with redis_errors("listing keys"):
                 for key_id in ids:
                     await self._place_script(keys=every, args=["", key_id, "none", ""])
