@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from importlib import resources
 from typing import Any
 from urllib.parse import urlencode
@@ -48,6 +48,7 @@ from keystile.gate import Keystile
 from keystile.keys import parse_key
 from keystile.logs import fields
 from keystile.models import ApiKey, KeyType
+from keystile.network import ClientAddress, allowed, parse_ip_entry
 from keystile.records import KeyStatus
 from keystile.usage import UsageReport
 
@@ -61,8 +62,17 @@ _GRACES = {"0": "At once", "3600": "1 hour", "86400": "24 hours", "604800": "7 d
 class Console:
     """The console of one gate. :func:`keystile.console.console_app` builds its app."""
 
-    def __init__(self, gate: Keystile, *, recent_alerts: int = 1000) -> None:
+    def __init__(
+        self,
+        gate: Keystile,
+        *,
+        recent_alerts: int = 1000,
+        trusted_proxies: Iterable[str] = (),
+    ) -> None:
         self.gate = gate
+        #: Where a request comes from, for the admin key's IP allowlist (as the middleware
+        #: reads it: give the same ``trusted_proxies``).
+        self.client_address = ClientAddress(trusted_proxies)
         self.manager = gate.manager
         self.catalogue = gate.policy.catalogue
         self.signer = SessionSigner(gate.hasher)
@@ -129,14 +139,18 @@ class Console:
         if session is None:
             return None
         record = await self.gate.store.get(session.key_id)
-        if record is None or self._refusal(record) is not None:
+        if record is None or self._refusal(request, record) is not None:
             return None
         return session, record
 
-    def _refusal(self, record: ApiKey) -> str | None:
-        """Why this key cannot use the console, or ``None``."""
+    def _refusal(self, request: Request, record: ApiKey) -> str | None:
+        """Why this key cannot use the console from where ``request`` comes, or ``None``."""
         if not record.active(self.manager.now()):
             return "This key is revoked or expired."
+        if record.allowed_ips and not allowed(
+            self.client_address(request.scope), (parse_ip_entry(n) for n in record.allowed_ips)
+        ):
+            return "This key is not allowed from this address."
         if not self.catalogue.grants(record.scopes, MANAGE_KEYS):
             return f"This key does not hold {MANAGE_KEYS}: sign in with an admin key."
         return None
@@ -237,7 +251,7 @@ class Console:
                 record = None
             except StoreError:
                 return self._plain(request, 503, "Unavailable", "The key store cannot be reached.")
-            why = "This is not a valid key." if record is None else self._refusal(record)
+            why = "This is not a valid key." if record is None else self._refusal(request, record)
             client = request.client.host if request.client else None
             shown = record.id if record is not None else "(no key)"
             if record is not None and why is None:
