@@ -6,9 +6,10 @@ from __future__ import annotations
 from starlette.applications import Starlette
 
 import test_console
+from keystile import Keystile
 from keystile.console import console_mount
 from keystile.console.session import COOKIE
-from test_console import World, sign_in
+from test_console import MISSING, World, csrf, sign_in
 from usage_app import http
 
 world = test_console.world  # the fixture: a gate on memory and on Redis, two projects
@@ -65,3 +66,111 @@ async def test_behind_a_trusted_proxy_the_allowlist_reads_the_forwarded_address(
     async with http(app, ip="198.51.100.7") as client:
         answer = await client.post("/console/signin", data={"key": token}, headers=forwarded)
         assert answer.status_code == 401
+
+
+HOSTILE = "\"'><script>alert(1)</script><svg onload=alert(2)>"
+
+
+async def test_hostile_text_is_escaped_on_every_page_that_shows_it(world: World) -> None:
+    """A key name, a search, a filter, an alert and a refused sign-in carrying markup come
+    back as text: no element, no attribute breaks out, on any page that shows them."""
+    from datetime import UTC, datetime
+
+    from keystile.alerts import Alert
+
+    made = await world.gate.manager.create(
+        {"name": HOSTILE, "type": "dev", "scopes": ["vec:read"], "project": "alpha"}
+    )
+    alert = Alert(rule=HOSTILE, key_id=made.key.id, message=HOSTILE, at=datetime.now(UTC))
+    for callback in world.gate.alerts.callbacks:
+        callback(alert)
+    async with http(world.app) as client:
+        refused = await sign_in(client, HOSTILE)
+        await sign_in(client, world.admin)
+        token = await csrf(client)
+        edit = await client.post(
+            f"/console/keys/{made.key.id}/edit",
+            data={"csrf": token, "name": HOSTILE, "expires_at": HOSTILE, "scopes": HOSTILE},
+        )
+        pages = [
+            refused,
+            edit,
+            await client.get("/console/keys"),
+            await client.get("/console/keys", params={"q": HOSTILE[:40]}),
+            await client.get("/console/audit", params={"key_id": HOSTILE}),
+            await client.get(f"/console/keys/{made.key.id}"),
+            await client.get(f"/console/keys/{made.key.id}/edit"),
+            await client.get(f"/console/keys/{made.key.id}/rotate"),
+            await client.get(f"/console/keys/{made.key.id}/revoke"),
+            await client.get(f"/console/keys/{HOSTILE}"),
+        ]
+    for page in pages:
+        assert "<script>alert" not in page.text and "<svg onload" not in page.text, page.url
+        assert "'><" not in page.text and '"><script' not in page.text
+    assert "&lt;script&gt;alert(1)" in pages[2].text  # shown, as text
+
+
+async def test_the_audit_filter_on_another_projects_key_shows_what_a_missing_id_shows(
+    world: World,
+) -> None:
+    """Filtering the audit trail by another project's key id (whose creation is in its own
+    project's trail) shows the very page a missing id shows: no event, no hint."""
+    async with http(world.app) as client:
+        await sign_in(client, world.admin)
+        theirs = await client.get("/console/audit", params={"key_id": world.theirs})
+        nobodys = await client.get("/console/audit", params={"key_id": MISSING})
+    assert theirs.status_code == nobodys.status_code == 200
+    assert theirs.text.replace(world.theirs, MISSING) == nobodys.text
+    assert "No events match." in theirs.text
+
+
+async def test_a_cookie_is_worth_nothing_on_a_gate_with_another_secret(world: World) -> None:
+    """A session signed by one gate does not open another gate's console (another server
+    secret), even when that gate holds the very key the session names."""
+    async with http(world.app) as client:
+        await sign_in(client, world.admin)
+        cookie = client.cookies[COOKIE]
+    other = Keystile(store=world.gate.store, secret="another-server-secret-0123456789ab")
+    app = Starlette(routes=[console_mount(other)])
+    async with http(app) as client:
+        client.cookies.set(COOKIE, cookie)
+        answer = await client.get("/console/keys")
+    await other.shutdown()  # the store is the world's: closed with it
+    assert answer.status_code == 303 and answer.headers["location"].startswith("/console/signin")
+
+
+async def test_a_session_ends_twelve_hours_after_sign_in_however_busy(world: World) -> None:
+    """Used every 20 minutes, a session is renewed, but never past 12 hours from signing
+    in; a cookie re-signed with a later expiry does not exist without the secret."""
+    now = [1_900_000_000.0]
+    world.gate.clock = lambda: now[0]
+    async with http(world.app) as client:
+        await sign_in(client, world.admin)
+        opened = 0
+        for _ in range(40):  # 40 x 20 minutes = 13 h 20
+            now[0] += 20 * 60
+            if (await client.get("/console/keys")).status_code != 200:
+                break
+            opened += 1
+    assert opened == 35  # 35 x 20 min = 11 h 40; the next click is past 12 h
+
+
+async def test_forms_from_a_null_or_foreign_origin_are_refused(world: World) -> None:
+    """``Origin: null`` (a sandboxed frame, a data: URL) and another site's origin are
+    refused on the sign-in form and on every write, even with a good token."""
+    async with http(world.app) as client:
+        for origin in ("null", "https://evil.example", "http://api.test.evil.example"):
+            answer = await client.post(
+                "/console/signin", data={"key": world.admin}, headers={"origin": origin}
+            )
+            assert answer.status_code == 403 and "set-cookie" not in answer.headers
+        await sign_in(client, world.admin)
+        token = await csrf(client)
+        for origin in ("null", "https://evil.example", "http://api.test:81"):
+            answer = await client.post(
+                f"/console/keys/{world.worker}/revoke",
+                data={"csrf": token},
+                headers={"origin": origin},
+            )
+            assert answer.status_code == 403
+    assert not (await world.gate.manager.get(world.worker)).revoked
