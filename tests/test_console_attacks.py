@@ -9,7 +9,7 @@ import test_console
 from keystile import Keystile
 from keystile.console import console_mount
 from keystile.console.session import COOKIE
-from test_console import MISSING, World, csrf, sign_in
+from test_console import MISSING, World, csrf, secret_on, sign_in
 from usage_app import http
 
 world = test_console.world  # the fixture: a gate on memory and on Redis, two projects
@@ -174,3 +174,18 @@ async def test_forms_from_a_null_or_foreign_origin_are_refused(world: World) -> 
             )
             assert answer.status_code == 403
     assert not (await world.gate.manager.get(world.worker)).revoked
+
+
+async def test_a_head_request_does_not_use_up_the_secret_shown_once(world: World) -> None:
+    """The page showing a new key's secret is used up by the GET that shows it, not by a
+    HEAD (a link checker, a prefetcher): the secret is still there for the GET, then gone."""
+    async with http(world.app) as client:
+        await sign_in(client, world.admin)
+        data = {"csrf": await csrf(client), "name": "headed", "type": "dev"}
+        made = await client.post("/console/keys/new", data=data)
+        where = made.headers["location"]
+        head = await client.head(where)
+        assert head.status_code == 200 and head.headers["cache-control"] == "no-store"
+        shown = await client.get(where)
+        assert shown.status_code == 200 and secret_on(shown.text) is not None
+        assert (await client.get(where)).status_code == 410

@@ -367,7 +367,9 @@ class Console:
         return RedirectResponse(f"{ctx.base}/created/{slot}", status_code=303)
 
     async def created(self, ctx: Context) -> Response:
-        slot = self.slots.take(ctx.request.path_params["slot"], ctx.session.sid)
+        # A HEAD (a link checker, a prefetcher) gets no body: it must not use the secret up.
+        keep = ctx.request.method == "HEAD"
+        slot = self.slots.take(ctx.request.path_params["slot"], ctx.session.sid, keep=keep)
         if slot is None:
             response = self._html(ctx, "Key already shown", views.shown_already(ctx.base))
             response.status_code = 410

@@ -45,10 +45,12 @@ class SecretSlots:
         self._slots[ident] = Slot(sid, now + SLOT_SECONDS, key.id, key.name, secret)
         return ident
 
-    def take(self, ident: str, sid: str) -> Slot | None:
-        """The slot, removed; ``None`` when there is none for this session (any more)."""
+    def take(self, ident: str, sid: str, *, keep: bool = False) -> Slot | None:
+        """The slot, removed (left in place with ``keep``: a HEAD request shows nothing);
+        ``None`` when there is none for this session (any more)."""
         slot = self._slots.get(ident)
         if slot is None or slot.sid != sid or slot.until <= time.monotonic():
             return None
-        del self._slots[ident]
+        if not keep:
+            del self._slots[ident]
         return slot
