@@ -3,6 +3,11 @@ attacker tries against its sessions, forms, pages and memory, and what they get.
 
 from __future__ import annotations
 
+import logging
+import time
+from unittest import mock
+
+import pytest
 from starlette.applications import Starlette
 
 import test_console
@@ -189,3 +194,61 @@ async def test_a_head_request_does_not_use_up_the_secret_shown_once(world: World
         shown = await client.get(where)
         assert shown.status_code == 200 and secret_on(shown.text) is not None
         assert (await client.get(where)).status_code == 410
+
+
+async def test_a_session_follows_its_key_through_a_rotation_and_its_grace(world: World) -> None:
+    """A session names the key it signed in with, never the successor: rotating that key
+    with a grace period leaves the session open as long as the old key works, and not a
+    second longer; rotating it "at once" ends the session at the next click."""
+    now = [time.time()]
+    world.gate.clock = world.gate.manager.clock = lambda: now[0]
+    async with http(world.app) as client:
+        await sign_in(client, world.admin)
+        token = await csrf(client)
+        rotated = await client.post(
+            f"/console/keys/{world.admin_id}/rotate", data={"csrf": token, "grace": "3600"}
+        )
+        assert rotated.status_code == 303
+        for _ in range(2):
+            now[0] += 1700
+            assert (await client.get("/console/keys")).status_code == 200
+        now[0] += 250  # the old key's grace is over
+        answer = await client.get("/console/keys")
+        assert answer.status_code == 303 and answer.headers["location"].startswith("/console/")
+    successor = (await world.gate.manager.get(world.admin_id)).replaced_by
+    assert successor is not None
+    record = await world.gate.manager.get(successor)
+    async with http(world.app) as client:
+        made = await world.gate.manager.rotate(record.id, grace=3600)
+        await sign_in(client, made.secret.get_secret_value())
+        assert (await client.get("/console/keys")).status_code == 200
+        again = await client.post(
+            f"/console/keys/{made.key.id}/rotate",
+            data={"csrf": await csrf(client), "grace": "0"},
+        )
+        assert again.status_code == 303
+        assert (await client.get("/console/keys")).status_code == 303
+
+
+async def test_a_flood_of_bad_sign_ins_writes_a_bounded_number_of_log_lines(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Refused sign-ins are logged, but an attacker trying keys writes at most one line
+    every 10 seconds (with how many were refused since), as the API's failed
+    authentications write none: the log cannot be flooded, and the count is kept."""
+    caplog.set_level(logging.INFO, logger="keystile.console")
+    async with http(world.app) as client:
+        for index in range(60):
+            answer = await sign_in(client, f"dev_{index:040}" if index % 2 else world.viewer)
+            assert answer.status_code == 401
+    refused = [r for r in caplog.records if "sign-in refused" in r.getMessage()]
+    assert len(refused) == 1 and world.viewer not in refused[0].getMessage()
+    caplog.clear()
+    monotonic = time.monotonic() + 11
+    with mock.patch("keystile.console.app.monotonic", return_value=monotonic):
+        async with http(world.app) as client:
+            assert (await sign_in(client, world.viewer)).status_code == 401
+            assert (await sign_in(client, world.admin)).status_code == 303
+    [line, signed_in] = [r.getMessage() for r in caplog.records if r.name == "keystile.console"]
+    assert "59 more refused since the last report" in line and world.viewer not in line
+    assert "signed in" in signed_in

@@ -5,9 +5,11 @@ signed-in admin key and within its project."""
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from importlib import resources
+from time import monotonic
 from typing import Any
 from urllib.parse import urlencode
 
@@ -56,6 +58,9 @@ __all__ = ["SECURITY_HEADERS", "Console"]
 
 logger = logging.getLogger("keystile.console")
 
+#: Refused sign-ins are logged at most once in this many seconds (with a count).
+REFUSALS_LOGGED_EVERY = 10.0
+
 _GRACES = {"0": "At once", "3600": "1 hour", "86400": "24 hours", "604800": "7 days"}
 
 
@@ -73,6 +78,9 @@ class Console:
         #: Where a request comes from, for the admin key's IP allowlist (as the middleware
         #: reads it: give the same ``trusted_proxies``).
         self.client_address = ClientAddress(trusted_proxies)
+        # Refused sign-ins: when one was last logged, and how many were not since.
+        self._refusal_logged = -math.inf
+        self._refused_since = 0
         self.manager = gate.manager
         self.catalogue = gate.policy.catalogue
         self.signer = SessionSigner(gate.hasher)
@@ -265,19 +273,31 @@ class Console:
                 response = RedirectResponse(f"{base}/keys", status_code=303)
                 self._set_cookie(request, response, session)
                 return response
-            logger.warning(
-                "console: sign-in refused for %s from %s: %s",
-                shown,
-                client,
-                why,
-                extra=fields("console.sign_in_refused", key_id=shown, client_ip=client),
-            )
+            self._log_refused(shown, client, why or "")
             message, status = why or "", 401
         elif request.query_params.get("why") == "signin":
             message = "Sign in to continue."
         main = views.signin_form(base, message)
         page = pages.layout(title="Sign in", base=base, main=main)
         return HTMLResponse(page, status_code=status)
+
+    def _log_refused(self, shown: str, client: str | None, why: str) -> None:
+        """Log a refused sign-in: at most one line every :data:`REFUSALS_LOGGED_EVERY`
+        seconds, saying how many more were refused since (trying keys floods nothing)."""
+        now = monotonic()
+        if now - self._refusal_logged < REFUSALS_LOGGED_EVERY:
+            self._refused_since += 1
+            return
+        more = self._refused_since
+        self._refusal_logged, self._refused_since = now, 0
+        logger.warning(
+            "console: sign-in refused for %s from %s: %s%s",
+            shown,
+            client,
+            why,
+            f" ({more} more refused since the last report)" if more else "",
+            extra=fields("console.sign_in_refused", key_id=shown, client_ip=client),
+        )
 
     async def signout(self, ctx: Context) -> Response:
         return self._signed_out(ctx.request)
