@@ -8,9 +8,11 @@ import time
 from unittest import mock
 
 import pytest
+import redis
 from starlette.applications import Starlette
 
 import test_console
+from conftest import REDIS_URL
 from keystile import Keystile
 from keystile.console import console_mount
 from keystile.console.session import COOKIE
@@ -252,3 +254,72 @@ async def test_a_flood_of_bad_sign_ins_writes_a_bounded_number_of_log_lines(
     [line, signed_in] = [r.getMessage() for r in caplog.records if r.name == "keystile.console"]
     assert "59 more refused since the last report" in line and world.viewer not in line
     assert "signed in" in signed_in
+
+
+def _redis_dump(namespace: str) -> bytes:
+    """Every name and value under ``namespace`` on the test Redis, as bytes."""
+    client = redis.Redis.from_url(REDIS_URL)
+    out = bytearray()
+    try:
+        for name in client.scan_iter(match=f"{namespace}:*", count=1000):
+            out += name
+            kind = client.type(name)
+            if kind == b"string":
+                out += client.get(name) or b""
+            elif kind == b"hash":
+                for field, value in client.hgetall(name).items():
+                    out += field + value
+            elif kind == b"list":
+                out += b"".join(client.lrange(name, 0, -1))
+            elif kind == b"set":
+                out += b"".join(client.smembers(name))
+            elif kind == b"zset":
+                out += b"".join(client.zrange(name, 0, -1))
+            elif kind == b"stream":
+                for _, entry in client.xrange(name):
+                    for field, value in entry.items():
+                        out += field + value
+    finally:
+        client.close()
+    return bytes(out)
+
+
+async def test_secrets_stay_out_of_urls_cookies_the_audit_trail_and_the_store(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A created and a rotated key's secret, and the admin key that signed in, appear on
+    the one page that shows a secret and nowhere else: not in a redirect, a cookie, the
+    audit trail, the log, nor (on Redis) any name or value kept."""
+    caplog.set_level(logging.DEBUG)
+    seen: list[str] = []
+    async with http(world.app) as client:
+        signed = await sign_in(client, world.admin)
+        seen += [signed.headers["location"], signed.headers["set-cookie"]]
+        token = await csrf(client)
+        made = await client.post(
+            "/console/keys/new", data={"csrf": token, "name": "fresh", "type": "dev"}
+        )
+        rotated = await client.post(
+            f"/console/keys/{world.worker}/rotate", data={"csrf": token, "grace": "0"}
+        )
+        secrets = []
+        for answer in (made, rotated):
+            seen += [answer.headers["location"], answer.headers["set-cookie"]]
+            page = await client.get(answer.headers["location"])
+            assert page.headers["cache-control"] == "no-store"
+            secret = secret_on(page.text)
+            assert secret is not None
+            secrets.append(secret)
+            seen.append(page.headers["set-cookie"])
+        for path in ("/console/keys", "/console/audit", f"/console/keys/{world.worker}"):
+            seen.append((await client.get(path)).text)
+    trail = await world.gate.manager.history(limit=1000)
+    seen += [event.model_dump_json() for event in trail.events]
+    seen += [record.getMessage() + str(record.__dict__) for record in caplog.records]
+    namespace = world.gate.settings.namespace
+    stored = _redis_dump(namespace).decode("latin-1") if world.gate.backend.shared else ""
+    assert namespace in stored or not world.gate.backend.shared  # the dump read something
+    for secret in [*secrets, world.admin]:
+        for piece in (secret, secret[-16:]):
+            assert all(piece not in text for text in seen)
+            assert piece not in stored
