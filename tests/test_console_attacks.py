@@ -4,18 +4,21 @@ attacker tries against its sessions, forms, pages and memory, and what they get.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from unittest import mock
 
 import pytest
 import redis
 from starlette.applications import Starlette
+from starlette.routing import Mount
 
 import test_console
 from conftest import REDIS_URL
 from keystile import Keystile
-from keystile.console import console_mount
+from keystile.console import Console, console_mount
 from keystile.console.session import COOKIE
+from keystile.console.slots import SLOTS
 from test_console import MISSING, World, csrf, secret_on, sign_in
 from usage_app import http
 
@@ -384,3 +387,25 @@ async def test_odd_values_in_every_field_and_parameter_never_make_a_server_error
         assert answer.status_code < 500, (answer.request.url, answer.text[:300])
         assert "x-injected" not in answer.headers
     assert (await world.gate.manager.get(world.worker)).replaced_by is None
+
+
+async def test_one_project_making_keys_cannot_push_out_anothers_secret_waiting_to_be_shown(
+    world: World,
+) -> None:
+    """The secrets waiting for their page are bounded in all and per project: an admin of
+    another project creating keys in a loop (each in a new session) uses up only its own
+    project's share, and a secret waiting for this project's admin is still shown."""
+    console = Console(world.gate)
+    app = Starlette(routes=[Mount("/console", app=console.app())])
+    async with http(app) as victim:
+        await sign_in(victim, world.admin)
+        data = {"csrf": await csrf(victim), "name": "mine", "type": "dev"}
+        made = await victim.post("/console/keys/new", data=data)
+        beta = await world.gate.manager.create(
+            {"name": "beta admin", "type": "prod", "scopes": ["*"], "project": "beta"}
+        )
+        for _ in range(SLOTS + 10):  # what 266 sign-ins and creations would leave
+            console.slots.keep(secrets.token_urlsafe(16), beta.key, "beta-secret")
+        assert len(console.slots) <= SLOTS
+        shown = await victim.get(made.headers["location"])
+        assert shown.status_code == 200 and secret_on(shown.text) is not None
