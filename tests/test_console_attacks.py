@@ -409,3 +409,40 @@ async def test_one_project_making_keys_cannot_push_out_anothers_secret_waiting_t
         assert len(console.slots) <= SLOTS
         shown = await victim.get(made.headers["location"])
         assert shown.status_code == 200 and secret_on(shown.text) is not None
+
+
+async def test_another_sessions_secret_page_answers_as_a_missing_one_and_stays(
+    world: World,
+) -> None:
+    """The page of a secret waiting for another session (another project's admin) answers
+    exactly as a page that never existed, and does not use the secret up."""
+    beta = await world.gate.manager.create(
+        {"name": "beta admin", "type": "prod", "scopes": ["*"], "project": "beta"}
+    )
+    async with http(world.app) as owner, http(world.app) as other:
+        await sign_in(owner, beta.secret.get_secret_value())
+        data = {"csrf": await csrf(owner), "name": "beta's new key", "type": "dev"}
+        where = (await owner.post("/console/keys/new", data=data)).headers["location"]
+        await sign_in(other, world.admin)
+        theirs = await other.get(where)
+        nobodys = await other.get("/console/created/AAAAAAAAAAAAAAAAAAAAAA")
+        assert theirs.status_code == nobodys.status_code == 410
+        assert theirs.text == nobodys.text and "beta" not in theirs.text
+        shown = await owner.get(where)
+        assert shown.status_code == 200 and secret_on(shown.text) is not None
+
+
+async def test_a_form_of_too_many_fields_is_refused_whole(world: World) -> None:
+    """A form of more than 2,000 fields (under the size limit) is a 400 that makes
+    nothing, on the sign-in form and on a write."""
+    async with http(world.app) as client:
+        many = "&".join(f"f{i}=1" for i in range(2500))
+        kind = {"content-type": "application/x-www-form-urlencoded"}
+        signin = await client.post("/console/signin", content=f"key=x&{many}", headers=kind)
+        assert signin.status_code == 400 and "set-cookie" not in signin.headers
+        await sign_in(client, world.admin)
+        body = f"csrf={await csrf(client)}&name=many&type=dev&{many}"
+        made = await client.post("/console/keys/new", content=body, headers=kind)
+        assert made.status_code == 400
+    names = [k.name for k in (await world.gate.manager.list(project="alpha")).keys]
+    assert "many" not in names
