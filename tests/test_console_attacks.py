@@ -446,3 +446,33 @@ async def test_a_form_of_too_many_fields_is_refused_whole(world: World) -> None:
         assert made.status_code == 400
     names = [k.name for k in (await world.gate.manager.list(project="alpha")).keys]
     assert "many" not in names
+
+
+async def test_a_second_session_cookie_tossed_in_by_a_sibling_site_opens_no_session(
+    world: World,
+) -> None:
+    """A site on a sibling subdomain can set a cookie of the same name for the whole
+    domain (cookie tossing): the browser then sends both, the attacker's last. The console
+    then opens neither session, rather than silently working in the attacker's project."""
+    beta = await world.gate.manager.create(
+        {"name": "beta admin", "type": "prod", "scopes": ["*"], "project": "beta"}
+    )
+    async with http(world.app) as attacker:
+        await sign_in(attacker, beta.secret.get_secret_value())
+        tossed = attacker.cookies[COOKIE]
+    async with http(world.app) as victim:
+        await sign_in(victim, world.admin)
+        own = victim.cookies[COOKIE]
+        victim.cookies.clear()
+        both = {"cookie": f"{COOKIE}={own}; other=1; {COOKIE}={tossed}"}
+        page = await victim.get("/console/keys", headers=both)
+        assert page.status_code == 303 and "beta key" not in page.text
+        assert page.headers["location"] == "/console/signin?why=cookies"
+        told = await victim.get(page.headers["location"])
+        assert "Two console cookies" in told.text
+        write = await victim.post(
+            "/console/keys/new", data={"csrf": "x", "name": "n"}, headers=both
+        )
+        assert write.status_code == 403
+        same = {"cookie": f"{COOKIE}={own}; {COOKIE}={own}"}
+        assert (await victim.get("/console/keys", headers=same)).status_code == 200

@@ -33,6 +33,7 @@ from keystile.console.web import (
     Context,
     Refused,
     base_of,
+    cookie_values,
     read_form,
     secured,
 )
@@ -143,7 +144,10 @@ class Console:
     async def _admin(self, request: Request) -> tuple[Session, ApiKey] | None:
         """The session and its admin key, read again now; ``None`` when there is none or
         the key may no longer sign in (revoked, expired, no admin scope)."""
-        session = self.signer.load(request.cookies.get(COOKIE), self.gate.clock())
+        values = cookie_values(request, COOKIE)
+        if len(values) > 1:  # one was tossed in by another site of the domain: trust neither
+            return None
+        session = self.signer.load(values[0] if values else None, self.gate.clock())
         if session is None:
             return None
         record = await self.gate.store.get(session.key_id)
@@ -197,7 +201,9 @@ class Console:
                     return self._plain(
                         request, 403, "Signed out", "Your session has ended: sign in again."
                     )
-                return self._signed_out(request, "signin" if COOKIE not in request.cookies else "")
+                cookies = len(cookie_values(request, COOKIE))
+                why = "signin" if not cookies else "cookies" if cookies > 1 else ""
+                return self._signed_out(request, why)
             session, admin = found
             try:
                 form: dict[str, list[str]] = {}
@@ -277,6 +283,11 @@ class Console:
             message, status = why or "", 401
         elif request.query_params.get("why") == "signin":
             message = "Sign in to continue."
+        elif request.query_params.get("why") == "cookies":
+            message = (
+                "Two console cookies reached the server: another site of this domain may have "
+                "set one. Clear this site's cookies in the browser, then sign in."
+            )
         main = views.signin_form(base, message)
         page = pages.layout(title="Sign in", base=base, main=main)
         return HTMLResponse(page, status_code=status)

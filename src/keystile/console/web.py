@@ -20,6 +20,7 @@ __all__ = [
     "Refused",
     "base_of",
     "check_origin",
+    "cookie_values",
     "read_form",
     "secured",
 ]
@@ -109,6 +110,18 @@ def base_of(request: Request) -> str:
     """The console's own path prefix (its mount path, under any root path)."""
     root: str = request.scope.get("root_path", "")
     return root.rstrip("/")
+
+
+def cookie_values(request: Request, name: str) -> list[str]:
+    """Every value the request's ``Cookie`` headers give cookie ``name``, distinct, in
+    order: more than one when a site sharing the domain set another (cookie tossing)."""
+    values: dict[str, None] = {}
+    for header in request.headers.getlist("cookie"):
+        for pair in header.split(";"):
+            key, equals, value = pair.partition("=")
+            if equals and key.strip() == name:
+                values[value.strip().strip('"')] = None
+    return list(values)
 
 
 def check_origin(request: Request) -> None:
