@@ -65,14 +65,27 @@ async def test_behind_a_trusted_proxy_the_allowlist_reads_the_forwarded_address(
     """With the middleware's trusted proxies given to the console, the address the
     allowlist checks is the one the proxy forwarded, and only from that proxy."""
     made = await world.gate.manager.create(
-        {"name": "proxied", "type": "prod", "scopes": ["*"], "allowed_ips": ["10.0.0.0/8"]}
+        {
+            "name": "proxied",
+            "type": "prod",
+            "scopes": ["*"],
+            "project": "alpha",
+            "allowed_ips": ["10.0.0.0/8"],
+        }
     )
     token = made.secret.get_secret_value()
     app = Starlette(routes=[console_mount(world.gate, trusted_proxies=["192.0.2.1"])])
     forwarded = {"x-forwarded-for": "10.9.9.9"}
     async with http(app, ip="192.0.2.1") as client:
-        answer = await client.post("/console/signin", data={"key": token}, headers=forwarded)
+        client.headers.update(forwarded)
+        answer = await client.post("/console/signin", data={"key": token})
         assert answer.status_code == 303
+        revoke = await client.post(
+            f"/console/keys/{world.worker}/revoke", data={"csrf": await csrf(client)}
+        )
+        assert revoke.status_code == 303
+    [event] = (await world.gate.manager.history(key_id=world.worker, action="revoke")).events
+    assert event.actor.address == "10.9.9.9"  # the client's, not the proxy's
     async with http(app, ip="198.51.100.7") as client:
         answer = await client.post("/console/signin", data={"key": token}, headers=forwarded)
         assert answer.status_code == 401

@@ -155,6 +155,11 @@ class Console:
             return None
         return session, record
 
+    def _address(self, request: Request) -> str | None:
+        """The client's address, as the middleware reads it (the same trusted proxies)."""
+        address = self.client_address(request.scope)
+        return None if address is None else str(address)
+
     def _refusal(self, request: Request, record: ApiKey) -> str | None:
         """Why this key cannot use the console from where ``request`` comes, or ``None``."""
         if not record.active(self.manager.now()):
@@ -216,9 +221,9 @@ class Console:
                             "The form's security token is missing or wrong: reload the "
                             "page and try again.",
                         )
-                ctx = Context(
-                    request, admin, session, self.signer.csrf(session), base_of(request), form
-                )
+                csrf = self.signer.csrf(session)
+                address = self._address(request)
+                ctx = Context(request, admin, session, csrf, base_of(request), form, address)
                 response = await handler(ctx)
             except Refused as refused:
                 response = self._plain(request, refused.status, refused.title, refused.message)
@@ -266,7 +271,7 @@ class Console:
             except StoreError:
                 return self._plain(request, 503, "Unavailable", "The key store cannot be reached.")
             why = "This is not a valid key." if record is None else self._refusal(request, record)
-            client = request.client.host if request.client else None
+            client = self._address(request)
             shown = record.id if record is not None else "(no key)"
             if record is not None and why is None:
                 logger.info(

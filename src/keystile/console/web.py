@@ -47,7 +47,8 @@ STATIC_TYPES = {"console.css": "text/css; charset=utf-8", "console.js": "text/ja
 
 @dataclass(frozen=True, slots=True)
 class Context:
-    """A signed-in request: the admin key (read again just now), its session, the form."""
+    """A signed-in request: the admin key (read again just now), its session, the form,
+    and the client's address (as the console reads it: behind trusted proxies too)."""
 
     request: Request
     admin: ApiKey
@@ -55,14 +56,14 @@ class Context:
     csrf: str
     base: str
     form: dict[str, list[str]]
+    address: str | None
 
     @property
     def project(self) -> str:
         return self.admin.project
 
     def by(self) -> Actor:
-        client = self.request.client
-        return Actor.of_key(self.admin, client.host if client else None)
+        return Actor.of_key(self.admin, self.address)
 
     def one(self, name: str) -> str:
         values = self.form.get(name) or [""]
