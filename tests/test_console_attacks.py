@@ -263,7 +263,7 @@ async def test_a_flood_of_bad_sign_ins_writes_a_bounded_number_of_log_lines(
     assert len(refused) == 1 and world.viewer not in refused[0].getMessage()
     caplog.clear()
     monotonic = time.monotonic() + 11
-    with mock.patch("keystile.console.app.monotonic", return_value=monotonic):
+    with mock.patch("keystile.console.access.monotonic", return_value=monotonic):
         async with http(world.app) as client:
             assert (await sign_in(client, world.viewer)).status_code == 401
             assert (await sign_in(client, world.admin)).status_code == 303

@@ -5,11 +5,9 @@ signed-in admin key and within its project."""
 from __future__ import annotations
 
 import logging
-import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from importlib import resources
-from time import monotonic
 from typing import Any
 from urllib.parse import urlencode
 
@@ -20,10 +18,10 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp
 
-from keystile.admin_handlers import MANAGE_KEYS
 from keystile.alerts import Alert
 from keystile.audit import ACTIONS
 from keystile.console import forms, pages, search, views
+from keystile.console.access import Access
 from keystile.console.pages import e
 from keystile.console.session import COOKIE, Session, SessionSigner
 from keystile.console.slots import SecretSlots
@@ -51,16 +49,12 @@ from keystile.gate import Keystile
 from keystile.keys import parse_key
 from keystile.logs import fields
 from keystile.models import ApiKey, KeyType
-from keystile.network import ClientAddress, allowed, parse_ip_entry
 from keystile.records import KeyStatus
 from keystile.usage import UsageReport
 
 __all__ = ["SECURITY_HEADERS", "Console"]
 
 logger = logging.getLogger("keystile.console")
-
-#: Refused sign-ins are logged at most once in this many seconds (with a count).
-REFUSALS_LOGGED_EVERY = 10.0
 
 _GRACES = {"0": "At once", "3600": "1 hour", "86400": "24 hours", "604800": "7 days"}
 
@@ -76,14 +70,9 @@ class Console:
         trusted_proxies: Iterable[str] = (),
     ) -> None:
         self.gate = gate
-        #: Where a request comes from, for the admin key's IP allowlist (as the middleware
-        #: reads it: give the same ``trusted_proxies``).
-        self.client_address = ClientAddress(trusted_proxies)
-        # Refused sign-ins: when one was last logged, and how many were not since.
-        self._refusal_logged = -math.inf
-        self._refused_since = 0
         self.manager = gate.manager
         self.catalogue = gate.policy.catalogue
+        self.access = Access(self.catalogue, self.manager.now, trusted_proxies)
         self.signer = SessionSigner(gate.hasher)
         self.slots = SecretSlots()
         #: Alerts raised in this process (bounded), newest last; shown on each key's page.
@@ -151,26 +140,9 @@ class Console:
         if session is None:
             return None
         record = await self.gate.store.get(session.key_id)
-        if record is None or self._refusal(request, record) is not None:
+        if record is None or self.access.refusal(request, record) is not None:
             return None
         return session, record
-
-    def _address(self, request: Request) -> str | None:
-        """The client's address, as the middleware reads it (the same trusted proxies)."""
-        address = self.client_address(request.scope)
-        return None if address is None else str(address)
-
-    def _refusal(self, request: Request, record: ApiKey) -> str | None:
-        """Why this key cannot use the console from where ``request`` comes, or ``None``."""
-        if not record.active(self.manager.now()):
-            return "This key is revoked or expired."
-        if record.allowed_ips and not allowed(
-            self.client_address(request.scope), (parse_ip_entry(n) for n in record.allowed_ips)
-        ):
-            return "This key is not allowed from this address."
-        if not self.catalogue.grants(record.scopes, MANAGE_KEYS):
-            return f"This key does not hold {MANAGE_KEYS}: sign in with an admin key."
-        return None
 
     def _signed_out(self, request: Request, why: str = "") -> Response:
         base = base_of(request)
@@ -222,7 +194,7 @@ class Console:
                             "page and try again.",
                         )
                 csrf = self.signer.csrf(session)
-                address = self._address(request)
+                address = self.access.address(request)
                 ctx = Context(request, admin, session, csrf, base_of(request), form, address)
                 response = await handler(ctx)
             except Refused as refused:
@@ -270,8 +242,12 @@ class Console:
                 record = None
             except StoreError:
                 return self._plain(request, 503, "Unavailable", "The key store cannot be reached.")
-            why = "This is not a valid key." if record is None else self._refusal(request, record)
-            client = self._address(request)
+            why = (
+                "This is not a valid key."
+                if record is None
+                else self.access.refusal(request, record)
+            )
+            client = self.access.address(request)
             shown = record.id if record is not None else "(no key)"
             if record is not None and why is None:
                 logger.info(
@@ -284,7 +260,7 @@ class Console:
                 response = RedirectResponse(f"{base}/keys", status_code=303)
                 self._set_cookie(request, response, session)
                 return response
-            self._log_refused(shown, client, why or "")
+            self.access.log_refused(shown, client, why or "")
             message, status = why or "", 401
         elif request.query_params.get("why") == "signin":
             message = "Sign in to continue."
@@ -296,24 +272,6 @@ class Console:
         main = views.signin_form(base, message)
         page = pages.layout(title="Sign in", base=base, main=main)
         return HTMLResponse(page, status_code=status)
-
-    def _log_refused(self, shown: str, client: str | None, why: str) -> None:
-        """Log a refused sign-in: at most one line every :data:`REFUSALS_LOGGED_EVERY`
-        seconds, saying how many more were refused since (trying keys floods nothing)."""
-        now = monotonic()
-        if now - self._refusal_logged < REFUSALS_LOGGED_EVERY:
-            self._refused_since += 1
-            return
-        more = self._refused_since
-        self._refusal_logged, self._refused_since = now, 0
-        logger.warning(
-            "console: sign-in refused for %s from %s: %s%s",
-            shown,
-            client,
-            why,
-            f" ({more} more refused since the last report)" if more else "",
-            extra=fields("console.sign_in_refused", key_id=shown, client_ip=client),
-        )
 
     async def signout(self, ctx: Context) -> Response:
         return self._signed_out(ctx.request)
