@@ -24,6 +24,8 @@ the scope signs the session out. Every form carries the session's CSRF token.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from starlette.routing import Mount
 from starlette.types import ASGIApp
 
@@ -34,16 +36,20 @@ from keystile.routing import Rule, public
 __all__ = ["SECURITY_HEADERS", "Console", "console_app", "console_mount", "console_rules"]
 
 
-def console_app(gate: Keystile) -> ASGIApp:
+def console_app(gate: Keystile, *, trusted_proxies: Iterable[str] = ()) -> ASGIApp:
     """The console as an ASGI app, for ``Mount(path, app=...)`` or FastAPI's
-    ``app.mount(path, ...)``; its paths need :func:`console_rules` in the middleware."""
-    return Console(gate).app()
+    ``app.mount(path, ...)``; its paths need :func:`console_rules` in the middleware.
+    ``trusted_proxies``: the middleware's, so that an admin key's IP allowlist reads the
+    same client address here."""
+    return Console(gate, trusted_proxies=trusted_proxies).app()
 
 
-def console_mount(gate: Keystile, path: str = "/console") -> Mount:
+def console_mount(
+    gate: Keystile, path: str = "/console", *, trusted_proxies: Iterable[str] = ()
+) -> Mount:
     """The console mounted at ``path``; add ``console_rules(path)`` to the middleware's
     rules so that browsers reach it without an API key."""
-    return Mount(path, app=console_app(gate))
+    return Mount(path, app=console_app(gate, trusted_proxies=trusted_proxies))
 
 
 def console_rules(prefix: str = "/console") -> list[Rule]:

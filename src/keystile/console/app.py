@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from importlib import resources
 from typing import Any
 from urllib.parse import urlencode
@@ -18,10 +18,10 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp
 
-from keystile.admin_handlers import MANAGE_KEYS
 from keystile.alerts import Alert
 from keystile.audit import ACTIONS
 from keystile.console import forms, pages, search, views
+from keystile.console.access import Access
 from keystile.console.pages import e
 from keystile.console.session import COOKIE, Session, SessionSigner
 from keystile.console.slots import SecretSlots
@@ -31,6 +31,7 @@ from keystile.console.web import (
     Context,
     Refused,
     base_of,
+    cookie_values,
     read_form,
     secured,
 )
@@ -61,10 +62,17 @@ _GRACES = {"0": "At once", "3600": "1 hour", "86400": "24 hours", "604800": "7 d
 class Console:
     """The console of one gate. :func:`keystile.console.console_app` builds its app."""
 
-    def __init__(self, gate: Keystile, *, recent_alerts: int = 1000) -> None:
+    def __init__(
+        self,
+        gate: Keystile,
+        *,
+        recent_alerts: int = 1000,
+        trusted_proxies: Iterable[str] = (),
+    ) -> None:
         self.gate = gate
         self.manager = gate.manager
         self.catalogue = gate.policy.catalogue
+        self.access = Access(self.catalogue, self.manager.now, trusted_proxies)
         self.signer = SessionSigner(gate.hasher)
         self.slots = SecretSlots()
         #: Alerts raised in this process (bounded), newest last; shown on each key's page.
@@ -125,21 +133,16 @@ class Console:
     async def _admin(self, request: Request) -> tuple[Session, ApiKey] | None:
         """The session and its admin key, read again now; ``None`` when there is none or
         the key may no longer sign in (revoked, expired, no admin scope)."""
-        session = self.signer.load(request.cookies.get(COOKIE), self.gate.clock())
+        values = cookie_values(request, COOKIE)
+        if len(values) > 1:  # one was tossed in by another site of the domain: trust neither
+            return None
+        session = self.signer.load(values[0] if values else None, self.gate.clock())
         if session is None:
             return None
         record = await self.gate.store.get(session.key_id)
-        if record is None or self._refusal(record) is not None:
+        if record is None or self.access.refusal(request, record) is not None:
             return None
         return session, record
-
-    def _refusal(self, record: ApiKey) -> str | None:
-        """Why this key cannot use the console, or ``None``."""
-        if not record.active(self.manager.now()):
-            return "This key is revoked or expired."
-        if not self.catalogue.grants(record.scopes, MANAGE_KEYS):
-            return f"This key does not hold {MANAGE_KEYS}: sign in with an admin key."
-        return None
 
     def _signed_out(self, request: Request, why: str = "") -> Response:
         base = base_of(request)
@@ -175,7 +178,9 @@ class Console:
                     return self._plain(
                         request, 403, "Signed out", "Your session has ended: sign in again."
                     )
-                return self._signed_out(request, "signin" if COOKIE not in request.cookies else "")
+                cookies = len(cookie_values(request, COOKIE))
+                why = "signin" if not cookies else "cookies" if cookies > 1 else ""
+                return self._signed_out(request, why)
             session, admin = found
             try:
                 form: dict[str, list[str]] = {}
@@ -188,9 +193,9 @@ class Console:
                             "The form's security token is missing or wrong: reload the "
                             "page and try again.",
                         )
-                ctx = Context(
-                    request, admin, session, self.signer.csrf(session), base_of(request), form
-                )
+                csrf = self.signer.csrf(session)
+                address = self.access.address(request)
+                ctx = Context(request, admin, session, csrf, base_of(request), form, address)
                 response = await handler(ctx)
             except Refused as refused:
                 response = self._plain(request, refused.status, refused.title, refused.message)
@@ -237,8 +242,12 @@ class Console:
                 record = None
             except StoreError:
                 return self._plain(request, 503, "Unavailable", "The key store cannot be reached.")
-            why = "This is not a valid key." if record is None else self._refusal(record)
-            client = request.client.host if request.client else None
+            why = (
+                "This is not a valid key."
+                if record is None
+                else self.access.refusal(request, record)
+            )
+            client = self.access.address(request)
             shown = record.id if record is not None else "(no key)"
             if record is not None and why is None:
                 logger.info(
@@ -251,16 +260,15 @@ class Console:
                 response = RedirectResponse(f"{base}/keys", status_code=303)
                 self._set_cookie(request, response, session)
                 return response
-            logger.warning(
-                "console: sign-in refused for %s from %s: %s",
-                shown,
-                client,
-                why,
-                extra=fields("console.sign_in_refused", key_id=shown, client_ip=client),
-            )
+            self.access.log_refused(shown, client, why or "")
             message, status = why or "", 401
         elif request.query_params.get("why") == "signin":
             message = "Sign in to continue."
+        elif request.query_params.get("why") == "cookies":
+            message = (
+                "Two console cookies reached the server: another site of this domain may have "
+                "set one. Clear this site's cookies in the browser, then sign in."
+            )
         main = views.signin_form(base, message)
         page = pages.layout(title="Sign in", base=base, main=main)
         return HTMLResponse(page, status_code=status)
@@ -361,7 +369,9 @@ class Console:
         return RedirectResponse(f"{ctx.base}/created/{slot}", status_code=303)
 
     async def created(self, ctx: Context) -> Response:
-        slot = self.slots.take(ctx.request.path_params["slot"], ctx.session.sid)
+        # A HEAD (a link checker, a prefetcher) gets no body: it must not use the secret up.
+        keep = ctx.request.method == "HEAD"
+        slot = self.slots.take(ctx.request.path_params["slot"], ctx.session.sid, keep=keep)
         if slot is None:
             response = self._html(ctx, "Key already shown", views.shown_already(ctx.base))
             response.status_code = 410

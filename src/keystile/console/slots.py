@@ -14,6 +14,9 @@ from keystile.models import ApiKey
 __all__ = ["SecretSlots", "Slot"]
 
 SLOTS = 256
+#: A project's share of :data:`SLOTS`: an admin making keys in a loop pushes out its own
+#: project's oldest secret, never one another project's admin is about to be shown.
+PROJECT_SLOTS = 16
 SLOT_SECONDS = 600
 
 
@@ -22,6 +25,7 @@ class Slot:
     """A secret to show once: the session it is for, until when, and its key."""
 
     sid: str
+    project: str
     until: float
     key_id: str
     name: str
@@ -29,26 +33,36 @@ class Slot:
 
 
 class SecretSlots:
-    """At most :data:`SLOTS` secrets, each for :data:`SLOT_SECONDS`, each taken once."""
+    """At most :data:`SLOTS` secrets (:data:`PROJECT_SLOTS` of one project's keys), each
+    for :data:`SLOT_SECONDS`, each taken once."""
 
     def __init__(self) -> None:
         self._slots: OrderedDict[str, Slot] = OrderedDict()
 
+    def __len__(self) -> int:
+        return len(self._slots)
+
     def keep(self, sid: str, key: ApiKey, secret: str) -> str:
-        """Keep ``secret`` for session ``sid``; the slot's id (for the page's URL)."""
+        """Keep ``secret`` for session ``sid``; the slot's id (for the page's URL). The
+        project's oldest slot makes room when it has its share, else the oldest of all."""
         now = time.monotonic()
         for ident in [i for i, s in self._slots.items() if s.until <= now]:
+            del self._slots[ident]
+        own = [i for i, s in self._slots.items() if s.project == key.project]
+        for ident in own[: max(len(own) - PROJECT_SLOTS + 1, 0)]:
             del self._slots[ident]
         while len(self._slots) >= SLOTS:
             self._slots.popitem(last=False)
         ident = secrets.token_urlsafe(16)
-        self._slots[ident] = Slot(sid, now + SLOT_SECONDS, key.id, key.name, secret)
+        self._slots[ident] = Slot(sid, key.project, now + SLOT_SECONDS, key.id, key.name, secret)
         return ident
 
-    def take(self, ident: str, sid: str) -> Slot | None:
-        """The slot, removed; ``None`` when there is none for this session (any more)."""
+    def take(self, ident: str, sid: str, *, keep: bool = False) -> Slot | None:
+        """The slot, removed (left in place with ``keep``: a HEAD request shows nothing);
+        ``None`` when there is none for this session (any more)."""
         slot = self._slots.get(ident)
         if slot is None or slot.sid != sid or slot.until <= time.monotonic():
             return None
-        del self._slots[ident]
+        if not keep:
+            del self._slots[ident]
         return slot

@@ -20,6 +20,7 @@ __all__ = [
     "Refused",
     "base_of",
     "check_origin",
+    "cookie_values",
     "read_form",
     "secured",
 ]
@@ -46,7 +47,8 @@ STATIC_TYPES = {"console.css": "text/css; charset=utf-8", "console.js": "text/ja
 
 @dataclass(frozen=True, slots=True)
 class Context:
-    """A signed-in request: the admin key (read again just now), its session, the form."""
+    """A signed-in request: the admin key (read again just now), its session, the form,
+    and the client's address (as the console reads it: behind trusted proxies too)."""
 
     request: Request
     admin: ApiKey
@@ -54,14 +56,14 @@ class Context:
     csrf: str
     base: str
     form: dict[str, list[str]]
+    address: str | None
 
     @property
     def project(self) -> str:
         return self.admin.project
 
     def by(self) -> Actor:
-        client = self.request.client
-        return Actor.of_key(self.admin, client.host if client else None)
+        return Actor.of_key(self.admin, self.address)
 
     def one(self, name: str) -> str:
         values = self.form.get(name) or [""]
@@ -109,6 +111,18 @@ def base_of(request: Request) -> str:
     """The console's own path prefix (its mount path, under any root path)."""
     root: str = request.scope.get("root_path", "")
     return root.rstrip("/")
+
+
+def cookie_values(request: Request, name: str) -> list[str]:
+    """Every value the request's ``Cookie`` headers give cookie ``name``, distinct, in
+    order: more than one when a site sharing the domain set another (cookie tossing)."""
+    values: dict[str, None] = {}
+    for header in request.headers.getlist("cookie"):
+        for pair in header.split(";"):
+            key, equals, value = pair.partition("=")
+            if equals and key.strip() == name:
+                values[value.strip().strip('"')] = None
+    return list(values)
 
 
 def check_origin(request: Request) -> None:
