@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from keystile.alerts import AlertState, MemoryAlertState, RedisAlertState
+from keystile.alert_state import AlertState, MemoryAlertState, RedisAlertState
 from keystile.audit import AuditTrail, MemoryAuditTrail, RedisAuditTrail
 from keystile.clock import Clock
 from keystile.exceptions import StoreError, StoreMisconfigured
