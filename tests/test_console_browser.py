@@ -201,7 +201,50 @@ def test_a_revoked_admin_keys_session_is_signed_out(driver: Any, server: ServerP
     shot(driver, "signin")
 
 
-PAGES = ["/console/signin", "/console/keys", "/console/keys/new", "/console/audit"]
+def test_alert_rules_set_in_the_browser_are_in_force(driver: Any, server: ServerProcess) -> None:
+    """On the alert-rules page, a threshold typed and saved with the keyboard (Enter) is
+    shown in force, set by the project, and is what the REST API answers; its Clear button
+    puts the default back. The key's rules page and the project's settings show too."""
+    from selenium.webdriver.common.keys import Keys
+
+    admin = server.keys[0]
+    sign_in(driver, server, admin)
+    driver.get(f"{server.base_url}/console/alert-rules")
+    field = driver.find_element(by("ID"), "requests_per_minute")
+    field.clear()
+    field.send_keys("250", Keys.ENTER)
+    arrive(driver, "saved=1")
+    row = driver.find_element(by("ID"), "rule-requests_per_minute")
+    assert row.find_element(by("CSS_SELECTOR"), "td.effective").text == "250"
+    assert row.find_element(by("CSS_SELECTOR"), "td.source").text == "project"
+    answer = httpx.get(
+        f"{server.base_url}/cloud/keys/alert-rules", headers={"Authorization": f"Bearer {admin}"}
+    ).json()
+    assert answer["alert_rules"]["rules"] == {"requests_per_minute": 250}
+    shot(driver, "alert-rules")
+    row.find_element(by("CSS_SELECTOR"), "button[form=clear-rules]").click()
+    arrive(driver, "saved=1")
+    row = driver.find_element(by("ID"), "rule-requests_per_minute")
+    assert row.find_element(by("CSS_SELECTOR"), "td.source").text == "default"
+
+    some_key = key_id_of(server, admin, "alpha admin")
+    driver.get(f"{server.base_url}/console/keys/{some_key}/alert-rules")
+    driver.find_element(by("ID"), "cooldown").send_keys("abc", Keys.ENTER)
+    assert "cooldown-error" in driver.page_source  # a 422 page, beside the field
+    shot(driver, "key-alert-rules")
+    driver.get(f"{server.base_url}/console/project")
+    assert driver.find_element(by("CSS_SELECTOR"), ".project").text == "alpha"
+    shot(driver, "project")
+
+
+PAGES = [
+    "/console/signin",
+    "/console/keys",
+    "/console/keys/new",
+    "/console/audit",
+    "/console/alert-rules",
+    "/console/project",
+]
 
 
 def test_no_request_leaves_for_another_host_and_axe_finds_no_serious_violation(
@@ -220,9 +263,14 @@ def test_no_request_leaves_for_another_host_and_axe_finds_no_serious_violation(
     some_key = key_id_of(server, server.keys[0], "alpha admin")
     pages += [f"/console/keys/{some_key}", f"/console/keys/{some_key}/edit"]
     pages += [f"/console/keys/{some_key}/rotate", f"/console/keys/{some_key}/revoke"]
+    pages += [f"/console/keys/{some_key}/alert-rules"]
     for path in pages[1:]:
         driver.get(f"{server.base_url}{path}")
         problems += audit_page(driver, Axe)
+    driver.find_element(by("ID"), "error_rate").send_keys("2")
+    driver.find_element(by("ID"), "save-rules").click()  # a 422 page: errors beside fields
+    assert "error_rate-error" in driver.page_source
+    problems += audit_page(driver, Axe)
     assert not problems, json.dumps(problems, indent=1)
     requested = []
     for entry in driver.get_log("performance"):
