@@ -12,7 +12,7 @@ import pytest
 
 import test_console
 from keystile.alerts import AlertRules
-from keystile.console.rules import RULE_SPECS
+from keystile.console.rules import RULE_INPUTS
 from keystile.projects import RULE_FIELDS
 from test_console import World, sign_in
 from usage_app import http
@@ -58,7 +58,7 @@ def rest(world: World) -> dict[str, str]:
 
 def test_every_alert_rule_has_its_field_on_the_form() -> None:
     """The console knows how to show and read every AlertRules field."""
-    assert tuple(RULE_SPECS) == RULE_FIELDS == tuple(AlertRules.model_fields)
+    assert tuple(RULE_INPUTS) == RULE_FIELDS == tuple(AlertRules.model_fields)
 
 
 async def test_project_rules_set_in_the_console_are_what_the_manager_and_rest_hold(

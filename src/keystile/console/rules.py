@@ -27,11 +27,11 @@ from keystile.projects import RULE_FIELDS, ProjectInfo, Rules
 if TYPE_CHECKING:
     from keystile.manager import KeyManager
 
-__all__ = ["RULE_SPECS", "RulePages", "RuleSpec", "rule_values", "shown"]
+__all__ = ["RULE_INPUTS", "RuleInput", "RulePages", "rule_values", "shown"]
 
 
 @dataclass(frozen=True, slots=True)
-class RuleSpec:
+class RuleInput:
     """How the console shows and reads one alert rule."""
 
     label: str
@@ -39,41 +39,41 @@ class RuleSpec:
     hint: str
 
 
-RULE_SPECS: dict[str, RuleSpec] = {
-    "requests_per_minute": RuleSpec(
+RULE_INPUTS: dict[str, RuleInput] = {
+    "requests_per_minute": RuleInput(
         "Requests per minute",
         "off-number",
         "Alert when a key makes more requests in a minute. A whole number; off: no limit.",
     ),
-    "error_rate": RuleSpec(
+    "error_rate": RuleInput(
         "Error rate",
         "off-number",
         "Alert when this share of a minute's answers are errors (0 to 1, such as 0.5); "
         "off: no error alerts.",
     ),
-    "error_min_requests": RuleSpec(
+    "error_min_requests": RuleInput(
         "Error alert minimum",
         "number",
         "The requests a minute needs before its error rate counts (a whole number).",
     ),
-    "inactive_key_in_use": RuleSpec(
+    "inactive_key_in_use": RuleInput(
         "Revoked or expired key in use", "switch", "Alert when a refused key keeps being used."
     ),
-    "new_ip_for_prod": RuleSpec(
+    "new_ip_for_prod": RuleInput(
         "New address for a production key",
         "switch",
         "Alert when a production key is used from an address it has not used before.",
     ),
-    "quota_thresholds": RuleSpec(
+    "quota_thresholds": RuleInput(
         "Quota thresholds",
         "list",
         "Alert as a quota's use passes each share, comma-separated (0.8, 0.9, 1); "
         "off: no quota alerts.",
     ),
-    "rotation_due": RuleSpec(
+    "rotation_due": RuleInput(
         "Rotation due", "switch", "Alert when a key is older than the rotation policy allows."
     ),
-    "cooldown": RuleSpec(
+    "cooldown": RuleInput(
         "Cool-down (seconds)",
         "number",
         "How long the same alert for the same key stays quiet after it is raised.",
@@ -102,7 +102,7 @@ def rule_values(form: Mapping[str, list[str]]) -> Rules:
         text = (form.get(name) or [""])[0].strip()
         if not text:
             continue
-        kind = RULE_SPECS[name].kind
+        kind = RULE_INPUTS[name].kind
         off = text.casefold() in ("off", "none")
         if kind == "list":
             out[name] = [] if off else [part.strip() for part in text.split(",")]
@@ -113,7 +113,7 @@ def rule_values(form: Mapping[str, list[str]]) -> Rules:
     return out
 
 
-def _input(name: str, spec: RuleSpec, value: str, described: str) -> str:
+def _input(name: str, spec: RuleInput, value: str, described: str) -> str:
     if spec.kind == "switch":
         choices = (("", "inherit"), ("on", "on"), ("off", "off"))
         options = "".join(
@@ -141,7 +141,7 @@ def rules_form(
     rows = []
     held = effective.model_dump()
     for name in RULE_FIELDS:
-        spec = RULE_SPECS[name]
+        spec = RULE_INPUTS[name]
         message, described = errors_for(errors, name, f"{name}-hint")
         clear = ""
         if sources[name] == level:
@@ -311,7 +311,7 @@ class RulePages:
         level = await self._level(ctx, key)
         held = level.effective.model_dump()
         rows = "".join(
-            f'<tr><th scope="row">{e(RULE_SPECS[name].label)}</th>'
+            f'<tr><th scope="row">{e(RULE_INPUTS[name].label)}</th>'
             f"<td>{e(shown(held[name]))}</td><td>{e(level.sources[name])}</td></tr>"
             for name in RULE_FIELDS
         )
