@@ -257,3 +257,27 @@ async def test_renaming_the_project_shows_in_every_pages_header(world: World) ->
     assert (await world.gate.manager.project_info("alpha")).name == "Alpha <Shop>"
     [refused] = (await history(project="alpha", action="update_project", outcome="refused")).events
     assert refused.actor.key_id == world.admin_id
+
+
+async def test_the_new_pages_keep_the_consoles_protections(world: World) -> None:
+    """The project and rule pages carry the strict CSP and no-store, no inline script or
+    style, every field labelled; signed out, they lead to the sign-in page."""
+    pages = [
+        "/console/project",
+        "/console/alert-rules",
+        f"/console/keys/{world.worker}/alert-rules",
+    ]
+    async with http(world.app) as client:
+        for path in pages:
+            answer = await client.get(path)
+            assert answer.status_code == 303 and "/console/signin" in answer.headers["location"]
+        await sign_in(client, world.admin)
+        answers = [await client.get(path) for path in pages]
+    for answer in answers:
+        assert answer.status_code == 200
+        assert "unsafe-inline" not in answer.headers["content-security-policy"]
+        assert answer.headers["cache-control"] == "no-store"
+        assert "<script>" not in answer.text and " style=" not in answer.text
+        fields = re.findall(r'<(?:input|select|textarea) [^>]*id="([^"]+)"', answer.text)
+        labelled = set(re.findall(r'<label for="([^"]+)"', answer.text))
+        assert fields and set(fields) <= labelled
