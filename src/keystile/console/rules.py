@@ -321,7 +321,7 @@ class RulePages:
             '<th scope="col">Rule</th><th scope="col">In force</th>'
             f'<th scope="col">Set by</th></tr></thead><tbody>{rows}</tbody></table>'
             f'<p><a href="{e(level.action)}">Edit this key\'s alert rules</a> · '
-            f'<a href="{e(ctx.base)}/alert-rules">the project\'s</a></p>'
+            f'<a href="{e(ctx.base)}/alert-rules">Edit the project\'s alert rules</a></p>'
         )
 
     async def _level(self, ctx: Context, key: ApiKey | None) -> _Level:
