@@ -69,6 +69,17 @@ def arrive(driver: Any, part: str) -> None:
     WebDriverWait(driver, TIMEOUT).until(lambda d: part in d.current_url)
 
 
+def settle(driver: Any, ready: Any) -> None:
+    """Wait (bounded) until ``ready(driver)`` holds on the page the browser shows (an
+    element of the page being left may go stale meanwhile)."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, TIMEOUT, ignored_exceptions=[StaleElementReferenceException]).until(
+        ready
+    )
+
+
 def sign_in(driver: Any, server: ServerProcess, key: str) -> None:
     driver.delete_all_cookies()
     driver.get(f"{server.base_url}/console/signin")
@@ -223,14 +234,13 @@ def test_alert_rules_set_in_the_browser_are_in_force(driver: Any, server: Server
     assert answer["alert_rules"]["rules"] == {"requests_per_minute": 250}
     shot(driver, "alert-rules")
     row.find_element(by("CSS_SELECTOR"), "button[form=clear-rules]").click()
-    arrive(driver, "saved=1")
-    row = driver.find_element(by("ID"), "rule-requests_per_minute")
-    assert row.find_element(by("CSS_SELECTOR"), "td.source").text == "default"
+    source = "#rule-requests_per_minute td.source"
+    settle(driver, lambda d: d.find_element(by("CSS_SELECTOR"), source).text == "default")
 
     some_key = key_id_of(server, admin, "alpha admin")
     driver.get(f"{server.base_url}/console/keys/{some_key}/alert-rules")
     driver.find_element(by("ID"), "cooldown").send_keys("abc", Keys.ENTER)
-    assert "cooldown-error" in driver.page_source  # a 422 page, beside the field
+    settle(driver, lambda d: d.find_elements(by("ID"), "cooldown-error"))  # beside the field
     shot(driver, "key-alert-rules")
     driver.get(f"{server.base_url}/console/project")
     assert driver.find_element(by("CSS_SELECTOR"), ".project").text == "alpha"
@@ -269,7 +279,7 @@ def test_no_request_leaves_for_another_host_and_axe_finds_no_serious_violation(
         problems += audit_page(driver, Axe)
     driver.find_element(by("ID"), "error_rate").send_keys("2")
     driver.find_element(by("ID"), "save-rules").click()  # a 422 page: errors beside fields
-    assert "error_rate-error" in driver.page_source
+    settle(driver, lambda d: d.find_elements(by("ID"), "error_rate-error"))
     problems += audit_page(driver, Axe)
     assert not problems, json.dumps(problems, indent=1)
     requested = []
