@@ -5,7 +5,8 @@ admin key's session ends; no request leaves for another host; axe finds no serio
 accessibility violation (issue #16, item 4).
 
 Screenshots of every page visited are written to ``tests/screenshots/`` (ignored by git).
-With ``KEYSTILE_TEST_DOCS_SCREENSHOT=1`` the key page's is also saved as ``docs/console.png``.
+With ``KEYSTILE_TEST_DOCS_SCREENSHOT=1`` the key page's is also saved as ``docs/console.png``,
+and the alert-rules page's as ``docs/console-rules.png``.
 """
 
 from __future__ import annotations
@@ -233,6 +234,8 @@ def test_alert_rules_set_in_the_browser_are_in_force(driver: Any, server: Server
     ).json()
     assert answer["alert_rules"]["rules"] == {"requests_per_minute": 250}
     shot(driver, "alert-rules")
+    if os.environ.get("KEYSTILE_TEST_DOCS_SCREENSHOT"):
+        driver.save_screenshot(str(ROOT / "docs" / "console-rules.png"))
     row.find_element(by("CSS_SELECTOR"), "button[form=clear-rules]").click()
     source = "#rule-requests_per_minute td.source"
     settle(driver, lambda d: d.find_element(by("CSS_SELECTOR"), source).text == "default")

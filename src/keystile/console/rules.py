@@ -328,11 +328,16 @@ class RulePages:
         if key is None:
             project = await self.manager.alert_rules(ctx.project)
             sources = {n: "project" if n in project.rules else "default" for n in RULE_FIELDS}
-            overridden = len(project.overridden)
+            count = len(project.overridden)
+            overrides = (
+                "No key overrides them."
+                if not count
+                else f"{count} key{' overrides' if count == 1 else 's override'} some of them "
+                "(on each key's page, Alert rules)."
+            )
             intro = (
                 "The rules of every key of the project; what is left empty follows the "
-                f"server's default. {overridden} key{'s' if overridden != 1 else ''} "
-                "override some of them (on each key's page, Alert rules)."
+                f"server's default. {overrides}"
             )
             return _Level(
                 "project",
