@@ -92,6 +92,7 @@ IN_LUA = frozenset(
         "lindex",
         "llen",
         "lpush",
+        "lset",
         "ltrim",
         "pexpire",
         "sadd",

@@ -81,7 +81,7 @@ IN_FLIGHT = 64
 
 # The commands each contender's Lua script runs (none of them sends these itself): counted
 # apart from the commands that cross the wire.
-KEYSTILE_LUA = frozenset({"time", "lindex", "lpush", "ltrim", "pexpire", "llen"})
+KEYSTILE_LUA = frozenset({"time", "lindex", "lpush", "lset", "ltrim", "pexpire", "llen"})
 LIMITS_LUA = frozenset({"lindex", "lpush", "ltrim", "expire"})  # limits' moving-window scripts
 LOWER_BOUND_LUA = frozenset({"time", "lindex", "lpush", "ltrim", "pexpire"})
 

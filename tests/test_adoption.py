@@ -445,7 +445,15 @@ async def test_the_configuration_file_sets_the_apps_scopes_and_key_types(
     ("text", "fragment"),
     [
         ("[tool.keystile]\nscope = {}\n", "unknown field 'scope'; did you mean 'scopes'?"),
-        ("[tool.keystile.types.clinet]\n", "unknown key type 'clinet'; did you mean 'client'?"),
+        (
+            "[tool.keystile.types.clinet]\n",
+            "types.clinet: a new key type needs its prefix (or did you mean 'client'?)",
+        ),
+        ("[tool.keystile.types]\nadmin = false\n", "types.admin = false: no such key type"),
+        (
+            "[tool.keystile.types.partner]\nprefix = 'prod_'\n",
+            "key types 'prod' and 'partner' share a prefix ('prod_')",
+        ),
         (
             "[tool.keystile.types.client]\nrate_limt = '1/second'\n",
             "types.client: unknown field 'rate_limt'; did you mean 'rate_limit'?",

@@ -384,6 +384,49 @@ async def test_item10_a_batch_larger_than_the_room_left_fills_to_the_cap(
     assert len(await known_addresses(address_state, key_id)) == 20
 
 
+@pytest.mark.parametrize("kind", ["fakeredis", "redis"])
+async def test_a_key_on_its_known_addresses_costs_no_round_trip_until_the_recheck(
+    kind: str,
+) -> None:
+    """Once a process has learnt which addresses a key's set holds, flushes where the key
+    used only those send nothing to Redis (the set's TTL, shortened here, is left as it
+    is); a new address is still noted and reported; an hour on, the known address is
+    noted again, which renews the set's 90-day TTL."""
+    import fakeredis
+    import redis.asyncio
+
+    namespace = new_namespace()
+    if kind == "redis":
+        require_redis()
+        client = redis.asyncio.Redis.from_url(REDIS_URL)
+    else:
+        client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    clock = [1000.0]
+    try:
+        state = RedisAlertState(client, namespace=namespace, monotonic=lambda: clock[0])
+        name = f"{namespace}:usage:{{key_usual}}:seen_ips"
+        assert await state.new_addresses({"key_usual": {"192.0.2.1", "192.0.2.2"}}) == {}
+        await client.expire(name, 50)
+        for _ in range(3):
+            assert await state.new_addresses({"key_usual": {"192.0.2.1"}}) == {}
+            assert await state.new_addresses({"key_usual": {"192.0.2.1", "192.0.2.2"}}) == {}
+        assert 0 < await client.ttl(name) <= 50
+        fresh = await state.new_addresses({"key_usual": {"192.0.2.1", "192.0.2.3"}})
+        assert fresh == {"key_usual": ["192.0.2.3"]}
+        assert await client.ttl(name) > 50
+        await client.expire(name, 50)
+        assert await state.new_addresses({"key_usual": {"192.0.2.3"}}) == {}
+        assert 0 < await client.ttl(name) <= 50
+        clock[0] += 3601
+        assert await state.new_addresses({"key_usual": {"192.0.2.3"}}) == {}
+        assert await client.ttl(name) > 89 * 86_400
+        assert await client.smembers(name) == {b"192.0.2.1", b"192.0.2.2", b"192.0.2.3"}
+    finally:
+        await client.aclose()
+        if kind == "redis":
+            cleanup_namespace(namespace)
+
+
 def percents(alerts: Iterable[Alert]) -> list[int]:
     """The thresholds quota alerts report, from their messages."""
     found = []

@@ -104,7 +104,6 @@ def test_expiries(text: str, expected: object) -> None:
         ["keys", "create", "--name", "n", "--type", "dev", "--expires", "9999-12-31T23:00-01:00"],
         ["keys", "update", "key_x", "--expires", "0001-01-01T00:00:00+01:00"],
         ["keys", "create", "--name", "n", "--type", "prod", "--meta", "project"],
-        ["keys", "create", "--name", "n", "--type", "admin"],
         ["keys", "create", "--type", "prod"],
         ["keys", "update", "key_x", "--token-quota", "many"],
         ["keys", "frobnicate"],
@@ -119,7 +118,6 @@ def test_expiries(text: str, expected: object) -> None:
         "expiry-past-9999-in-utc",
         "expiry-before-year-1-in-utc",
         "bad-meta",
-        "bad-type",
         "no-name",
         "bad-quota",
         "bad-action",
@@ -196,6 +194,19 @@ async def test_invalid_settings_exit_2_naming_each_field(manager: KeyManager) ->
     assert (code, out) == (2, "")
     assert len(err.splitlines()) == 1
     assert "scopes[0]" in err and "allowed_origins" in err
+    assert (await manager.list()).keys == ()
+
+
+async def test_a_type_the_policy_lacks_exits_2_naming_the_declared_ones(
+    manager: KeyManager,
+) -> None:
+    """The key types are the app's (its policy's), so an unknown one is refused with them."""
+    for action in (("create", "--name", "n"), ("list",)):
+        code, out, err = await run(manager, "keys", *action, "--type", "admin")
+        assert (code, out) == (2, "")
+        assert err.splitlines() == [
+            "keystile: invalid input: type: must be one of dev, prod, client"
+        ]
     assert (await manager.list()).keys == ()
 
 
@@ -561,3 +572,16 @@ def test_the_installed_command_reports_an_unreachable_redis_plainly(
     assert result.returncode == 1
     assert result.stdout == ""
     assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+async def test_reindex_indexes_the_stored_keys(manager: KeyManager) -> None:
+    """keys reindex places every stored key in the listing index and says how many (on a
+    memory store, whose index is always complete, that there is nothing to do)."""
+    created = await run_json(manager, "keys", "create", "--name", "n", "--type", "prod")
+    code, out, err = await run(manager, "keys", "reindex")
+    assert code == 0 and err == ""
+    if "nothing to do" not in out:
+        assert out == "stored keys indexed for listing: 1\n"
+        assert await run_json(manager, "keys", "reindex") == {"indexed": 1}
+    listed = await run_json(manager, "keys", "list", "--status", "active")
+    assert [k["id"] for k in listed["keys"]] == [created["key"]["id"]]

@@ -389,27 +389,41 @@ async def test_filtered_pages_follow_the_cursor(manager: KeyManager) -> None:
     assert sorted(seen) == seen and set(seen) == wanted and len(seen) == len(wanted)
 
 
-async def test_a_sparse_filter_reads_a_bounded_number_of_records(
+async def test_a_sparse_metadata_filter_reads_a_bounded_number_of_records(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A filter that matches little returns a short page with a cursor once it has read its
-    budget of records, and the cursor finds the rest."""
+    """A metadata filter (not indexed) that matches little returns a short page with a
+    cursor once it has read its budget of records, and the cursor finds the rest."""
     monkeypatch.setattr(manager_module, "_SCAN_BUDGET", 10)
     manager = KeyManager(MemoryStore(), KeyHasher(SECRET))
     ids = [(await manager.create({"name": f"k{n}", "type": "dev"})).key.id for n in range(30)]
-    rare = await manager.create({"name": "rare", "type": "prod"})
-    first = await manager.list(type="prod", limit=5)
+    rare = await manager.create({"name": "rare", "type": "dev", "metadata": {"team": "x"}})
+    first = await manager.list(metadata={"team": "x"}, limit=5)
     assert first.keys == () and first.next is not None
     found: list[ApiKey] = []
     cursor: str | None = first.next
     calls = 1
     while cursor is not None:
-        page = await manager.list(type="prod", limit=5, cursor=cursor)
+        page = await manager.list(metadata={"team": "x"}, limit=5, cursor=cursor)
         found += page.keys
         cursor = page.next
         calls += 1
     assert [k.id for k in found] == [rare.key.id]
     assert calls <= len(ids) // 10 + 3
+
+
+async def test_a_sparse_type_filter_answers_from_the_index(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A type filter that matches one key among many finds it on the first page, with no
+    cursor: the listing index answers it, no budget of records is read first."""
+    monkeypatch.setattr(manager_module, "_SCAN_BUDGET", 10)
+    manager = KeyManager(MemoryStore(), KeyHasher(SECRET))
+    for n in range(30):
+        await manager.create({"name": f"k{n}", "type": "dev"})
+    rare = await manager.create({"name": "rare", "type": "prod"})
+    page = await manager.list(type="prod", limit=5)
+    assert [k.id for k in page.keys] == [rare.key.id] and page.next is None
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,7 @@ from conftest import REDIS_URL, SECRET, require_redis
 from faults.server import Server, child_env, serve_command
 from keystile import KeyHasher, KeyManager, Keystile, KeystileMiddleware, RedisStore, Rule, public
 from keystile.metrics import GateMetrics, metrics_app
+from keystile.records import CreatedKey
 from usage_app import http
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -62,9 +63,8 @@ def scripted_app(gate: Keystile) -> Starlette:
     return app
 
 
-async def test_a_scrape_counts_every_outcome_of_a_scripted_mix() -> None:
-    gate = Keystile()
-    app = scripted_app(gate)
+async def scripted_keys(gate: Keystile) -> tuple[CreatedKey, CreatedKey]:
+    """A dev key that reads and infers, and a client key limited to 2 requests a minute."""
     dev = await gate.manager.create(
         {"name": "d", "type": "dev", "scopes": ["vec:read", "ai:inference"]}
     )
@@ -77,6 +77,13 @@ async def test_a_scrape_counts_every_outcome_of_a_scripted_mix() -> None:
             "rate_limit": "2/minute",
         }
     )
+    return dev, limited
+
+
+async def test_a_scrape_counts_every_outcome_of_a_scripted_mix() -> None:
+    gate = Keystile()
+    app = scripted_app(gate)
+    dev, limited = await scripted_keys(gate)
     writer = await gate.manager.create({"name": "w", "type": "prod", "scopes": ["kev:write"]})
     gone = await gate.manager.create({"name": "g", "type": "prod", "scopes": ["vec:read"]})
     await gate.manager.revoke(gone.key.id)
@@ -132,6 +139,78 @@ async def test_a_scrape_counts_every_outcome_of_a_scripted_mix() -> None:
         assert created.key.id not in scrape.text and created.key.hint not in scrape.text
     assert "/read" not in scrape.text
     await gate.aclose()
+
+
+ROUND_TRIP_COUNT = "keystile_redis_round_trip_seconds_count"
+
+
+async def test_redis_round_trips_are_timed_by_purpose(redis_namespace: str) -> None:
+    """Over Redis, a scripted mix — two keys' first lookups, three rate-limit decisions, a
+    token-quota spend, a usage flush, a key revoked — adds exactly that many observations
+    to keystile_redis_round_trip_seconds under each purpose (the rate limiter's as many as
+    the limiter's own count of its round trips), each taking some time."""
+    require_redis()
+    gate = Keystile(redis_url=REDIS_URL, secret=SECRET, namespace=redis_namespace)
+    app = scripted_app(gate)
+    await gate.limiter.start()
+    await gate.quotas.store.start()
+    dev, limited = await scripted_keys(gate)
+    dev_auth = {"Authorization": f"Bearer {dev.secret.get_secret_value()}"}
+    browser = {
+        "Authorization": f"Bearer {limited.secret.get_secret_value()}",
+        "Origin": "https://app.example",
+    }
+    try:
+        async with http(app) as client:
+            before = samples((await client.get("/metrics")).text)
+            limiter_before = gate.limiter.round_trips
+            statuses = [
+                *[(await client.get("/read", headers=dev_auth)).status_code for _ in range(2)],
+                (await client.post("/infer", headers=dev_auth)).status_code,
+                *[(await client.get("/read", headers=browser)).status_code for _ in range(3)],
+            ]
+            assert statuses == [200, 200, 200, 200, 200, 429]
+            await gate.usage.flush()
+            await gate.manager.revoke(dev.key.id)
+            after = samples((await client.get("/metrics")).text)
+        limiter_round_trips = gate.limiter.round_trips - limiter_before
+    finally:
+        await gate.aclose()
+
+    def made(purpose: str) -> float:
+        return value(after, ROUND_TRIP_COUNT, purpose=purpose) - value(
+            before, ROUND_TRIP_COUNT, purpose=purpose
+        )
+
+    assert made("key lookup") == 2  # each key's first request; the rest are cached
+    assert made("rate limiter") == limiter_round_trips == 3
+    assert made("quotas") == 1
+    assert made("usage flush") == 1
+    assert made("key store") == 2  # the revocation: the record read, then replaced
+    assert made("other") == 0
+    for purpose in ("key lookup", "rate limiter", "quotas", "usage flush", "key store"):
+        took = value(after, "keystile_redis_round_trip_seconds_sum", purpose=purpose)
+        assert took - value(before, "keystile_redis_round_trip_seconds_sum", purpose=purpose) > 0
+        assert value(
+            after, "keystile_redis_round_trip_seconds_bucket", purpose=purpose, le="+Inf"
+        ) == value(after, ROUND_TRIP_COUNT, purpose=purpose)
+
+
+async def test_round_trips_are_not_timed_while_metrics_are_off(
+    redis_namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Until metrics are made, a Redis round trip is not timed: nothing is counted."""
+    from keystile.telemetry import ROUND_TRIPS
+
+    require_redis()
+    monkeypatch.setattr(ROUND_TRIPS, "on", False)
+    monkeypatch.setattr(ROUND_TRIPS, "counts", {})
+    store = RedisStore.from_url(REDIS_URL, namespace=redis_namespace)
+    manager = KeyManager(store, KeyHasher(SECRET))
+    created = await manager.create({"name": "k", "type": "dev"})
+    assert await manager.get(created.key.id) == created.key
+    await store.close()
+    assert ROUND_TRIPS.counts == {}
 
 
 async def test_metrics_register_with_the_apps_own_registry_and_can_be_left_out() -> None:
@@ -242,3 +321,21 @@ def test_two_uvicorn_workers_add_up_in_multiprocess_mode(
             time.sleep(0.1)  # bounded: each worker syncs every 0.1 s
         assert counts == (admitted, refused)
         assert value(scraped, "keystile_auth_seconds_count") == admitted
+
+
+def test_every_redis_action_has_a_purpose() -> None:
+    """Every action the library names where it talks to Redis maps to a purpose of the
+    round-trip histogram, so none is counted as "other"."""
+    import re
+    from pathlib import Path
+
+    from keystile.redis.errors import PURPOSES
+
+    source = Path(__file__).parents[1] / "src" / "keystile"
+    named = {
+        action
+        for path in source.rglob("*.py")
+        for action in re.findall(r'(?:redis_errors|translated)\(\s*"([^"]+)"', path.read_text())
+    }
+    assert len(named) > 20
+    assert named - set(PURPOSES) == set()

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from keystile import KeyPolicy, KeyType, KeyTypePolicy, KeyValidationError, ScopeCatalogue
+from keystile.exceptions import ConfigurationError, FieldError
 from keystile.models import DEFAULT_POLICY, DEFAULT_TYPE_POLICIES, KeySettings
 from keystile.scopes import DEFAULT_CATALOGUE
 
@@ -110,7 +111,8 @@ def test_default_policy_table_matches_the_spec() -> None:
         ({"type": "prod", "rate_limit": "lots"}, "rate_limit", "not a rate limit"),
         ({"type": "prod", "rate_limit": "0/minute"}, "rate_limit", "at least one"),
         ({"type": "prod", "token_quota": -1}, "token_quota", "greater than or equal"),
-        ({"type": "root"}, "type", "'dev', 'prod' or 'client'"),
+        ({"type": "root"}, "type", "must be one of dev, prod, client"),
+        ({"type": "Prod"}, "type", "lower-case letters"),
         ({"type": "dev", "name": ""}, "name", "at least 1 character"),
         ({"type": "dev", "secret": "x"}, "secret", "Extra inputs"),
     ],
@@ -185,16 +187,57 @@ def test_policy_table_is_configurable() -> None:
         policy.validate({"name": "n", "type": "dev", "scopes": ["vec:read"]}, now=NOW)
 
 
-def test_policy_table_refuses_shared_prefixes_and_gaps() -> None:
-    """Two types with one prefix, or a missing type, is a configuration error."""
+def test_policy_table_refuses_shared_prefixes_and_bad_names() -> None:
+    """Two types with one prefix, a malformed name, or no type at all, is a configuration
+    error naming the types; a prefix is lower-case."""
     types = dict(DEFAULT_TYPE_POLICIES)
-    types[KeyType.DEV] = KeyTypePolicy(prefix="prod_")
-    with pytest.raises(ValueError, match="share a prefix"):
+    types["partner"] = KeyTypePolicy(prefix="prod_")
+    with pytest.raises(ConfigurationError, match="'prod' and 'partner' share a prefix"):
         KeyPolicy(types)
-    with pytest.raises(ValueError, match="lacks key types"):
-        KeyPolicy({KeyType.DEV: DEFAULT_TYPE_POLICIES[KeyType.DEV]})
+    with pytest.raises(ConfigurationError, match="'Partner': a key type's name is"):
+        KeyPolicy({"Partner": KeyTypePolicy(prefix="partner_")})
+    with pytest.raises(ConfigurationError, match="declares no key type"):
+        KeyPolicy({})
     with pytest.raises(ValueError, match="prefix"):
         KeyTypePolicy(prefix="bad prefix_")
+    with pytest.raises(ValueError, match="lower-case"):
+        KeyTypePolicy(prefix="Partner_")
+    with pytest.raises(ValueError, match="not both"):
+        KeyTypePolicy(prefix="partner_", browser=True, watch_new_ips=True)
+
+
+def test_a_type_may_require_an_ip_allowlist() -> None:
+    """A type with ``requires_ips`` refuses a key without allowed addresses, naming the
+    field; with one, the key is valid."""
+    partner = KeyTypePolicy(prefix="partner_", requires_ips=True)
+    policy = KeyPolicy({**DEFAULT_TYPE_POLICIES, "partner": partner})
+    with pytest.raises(KeyValidationError) as refused:
+        policy.validate({"name": "n", "type": "partner"}, now=NOW)
+    assert refused.value.errors == [
+        FieldError("allowed_ips", "partner keys must list at least one address or network")
+    ]
+    allowed = policy.validate(
+        {"name": "n", "type": "partner", "allowed_ips": ["203.0.113.0/24"]}, now=NOW
+    )
+    assert allowed.allowed_ips == ("203.0.113.0/24",)
+
+
+def test_a_policy_may_add_a_type_and_leave_one_out() -> None:
+    """A fourth type is declared by its name and rules; a type left out is refused for
+    new keys, naming the types there are; records of it still load."""
+    types = {k: v for k, v in DEFAULT_TYPE_POLICIES.items() if k != "dev"}
+    types["partner"] = KeyTypePolicy(prefix="partner_", rate_limit="7/second")
+    policy = KeyPolicy(types)
+    assert policy.prefixes == {"prod_": "prod", "client_": "client", "partner_": "partner"}
+    settings = policy.validate({"name": "n", "type": "partner"}, now=NOW)
+    assert settings.type == "partner"
+    assert policy.rate_limit(settings, settings.type) == "7/second"
+    with pytest.raises(KeyValidationError) as refused:
+        policy.validate({"name": "n", "type": "dev"}, now=NOW)
+    assert refused.value.errors == [FieldError("type", "must be one of prod, client, partner")]
+    assert policy.rate_limit(settings, "dev") is None  # an undeclared type has no defaults
+    with pytest.raises(KeyError, match="'dev' is not a declared key type"):
+        policy["dev"]
 
 
 @pytest.mark.parametrize(

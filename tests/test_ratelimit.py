@@ -133,7 +133,7 @@ OwnRedis = RedisServer
 
 # What the limiter's script runs inside Redis: INFO commandstats counts these too, but they
 # cost no round trip. Nothing in keystile sends them itself.
-SCRIPT_COMMANDS = frozenset({"time", "lindex", "llen", "lpush", "ltrim", "pexpire"})
+SCRIPT_COMMANDS = frozenset({"time", "lindex", "llen", "lpush", "lset", "ltrim", "pexpire"})
 
 
 def sent(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
@@ -2016,3 +2016,52 @@ async def test_a_flood_of_refused_keys_prunes_the_local_refusals_rarely(
             assert asked[0] == 1  # forgotten locally, refused by Redis
     finally:
         await made.aclose()
+
+
+async def test_a_window_list_holds_its_times_compactly_and_stays_exact(
+    redis_namespace: str,
+) -> None:
+    """A window's list holds its newest admission whole and the others modulo 2^18 ms (a
+    1-minute window: Redis packs each in 4 bytes where 13 digits took 9); decisions stay
+    exact across the wrap of the modulus, after a clock that jumps ahead by hours (the list
+    still alive in Redis' time), after a clock gone back a few seconds, and on a list
+    written whole by the earlier encoding."""
+    from keystile.redis.scripts import lua
+
+    client = Redis.from_url(conftest.REDIS_URL)
+    script = client.register_script(lua("moving_window"))
+    name = f"{redis_namespace}:rl:{{k}}:3/60"
+
+    async def hit(at: int) -> tuple[bool, int, int]:
+        allowed, _, inside, oldest, _ = (
+            await script(keys=[name], args=[1, at, 3, 60_000])
+        ).split()
+        return allowed == b"1", int(inside), int(oldest)
+
+    try:
+        base = 1_700_000_000_000 - 1_700_000_000_000 % 2**18 + 2**18 - 1_000  # wraps soon
+        assert await hit(base) == (True, 1, base)
+        assert await hit(base + 500) == (True, 2, base)
+        assert await hit(base + 1_500) == (True, 3, base)  # past the wrap of 2^18
+        held = [int(v) for v in await client.lrange(name, 0, -1)]
+        assert held == [base + 1_500, (base + 500) % 2**18, base % 2**18]
+        assert await hit(base + 60_000) == (False, 3, base)  # a window ago: still inside
+        assert await hit(base + 60_001) == (True, 3, base + 500)  # base left the window
+        # Hours on (the list alive in Redis' time): every old entry is outside.
+        later = base + 3 * 3_600_000 + 12_345
+        assert await hit(later) == (True, 1, later)
+        assert await hit(later + 10) == (True, 2, later)
+        # A clock gone back 5 s: the entries ahead of it still count.
+        assert await hit(later - 5_000) == (True, 3, later)
+        assert await hit(later + 20) == (False, 3, later)
+        # A list of the earlier encoding: every time whole.
+        await client.delete(name)
+        old = [later + 200, later + 100, later]
+        await client.rpush(name, *old)
+        assert await hit(later + 300) == (False, 3, later)
+        assert await hit(later + 60_001) == (True, 3, later + 100)
+        held = [int(v) for v in await client.lrange(name, 0, -1)]
+        assert held == [later + 60_001, (later + 200) % 2**18, later + 100]
+        assert await hit(later + 60_102) == (True, 3, later + 200)
+    finally:
+        await client.aclose()

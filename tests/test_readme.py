@@ -139,6 +139,11 @@ def test_own_scopes_example_runs() -> None:
     assert policy.types[next(t for t in policy.types if t.value == "client")].rate_limit == (
         "50/minute"
     )
+    assert policy.names == ("prod", "client", "partner")
+    assert policy.prefixes["partner_"] == "partner"
+    block = next(b for b in BLOCKS if '"partner": partner' in b)
+    exec(block, namespace)
+    assert namespace["gate"].policy.types["partner"].rate_limit == "600/minute"
 
 
 # What the fragments in the README take as given: a module around each, so that mypy --strict

@@ -54,10 +54,16 @@ def _inline(schema: Any, defs: dict[str, Any]) -> Any:
     return schema
 
 
-def _settings_schema() -> dict[str, Any]:
+def _settings_schema(types: Sequence[str]) -> dict[str, Any]:
     schema = KeySettings.model_json_schema()
     inlined: dict[str, Any] = _inline(schema, schema.get("$defs", {}))
+    inlined["properties"]["type"] = _type_schema(types)
     return inlined
+
+
+def _type_schema(types: Sequence[str]) -> dict[str, Any]:
+    """A key type: one the gate's policy declares."""
+    return {"title": "Type", "type": "string", "enum": [str(t) for t in types]}
 
 
 def _body(schema: dict[str, Any], *, required: bool = True) -> dict[str, Any]:
@@ -112,13 +118,13 @@ _PAGING: list[dict[str, Any]] = [
     },
 ]
 
-_LIST_PARAMETERS = [
-    {
-        "name": "type",
-        "in": "query",
-        "required": False,
-        "schema": {"type": "string", "enum": ["dev", "prod", "client"]},
-    },
+
+def _list_parameters(types: Sequence[str]) -> list[dict[str, Any]]:
+    type_filter = {"name": "type", "in": "query", "required": False}
+    return [{**type_filter, "schema": _type_schema(types)}, *_LIST_FILTERS]
+
+
+_LIST_FILTERS = [
     {
         "name": "status",
         "in": "query",
@@ -235,7 +241,7 @@ def fastapi_router(
     api = AdminAPI(gate.manager)
     prefix = prefix.rstrip("/")
     router = APIRouter(tags=list(tags), prefix=prefix)
-    settings = _settings_schema()
+    settings = _settings_schema(gate.policy.names)
     collection = "" if prefix else "/"
 
     @router.post(
@@ -256,7 +262,7 @@ def fastapi_router(
     @router.get(
         collection,
         summary="List keys",
-        openapi_extra={"parameters": _LIST_PARAMETERS},
+        openapi_extra={"parameters": _list_parameters(gate.policy.names)},
         responses=_responses((200, "A page of key records and the next cursor."), _INVALID),
     )
     async def list_keys(request: Request, caller: ManageKeys) -> Response:

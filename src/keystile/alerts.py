@@ -81,9 +81,32 @@ class AlertRules(BaseModel):
 
 
 _LOOKUPS_PER_FLUSH = 20  # store reads a flush may make for keys not in the cache
-_YIELD_EVERY = 500  # rows a flush's checks go through between yields to the event loop
+_YIELD_EVERY = 200  # rows a flush's checks go through between yields to the event loop
+_NOTE_CHUNK = 200  # keys whose addresses one pipeline notes (a millisecond or two of work)
 _MAX_KNOWN = 10_000  # addresses remembered per key; past that, no new-IP alerts
+
+
+async def _distinct(*sources: Iterable[str]) -> dict[str, None]:
+    """The key ids of ``sources``, each once in first-seen order, letting the event loop
+    run every ``_YIELD_EVERY`` of them (a flush of many keys holds it in short stretches)."""
+    seen: dict[str, None] = {}
+    n = 0
+    for source in sources:
+        for key_id in source:
+            n += 1
+            if n % _YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+            seen[key_id] = None
+    return seen
+
+
 _KNOWN_TTL = 90 * 86_400  # a key's addresses are forgotten 90 days after its last use
+# How long a process trusts what it learnt of a key's set of addresses (each address it
+# holds is one the set holds; a set it found full stays full) before asking Redis again —
+# which also renews the set's TTL, far longer. Bounded: addresses remembered in all.
+_RECHECK = 3600.0
+_LOCAL_ADDRESSES = 100_000
+_LOCAL_PER_KEY = 16
 
 # Notes the addresses a key was seen using, up to a cap; which are new (what it takes and
 # returns: the script's file).
@@ -163,7 +186,12 @@ class RedisAlertState:
     shared = True
 
     def __init__(
-        self, client: RedisClient, *, namespace: str = "keystile", max_known: int = _MAX_KNOWN
+        self,
+        client: RedisClient,
+        *,
+        namespace: str = "keystile",
+        max_known: int = _MAX_KNOWN,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.client = client
         self.namespace = namespace
@@ -171,6 +199,12 @@ class RedisAlertState:
         self.max_known = max_known
         self._note = client.register_script(_NOTE_ADDRESSES)
         self._cluster = is_cluster(client)
+        self._monotonic = monotonic
+        # key id -> (ask Redis again after, the addresses its set is known to hold, or None:
+        # the set is known full). A flush asks Redis only about keys with an address not in
+        # here: a key used from its usual addresses costs no round trip.
+        self._learnt: dict[str, tuple[float, frozenset[str] | None]] = {}
+        self._learnt_size = 0
 
     def _name(self, name: str) -> str:
         key_id, _, rule = name.partition("|")
@@ -190,25 +224,59 @@ class RedisAlertState:
     async def new_addresses(self, seen: dict[str, set[str]]) -> dict[str, list[str]]:
         if not seen:
             return {}
-        plan = [(key_id, sorted(ips)) for key_id, ips in seen.items()]
+        now = self._monotonic()
+        plan: list[tuple[str, list[str]]] = []
+        for n, (key_id, ips) in enumerate(seen.items(), 1):
+            if n % _YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+            learnt = self._learnt.get(key_id)
+            if learnt is not None and learnt[0] > now and (learnt[1] is None or ips <= learnt[1]):
+                continue  # nothing new to note, nothing to report
+            plan.append((key_id, sorted(ips)))
         replies: list[Any] = []
-        for start in range(0, len(plan), _YIELD_EVERY):
-            # A pipeline (and SCRIPT EXISTS) per 500 keys: the event loop runs between them.
+        for start in range(0, len(plan), _NOTE_CHUNK):
+            # A pipeline (and SCRIPT EXISTS) per 200 keys: the event loop runs between them.
             async with self.client.pipeline(transaction=False) as pipe:
-                for key_id, ips in plan[start : start + _YIELD_EVERY]:
+                for key_id, sent in plan[start : start + _NOTE_CHUNK]:
                     name = self.names.seen_addresses(key_id)
-                    args: list[Any] = [self.max_known, _KNOWN_TTL, *ips]
+                    args: list[Any] = [self.max_known, _KNOWN_TTL, *sent]
                     if self._cluster:  # a cluster pipeline refuses EVALSHA: EVAL, on one slot
                         pipe.eval(_NOTE_ADDRESSES, 1, name, *args)
                     else:
                         await self._note(keys=[name], args=args, client=cast(Any, pipe))
                 replies += await pipe.execute()
         out: dict[str, list[str]] = {}
-        for (key_id, _), reply in zip(plan, replies, strict=True):
+        for n, ((key_id, noted), reply) in enumerate(zip(plan, replies, strict=True), 1):
+            if n % _NOTE_CHUNK == 0:
+                await asyncio.sleep(0)
             before, added = int(reply[0]), reply[1:]
-            if before and added:  # the first batch of a key is its baseline
-                out[key_id] = [ip.decode() if isinstance(ip, bytes) else ip for ip in added]
+            fresh = [ip.decode() if isinstance(ip, bytes) else ip for ip in added]
+            if before and fresh:  # the first batch of a key is its baseline
+                out[key_id] = fresh
+            full = min(before, self.max_known) + len(fresh) >= self.max_known
+            # Not full: the set holds every address of the batch (added now or before).
+            self._learn(key_id, None if full else noted, now)
         return out
+
+    def _learn(self, key_id: str, ips: list[str] | None, now: float) -> None:
+        """Remember what the set of ``key_id`` holds (``None``: it is full) until
+        :data:`_RECHECK` seconds from ``now``, within the bounds."""
+        old = self._learnt.pop(key_id, None)
+        if old is not None and old[1] is not None:
+            self._learnt_size -= len(old[1])
+        known: frozenset[str] | None = None
+        if ips is not None:
+            held = set(ips)
+            if old is not None and old[1] is not None and old[0] > now:
+                held |= old[1]
+            known = frozenset(sorted(held)[:_LOCAL_PER_KEY])
+            if self._learnt_size + len(known) > _LOCAL_ADDRESSES:
+                self._learnt = {k: v for k, v in self._learnt.items() if v[0] > now}
+                self._learnt_size = sum(len(v[1] or ()) for v in self._learnt.values())
+                if self._learnt_size + len(known) > _LOCAL_ADDRESSES:
+                    return  # full of live entries: this key asks Redis each flush
+            self._learnt_size += len(known)
+        self._learnt[key_id] = (now + _RECHECK, known)
 
 
 class RuleSource(Protocol):
@@ -325,13 +393,14 @@ class Alerter:
 
     async def on_flush(self, batch: UsageBatch, touched: dict[tuple[str, int], list[int]]) -> None:
         now = self.clock()
+        addresses = await batch.watched_addresses()
         rules_of = await self._resolve(
-            {
-                **dict.fromkeys(key_id for key_id, _ in touched),
-                **dict.fromkeys(key_id for key_id, _ in _rows(batch)),
-                **dict.fromkeys(batch.seen_ips),
-                **dict.fromkeys(spend[0] for spend in self._quota),
-            }
+            await _distinct(
+                (key_id for key_id, _ in touched),
+                (key_id for key_id, _ in _rows(batch)),
+                addresses,
+                (spend[0] for spend in self._quota),
+            )
         )
         for n, ((key_id, minute), counts) in enumerate(touched.items(), 1):
             if n % _YIELD_EVERY == 0:  # a flush of many keys lets requests run meanwhile
@@ -367,9 +436,15 @@ class Alerter:
                     "a revoked or expired key is still being used",
                     {"attempts": counts[INACTIVE]},
                 )
-        watched = {k: ips for k, ips in batch.seen_ips.items() if rules_of(k).new_ip_for_prod}
+        watched = {}
+        for n, (key_id, used) in enumerate(addresses.items(), 1):
+            if n % _YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+            if rules_of(key_id).new_ip_for_prod:
+                watched[key_id] = used
         if watched:
-            # Every address a production key used since the last flush, in one pipeline.
+            # Every address a production key used since the last flush; only keys seen from
+            # an address this process has not learnt their set holds go to the state's store.
             try:
                 fresh = await self.state.new_addresses(watched)
             except StoreError as exc:
@@ -389,7 +464,7 @@ class Alerter:
                         rule="new_ip",
                     )
         self._lookups_left = _LOOKUPS_PER_FLUSH
-        for n, key_id in enumerate({key_id: None for key_id, _ in _rows(batch)}, 1):
+        for n, key_id in enumerate(await _distinct(key_id for key_id, _ in _rows(batch)), 1):
             if n % _YIELD_EVERY == 0:
                 await asyncio.sleep(0)
             if rules_of(key_id).rotation_due:
@@ -428,7 +503,8 @@ class Alerter:
                 return
         if record is None or record.replaced_by is not None:
             return
-        age = self.policy[record.type].rotation_age
+        rules = self.policy.types.get(record.type)
+        age = None if rules is None else rules.rotation_age
         if age is not None and now - to_timestamp(record.created_at) > age.total_seconds():
             await self._fire(
                 "rotation_due",

@@ -21,6 +21,13 @@ would rather declare it in a file, and every ``keystile`` command, read it from 
     rate_limit = "50/minute"
     forbidden_scopes = ["admin:*", "orders:write", "*"]
 
+    [tool.keystile.types.partner]  # a type of the app's own: a prefix and its rules
+    prefix = "partner_"
+    rate_limit = "600/minute"
+
+    [tool.keystile.types]
+    dev = false                    # a built-in type the app does not issue
+
 A mistake (an unknown table or field, a malformed value) is one :class:`ConfigurationError`
 naming the file, the field and, where one is close, the right spelling.
 """
@@ -44,7 +51,6 @@ from keystile.models import (
     DEFAULT_POLICY,
     DEFAULT_TYPE_POLICIES,
     KeyPolicy,
-    KeyType,
     KeyTypePolicy,
     field_errors,
 )
@@ -103,31 +109,41 @@ def build_policy(
     default_scopes: bool = False,
 ) -> KeyPolicy:
     """A policy from an app's services (``{"orders": ["read", "write"]}``; with
-    ``default_scopes``, beside the demo platform's) and per-type overrides
-    (``{"client": {"rate_limit": "50/minute"}}``) over the defaults."""
+    ``default_scopes``, beside the demo platform's) and its key types over the built-in
+    ones: a built-in type's fields override its defaults (``{"client": {"rate_limit":
+    "50/minute"}}``), a new name declares a type (its ``prefix`` required), ``False``
+    leaves a built-in type out (``{"dev": False}``)."""
     if scopes is None:
         catalogue = DEFAULT_CATALOGUE
     else:
         base = dict(DEFAULT_CATALOGUE.services) if default_scopes else {}
         catalogue = ScopeCatalogue({**base, **scopes})
-    table = dict(DEFAULT_TYPE_POLICIES)
-    names = [t.value for t in KeyType]
+    table: dict[str, KeyTypePolicy] = dict(DEFAULT_TYPE_POLICIES)
     for name, overrides in (types or {}).items():
-        if name not in names:
-            raise ValueError(f"unknown key type {name!r}{_closest(name, names)}")
-        key_type = KeyType(name)
+        if overrides is False:
+            if name not in table:
+                known = [str(t) for t in DEFAULT_TYPE_POLICIES]
+                raise ValueError(f"types.{name} = false: no such key type{_closest(name, known)}")
+            del table[name]
+            continue
         if isinstance(overrides, KeyTypePolicy):
-            table[key_type] = overrides
+            table[name] = overrides
             continue
         if not isinstance(overrides, Mapping):
-            raise ValueError(f"types.{name} must be a table of policy fields")
+            raise ValueError(
+                f"types.{name} must be a table of policy fields, or false to leave it out"
+            )
         fields = list(KeyTypePolicy.model_fields)
         for field in overrides:
             if field not in fields:
                 raise ValueError(f"types.{name}: unknown field {field!r}{_closest(field, fields)}")
-        merged = {**table[key_type].model_dump(), **overrides}
+        base = table[name].model_dump() if name in DEFAULT_TYPE_POLICIES else {}
+        if not base and "prefix" not in overrides:
+            near = difflib.get_close_matches(name, [str(t) for t in DEFAULT_TYPE_POLICIES], n=1)
+            hint = f" (or did you mean {near[0]!r}?)" if near else ""
+            raise ValueError(f"types.{name}: a new key type needs its prefix{hint}")
         try:
-            table[key_type] = KeyTypePolicy.model_validate(merged)
+            table[name] = KeyTypePolicy.model_validate({**base, **overrides})
         except ValidationError as exc:
             problems = "; ".join(f"types.{name}.{e}" for e in field_errors(exc))
             raise ValueError(problems) from None
@@ -161,6 +177,8 @@ def load_config(path: Path | str | None = None) -> AppConfig:
             data.get("types"),
             default_scopes=bool(data.get("default_scopes", False)),
         )
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"{where}: {'; '.join(exc.problems)}") from None
     except ValueError as exc:
         raise ConfigurationError(f"{where}: {exc}") from None
     return AppConfig(policy, app, file)

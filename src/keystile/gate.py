@@ -26,7 +26,7 @@ from keystile.fallback import Health, failure_cause, redis_address
 from keystile.keys import KeyHasher
 from keystile.logs import fields
 from keystile.manager import KeyManager
-from keystile.models import KeyPolicy
+from keystile.models import ApiKey, KeyPolicy
 from keystile.principal import MAX_ORIGIN_MEMO, KeyUser, Principal, principal_of
 from keystile.projects import RuleBook
 from keystile.quotas import Quotas
@@ -233,6 +233,7 @@ class Keystile:
             alert_rules=alert_rules,
         )
         self._started = False  # startup() ran: the cache follows key changes
+        self._undeclared: set[str] = set()  # keys refused for their type, told once each
         # What the middleware counts of its decisions (keystile.metrics reads it).
         self.telemetry = Telemetry()
         # Started with the gate and closed after its last usage flush (keystile.metrics).
@@ -249,6 +250,20 @@ class Keystile:
         if self._origins is None:
             self._origins = OriginIndex(self.store, clock=self.clock, max_age=self.store.ttl)
         return self._origins
+
+    def undeclared_type(self, key: ApiKey) -> None:
+        """Say once per key (a bounded number of them) why a stored key is refused: the
+        policy no longer declares its type."""
+        if key.id in self._undeclared or len(self._undeclared) >= 1000:
+            return
+        self._undeclared.add(key.id)
+        logger.warning(
+            "refused key %s: its type %r is not declared by the policy (declared: %s)",
+            key.id,
+            str(key.type),
+            ", ".join(self.policy.types),
+            extra=fields("auth.undeclared_type", key_id=key.id, code="invalid_api_key"),
+        )
 
     def principal(self, entry: CacheEntry) -> Principal:
         """The derived view of a cache entry, built once per entry."""

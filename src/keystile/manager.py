@@ -105,8 +105,9 @@ logger = logging.getLogger("keystile.manager")
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
-# A filtered listing reads at most this many records per call, so a filter that matches
-# little cannot turn one request into a scan of the whole store; the cursor continues.
+# Project, type and status filters are answered by the store's listing index; a metadata
+# filter (not indexed) reads at most this many of the records they leave per call, so a
+# filter that matches little cannot turn one request into a scan; the cursor continues.
 _SCAN_BUDGET = 5000
 
 UPDATABLE_FIELDS = (
@@ -352,20 +353,27 @@ class KeyManager(ProjectManagement):
         cursor: str | None = None,
         limit: int = DEFAULT_PAGE_SIZE,
         project: str | None = None,
+        undeclared: bool = False,
     ) -> KeyPage:
         """Records in creation order, ``limit`` at a time, that match every filter given:
-        ``type``, ``status`` (``active``, ``rotated``, ``revoked`` or ``expired``) and ``metadata``
-        (each named entry equal). Pass the page's ``next`` as ``cursor`` to continue.
+        ``type`` (a declared one), ``status`` (``active``, ``rotated``, ``revoked`` or
+        ``expired``) and ``metadata`` (each named entry equal); with ``undeclared``, only
+        records of a type the policy no longer declares (refused when used). Pass the page's
+        ``next`` as ``cursor`` to continue.
 
-        A page may hold fewer than ``limit`` records (even none) and still have a ``next``:
-        each call reads a bounded number of records.
+        ``project``, ``type`` and ``status`` come from the store's listing index: a page
+        reads about ``limit`` records however many are stored. With ``metadata`` or
+        ``undeclared``, a page
+        may hold fewer than ``limit`` records (even none) and still have a ``next``: each
+        call reads a bounded number of the records the other filters leave.
         """
         errors: builtins.list[FieldError] = []
         key_type = status_value = after = None
-        try:
-            key_type = None if type is None else KeyType(type)
-        except ValueError:
-            errors.append(FieldError("type", f"must be one of {', '.join(KeyType)}"))
+        if type is not None:
+            if isinstance(type, str) and self.policy.declares(type):
+                key_type = type
+            else:
+                errors.append(FieldError("type", f"must be one of {', '.join(self.policy.names)}"))
         try:
             status_value = None if status is None else KeyStatus(status)
         except ValueError:
@@ -391,21 +399,24 @@ class KeyManager(ProjectManagement):
         now = self.now()
 
         def matches(record: ApiKey) -> bool:
-            return (
-                (key_type is None or record.type is key_type)
-                and (status_value is None or key_status(record, now) is status_value)
-                and all(record.metadata.get(k) == v for k, v in wanted.items())
-                and (project is None or record.project == project)
+            return (not undeclared or not self.policy.declares(record.type)) and all(
+                record.metadata.get(k) == v for k, v in wanted.items()
             )
 
-        filtered = key_type is not None or status_value is not None or bool(wanted)
-        filtered = filtered or project is not None
+        sparse = bool(wanted) or undeclared  # filters the index does not answer
         # One record more than a page tells whether another page follows.
-        batch = min(max(limit + 1, 500), max(_SCAN_BUDGET, limit + 1)) if filtered else limit + 1
+        batch = min(max(limit + 1, 500), max(_SCAN_BUDGET, limit + 1)) if sparse else limit + 1
         found: builtins.list[ApiKey] = []
         scanned = 0
         while True:
-            page = await self.store.list_keys(after=after, limit=batch)
+            page = await self.store.list_matching(
+                now=now,
+                project=project,
+                key_type=key_type,
+                status=status_value,
+                after=after,
+                limit=batch,
+            )
             for record in page:
                 if len(found) == limit:
                     # A full page, and at least one record after it.

@@ -19,6 +19,9 @@ or registers them with the app's own registry: ``GateMetrics(gate, registry=regi
                                                ``decision`` (allowed, refused, none, unavailable)
 ``keystile_redis_errors_total``                by ``purpose``: rate limiter, quotas, key store,
                                                usage
+``keystile_redis_round_trip_seconds``         histogram by ``purpose``: key lookup, key store,
+                                               rate limiter, quotas, usage flush, usage read,
+                                               audit, alerts, connection (the whole process)
 ``keystile_usage_flushes_total``               usage flushes by ``result`` (ok, failed); rows
                                                written (``_rows_total``), time spent
                                                (``_seconds_total``), counts dropped
@@ -48,7 +51,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from keystile.telemetry import LATENCY_BUCKETS
+from keystile.telemetry import LATENCY_BUCKETS, ROUND_TRIPS
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Receive, Scope, Send
@@ -140,6 +143,14 @@ class GateMetrics:
             ["purpose"],
             **options,
         )
+        self.round_trips = Histogram(
+            "keystile_redis_round_trip_seconds",
+            "Seconds per Redis round trip, by purpose.",
+            ["purpose"],
+            buckets=LATENCY_BUCKETS,
+            **options,
+        )
+        ROUND_TRIPS.on = True  # timed from now on, in this process
         self.flushes = Counter(
             "keystile_usage_flushes", "Usage flushes by result.", ["result"], **options
         )
@@ -204,22 +215,28 @@ class GateMetrics:
 
     def _sync_latency(self) -> None:
         telemetry = self.gate.telemetry
-        counts = list(telemetry.latency)
-        before = self._seen.get(("latency", ()), 0)
-        total_ns = telemetry.latency_ns
-        for index, count in enumerate(counts):
-            name = ("latency", (str(index),))
-            delta = count - int(self._seen.get(name, 0))
-            if delta > 0:
-                self._observe(index, delta)
-                self._seen[name] = count
-        if total_ns > before:
-            self.auth_seconds._sum.inc((total_ns - before) / 1e9)
-            self._seen[("latency", ())] = total_ns
+        self._sync_histogram(self.auth_seconds, "latency", telemetry.latency, telemetry.latency_ns)
+        for purpose, counts in list(ROUND_TRIPS.counts.items()):
+            self._sync_histogram(
+                self.round_trips.labels(purpose),
+                f"round trips {purpose}",
+                counts,
+                ROUND_TRIPS.sums_ns[purpose],
+            )
 
-    def _observe(self, index: int, times: int) -> None:
-        """Add ``times`` observations to bucket ``index`` (the last: beyond every bound)."""
-        self.auth_seconds._buckets[index].inc(times)
+    def _sync_histogram(self, histogram: Any, name: str, counts: list[int], total_ns: int) -> None:
+        """Hand a histogram counted in plain integers (observations per bucket, the last
+        beyond every bound; nanoseconds in all) to prometheus_client, since the last call."""
+        for index, count in enumerate(list(counts)):
+            seen = (name, (str(index),))
+            delta = count - int(self._seen.get(seen, 0))
+            if delta > 0:
+                histogram._buckets[index].inc(delta)
+                self._seen[seen] = count
+        before = self._seen.get((name, ()), 0)
+        if total_ns > before:
+            histogram._sum.inc((total_ns - before) / 1e9)
+            self._seen[(name, ())] = total_ns
 
     # -- the gate's lifetime -----------------------------------------------------------------
 

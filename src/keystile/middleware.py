@@ -318,6 +318,9 @@ class KeystileMiddleware:
                 return self.refusals.unavailable
             if entry is None:
                 return self.refusals.invalid
+        if entry.record.type not in self.gate.policy.types:  # a type no longer declared
+            self.gate.undeclared_type(entry.record)
+            return self.refusals.invalid
         if scheme == b"Bearer" and len(value) == len(token) + 7:
             self._remember_if_admitted(value, entry)
         return entry

@@ -16,7 +16,7 @@ from starlette.authentication import AuthCredentials, BaseUser
 
 from keystile.addresses import AddressMode
 from keystile.clock import to_timestamp
-from keystile.models import ApiKey, KeyPolicy, KeyType
+from keystile.models import ApiKey, KeyPolicy
 from keystile.network import parse_ip_entry
 from keystile.origins import origin_allowed, parse_origin, parse_origin_pattern
 from keystile.ratelimit import LimitSet, limit_set
@@ -32,9 +32,16 @@ REFUSALS = "keystile.refusals"
 # 253-character host and a port fit); longer ones are parsed each time.
 MAX_ORIGIN_MEMO = 300
 
-# Usage: client keys are counted by IP and origin; production keys' addresses are watched
-# for the new-IP alert.
-_ADDRESS_MODES = {KeyType.CLIENT: AddressMode.BY_CLIENT, KeyType.PROD: AddressMode.WATCH_IPS}
+
+def _address_mode(policy: KeyPolicy, key_type: str) -> AddressMode:
+    """Usage counts a browser type's keys by IP and origin, and notes the addresses of a
+    type that watches new IPs (the new-IP alert); the key type's policy says which."""
+    rules = policy.types.get(key_type)
+    if rules is None:
+        return AddressMode.IGNORE
+    if rules.browser:
+        return AddressMode.BY_CLIENT
+    return AddressMode.WATCH_IPS if rules.watch_new_ips else AddressMode.IGNORE
 
 
 class KeyUser(BaseUser):
@@ -89,12 +96,12 @@ class Principal:
         # Read on every request that records usage; a pydantic model's attributes are
         # slower to read than a slot (its __getattr__ defeats the interpreter's shortcut).
         self.key_id = key.id
-        self.type_name = key.type.value  # a metrics label (keystile.telemetry)
+        self.type_name = str(key.type)  # a metrics label (keystile.telemetry)
         self.project = key.project  # what the request's data is scoped by
         text = policy.rate_limit(key, key.type)
         per_address = policy.address_rate_limit(key, key.type)
         # The policy is named after the key type: headers never carry key material.
-        name = key.type.value
+        name = self.type_name
         # The key's windows and each client address's, decided together; the key's alone
         # for a request whose address is unknown (a Unix socket).
         self.limits: LimitSet | None = (
@@ -111,7 +118,7 @@ class Principal:
         self.networks = tuple(parse_ip_entry(n) for n in key.allowed_ips)
         self._origin_memo: dict[bytes, bool] = {}
         self.restricted = bool(self.origins or self.networks)
-        self.ip_mode = _ADDRESS_MODES.get(key.type, AddressMode.IGNORE)
+        self.ip_mode = _address_mode(policy, key.type)
 
     def origin_ok(self, value: bytes) -> bool:
         """Whether this key's allowed origins match an ``Origin`` header value."""

@@ -13,7 +13,7 @@ from bisect import bisect_left
 from collections import defaultdict
 from time import perf_counter_ns
 
-__all__ = ["LATENCY_BUCKETS", "Telemetry", "perf_counter_ns"]
+__all__ = ["LATENCY_BUCKETS", "ROUND_TRIPS", "RoundTrips", "Telemetry", "perf_counter_ns"]
 
 #: Upper bounds (seconds) of the authentication-latency histogram's buckets.
 LATENCY_BUCKETS = (
@@ -65,3 +65,31 @@ class Telemetry:
     def limited(self, allowed: bool, degraded: bool) -> None:
         """A rate-limit decision: let through undecided (Redis did not answer), or not."""
         self.limits["degraded" if degraded else "allowed" if allowed else "refused"] += 1
+
+
+class RoundTrips:
+    """How long keystile's Redis round trips took, by purpose (one process: every gate in
+    it). Off — nothing timed, one attribute check per round trip — until
+    :class:`keystile.metrics.GateMetrics` turns it on."""
+
+    __slots__ = ("counts", "on", "sums_ns")
+
+    def __init__(self) -> None:
+        self.on = False
+        # purpose -> observations per bucket (the last: beyond every bound); a closed set
+        # of purposes (see keystile.redis.errors), so the table stays small
+        self.counts: dict[str, list[int]] = {}
+        self.sums_ns: defaultdict[str, int] = defaultdict(int)
+
+    def observe(self, purpose: str, started_ns: int) -> None:
+        """A round trip for ``purpose`` that started at ``started_ns`` ended now."""
+        took = perf_counter_ns() - started_ns
+        counts = self.counts.get(purpose)
+        if counts is None:
+            counts = self.counts[purpose] = [0] * (len(_BOUNDS_NS) + 1)
+        counts[bisect_left(_BOUNDS_NS, took)] += 1
+        self.sums_ns[purpose] += took
+
+
+#: The process's Redis round-trip times (keystile_redis_round_trip_seconds).
+ROUND_TRIPS = RoundTrips()

@@ -74,7 +74,7 @@ def _details(
     rows = [
         ("id", key.id),
         ("name", key.name),
-        ("type", key.type.value),
+        ("type", _type_text(key, manager)),
         ("hint", key.hint),
         ("status", key_status(key, manager.now()).value),
         ("scopes", ", ".join(key.scopes) or "-"),
@@ -96,6 +96,13 @@ def _details(
         rows.insert(6, ("not in app", f"{', '.join(unknown)} (the catalogue lacks them)"))
     for label, value in rows:
         out.write(f"{label:<13}{value}\n")
+
+
+def _type_text(key: ApiKey, manager: KeyManager) -> str:
+    """The key's type, marked when the policy no longer declares it (the key is refused)."""
+    if manager.policy.declares(key.type):
+        return str(key.type)
+    return f"{key.type} (not declared: refused)"
 
 
 def _secret(out: TextIO, secret: str) -> None:
@@ -173,6 +180,7 @@ async def _list(args: argparse.Namespace, manager: KeyManager, out: TextIO) -> i
         metadata=dict(args.meta or ()),
         cursor=args.cursor,
         limit=args.limit,
+        undeclared=args.undeclared,
     )
     described = await manager.describe(page.keys)
     if args.json:
@@ -186,7 +194,7 @@ async def _list(args: argparse.Namespace, manager: KeyManager, out: TextIO) -> i
                 (
                     i.key.id,
                     i.key.name if len(i.key.name) <= 40 else i.key.name[:39] + "…",
-                    i.key.type.value,
+                    _type_text(i.key, manager),
                     i.key.hint,
                     i.status.value,
                     _when(i.key.created_at),
@@ -240,6 +248,21 @@ async def _update(args: argparse.Namespace, manager: KeyManager, out: TextIO) ->
         _dump(out, {"key": info.json()})
     else:
         _details(out, record, manager, info.last_used_at)
+    return 0
+
+
+async def _reindex(args: argparse.Namespace, manager: KeyManager, out: TextIO) -> int:
+    store = manager.store
+    store = getattr(store, "store", store)  # behind a CachedStore
+    reindex = getattr(store, "reindex", None)
+    if reindex is None:
+        out.write("this store's listing index is always complete: nothing to do\n")
+        return 0
+    count = await reindex()
+    if args.json:
+        _dump(out, {"indexed": count})
+    else:
+        out.write(f"stored keys indexed for listing: {count}\n")
     return 0
 
 
@@ -347,6 +370,7 @@ _COMMANDS: dict[tuple[str, str | None], Command] = {
     ("keys", "create"): _create,
     ("keys", "list"): _list,
     ("keys", "show"): _show,
+    ("keys", "reindex"): _reindex,
     ("keys", "update"): _update,
     ("keys", "revoke"): _revoke,
     ("keys", "rotate"): _rotate,

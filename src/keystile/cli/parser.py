@@ -253,11 +253,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     create = actions.add_parser("create", parents=[shared], help="issue a key")
     create.add_argument("--name", required=True, help="what the key is for")
-    create.add_argument("--type", required=True, choices=["dev", "prod", "client"])
+    create.add_argument(
+        "--type", required=True, help="a key type the app declares (default: dev, prod, client)"
+    )
     _settings_options(create, update=False)
 
     listing = actions.add_parser("list", parents=[shared], help="list keys")
-    listing.add_argument("--type", choices=["dev", "prod", "client"])
+    listing.add_argument("--type", help="only keys of this type")
+    listing.add_argument(
+        "--undeclared",
+        action="store_true",
+        help="only keys of a type the app no longer declares (they are refused)",
+    )
     listing.add_argument("--status", choices=[s.value for s in KeyStatus])
     listing.add_argument(
         "--meta",
@@ -268,6 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     listing.add_argument("--limit", type=int, default=100, help="keys per page (1-1000)")
     listing.add_argument("--cursor", help="continue a listing where the previous page ended")
+
+    actions.add_parser(
+        "reindex",
+        parents=[shared],
+        help="index every stored key for listing (keys an older keystile stored; the first "
+        "listing does it by itself)",
+    )
 
     show = actions.add_parser("show", parents=[shared], help="show one key")
     show.add_argument("key_id", metavar="KEY_ID")

@@ -48,7 +48,7 @@ from keystile.exceptions import (
 from keystile.gate import Keystile
 from keystile.keys import parse_key
 from keystile.logs import fields
-from keystile.models import ApiKey, KeyType
+from keystile.models import ApiKey
 from keystile.records import KeyStatus
 from keystile.usage import UsageReport
 
@@ -285,8 +285,9 @@ class Console(RulePages):
         errors = []
         kind, status = params.get("type") or None, params.get("status") or None
         query = (params.get("q") or "").strip()
-        if kind is not None and kind not in set(KeyType):
-            errors.append("type must be one of dev, prod, client")
+        names = self.manager.policy.names
+        if kind is not None and kind not in names:
+            errors.append(f"type must be one of {', '.join(names)}")
         if status is not None and status not in set(KeyStatus):
             errors.append("status must be one of active, rotated, revoked, expired")
         if len(query) > 200:
@@ -302,7 +303,7 @@ class Console(RulePages):
             '<div><label for="q">Name</label>'
             f'<input type="search" id="q" name="q" value="{e(query)}"></div>'
             '<div><label for="type">Type</label><select id="type" name="type">'
-            f"{forms.options(('', *KeyType), kind)}</select></div>"
+            f"{forms.options(('', *names), kind)}</select></div>"
             '<div><label for="status">Status</label><select id="status" name="status">'
             f"{forms.options(('', *KeyStatus), status)}</select></div>"
         )
@@ -322,7 +323,13 @@ class Console(RulePages):
 
     async def new_key(self, ctx: Context) -> Response:
         form = forms.key_form(
-            self.catalogue, ctx.csrf, f"{ctx.base}/keys/new", {"type": "dev"}, {}, new=True
+            self.catalogue,
+            ctx.csrf,
+            f"{ctx.base}/keys/new",
+            {},
+            {},
+            new=True,
+            policy=self.manager.policy,
         )
         return self._html(ctx, "Create key", form, "keys/new")
 
@@ -349,6 +356,7 @@ class Console(RulePages):
                 forms.values_of_form(ctx.form),
                 grouped,
                 new=True,
+                policy=self.manager.policy,
             )
             response = self._html(ctx, "Create key", form, "keys/new")
             response.status_code = 422
@@ -377,11 +385,9 @@ class Console(RulePages):
     def _edit_page(
         self, ctx: Context, key: ApiKey, values: dict[str, Any], errors: dict[str, list[str]]
     ) -> HTMLResponse:
-        values = {**values, "type": key.type.value}
+        values = {**values, "type": key.type}
         action = f"{ctx.base}/keys/{key.id}/edit"
-        head = (
-            f"<p>{e(key.type.value)} key <code>{e(key.hint)}</code> (<code>{e(key.id)}</code>)</p>"
-        )
+        head = f"<p>{e(key.type)} key <code>{e(key.hint)}</code> (<code>{e(key.id)}</code>)</p>"
         form = forms.key_form(self.catalogue, ctx.csrf, action, values, errors, new=False)
         response = self._html(ctx, f"Edit {key.name}", head + form)
         if errors:
@@ -457,7 +463,7 @@ class Console(RulePages):
             notice = '<p class="notice" role="status">Saved.</p>'
         elif params.get("revoked"):
             notice = '<p class="notice" role="status">The key is revoked.</p>'
-        main = [notice, *views.key_usage(ctx.base, key, info, hour, month)]
+        main = [notice, *views.key_usage(ctx.base, key, info, hour, month, self.manager.policy)]
         main.append(await self.alerts_section(ctx, key))
         return self._html(ctx, key.name, "".join(main))
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from keystile.console.pages import e, errors_for, other_errors, permission_tree
 from keystile.exceptions import FieldError
-from keystile.models import ApiKey
+from keystile.models import DEFAULT_POLICY, ApiKey, KeyPolicy
 from keystile.scopes import ScopeCatalogue
 
 __all__ = [
@@ -58,6 +58,9 @@ def filters(action: str, fields: str) -> str:
     )
 
 
+TYPE_LABELS = {"dev": "Development", "prod": "Production", "client": "Client (browser)"}
+
+
 def key_form(
     catalogue: ScopeCatalogue,
     csrf: str,
@@ -66,6 +69,7 @@ def key_form(
     errors: Mapping[str, list[str]],
     *,
     new: bool,
+    policy: KeyPolicy = DEFAULT_POLICY,
 ) -> str:
     """The create and edit form (the type only when creating)."""
     known = ["name", "type", "scopes", "expires_at", "allowed_origins", "allowed_ips"]
@@ -80,15 +84,12 @@ def key_form(
     )
     if new:
         message, described = errors_for(errors, "type")
-        chosen = values.get("type", "dev")
+        chosen = values.get("type") or policy.names[0]
         radios = "".join(
-            f'<label for="type-{t}"><input type="radio" id="type-{t}" name="type" '
-            f'value="{t}"{" checked" if chosen == t else ""}> {label}</label>'
-            for t, label in (
-                ("dev", "Development"),
-                ("prod", "Production"),
-                ("client", "Client (browser)"),
-            )
+            f'<label for="type-{e(t)}"><input type="radio" id="type-{e(t)}" name="type" '
+            f'value="{e(t)}"{" checked" if chosen == t else ""}> '
+            f"{e(TYPE_LABELS.get(t, t))}</label>"
+            for t in policy.names
         )
         parts.append(
             f'<fieldset class="field" id="type"{described}><legend>Type</legend>'
@@ -104,24 +105,27 @@ def key_form(
         f"(UTC). Empty: no expiry.</p>{message}</div>"
     )
     kind = values.get("type")
-    for name, label, hint, types in (
+    browser = [t for t in policy.names if policy[t].browser]
+    watched = [t for t in policy.names if policy[t].watch_new_ips or policy[t].requires_ips]
+    for name, label, hint, applies in (
         (
             "allowed_origins",
             "Allowed origins",
-            "Client keys: the sites that may use the key from a browser, one per line "
+            "Browser keys: the sites that may use the key from a browser, one per line "
             "(https://app.example.com, https://*.example.com).",
-            "client",
+            browser,
         ),
         (
             "allowed_ips",
             "IP allowlist (optional)",
-            "Production keys: the addresses or networks the key may be used from, one per "
+            "Server keys: the addresses or networks the key may be used from, one per "
             "line (203.0.113.7, 10.0.0.0/8). Empty: any address.",
-            "prod",
+            watched,
         ),
     ):
-        if not new and kind != types and not values.get(name):
+        if (not applies or (not new and kind not in applies)) and not values.get(name):
             continue
+        types = e(" ".join(applies))
         message, described = errors_for(errors, name, f"{name}-hint")
         parts.append(
             f'<fieldset data-for-type="{types}"><legend>{label}</legend>'
@@ -164,7 +168,7 @@ def values_of_key(key: ApiKey) -> dict[str, Any]:
     """A key's settings as the edit form shows them."""
     return {
         "name": key.name,
-        "type": key.type.value,
+        "type": key.type,
         "scopes": key.scopes,
         "expires_at": "" if key.expires_at is None else key.expires_at.date().isoformat(),
         "allowed_origins": "\n".join(key.allowed_origins),

@@ -189,7 +189,7 @@ def keys_table(base: str, rows: Sequence[KeyInfo]) -> str:
             "<tr>"
             f'<td><a href="{e(base)}/keys/{e(key.id)}">{e(key.name)}</a>'
             f'<br><code class="muted">{e(key.id)}</code></td>'
-            f"<td>{e(key.type.value)}</td><td><code>{e(key.hint)}</code></td>"
+            f"<td>{e(key.type)}</td><td><code>{e(key.hint)}</code></td>"
             f'<td class="scopes">{scope_list(key.scopes)}</td>'
             f"<td>{status_badge(info.status.value)}</td>"
             f"<td>{when(key.created_at)}</td><td>{when(info.last_used_at)}</td>"

@@ -18,7 +18,7 @@ from keystile.console.pages import (
     when,
 )
 from keystile.console.slots import Slot
-from keystile.models import ApiKey, KeyType
+from keystile.models import DEFAULT_POLICY, ApiKey, KeyPolicy
 from keystile.records import KeyInfo
 from keystile.usage import DAY, MINUTE, UsageReport
 
@@ -36,15 +36,20 @@ __all__ = [
 
 
 def key_usage(
-    base: str, key: ApiKey, info: KeyInfo, hour: UsageReport, month: UsageReport
+    base: str,
+    key: ApiKey,
+    info: KeyInfo,
+    hour: UsageReport,
+    month: UsageReport,
+    policy: KeyPolicy = DEFAULT_POLICY,
 ) -> list[str]:
     """A key's facts, its usage over the hour and the 30 days as figures and charts, and
-    (client keys) its busiest addresses and origins."""
+    (browser keys) its busiest addresses and origins."""
     last = hour.last_use
     used_from = f" from {e(last.ip)}" if last.ip else ""
     used_from += f" ({e(last.origin)})" if last.origin else ""
     facts: list[tuple[str, str]] = [
-        ("Type", e(key.type.value)),
+        ("Type", e(key.type)),
         ("Hint", f"<code>{e(key.hint)}</code>"),
         ("Status", status_badge(info.status.value)),
         ("Scopes", f'<span class="scopes">{scope_list(key.scopes)}</span>'),
@@ -63,7 +68,8 @@ def key_usage(
         _span("hour", "Last hour", "Requests per minute, last hour", hour, MINUTE),
         _span("month", "Last 30 days", "Requests per day, last 30 days", month, DAY),
     ]
-    if key.type is KeyType.CLIENT or hour.top_ips or hour.top_origins:
+    browser = policy.declares(key.type) and policy[key.type].browser
+    if browser or hour.top_ips or hour.top_origins:
         main += [
             '<section aria-labelledby="busiest"><h2 id="busiest">Busiest clients</h2>',
             ranking("IP address", "top-ips", hour.top_ips),

@@ -17,7 +17,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from redis.exceptions import AskError, ClusterCrossSlotError, NoScriptError
@@ -32,6 +32,7 @@ from keystile.redis.lean import ReplyError, encode
 from keystile.redis.lean_cluster import lean_routes
 from keystile.redis.schema import RedisSchema
 from keystile.redis.scripts import lua
+from keystile.telemetry import ROUND_TRIPS, perf_counter_ns
 
 __all__ = ["RedisLimiter"]
 
@@ -229,7 +230,10 @@ class RedisLimiter(FallingBack):
             if self._routes is not None
             else self._pooled_decide
         )
-        raw = await self.fallback.ask(decide, key, limits, cost, now_ms, address)
+        if ROUND_TRIPS.on:  # keystile.metrics: each decision Redis is asked for, timed
+            raw = await self.fallback.ask(self._timed, decide, key, limits, cost, now_ms, address)
+        else:
+            raw = await self.fallback.ask(decide, key, limits, cost, now_ms, address)
         if raw is None:  # undecided, and the failure mode is "allow"
             full = tuple(w.amount for w in limits.windows)
             return Decision(True, full, tuple(w.seconds for w in limits.windows), degraded=True)
@@ -243,6 +247,14 @@ class RedisLimiter(FallingBack):
             until = clock + self._wait_ms(raw, limits) / 1000
             self._blocked[blocked_as] = (until, decision, clock, cost)
         return decision
+
+    @staticmethod
+    async def _timed(decide: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        started = perf_counter_ns()
+        try:
+            return await decide(*args)
+        finally:
+            ROUND_TRIPS.observe("rate limiter", started)
 
     def _prune_blocked(self) -> None:
         """Bound the local refusals at :attr:`max_blocked`: forget the ones already free;

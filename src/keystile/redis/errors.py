@@ -32,8 +32,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from keystile.exceptions import StoreError, StoreUnavailable
+from keystile.telemetry import ROUND_TRIPS, perf_counter_ns
 
-__all__ = ["REDIS_FAILURES", "UNREACHABLE", "redis_errors", "translated"]
+__all__ = ["PURPOSES", "REDIS_FAILURES", "UNREACHABLE", "redis_errors", "translated"]
 
 # Redis could not be asked, or did not answer in time.
 UNREACHABLE = (
@@ -52,10 +53,44 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
+# What each action is for: the ``purpose`` label of keystile_redis_round_trip_seconds (a
+# closed set; an action not named here is "other").
+PURPOSES = {
+    "looking a key up": "key lookup",
+    "looking keys up": "key lookup",
+    "adding a key": "key store",
+    "reading a key": "key store",
+    "updating a key": "key store",
+    "listing keys": "key store",
+    "indexing a key": "key store",
+    "indexing keys": "key store",
+    "listing projects": "key store",
+    "reading a project": "key store",
+    "writing a project": "key store",
+    "reading alert rules": "alerts",
+    "writing alert rules": "alerts",
+    "loading the rate-limit script": "rate limiter",
+    "spending AI tokens": "quotas",
+    "loading the token-quota script": "quotas",
+    "writing usage": "usage flush",
+    "reading usage": "usage read",
+    "writing the audit trail": "audit",
+    "reading the audit trail": "audit",
+    "claiming an alert": "alerts",
+    "noting the addresses a key used": "alerts",
+    "pinging": "connection",
+    "finding the cluster's nodes": "connection",
+    "checking the deployment": "connection",
+}
+
+
 @contextlib.contextmanager
 def redis_errors(action: str) -> Iterator[None]:
     """Turn redis-py's and the socket's errors into the library's own, keeping the cause;
-    ``action`` says what was being done ("reading a key")."""
+    ``action`` says what was being done ("reading a key"). With metrics on, the time the
+    block took is one round trip of the action's purpose (:data:`PURPOSES`)."""
+    timed = ROUND_TRIPS.on
+    started = perf_counter_ns() if timed else 0
     try:
         yield
     except UNREACHABLE as exc:
@@ -64,6 +99,9 @@ def redis_errors(action: str) -> Iterator[None]:
         ) from exc
     except (RedisError, RedisClusterException) as exc:
         raise StoreError(f"Redis failed while {action}: {type(exc).__name__}") from exc
+    finally:
+        if timed:
+            ROUND_TRIPS.observe(PURPOSES.get(action, "other"), started)
 
 
 Method = Callable[P, Coroutine[Any, Any, T]]

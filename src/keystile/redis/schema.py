@@ -6,9 +6,11 @@ and a Redis Cluster need to know. ``python -m keystile.redis [namespace]`` print
 
 Everything about one key (its record, rate-limit windows, quota, usage, alert state) is
 hash-tagged by the key id (``{key_...}``), so in a Redis Cluster one key's data lives in one
-slot and each Lua script touches one slot. Names without a tag (the digest index, the id
+slot and each Lua script touches one slot. The listing index is hash-tagged by project
+(``{<project>}``, and ``{*}`` for the sets over every project), so one listing reads one
+slot; so are a project's record and rules. Names without a tag (the digest index, the id
 index, the usage index, the events channel, the project index) are read and written one
-name at a time. A project's record and rules are tagged by the project id.
+name at a time.
 No secret appears in any name or value: a digest is the HMAC of a key under the server
 secret.
 """
@@ -47,6 +49,30 @@ NAMES: tuple[Name, ...] = (
         "the key id of a key's HMAC digest",
     ),
     Name("<ns>:index", "zset", "-", "none", "every key id (score 0: listed in id order)"),
+    Name(
+        "<ns>:list:{<project>}:<type>:<set>",
+        "zset",
+        "project (* for every project)",
+        "none",
+        "the listing index: ids of the project's keys of the type by status (active, "
+        "rotated, revoked, expired; score 0, id order), and by expiry in microseconds "
+        "(ends-active, ends-rotated, gone-active, gone-rotated)",
+    ),
+    Name(
+        "<ns>:list:{*}:types",
+        "set",
+        "*",
+        "none",
+        "the listing index's key types: every type a key was indexed with (as many as the "
+        "app declares)",
+    ),
+    Name(
+        "<ns>:list:{*}:version",
+        "string",
+        "*",
+        "none",
+        "the listing index's version: the index holds every key written before it was set",
+    ),
     Name("<ns>:events", "channel", "-", "-", "pub/sub: key changes, for every process's cache"),
     Name(
         "<ns>:rl:{<key id>}:<amount>/<seconds>",
@@ -182,6 +208,18 @@ class RedisSchema:
     @property
     def index(self) -> str:
         return f"{self.namespace}:index"
+
+    def listing(self, project: str | None, key_type: str, part: str) -> str:
+        """A set of the listing index: ``project``'s keys (``None``: every project's)."""
+        return f"{self.namespace}:list:{{{project or '*'}}}:{key_type}:{part}"
+
+    @property
+    def listing_types(self) -> str:
+        return f"{self.namespace}:list:{{*}}:types"
+
+    @property
+    def listing_version(self) -> str:
+        return f"{self.namespace}:list:{{*}}:version"
 
     @property
     def events(self) -> str:

@@ -27,10 +27,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
+from datetime import datetime
 
 from keystile.clock import Clock
 from keystile.models import ApiKey
 from keystile.principal import Principal
+from keystile.records import KeyStatus
 from keystile.stores.batch import MissBatch
 from keystile.stores.protocol import KeyStore, StoreListener
 
@@ -393,6 +395,20 @@ class CachedStore:
 
     async def list_keys(self, *, after: str | None = None, limit: int = 100) -> list[ApiKey]:
         return await self.store.list_keys(after=after, limit=limit)
+
+    async def list_matching(
+        self,
+        *,
+        now: datetime,
+        project: str | None = None,
+        key_type: str | None = None,
+        status: KeyStatus | None = None,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> list[ApiKey]:
+        return await self.store.list_matching(
+            now=now, project=project, key_type=key_type, status=status, after=after, limit=limit
+        )
 
     async def ping(self) -> None:
         await self.store.ping()

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import bisect
+from datetime import datetime
 
 from keystile.exceptions import KeyChanged, KeyConflict, KeyNotFound
 from keystile.models import ApiKey
+from keystile.records import KeyStatus
+from keystile.stores.listing import MemoryListing, matches, select
 from keystile.stores.protocol import StoreListener
 
 __all__ = ["MemoryStore"]
@@ -18,6 +21,7 @@ class MemoryStore:
         self._records: dict[str, ApiKey] = {}
         self._by_digest: dict[str, str] = {}
         self._order: list[str] = []  # ids sort in creation order (see keys.new_key_id)
+        self.listing = MemoryListing()
         self._listeners: list[StoreListener] = []
 
     @property
@@ -37,6 +41,7 @@ class MemoryStore:
         self._records[key.id] = key
         self._by_digest[digest] = key.id
         bisect.insort(self._order, key.id)
+        self.listing.place(key)
         self._announce(key.id, digest)
 
     async def get(self, key_id: str) -> ApiKey | None:
@@ -53,11 +58,45 @@ class MemoryStore:
         if expected is not None and current != expected:
             raise KeyChanged(f"key {key.id} changed meanwhile")
         self._records[key.id] = key
+        self.listing.place(key)
         self._announce(key.id, None)
 
     async def list_keys(self, *, after: str | None = None, limit: int = 100) -> list[ApiKey]:
         start = 0 if after is None else bisect.bisect_right(self._order, after)
         return [self._records[i] for i in self._order[start : start + max(limit, 0)]]
+
+    async def list_matching(
+        self,
+        *,
+        now: datetime,
+        project: str | None = None,
+        key_type: str | None = None,
+        status: KeyStatus | None = None,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> list[ApiKey]:
+        async def page(start: str | None, count: int) -> tuple[bool, list[str]]:
+            settle = None if status in (None, KeyStatus.REVOKED) else now
+            ids = self.listing.page(
+                now=settle,
+                project=project,
+                key_type=key_type,
+                status=status,
+                after=start,
+                count=count,
+            )
+            return False, ids
+
+        async def read(ids: list[str]) -> list[ApiKey | None]:
+            return [self._records.get(i) for i in ids]
+
+        async def prune(ids: list[str]) -> None:
+            return None  # records are never removed here
+
+        def keep(record: ApiKey) -> bool:
+            return matches(record, now=now, project=project, key_type=key_type, status=status)
+
+        return await select(page, read, prune, keep, after=after, limit=limit)
 
     async def ping(self) -> None:
         return None

@@ -9,9 +9,11 @@ through Redis pub/sub, in every process sharing the store — drop stale entries
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Protocol, runtime_checkable
 
 from keystile.models import ApiKey
+from keystile.records import KeyStatus
 
 __all__ = ["KeyStore", "StoreListener"]
 
@@ -58,6 +60,21 @@ class KeyStore(Protocol):
 
     async def list_keys(self, *, after: str | None = None, limit: int = 100) -> list[ApiKey]:
         """Up to ``limit`` records in creation order, starting after the id ``after``."""
+
+    async def list_matching(
+        self,
+        *,
+        now: datetime,
+        project: str | None = None,
+        key_type: str | None = None,
+        status: KeyStatus | None = None,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> list[ApiKey]:
+        """Up to ``limit`` records in creation order after the id ``after`` that are in
+        ``project``, of ``key_type`` and have ``status`` at ``now`` (``None``: any), read
+        from the store's listing index: about ``limit`` records are read, however many
+        the store holds."""
 
     async def ping(self) -> None:
         """Raise :class:`~keystile.exceptions.StoreUnavailable` unless the store answers."""

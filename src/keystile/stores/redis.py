@@ -25,6 +25,7 @@ import logging
 import secrets
 import time
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -38,10 +39,12 @@ from keystile.exceptions import (
 from keystile.fallback import failure_cause, redis_address
 from keystile.logs import fields
 from keystile.models import ApiKey
+from keystile.records import KeyStatus
 from keystile.redis.connect import RedisClient, close_redis, is_cluster, open_redis
 from keystile.redis.errors import REDIS_FAILURES, redis_errors
 from keystile.redis.schema import RedisSchema
 from keystile.stores.protocol import StoreListener
+from keystile.stores.redis_listing import RedisListing
 
 __all__ = ["RedisStore"]
 
@@ -92,6 +95,7 @@ class RedisStore:
         # Marks this store's own announcements on a cluster (not a secret: it only tells
         # this store its echo apart).
         self._origin = secrets.token_hex(8)
+        self.listing = RedisListing(client, self.schema, cluster=self.cluster, read=self._read)
 
     @classmethod
     def from_url(
@@ -275,11 +279,13 @@ class RedisStore:
         record = key.model_dump_json()
         name = self.schema.record(key.id)
         digest_name = self.schema.digest(digest)
+        await self.listing.ensure(reindex=False)  # a new namespace's index is complete
         with redis_errors("adding a key"):
             if not await self.client.set(name, record, nx=True, px=PENDING_MS):
                 raise KeyConflict(f"a key with id {key.id} or the same digest already exists")
             if self.cluster:
                 await self.client.zadd(self._index, {key.id: 0})
+                await self.listing.place(key)
                 created_digest = await self.client.set(digest_name, key.id, nx=True, px=PENDING_MS)
                 created_digest = created_digest or await self._holds(digest_name, key.id)
                 if created_digest:
@@ -289,13 +295,15 @@ class RedisStore:
             else:
                 async with self.client.pipeline(transaction=False) as pipe:
                     pipe.zadd(self._index, {key.id: 0})
+                    await self.listing.place(key, pipe=pipe)
                     pipe.set(digest_name, key.id, nx=True, px=PENDING_MS)
                     pipe.persist(name)
                     pipe.persist(digest_name)  # another key's, if taken: it has no TTL
                     self._publish(pipe, key.id, digest)
-                    _, created_digest, *_ = await pipe.execute()
+                    _, _, created_digest, *_ = await pipe.execute()
                 created_digest = created_digest or await self._holds(digest_name, key.id)
             if not created_digest:
+                await self.listing.place(key, state="none")
                 async with self.client.pipeline(transaction=False) as pipe:
                     pipe.zrem(self._index, key.id)
                     pipe.delete(name)
@@ -355,27 +363,30 @@ class RedisStore:
         record = key.model_dump_json()
         name = self.schema.record(key.id)
         if expected is not None:
-            await self._compare_and_set(name, key.id, record, expected)
+            await self._compare_and_set(key, name, record, expected)
             return
         with redis_errors("updating a key"):
             if self.cluster:
                 updated = await self.client.set(name, record, xx=True)
                 if updated:
+                    await self.listing.place(key)
                     await self._announce(key.id, None)
             else:
                 async with self.client.pipeline(transaction=False) as pipe:
-                    pipe.set(name, record, xx=True)
+                    await self.listing.write(pipe, key, name, record)
                     self._publish(pipe, key.id, None)
                     updated, _ = await pipe.execute()
         if not updated:
             raise KeyNotFound(f"no key with id {key.id}")
 
     async def _compare_and_set(
-        self, name: str, key_id: str, record: str, expected: ApiKey
+        self, key: ApiKey, name: str, record: str, expected: ApiKey
     ) -> None:
         """Optimistic locking (WATCH, compare, MULTI/EXEC): the write happens only if
         nobody wrote the record since it was compared. The transaction holds the record's
-        one name; on a cluster the announcement follows the EXEC."""
+        name and, on a standalone Redis, its listing index; on a cluster the index (in the
+        project's slot) and the announcement follow the EXEC."""
+        key_id = key.id
         with redis_errors("updating a key"):
             async with self.client.pipeline(transaction=True) as pipe:
                 try:
@@ -386,13 +397,16 @@ class RedisStore:
                     if ApiKey.model_validate_json(raw) != expected:
                         raise KeyChanged(f"key {key_id} changed meanwhile")
                     pipe.multi()  # type: ignore[no-untyped-call]
-                    pipe.set(name, record, xx=True)
-                    if not self.cluster:
+                    if self.cluster:
+                        pipe.set(name, record, xx=True)
+                    else:
+                        await self.listing.write(pipe, key, name, record)
                         self._publish(pipe, key_id, None)
                     await pipe.execute()
                 except WatchError:
                     raise KeyChanged(f"key {key_id} changed meanwhile") from None
             if self.cluster:
+                await self.listing.place(key)
                 await self._announce(key_id, None)
 
     async def list_keys(self, *, after: str | None = None, limit: int = 100) -> list[ApiKey]:
@@ -401,9 +415,14 @@ class RedisStore:
         start = b"-" if after is None else b"(" + after.encode()
         with redis_errors("listing keys"):
             ids = await self.client.zrangebylex(self._index, start, b"+", start=0, num=limit)
-            if not ids:
-                return []
-            names = [self.schema.record(_text(i)) for i in ids]
+        return [r for r in await self._read([_text(i) for i in ids]) if r is not None]
+
+    async def _read(self, ids: Sequence[str]) -> list[ApiKey | None]:
+        """The records of ``ids``, in order (``None`` for one that is gone)."""
+        if not ids:
+            return []
+        names = [self.schema.record(i) for i in ids]
+        with redis_errors("listing keys"):
             if self.cluster:  # one GET per record, pipelined per node: no cross-slot MGET
                 async with self.client.pipeline(transaction=False) as pipe:
                     for record_name in names:
@@ -411,7 +430,26 @@ class RedisStore:
                     raws = await pipe.execute()
             else:
                 raws = await self.client.mget(names)
-        return [ApiKey.model_validate_json(raw) for raw in raws if raw is not None]
+        return [None if raw is None else ApiKey.model_validate_json(raw) for raw in raws]
+
+    async def list_matching(
+        self,
+        *,
+        now: datetime,
+        project: str | None = None,
+        key_type: str | None = None,
+        status: KeyStatus | None = None,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> list[ApiKey]:
+        return await self.listing.list_matching(
+            now=now, project=project, key_type=key_type, status=status, after=after, limit=limit
+        )
+
+    async def reindex(self) -> int:
+        """Place every stored key in the listing index (see :meth:`RedisListing.reindex`);
+        the number of keys indexed."""
+        return await self.listing.reindex()
 
     async def ping(self) -> None:
         with redis_errors("pinging"):

@@ -52,6 +52,7 @@ from keystile.usage.models import (
     tracked,
 )
 from keystile.usage.reports import UsageReader
+from keystile.usage.stores import CHUNK_ROWS
 
 if TYPE_CHECKING:
     from keystile.usage.stores import UsageStore
@@ -106,14 +107,24 @@ class UsageBatch:
                     mine[3] = row[INACTIVE_AT]
         return out
 
-    @property
-    def seen_ips(self) -> dict[str, set[str]]:
-        """key id -> the addresses a watched key used since the last flush."""
+    async def watched_addresses(self, every: int = CHUNK_ROWS) -> dict[str, set[str]]:
+        """key id -> the addresses a watched key used since the last flush, gathered with a
+        yield to the event loop every ``every`` rows (a flush of many keys lets requests run
+        meanwhile)."""
         out: dict[str, set[str]] = {}
+        done = 0
         for table in self.minutes.values():
             for key_id, row in table.items():
-                if row[SEEN]:
-                    out.setdefault(key_id, set()).update(row[SEEN])
+                seen = row[SEEN]
+                if seen:
+                    mine = out.get(key_id)
+                    if mine is None:
+                        out[key_id] = set(seen)
+                    else:
+                        mine.update(seen)
+                done += 1
+                if done % every == 0:
+                    await asyncio.sleep(0)
         return out
 
     def requests(self) -> int:

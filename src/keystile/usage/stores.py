@@ -54,6 +54,7 @@ CHUNK_ROWS = 200
 # flush comes sooner), and how many processes it remembers.
 APPLIED_TTL = 3600
 APPLIED_CAP = 1024
+_EMPTY: list[Any] = []  # no IPs or origins (shared: only ever replaced, never added to)
 
 
 class UsageStore(Protocol):
@@ -317,15 +318,27 @@ async def _entries(batch: UsageBatch) -> dict[str, list[Any]]:
     done = 0
     for minute in sorted(batch.minutes):
         for key_id, row in batch.minutes[minute].items():
-            entry = entries.get(key_id)
-            if entry is None:
-                entry = entries[key_id] = [[], "", "", "", "", [], [], key_id]
-            entry[0] += [minute, *row[:NFIELDS]]
+            buckets = row[:NFIELDS]
+            buckets.insert(0, minute)
             at, inactive = row[AT], row[INACTIVE_AT]
-            if at is not None:
-                entry[1:4] = [repr(at), row[IP] or "", row[ORIGIN] or ""]
-            if inactive is not None:
-                entry[4] = repr(inactive)
+            entry = entries.get(key_id)
+            if entry is None:  # the usual case: one minute of the key in the flush
+                entries[key_id] = [
+                    buckets,
+                    "" if at is None else repr(at),
+                    (row[IP] or "") if at is not None else "",
+                    (row[ORIGIN] or "") if at is not None else "",
+                    "" if inactive is None else repr(inactive),
+                    _EMPTY,
+                    _EMPTY,
+                    key_id,
+                ]
+            else:
+                entry[0] = entry[0] + buckets
+                if at is not None:
+                    entry[1:4] = [repr(at), row[IP] or "", row[ORIGIN] or ""]
+                if inactive is not None:
+                    entry[4] = repr(inactive)
             done += 1
             if done % CHUNK_ROWS == 0:
                 await asyncio.sleep(0)
@@ -372,20 +385,23 @@ def _read_totals(
     touched: dict[tuple[str, int], list[int]],
 ) -> None:
     """The script's reply — each bucket's totals after the write — into ``touched``."""
-    packed = _text(reply).split(";")
-    i = 0
+    packed = iter(_text(reply).split(";"))
     for key_id in chunk:
         buckets = entries[key_id][0]
         for b in range(0, len(buckets), NFIELDS + 1):
-            touched[(key_id, buckets[b])] = _unpack(packed[i])
-            i += 1
+            touched[(key_id, buckets[b])] = _unpack(next(packed))
 
 
 def _unpack(packed: str) -> list[int]:
     """A minute's counters as the hour hash holds them: comma-separated, trailing zeros
     left out."""
-    counts = [int(v) for v in packed.split(",")] if packed else []
-    return counts + [0] * (NFIELDS - len(counts))
+    counts = list(map(int, packed.split(","))) if packed else []
+    if len(counts) < NFIELDS:
+        counts += _ZEROS[len(counts) :]
+    return counts
+
+
+_ZEROS = (0,) * NFIELDS
 
 
 def _text(value: bytes | str) -> str:
