@@ -91,6 +91,9 @@ async def measure(store: str, rounds: int) -> dict[str, tuple[float, float]]:
         "create form": "/console/keys/new",
         "edit form": f"/console/keys/{worker.key.id}/edit",
         "audit trail": "/console/audit",
+        "alert rules": "/console/alert-rules",
+        "a key's alert rules": f"/console/keys/{worker.key.id}/alert-rules",
+        "project settings": "/console/project",
     }
     figures: dict[str, tuple[float, float]] = {}
     async with client_for(app) as client:
@@ -131,7 +134,7 @@ def main() -> int:
             figures = asyncio.run(measure(url, args.rounds))
             for page, (median, worst) in figures.items():
                 verdict = "PASS" if median < 100 else "FAIL"
-                print(f"  {label:<7} {page:<12} {median:7.1f} / {worst:7.1f}  {verdict}")
+                print(f"  {label:<7} {page:<20} {median:7.1f} / {worst:7.1f}  {verdict}")
     return 0
 
 

@@ -244,6 +244,9 @@ BOLA_ROUTES = [
     ("POST", "/console/keys/{id}/rotate"),
     ("GET", "/console/keys/{id}/revoke"),
     ("POST", "/console/keys/{id}/revoke"),
+    ("GET", "/console/keys/{id}/alert-rules"),
+    ("POST", "/console/keys/{id}/alert-rules"),
+    ("POST", "/console/keys/{id}/alert-rules/clear"),
 ]
 
 
@@ -267,6 +270,7 @@ async def test_another_projects_key_answers_exactly_as_a_missing_one(
     assert world.theirs not in theirs.text
     record = await world.gate.manager.get(world.theirs)
     assert record.name == "beta key" and not record.revoked and record.replaced_by is None
+    assert (await world.gate.manager.key_alert_rules(world.theirs)).overrides == {}
 
 
 async def test_the_keys_page_lists_the_own_project_only_with_filters(world: World) -> None:

@@ -5,7 +5,8 @@ admin key's session ends; no request leaves for another host; axe finds no serio
 accessibility violation (issue #16, item 4).
 
 Screenshots of every page visited are written to ``tests/screenshots/`` (ignored by git).
-With ``KEYSTILE_TEST_DOCS_SCREENSHOT=1`` the key page's is also saved as ``docs/console.png``.
+With ``KEYSTILE_TEST_DOCS_SCREENSHOT=1`` the key page's is also saved as ``docs/console.png``,
+and the alert-rules page's as ``docs/console-rules.png``.
 """
 
 from __future__ import annotations
@@ -67,6 +68,17 @@ def arrive(driver: Any, part: str) -> None:
     from selenium.webdriver.support.ui import WebDriverWait
 
     WebDriverWait(driver, TIMEOUT).until(lambda d: part in d.current_url)
+
+
+def settle(driver: Any, ready: Any) -> None:
+    """Wait (bounded) until ``ready(driver)`` holds on the page the browser shows (an
+    element of the page being left may go stale meanwhile)."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, TIMEOUT, ignored_exceptions=[StaleElementReferenceException]).until(
+        ready
+    )
 
 
 def sign_in(driver: Any, server: ServerProcess, key: str) -> None:
@@ -201,7 +213,51 @@ def test_a_revoked_admin_keys_session_is_signed_out(driver: Any, server: ServerP
     shot(driver, "signin")
 
 
-PAGES = ["/console/signin", "/console/keys", "/console/keys/new", "/console/audit"]
+def test_alert_rules_set_in_the_browser_are_in_force(driver: Any, server: ServerProcess) -> None:
+    """On the alert-rules page, a threshold typed and saved with the keyboard (Enter) is
+    shown in force, set by the project, and is what the REST API answers; its Clear button
+    puts the default back. The key's rules page and the project's settings show too."""
+    from selenium.webdriver.common.keys import Keys
+
+    admin = server.keys[0]
+    sign_in(driver, server, admin)
+    driver.get(f"{server.base_url}/console/alert-rules")
+    field = driver.find_element(by("ID"), "requests_per_minute")
+    field.clear()
+    field.send_keys("250", Keys.ENTER)
+    arrive(driver, "saved=1")
+    row = driver.find_element(by("ID"), "rule-requests_per_minute")
+    assert row.find_element(by("CSS_SELECTOR"), "td.effective").text == "250"
+    assert row.find_element(by("CSS_SELECTOR"), "td.source").text == "project"
+    answer = httpx.get(
+        f"{server.base_url}/cloud/keys/alert-rules", headers={"Authorization": f"Bearer {admin}"}
+    ).json()
+    assert answer["alert_rules"]["rules"] == {"requests_per_minute": 250}
+    shot(driver, "alert-rules")
+    if os.environ.get("KEYSTILE_TEST_DOCS_SCREENSHOT"):
+        driver.save_screenshot(str(ROOT / "docs" / "console-rules.png"))
+    row.find_element(by("CSS_SELECTOR"), "button[form=clear-rules]").click()
+    source = "#rule-requests_per_minute td.source"
+    settle(driver, lambda d: d.find_element(by("CSS_SELECTOR"), source).text == "default")
+
+    some_key = key_id_of(server, admin, "alpha admin")
+    driver.get(f"{server.base_url}/console/keys/{some_key}/alert-rules")
+    driver.find_element(by("ID"), "cooldown").send_keys("abc", Keys.ENTER)
+    settle(driver, lambda d: d.find_elements(by("ID"), "cooldown-error"))  # beside the field
+    shot(driver, "key-alert-rules")
+    driver.get(f"{server.base_url}/console/project")
+    assert driver.find_element(by("CSS_SELECTOR"), ".project").text == "alpha"
+    shot(driver, "project")
+
+
+PAGES = [
+    "/console/signin",
+    "/console/keys",
+    "/console/keys/new",
+    "/console/audit",
+    "/console/alert-rules",
+    "/console/project",
+]
 
 
 def test_no_request_leaves_for_another_host_and_axe_finds_no_serious_violation(
@@ -220,9 +276,14 @@ def test_no_request_leaves_for_another_host_and_axe_finds_no_serious_violation(
     some_key = key_id_of(server, server.keys[0], "alpha admin")
     pages += [f"/console/keys/{some_key}", f"/console/keys/{some_key}/edit"]
     pages += [f"/console/keys/{some_key}/rotate", f"/console/keys/{some_key}/revoke"]
+    pages += [f"/console/keys/{some_key}/alert-rules"]
     for path in pages[1:]:
         driver.get(f"{server.base_url}{path}")
         problems += audit_page(driver, Axe)
+    driver.find_element(by("ID"), "error_rate").send_keys("2")
+    driver.find_element(by("ID"), "save-rules").click()  # a 422 page: errors beside fields
+    settle(driver, lambda d: d.find_elements(by("ID"), "error_rate-error"))
+    problems += audit_page(driver, Axe)
     assert not problems, json.dumps(problems, indent=1)
     requested = []
     for entry in driver.get_log("performance"):

@@ -1,5 +1,6 @@
 """The web console: sign in with an admin key, then list, create, edit, rotate and revoke the
-project's keys, read each key's usage as charts, its alerts, and the audit trail.
+project's keys, read each key's usage as charts, its alerts, and the audit trail; rename the
+project and edit its alert rules and each key's overrides.
 
 A thin, server-rendered surface over the gate's :class:`~keystile.manager.KeyManager` (the
 same calls the admin REST API makes, as the signed-in key and within its project). Its

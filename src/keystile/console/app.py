@@ -23,6 +23,7 @@ from keystile.audit import ACTIONS
 from keystile.console import forms, pages, search, views
 from keystile.console.access import Access
 from keystile.console.pages import e
+from keystile.console.rules import RulePages
 from keystile.console.session import COOKIE, Session, SessionSigner
 from keystile.console.slots import SecretSlots
 from keystile.console.web import (
@@ -59,7 +60,7 @@ logger = logging.getLogger("keystile.console")
 _GRACES = {"0": "At once", "3600": "1 hour", "86400": "24 hours", "604800": "7 days"}
 
 
-class Console:
+class Console(RulePages):
     """The console of one gate. :func:`keystile.console.console_app` builds its app."""
 
     def __init__(
@@ -102,6 +103,7 @@ class Console:
             Route("/keys/{key_id}/rotate", page(self.rotate_key, write=True), methods=["POST"]),
             Route("/keys/{key_id}/revoke", page(self.revoke_form), methods=["GET"]),
             Route("/keys/{key_id}/revoke", page(self.revoke_key, write=True), methods=["POST"]),
+            *self.rule_routes(page),
         ]
 
     def app(self) -> ASGIApp:
@@ -124,8 +126,9 @@ class Console:
 
     def _html(self, ctx: Context, title: str, main: str, current: str = "") -> HTMLResponse:
         nav = pages.nav(ctx.base, ctx.csrf, current)
+        project = getattr(ctx.request.state, "project_name", ctx.project)
         return HTMLResponse(
-            pages.layout(title=title, base=ctx.base, main=main, project=ctx.project, nav=nav)
+            pages.layout(title=title, base=ctx.base, main=main, project=project, nav=nav)
         )
 
     # -- sessions -------------------------------------------------------------------------
@@ -196,6 +199,7 @@ class Console:
                 csrf = self.signer.csrf(session)
                 address = self.access.address(request)
                 ctx = Context(request, admin, session, csrf, base_of(request), form, address)
+                request.state.project_name = await self.project_name(ctx.project)
                 response = await handler(ctx)
             except Refused as refused:
                 response = self._plain(request, refused.status, refused.title, refused.message)
@@ -470,16 +474,14 @@ class Console:
         elif params.get("revoked"):
             notice = '<p class="notice" role="status">The key is revoked.</p>'
         main = [notice, *views.key_usage(ctx.base, key, info, hour, month, self.manager.policy)]
-        main.append(self.alerts_section(ctx, key))
+        main.append(await self.alerts_section(ctx, key))
         return self._html(ctx, key.name, "".join(main))
 
-    def alerts_section(self, ctx: Context, key: ApiKey) -> str:
-        """The alerts raised for ``key`` in this process, and the rules in force.
-
-        The rules are the gate's (``Keystile(alert_rules=...)``), shown read-only: a
-        subclass may override this method to show and edit per-project rules."""
+    async def alerts_section(self, ctx: Context, key: ApiKey) -> str:
+        """The alerts raised for ``key`` in this process, and the rules in force for it
+        (its overrides, its project's, the default) with a link to edit them."""
         raised = [a for a in reversed(self.alerts) if a.key_id == key.id][:20]
-        return views.alerts_section(raised, self.gate.alerts.rules.model_dump())
+        return views.alerts_section(raised, await self.rules_summary(ctx, key))
 
     # -- the audit trail ------------------------------------------------------------------
 

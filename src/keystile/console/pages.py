@@ -61,8 +61,15 @@ def layout(*, title: str, base: str, main: str, project: str = "", nav: str = ""
 
 
 def nav(base: str, csrf: str, current: str) -> str:
-    """The signed-in navigation: keys, new key, audit trail, sign out."""
-    links = [("keys", "Keys"), ("keys/new", "Create key"), ("audit", "Audit trail")]
+    """The signed-in navigation: keys, new key, alert rules, audit trail, the project's
+    settings, sign out."""
+    links = [
+        ("keys", "Keys"),
+        ("keys/new", "Create key"),
+        ("alert-rules", "Alert rules"),
+        ("audit", "Audit trail"),
+        ("project", "Project"),
+    ]
     items = "".join(
         f'<li><a href="{e(base)}/{path}"'
         + (' aria-current="page"' if path == current else "")
@@ -160,6 +167,7 @@ def key_menu(base: str, key: ApiKey, status: str) -> str:
     items = [f'<li><a href="{href}">Usage</a></li>']
     if status != "revoked":
         items.append(f'<li><a href="{href}/edit">Edit</a></li>')
+        items.append(f'<li><a href="{href}/alert-rules">Alert rules</a></li>')
     if status == "active":
         items.append(f'<li><a href="{href}/rotate">Rotate</a></li>')
     if status != "revoked":
