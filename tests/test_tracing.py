@@ -121,3 +121,40 @@ async def test_without_tracing_no_span_is_made(
         assert (await client.get("/read")).status_code == 401
     assert exporter.get_finished_spans() == ()
     await gate.aclose()
+
+
+@pytest.mark.parametrize("backend", ["fakeredis", "redis"], indirect=True)
+async def test_each_redis_operation_is_a_span_under_the_step_that_made_it(
+    spans: tuple[InMemorySpanExporter, TracerProvider], store: Any
+) -> None:
+    """With a Redis store, the key lookup of an uncached key and the usage flush after it
+    are ``keystile.redis`` spans: the lookup's under the request's ``keystile.key_lookup``,
+    the flush's on its own; each names its action and purpose, never a key or a name."""
+    exporter, _ = spans
+    gate = Keystile(store=store, secret="tracing-test-secret-0123456789")
+    app = Starlette(routes=[Route("/read", ok)])
+    app.add_middleware(KeystileMiddleware, gate=gate, rules=[Rule("GET", "/read", ["vec:read"])])
+    made = await gate.manager.create({"name": "r", "type": "dev", "scopes": ["vec:read"]})
+    token = made.secret.get_secret_value()
+    gate.store.clear()  # the next request looks the key up in Redis
+    exporter.clear()
+    async with http(app) as client:
+        answer = await client.get("/read", headers={"Authorization": f"Bearer {token}"})
+        assert answer.status_code == 200
+    await gate.usage.flush()
+    finished = exporter.get_finished_spans()
+    redis_spans = [s for s in finished if s.name == "keystile.redis"]
+    by_purpose = {s.attributes["keystile.redis.purpose"]: s for s in redis_spans}
+    lookup = next(s for s in finished if s.name == "keystile.key_lookup")
+    assert by_purpose["key lookup"].parent.span_id == lookup.context.span_id
+    assert by_purpose["key lookup"].attributes["db.system"] == "redis"
+    flush = by_purpose["usage flush"]
+    assert flush.parent is None or flush.parent.span_id != lookup.context.span_id
+    everything = repr([(s.name, dict(s.attributes or {})) for s in finished])
+    assert token not in everything
+    assert not any(made.key.id in str(v) for s in redis_spans for v in s.attributes.values())
+    assert all(
+        set(s.attributes) == {"db.system", "keystile.redis.action", "keystile.redis.purpose"}
+        for s in redis_spans
+    )
+    await gate.aclose()

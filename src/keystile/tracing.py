@@ -1,6 +1,8 @@
 """OpenTelemetry traces (``pip install 'keystile[tracing]'``, which brings the
 OpenTelemetry API): a span per authentication decision, with child spans for the key
-lookup and the rate-limit decision (the Redis round trips a request may make).
+lookup and the rate-limit decision, and a ``keystile.redis`` span per Redis operation —
+under the request's spans when a request made it, on its own for background work (a
+usage flush, an alert, the audit trail).
 
     from keystile.tracing import enable_tracing
     enable_tracing()          # the global tracer provider, or enable_tracing(provider)
@@ -25,7 +27,16 @@ from starlette.types import Scope
 if TYPE_CHECKING:
     from keystile.principal import Principal
 
-__all__ = ["SPAN", "child", "disable_tracing", "enable_tracing", "end", "identify", "start"]
+__all__ = [
+    "SPAN",
+    "child",
+    "disable_tracing",
+    "enable_tracing",
+    "end",
+    "identify",
+    "redis_span",
+    "start",
+]
 
 SPAN = "keystile.span"  # the scope key of the request's authentication span
 
@@ -91,4 +102,19 @@ def child(scope: Scope, name: str) -> Iterator[Any]:
 
     context = trace.set_span_in_context(parent)
     with state.tracer.start_as_current_span(name, context=context) as span:
+        yield span
+
+
+@contextmanager
+def redis_span(action: str, purpose: str) -> Iterator[Any]:
+    """A ``keystile.redis`` span around one Redis operation (tracing is on), a child of
+    the span current then: ``keystile.redis.action`` says what was done ("looking a key
+    up"), ``keystile.redis.purpose`` its purpose (the label of the round-trip metric).
+    Names of Redis keys and values are never attributes."""
+    attributes = {
+        "db.system": "redis",
+        "keystile.redis.action": action,
+        "keystile.redis.purpose": purpose,
+    }
+    with state.tracer.start_as_current_span("keystile.redis", attributes=attributes) as span:
         yield span

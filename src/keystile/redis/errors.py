@@ -31,6 +31,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from keystile import tracing
 from keystile.exceptions import StoreError, StoreUnavailable
 from keystile.telemetry import ROUND_TRIPS, perf_counter_ns
 
@@ -88,7 +89,18 @@ PURPOSES = {
 def redis_errors(action: str) -> Iterator[None]:
     """Turn redis-py's and the socket's errors into the library's own, keeping the cause;
     ``action`` says what was being done ("reading a key"). With metrics on, the time the
-    block took is one round trip of the action's purpose (:data:`PURPOSES`)."""
+    block took is one round trip of the action's purpose (:data:`PURPOSES`); with tracing
+    on, it is a ``keystile.redis`` span (:func:`keystile.tracing.redis_span`)."""
+    if tracing.state.tracer is None:
+        with _translated(action):
+            yield
+        return
+    with tracing.redis_span(action, PURPOSES.get(action, "other")), _translated(action):
+        yield
+
+
+@contextlib.contextmanager
+def _translated(action: str) -> Iterator[None]:
     timed = ROUND_TRIPS.on
     started = perf_counter_ns() if timed else 0
     try:
