@@ -261,6 +261,33 @@ async def test_unlisted_routes_are_refused(demo: tuple[httpx.AsyncClient, dict[s
     assert response.status_code == 403
 
 
+async def test_the_client_keys_limit_is_reached_as_the_banner_says() -> None:
+    """What `keystile demo` prints about the client key's limit holds: its 403 for kev:write
+    (the banner's third curl) carries no RateLimit headers and spends nothing; the GET the
+    banner names answers 200 with them 20 times from one address, and the 21st is a 429
+    naming "client-ip"."""
+    import io
+
+    from keystile.demo_server import print_keys
+
+    gate = Keystile(store="memory://")
+    created = await seed_demo_keys(gate)
+    out = io.StringIO()
+    print_keys(out, "http://demo", created, "memory")
+    said = "21st GET of /cloud/vec/databases from your address gets 429" in out.getvalue()
+    assert said, "the banner names no request that reaches the limit"  # (it holds secrets)
+    headers = bearer(created["client"].secret.get_secret_value())
+    transport = httpx.ASGITransport(app=build_demo_app(gate))
+    async with httpx.AsyncClient(transport=transport, base_url="http://demo") as client:
+        refused = await client.put("/cloud/kev/greeting", content=b"hello", headers=headers)
+        answers = [await client.get("/cloud/vec/databases", headers=headers) for _ in range(21)]
+    assert refused.status_code == 403 and "ratelimit" not in refused.headers
+    assert [a.status_code for a in answers] == [200] * 20 + [429]
+    assert all("ratelimit" in a.headers for a in answers)
+    assert '"client-ip"' in answers[-1].json()["error"]["message"]
+    await gate.aclose()
+
+
 def test_client_key_has_local_origins() -> None:
     """The demo's client key is bound to local development origins."""
     assert all(o.startswith("http://") for o in DEMO_ORIGINS)

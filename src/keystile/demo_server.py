@@ -62,8 +62,9 @@ def print_keys(out: TextIO, base: str, keys: dict[str, CreatedKey], store: str) 
     out.write("\n(200 with the dev key; 401 without a key; 403: the client key lacks kev:write)\n")
     out.write(
         "The client key is limited to 100 requests a minute, 20 of them from any one address\n"
-        "(RateLimit headers on every answer; the 21st from your address gets 429 with\n"
-        'Retry-After, naming the policy "client-ip"), and its AI token budget is 10,000 an\n'
+        "(RateLimit headers on each answer past the scope check, so not on that 403; its\n"
+        "21st GET of /cloud/vec/databases from your address gets 429 with Retry-After,\n"
+        'naming the policy "client-ip"), and its AI token budget is 10,000 an\n'
         f"hour: curl -s -X POST {base}/cloud/ai/infer -H 'Authorization: Bearer "
         f'{secret("client")}\' -d \'{{"model": "demo", "messages": '
         '[{"role": "user", "content": "hi"}]}\' -i\n'

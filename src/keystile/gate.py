@@ -176,6 +176,7 @@ class Keystile:
         hasher = _hasher(secret if secret is not None else settings.secret, cached.store)
         # Keys in a memory store die with the process, and so may the secret.
         self.generated_secret = hasher is None
+        self._store_named = False  # startup() names the store once, however often it runs
         self.hasher = hasher or KeyHasher(secrets.token_bytes(32))
         # The app's own scopes and key types: given, or from its configuration file.
         policy = policy if policy is not None else load_config().policy
@@ -278,17 +279,13 @@ class Keystile:
         Called by the middleware when the app starts (lifespan). Everything works without
         it, only the first requests pay for what it prepares; a store that is down now is
         logged, not raised, so the app still starts. Logs one line naming the store in use,
-        and a warning when it is the memory store under a secret made up for this process.
+        and a warning when it is the memory store under a secret made up for this process:
+        once per gate, although the demo, or several apps sharing the gate, start it again.
         """
         where = store_description(self.store.store)
-        logger.info("keys are kept in %s", where, extra=fields("gate.store", store=where))
-        if self.generated_secret:
-            logger.warning(
-                "running on the MEMORY STORE with a secret made up for this "
-                "process: keys vanish when it stops and no other process accepts them. "
-                "Set KEYSTILE_REDIS_URL and KEYSTILE_SECRET to share keys between processes.",
-                extra=fields("gate.memory_store"),
-            )
+        if not self._store_named:
+            self._store_named = True
+            self._name_the_store(where)
         try:
             await self.backend.check()
         except StoreMisconfigured:
@@ -313,6 +310,17 @@ class Keystile:
                 "could not prepare the rate limiter: %s",
                 failure_cause(exc),
                 extra=fields("gate.limiter_unprepared"),
+            )
+
+    def _name_the_store(self, where: str) -> None:
+        """The store in use, and a warning when its keys and secret die with the process."""
+        logger.info("keys are kept in %s", where, extra=fields("gate.store", store=where))
+        if self.generated_secret:
+            logger.warning(
+                "running on the MEMORY STORE with a secret made up for this "
+                "process: keys vanish when it stops and no other process accepts them. "
+                "Set KEYSTILE_REDIS_URL and KEYSTILE_SECRET to share keys between processes.",
+                extra=fields("gate.memory_store"),
             )
 
     def health(self) -> GateHealth:
