@@ -276,6 +276,63 @@ async def test_a_forked_process_writes_under_its_own_name(
     assert await own_client.hlen(f"ks:usage:{{{key[0]}}}:applied") == 2
 
 
+async def test_a_minute_is_held_in_base_64_digits_and_read_back_exactly(
+    own_client: Any, clock: ManualClock
+) -> None:
+    """A minute's counters take a byte per base-64 digit in the hour's hash (240 requests,
+    2,400 bytes in, 120,000 out: 7 bytes where the decimals took 15), and a report reads
+    back every count exactly, a zero between others and a count past 2^40 too."""
+    store = RedisUsageStore(own_client, namespace="ks")
+    recorder = UsageRecorder(store, clock=clock)
+    key = key_ids(2)
+    for _ in range(240):
+        recorder.record(key[0], 200, 10, 500, "203.0.113.1", ORIGIN, BY_CLIENT)
+    recorder.record(key[1], 200, 0, 2**40 + 5, "203.0.113.1", ORIGIN, BY_CLIENT)
+    recorder.record(key[1], 503, 0, 0, "203.0.113.1", ORIGIN, BY_CLIENT)
+    assert await recorder.flush()
+    minute = int(clock() // 60)
+    name = f"ks:usage:{{{key[0]}}}:m:{minute // 60}"
+    assert await own_client.hget(name, str(minute % 60)) == b"\x03p%`\x1d\x13@"
+    series = await store.series(key[0], clock() - 60, clock() + 60, "minute")
+    assert [counts[:3] for _, counts in series] == [[240, 2400, 120_000]]
+    (_, other), *_ = await store.series(key[1], clock() - 60, clock() + 60, "minute")
+    expected = dict.fromkeys(FIELDS, 0) | {"requests": 2, "bytes_out": 2**40 + 5}
+    assert other == list((expected | {"errors_5xx": 1}).values())
+
+
+async def test_minutes_of_the_earlier_layout_are_read_and_moved_when_written_again(
+    own_client: Any, clock: ManualClock
+) -> None:
+    """An hour hash written by the earlier layout (h:<hour>, decimal counters; and before
+    that a field per counter) is read by reports; the first flush into one of its minutes
+    moves that minute to m:<hour> with the new counts added, and its retry adds nothing."""
+    store = RedisUsageStore(own_client, namespace="ks")
+    recorder = UsageRecorder(store, clock=clock)
+    (key,) = key_ids(1)
+    minute = int(clock() // 60)
+    hour, field = minute // 60, minute % 60
+    earlier = f"ks:usage:{{{key}}}:h:{hour}"
+    previous = (minute - 1) % 60 if field else (minute + 1) % 60
+    await own_client.hset(
+        earlier, mapping={str(field): "3,30,300", str(previous): "1", f"{minute}:errors_4xx": 2}
+    )
+    window = (clock() - 120, clock() + 120)
+    before = {m: c[:4] for m, c in await store.series(key, *window, "minute")}
+    assert before == {
+        minute * 60: [3, 30, 300, 2],
+        (hour * 60 + previous) * 60: [1, 0, 0, 0],
+    }
+    record_each(recorder, [key])
+    batch = recorder._batch
+    recorder._stamp(batch)  # what flush() does before writing a batch
+    touched = await store.write(batch)
+    assert touched[(key, minute)][:3] == [4, 40, 800]
+    assert await store.write(batch) == {(key, minute): touched[(key, minute)]}  # a retry
+    assert await own_client.hget(earlier, str(field)) is None  # moved
+    after = {m: c[:4] for m, c in await store.series(key, *window, "minute")}
+    assert after == {**before, minute * 60: [4, 40, 800, 2]}
+
+
 @pytest.mark.slow
 @pytest.mark.redis
 async def test_an_hour_of_flushes_keeps_redis_flat_per_active_key(
@@ -359,6 +416,8 @@ async def test_an_hour_of_flushes_keeps_redis_flat_per_active_key(
     assert set(per_key_names.values()) == {12}, per_key_names
     assert counts[1] - counts[0] == 10  # the second hour hash of each key; nothing else
     assert (sizes["usage"] + sizes["metadata"]) / len(keys) <= 3072, sizes
+    # The target: a minute's counters in base-64 digits (4,447 B when they were decimals).
+    assert per_key <= 4096, sizes
     # The windows' lists hold all but their newest time in 4 bytes, not 9 (2,776 B before).
     assert sizes["window"] / len(keys) <= 2048, sizes
 

@@ -103,11 +103,20 @@ NAMES: tuple[Name, ...] = (
         "all-time counts, and the last use (time, address, origin)",
     ),
     Name(
+        "<ns>:usage:{<key id>}:m:<hour>",
+        "hash",
+        "key id",
+        "minute retention + 1 hour",
+        "per-minute counts of one hour: a field per minute (0-59), the counters one after "
+        "another in base-64 digits (a byte per digit, 0-63; a counter's last digit + 64)",
+    ),
+    Name(
         "<ns>:usage:{<key id>}:h:<hour>",
         "hash",
         "key id",
         "minute retention + 1 hour",
-        "per-minute counts of one hour: a field per minute (0-59), the counters comma-separated",
+        "the earlier layout of m:<hour> (counters comma-separated, in decimal): read, never "
+        "written; a minute moves to m:<hour> when it is written again",
     ),
     Name(
         "<ns>:usage:{<key id>}:d:<day>",
@@ -239,8 +248,8 @@ class RedisSchema:
     # -- usage and alerts -------------------------------------------------------------------
 
     def usage(self, key_id: str, part: str) -> str:
-        """A usage name of the key: ``total``, ``h:<hour>``, ``d:<day>``, ``ips``,
-        ``origins``, ``applied``."""
+        """A usage name of the key: ``total``, ``m:<hour>`` (``h:<hour>``: the earlier
+        layout), ``d:<day>``, ``ips``, ``origins``, ``applied``."""
         return f"{self.namespace}:usage:{{{key_id}}}:{part}"
 
     def seen_addresses(self, key_id: str) -> str:
