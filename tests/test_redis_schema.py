@@ -131,7 +131,6 @@ def test_every_row_is_built_by_the_schema() -> None:
         schema.usage("key_abc", "d:20500"),
         schema.usage("key_abc", "ips"),
         schema.usage("key_abc", "origins"),
-        schema.usage("key_abc", "applied"),
         schema.seen_addresses("key_abc"),
         schema.usage_index,
         schema.audit,

@@ -100,7 +100,10 @@ NAMES: tuple[Name, ...] = (
         "hash",
         "key id",
         "day retention + 1 day",
-        "all-time counts, and the last use (time, address, origin)",
+        "all-time counts, the last use (time, address, origin), and per writing process "
+        "(p:<process>) the latest flush sequence applied (a retried flush counts once; a "
+        "process that wrote nothing for an hour before another's first write is forgotten; "
+        "at most 1,024 processes)",
     ),
     Name(
         "<ns>:usage:{<key id>}:m:<hour>",
@@ -138,14 +141,6 @@ NAMES: tuple[Name, ...] = (
         "key id",
         "day retention + 1 day",
         "the busiest origins (top N)",
-    ),
-    Name(
-        "<ns>:usage:{<key id>}:applied",
-        "hash",
-        "key id",
-        "1 hour",
-        "per writing process, the latest flush sequence applied (a retried flush counts "
-        "once); at most 1,024 processes",
     ),
     Name(
         "<ns>:usage:{<key id>}:seen_ips",
@@ -249,7 +244,7 @@ class RedisSchema:
 
     def usage(self, key_id: str, part: str) -> str:
         """A usage name of the key: ``total``, ``m:<hour>`` (``h:<hour>``: the earlier
-        layout), ``d:<day>``, ``ips``, ``origins``, ``applied``."""
+        layout), ``d:<day>``, ``ips``, ``origins``."""
         return f"{self.namespace}:usage:{{{key_id}}}:{part}"
 
     def seen_addresses(self, key_id: str) -> str:

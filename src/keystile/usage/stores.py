@@ -51,7 +51,8 @@ _WRITE = lua("usage_write")
 # millisecond or two, whatever the keys in the flush.
 CHUNK_ROWS = 200
 # How long a key remembers the latest sequence each process applied to it (a retried
-# flush comes sooner), and how many processes it remembers.
+# flush comes sooner: a process whose latest is older than this, by the sequences' ms, is
+# forgotten when a new process first writes the key), and how many processes it remembers.
 APPLIED_TTL = 3600
 APPLIED_CAP = 1024
 _EMPTY: list[Any] = []  # no IPs or origins (shared: only ever replaced, never added to)
@@ -176,11 +177,11 @@ class MemoryUsageStore:
 class RedisUsageStore:
     """Usage in Redis: per key, all-time totals and last use, per-minute counts in one hash
     per hour (a minute's counters in base-64 digits, a byte each), per-day counts, the
-    busiest IPs and origins, and per writing process the latest flush sequence applied (so
-    a retried flush counts once: one field per process, not one name per flush); and an
-    index of the keys by their last flush. A flush is one script call per chunk of
-    ~``CHUNK_ROWS`` key-minutes (on a Redis Cluster, per chunk of keys of one hash slot),
-    with a yield to the event loop between chunks. Every name comes from
+    busiest IPs and origins, and, in the totals' hash, per writing process the latest flush
+    sequence applied (so a retried flush counts once: a field per process, not a name per
+    flush); and an index of the keys by their last flush. A flush is one script call per
+    chunk of ~``CHUNK_ROWS`` key-minutes (on a Redis Cluster, per chunk of keys of one hash
+    slot), with a yield to the event loop between chunks. Every name comes from
     :class:`~keystile.redis.schema.RedisSchema` (``usage(key_id, part)``, ``usage_index``),
     which lists each one's type, hash tag and TTL (``python -m keystile.redis`` prints
     them). The addresses a production key has used share the prefix but belong to the

@@ -1,13 +1,13 @@
 -- A usage flush's share for a chunk of keys, one call for many keys (on a Redis Cluster,
 -- keys of one hash slot only). Each key's share is applied at most once per (process,
--- sequence): the key's `applied` hash keeps, per writing process, the highest sequence
+-- sequence): the key's totals hash keeps, per writing process, the highest sequence
 -- applied; a retried flush whose first reply was lost carries the same sequence, finds it
 -- there and adds nothing. A process's sequences only grow, so the hash holds one field per
--- process (capped: past the cap the field written longest ago goes), not one per flush.
+-- process (capped, and a process gone an hour is forgotten), not one per flush.
 -- KEYS: each key's totals hash, <ns>:usage:{<key id>}:total; the key's other names share its
--- prefix (and so its hash tag and slot): applied, m:<hour> (and the earlier h:<hour>),
--- d:<day>, ips, origins. Then, when the index ttl is not 0 (not on a cluster, where the index has a slot of its own),
--- the usage index: each key goes in it with its last use (ZADD GT).
+-- prefix (and so its hash tag and slot): m:<hour> (and the earlier h:<hour>), d:<day>,
+-- ips, origins. Then, when the index ttl is not 0 (not on a cluster, where the index has
+-- a slot of its own), the usage index: each key goes in it with its last use (ZADD GT).
 -- ARGV[1], JSON: [process, sequence (text), applied ttl, applied cap, hour ttl, day ttl,
 -- total ttl, top n, index ttl].
 -- ARGV[2], JSON, one entry per key of KEYS: [buckets, at, ip, origin, inactive at, ips,
@@ -114,25 +114,36 @@ local function minute_counts(prefix, hour, field, fresh)
   return counts
 end
 
--- Whether this process's share with this sequence is new to the key (and note it).
-local function first_time(prefix)
-  local name = prefix .. 'applied'
-  local seen = redis.call('HGET', name, process)
+-- Whether this process's share with this sequence is new to the key (and note it). The
+-- key's totals hash holds, per writing process, the latest sequence applied (field
+-- p:<process>). A process's first write to the key forgets the processes whose latest
+-- sequence (near their clock in ms) is more than the applied ttl older than this one, and
+-- past the cap the one written longest ago.
+local function first_time(total)
+  local field = 'p:' .. process
+  local seen = redis.call('HGET', total, field)
   if seen and tonumber(seen) >= seq then
     return false
   end
-  if redis.call('HSET', name, process, head[2]) == 1 and redis.call('HLEN', name) > cap then
-    local all = redis.call('HGETALL', name)
-    local oldest, low = nil, nil
-    for i = 1, #all, 2 do
+  redis.call('HSET', total, field, head[2])
+  if seen then
+    return true
+  end
+  local all = redis.call('HGETALL', total)
+  local oldest, low, kept = nil, nil, 0
+  for i = 1, #all, 2 do
+    local name = all[i]
+    if string.sub(name, 1, 2) == 'p:' and name ~= field then
       local value = tonumber(all[i + 1])
-      if all[i] ~= process and (low == nil or value < low) then
-        oldest, low = all[i], value
+      if value < seq - applied_ttl * 1000 then
+        redis.call('HDEL', total, name)
+      else
+        kept = kept + 1
+        if low == nil or value < low then oldest, low = name, value end
       end
     end
-    if oldest then redis.call('HDEL', name, oldest) end
   end
-  redis.call('EXPIRE', name, applied_ttl)
+  if kept >= cap and oldest then redis.call('HDEL', total, oldest) end
   return true
 end
 
@@ -140,7 +151,7 @@ for k = 1, nkeys do
   local total = KEYS[k]
   local prefix = string.sub(total, 1, -6) -- less 'total'
   local entry = entries[k]
-  local fresh = first_time(prefix)
+  local fresh = first_time(total)
   local buckets = entry[1]
   for b = 1, #buckets, nfields + 1 do
     local minute = buckets[b]
