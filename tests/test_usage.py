@@ -484,11 +484,11 @@ async def test_every_redis_name_carries_a_ttl(redis_store: RedisStore, clock: Ma
         for pattern in (f"{ns}:usage:*", f"{ns}:alert:*")
         async for name in redis_client.scan_iter(match=pattern, count=1000)
     ]
-    assert any(":usage:" in n and ":h:" in n for n in names)
+    assert any(":usage:" in n and ":m:" in n for n in names)
     assert any(":alert:" in n for n in names)
     ttls = {name: await redis_client.ttl(name) for name in names}
     assert all(ttl > 0 for ttl in ttls.values()), ttls
-    assert all(t <= 120 + 3600 for n, t in ttls.items() if ":h:" in n), ttls
+    assert all(t <= 120 + 3600 for n, t in ttls.items() if ":m:" in n), ttls
 
 
 # -- cost: batching, bounds, failures, shutdown ---------------------------------------------

@@ -47,6 +47,12 @@ async def names_under(client: Any, namespace: str) -> list[str]:
     return sorted([n.decode() async for n in client.scan_iter(match=f"{namespace}:*", count=1000)])
 
 
+async def processes(client: Any, total: str) -> dict[str, int]:
+    """The writing processes a key's totals hash remembers, with their latest sequence."""
+    raw = await client.hgetall(total)
+    return {k.decode()[2:]: int(v) for k, v in raw.items() if k.startswith(b"p:")}
+
+
 @pytest.fixture
 async def own_client(own_redis: RedisServer) -> AsyncIterator[Any]:
     client = redis.asyncio.Redis.from_url(own_redis.url)
@@ -236,7 +242,8 @@ async def test_idempotence_is_one_field_per_process_not_a_name_per_flush(
     own_client: Any, clock: ManualClock
 ) -> None:
     """Two processes flushing one key 50 times each leave the same names as after their
-    first flush: the key's `applied` hash, one field per process, with a TTL."""
+    first flush: what makes a retry count once is a field per process in the key's totals
+    hash (which has a TTL), not a name of its own."""
     recorders = [
         UsageRecorder(RedisUsageStore(own_client, namespace="ks"), clock=clock) for _ in range(2)
     ]
@@ -251,11 +258,46 @@ async def test_idempotence_is_one_field_per_process_not_a_name_per_flush(
             record_each(recorder, key)
             assert await recorder.flush()
     assert await names_under(own_client, "ks") == first
-    applied = f"ks:usage:{{{key[0]}}}:applied"
-    assert applied in first
-    assert await own_client.hlen(applied) == 2
-    assert 0 < await own_client.ttl(applied) <= 3600
+    total = f"ks:usage:{{{key[0]}}}:total"
+    assert [n for n in first if n.startswith(f"ks:usage:{{{key[0]}}}")] == sorted(
+        [total, f"ks:usage:{{{key[0]}}}:d:{int(clock() // 86400)}"]
+        + [f"ks:usage:{{{key[0]}}}:{p}" for p in ("ips", "origins")]
+        + [f"ks:usage:{{{key[0]}}}:m:{int(clock() // 3600)}"]
+    )
+    assert len(await processes(own_client, total)) == 2
+    assert await own_client.ttl(total) > 0
     assert (await recorders[0].store.totals(key[0]))[REQUESTS] == 100
+
+
+async def test_a_key_forgets_processes_gone_an_hour_and_keeps_at_most_the_cap(
+    own_client: Any, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process's first write to a key forgets the processes whose latest write to it is
+    more than an hour older, keeps the others, and past the cap drops the one written
+    longest ago; every count stays exact."""
+    recorders = [
+        UsageRecorder(RedisUsageStore(own_client, namespace="ks"), clock=clock) for _ in range(4)
+    ]
+    key = key_ids(1)
+    total = f"ks:usage:{{{key[0]}}}:total"
+
+    async def flush(recorder: UsageRecorder) -> str:
+        record_each(recorder, key)
+        assert await recorder.flush()
+        return recorder._process[1]
+
+    gone = await flush(recorders[0])
+    clock.advance(1800)
+    recent = await flush(recorders[1])
+    assert set(await processes(own_client, total)) == {gone, recent}
+    clock.advance(1801)
+    newest = await flush(recorders[2])
+    assert set(await processes(own_client, total)) == {recent, newest}
+    monkeypatch.setattr("keystile.usage.stores.APPLIED_CAP", 2)
+    clock.advance(1)
+    last = await flush(recorders[3])
+    assert set(await processes(own_client, total)) == {newest, last}
+    assert (await recorders[0].store.totals(key[0]))[REQUESTS] == 4
 
 
 async def test_a_forked_process_writes_under_its_own_name(
@@ -273,7 +315,64 @@ async def test_a_forked_process_writes_under_its_own_name(
     record_each(recorder, key)
     assert await recorder.flush()
     assert (await recorder.store.totals(key[0]))[REQUESTS] == 2
-    assert await own_client.hlen(f"ks:usage:{{{key[0]}}}:applied") == 2
+    assert len(await processes(own_client, f"ks:usage:{{{key[0]}}}:total")) == 2
+
+
+async def test_a_minute_is_held_in_base_64_digits_and_read_back_exactly(
+    own_client: Any, clock: ManualClock
+) -> None:
+    """A minute's counters take a byte per base-64 digit in the hour's hash (240 requests,
+    2,400 bytes in, 120,000 out: 7 bytes where the decimals took 15), and a report reads
+    back every count exactly, a zero between others and a count past 2^40 too."""
+    store = RedisUsageStore(own_client, namespace="ks")
+    recorder = UsageRecorder(store, clock=clock)
+    key = key_ids(2)
+    for _ in range(240):
+        recorder.record(key[0], 200, 10, 500, "203.0.113.1", ORIGIN, BY_CLIENT)
+    recorder.record(key[1], 200, 0, 2**40 + 5, "203.0.113.1", ORIGIN, BY_CLIENT)
+    recorder.record(key[1], 503, 0, 0, "203.0.113.1", ORIGIN, BY_CLIENT)
+    assert await recorder.flush()
+    minute = int(clock() // 60)
+    name = f"ks:usage:{{{key[0]}}}:m:{minute // 60}"
+    assert await own_client.hget(name, str(minute % 60)) == b"\x03p%`\x1d\x13@"
+    series = await store.series(key[0], clock() - 60, clock() + 60, "minute")
+    assert [counts[:3] for _, counts in series] == [[240, 2400, 120_000]]
+    (_, other), *_ = await store.series(key[1], clock() - 60, clock() + 60, "minute")
+    expected = dict.fromkeys(FIELDS, 0) | {"requests": 2, "bytes_out": 2**40 + 5}
+    assert other == list((expected | {"errors_5xx": 1}).values())
+
+
+async def test_minutes_of_the_earlier_layout_are_read_and_moved_when_written_again(
+    own_client: Any, clock: ManualClock
+) -> None:
+    """An hour hash written by the earlier layout (h:<hour>, decimal counters; and before
+    that a field per counter) is read by reports; the first flush into one of its minutes
+    moves that minute to m:<hour> with the new counts added, and its retry adds nothing."""
+    store = RedisUsageStore(own_client, namespace="ks")
+    recorder = UsageRecorder(store, clock=clock)
+    (key,) = key_ids(1)
+    minute = int(clock() // 60)
+    hour, field = minute // 60, minute % 60
+    earlier = f"ks:usage:{{{key}}}:h:{hour}"
+    previous = (minute - 1) % 60 if field else (minute + 1) % 60
+    await own_client.hset(
+        earlier, mapping={str(field): "3,30,300", str(previous): "1", f"{minute}:errors_4xx": 2}
+    )
+    window = (clock() - 120, clock() + 120)
+    before = {m: c[:4] for m, c in await store.series(key, *window, "minute")}
+    assert before == {
+        minute * 60: [3, 30, 300, 2],
+        (hour * 60 + previous) * 60: [1, 0, 0, 0],
+    }
+    record_each(recorder, [key])
+    batch = recorder._batch
+    recorder._stamp(batch)  # what flush() does before writing a batch
+    touched = await store.write(batch)
+    assert touched[(key, minute)][:3] == [4, 40, 800]
+    assert await store.write(batch) == {(key, minute): touched[(key, minute)]}  # a retry
+    assert await own_client.hget(earlier, str(field)) is None  # moved
+    after = {m: c[:4] for m, c in await store.series(key, *window, "minute")}
+    assert after == {**before, minute * 60: [4, 40, 800, 2]}
 
 
 @pytest.mark.slow
@@ -329,15 +428,7 @@ async def test_an_hour_of_flushes_keeps_redis_flat_per_active_key(
         per_key_names: Counter[str] = Counter()
         for name in names:
             size = await client.memory_usage(name, samples=0) or 0
-            kind = (
-                "window"
-                if ":rl:" in name
-                else "metadata"
-                if name.endswith(":applied")
-                else "usage"
-                if ":usage:" in name
-                else "record"
-            )
+            kind = "window" if ":rl:" in name else "usage" if ":usage:" in name else "record"
             sizes[kind] += size
             if "{" in name and kind != "record":
                 per_key_names[name.split("{")[1].split("}")[0]] += 1
@@ -346,19 +437,22 @@ async def test_an_hour_of_flushes_keeps_redis_flat_per_active_key(
         await client.aclose()
         await gate.aclose()
     assert totals == [4 * 3600] * 10  # exact
-    per_key = (sizes["window"] + sizes["usage"] + sizes["metadata"]) / len(keys)
+    per_key = (sizes["window"] + sizes["usage"]) / len(keys)
     figures.add(
         f"usage soak: 1 simulated hour, 4 processes flushing every second, 10 client keys: "
         f"names {counts[0]} after a minute, {counts[1]} after the hour; per active key "
-        f"{sizes['window'] / 10:.0f} B windows + {sizes['usage'] / 10:.0f} B usage + "
-        f"{sizes['metadata'] / 10:.0f} B metadata = {per_key:.0f} B (target 4 KB; the key's "
-        f"record and digest: {sizes['record'] / 10:.0f} B more)"
+        f"{sizes['window'] / 10:.0f} B windows + {sizes['usage'] / 10:.0f} B usage with its "
+        f"metadata = {per_key:.0f} B (target 4 KB; the key's record and digest: "
+        f"{sizes['record'] / 10:.0f} B more)"
     )
-    # Per key: total, ips, origins, applied, a day hash, two hour hashes; the key's window
-    # and 4 address windows.
-    assert set(per_key_names.values()) == {12}, per_key_names
+    # Per key: total (with the idempotence metadata), ips, origins, a day hash, two hour
+    # hashes; the key's window and 4 address windows.
+    assert set(per_key_names.values()) == {11}, per_key_names
     assert counts[1] - counts[0] == 10  # the second hour hash of each key; nothing else
-    assert (sizes["usage"] + sizes["metadata"]) / len(keys) <= 3072, sizes
+    assert sizes["usage"] / len(keys) <= 3072, sizes
+    # The target: a minute's counters in base-64 digits and no name of its own for the
+    # metadata (4,447 B when the counters were decimals and the metadata a hash).
+    assert per_key <= 4096, sizes
     # The windows' lists hold all but their newest time in 4 bytes, not 9 (2,776 B before).
     assert sizes["window"] / len(keys) <= 2048, sizes
 

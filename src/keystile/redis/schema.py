@@ -100,14 +100,26 @@ NAMES: tuple[Name, ...] = (
         "hash",
         "key id",
         "day retention + 1 day",
-        "all-time counts, and the last use (time, address, origin)",
+        "all-time counts, the last use (time, address, origin), and per writing process "
+        "(p:<process>) the latest flush sequence applied (a retried flush counts once; a "
+        "process that wrote nothing for an hour before another's first write is forgotten; "
+        "at most 1,024 processes)",
+    ),
+    Name(
+        "<ns>:usage:{<key id>}:m:<hour>",
+        "hash",
+        "key id",
+        "minute retention + 1 hour",
+        "per-minute counts of one hour: a field per minute (0-59), the counters one after "
+        "another in base-64 digits (a byte per digit, 0-63; a counter's last digit + 64)",
     ),
     Name(
         "<ns>:usage:{<key id>}:h:<hour>",
         "hash",
         "key id",
         "minute retention + 1 hour",
-        "per-minute counts of one hour: a field per minute (0-59), the counters comma-separated",
+        "the earlier layout of m:<hour> (counters comma-separated, in decimal): read, never "
+        "written; a minute moves to m:<hour> when it is written again",
     ),
     Name(
         "<ns>:usage:{<key id>}:d:<day>",
@@ -129,14 +141,6 @@ NAMES: tuple[Name, ...] = (
         "key id",
         "day retention + 1 day",
         "the busiest origins (top N)",
-    ),
-    Name(
-        "<ns>:usage:{<key id>}:applied",
-        "hash",
-        "key id",
-        "1 hour",
-        "per writing process, the latest flush sequence applied (a retried flush counts "
-        "once); at most 1,024 processes",
     ),
     Name(
         "<ns>:usage:{<key id>}:seen_ips",
@@ -239,8 +243,8 @@ class RedisSchema:
     # -- usage and alerts -------------------------------------------------------------------
 
     def usage(self, key_id: str, part: str) -> str:
-        """A usage name of the key: ``total``, ``h:<hour>``, ``d:<day>``, ``ips``,
-        ``origins``, ``applied``."""
+        """A usage name of the key: ``total``, ``m:<hour>`` (``h:<hour>``: the earlier
+        layout), ``d:<day>``, ``ips``, ``origins``."""
         return f"{self.namespace}:usage:{{{key_id}}}:{part}"
 
     def seen_addresses(self, key_id: str) -> str:

@@ -51,7 +51,8 @@ _WRITE = lua("usage_write")
 # millisecond or two, whatever the keys in the flush.
 CHUNK_ROWS = 200
 # How long a key remembers the latest sequence each process applied to it (a retried
-# flush comes sooner), and how many processes it remembers.
+# flush comes sooner: a process whose latest is older than this, by the sequences' ms, is
+# forgotten when a new process first writes the key), and how many processes it remembers.
 APPLIED_TTL = 3600
 APPLIED_CAP = 1024
 _EMPTY: list[Any] = []  # no IPs or origins (shared: only ever replaced, never added to)
@@ -175,15 +176,16 @@ class MemoryUsageStore:
 
 class RedisUsageStore:
     """Usage in Redis: per key, all-time totals and last use, per-minute counts in one hash
-    per hour, per-day counts, the busiest IPs and origins, and per writing process the
-    latest flush sequence applied (so a retried flush counts once: one field per process,
-    not one name per flush); and an index of the keys by their last flush. A flush is one
-    script call per chunk of ~``CHUNK_ROWS`` key-minutes (on a Redis Cluster, per chunk of
-    keys of one hash slot), with a yield to the event loop between chunks. Every
-    name comes from :class:`~keystile.redis.schema.RedisSchema` (``usage(key_id, part)``,
-    ``usage_index``), which lists each one's type, hash tag and TTL
-    (``python -m keystile.redis`` prints them). The addresses a production key has used
-    share the prefix but belong to the new-IP alert (:class:`keystile.alerts.RedisAlertState`).
+    per hour (a minute's counters in base-64 digits, a byte each), per-day counts, the
+    busiest IPs and origins, and, in the totals' hash, per writing process the latest flush
+    sequence applied (so a retried flush counts once: a field per process, not a name per
+    flush); and an index of the keys by their last flush. A flush is one script call per
+    chunk of ~``CHUNK_ROWS`` key-minutes (on a Redis Cluster, per chunk of keys of one hash
+    slot), with a yield to the event loop between chunks. Every name comes from
+    :class:`~keystile.redis.schema.RedisSchema` (``usage(key_id, part)``, ``usage_index``),
+    which lists each one's type, hash tag and TTL (``python -m keystile.redis`` prints
+    them). The addresses a production key has used share the prefix but belong to the
+    new-IP alert (:class:`keystile.alerts.RedisAlertState`).
     """
 
     def __init__(
@@ -257,9 +259,17 @@ class RedisUsageStore:
             rows: dict[int, list[int]] = {}
             async with self.client.pipeline(transaction=False) as pipe:
                 for hour in hours:
+                    pipe.hgetall(self.names.usage(key_id, f"m:{hour}"))
+                    # The earlier layout's hash of the hour, until it expires (the write
+                    # script moves a minute of it to m:<hour> when it writes the minute).
                     pipe.hgetall(self.names.usage(key_id, f"h:{hour}"))
-                for hour, raw in zip(hours, await pipe.execute(), strict=True):
-                    for field, value in raw.items():
+                hashes = iter(await pipe.execute())  # m:<hour>, h:<hour>, per hour
+                for hour, digits, earlier in zip(hours, hashes, hashes, strict=True):
+                    for field, value in digits.items():
+                        row = rows.setdefault(hour * 60 + int(field), [0] * NFIELDS)
+                        for i, count in enumerate(_undigit(value)):
+                            row[i] += count
+                    for field, value in earlier.items():
                         minute_text, old, name = _text(field).partition(":")
                         if old:  # written before the counts were packed: one per field
                             row = rows.setdefault(int(minute_text), [0] * NFIELDS)
@@ -402,6 +412,23 @@ def _unpack(packed: str) -> list[int]:
 
 
 _ZEROS = (0,) * NFIELDS
+
+
+def _undigit(packed: bytes | str) -> list[int]:
+    """A minute's counters as ``m:<hour>`` holds them: one after another, trailing zeros
+    left out, each in base 64, most significant digit first, a byte per digit (0-63), the
+    last digit of each counter with 64 added."""
+    counts: list[int] = []
+    value = 0
+    for byte in packed.encode() if isinstance(packed, str) else packed:
+        if byte >= 64:
+            counts.append(value * 64 + byte - 64)
+            value = 0
+        else:
+            value = value * 64 + byte
+    if len(counts) < NFIELDS:
+        counts += _ZEROS[len(counts) :]
+    return counts
 
 
 def _text(value: bytes | str) -> str:

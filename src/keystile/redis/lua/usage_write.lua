@@ -1,20 +1,24 @@
 -- A usage flush's share for a chunk of keys, one call for many keys (on a Redis Cluster,
 -- keys of one hash slot only). Each key's share is applied at most once per (process,
--- sequence): the key's `applied` hash keeps, per writing process, the highest sequence
+-- sequence): the key's totals hash keeps, per writing process, the highest sequence
 -- applied; a retried flush whose first reply was lost carries the same sequence, finds it
 -- there and adds nothing. A process's sequences only grow, so the hash holds one field per
--- process (capped: past the cap the field written longest ago goes), not one per flush.
+-- process (capped, and a process gone an hour is forgotten), not one per flush.
 -- KEYS: each key's totals hash, <ns>:usage:{<key id>}:total; the key's other names share its
--- prefix (and so its hash tag and slot): applied, h:<hour>, d:<day>, ips, origins. Then,
--- when the index ttl is not 0 (not on a cluster, where the index has a slot of its own),
--- the usage index: each key goes in it with its last use (ZADD GT).
+-- prefix (and so its hash tag and slot): m:<hour> (and the earlier h:<hour>), d:<day>,
+-- ips, origins. Then, when the index ttl is not 0 (not on a cluster, where the index has
+-- a slot of its own), the usage index: each key goes in it with its last use (ZADD GT).
 -- ARGV[1], JSON: [process, sequence (text), applied ttl, applied cap, hour ttl, day ttl,
 -- total ttl, top n, index ttl].
 -- ARGV[2], JSON, one entry per key of KEYS: [buckets, at, ip, origin, inactive at, ips,
 -- origins, key id]; buckets flat: minute then the 9 counters, per minute; at and inactive
 -- at as text ('' = none); ips and origins flat: member, count, ...
--- The minute counts of an hour live in its hash as one field per minute of the hour (0-59),
--- the counters comma-separated, trailing zeros left out (a small hash stays compact).
+-- The minute counts of an hour live in its hash m:<hour> as one field per minute of the hour
+-- (0-59), the counters one after another, trailing zeros left out, each in base 64 most
+-- significant digit first: a digit is one byte, 0-63, and the last one of a counter carries
+-- 64 more (a small hash stays compact: 240,2400,120000 takes 7 bytes, not 15; and the bytes
+-- stay ASCII). A minute written by the earlier layout, in h:<hour> with the counters as
+-- comma-separated decimals, moves to m:<hour> the first time the minute is written again.
 -- Returns the totals of every bucket after the write, in order: each bucket's counters
 -- comma-separated, the buckets joined by ';'.
 local head = cjson.decode(ARGV[1])
@@ -38,47 +42,108 @@ local function text(value)
   return string.format('%.0f', value)
 end
 
-local function pack(counts)
+-- The position of the last counter not 0 (1 when every one is).
+local function last_counter(counts)
   local last = 1
   for i = 1, nfields do
     if counts[i] ~= 0 then last = i end
   end
+  return last
+end
+
+-- The counters up to the last one not 0, comma-separated decimals (the reply; and the
+-- earlier layout's hour hash).
+local function pack(counts)
   local parts = {}
-  for i = 1, last do parts[i] = text(counts[i]) end
+  for i = 1, last_counter(counts) do parts[i] = text(counts[i]) end
   return table.concat(parts, ',')
 end
 
-local function unpack_counts(packed)
-  local counts = {0, 0, 0, 0, 0, 0, 0, 0, 0}
-  if packed then
-    local i = 1
-    for value in string.gmatch(packed, '[^,]+') do
-      counts[i] = tonumber(value)
-      i = i + 1
+-- The same in base-64 digits, as m:<hour> holds them.
+local function pack_digits(counts)
+  local parts = {}
+  for i = 1, last_counter(counts) do
+    local value = counts[i]
+    local digits = {string.char(64 + value % 64)}
+    value = math.floor(value / 64)
+    while value > 0 do
+      table.insert(digits, 1, string.char(value % 64))
+      value = math.floor(value / 64)
     end
+    parts[i] = table.concat(digits)
+  end
+  return table.concat(parts)
+end
+
+local function unpack_digits(packed, counts)
+  local i, value = 1, 0
+  for p = 1, #packed do
+    local byte = string.byte(packed, p)
+    if byte >= 64 then
+      counts[i] = value * 64 + byte - 64
+      i, value = i + 1, 0
+    else
+      value = value * 64 + byte
+    end
+  end
+end
+
+local function unpack_text(packed, counts)
+  local i = 1
+  for value in string.gmatch(packed, '[^,]+') do
+    counts[i] = counts[i] + tonumber(value)
+    i = i + 1
+  end
+end
+
+-- A minute's counts in the hour's hash, and (the first time the minute is written) those
+-- the earlier layout's hash holds for it, moved over.
+local function minute_counts(prefix, hour, field, fresh)
+  local counts = {0, 0, 0, 0, 0, 0, 0, 0, 0}
+  local packed = redis.call('HGET', prefix .. 'm:' .. hour, field)
+  if packed then
+    unpack_digits(packed, counts)
+    return counts
+  end
+  local earlier = prefix .. 'h:' .. hour
+  packed = redis.call('HGET', earlier, field)
+  if packed then
+    unpack_text(packed, counts)
+    if fresh then redis.call('HDEL', earlier, field) end
   end
   return counts
 end
 
--- Whether this process's share with this sequence is new to the key (and note it).
-local function first_time(prefix)
-  local name = prefix .. 'applied'
-  local seen = redis.call('HGET', name, process)
+-- Whether this process's share with this sequence is new to the key (and note it). The
+-- key's totals hash holds, per writing process, the latest sequence applied (field
+-- p:<process>). A process's first write to the key forgets the processes whose latest
+-- sequence (near their clock in ms) is more than the applied ttl older than this one, and
+-- past the cap the one written longest ago.
+local function first_time(total)
+  local field = 'p:' .. process
+  local seen = redis.call('HGET', total, field)
   if seen and tonumber(seen) >= seq then
     return false
   end
-  if redis.call('HSET', name, process, head[2]) == 1 and redis.call('HLEN', name) > cap then
-    local all = redis.call('HGETALL', name)
-    local oldest, low = nil, nil
-    for i = 1, #all, 2 do
+  redis.call('HSET', total, field, head[2])
+  if seen then
+    return true
+  end
+  local all = redis.call('HGETALL', total)
+  local oldest, low, kept = nil, nil, 0
+  for i = 1, #all, 2 do
+    local name = all[i]
+    if string.sub(name, 1, 2) == 'p:' and name ~= field then
       local value = tonumber(all[i + 1])
-      if all[i] ~= process and (low == nil or value < low) then
-        oldest, low = all[i], value
+      if value < seq - applied_ttl * 1000 then
+        redis.call('HDEL', total, name)
+      else
+        kept = kept + 1
+        if low == nil or value < low then oldest, low = name, value end
       end
     end
-    if oldest then redis.call('HDEL', name, oldest) end
   end
-  redis.call('EXPIRE', name, applied_ttl)
+  if kept >= cap and oldest then redis.call('HDEL', total, oldest) end
   return true
 end
 
@@ -86,13 +151,13 @@ for k = 1, nkeys do
   local total = KEYS[k]
   local prefix = string.sub(total, 1, -6) -- less 'total'
   local entry = entries[k]
-  local fresh = first_time(prefix)
+  local fresh = first_time(total)
   local buckets = entry[1]
   for b = 1, #buckets, nfields + 1 do
     local minute = buckets[b]
-    local hour_key = prefix .. 'h:' .. text(math.floor(minute / 60))
+    local hour = text(math.floor(minute / 60))
     local field = text(minute % 60)
-    local counts = unpack_counts(redis.call('HGET', hour_key, field))
+    local counts = minute_counts(prefix, hour, field, fresh)
     if fresh then
       local day_key = prefix .. 'd:' .. text(math.floor(minute / 1440))
       for i = 1, nfields do
@@ -103,7 +168,8 @@ for k = 1, nkeys do
           redis.call('HINCRBY', total, fields[i], text(value))
         end
       end
-      redis.call('HSET', hour_key, field, pack(counts))
+      local hour_key = prefix .. 'm:' .. hour
+      redis.call('HSET', hour_key, field, pack_digits(counts))
       redis.call('EXPIRE', hour_key, hour_ttl)
       redis.call('EXPIRE', day_key, day_ttl)
     end
