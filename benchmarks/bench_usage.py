@@ -18,7 +18,9 @@ called round-robin (cache TTL an hour: every key cached after the first round), 
 as in ``bench_middleware.py``; each "on" block of requests ends with the flush its
 requests need (the gate's, alert rules included), and its CPU counts. Blocks alternate
 on/off; the figure is the median of the per-block on/off ratios, and the longest the
-gate's flushes held the event loop.
+gate's flushes held the event loop, and the garbage collector's full passes over the heap
+per timed block each way (the benchmark's own scopes, alive through a block, add some to
+both).
 """
 
 from __future__ import annotations
@@ -215,10 +217,16 @@ async def on_off(url: str, keys: int, blocks: int, per_block: int) -> dict[str, 
         prepared = [fresh(scopes[i % keys]) for i in range(per_block)]
         held: list[float] = []
         held_gc: list[float] = []
+        full = {True: 0, False: 0}  # full collections of the heap in timed blocks, on / off
+        passes = [0]
+
+        def collection(phase: str, info: dict[str, int]) -> None:
+            if phase == "start" and info["generation"] == 2:
+                passes[0] += 1
 
         async def block(app: Any, flush: bool, watch: bool = False) -> float:
             batch = [dict(s, headers=list(s["headers"]), state={}) for s in prepared]
-            began = time.process_time()
+            began, before = time.process_time(), passes[0]
             for scope in batch:
                 await app(scope, receive, discard)
             if flush and watch:  # (not timed: the watcher spins while the flush waits)
@@ -229,9 +237,13 @@ async def on_off(url: str, keys: int, blocks: int, per_block: int) -> dict[str, 
                 held_gc.append(ticker.longest_gc)
             elif flush:
                 assert await gate.usage.flush()
+            if not watch:
+                full[flush] += passes[0] - before
             return (time.process_time() - began) / per_block * 1e6
 
         await block(on, True)
+        gc.callbacks.append(collection)
+        full[True] = full[False] = 0  # the warm-up block apart
         ratios, on_us, off_us = [], [], []
         for n in range(blocks):
             if n % 2:
@@ -246,6 +258,8 @@ async def on_off(url: str, keys: int, blocks: int, per_block: int) -> dict[str, 
         for _ in range(3):
             await block(on, True, watch=True)
     finally:
+        if collection in gc.callbacks:
+            gc.callbacks.remove(collection)
         client = gate.store.store.client  # type: ignore[attr-defined]
         names = [k async for k in client.scan_iter(match=f"{namespace}:*", count=1000)]
         for chunk in range(0, len(names), 1000):
@@ -257,6 +271,7 @@ async def on_off(url: str, keys: int, blocks: int, per_block: int) -> dict[str, 
         "ratio": statistics.median(ratios),
         "held_ms": max(held) * 1e3,
         "held_gc_ms": max(held_gc) * 1e3,
+        "full": (full[True] / blocks, full[False] / blocks),
         "q": statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3,
     }
 
@@ -302,7 +317,7 @@ async def main(args: argparse.Namespace) -> int:
         )
         head = (
             f"{'keys':>7} {'on µs':>7} {'off µs':>7} {'on/off':>7} {'quartiles':>17} "
-            f"{'loop held ms':>12} {'with GC':>8}"
+            f"{'loop held ms':>12} {'with GC':>8} {'full GC/block on, off':>21}"
         )
         print(head)
         print("-" * len(head))
@@ -312,7 +327,8 @@ async def main(args: argparse.Namespace) -> int:
             print(
                 f"{keys:>7,} {r['on']:>7.2f} {r['off']:>7.2f} {(r['ratio'] - 1) * 100:>+6.1f}% "
                 f"{(r['q'][0] - 1) * 100:>+7.1f} .. {(r['q'][2] - 1) * 100:>+5.1f}% "
-                f"{r['held_ms']:>12.2f} {r['held_gc_ms']:>8.2f}"
+                f"{r['held_ms']:>12.2f} {r['held_gc_ms']:>8.2f} "
+                f"{r['full'][0]:>15.2f}, {r['full'][1]:.2f}"
             )
         most = max(args.mw_keys)
         r = results[most]

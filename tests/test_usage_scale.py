@@ -23,7 +23,7 @@ from faults.redis_server import RedisServer, free_port, need_redis_server
 from keystile import KeystileSettings, ManualClock, RedisStore
 from keystile.gate import Keystile
 from keystile.usage import BY_CLIENT, FIELDS, WATCH_IPS, RedisUsageStore, UsageRecorder
-from keystile.usage.stores import CHUNK_ROWS
+from keystile.usage.stores import CHUNK_ROWS, _entries
 from test_usage import StallingProxy
 from usage_app import build_app, http
 
@@ -235,6 +235,47 @@ async def test_a_retried_chunked_flush_counts_every_key_once(
         await proxy.close()
 
 
+async def test_a_flush_leaves_the_garbage_collector_nothing_to_track_per_key(
+    own_redis: RedisServer, clock: ManualClock
+) -> None:
+    """What lives from a request to the flush, and through the flush, holds no object the
+    garbage collector tracks beyond the row itself (a set per row, a list per key's share
+    and per key's totals reached its oldest generation by the thousand and made full
+    collections of the app's heap): a production key used from one address keeps that
+    address as a str, the share sent to Redis and the totals handed to the alert rules
+    are tuples of plain values (untracked at the collector's next pass). The counts stay
+    exact, and a key seen from two addresses still notes both."""
+    client = redis.asyncio.Redis.from_url(own_redis.url)
+    try:
+        store = RedisUsageStore(client, namespace="ks")
+        handed: list[dict[tuple[str, int], Any]] = []
+        recorder = UsageRecorder(store, clock=clock, on_flush=[lambda b, t: handed.append(t)])
+        keys = key_ids(300)
+        for key_id in keys:
+            for _ in range(3):
+                recorder.record(key_id, 200, 0, 42, "198.51.100.7", None, WATCH_IPS)
+        recorder.record(keys[0], 200, 0, 42, "198.51.100.8", None, WATCH_IPS)
+        rows = recorder._batch.minutes[int(clock() // 60)]
+        assert not any(gc.is_tracked(value) for value in rows[keys[1]])
+        assert await recorder._batch.watched_addresses() == {
+            k: {"198.51.100.7", "198.51.100.8"} if k == keys[0] else {"198.51.100.7"} for k in keys
+        }
+        recorder._stamp(recorder._batch)
+        gc.collect()
+        entries = await _entries(recorder._batch)
+        gc.collect()  # a share's buckets are untracked at this pass, the share at the next
+        gc.collect()
+        assert [k for k, entry in entries.items() if gc.is_tracked(entry)] == []
+        assert await recorder.flush()
+        gc.collect()
+        [touched] = handed
+        assert [t for t in touched.values() if gc.is_tracked(t)] == []
+        assert sorted(t[REQUESTS] for t in touched.values()) == [3] * 299 + [4]
+        assert [(await store.totals(k))[REQUESTS] for k in keys[:2]] == [4, 3]
+    finally:
+        await client.aclose()
+
+
 # -- memory: bounded by processes, not flushes ----------------------------------------------
 
 
@@ -368,7 +409,7 @@ async def test_minutes_of_the_earlier_layout_are_read_and_moved_when_written_aga
     batch = recorder._batch
     recorder._stamp(batch)  # what flush() does before writing a batch
     touched = await store.write(batch)
-    assert touched[(key, minute)][:3] == [4, 40, 800]
+    assert list(touched[(key, minute)][:3]) == [4, 40, 800]
     assert await store.write(batch) == {(key, minute): touched[(key, minute)]}  # a retry
     assert await own_client.hget(earlier, str(field)) is None  # moved
     after = {m: c[:4] for m, c in await store.series(key, *window, "minute")}

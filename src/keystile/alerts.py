@@ -26,7 +26,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Annotated, Any, Protocol
 
@@ -207,7 +207,9 @@ class Alerter:
         await self.rulebook.refresh(projects)
         return self._known
 
-    async def on_flush(self, batch: UsageBatch, touched: dict[tuple[str, int], list[int]]) -> None:
+    async def on_flush(
+        self, batch: UsageBatch, touched: dict[tuple[str, int], Sequence[int]]
+    ) -> None:
         now = self.clock()
         addresses = await batch.watched_addresses()
         rules_of = await self._resolve(

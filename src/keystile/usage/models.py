@@ -60,7 +60,7 @@ DAY = 86_400
 Granularity = Literal["minute", "day"]
 
 # A buffered row: the FIELDS counters, then the last use seen in that minute, then the
-# addresses a watched key used that minute (a set, or None).
+# addresses a watched key used that minute (None, one as a str, or a set of several).
 AT, IP, ORIGIN, INACTIVE_AT, SEEN = range(NFIELDS, NFIELDS + 5)
 MAX_SEEN = 64  # addresses a buffered row notes
 

@@ -18,7 +18,7 @@ import os
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -119,9 +119,9 @@ class UsageBatch:
                 if seen:
                     mine = out.get(key_id)
                     if mine is None:
-                        out[key_id] = set(seen)
+                        out[key_id] = _addresses(seen)
                     else:
-                        mine.update(seen)
+                        mine.update(_addresses(seen))
                 done += 1
                 if done % every == 0:
                     await asyncio.sleep(0)
@@ -162,7 +162,8 @@ class UsageBatch:
                 ):
                     mine[INACTIVE_AT] = row[INACTIVE_AT]
                 if row[SEEN]:
-                    mine[SEEN] = set(list((mine[SEEN] or set()) | row[SEEN])[:MAX_SEEN])
+                    seen = _addresses(mine[SEEN]) | _addresses(row[SEEN])
+                    mine[SEEN] = set(list(seen)[:MAX_SEEN])
         for table_mine, source in ((self.ips, other.ips), (self.origins, other.origins)):
             for key_id, counter in source.items():
                 mine_counter = table_mine.setdefault(key_id, Counter())
@@ -174,7 +175,7 @@ class UsageBatch:
 
 # Called after each flush with the batch written and the (key id, minute) counters it
 # touched; may be a coroutine function (the alerter's is).
-FlushCallback = Callable[[UsageBatch, dict[tuple[str, int], list[int]]], Any]
+FlushCallback = Callable[[UsageBatch, dict[tuple[str, int], Sequence[int]]], Any]
 
 
 class UsageRecorder:
@@ -279,10 +280,15 @@ class UsageRecorder:
                 row[RATE_LIMITED] += 1
         if ip_mode == WATCH_IPS:  # a production key: its addresses, for the new-IP alert
             if ip is not None and ip != row[IP]:
+                # One address as a str, several as a set: a row of atomic values only,
+                # the usual case, gives the garbage collector one object less to track.
                 seen = row[SEEN]
                 if seen is None:
-                    seen = row[SEEN] = set()
-                if len(seen) < MAX_SEEN:
+                    row[SEEN] = ip
+                elif seen.__class__ is str:
+                    if seen != ip:
+                        row[SEEN] = {seen, ip}
+                elif len(seen) < MAX_SEEN:
                     seen.add(ip)
         elif ip_mode == BY_CLIENT:
             self._count_client(key_id, ip, origin)
@@ -358,7 +364,7 @@ class UsageRecorder:
         number at most once, so a write whose reply was lost is not counted twice); while it
         fails, new counts keep gathering in the bounded buffer.
         """
-        written: list[tuple[UsageBatch, dict[tuple[str, int], list[int]]]] = []
+        written: list[tuple[UsageBatch, dict[tuple[str, int], Sequence[int]]]] = []
         ok = True
         async with self._flush_lock:
             while self._retry and ok:
@@ -400,7 +406,7 @@ class UsageRecorder:
     async def _write(
         self,
         batch: UsageBatch,
-        written: list[tuple[UsageBatch, dict[tuple[str, int], list[int]]]],
+        written: list[tuple[UsageBatch, dict[tuple[str, int], Sequence[int]]]],
     ) -> bool:
         began = time.perf_counter()
         try:
@@ -460,3 +466,10 @@ def _count(counter: Counter[str], member: str, cap: int) -> None:
     tracked (memory stays bounded; the store keeps the busiest ``top_n`` of what it gets)."""
     if member in counter or len(counter) < cap:
         counter[member] += 1
+
+
+def _addresses(seen: str | set[str] | None) -> set[str]:
+    """The addresses a buffered row noted (one is kept as a str), as a new set."""
+    if seen is None:
+        return set()
+    return {seen} if isinstance(seen, str) else set(seen)

@@ -14,7 +14,7 @@ import itertools
 import json
 import math
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from redis.asyncio.cluster import RedisCluster
@@ -55,7 +55,7 @@ CHUNK_ROWS = 200
 # forgotten when a new process first writes the key), and how many processes it remembers.
 APPLIED_TTL = 3600
 APPLIED_CAP = 1024
-_EMPTY: list[Any] = []  # no IPs or origins (shared: only ever replaced, never added to)
+_EMPTY: tuple[Any, ...] = ()  # no IPs or origins
 
 
 class UsageStore(Protocol):
@@ -63,7 +63,7 @@ class UsageStore(Protocol):
     ``minute_retention`` seconds and per-day ones for ``day_retention``; reports ask a store
     with those attributes for nothing older."""
 
-    async def write(self, batch: UsageBatch) -> dict[tuple[str, int], list[int]]:
+    async def write(self, batch: UsageBatch) -> dict[tuple[str, int], Sequence[int]]:
         """Add a batch; return the new per-minute totals of the buckets it touched."""
 
     async def series(
@@ -106,7 +106,7 @@ class MemoryUsageStore:
         # The latest sequence each process applied, the most recent writer last.
         self._applied: OrderedDict[str, int] = OrderedDict()
 
-    async def write(self, batch: UsageBatch) -> dict[tuple[str, int], list[int]]:
+    async def write(self, batch: UsageBatch) -> dict[tuple[str, int], Sequence[int]]:
         if self._applied.get(batch.process, -1) >= batch.seq:
             return {}
         self._applied[batch.process] = batch.seq
@@ -114,7 +114,7 @@ class MemoryUsageStore:
         while len(self._applied) > APPLIED_CAP:
             self._applied.popitem(last=False)
         now = self._clock()
-        touched: dict[tuple[str, int], list[int]] = {}
+        touched: dict[tuple[str, int], Sequence[int]] = {}
         for (key_id, minute), counts in batch.buckets.items():
             for table, bucket in (
                 (self._minutes.setdefault(key_id, {}), minute),
@@ -211,7 +211,7 @@ class RedisUsageStore:
             self._slot = lambda key_id: int(key_slot(self.names.usage(key_id, "").encode()))
 
     @translated("writing usage")
-    async def write(self, batch: UsageBatch) -> dict[tuple[str, int], list[int]]:
+    async def write(self, batch: UsageBatch) -> dict[tuple[str, int], Sequence[int]]:
         entries = await _entries(batch)
         index, index_ttl = self.names.usage_index, self.day_retention + DAY
         cluster = self._slot is not None
@@ -228,7 +228,7 @@ class RedisUsageStore:
                 0 if cluster else index_ttl,  # the index is the last of KEYS (not on a cluster)
             ]
         )
-        touched: dict[tuple[str, int], list[int]] = {}
+        touched: dict[tuple[str, int], Sequence[int]] = {}
         scores: dict[str, Any] = {}
         for chunk in _chunks(entries, self._slot):
             keys = [self.names.usage(key_id, "total") for key_id in chunk]
@@ -319,52 +319,51 @@ class RedisUsageStore:
         return [_text(k) for k in raw]
 
 
-async def _entries(batch: UsageBatch) -> dict[str, list[Any]]:
-    """Each key's share of ``batch``, as the write script takes it: [buckets (minute, then
+async def _entries(batch: UsageBatch) -> dict[str, tuple[Any, ...]]:
+    """Each key's share of ``batch``, as the write script takes it: (buckets (minute, then
     the counters, per minute), last used at, ip, origin, last inactive attempt at, ips,
-    origins (member, count, ...), key id]; the latest use wins. Yields to the event loop
-    every ``CHUNK_ROWS`` rows."""
-    entries: dict[str, list[Any]] = {}
+    origins (member, count, ...), key id); the latest use wins. Tuples of atomic values:
+    the garbage collector stops tracking them at its next pass, so a flush of many keys
+    does not hand it thousands of objects that live through the flush (and count towards
+    a full collection of the heap). Yields to the event loop every ``CHUNK_ROWS`` rows."""
+    entries: dict[str, tuple[Any, ...]] = {}
     done = 0
     for minute in sorted(batch.minutes):
         for key_id, row in batch.minutes[minute].items():
-            buckets = row[:NFIELDS]
-            buckets.insert(0, minute)
+            buckets = (minute, *row[:NFIELDS])
             at, inactive = row[AT], row[INACTIVE_AT]
             entry = entries.get(key_id)
             if entry is None:  # the usual case: one minute of the key in the flush
-                entries[key_id] = [
+                entries[key_id] = (
                     buckets,
                     "" if at is None else repr(at),
                     (row[IP] or "") if at is not None else "",
                     (row[ORIGIN] or "") if at is not None else "",
                     "" if inactive is None else repr(inactive),
-                    _EMPTY,
-                    _EMPTY,
+                    _members(batch.ips.get(key_id)),
+                    _members(batch.origins.get(key_id)),
                     key_id,
-                ]
+                )
             else:
-                entry[0] = entry[0] + buckets
-                if at is not None:
-                    entry[1:4] = [repr(at), row[IP] or "", row[ORIGIN] or ""]
-                if inactive is not None:
-                    entry[4] = repr(inactive)
-            done += 1
-            if done % CHUNK_ROWS == 0:
-                await asyncio.sleep(0)
-    for position, tables in ((5, batch.ips), (6, batch.origins)):
-        for key_id, counter in tables.items():
-            entry = entries.get(key_id)
-            if entry is not None:
-                entry[position] = [item for pair in counter.items() for item in pair]
+                last = entry[1:4] if at is None else (repr(at), row[IP] or "", row[ORIGIN] or "")
+                last_inactive = entry[4] if inactive is None else repr(inactive)
+                entries[key_id] = (entry[0] + buckets, *last, last_inactive, *entry[5:])
             done += 1
             if done % CHUNK_ROWS == 0:
                 await asyncio.sleep(0)
     return entries
 
 
+def _members(counter: Counter[str] | None) -> tuple[Any, ...]:
+    """A key's per-IP or per-origin counts as the write script takes them: member, count,
+    ..."""
+    if not counter:
+        return _EMPTY
+    return tuple(item for pair in counter.items() for item in pair)
+
+
 def _chunks(
-    entries: dict[str, list[Any]], slot: Callable[[str], int] | None
+    entries: dict[str, tuple[Any, ...]], slot: Callable[[str], int] | None
 ) -> Iterator[list[str]]:
     """The key ids of ``entries`` in chunks of about ``CHUNK_ROWS`` buckets; with ``slot``
     (a cluster), each chunk of keys of one slot."""
@@ -390,9 +389,9 @@ def _chunks(
 
 def _read_totals(
     chunk: list[str],
-    entries: dict[str, list[Any]],
+    entries: dict[str, tuple[Any, ...]],
     reply: bytes | str,
-    touched: dict[tuple[str, int], list[int]],
+    touched: dict[tuple[str, int], Sequence[int]],
 ) -> None:
     """The script's reply — each bucket's totals after the write — into ``touched``."""
     packed = iter(_text(reply).split(";"))
@@ -402,10 +401,11 @@ def _read_totals(
             touched[(key_id, buckets[b])] = _unpack(next(packed))
 
 
-def _unpack(packed: str) -> list[int]:
+def _unpack(packed: str) -> tuple[int, ...]:
     """A minute's counters as the hour hash holds them: comma-separated, trailing zeros
-    left out."""
-    counts = list(map(int, packed.split(","))) if packed else []
+    left out. A tuple of ints: the garbage collector stops tracking it at its next pass
+    (a flush's totals, one per key-minute, live until the alert rules have read them)."""
+    counts = tuple(map(int, packed.split(","))) if packed else ()
     if len(counts) < NFIELDS:
         counts += _ZEROS[len(counts) :]
     return counts
