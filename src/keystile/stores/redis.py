@@ -13,7 +13,9 @@ On a Redis Cluster (a :class:`redis.asyncio.RedisCluster` client, as ``redis+clu
 URLs make) every command and transaction touches one slot: announcements are plain
 ``PUBLISH`` commands of their own (which reach every node), never inside a pipeline or
 ``MULTI``; a listing reads records one name each, pipelined per node, never with a
-cross-slot ``MGET``; and a new key's names are written one after another.
+cross-slot ``MGET``; a new key's names are written one after another; and a lookup reads
+the digests, then the records (two round trips; one for a key whose id the cache still
+knows), where a standalone Redis or Sentinel reads both in one script call.
 """
 
 from __future__ import annotations
