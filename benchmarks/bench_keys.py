@@ -26,7 +26,9 @@ figures are of a cache that has seen every key it can hold.
 
 Then the store on its own: ``--store-keys`` (1,000,000) keys written straight into the
 empty redis-server, the median time of an uncached lookup (``RedisStore.find``) at 1,000
-keys and at the full count, and Redis memory per stored key.
+keys and at the full count, and Redis memory per stored key; at 1,000 keys, what a miss
+of a key never seen costs through a cache of its own (time and round trips), one at a
+time and 50 different keys at once.
 
     python benchmarks/bench_keys.py            # ~15 min
     python benchmarks/bench_keys.py --quick    # ~1 min (10,000 keys at most; store: 100,000)
@@ -74,6 +76,7 @@ from keystile.keys import generate_key, key_hint, new_key_id
 from keystile.middleware import KeystileMiddleware
 from keystile.models import ApiKey
 from keystile.redis.schema import RedisSchema
+from keystile.stores import CachedStore
 
 LIMIT = "10000000/minute"  # never refuses during a run
 PATTERNS = ("round-robin", "uniform", "zipf")
@@ -473,6 +476,8 @@ async def store_figures(url: str, total: int, sync: redis.Redis, lookups: int) -
                 f"{size:>9,} keys: uncached lookup median {median:6.0f} µs, p90 {p90:6.0f} µs;"
                 f" Redis {per_key:5.0f} B per key"
             )
+            if size == 1_000:
+                lines += await first_sight(store, digests[:1_000])
         return lines
     finally:
         await client.aclose()
@@ -480,6 +485,71 @@ async def store_figures(url: str, total: int, sync: redis.Redis, lookups: int) -
         names = list(sync.scan_iter(match=f"{namespace}:*", count=10_000))
         for start in range(0, len(names), 10_000):
             sync.unlink(*names[start : start + 10_000])
+
+
+class Trips:
+    """Counts a client's round trips while installed: a command sent alone is one, a
+    pipeline executed is one."""
+
+    def __init__(self, client: Any) -> None:
+        self.client, self.count = client, 0
+        send, open_pipeline = client.execute_command, client.pipeline
+
+        async def execute_command(*args: Any, **options: Any) -> Any:
+            self.count += 1
+            return await send(*args, **options)
+
+        def pipeline(*args: Any, **options: Any) -> Any:
+            pipe = open_pipeline(*args, **options)
+            run = pipe.execute
+
+            async def execute(*a: Any, **k: Any) -> Any:
+                self.count += 1
+                return await run(*a, **k)
+
+            pipe.execute = execute
+            return pipe
+
+        client.execute_command, client.pipeline = execute_command, pipeline
+
+    def remove(self) -> None:
+        del self.client.execute_command, self.client.pipeline
+
+
+async def first_sight(store: RedisStore, digests: Sequence[str]) -> list[str]:
+    """What a miss of a key the cache never saw costs, through a ``CachedStore`` of its
+    own (no key's id known to it, so no hint): 200 misses one at a time, then batches of
+    50 misses of different keys at once (one event-loop iteration: one ``find_many``); the
+    median time and the round trips, each key looked up once."""
+    cache = CachedStore(store)
+    alone, together = digests[:200], digests[200:1_000]
+    trips = Trips(store.client)
+    try:
+        times = []
+        for digest in alone:
+            started = time.perf_counter()
+            found = await cache.find(digest)
+            times.append(time.perf_counter() - started)
+            if found is None:
+                raise RuntimeError("a stored key was not found")
+        alone_trips, trips.count = trips.count / len(alone), 0
+        batch_times = []
+        batches = [together[i : i + 50] for i in range(0, len(together), 50)]
+        for batch in batches:
+            started = time.perf_counter()
+            records = await asyncio.gather(*(cache.find(digest) for digest in batch))
+            batch_times.append(time.perf_counter() - started)
+            if any(record is None for record in records):
+                raise RuntimeError("a stored key was not found")
+        together_trips = trips.count / len(batches)
+    finally:
+        trips.remove()
+    return [
+        f"    first-sight miss, one at a time: median {statistics.median(times) * 1e6:6.0f} µs,"
+        f" {alone_trips:.2f} round trips each",
+        f"    50 first-sight misses at once:   median {statistics.median(batch_times) * 1e6:6.0f}"
+        f" µs, {together_trips:.2f} round trips in all",
+    ]
 
 
 # -- report ------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """The cache stays warm for unchanged keys while change announcements flow, falls back to
-its short TTL when they stop, and misses cheaply: one pipeline for the misses of one
-event-loop iteration, one round trip for a key seen before (issue #19)."""
+its short TTL when they stop, and misses cheaply: the misses of one event-loop iteration
+share one round trip, a key never seen before included, on a standalone Redis or
+Sentinel (on a Redis Cluster: one for a key seen before, two for one never seen)
+(issue #19)."""
 
 from __future__ import annotations
 
@@ -11,11 +13,15 @@ from typing import Any
 
 import pytest
 
-from conftest import REDIS_URL, issue
+from conftest import BACKENDS, REDIS_URL, issue
 from faults.proxy import LatencyProxy
 from keystile import KeyHasher, KeyManager, KeystileSettings, ManualClock, MemoryStore, RedisStore
 from keystile.gate import Keystile
 from keystile.stores import CachedStore, KeyStore
+
+# The Redis backends where a digest and its record are read by one script call, and all.
+STANDALONE = ["fakeredis", "redis", "sentinel"]
+REDIS_BACKENDS = [kind for kind in BACKENDS if kind != "memory"]
 
 
 class Channel:
@@ -77,7 +83,7 @@ class Trips:
 
             async def execute(*a: Any, **k: Any) -> Any:
                 self.count += 1
-                self.commands += len(pipe.command_stack)
+                self.commands += len(getattr(pipe, "command_stack", ()))
                 return await run(*a, **k)
 
             pipe.execute = execute
@@ -228,20 +234,21 @@ async def test_a_silent_events_channel_counts_as_lost(redis_namespace: str) -> N
 async def test_concurrent_misses_of_different_keys_share_one_pipeline(
     redis_store: RedisStore, hasher: KeyHasher
 ) -> None:
-    """Fifty different uncached keys looked up at once cost two round trips in all (digests,
-    then records), not two each; once seen, the fifty cost one round trip together, and
-    one key alone one round trip, even after the cache forgot them."""
+    """Fifty different uncached keys looked up at once cost one round trip in all (one
+    script call reads every digest and its record), not one or two each; once seen, the
+    fifty again cost one together, and one key alone one, even after the cache forgot
+    them."""
     cache = CachedStore(redis_store, clock=ManualClock(0.0))
     manager = KeyManager(redis_store, hasher)
     keys = [await issue(manager, {"name": f"k{n}", "type": "dev"}) for n in range(50)]
     trips = Trips(redis_store.client)
     entries = await asyncio.gather(*(cache.lookup(digest) for _, digest in keys))
     assert [e.record for e in entries if e is not None] == [created.key for created, _ in keys]
-    assert trips.count == 2
+    assert trips.count == 1
     cache.clear()
     again = await asyncio.gather(*(cache.lookup(digest) for _, digest in keys))
     assert [e.record for e in again if e is not None] == [created.key for created, _ in keys]
-    assert trips.count == 3
+    assert trips.count == 2
     created, digest = keys[7]
     cache.invalidate(created.key.id)
     before = trips.count
@@ -254,16 +261,128 @@ async def test_concurrent_misses_of_different_keys_share_one_pipeline(
     assert trips.count == before + 1
 
 
-async def test_a_hint_whose_digest_names_another_id_is_not_trusted(
-    redis_store: RedisStore, hasher: KeyHasher
+@pytest.mark.parametrize("backend", STANDALONE, indirect=True)
+async def test_a_first_sight_miss_costs_one_round_trip(store: KeyStore, hasher: KeyHasher) -> None:
+    """On a standalone Redis (fakeredis, a real one, Sentinel's master) a key this process
+    never saw costs one round trip, through the cache or the store alone; concurrent
+    misses of different never-seen keys, an unknown digest among them, share one."""
+    assert isinstance(store, RedisStore)
+    manager = KeyManager(store, hasher)
+    keys = [await issue(manager, {"name": f"k{n}", "type": "dev"}) for n in range(20)]
+    cache = CachedStore(store, clock=ManualClock(0.0))
+    trips = Trips(store.client)
+    created, digest = keys[0]
+    entry = await cache.lookup(digest)
+    assert entry is not None and entry.record == created.key
+    assert (trips.count, trips.commands) == (1, 1)
+    assert await store.find(keys[1][1]) == keys[1][0].key
+    assert trips.count == 2
+    found = await asyncio.gather(*(cache.find(d) for _, d in keys[2:]), cache.find("5" * 64))
+    assert found == [*(c.key for c, _ in keys[2:]), None]
+    assert (trips.count, trips.commands) == (3, 3)
+    assert await store.find("5" * 64) is None
+    assert trips.count == 4
+    assert cache._batch.calls == 2  # the lone miss, then the nineteen together
+
+
+@pytest.mark.parametrize("backend", STANDALONE, indirect=True)
+async def test_a_digest_whose_record_is_gone_finds_nothing_in_one_round_trip(
+    store: KeyStore, hasher: KeyHasher
 ) -> None:
-    """A hint is checked against the digest read in the same round trip: a wrong one costs
-    a second round trip, never a wrong record."""
-    manager = KeyManager(redis_store, hasher)
+    """The script answers as the two reads did: a digest naming an id whose record is gone
+    finds nothing, alone or batched, with or without a hint; a key still being created
+    (record and digest under their pending TTL) is found."""
+    from keystile.keys import new_key_id
+    from keystile.stores.redis import PENDING_MS
+
+    assert isinstance(store, RedisStore)
+    manager = KeyManager(store, hasher)
+    kept, kept_digest = await issue(manager, {"name": "kept", "type": "dev"})
+    gone, gone_digest = await issue(manager, {"name": "gone", "type": "dev"})
+    await store.client.delete(store.schema.record(gone.key.id))
+    pending = kept.key.model_copy(update={"id": new_key_id()})
+    await store.client.set(
+        store.schema.record(pending.id), pending.model_dump_json(), px=PENDING_MS
+    )
+    await store.client.set(store.schema.digest("7" * 64), pending.id, px=PENDING_MS)
+    trips = Trips(store.client)
+    assert await store.find(gone_digest) is None
+    assert await store.find("7" * 64) == pending
+    assert trips.count == 2
+    wanted = [(gone_digest, gone.key.id), (kept_digest, None), ("7" * 64, kept.key.id)]
+    assert await store.find_many(wanted) == [None, kept.key, pending]
+    assert trips.count == 3
+
+
+@pytest.mark.parametrize("kind", ["fakeredis", "redis"])
+async def test_a_lookup_script_redis_no_longer_holds_is_sent_again(
+    kind: str, request: pytest.FixtureRequest, hasher: KeyHasher
+) -> None:
+    """When Redis has lost the lookup script (a SCRIPT FLUSH, a restart, a failover: the
+    EVALSHA answers NOSCRIPT), the lookup sends it whole: two round trips once, then one
+    again. (On a server of the test's own: the shared one's scripts are left alone.)"""
+    import fakeredis
+
+    if kind == "fakeredis":
+        store = RedisStore(fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer()))
+    else:
+        store = RedisStore.from_url(request.getfixturevalue("own_redis").url)
+    try:
+        created, digest = await issue(KeyManager(store, hasher), {"name": "n", "type": "dev"})
+        trips = Trips(store.client)
+        assert await store.find(digest) == created.key  # the first: sent whole
+        assert await store.find(digest) == created.key  # then by its sha
+        assert trips.count == 2
+        await store.client.script_flush()
+        before = trips.count
+        assert await store.find(digest) == created.key
+        assert trips.count == before + 2  # the NOSCRIPT, then the script sent whole
+        assert await store.find_many([(digest, None)]) == [created.key]
+        assert trips.count == before + 3
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("backend", REDIS_BACKENDS, indirect=True)
+async def test_a_hint_whose_digest_names_another_id_is_not_trusted(
+    store: KeyStore, hasher: KeyHasher
+) -> None:
+    """A hint is checked against the digest read in the same round trip (on a cluster a
+    wrong one costs a second round trip), never a wrong record; a digest whose record is
+    gone finds nothing."""
+    assert isinstance(store, RedisStore)
+    manager = KeyManager(store, hasher)
     first, digest = await issue(manager, {"name": "a", "type": "dev"})
     second, _ = await issue(manager, {"name": "b", "type": "dev"})
-    records = await redis_store.find_many([(digest, second.key.id), ("6" * 64, first.key.id)])
-    assert records == [first.key, None]
+    gone, gone_digest = await issue(manager, {"name": "c", "type": "dev"})
+    await store.client.delete(store.schema.record(gone.key.id))
+    records = await store.find_many(
+        [(digest, second.key.id), ("6" * 64, first.key.id), (gone_digest, gone.key.id)]
+    )
+    assert records == [first.key, None, None]
+    assert await store.find_many([(gone_digest, None), (digest, None)]) == [None, first.key]
+    assert await store.find(gone_digest) is None
+
+
+@pytest.mark.parametrize("backend", ["cluster"], indirect=True)
+async def test_on_a_cluster_a_miss_reads_digests_then_records(
+    store: KeyStore, hasher: KeyHasher
+) -> None:
+    """On a Redis Cluster a digest and its record lie in different slots, so no script
+    reads both: concurrent misses of never-seen keys cost two round trips together
+    (digests, then records), of keys seen before one (their ids as hints)."""
+    assert isinstance(store, RedisStore)
+    manager = KeyManager(store, hasher)
+    keys = [await issue(manager, {"name": f"k{n}", "type": "dev"}) for n in range(10)]
+    cache = CachedStore(store, clock=ManualClock(0.0))
+    trips = Trips(store.client)
+    found = await asyncio.gather(*(cache.find(d) for _, d in keys))
+    assert found == [c.key for c, _ in keys]
+    assert trips.count == 2
+    cache.clear()
+    found = await asyncio.gather(*(cache.find(d) for _, d in keys))
+    assert found == [c.key for c, _ in keys]
+    assert trips.count == 3
 
 
 async def test_store_errors_reach_every_batched_miss(unused_redis_url: str) -> None:

@@ -2,10 +2,12 @@
 
 The requests a server reads in one go arrive in one iteration of the event loop: their
 cache misses — different keys too — are queued, and once the iteration's callbacks have
-run, sent to the store in one call of its ``find_many`` (one pipeline for a Redis store,
-at most :data:`MAX_BATCH` lookups each). A store without ``find_many`` is asked once per
-miss, at once. Each miss may bring the key id its digest named before (a *hint*): the
-store then reads the digest and the record in the same round trip.
+run, sent to the store in one call of its ``find_many`` (one round trip for a Redis
+store — one script call on a standalone Redis or Sentinel —, at most :data:`MAX_BATCH`
+lookups each). A store without ``find_many`` is asked once per miss, at once. Each miss
+may bring the key id its digest named before (a *hint*): on a Redis Cluster, where a
+digest and its record lie in different slots, the store then reads both in the same
+round trip (a miss without one takes a second, shared).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class MissBatch:
         self._find_many: FindMany | None = None if method is None else store.find_many  # type: ignore[attr-defined]
         self._queue: list[_Waiting] = []
         self._running: set[asyncio.Task[None]] = set()
-        self.calls = 0  # store calls made for batches (each one round trip, or two)
+        self.calls = 0  # store calls made for batches (each one round trip; two on a cluster)
 
     async def find(self, digest: str, hint: str | None = None) -> ApiKey | None:
         """The store's record for a digest (``None`` if unknown); store errors propagate."""

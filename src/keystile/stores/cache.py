@@ -11,8 +11,10 @@
   silent), every entry older than ``ttl`` is re-validated before it is trusted again, so
   staleness is bounded by ``ttl`` as before, and the cache is cleared when they resume.
 - Cheap to miss: misses of the same event-loop iteration (different keys too) go to the
-  store together, one pipeline for all (a store with ``find_many``), and a key whose id is
-  still known (its entry expired, was evicted or was dropped) is re-read in one round trip.
+  store together, one round trip for all (a store with ``find_many``: on a standalone Redis
+  or Sentinel one script call, keys never seen included); on a Redis Cluster a key whose
+  id is still known (its entry expired, was evicted or was dropped) is re-read in one
+  round trip, one never seen in two.
 - Honest about unknowns: an unknown digest is remembered ``negative_ttl`` seconds, only
   while announcements are arriving, and forgotten as soon as a key with that digest is
   added anywhere — so it never hides a key created afterwards.

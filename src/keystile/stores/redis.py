@@ -13,13 +13,16 @@ On a Redis Cluster (a :class:`redis.asyncio.RedisCluster` client, as ``redis+clu
 URLs make) every command and transaction touches one slot: announcements are plain
 ``PUBLISH`` commands of their own (which reach every node), never inside a pipeline or
 ``MULTI``; a listing reads records one name each, pipelined per node, never with a
-cross-slot ``MGET``; and a new key's names are written one after another.
+cross-slot ``MGET``; a new key's names are written one after another; and a lookup reads
+the digests, then the records (two round trips; one for a key whose id the cache still
+knows), where a standalone Redis or Sentinel reads both in one script call.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import secrets
@@ -29,7 +32,7 @@ from datetime import datetime
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import WatchError
+from redis.exceptions import NoScriptError, WatchError
 
 from keystile.exceptions import (
     KeyChanged,
@@ -43,6 +46,7 @@ from keystile.records import KeyStatus
 from keystile.redis.connect import RedisClient, close_redis, is_cluster, open_redis
 from keystile.redis.errors import REDIS_FAILURES, redis_errors
 from keystile.redis.schema import RedisSchema
+from keystile.redis.scripts import lua
 from keystile.stores.protocol import StoreListener
 from keystile.stores.redis_listing import RedisListing
 
@@ -53,6 +57,10 @@ logger = logging.getLogger("keystile.store")
 # How long a new key's record and digest live until both are written and made permanent:
 # what a crash in between leaves expires by itself.
 PENDING_MS = 60_000
+
+# Lookups by digest on a standalone Redis: digest, then record, in one script call.
+_FIND = lua("key_find")
+_FIND_SHA = hashlib.sha1(_FIND.encode(), usedforsecurity=False).hexdigest()
 
 
 def _text(value: bytes | str) -> str:
@@ -95,6 +103,7 @@ class RedisStore:
         # Marks this store's own announcements on a cluster (not a secret: it only tells
         # this store its echo apart).
         self._origin = secrets.token_hex(8)
+        self._find_sha = False  # key_find.lua known to be in Redis' script cache
         self.listing = RedisListing(client, self.schema, cluster=self.cluster, read=self._read)
 
     @classmethod
@@ -324,19 +333,31 @@ class RedisStore:
         return None if raw is None else ApiKey.model_validate_json(raw)
 
     async def find(self, digest: str) -> ApiKey | None:
+        raw: bytes | str | None
         with redis_errors("looking a key up"):
-            key_id = await self.client.get(self.schema.digest(digest))
-            if key_id is None:
-                return None
-            raw = await self.client.get(self.schema.record(_text(key_id)))
+            if not self.cluster:
+                raw = (await self._find_records([digest]))[0]
+            else:
+                key_id = await self.client.get(self.schema.digest(digest))
+                if key_id is None:
+                    return None
+                raw = await self.client.get(self.schema.record(_text(key_id)))
         return None if raw is None else ApiKey.model_validate_json(raw)
 
     async def find_many(self, wanted: Sequence[tuple[str, str | None]]) -> list[ApiKey | None]:
-        """:meth:`find` for many digests in one pipeline. With the key id a digest named
-        before (``hint``), its record is read in the same round trip (and kept only if the
-        digest still names that id); the others' records take a second, shared one."""
+        """:meth:`find` for many digests in one round trip. On a standalone Redis (or
+        Sentinel's master) one script call (key_find.lua) reads every digest and its
+        record. On a cluster, where a digest and its record lie in different slots, one
+        pipeline reads the digests, and with them the record of the key id a digest named
+        before (``hint``; kept only if the digest still names that id); the others'
+        records take a second, shared one."""
+        if not wanted:
+            return []
         schema = self.schema
         with redis_errors("looking keys up"):
+            if not self.cluster:
+                found = await self._find_records([digest for digest, _ in wanted])
+                return [None if raw is None else ApiKey.model_validate_json(raw) for raw in found]
             async with self.client.pipeline(transaction=False) as pipe:
                 for digest, hint in wanted:
                     pipe.get(schema.digest(digest))
@@ -358,6 +379,23 @@ class RedisStore:
                     for (position, _), raw in zip(later, await pipe.execute(), strict=True):
                         raws[position] = raw
         return [None if raw is None else ApiKey.model_validate_json(raw) for raw in raws]
+
+    async def _find_records(self, digests: Sequence[str]) -> list[bytes | None]:
+        """The records the digests name, in one script call (standalone Redis only). The
+        script is sent whole (EVAL, which also caches it in Redis) until it has run once
+        here, then by its sha; a NOSCRIPT (a SCRIPT FLUSH, a restarted server, a failover
+        to a replica that never ran it) sends it whole again: one round trip more, once."""
+        names = [self.schema.digest(digest) for digest in digests]
+        if self._find_sha:
+            try:
+                return list(
+                    await self.client.evalsha(_FIND_SHA, len(names), *names, self.namespace)
+                )
+            except NoScriptError:
+                self._find_sha = False
+        raws = await self.client.eval(_FIND, len(names), *names, self.namespace)
+        self._find_sha = True
+        return list(raws)
 
     async def replace(self, key: ApiKey, *, expected: ApiKey | None = None) -> None:
         record = key.model_dump_json()
