@@ -82,11 +82,13 @@ LIMIT = "10000000/minute"  # never refuses during a run
 PATTERNS = ("round-robin", "uniform", "zipf")
 ZIPF_S = 1.1
 # The commands keystile's Lua scripts run inside Redis (the rate limit's, the usage
-# flush's): counted apart from the commands sent over the wire.
+# flush's, and the lookup's GETs, digest then record, in key_find.lua on this standalone
+# server): counted apart from the commands sent over the wire.
 IN_LUA = frozenset(
     [
         "del",
         "expire",
+        "get",
         "hdel",
         "hget",
         "hgetall",
