@@ -12,6 +12,7 @@ from typing import Any
 import fakeredis
 import pytest
 import redis
+import redis.asyncio
 
 from keystile import CreatedKey, KeyHasher, KeyManager, ManualClock, MemoryStore, RedisStore
 from keystile.stores import CachedStore, KeyStore
@@ -81,13 +82,38 @@ def redis_namespace() -> Iterator[str]:
     cleanup_namespace(namespace)
 
 
+class _FakeConnection(fakeredis.FakeAsyncRedisConnection):  # type: ignore[misc]
+    """fakeredis's async connection, printable when it is given a server of the test's own.
+
+    fakeredis (2.41.0, the newest release as of 2026-12) prints a connection as its
+    ``server_key``, an attribute it sets only when it looks up a server by host and port
+    itself, never when the client is given ``server=``. redis-py 8.2.0 prints the connection
+    into a DEBUG record each time a write or read fails
+    (``redis.asyncio.connection.add_debug_log_for_connection_failure``), so with that logger
+    enabled for DEBUG (KEYSTILE_TEST_LEAK_CHECK=1 sets the root logger to DEBUG) a fakeredis
+    server made to drop its connections (``server.connected = False``) raised AttributeError
+    instead of redis.ConnectionError. redis-py 8.1 never printed the connection there.
+    Drop this class once fakeredis prints such connections itself."""
+
+    def __str__(self) -> str:
+        key = getattr(self, "server_key", None)
+        return key if isinstance(key, str) else f"fakeredis {self.host}:{self.port}"
+
+
+def fake_redis(server: fakeredis.FakeServer | None = None) -> redis.asyncio.Redis:
+    """A fakeredis asyncio client on ``server`` (a new FakeServer by default): every test
+    builds its fakeredis clients given a server here (see _FakeConnection)."""
+    return fakeredis.FakeAsyncRedis(
+        server=fakeredis.FakeServer() if server is None else server,
+        connection_class=_FakeConnection,
+    )
+
+
 async def _make_store(kind: str, namespace: str, **options: Any) -> RedisStore | MemoryStore:
     if kind == "memory":
         return MemoryStore()
     if kind == "fakeredis":
-        server = options.pop("server", None) or fakeredis.FakeServer()
-        client = fakeredis.FakeAsyncRedis(server=server)
-        return RedisStore(client, namespace=namespace, **options)
+        return RedisStore(fake_redis(options.pop("server", None)), namespace=namespace, **options)
     if kind == "cluster":
         assert _cluster is not None, "the cluster backend needs the redis_cluster fixture"
         return RedisStore.from_url(_cluster.url, namespace=namespace, **options)

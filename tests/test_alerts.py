@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from conftest import REDIS_URL, cleanup_namespace, new_namespace, require_redis
+from conftest import REDIS_URL, cleanup_namespace, fake_redis, new_namespace, require_redis
 from keystile import KeystileSettings, ManualClock, MemoryStore, RedisStore
 from keystile.alerts import (
     Alert,
@@ -291,7 +291,6 @@ async def test_a_new_address_within_one_flush_interval_fires(
 @pytest.fixture(params=["memory", "fakeredis", "redis"])
 async def address_state(request: pytest.FixtureRequest) -> AsyncIterator[AlertState]:
     """The alert state of each backend (Redis ones under a fresh namespace)."""
-    import fakeredis
     import redis.asyncio
 
     namespace = new_namespace()
@@ -302,7 +301,7 @@ async def address_state(request: pytest.FixtureRequest) -> AsyncIterator[AlertSt
         require_redis()
         client = redis.asyncio.Redis.from_url(REDIS_URL)
     else:
-        client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+        client = fake_redis()
     yield RedisAlertState(client, namespace=namespace)
     await client.aclose()
     if request.param == "redis":
@@ -344,7 +343,6 @@ async def test_item10_a_keys_known_addresses_stop_at_the_cap(address_state: Aler
 async def test_item10_a_set_grown_past_the_cap_before_is_cut_back_to_it(kind: str) -> None:
     """A set the old pipeline grew to 19,200 members goes back to the cap at the key's next
     flush, and reports nothing."""
-    import fakeredis
     import redis.asyncio
 
     namespace = new_namespace()
@@ -352,7 +350,7 @@ async def test_item10_a_set_grown_past_the_cap_before_is_cut_back_to_it(kind: st
         require_redis()
         client = redis.asyncio.Redis.from_url(REDIS_URL)
     else:
-        client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+        client = fake_redis()
     try:
         state = RedisAlertState(client, namespace=namespace)
         name = f"{namespace}:usage:{{key_old}}:seen_ips"
@@ -392,7 +390,6 @@ async def test_a_key_on_its_known_addresses_costs_no_round_trip_until_the_rechec
     used only those send nothing to Redis (the set's TTL, shortened here, is left as it
     is); a new address is still noted and reported; an hour on, the known address is
     noted again, which renews the set's 90-day TTL."""
-    import fakeredis
     import redis.asyncio
 
     namespace = new_namespace()
@@ -400,7 +397,7 @@ async def test_a_key_on_its_known_addresses_costs_no_round_trip_until_the_rechec
         require_redis()
         client = redis.asyncio.Redis.from_url(REDIS_URL)
     else:
-        client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+        client = fake_redis()
     clock = [1000.0]
     try:
         state = RedisAlertState(client, namespace=namespace, monotonic=lambda: clock[0])

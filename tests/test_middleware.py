@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from conftest import SECRET, new_namespace
+from conftest import SECRET, fake_redis, new_namespace
 from keystile import (
     ApiKey,
     KeyStore,
@@ -535,7 +535,7 @@ async def test_cached_key_works_while_the_redis_connection_is_down(clock: Manual
     """With the Redis connection gone (fakeredis disconnected), a cached key still passes and
     an uncached one gets 503."""
     server = fakeredis.FakeServer()
-    store = RedisStore(fakeredis.FakeAsyncRedis(server=server), namespace=new_namespace())
+    store = RedisStore(fake_redis(server), namespace=new_namespace())
     gate = Keystile(store=store, secret=SECRET, clock=clock)
     try:
         assert await gate.store.start(timeout=2.0)

@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from conftest import SECRET, new_namespace
+from conftest import SECRET, fake_redis, new_namespace
 from faults.redis_server import RedisServer
 from keystile import Keystile, KeystileSettings, ManualClock, RedisStore
 from keystile.demo import build_demo_app
@@ -175,7 +175,7 @@ class Failing:
         self.own: RedisServer | None = None
         if kind == "fakeredis":
             self.fake_server = fakeredis.FakeServer()
-            self.client: Redis = fakeredis.FakeAsyncRedis(server=self.fake_server)
+            self.client: Redis = fake_redis(self.fake_server)
         else:
             self.own = RedisServer()
             self.own.start()

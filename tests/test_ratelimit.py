@@ -37,6 +37,7 @@ from conftest import (
     Figures,
     budget,
     cleanup_namespace,
+    fake_redis,
     new_namespace,
     require_redis,
 )
@@ -176,7 +177,7 @@ async def redis_client(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Re
         require_redis()
         made: Redis = Redis.from_url(REDIS_URL)
     else:
-        made = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+        made = fake_redis()
     yield made, namespace
     await made.aclose()
     if request.param == "redis":
@@ -477,7 +478,7 @@ async def virtual_limiter(kind: str) -> AsyncIterator[Driver]:
         if kind == "cluster"
         else open_redis(conftest._sentinel.store_url)
         if kind == "sentinel"
-        else fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+        else fake_redis()
     )
     try:
         async with own_limiter(made, namespace=namespace, local_refusals=False) as limiter:
@@ -1534,7 +1535,7 @@ async def outage(request: pytest.FixtureRequest, monotonic: list[float]) -> Asyn
     }
     if request.param == "fakeredis":
         server = fakeredis.FakeServer()
-        fake = fakeredis.FakeAsyncRedis(server=server)
+        fake = fake_redis(server)
         limiter = RedisLimiter(fake, namespace=namespace, **options)
 
         def down() -> None:
@@ -1659,7 +1660,7 @@ async def test_while_one_request_tries_redis_the_others_do_not_wait(
 
 
 def test_backing_off_is_configured_sensibly() -> None:
-    fake = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    fake = fake_redis()
     for options in ({"trip_after": 0}, {"backoff": (0.0, 1.0)}, {"backoff": (2.0, 1.0)}):
         with pytest.raises(ValueError, match="trip_after"):
             RedisLimiter(fake, **options)

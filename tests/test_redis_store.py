@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import redis
 
-from conftest import REDIS_URL, cleanup_namespace, new_namespace, require_redis
+from conftest import REDIS_URL, cleanup_namespace, fake_redis, new_namespace, require_redis
 from keystile import KeyHasher, KeyManager, RedisStore, StoreError, StoreUnavailable
 from keystile.stores import CachedStore
 
@@ -206,3 +207,34 @@ async def test_a_retried_digest_write_is_not_a_conflict(crash_store: RedisStore)
     assert await crash_store.client.ttl(crash_store.schema.digest(digest)) == -1
     with pytest.raises(KeyConflict):
         await crash_store.add(record(16), digest)
+
+
+# -- the tests' fakeredis clients fail as a dropped Redis does, with redis-py's DEBUG log on -
+
+
+async def test_a_dropped_fakeredis_server_is_unavailable_with_redis_pys_debug_log_on(
+    caplog: pytest.LogCaptureFixture, hasher: KeyHasher
+) -> None:
+    """The fault tests drop the connections of a fakeredis server made by conftest.fake_redis
+    (``server.connected = False``). redis-py 8.2 prints the connection into a DEBUG record of
+    each failed write or read: that must still end in redis.ConnectionError (StoreUnavailable
+    from the store), never in an error from printing the connection, whatever the log level."""
+    import fakeredis
+
+    caplog.set_level(logging.DEBUG, logger="redis.asyncio.connection")
+    server = fakeredis.FakeServer()
+    client = fake_redis(server)
+    store = RedisStore(fake_redis(server), namespace=new_namespace())
+    try:
+        assert await client.set("k", "v")
+        digest = hasher.digest("no-such-secret")
+        assert await store.find(digest) is None
+        server.connected = False
+        with pytest.raises(redis.ConnectionError):
+            await client.get("k")
+        with pytest.raises(StoreUnavailable) as caught:
+            await store.find(digest)
+        assert isinstance(caught.value.__cause__, redis.ConnectionError)
+    finally:
+        await client.aclose()
+        await store.close()
