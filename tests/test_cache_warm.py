@@ -410,9 +410,18 @@ async def test_remembered_credentials_leave_with_their_entry(
     never holds more than the cache, without scanning it."""
     cache = CachedStore(store, max_size=3, clock=ManualClock(0.0))
     manager = KeyManager(store, hasher)
+    await cache.start()
+    # Every key is issued, and its announcement heard, before the lookups: a creation's
+    # announcement arriving after its key's lookup would drop the entry just cached.
+    epoch = cache._epoch
+    issued = [await issue(manager, {"name": f"k{n}", "type": "dev"}) for n in range(6)]
+    for _ in range(500):
+        if cache._epoch - epoch >= 6:
+            break
+        await asyncio.sleep(0.01)
+    assert cache._epoch - epoch >= 6, "the creations were never announced"
     ids = []
-    for n in range(6):
-        created, digest = await issue(manager, {"name": f"k{n}", "type": "dev"})
+    for n, (created, digest) in enumerate(issued):
         ids.append(created.key.id)
         entry = await cache.lookup(digest)
         assert entry is not None
