@@ -135,7 +135,9 @@ def _sentinel_master(
     auth = {"username": unquote(parts.username or "") or None}
     auth["password"] = unquote(parts.password) if parts.password is not None else None
     auth = {k: v for k, v in auth.items() if v is not None}
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    # redis-py types Sentinel from 8.2 on, not before: called untyped on every version.
+    make_sentinel: Any = Sentinel
+    sentinel = make_sentinel(
         locations,
         sentinel_kwargs={**auth, "socket_timeout": timeout, "socket_connect_timeout": timeout},
         **auth,
