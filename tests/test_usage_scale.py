@@ -10,6 +10,7 @@ import gc
 import os
 import sys
 import time
+import tracemalloc
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -274,6 +275,57 @@ async def test_a_flush_leaves_the_garbage_collector_nothing_to_track_per_key(
         assert [(await store.totals(k))[REQUESTS] for k in keys[:2]] == [4, 3]
     finally:
         await client.aclose()
+
+
+async def test_the_alert_rules_get_a_flushs_totals_unpacked_as_read(
+    own_client: Any, clock: ManualClock
+) -> None:
+    """Work, not time (issue #19): the totals a flush of 2,000 keys hands to a callback
+    marked ``lazy_totals`` (the alert rules') hold the script's replies, not an object or
+    two per key-minute (the earlier code unpacked each into a tuple keyed by a tuple):
+    fewer than 100 memory blocks allocated by the store and still alive. What they hold
+    is what a plain callback gets as a dict (a key flushed over two minutes included),
+    and ``at_least`` picks out the busy key-minutes."""
+    store = RedisUsageStore(own_client, namespace="ks")
+    handed: dict[str, Any] = {}
+    blocks: list[int] = []
+
+    def lazy(batch: Any, touched: Any) -> None:
+        if not tracemalloc.is_tracing():
+            return
+        gc.collect()  # (which empties the free lists of tuples, whose blocks count as used)
+        snapshot = tracemalloc.take_snapshot().filter_traces(
+            [tracemalloc.Filter(True, "*keystile/usage/*")]
+        )
+        blocks.append(sum(stat.count for stat in snapshot.statistics("filename")))
+        handed["lazy"] = touched
+
+    lazy.lazy_totals = True  # type: ignore[attr-defined]
+    recorder = UsageRecorder(
+        store, clock=clock, on_flush=[lazy, lambda b, t: handed.__setitem__("plain", t)]
+    )
+    keys = key_ids(2000)
+    record_each(recorder, ["key_warm"])
+    assert await recorder.flush()  # the script is loaded
+    clock.advance(60 - clock() % 60 - 0.5)
+    record_each(recorder, keys[:1])
+    clock.advance(1.0)  # the next minute
+    record_each(recorder, keys)
+    for _ in range(4):
+        record_each(recorder, keys[:3])
+    tracemalloc.start()
+    try:
+        assert await recorder.flush()
+    finally:
+        tracemalloc.stop()
+    assert blocks[0] < 100, blocks
+    lazy_totals, plain = handed["lazy"], handed["plain"]
+    assert isinstance(plain, dict) and len(plain) == 2001
+    assert dict(lazy_totals) == plain
+    minute = int(clock() // 60)
+    busy = [item for part in lazy_totals.at_least(3) for item in part]
+    assert sorted((k, m, c[REQUESTS]) for (k, m), c in busy) == [(k, minute, 5) for k in keys[:3]]
+    assert plain[(keys[0], minute - 1)][REQUESTS] == 1
 
 
 # -- memory: bounded by processes, not flushes ----------------------------------------------

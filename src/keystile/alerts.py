@@ -27,7 +27,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Annotated, Any, Protocol
 
@@ -215,7 +215,7 @@ class Alerter:
         return 0.0 if floor is None else float(floor(self.rules, known))
 
     async def on_flush(
-        self, batch: UsageBatch, touched: dict[tuple[str, int], Sequence[int]]
+        self, batch: UsageBatch, touched: Mapping[tuple[str, int], Sequence[int]]
     ) -> None:
         """Judge a flush. Only what may fire has its key's rules looked at: a key-minute
         with fewer requests than any per-minute rule needs, a row with no inactive
@@ -305,41 +305,51 @@ class Alerter:
                     )
         await self._settle()
 
+    # The flush's totals as the store gives them (keystile.usage.totals.FlushTotals: the
+    # busy minutes picked out, no others unpacked).
+    on_flush.lazy_totals = True  # type: ignore[attr-defined]
+
     async def _per_minute(
-        self, touched: dict[tuple[str, int], Sequence[int]], floor: float
+        self, touched: Mapping[tuple[str, int], Sequence[int]], floor: float
     ) -> None:
         """The per-minute rules, over the key-minutes with at least ``floor`` requests (a
         store's totals that can pick those out, :meth:`at_least`, unpack no others)."""
         if floor == math.inf:
             return
         at_least = getattr(touched, "at_least", None)
-        busy = touched.items() if at_least is None else at_least(floor)
-        for n, ((key_id, minute), counts) in enumerate(busy, 1):
-            if n % _YIELD_EVERY == 0:  # a flush of many keys lets requests run meanwhile
-                await asyncio.sleep(0)
-            requests = counts[REQUESTS]
-            if requests < floor:
-                continue
-            rules = self._known(key_id)
-            if rules.requests_per_minute is not None and requests > rules.requests_per_minute:
-                await self._fire(
-                    "requests_per_minute",
-                    key_id,
-                    f"{requests} requests in one minute (threshold {rules.requests_per_minute})",
-                    {"minute": to_datetime(minute * 60).isoformat(), "requests": requests},
-                )
-            errors = counts[ERRORS_4XX] + counts[ERRORS_5XX]
-            if (
-                rules.error_rate is not None
-                and requests >= rules.error_min_requests
-                and errors / requests > rules.error_rate
-            ):
-                await self._fire(
-                    "error_rate",
-                    key_id,
-                    f"{errors} of {requests} requests failed in one minute",
-                    {"minute": to_datetime(minute * 60).isoformat(), "errors": errors},
-                )
+        parts = [touched.items()] if at_least is None else at_least(floor)
+        n = 0
+        for part in parts:  # (a chunk of the flush's buckets: let requests run between)
+            await asyncio.sleep(0)
+            for (key_id, minute), counts in part:
+                n += 1
+                if n % _YIELD_EVERY == 0:
+                    await asyncio.sleep(0)
+                if counts[REQUESTS] >= floor:
+                    await self._judge_minute(key_id, minute, counts)
+
+    async def _judge_minute(self, key_id: str, minute: int, counts: Sequence[int]) -> None:
+        rules = self._known(key_id)
+        requests = counts[REQUESTS]
+        if rules.requests_per_minute is not None and requests > rules.requests_per_minute:
+            await self._fire(
+                "requests_per_minute",
+                key_id,
+                f"{requests} requests in one minute (threshold {rules.requests_per_minute})",
+                {"minute": to_datetime(minute * 60).isoformat(), "requests": requests},
+            )
+        errors = counts[ERRORS_4XX] + counts[ERRORS_5XX]
+        if (
+            rules.error_rate is not None
+            and requests >= rules.error_min_requests
+            and errors / requests > rules.error_rate
+        ):
+            await self._fire(
+                "error_rate",
+                key_id,
+                f"{errors} of {requests} requests failed in one minute",
+                {"minute": to_datetime(minute * 60).isoformat(), "errors": errors},
+            )
 
     async def _check_rotation(self, key_id: str, now: float) -> None:
         """A key past its type's rotation age, judged from the cached record (the middleware

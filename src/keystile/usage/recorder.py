@@ -18,7 +18,7 @@ import os
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -175,7 +175,7 @@ class UsageBatch:
 
 # Called after each flush with the batch written and the (key id, minute) counters it
 # touched; may be a coroutine function (the alerter's is).
-FlushCallback = Callable[[UsageBatch, dict[tuple[str, int], Sequence[int]]], Any]
+FlushCallback = Callable[[UsageBatch, Mapping[tuple[str, int], Sequence[int]]], Any]
 
 
 class UsageRecorder:
@@ -364,7 +364,7 @@ class UsageRecorder:
         number at most once, so a write whose reply was lost is not counted twice); while it
         fails, new counts keep gathering in the bounded buffer.
         """
-        written: list[tuple[UsageBatch, dict[tuple[str, int], Sequence[int]]]] = []
+        written: list[tuple[UsageBatch, Mapping[tuple[str, int], Sequence[int]]]] = []
         ok = True
         async with self._flush_lock:
             while self._retry and ok:
@@ -381,9 +381,15 @@ class UsageRecorder:
                     if not ok:
                         self._retry.append(batch)
         for batch, touched in written:
+            whole = getattr(touched, "whole", None)
             for callback in self.on_flush:
                 try:
-                    result = callback(batch, touched)
+                    # A store's totals unpacked as read go to callbacks that say they read
+                    # them so (the alert rules': the busy minutes only); others get a dict.
+                    given = touched
+                    if whole is not None and not getattr(callback, "lazy_totals", False):
+                        given = whole()
+                    result = callback(batch, given)
                     if asyncio.iscoroutine(result):
                         await result
                 except Exception:  # an alert rule must not lose the next flush
@@ -406,7 +412,7 @@ class UsageRecorder:
     async def _write(
         self,
         batch: UsageBatch,
-        written: list[tuple[UsageBatch, dict[tuple[str, int], Sequence[int]]]],
+        written: list[tuple[UsageBatch, Mapping[tuple[str, int], Sequence[int]]]],
     ) -> bool:
         began = time.perf_counter()
         try:

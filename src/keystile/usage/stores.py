@@ -14,7 +14,7 @@ import itertools
 import json
 import math
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from redis.asyncio.cluster import RedisCluster
@@ -38,6 +38,7 @@ from keystile.usage.models import (
     LastUse,
     tracked,
 )
+from keystile.usage.totals import FlushTotals, unpack
 
 if TYPE_CHECKING:
     from keystile.usage.recorder import UsageBatch
@@ -63,7 +64,7 @@ class UsageStore(Protocol):
     ``minute_retention`` seconds and per-day ones for ``day_retention``; reports ask a store
     with those attributes for nothing older."""
 
-    async def write(self, batch: UsageBatch) -> dict[tuple[str, int], Sequence[int]]:
+    async def write(self, batch: UsageBatch) -> Mapping[tuple[str, int], Sequence[int]]:
         """Add a batch; return the new per-minute totals of the buckets it touched."""
 
     async def series(
@@ -106,7 +107,7 @@ class MemoryUsageStore:
         # The latest sequence each process applied, the most recent writer last.
         self._applied: OrderedDict[str, int] = OrderedDict()
 
-    async def write(self, batch: UsageBatch) -> dict[tuple[str, int], Sequence[int]]:
+    async def write(self, batch: UsageBatch) -> Mapping[tuple[str, int], Sequence[int]]:
         if self._applied.get(batch.process, -1) >= batch.seq:
             return {}
         self._applied[batch.process] = batch.seq
@@ -211,7 +212,7 @@ class RedisUsageStore:
             self._slot = lambda key_id: int(key_slot(self.names.usage(key_id, "").encode()))
 
     @translated("writing usage")
-    async def write(self, batch: UsageBatch) -> dict[tuple[str, int], Sequence[int]]:
+    async def write(self, batch: UsageBatch) -> Mapping[tuple[str, int], Sequence[int]]:
         entries = await _entries(batch)
         index, index_ttl = self.names.usage_index, self.day_retention + DAY
         cluster = self._slot is not None
@@ -228,7 +229,7 @@ class RedisUsageStore:
                 0 if cluster else index_ttl,  # the index is the last of KEYS (not on a cluster)
             ]
         )
-        touched: dict[tuple[str, int], Sequence[int]] = {}
+        touched = FlushTotals()
         scores: dict[str, Any] = {}
         for chunk in _chunks(entries, self._slot):
             keys = [self.names.usage(key_id, "total") for key_id in chunk]
@@ -238,7 +239,7 @@ class RedisUsageStore:
                 scores.update((k, entries[k][1] or entries[k][4] or 0) for k in chunk)
             else:
                 reply = await self._script(keys=[*keys, index], args=[head, payload])
-            _read_totals(chunk, entries, reply, touched)
+            touched.add(*_buckets(chunk, entries), reply)
             await asyncio.sleep(0)  # a large flush lets requests run between its chunks
         for start in range(0, len(scores), CHUNK_ROWS):
             part = dict(itertools.islice(scores.items(), start, start + CHUNK_ROWS))
@@ -276,7 +277,7 @@ class RedisUsageStore:
                             row[FIELDS.index(name)] += int(value)
                             continue
                         row = rows.setdefault(hour * 60 + int(minute_text), [0] * NFIELDS)
-                        for i, count in enumerate(_unpack(_text(value))):
+                        for i, count in enumerate(unpack(_text(value))):
                             row[i] += count
             return [(m * MINUTE, rows[m]) for m in sorted(rows) if start <= m * MINUTE < end]
         first_day, last_day = int(start // DAY), math.ceil(end / DAY)
@@ -387,28 +388,18 @@ def _chunks(
             yield chunk
 
 
-def _read_totals(
-    chunk: list[str],
-    entries: dict[str, tuple[Any, ...]],
-    reply: bytes | str,
-    touched: dict[tuple[str, int], Sequence[int]],
-) -> None:
-    """The script's reply — each bucket's totals after the write — into ``touched``."""
-    packed = iter(_text(reply).split(";"))
+def _buckets(chunk: list[str], entries: dict[str, tuple[Any, ...]]) -> tuple[list[str], list[int]]:
+    """The key id and the minute of each bucket of ``chunk``'s shares, in order."""
+    minutes = [entries[key_id][0][0] for key_id in chunk]
+    if all(len(entries[key_id][0]) == NFIELDS + 1 for key_id in chunk):  # one bucket each
+        return chunk, minutes
+    keys, minutes = [], []
     for key_id in chunk:
         buckets = entries[key_id][0]
         for b in range(0, len(buckets), NFIELDS + 1):
-            touched[(key_id, buckets[b])] = _unpack(next(packed))
-
-
-def _unpack(packed: str) -> tuple[int, ...]:
-    """A minute's counters as the hour hash holds them: comma-separated, trailing zeros
-    left out. A tuple of ints: the garbage collector stops tracking it at its next pass
-    (a flush's totals, one per key-minute, live until the alert rules have read them)."""
-    counts = tuple(map(int, packed.split(","))) if packed else ()
-    if len(counts) < NFIELDS:
-        counts += _ZEROS[len(counts) :]
-    return counts
+            keys.append(key_id)
+            minutes.append(buckets[b])
+    return keys, minutes
 
 
 _ZEROS = (0,) * NFIELDS
