@@ -205,6 +205,9 @@ class RedisUsageStore:
         self.day_retention = day_retention
         self.top_n = top_n
         self._script = client.register_script(_WRITE)
+        # What a key's usage names are made of around its id: ``<ns>:usage:{``, ``}:``.
+        before, _, after = self.names.usage("\n", "").partition("\n")
+        self._names = (before, after)
         # On a Redis Cluster one script call may touch one hash slot only: a flush's chunks
         # are then of keys of one slot (every name of a key shares its slot).
         self._slot: Callable[[str], int] | None = None
@@ -227,19 +230,22 @@ class RedisUsageStore:
                 self.day_retention + DAY,
                 tracked(self.top_n),
                 0 if cluster else index_ttl,  # the index is the last of KEYS (not on a cluster)
+                *self._names,
             ]
         )
         touched = FlushTotals()
         scores: dict[str, Any] = {}
-        for chunk in _chunks(entries, self._slot):
-            keys = [self.names.usage(key_id, "total") for key_id in chunk]
+        single = batch.rows == len(entries)  # one bucket per key: the usual flush
+        for chunk in _chunks(entries, self._slot, single):
+            # One declared name per call (the chunk's slot); the script makes each key's.
+            keys = [self.names.usage(chunk[0], "total")]
             payload = json.dumps([entries[key_id] for key_id in chunk], separators=(",", ":"))
             if cluster:  # one slot per call: the index, in a slot of its own, comes last
                 reply = await self._script(keys=keys, args=[head, payload])
                 scores.update((k, entries[k][1] or entries[k][4] or 0) for k in chunk)
             else:
                 reply = await self._script(keys=[*keys, index], args=[head, payload])
-            touched.add(*_buckets(chunk, entries), reply)
+            touched.add(*_buckets(chunk, entries, single), reply)
             await asyncio.sleep(0)  # a large flush lets requests run between its chunks
         for start in range(0, len(scores), CHUNK_ROWS):
             part = dict(itertools.islice(scores.items(), start, start + CHUNK_ROWS))
@@ -364,10 +370,15 @@ def _members(counter: Counter[str] | None) -> tuple[Any, ...]:
 
 
 def _chunks(
-    entries: dict[str, tuple[Any, ...]], slot: Callable[[str], int] | None
+    entries: dict[str, tuple[Any, ...]], slot: Callable[[str], int] | None, single: bool
 ) -> Iterator[list[str]]:
-    """The key ids of ``entries`` in chunks of about ``CHUNK_ROWS`` buckets; with ``slot``
-    (a cluster), each chunk of keys of one slot."""
+    """The key ids of ``entries`` in chunks of about ``CHUNK_ROWS`` buckets (``single``:
+    each share has one); with ``slot`` (a cluster), each chunk of keys of one slot."""
+    if slot is None and single:
+        keys = list(entries)
+        for start in range(0, len(keys), CHUNK_ROWS):
+            yield keys[start : start + CHUNK_ROWS]
+        return
     if slot is None:
         groups: list[list[str]] = [list(entries)]
     else:
@@ -388,12 +399,15 @@ def _chunks(
             yield chunk
 
 
-def _buckets(chunk: list[str], entries: dict[str, tuple[Any, ...]]) -> tuple[list[str], list[int]]:
-    """The key id and the minute of each bucket of ``chunk``'s shares, in order."""
-    minutes = [entries[key_id][0][0] for key_id in chunk]
-    if all(len(entries[key_id][0]) == NFIELDS + 1 for key_id in chunk):  # one bucket each
-        return chunk, minutes
-    keys, minutes = [], []
+def _buckets(
+    chunk: list[str], entries: dict[str, tuple[Any, ...]], single: bool
+) -> tuple[list[str], list[int]]:
+    """The key id and the minute of each bucket of ``chunk``'s shares, in order
+    (``single``: each share has one)."""
+    if single:
+        return chunk, [entries[key_id][0][0] for key_id in chunk]
+    keys: list[str] = []
+    minutes: list[int] = []
     for key_id in chunk:
         buckets = entries[key_id][0]
         for b in range(0, len(buckets), NFIELDS + 1):
