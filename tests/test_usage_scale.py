@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import math
 import os
 import sys
 import time
@@ -85,6 +86,64 @@ async def test_a_flush_of_many_keys_is_one_script_call_per_chunk(
     assert [(await store.totals(k))[REQUESTS] for k in keys[:12]] == [2] * 10 + [1] * 2
     assert (await store.totals(keys[-1]))[REQUESTS] == 1
     assert len(await store.keys(limit=2000)) == 1001  # and key_warm
+
+
+async def test_a_flush_of_many_chunks_waits_on_redis_a_few_times_and_survives_a_script_flush(
+    own_redis: RedisServer, own_client: Any, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Work, not time (issue #19): a flush of 40 chunks sends its first script call alone,
+    then the rest 16 (``PIPELINE_CHUNKS``) to a round trip — 4 waits on Redis, not 40 (each costs
+    the process CPU of its own); after a SCRIPT FLUSH the calls that found the script
+    missing are sent again, and every key counts once."""
+    recorder = UsageRecorder(RedisUsageStore(own_client, namespace="ks"), clock=clock)
+    record_each(recorder, ["key_warm"])
+    assert await recorder.flush()  # the script is loaded
+    trips = [0]
+    execute = own_client.execute_command
+
+    async def counting_execute(*args: Any, **kwargs: Any) -> Any:
+        trips[0] += 1
+        return await execute(*args, **kwargs)
+
+    pipeline = own_client.pipeline
+
+    def counting_pipeline(*args: Any, **kwargs: Any) -> Any:
+        trips[0] += 1
+        return pipeline(*args, **kwargs)
+
+    monkeypatch.setattr(own_client, "execute_command", counting_execute)
+    monkeypatch.setattr(own_client, "pipeline", counting_pipeline)
+    keys = key_ids(40 * CHUNK_ROWS)
+    record_each(recorder, keys)
+    own_redis.reset()
+    assert await recorder.flush()
+    assert own_redis.commands().get("evalsha") == 40
+    assert trips[0] == 1 + math.ceil(39 / 16) == 4  # PIPELINE_CHUNKS = 16
+    monkeypatch.undo()
+    store = recorder.store
+    script = store._script  # type: ignore[attr-defined]
+
+    class Forgetting:
+        """The script, which Redis forgets right after the flush's first call."""
+
+        sha = script.sha
+        calls = 0
+
+        async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            reply = await script(*args, **kwargs)
+            self.calls += 1
+            if self.calls == 1:
+                await own_client.script_flush()
+            return reply
+
+    store._script = Forgetting()  # type: ignore[attr-defined]
+    record_each(recorder, keys)
+    own_redis.reset()
+    assert await recorder.flush()
+    # 16 found it missing: loaded, they were sent again at once; then the rest
+    assert own_redis.commands().get("evalsha") == 1 + 16 + 16 + 16 + 7
+    assert own_redis.commands().get("script|load") == 1
+    assert {(await store.totals(k))[REQUESTS] for k in keys[::97]} == {2}
 
 
 @pytest.mark.timing
