@@ -24,7 +24,14 @@ from conftest import REDIS_URL, Figures
 from faults.redis_server import RedisServer, free_port, need_redis_server
 from keystile import KeystileSettings, ManualClock, RedisStore
 from keystile.gate import Keystile
-from keystile.usage import BY_CLIENT, FIELDS, WATCH_IPS, RedisUsageStore, UsageRecorder
+from keystile.usage import (
+    BY_CLIENT,
+    FIELDS,
+    WATCH_IPS,
+    MemoryUsageStore,
+    RedisUsageStore,
+    UsageRecorder,
+)
 from keystile.usage.stores import CHUNK_ROWS, _entries
 from test_usage import StallingProxy
 from usage_app import build_app, http
@@ -385,6 +392,33 @@ async def test_the_alert_rules_get_a_flushs_totals_unpacked_as_read(
     busy = [item for part in lazy_totals.at_least(3) for item in part]
     assert sorted((k, m, c[REQUESTS]) for (k, m), c in busy) == [(k, minute, 5) for k in keys[:3]]
     assert plain[(keys[0], minute - 1)][REQUESTS] == 1
+
+
+async def test_a_buffered_row_is_not_tracked_by_the_garbage_collector(clock: ManualClock) -> None:
+    """Work, not time (issue #19): the row a key's requests are counted in lives from its
+    first request to the flush; a list would be tracked by the garbage collector (ten
+    thousand keys: ten thousand objects reaching its oldest generation per flush, which
+    trigger full collections of the app's heap). A row of plain values is not tracked —
+    a production key on one address, a client key, a refusal — and one seen from two
+    addresses is (its set of them), and still counts exactly."""
+    recorder = UsageRecorder(MemoryUsageStore(clock=clock), clock=clock)
+    recorder.record("key_prod", 200, 10, 500, "198.51.100.7", None, WATCH_IPS)
+    recorder.record("key_prod", 404, 0, 20, "198.51.100.7", None, WATCH_IPS)
+    recorder.record("key_client", 200, 0, 50, "203.0.113.1", ORIGIN, BY_CLIENT)
+    recorder.record_refusal("key_revoked", "inactive")
+    recorder.record_tokens("key_prod", 30)
+    recorder.record("key_moving", 200, 0, 1, "198.51.100.7", None, WATCH_IPS)
+    recorder.record("key_moving", 200, 0, 1, "198.51.100.8", None, WATCH_IPS)
+    rows = recorder._batch.minutes[int(clock() // 60)]
+    assert {key: gc.is_tracked(row) for key, row in rows.items()} == {
+        "key_prod": False,
+        "key_client": False,
+        "key_revoked": False,
+        "key_moving": True,
+    }
+    assert await recorder.flush()
+    totals = await recorder.store.totals("key_prod")
+    assert totals[:4] == [2, 10, 520, 1] and totals[FIELDS.index("tokens")] == 30
 
 
 # -- memory: bounded by processes, not flushes ----------------------------------------------

@@ -37,6 +37,7 @@ from keystile.usage.models import (
     ORIGIN,
     Granularity,
     LastUse,
+    counters,
     tracked,
 )
 from keystile.usage.totals import FlushTotals, unpack
@@ -388,7 +389,7 @@ async def _entries(batch: UsageBatch) -> dict[str, tuple[Any, ...]]:
     done = 0
     for minute in sorted(batch.minutes):
         for key_id, row in batch.minutes[minute].items():
-            buckets = (minute, *row[:NFIELDS])
+            buckets = (minute, *counters(row))
             at, inactive = row[AT], row[INACTIVE_AT]
             entry = entries.get(key_id)
             if entry is None:  # the usual case: one minute of the key in the flush
