@@ -489,6 +489,45 @@ async def test_rotation_age_follows_the_key_type(rig_for: Callable[..., Rig]) ->
     assert await rig.flush() == ["rotation_due"]
 
 
+async def test_a_flush_looks_at_the_rules_and_records_of_the_keys_that_may_fire_only(
+    rig_for: Callable[..., Rig],
+) -> None:
+    """Work, not time (issue #19): once a flush has seen 40 production keys, the next
+    flush of their ordinary use looks at no key's rules and reads no cached record — a
+    key-minute with fewer requests than any per-minute rule needs, a key on addresses
+    known to hold and a key younger than its rotation age are judged without them (the
+    earlier code resolved each key's rules three times and read each record, per flush)
+    — and a key used from a new address has its own looked at, and fires."""
+    rig = rig_for()
+    made = [await rig.key("prod") for _ in range(40)]
+    for _, headers in made:
+        await rig.send(headers)
+    assert await rig.flush() == []  # each key's baseline address; each record read once
+    alerter = rig.gate.alerts
+    judged: list[str] = []
+    read: list[str] = []
+    known, cached = alerter._known, alerter.cached
+
+    def counting_known(key_id: str) -> AlertRules:
+        judged.append(key_id)
+        return known(key_id)
+
+    def counting_cached(key_id: str) -> Any:
+        read.append(key_id)
+        return cached(key_id)
+
+    alerter._known = counting_known  # type: ignore[method-assign]
+    alerter.cached = counting_cached
+    for _, headers in made:
+        await rig.send(headers, n=2)
+    assert await rig.flush() == []
+    assert (judged, read) == ([], [])
+    await rig.send(made[0][1], ip="198.51.100.99")
+    await rig.send(made[1][1])
+    assert await rig.flush() == ["new_ip"]
+    assert set(judged) == {made[0][0]} and read == []
+
+
 # -- delivery: callbacks and the log --------------------------------------------------------
 
 

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import math
 import os
 import sys
 import time
+import tracemalloc
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -22,7 +24,14 @@ from conftest import REDIS_URL, Figures
 from faults.redis_server import RedisServer, free_port, need_redis_server
 from keystile import KeystileSettings, ManualClock, RedisStore
 from keystile.gate import Keystile
-from keystile.usage import BY_CLIENT, FIELDS, WATCH_IPS, RedisUsageStore, UsageRecorder
+from keystile.usage import (
+    BY_CLIENT,
+    FIELDS,
+    WATCH_IPS,
+    MemoryUsageStore,
+    RedisUsageStore,
+    UsageRecorder,
+)
 from keystile.usage.stores import CHUNK_ROWS, _entries
 from test_usage import StallingProxy
 from usage_app import build_app, http
@@ -84,6 +93,64 @@ async def test_a_flush_of_many_keys_is_one_script_call_per_chunk(
     assert [(await store.totals(k))[REQUESTS] for k in keys[:12]] == [2] * 10 + [1] * 2
     assert (await store.totals(keys[-1]))[REQUESTS] == 1
     assert len(await store.keys(limit=2000)) == 1001  # and key_warm
+
+
+async def test_a_flush_of_many_chunks_waits_on_redis_a_few_times_and_survives_a_script_flush(
+    own_redis: RedisServer, own_client: Any, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Work, not time (issue #19): a flush of 40 chunks sends its first script call alone,
+    then the rest 16 (``PIPELINE_CHUNKS``) to a round trip — 4 waits on Redis, not 40 (each costs
+    the process CPU of its own); after a SCRIPT FLUSH the calls that found the script
+    missing are sent again, and every key counts once."""
+    recorder = UsageRecorder(RedisUsageStore(own_client, namespace="ks"), clock=clock)
+    record_each(recorder, ["key_warm"])
+    assert await recorder.flush()  # the script is loaded
+    trips = [0]
+    execute = own_client.execute_command
+
+    async def counting_execute(*args: Any, **kwargs: Any) -> Any:
+        trips[0] += 1
+        return await execute(*args, **kwargs)
+
+    pipeline = own_client.pipeline
+
+    def counting_pipeline(*args: Any, **kwargs: Any) -> Any:
+        trips[0] += 1
+        return pipeline(*args, **kwargs)
+
+    monkeypatch.setattr(own_client, "execute_command", counting_execute)
+    monkeypatch.setattr(own_client, "pipeline", counting_pipeline)
+    keys = key_ids(40 * CHUNK_ROWS)
+    record_each(recorder, keys)
+    own_redis.reset()
+    assert await recorder.flush()
+    assert own_redis.commands().get("evalsha") == 40
+    assert trips[0] == 1 + math.ceil(39 / 16) == 4  # PIPELINE_CHUNKS = 16
+    monkeypatch.undo()
+    store = recorder.store
+    script = store._script  # type: ignore[attr-defined]
+
+    class Forgetting:
+        """The script, which Redis forgets right after the flush's first call."""
+
+        sha = script.sha
+        calls = 0
+
+        async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            reply = await script(*args, **kwargs)
+            self.calls += 1
+            if self.calls == 1:
+                await own_client.script_flush()
+            return reply
+
+    store._script = Forgetting()  # type: ignore[attr-defined]
+    record_each(recorder, keys)
+    own_redis.reset()
+    assert await recorder.flush()
+    # 16 found it missing: loaded, they were sent again at once; then the rest
+    assert own_redis.commands().get("evalsha") == 1 + 16 + 16 + 16 + 7
+    assert own_redis.commands().get("script|load") == 1
+    assert {(await store.totals(k))[REQUESTS] for k in keys[::97]} == {2}
 
 
 @pytest.mark.timing
@@ -274,6 +341,84 @@ async def test_a_flush_leaves_the_garbage_collector_nothing_to_track_per_key(
         assert [(await store.totals(k))[REQUESTS] for k in keys[:2]] == [4, 3]
     finally:
         await client.aclose()
+
+
+async def test_the_alert_rules_get_a_flushs_totals_unpacked_as_read(
+    own_client: Any, clock: ManualClock
+) -> None:
+    """Work, not time (issue #19): the totals a flush of 2,000 keys hands to a callback
+    marked ``lazy_totals`` (the alert rules') hold the script's replies, not an object or
+    two per key-minute (the earlier code unpacked each into a tuple keyed by a tuple):
+    fewer than 100 memory blocks allocated by the store and still alive. What they hold
+    is what a plain callback gets as a dict (a key flushed over two minutes included),
+    and ``at_least`` picks out the busy key-minutes."""
+    store = RedisUsageStore(own_client, namespace="ks")
+    handed: dict[str, Any] = {}
+    blocks: list[int] = []
+
+    def lazy(batch: Any, touched: Any) -> None:
+        if not tracemalloc.is_tracing():
+            return
+        gc.collect()  # (which empties the free lists of tuples, whose blocks count as used)
+        snapshot = tracemalloc.take_snapshot().filter_traces(
+            [tracemalloc.Filter(True, "*keystile/usage/*")]
+        )
+        blocks.append(sum(stat.count for stat in snapshot.statistics("filename")))
+        handed["lazy"] = touched
+
+    lazy.lazy_totals = True  # type: ignore[attr-defined]
+    recorder = UsageRecorder(
+        store, clock=clock, on_flush=[lazy, lambda b, t: handed.__setitem__("plain", t)]
+    )
+    keys = key_ids(2000)
+    record_each(recorder, ["key_warm"])
+    assert await recorder.flush()  # the script is loaded
+    clock.advance(60 - clock() % 60 - 0.5)
+    record_each(recorder, keys[:1])
+    clock.advance(1.0)  # the next minute
+    record_each(recorder, keys)
+    for _ in range(4):
+        record_each(recorder, keys[:3])
+    tracemalloc.start()
+    try:
+        assert await recorder.flush()
+    finally:
+        tracemalloc.stop()
+    assert blocks[0] < 100, blocks
+    lazy_totals, plain = handed["lazy"], handed["plain"]
+    assert isinstance(plain, dict) and len(plain) == 2001
+    assert dict(lazy_totals) == plain
+    minute = int(clock() // 60)
+    busy = [item for part in lazy_totals.at_least(3) for item in part]
+    assert sorted((k, m, c[REQUESTS]) for (k, m), c in busy) == [(k, minute, 5) for k in keys[:3]]
+    assert plain[(keys[0], minute - 1)][REQUESTS] == 1
+
+
+async def test_a_buffered_row_is_not_tracked_by_the_garbage_collector(clock: ManualClock) -> None:
+    """Work, not time (issue #19): the row a key's requests are counted in lives from its
+    first request to the flush; a list would be tracked by the garbage collector (ten
+    thousand keys: ten thousand objects reaching its oldest generation per flush, which
+    trigger full collections of the app's heap). A row of plain values is not tracked —
+    a production key on one address, a client key, a refusal — and one seen from two
+    addresses is (its set of them), and still counts exactly."""
+    recorder = UsageRecorder(MemoryUsageStore(clock=clock), clock=clock)
+    recorder.record("key_prod", 200, 10, 500, "198.51.100.7", None, WATCH_IPS)
+    recorder.record("key_prod", 404, 0, 20, "198.51.100.7", None, WATCH_IPS)
+    recorder.record("key_client", 200, 0, 50, "203.0.113.1", ORIGIN, BY_CLIENT)
+    recorder.record_refusal("key_revoked", "inactive")
+    recorder.record_tokens("key_prod", 30)
+    recorder.record("key_moving", 200, 0, 1, "198.51.100.7", None, WATCH_IPS)
+    recorder.record("key_moving", 200, 0, 1, "198.51.100.8", None, WATCH_IPS)
+    rows = recorder._batch.minutes[int(clock() // 60)]
+    assert {key: gc.is_tracked(row) for key, row in rows.items()} == {
+        "key_prod": False,
+        "key_client": False,
+        "key_revoked": False,
+        "key_moving": True,
+    }
+    assert await recorder.flush()
+    totals = await recorder.store.totals("key_prod")
+    assert totals[:4] == [2, 10, 520, 1] and totals[FIELDS.index("tokens")] == 30
 
 
 # -- memory: bounded by processes, not flushes ----------------------------------------------

@@ -82,6 +82,19 @@ class MemoryAlertState:
     async def claim_many(self, names: list[str], cooldown: float) -> list[bool]:
         return [await self.claim(name, cooldown) for name in names]
 
+    def knowing(self) -> Callable[[str, str | set[str]], bool]:
+        """Whether a key's addresses are all known already (so :meth:`new_addresses` would
+        note nothing new for it): a flush leaves those out."""
+        known = self._seen
+
+        def knows(key_id: str, ips: str | set[str]) -> bool:
+            held = known.get(key_id)
+            if held is None:
+                return False
+            return ips in held if isinstance(ips, str) else ips <= held
+
+        return knows
+
     async def new_addresses(self, seen: dict[str, set[str]]) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
         for key_id, ips in seen.items():
@@ -138,6 +151,24 @@ class RedisAlertState:
             for name in names:
                 pipe.set(self._name(name), b"1", nx=True, px=max(1, int(cooldown * 1000)))
             return [bool(r) for r in await pipe.execute()]
+
+    def knowing(self) -> Callable[[str, str | set[str]], bool]:
+        """Whether this process has learnt, lately, that a key's set holds these addresses
+        (so :meth:`new_addresses` would neither ask Redis about it nor report anything):
+        a flush leaves those keys out."""
+        now = self._monotonic()
+        learnt = self._learnt
+
+        def knows(key_id: str, ips: str | set[str]) -> bool:
+            entry = learnt.get(key_id)
+            if entry is None or entry[0] <= now:
+                return False
+            held = entry[1]
+            if held is None:  # full
+                return True
+            return ips in held if isinstance(ips, str) else ips <= held
+
+        return knows
 
     @translated("noting the addresses a key used")
     async def new_addresses(self, seen: dict[str, set[str]]) -> dict[str, list[str]]:

@@ -23,10 +23,11 @@ Standard Webhooks specification says, queued, retried with back-off (:mod:`keyst
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Annotated, Any, Protocol
 
@@ -38,6 +39,7 @@ from keystile.exceptions import KeystileError, StoreError
 from keystile.logs import fields
 from keystile.models import ApiKey, KeyPolicy
 from keystile.usage import ERRORS_4XX, ERRORS_5XX, INACTIVE, REQUESTS, UsageBatch
+from keystile.usage.models import SEEN
 from keystile.webhooks import WebhookSender
 
 __all__ = ["Alert", "AlertRules", "Alerter", "MemoryAlertState", "RedisAlertState"]
@@ -81,18 +83,14 @@ _LOOKUPS_PER_FLUSH = 20  # store reads a flush may make for keys not in the cach
 _YIELD_EVERY = 200  # rows a flush's checks go through between yields to the event loop
 
 
-async def _distinct(*sources: Iterable[str]) -> dict[str, None]:
-    """The key ids of ``sources``, each once in first-seen order, letting the event loop
-    run every ``_YIELD_EVERY`` of them (a flush of many keys holds it in short stretches)."""
-    seen: dict[str, None] = {}
-    n = 0
-    for source in sources:
-        for key_id in source:
-            n += 1
-            if n % _YIELD_EVERY == 0:
-                await asyncio.sleep(0)
-            seen[key_id] = None
-    return seen
+def minute_floor(rules: AlertRules) -> float:
+    """The fewest requests in one minute that may fire ``rules``' per-minute rules."""
+    floor = math.inf
+    if rules.requests_per_minute is not None:
+        floor = rules.requests_per_minute + 1
+    if rules.error_rate is not None:
+        floor = min(floor, rules.error_min_requests)
+    return floor
 
 
 class RuleSource(Protocol):
@@ -149,6 +147,7 @@ class Alerter:
         self._looked_up: dict[str, float] = {}
         self._lookups_left = 0
         self._candidates: list[tuple[str, str, str, str, dict[str, Any], float]] = []
+        self._due: dict[str, float] = {}  # key id -> when its rotation falls due (records')
 
     def subscribe(self, callback: AlertCallback) -> AlertCallback:
         """Call ``callback(alert)`` (sync or async) for every alert; usable as a decorator."""
@@ -183,76 +182,80 @@ class Alerter:
             return self.rules
         return self.rulebook.rules(self.rules, project, key_id)
 
-    async def _resolve(self, key_ids: Iterable[str]) -> Callable[[str], AlertRules]:
-        """Every key's rules for this flush (its projects' read in one round trip at most; a
-        key not cached is looked up, ``_LOOKUPS_PER_FLUSH`` at most, else the default)."""
-        if self.rulebook is None:
-            return lambda _: self.rules
-        projects: set[str] = set()
-        lookups = _LOOKUPS_PER_FLUSH
-        for n, key_id in enumerate(key_ids, 1):
-            if n % _YIELD_EVERY == 0:
-                await asyncio.sleep(0)
-            project = self._project_of(key_id)
-            if project is None and lookups > 0:
-                lookups -= 1
-                try:
-                    record = await self.lookup(key_id)
-                except KeystileError:
-                    continue
-                # A key no longer stored is judged by the default, and not looked up again.
-                project = self._remember(key_id, "" if record is None else record.project)
-            if project:
+    async def _resolve(self, key_ids: Iterable[str]) -> float:
+        """Load the rules of every key's project for this flush (in one round trip at most;
+        a key not cached is looked up, ``_LOOKUPS_PER_FLUSH`` at most, else judged by the
+        default); the fewest requests in one minute that may fire a per-minute rule for
+        any of them (:meth:`_known` gives each key's rules)."""
+        rulebook = self.rulebook
+        if rulebook is None:
+            return minute_floor(self.rules)
+        keys = key_ids if isinstance(key_ids, dict) else dict.fromkeys(key_ids)
+        projects = set(map(self._projects.get, keys))  # (the keys already known: C speed)
+        if None in projects:
+            projects.discard(None)
+            lookups = _LOOKUPS_PER_FLUSH
+            for n, key_id in enumerate(keys, 1):
+                if n % _YIELD_EVERY == 0:
+                    await asyncio.sleep(0)
+                project = self._project_of(key_id)
+                if project is None and lookups > 0:
+                    lookups -= 1
+                    try:
+                        record = await self.lookup(key_id)
+                    except KeystileError:
+                        continue
+                    # A key no longer stored is judged by the default, and not looked up
+                    # again.
+                    project = self._remember(key_id, "" if record is None else record.project)
                 projects.add(project)
-        await self.rulebook.refresh(projects)
-        return self._known
+        known = {p for p in projects if p}
+        await rulebook.refresh(known)
+        floor = getattr(rulebook, "floor", None)
+        return 0.0 if floor is None else float(floor(self.rules, known))
 
     async def on_flush(
-        self, batch: UsageBatch, touched: dict[tuple[str, int], Sequence[int]]
+        self, batch: UsageBatch, touched: Mapping[tuple[str, int], Sequence[int]]
     ) -> None:
+        """Judge a flush. Only what may fire has its key's rules looked at: a key-minute
+        with fewer requests than any per-minute rule needs, a row with no inactive
+        attempt, a watched key seen from addresses the state already holds, a key younger
+        than its type's rotation age (remembered from its record) cost one check each."""
         now = self.clock()
-        addresses = await batch.watched_addresses()
-        rules_of = await self._resolve(
-            await _distinct(
-                (key_id for key_id, _ in touched),
-                (key_id for key_id, _ in _rows(batch)),
-                addresses,
-                (spend[0] for spend in self._quota),
-            )
-        )
-        for n, ((key_id, minute), counts) in enumerate(touched.items(), 1):
-            if n % _YIELD_EVERY == 0:  # a flush of many keys lets requests run meanwhile
-                await asyncio.sleep(0)
-            rules = rules_of(key_id)
-            requests = counts[REQUESTS]
-            if rules.requests_per_minute is not None and requests > rules.requests_per_minute:
-                await self._fire(
-                    "requests_per_minute",
-                    key_id,
-                    f"{requests} requests in one minute (threshold {rules.requests_per_minute})",
-                    {"minute": to_datetime(minute * 60).isoformat(), "requests": requests},
-                )
-            errors = counts[ERRORS_4XX] + counts[ERRORS_5XX]
-            if (
-                rules.error_rate is not None
-                and requests >= rules.error_min_requests
-                and errors / requests > rules.error_rate
-            ):
-                await self._fire(
-                    "error_rate",
-                    key_id,
-                    f"{errors} of {requests} requests failed in one minute",
-                    {"minute": to_datetime(minute * 60).isoformat(), "errors": errors},
-                )
-        for n, (key_id, counts) in enumerate(_rows(batch), 1):
-            if n % _YIELD_EVERY == 0:
-                await asyncio.sleep(0)
-            if counts[INACTIVE] and rules_of(key_id).inactive_key_in_use:
+        keys: dict[str, None] = {}
+        for table in batch.minutes.values():
+            keys.update(dict.fromkeys(table))
+        floor = await self._resolve(itertools.chain(keys, (spend[0] for spend in self._quota)))
+        rules_of = self._known
+        await self._per_minute(touched, floor)
+        inactive: list[tuple[str, int]] = []
+        addresses: dict[str, set[str]] = {}
+        due: dict[str, None] = {}
+        knowing = getattr(self.state, "knowing", None)
+        knows = knowing() if knowing is not None else None
+        due_at = self._due.get
+        n = 0
+        for table in batch.minutes.values():
+            for key_id, row in table.items():
+                n += 1
+                if n % _YIELD_EVERY == 0:  # a flush of many keys lets requests run meanwhile
+                    await asyncio.sleep(0)
+                if row[INACTIVE]:
+                    inactive.append((key_id, row[INACTIVE]))
+                seen = row[SEEN]
+                if seen and (knows is None or not knows(key_id, seen)):
+                    addresses.setdefault(key_id, set()).update(
+                        (seen,) if isinstance(seen, str) else seen
+                    )
+                if due_at(key_id, -math.inf) <= now:
+                    due[key_id] = None
+        for key_id, attempts in inactive:
+            if rules_of(key_id).inactive_key_in_use:
                 await self._fire(
                     "inactive_key_in_use",
                     key_id,
                     "a revoked or expired key is still being used",
-                    {"attempts": counts[INACTIVE]},
+                    {"attempts": attempts},
                 )
         watched = {}
         for n, (key_id, used) in enumerate(addresses.items(), 1):
@@ -282,7 +285,7 @@ class Alerter:
                         rule="new_ip",
                     )
         self._lookups_left = _LOOKUPS_PER_FLUSH
-        for n, key_id in enumerate(await _distinct(key_id for key_id, _ in _rows(batch)), 1):
+        for n, key_id in enumerate(due, 1):
             if n % _YIELD_EVERY == 0:
                 await asyncio.sleep(0)
             if rules_of(key_id).rotation_due:
@@ -302,6 +305,52 @@ class Alerter:
                     )
         await self._settle()
 
+    # The flush's totals as the store gives them (keystile.usage.totals.FlushTotals: the
+    # busy minutes picked out, no others unpacked).
+    on_flush.lazy_totals = True  # type: ignore[attr-defined]
+
+    async def _per_minute(
+        self, touched: Mapping[tuple[str, int], Sequence[int]], floor: float
+    ) -> None:
+        """The per-minute rules, over the key-minutes with at least ``floor`` requests (a
+        store's totals that can pick those out, :meth:`at_least`, unpack no others)."""
+        if floor == math.inf:
+            return
+        at_least = getattr(touched, "at_least", None)
+        parts = [touched.items()] if at_least is None else at_least(floor)
+        n = 0
+        for part in parts:  # (a chunk of the flush's buckets: let requests run between)
+            await asyncio.sleep(0)
+            for (key_id, minute), counts in part:
+                n += 1
+                if n % _YIELD_EVERY == 0:
+                    await asyncio.sleep(0)
+                if counts[REQUESTS] >= floor:
+                    await self._judge_minute(key_id, minute, counts)
+
+    async def _judge_minute(self, key_id: str, minute: int, counts: Sequence[int]) -> None:
+        rules = self._known(key_id)
+        requests = counts[REQUESTS]
+        if rules.requests_per_minute is not None and requests > rules.requests_per_minute:
+            await self._fire(
+                "requests_per_minute",
+                key_id,
+                f"{requests} requests in one minute (threshold {rules.requests_per_minute})",
+                {"minute": to_datetime(minute * 60).isoformat(), "requests": requests},
+            )
+        errors = counts[ERRORS_4XX] + counts[ERRORS_5XX]
+        if (
+            rules.error_rate is not None
+            and requests >= rules.error_min_requests
+            and errors / requests > rules.error_rate
+        ):
+            await self._fire(
+                "error_rate",
+                key_id,
+                f"{errors} of {requests} requests failed in one minute",
+                {"minute": to_datetime(minute * 60).isoformat(), "errors": errors},
+            )
+
     async def _check_rotation(self, key_id: str, now: float) -> None:
         """A key past its type's rotation age, judged from the cached record (the middleware
         keeps every active key there). A key not cached is read from the store, at most
@@ -319,11 +368,21 @@ class Alerter:
                 record = await self.lookup(key_id)
             except KeystileError:  # the store follows the one error contract
                 return
-        if record is None or record.replaced_by is not None:
+        if record is None:
             return
         rules = self.policy.types.get(record.type)
         age = None if rules is None else rules.rotation_age
-        if age is not None and now - to_timestamp(record.created_at) > age.total_seconds():
+        # A key's type and creation never change, nor does a replaced key come back: until
+        # it is due (never, replaced or of a type with no rotation age) a flush does not
+        # look at it again.
+        if len(self._due) >= 100_000:
+            self._due.clear()
+        if age is None or record.replaced_by is not None:
+            self._due[key_id] = math.inf
+            return
+        # (A second early: the check below is the exact one.)
+        self._due[key_id] = to_timestamp(record.created_at) + age.total_seconds() - 1.0
+        if now - to_timestamp(record.created_at) > age.total_seconds():
             await self._fire(
                 "rotation_due",
                 key_id,
@@ -405,9 +464,3 @@ class Alerter:
         """Wait for webhook deliveries in flight (each bounded by timeout and retries)."""
         if self.webhook is not None:
             await self.webhook.drain()
-
-
-def _rows(batch: UsageBatch) -> Iterator[tuple[str, list[Any]]]:
-    """(key id, counts) of every key-minute of ``batch``."""
-    for table in batch.minutes.values():
-        yield from table.items()

@@ -32,7 +32,7 @@ from typing import Annotated, Any, Protocol, cast
 
 from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
 
-from keystile.alerts import AlertRules
+from keystile.alerts import AlertRules, minute_floor
 from keystile.clock import to_datetime
 from keystile.exceptions import FieldError, KeyValidationError, StoreError
 from keystile.models import ProjectName, field_errors
@@ -385,12 +385,14 @@ class RuleBook:
         # (project, key or "") -> effective rules over ``_default``, rebuilt as sets change.
         self._effective: dict[tuple[str, str], AlertRules] = {}
         self._default: AlertRules | None = None
+        self._floors: dict[str, float] = {}  # project -> minute_floor of its rules
         store.add_listener(self.forget)
 
     def forget(self, project: str) -> None:
         """Read ``project`` again at the next flush."""
         self._sets.pop(project, None)
         self._effective = {k: v for k, v in self._effective.items() if k[0] != project}
+        self._floors.pop(project, None)
 
     async def refresh(self, projects: Iterable[str]) -> None:
         """Load every project not read within the TTL, in one round trip; a store that
@@ -406,6 +408,7 @@ class RuleBook:
         if len(self._sets) + len(loaded) > self.max_projects:
             self._sets.clear()
             self._effective.clear()
+            self._floors.clear()
         for project, held in loaded.items():
             self.forget(project)
             self._sets[project] = (now, held)
@@ -418,6 +421,7 @@ class RuleBook:
         if default is not self._default:  # the process default was replaced
             self._default = default
             self._effective.clear()
+            self._floors.clear()
         held = found[1]
         which = key_id if key_id in held.keys else ""
         memo = (project, which)
@@ -429,6 +433,29 @@ class RuleBook:
             rules = effective_rules(default, *levels)
             self._effective[memo] = rules
         return rules
+
+    def floor(self, default: AlertRules, projects: Iterable[str]) -> float:
+        """The fewest requests one key makes in one minute that may fire a per-minute
+        rule (``requests_per_minute``, ``error_rate``) under the rules of any key of
+        ``projects`` (each one's, each of its keys' overrides) or ``default``, from what
+        is cached: a key-minute with fewer needs no rules looked at."""
+        if default is not self._default:
+            self._default = default
+            self._effective.clear()
+            self._floors.clear()
+        lowest = minute_floor(default)
+        for project in projects:
+            floor = self._floors.get(project)
+            if floor is None:
+                found = self._sets.get(project)
+                floor = minute_floor(default)
+                for key_id in ("", *(found[1].keys if found is not None else ())):
+                    floor = min(floor, minute_floor(self.rules(default, project, key_id)))
+                if len(self._floors) >= 100_000:
+                    self._floors.clear()
+                self._floors[project] = floor
+            lowest = min(lowest, floor)
+        return lowest
 
 
 def now_record(

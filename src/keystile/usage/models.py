@@ -1,13 +1,14 @@
 """The usage reports (pydantic models) and the layout of the rows usage is counted in.
 
-A count row is a list: the :data:`FIELDS` counters (indexed by :data:`REQUESTS` ...
-:data:`INACTIVE`), then, in a recorder's buffer, the last use seen in that minute and the
-addresses a watched key used (:data:`AT` ... :data:`SEEN`). The stores keep the counters
-only.
+A count row is a dict of index -> value: the :data:`FIELDS` counters (indexed by
+:data:`REQUESTS` ... :data:`INACTIVE`), then, in a recorder's buffer, the last use seen
+in that minute and the addresses a watched key used (:data:`AT` ... :data:`SEEN`). The
+stores keep the counters only.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any, Literal
@@ -65,9 +66,22 @@ AT, IP, ORIGIN, INACTIVE_AT, SEEN = range(NFIELDS, NFIELDS + 5)
 MAX_SEEN = 64  # addresses a buffered row notes
 
 
-def new_row() -> list[Any]:
-    """An empty buffered row."""
-    return [0] * NFIELDS + [None, None, None, None, None]
+# A row is a dict (index -> value), not a list: a list is always tracked by the garbage
+# collector, a dict of plain values never is — thousands of rows living from a request to
+# the flush would reach its oldest generation and trigger full collections of the heap.
+Row = dict[int, Any]
+_EMPTY_ROW: Row = {**dict.fromkeys(range(NFIELDS), 0), **dict.fromkeys(range(AT, SEEN + 1))}
+
+
+def new_row() -> Row:
+    """An empty buffered row (untracked by the garbage collector while its values are plain:
+    one address, not a set of several)."""
+    return _EMPTY_ROW.copy()
+
+
+def counters(row: Row) -> tuple[int, ...]:
+    """A row's :data:`FIELDS` counters."""
+    return tuple(itertools.islice(row.values(), NFIELDS))
 
 
 def tracked(top_n: int) -> int:

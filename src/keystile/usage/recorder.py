@@ -18,7 +18,7 @@ import os
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -46,8 +46,10 @@ from keystile.usage.models import (
     TOKENS,
     WATCH_IPS,
     Granularity,
+    Row,
     UsageOverview,
     UsageReport,
+    counters,
     new_row,
     tracked,
 )
@@ -72,7 +74,7 @@ class UsageBatch:
         # that only grows within it (the recorder stamps a batch when it takes it to flush).
         self.process = secrets.token_hex(8)
         self.seq = 0
-        self.minutes: dict[int, dict[str, list[Any]]] = {}
+        self.minutes: dict[int, dict[str, Row]] = {}
         self.rows = 0  # key-minutes held (the buffer's bound counts these)
         self.ips: dict[str, Counter[str]] = {}
         self.origins: dict[str, Counter[str]] = {}
@@ -89,7 +91,7 @@ class UsageBatch:
     def buckets(self) -> dict[tuple[str, int], list[int]]:
         """(key id, minute) -> counters."""
         return {
-            (key_id, minute): row[:NFIELDS]
+            (key_id, minute): list(counters(row))
             for minute, table in self.minutes.items()
             for key_id, row in table.items()
         }
@@ -102,7 +104,7 @@ class UsageBatch:
             for key_id, row in self.minutes[minute].items():
                 mine = out.setdefault(key_id, [None, None, None, None])
                 if row[AT] is not None:
-                    mine[0:3] = row[AT : ORIGIN + 1]
+                    mine[0:3] = row[AT], row[IP], row[ORIGIN]
                 if row[INACTIVE_AT] is not None:
                     mine[3] = row[INACTIVE_AT]
         return out
@@ -130,7 +132,7 @@ class UsageBatch:
     def requests(self) -> int:
         return sum(c[REQUESTS] + c[INACTIVE] for c in self.buckets.values())
 
-    def row(self, key_id: str, minute: int) -> list[Any]:
+    def row(self, key_id: str, minute: int) -> Row:
         table = self.minutes.setdefault(minute, {})
         row = table.get(key_id)
         if row is None:
@@ -156,7 +158,7 @@ class UsageBatch:
                 for i in range(NFIELDS):
                     mine[i] += row[i]
                 if row[AT] is not None and (mine[AT] is None or row[AT] >= mine[AT]):
-                    mine[AT : ORIGIN + 1] = row[AT : ORIGIN + 1]
+                    mine[AT], mine[IP], mine[ORIGIN] = row[AT], row[IP], row[ORIGIN]
                 if row[INACTIVE_AT] is not None and (
                     mine[INACTIVE_AT] is None or row[INACTIVE_AT] >= mine[INACTIVE_AT]
                 ):
@@ -175,7 +177,7 @@ class UsageBatch:
 
 # Called after each flush with the batch written and the (key id, minute) counters it
 # touched; may be a coroutine function (the alerter's is).
-FlushCallback = Callable[[UsageBatch, dict[tuple[str, int], Sequence[int]]], Any]
+FlushCallback = Callable[[UsageBatch, Mapping[tuple[str, int], Sequence[int]]], Any]
 
 
 class UsageRecorder:
@@ -217,7 +219,7 @@ class UsageRecorder:
         self._retry: list[UsageBatch] = []  # a batch whose write failed, kept whole
         self._minute = -1  # the minute whose table _row() last used, in self._batch
         self._span = (0.0, 0.0)  # [start, end) of that minute, in seconds
-        self._table: dict[str, list[Any]] = {}
+        self._table: dict[str, Row] = {}
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._flush_lock = asyncio.Lock()
@@ -227,7 +229,7 @@ class UsageRecorder:
 
     # -- recording (no I/O) ----------------------------------------------------------------
 
-    def _row(self, key_id: str, now: float) -> list[Any] | None:
+    def _row(self, key_id: str, now: float) -> Row | None:
         minute = int(now // MINUTE)
         if minute == self._minute:
             table = self._table
@@ -364,7 +366,7 @@ class UsageRecorder:
         number at most once, so a write whose reply was lost is not counted twice); while it
         fails, new counts keep gathering in the bounded buffer.
         """
-        written: list[tuple[UsageBatch, dict[tuple[str, int], Sequence[int]]]] = []
+        written: list[tuple[UsageBatch, Mapping[tuple[str, int], Sequence[int]]]] = []
         ok = True
         async with self._flush_lock:
             while self._retry and ok:
@@ -381,9 +383,15 @@ class UsageRecorder:
                     if not ok:
                         self._retry.append(batch)
         for batch, touched in written:
+            whole = getattr(touched, "whole", None)
             for callback in self.on_flush:
                 try:
-                    result = callback(batch, touched)
+                    # A store's totals unpacked as read go to callbacks that say they read
+                    # them so (the alert rules': the busy minutes only); others get a dict.
+                    given = touched
+                    if whole is not None and not getattr(callback, "lazy_totals", False):
+                        given = whole()
+                    result = callback(batch, given)
                     if asyncio.iscoroutine(result):
                         await result
                 except Exception:  # an alert rule must not lose the next flush
@@ -406,7 +414,7 @@ class UsageRecorder:
     async def _write(
         self,
         batch: UsageBatch,
-        written: list[tuple[UsageBatch, dict[tuple[str, int], Sequence[int]]]],
+        written: list[tuple[UsageBatch, Mapping[tuple[str, int], Sequence[int]]]],
     ) -> bool:
         began = time.perf_counter()
         try:

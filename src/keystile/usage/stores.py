@@ -14,11 +14,12 @@ import itertools
 import json
 import math
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
+from redis.exceptions import NoScriptError
 
 from keystile.clock import Clock, system_clock
 from keystile.redis.connect import RedisClient
@@ -36,8 +37,10 @@ from keystile.usage.models import (
     ORIGIN,
     Granularity,
     LastUse,
+    counters,
     tracked,
 )
+from keystile.usage.totals import FlushTotals, unpack
 
 if TYPE_CHECKING:
     from keystile.usage.recorder import UsageBatch
@@ -50,6 +53,10 @@ _WRITE = lua("usage_write")
 # Buckets (key-minutes) per script call: one call's work in the app and in Redis stays a
 # millisecond or two, whatever the keys in the flush.
 CHUNK_ROWS = 200
+# Script calls a flush sends per round trip after its first (a pipeline; not on a cluster,
+# whose chunks go to their slots' nodes one call each): a flush of 10,000 keys waits on
+# Redis 5 times, not 50 — each wait costs the process CPU of its own.
+PIPELINE_CHUNKS = 16
 # How long a key remembers the latest sequence each process applied to it (a retried
 # flush comes sooner: a process whose latest is older than this, by the sequences' ms, is
 # forgotten when a new process first writes the key), and how many processes it remembers.
@@ -63,7 +70,7 @@ class UsageStore(Protocol):
     ``minute_retention`` seconds and per-day ones for ``day_retention``; reports ask a store
     with those attributes for nothing older."""
 
-    async def write(self, batch: UsageBatch) -> dict[tuple[str, int], Sequence[int]]:
+    async def write(self, batch: UsageBatch) -> Mapping[tuple[str, int], Sequence[int]]:
         """Add a batch; return the new per-minute totals of the buckets it touched."""
 
     async def series(
@@ -106,7 +113,7 @@ class MemoryUsageStore:
         # The latest sequence each process applied, the most recent writer last.
         self._applied: OrderedDict[str, int] = OrderedDict()
 
-    async def write(self, batch: UsageBatch) -> dict[tuple[str, int], Sequence[int]]:
+    async def write(self, batch: UsageBatch) -> Mapping[tuple[str, int], Sequence[int]]:
         if self._applied.get(batch.process, -1) >= batch.seq:
             return {}
         self._applied[batch.process] = batch.seq
@@ -204,6 +211,9 @@ class RedisUsageStore:
         self.day_retention = day_retention
         self.top_n = top_n
         self._script = client.register_script(_WRITE)
+        # What a key's usage names are made of around its id: ``<ns>:usage:{``, ``}:``.
+        before, _, after = self.names.usage("\n", "").partition("\n")
+        self._names = (before, after)
         # On a Redis Cluster one script call may touch one hash slot only: a flush's chunks
         # are then of keys of one slot (every name of a key shares its slot).
         self._slot: Callable[[str], int] | None = None
@@ -211,7 +221,7 @@ class RedisUsageStore:
             self._slot = lambda key_id: int(key_slot(self.names.usage(key_id, "").encode()))
 
     @translated("writing usage")
-    async def write(self, batch: UsageBatch) -> dict[tuple[str, int], Sequence[int]]:
+    async def write(self, batch: UsageBatch) -> Mapping[tuple[str, int], Sequence[int]]:
         entries = await _entries(batch)
         index, index_ttl = self.names.usage_index, self.day_retention + DAY
         cluster = self._slot is not None
@@ -226,20 +236,33 @@ class RedisUsageStore:
                 self.day_retention + DAY,
                 tracked(self.top_n),
                 0 if cluster else index_ttl,  # the index is the last of KEYS (not on a cluster)
+                *self._names,
             ]
         )
-        touched: dict[tuple[str, int], Sequence[int]] = {}
+        touched = FlushTotals()
         scores: dict[str, Any] = {}
-        for chunk in _chunks(entries, self._slot):
-            keys = [self.names.usage(key_id, "total") for key_id in chunk]
+        single = batch.rows == len(entries)  # one bucket per key: the usual flush
+        queued: list[tuple[list[str], list[str], str]] = []  # (chunk, KEYS, payload)
+        sent = False
+        for chunk in _chunks(entries, self._slot, single):
+            # One declared name per call (the chunk's slot); the script makes each key's.
+            keys = [self.names.usage(chunk[0], "total")]
             payload = json.dumps([entries[key_id] for key_id in chunk], separators=(",", ":"))
             if cluster:  # one slot per call: the index, in a slot of its own, comes last
                 reply = await self._script(keys=keys, args=[head, payload])
                 scores.update((k, entries[k][1] or entries[k][4] or 0) for k in chunk)
+                touched.add(*_buckets(chunk, entries, single), reply)
             else:
-                reply = await self._script(keys=[*keys, index], args=[head, payload])
-            _read_totals(chunk, entries, reply, touched)
+                queued.append((chunk, [*keys, index], payload))
+                # The first chunk goes alone: a flush that hears nothing back (Redis gone,
+                # the reply lost) sends no more, and is retried whole.
+                if len(queued) == PIPELINE_CHUNKS or not sent:
+                    sent = True
+                    await self._send(queued, head, entries, single, touched)
+                    queued = []
             await asyncio.sleep(0)  # a large flush lets requests run between its chunks
+        if queued:
+            await self._send(queued, head, entries, single, touched)
         for start in range(0, len(scores), CHUNK_ROWS):
             part = dict(itertools.islice(scores.items(), start, start + CHUNK_ROWS))
             # GT: a flush of tokens only, or of an older use, never moves a key back.
@@ -247,6 +270,42 @@ class RedisUsageStore:
         if scores:
             await self.client.expire(index, index_ttl)
         return touched
+
+    async def _send(
+        self,
+        queued: list[tuple[list[str], list[str], str]],
+        head: str,
+        entries: dict[str, tuple[Any, ...]],
+        single: bool,
+        touched: FlushTotals,
+    ) -> None:
+        """The script calls of ``queued`` chunks in one round trip (a pipeline, for more
+        than one); if Redis had lost the script (restarted, SCRIPT FLUSH), it is loaded and
+        the calls that found it missing are sent again. Any other error is raised (the
+        flush is retried whole: each key's share applies once)."""
+        if len(queued) == 1:  # a flush of one chunk: a plain call (loads a missing script)
+            _, keys, payload = queued[0]
+            replies = [await self._script(keys=keys, args=[head, payload])]
+        else:
+            replies = await self._pipelined(queued, head)
+            missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+            if missing:
+                await self.client.script_load(_WRITE)
+                again = await self._pipelined([queued[i] for i in missing], head)
+                for i, reply in zip(missing, again, strict=True):
+                    replies[i] = reply
+        for (chunk, _, _), reply in zip(queued, replies, strict=True):
+            if isinstance(reply, Exception):
+                raise reply
+            touched.add(*_buckets(chunk, entries, single), reply)
+
+    async def _pipelined(
+        self, queued: list[tuple[list[str], list[str], str]], head: str
+    ) -> list[Any]:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for _, keys, payload in queued:
+                pipe.evalsha(self._script.sha, len(keys), *keys, head, payload)
+            return list(await pipe.execute(raise_on_error=False))
 
     @translated("reading usage")
     async def series(
@@ -276,7 +335,7 @@ class RedisUsageStore:
                             row[FIELDS.index(name)] += int(value)
                             continue
                         row = rows.setdefault(hour * 60 + int(minute_text), [0] * NFIELDS)
-                        for i, count in enumerate(_unpack(_text(value))):
+                        for i, count in enumerate(unpack(_text(value))):
                             row[i] += count
             return [(m * MINUTE, rows[m]) for m in sorted(rows) if start <= m * MINUTE < end]
         first_day, last_day = int(start // DAY), math.ceil(end / DAY)
@@ -330,7 +389,7 @@ async def _entries(batch: UsageBatch) -> dict[str, tuple[Any, ...]]:
     done = 0
     for minute in sorted(batch.minutes):
         for key_id, row in batch.minutes[minute].items():
-            buckets = (minute, *row[:NFIELDS])
+            buckets = (minute, *counters(row))
             at, inactive = row[AT], row[INACTIVE_AT]
             entry = entries.get(key_id)
             if entry is None:  # the usual case: one minute of the key in the flush
@@ -363,10 +422,15 @@ def _members(counter: Counter[str] | None) -> tuple[Any, ...]:
 
 
 def _chunks(
-    entries: dict[str, tuple[Any, ...]], slot: Callable[[str], int] | None
+    entries: dict[str, tuple[Any, ...]], slot: Callable[[str], int] | None, single: bool
 ) -> Iterator[list[str]]:
-    """The key ids of ``entries`` in chunks of about ``CHUNK_ROWS`` buckets; with ``slot``
-    (a cluster), each chunk of keys of one slot."""
+    """The key ids of ``entries`` in chunks of about ``CHUNK_ROWS`` buckets (``single``:
+    each share has one); with ``slot`` (a cluster), each chunk of keys of one slot."""
+    if slot is None and single:
+        keys = list(entries)
+        for start in range(0, len(keys), CHUNK_ROWS):
+            yield keys[start : start + CHUNK_ROWS]
+        return
     if slot is None:
         groups: list[list[str]] = [list(entries)]
     else:
@@ -387,28 +451,21 @@ def _chunks(
             yield chunk
 
 
-def _read_totals(
-    chunk: list[str],
-    entries: dict[str, tuple[Any, ...]],
-    reply: bytes | str,
-    touched: dict[tuple[str, int], Sequence[int]],
-) -> None:
-    """The script's reply — each bucket's totals after the write — into ``touched``."""
-    packed = iter(_text(reply).split(";"))
+def _buckets(
+    chunk: list[str], entries: dict[str, tuple[Any, ...]], single: bool
+) -> tuple[list[str], list[int]]:
+    """The key id and the minute of each bucket of ``chunk``'s shares, in order
+    (``single``: each share has one)."""
+    if single:
+        return chunk, [entries[key_id][0][0] for key_id in chunk]
+    keys: list[str] = []
+    minutes: list[int] = []
     for key_id in chunk:
         buckets = entries[key_id][0]
         for b in range(0, len(buckets), NFIELDS + 1):
-            touched[(key_id, buckets[b])] = _unpack(next(packed))
-
-
-def _unpack(packed: str) -> tuple[int, ...]:
-    """A minute's counters as the hour hash holds them: comma-separated, trailing zeros
-    left out. A tuple of ints: the garbage collector stops tracking it at its next pass
-    (a flush's totals, one per key-minute, live until the alert rules have read them)."""
-    counts = tuple(map(int, packed.split(","))) if packed else ()
-    if len(counts) < NFIELDS:
-        counts += _ZEROS[len(counts) :]
-    return counts
+            keys.append(key_id)
+            minutes.append(buckets[b])
+    return keys, minutes
 
 
 _ZEROS = (0,) * NFIELDS

@@ -4,13 +4,18 @@
 -- applied; a retried flush whose first reply was lost carries the same sequence, finds it
 -- there and adds nothing. A process's sequences only grow, so the hash holds one field per
 -- process (capped, and a process gone an hour is forgotten), not one per flush.
--- KEYS: each key's totals hash, <ns>:usage:{<key id>}:total; the key's other names share its
--- prefix (and so its hash tag and slot): m:<hour> (and the earlier h:<hour>), d:<day>,
--- ips, origins. Then, when the index ttl is not 0 (not on a cluster, where the index has
--- a slot of its own), the usage index: each key goes in it with its last use (ZADD GT).
+-- KEYS: the totals hash of the chunk's first key, <ns>:usage:{<key id>}:total (on a
+-- cluster, the slot every key of the chunk shares: the call goes there); a key's names all
+-- share the prefix <ns>:usage:{<key id>}: (so its hash tag and slot): total, m:<hour> (and
+-- the earlier h:<hour>), d:<day>, ips, origins; the script makes them from the prefix the
+-- head gives and each entry's key id (one declared name per call, not one per key: a
+-- flush of many keys sends each key's id once). Then, when the index ttl is not 0 (not on
+-- a cluster, where the index has a slot of its own), the usage index: each key goes in it
+-- with its last use (ZADD GT).
 -- ARGV[1], JSON: [process, sequence (text), applied ttl, applied cap, hour ttl, day ttl,
--- total ttl, top n, index ttl].
--- ARGV[2], JSON, one entry per key of KEYS: [buckets, at, ip, origin, inactive at, ips,
+-- total ttl, top n, index ttl, what a key's names start with before its id (<ns>:usage:{),
+-- what they go on with after it (}:)].
+-- ARGV[2], JSON, one entry per key: [buckets, at, ip, origin, inactive at, ips,
 -- origins, key id]; buckets flat: minute then the 9 counters, per minute; at and inactive
 -- at as text ('' = none); ips and origins flat: member, count, ...
 -- The minute counts of an hour live in its hash m:<hour> as one field per minute of the hour
@@ -26,13 +31,9 @@ local entries = cjson.decode(ARGV[2])
 local process, seq = head[1], tonumber(head[2])
 local applied_ttl, cap = head[3], head[4]
 local hour_ttl, day_ttl, total_ttl, keep = head[5], head[6], head[7], head[8]
-local index_ttl = head[9]
-local nkeys = #KEYS
+local index_ttl, before_id, after_id = head[9], head[10], head[11]
 local index = nil
-if index_ttl > 0 then
-  index = KEYS[nkeys]
-  nkeys = nkeys - 1
-end
+if index_ttl > 0 then index = KEYS[#KEYS] end
 local fields = {'requests', 'bytes_in', 'bytes_out', 'errors_4xx', 'errors_5xx',
                 'rate_limited', 'quota_exceeded', 'tokens', 'inactive_attempts'}
 local nfields = #fields
@@ -147,10 +148,10 @@ local function first_time(total)
   return true
 end
 
-for k = 1, nkeys do
-  local total = KEYS[k]
-  local prefix = string.sub(total, 1, -6) -- less 'total'
+for k = 1, #entries do
   local entry = entries[k]
+  local prefix = before_id .. entry[8] .. after_id
+  local total = prefix .. 'total'
   local fresh = first_time(total)
   local buckets = entry[1]
   for b = 1, #buckets, nfields + 1 do
