@@ -14,7 +14,7 @@ import itertools
 import json
 import math
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from redis.asyncio.cluster import RedisCluster
@@ -27,17 +27,14 @@ from keystile.redis.errors import translated
 from keystile.redis.schema import RedisSchema
 from keystile.redis.scripts import lua
 from keystile.usage.models import (
-    AT,
     DAY,
     FIELDS,
-    INACTIVE_AT,
-    IP,
     MINUTE,
     NFIELDS,
-    ORIGIN,
+    SEEN,
     Granularity,
     LastUse,
-    counters,
+    Row,
     tracked,
 )
 from keystile.usage.totals import FlushTotals, unpack
@@ -62,7 +59,6 @@ PIPELINE_CHUNKS = 16
 # forgotten when a new process first writes the key), and how many processes it remembers.
 APPLIED_TTL = 3600
 APPLIED_CAP = 1024
-_EMPTY: tuple[Any, ...] = ()  # no IPs or origins
 
 
 class UsageStore(Protocol):
@@ -222,7 +218,6 @@ class RedisUsageStore:
 
     @translated("writing usage")
     async def write(self, batch: UsageBatch) -> Mapping[tuple[str, int], Sequence[int]]:
-        entries = await _entries(batch)
         index, index_ttl = self.names.usage_index, self.day_retention + DAY
         cluster = self._slot is not None
         head = json.dumps(
@@ -241,28 +236,30 @@ class RedisUsageStore:
         )
         touched = FlushTotals()
         scores: dict[str, Any] = {}
-        single = batch.rows == len(entries)  # one bucket per key: the usual flush
-        queued: list[tuple[list[str], list[str], str]] = []  # (chunk, KEYS, payload)
+        queued: list[_Call] = []  # (rows, KEYS, ARGV[2:])
         sent = False
-        for chunk in _chunks(entries, self._slot, single):
+        async for chunk in _chunks(batch, self._slot):
             # One declared name per call (the chunk's slot); the script makes each key's.
-            keys = [self.names.usage(chunk[0], "total")]
-            payload = json.dumps([entries[key_id] for key_id in chunk], separators=(",", ":"))
+            keys = [self.names.usage(chunk[0][0], "total")]
+            payload, tops = _encode(chunk), _tops(batch, chunk)
             if cluster:  # one slot per call: the index, in a slot of its own, comes last
-                reply = await self._script(keys=keys, args=[head, payload])
-                scores.update((k, entries[k][1] or entries[k][4] or 0) for k in chunk)
-                touched.add(*_buckets(chunk, entries, single), reply)
+                reply = await self._script(keys=keys, args=[head, payload, tops])
+                for row in chunk:
+                    score = row[_AT] or row[_INACTIVE_AT] or 0
+                    if score >= scores.get(row[0], 0):
+                        scores[row[0]] = score
+                touched.add(*_buckets(chunk), reply)
             else:
-                queued.append((chunk, [*keys, index], payload))
+                queued.append((chunk, [*keys, index], payload, tops))
                 # The first chunk goes alone: a flush that hears nothing back (Redis gone,
                 # the reply lost) sends no more, and is retried whole.
                 if len(queued) == PIPELINE_CHUNKS or not sent:
                     sent = True
-                    await self._send(queued, head, entries, single, touched)
+                    await self._send(queued, head, touched)
                     queued = []
             await asyncio.sleep(0)  # a large flush lets requests run between its chunks
         if queued:
-            await self._send(queued, head, entries, single, touched)
+            await self._send(queued, head, touched)
         for start in range(0, len(scores), CHUNK_ROWS):
             part = dict(itertools.islice(scores.items(), start, start + CHUNK_ROWS))
             # GT: a flush of tokens only, or of an older use, never moves a key back.
@@ -271,21 +268,14 @@ class RedisUsageStore:
             await self.client.expire(index, index_ttl)
         return touched
 
-    async def _send(
-        self,
-        queued: list[tuple[list[str], list[str], str]],
-        head: str,
-        entries: dict[str, tuple[Any, ...]],
-        single: bool,
-        touched: FlushTotals,
-    ) -> None:
+    async def _send(self, queued: list[_Call], head: str, touched: FlushTotals) -> None:
         """The script calls of ``queued`` chunks in one round trip (a pipeline, for more
         than one); if Redis had lost the script (restarted, SCRIPT FLUSH), it is loaded and
         the calls that found it missing are sent again. Any other error is raised (the
         flush is retried whole: each key's share applies once)."""
         if len(queued) == 1:  # a flush of one chunk: a plain call (loads a missing script)
-            _, keys, payload = queued[0]
-            replies = [await self._script(keys=keys, args=[head, payload])]
+            _, keys, payload, tops = queued[0]
+            replies = [await self._script(keys=keys, args=[head, payload, tops])]
         else:
             replies = await self._pipelined(queued, head)
             missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
@@ -294,17 +284,15 @@ class RedisUsageStore:
                 again = await self._pipelined([queued[i] for i in missing], head)
                 for i, reply in zip(missing, again, strict=True):
                     replies[i] = reply
-        for (chunk, _, _), reply in zip(queued, replies, strict=True):
+        for (chunk, _, _, _), reply in zip(queued, replies, strict=True):
             if isinstance(reply, Exception):
                 raise reply
-            touched.add(*_buckets(chunk, entries, single), reply)
+            touched.add(*_buckets(chunk), reply)
 
-    async def _pipelined(
-        self, queued: list[tuple[list[str], list[str], str]], head: str
-    ) -> list[Any]:
+    async def _pipelined(self, queued: list[_Call], head: str) -> list[Any]:
         async with self.client.pipeline(transaction=False) as pipe:
-            for _, keys, payload in queued:
-                pipe.evalsha(self._script.sha, len(keys), *keys, head, payload)
+            for _, keys, payload, tops in queued:
+                pipe.evalsha(self._script.sha, len(keys), *keys, head, payload, tops)
             return list(await pipe.execute(raise_on_error=False))
 
     @translated("reading usage")
@@ -378,94 +366,81 @@ class RedisUsageStore:
         return [_text(k) for k in raw]
 
 
-async def _entries(batch: UsageBatch) -> dict[str, tuple[Any, ...]]:
-    """Each key's share of ``batch``, as the write script takes it: (buckets (minute, then
-    the counters, per minute), last used at, ip, origin, last inactive attempt at, ips,
-    origins (member, count, ...), key id); the latest use wins. Tuples of atomic values:
-    the garbage collector stops tracking them at its next pass, so a flush of many keys
-    does not hand it thousands of objects that live through the flush (and count towards
-    a full collection of the heap). Yields to the event loop every ``CHUNK_ROWS`` rows."""
-    entries: dict[str, tuple[Any, ...]] = {}
+# A key-minute's share of a flush, as the write script takes it: (key id, minute, the
+# counters, last used at, ip, origin, last inactive attempt at). A tuple of plain values:
+# the garbage collector stops tracking it at its next pass.
+Share = tuple[Any, ...]
+_AT, _INACTIVE_AT = 2 + NFIELDS, 2 + NFIELDS + 3  # the times' places in a share
+# The shares of a chunk as JSON, by the C encoder (no check for cycles: tuples of plain
+# values have none).
+_encode = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
+_NO_TOPS = _encode([{}, {}])
+# A script call waiting to be sent: its chunk's shares, KEYS, and ARGV after the head.
+_Call = tuple[list[Share], list[str], str, str]
+
+
+def _share(key_id: str, minute: int, row: Row) -> Share:
+    """A buffered row's share: its values up to the addresses it noted (the alert's), which
+    stay in the process."""
+    return (key_id, minute, *itertools.islice(row.values(), SEEN))
+
+
+async def _chunks(
+    batch: UsageBatch, slot: Callable[[str], int] | None
+) -> AsyncIterator[list[Share]]:
+    """The shares of ``batch`` in chunks of about ``CHUNK_ROWS``, a key's shares one after
+    another in one chunk (the script checks a key's sequence at its first); with ``slot``
+    (a cluster), each chunk of keys of one slot. A flush of one minute (the usual) is cut
+    as it comes; one of several minutes is grouped by key first, with a yield to the event
+    loop every ``CHUNK_ROWS`` rows."""
+    if len(batch.minutes) == 1 and slot is None:
+        [(minute, table)] = batch.minutes.items()
+        rows = list(table.items())
+        for start in range(0, len(rows), CHUNK_ROWS):
+            # _share's work, inline: no call per key
+            yield [
+                (key_id, minute, *itertools.islice(row.values(), SEEN))
+                for key_id, row in rows[start : start + CHUNK_ROWS]
+            ]
+        return
+    groups: dict[int, dict[str, list[Share]]] = {}
     done = 0
     for minute in sorted(batch.minutes):
         for key_id, row in batch.minutes[minute].items():
-            buckets = (minute, *counters(row))
-            at, inactive = row[AT], row[INACTIVE_AT]
-            entry = entries.get(key_id)
-            if entry is None:  # the usual case: one minute of the key in the flush
-                entries[key_id] = (
-                    buckets,
-                    "" if at is None else repr(at),
-                    (row[IP] or "") if at is not None else "",
-                    (row[ORIGIN] or "") if at is not None else "",
-                    "" if inactive is None else repr(inactive),
-                    _members(batch.ips.get(key_id)),
-                    _members(batch.origins.get(key_id)),
-                    key_id,
-                )
-            else:
-                last = entry[1:4] if at is None else (repr(at), row[IP] or "", row[ORIGIN] or "")
-                last_inactive = entry[4] if inactive is None else repr(inactive)
-                entries[key_id] = (entry[0] + buckets, *last, last_inactive, *entry[5:])
+            group = groups.setdefault(0 if slot is None else slot(key_id), {})
+            shares = group.get(key_id)
+            if shares is None:
+                shares = group[key_id] = []
+            shares.append(_share(key_id, minute, row))
             done += 1
             if done % CHUNK_ROWS == 0:
                 await asyncio.sleep(0)
-    return entries
-
-
-def _members(counter: Counter[str] | None) -> tuple[Any, ...]:
-    """A key's per-IP or per-origin counts as the write script takes them: member, count,
-    ..."""
-    if not counter:
-        return _EMPTY
-    return tuple(item for pair in counter.items() for item in pair)
-
-
-def _chunks(
-    entries: dict[str, tuple[Any, ...]], slot: Callable[[str], int] | None, single: bool
-) -> Iterator[list[str]]:
-    """The key ids of ``entries`` in chunks of about ``CHUNK_ROWS`` buckets (``single``:
-    each share has one); with ``slot`` (a cluster), each chunk of keys of one slot."""
-    if slot is None and single:
-        keys = list(entries)
-        for start in range(0, len(keys), CHUNK_ROWS):
-            yield keys[start : start + CHUNK_ROWS]
-        return
-    if slot is None:
-        groups: list[list[str]] = [list(entries)]
-    else:
-        by_slot: dict[int, list[str]] = {}
-        for key_id in entries:
-            by_slot.setdefault(slot(key_id), []).append(key_id)
-        groups = list(by_slot.values())
-    for group in groups:
-        chunk: list[str] = []
-        rows = 0
-        for key_id in group:
-            chunk.append(key_id)
-            rows += len(entries[key_id][0]) // (NFIELDS + 1)
-            if rows >= CHUNK_ROWS:
+    for group in groups.values():
+        chunk: list[Share] = []
+        for shares in group.values():
+            chunk += shares  # a key's shares are never cut apart
+            if len(chunk) >= CHUNK_ROWS:
                 yield chunk
-                chunk, rows = [], 0
+                chunk = []
         if chunk:
             yield chunk
 
 
-def _buckets(
-    chunk: list[str], entries: dict[str, tuple[Any, ...]], single: bool
-) -> tuple[list[str], list[int]]:
-    """The key id and the minute of each bucket of ``chunk``'s shares, in order
-    (``single``: each share has one)."""
-    if single:
-        return chunk, [entries[key_id][0][0] for key_id in chunk]
-    keys: list[str] = []
-    minutes: list[int] = []
-    for key_id in chunk:
-        buckets = entries[key_id][0]
-        for b in range(0, len(buckets), NFIELDS + 1):
-            keys.append(key_id)
-            minutes.append(buckets[b])
-    return keys, minutes
+def _tops(batch: UsageBatch, chunk: list[Share]) -> str:
+    """The per-IP and per-origin counts of the chunk's keys that have any, as the write
+    script takes them: ``[{key id: {member: count}}, {...}]`` (client keys only)."""
+    ips, origins = batch.ips, batch.origins
+    if not ips and not origins:
+        return _NO_TOPS
+    keys = [share[0] for share in chunk]
+    return _encode(
+        [{k: ips[k] for k in keys if k in ips}, {k: origins[k] for k in keys if k in origins}]
+    )
+
+
+def _buckets(chunk: list[Share]) -> tuple[list[str], list[int]]:
+    """The key id and the minute of each share of ``chunk``, in order."""
+    return [share[0] for share in chunk], [share[1] for share in chunk]
 
 
 _ZEROS = (0,) * NFIELDS

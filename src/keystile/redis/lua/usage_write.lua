@@ -8,16 +8,17 @@
 -- cluster, the slot every key of the chunk shares: the call goes there); a key's names all
 -- share the prefix <ns>:usage:{<key id>}: (so its hash tag and slot): total, m:<hour> (and
 -- the earlier h:<hour>), d:<day>, ips, origins; the script makes them from the prefix the
--- head gives and each entry's key id (one declared name per call, not one per key: a
+-- head gives and each row's key id (one declared name per call, not one per key: a
 -- flush of many keys sends each key's id once). Then, when the index ttl is not 0 (not on
 -- a cluster, where the index has a slot of its own), the usage index: each key goes in it
 -- with its last use (ZADD GT).
 -- ARGV[1], JSON: [process, sequence (text), applied ttl, applied cap, hour ttl, day ttl,
 -- total ttl, top n, index ttl, what a key's names start with before its id (<ns>:usage:{),
 -- what they go on with after it (}:)].
--- ARGV[2], JSON, one entry per key: [buckets, at, ip, origin, inactive at, ips,
--- origins, key id]; buckets flat: minute then the 9 counters, per minute; at and inactive
--- at as text ('' = none); ips and origins flat: member, count, ...
+-- ARGV[2], JSON, one row per key-minute, a key's rows one after another (and in one call):
+-- [key id, minute, the 9 counters, last used at, ip, origin, last inactive attempt at];
+-- the times as numbers, what a row lacks null. ARGV[3], JSON: [ips, origins], each an
+-- object of key id -> {member: count} for the keys of the chunk that have any.
 -- The minute counts of an hour live in its hash m:<hour> as one field per minute of the hour
 -- (0-59), the counters one after another, trailing zeros left out, each in base 64 most
 -- significant digit first: a digit is one byte, 0-63, and the last one of a counter carries
@@ -27,7 +28,9 @@
 -- Returns the totals of every bucket after the write, in order: each bucket's counters
 -- comma-separated, the buckets joined by ';'.
 local head = cjson.decode(ARGV[1])
-local entries = cjson.decode(ARGV[2])
+local rows = cjson.decode(ARGV[2])
+local tops = cjson.decode(ARGV[3])
+local null = cjson.null
 local process, seq = head[1], tonumber(head[2])
 local applied_ttl, cap = head[3], head[4]
 local hour_ttl, day_ttl, total_ttl, keep = head[5], head[6], head[7], head[8]
@@ -41,6 +44,11 @@ local out = {}
 
 local function text(value)
   return string.format('%.0f', value)
+end
+
+-- A time as the totals hash keeps it: every digit its double needs (it reads back the same).
+local function stamp(value)
+  return string.format('%.17g', value)
 end
 
 -- The position of the last counter not 0 (1 when every one is).
@@ -148,64 +156,72 @@ local function first_time(total)
   return true
 end
 
-for k = 1, #entries do
-  local entry = entries[k]
-  local prefix = before_id .. entry[8] .. after_id
-  local total = prefix .. 'total'
-  local fresh = first_time(total)
-  local buckets = entry[1]
-  for b = 1, #buckets, nfields + 1 do
-    local minute = buckets[b]
-    local hour = text(math.floor(minute / 60))
-    local field = text(minute % 60)
-    local counts = minute_counts(prefix, hour, field, fresh)
-    if fresh then
-      local day_key = prefix .. 'd:' .. text(math.floor(minute / 1440))
-      for i = 1, nfields do
-        local value = buckets[b + i]
-        if value ~= 0 then
-          counts[i] = counts[i] + value
-          redis.call('HINCRBY', day_key, fields[i], text(value))
-          redis.call('HINCRBY', total, fields[i], text(value))
-        end
-      end
-      local hour_key = prefix .. 'm:' .. hour
-      redis.call('HSET', hour_key, field, pack_digits(counts))
-      redis.call('EXPIRE', hour_key, hour_ttl)
-      redis.call('EXPIRE', day_key, day_ttl)
-    end
-    out[#out + 1] = pack(counts)
+local key_id, prefix, total, fresh = nil, nil, nil, false
+for k = 1, #rows do
+  local row = rows[k]
+  local first = row[1] ~= key_id  -- the key's first row in this call: its share's checks
+  if first then
+    key_id = row[1]
+    prefix = before_id .. key_id .. after_id
+    total = prefix .. 'total'
+    fresh = first_time(total)
   end
+  local minute = row[2]
+  local hour = text(math.floor(minute / 60))
+  local field = text(minute % 60)
+  local counts = minute_counts(prefix, hour, field, fresh)
   if fresh then
-    local at, ip, origin, inactive = entry[2], entry[3], entry[4], entry[5]
-    if at ~= '' then
-      local seen = redis.call('HGET', total, 'last_at')
-      if not seen or tonumber(at) >= tonumber(seen) then
-        redis.call('HSET', total, 'last_at', at, 'last_ip', ip, 'last_origin', origin)
+    local day_key = prefix .. 'd:' .. text(math.floor(minute / 1440))
+    for i = 1, nfields do
+      local value = row[2 + i]
+      if value ~= 0 then
+        counts[i] = counts[i] + value
+        redis.call('HINCRBY', day_key, fields[i], text(value))
+        redis.call('HINCRBY', total, fields[i], text(value))
       end
     end
-    if inactive ~= '' then
+    local hour_key = prefix .. 'm:' .. hour
+    redis.call('HSET', hour_key, field, pack_digits(counts))
+    redis.call('EXPIRE', hour_key, hour_ttl)
+    redis.call('EXPIRE', day_key, day_ttl)
+  end
+  out[#out + 1] = pack(counts)
+  local at, inactive = row[12], row[15]
+  if fresh then
+    -- The latest use wins (a key's rows come in minute order; another process's may be later).
+    if at ~= null then
+      local seen = redis.call('HGET', total, 'last_at')
+      if not seen or at >= tonumber(seen) then
+        local ip, origin = row[13], row[14]
+        redis.call('HSET', total, 'last_at', stamp(at), 'last_ip', ip == null and '' or ip,
+                   'last_origin', origin == null and '' or origin)
+      end
+    end
+    if inactive ~= null then
       local seen = redis.call('HGET', total, 'last_inactive_at')
-      if not seen or tonumber(inactive) >= tonumber(seen) then
-        redis.call('HSET', total, 'last_inactive_at', inactive)
+      if not seen or inactive >= tonumber(seen) then
+        redis.call('HSET', total, 'last_inactive_at', stamp(inactive))
       end
     end
     redis.call('EXPIRE', total, total_ttl)
-    for t = 6, 7 do
-      local members = entry[t]
-      if #members > 0 then
-        local name = prefix .. (t == 6 and 'ips' or 'origins')
-        for j = 1, #members, 2 do
-          redis.call('ZINCRBY', name, text(members[j + 1]), members[j])
+    if first then
+      for t = 1, 2 do
+        local members = tops[t][key_id]
+        if members then
+          local name = prefix .. (t == 1 and 'ips' or 'origins')
+          for member, count in pairs(members) do
+            redis.call('ZINCRBY', name, text(count), member)
+          end
+          redis.call('ZREMRANGEBYRANK', name, 0, -(keep + 1))
+          redis.call('EXPIRE', name, total_ttl)
         end
-        redis.call('ZREMRANGEBYRANK', name, 0, -(keep + 1))
-        redis.call('EXPIRE', name, total_ttl)
       end
     end
   end
   if index then
-    local score = tonumber(entry[2]) or tonumber(entry[5]) or 0
-    redis.call('ZADD', index, 'GT', score, entry[8])
+    local score = 0
+    if at ~= null then score = at elseif inactive ~= null then score = inactive end
+    redis.call('ZADD', index, 'GT', score, key_id)
   end
 end
 if index then redis.call('EXPIRE', index, index_ttl) end
