@@ -16,11 +16,26 @@ the script's own inside). After the rounds: the names under the namespace and th
 (b) The middleware, usage on against off, 1 and 10,000 ``prod_`` keys in a Redis key store
 called round-robin (cache TTL an hour: every key cached after the first round), raw ASGI
 as in ``bench_middleware.py``; each "on" block of requests ends with the flush its
-requests need (the gate's, alert rules included), and its CPU counts. Blocks alternate
-on/off; the figure is the median of the per-block on/off ratios, and the longest the
-gate's flushes held the event loop, and the garbage collector's full passes over the heap
-per timed block each way (the benchmark's own scopes, alive through a block, add some to
-both).
+requests need (the gate's, alert rules included), and its CPU counts. A block runs the
+same requests each way, interleaved in sub-blocks of ``--sub-block`` requests (off then
+on, on then off, ... which side goes first alternating from block to block), each side's
+CPU summed over the block; its ratio is (on + the flush) / off. The figure is the median
+of the per-block ratios (quartiles beside it), and the longest the gate's flushes held the
+event loop (in "on" blocks of their own after the timed ones), and the garbage collector's
+full passes over the heap per timed block each way (the benchmark's own scopes, alive
+through a block, add some to both; the fresh copies a side's requests take are now made,
+untimed, a sub-block at a time, so fewer of them are alive at once than the 50,000 of
+before).
+
+What is measured is what it was before the sub-blocks (the same requests each way, the
+same flush per block, the same apps); only the interleaving changed: this machine's speed
+drifts by tens of percent from one second to the next, and two sides a sub-block apart
+meet the same drift, where two whole blocks a second or more apart did not. What that
+leaves is mostly the garbage collector's full passes (each a tenth of a second or more at
+10,000 keys, 0-2 of them in a side of a ~1 s block, landing wherever allocation triggers
+them, which interleaved may be the other side's sub-block): printed beside the figure, for
+reference, the same median and quartiles with the CPU of the full passes taken out of the
+side each landed in.
 """
 
 from __future__ import annotations
@@ -198,8 +213,20 @@ async def flushes(url: str, keys: int, rounds: int) -> dict[str, Any]:
     }
 
 
-async def on_off(url: str, keys: int, blocks: int, per_block: int) -> dict[str, Any]:
-    """Part (b): µs per request, usage on and off, ``keys`` keys round-robin."""
+def quartiles(values: list[float]) -> list[float]:
+    return statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+
+
+async def on_off(
+    url: str, keys: int, blocks: int, per_block: int, sub_block: int
+) -> dict[str, Any]:
+    """Part (b): µs per request, usage on and off, ``keys`` keys round-robin.
+
+    A block is ``per_block`` requests each way, interleaved in sub-blocks of ``sub_block``
+    (off then on, on then off, ... the first side alternating from block to block): each
+    side's CPU is summed over the block, the "on" side's flush at the block's end counted
+    in its sum. The two sides of a ratio meet the same stretch of a machine whose speed
+    drifts from second to second."""
     namespace = f"ksbench-usage-{uuid.uuid4().hex[:8]}"
     settings = KeystileSettings(cache_ttl=3600.0, cache_size=keys + 100, usage_flush_interval=3600)
     store = RedisStore.from_url(url, namespace=namespace)
@@ -215,48 +242,73 @@ async def on_off(url: str, keys: int, blocks: int, per_block: int) -> dict[str, 
         for template in scopes:  # every key cached
             await off(fresh(template), receive, discard)
         prepared = [fresh(scopes[i % keys]) for i in range(per_block)]
+        # Each side runs the same requests as a whole block of its own would, in order.
+        slices = [(i, min(i + sub_block, per_block)) for i in range(0, per_block, sub_block)]
         held: list[float] = []
         held_gc: list[float] = []
         full = {True: 0, False: 0}  # full collections of the heap in timed blocks, on / off
         passes = [0]
+        in_full = [0.0, 0.0]  # CPU seconds in full passes so far; when the current began
 
         def collection(phase: str, info: dict[str, int]) -> None:
-            if phase == "start" and info["generation"] == 2:
+            if info["generation"] != 2:
+                return
+            if phase == "start":
                 passes[0] += 1
+                in_full[1] = time.process_time()
+            else:
+                in_full[0] += time.process_time() - in_full[1]
 
-        async def block(app: Any, flush: bool, watch: bool = False) -> float:
-            batch = [dict(s, headers=list(s["headers"]), state={}) for s in prepared]
-            began, before = time.process_time(), passes[0]
+        async def run(app: Any, first: int, last: int, usage: bool) -> float:
+            """CPU seconds of requests ``first`` to ``last`` of a block through ``app``."""
+            batch = [dict(s, headers=list(s["headers"]), state={}) for s in prepared[first:last]]
+            began, before, collecting = time.process_time(), passes[0], in_full[0]
             for scope in batch:
                 await app(scope, receive, discard)
-            if flush and watch:  # (not timed: the watcher spins while the flush waits)
-                with Ticker() as ticker:
-                    assert await gate.usage.flush()
-                    await asyncio.sleep(0)
-                held.append(ticker.longest)
-                held_gc.append(ticker.longest_gc)
-            elif flush:
-                assert await gate.usage.flush()
-            if not watch:
-                full[flush] += passes[0] - before
-            return (time.process_time() - began) / per_block * 1e6
+            spent = time.process_time() - began
+            full[usage] += passes[0] - before
+            full_cpu[usage] += in_full[0] - collecting
+            return spent
 
-        await block(on, True)
+        async def flush() -> float:
+            began, before, collecting = time.process_time(), passes[0], in_full[0]
+            assert await gate.usage.flush()
+            spent = time.process_time() - began
+            full[True] += passes[0] - before
+            full_cpu[True] += in_full[0] - collecting
+            return spent
+
+        async def block(on_first: bool) -> tuple[float, float]:
+            """One interleaved block: CPU µs per request on (its flush included) and off."""
+            spent = {True: 0.0, False: 0.0}
+            full_cpu[True] = full_cpu[False] = 0.0
+            for number, (first, last) in enumerate(slices):
+                order = (True, False) if (number % 2 == 0) == on_first else (False, True)
+                for usage in order:
+                    spent[usage] += await run(on if usage else off, first, last, usage)
+            spent[True] += await flush()
+            return spent[True] / per_block * 1e6, spent[False] / per_block * 1e6
+
+        full_cpu = {True: 0.0, False: 0.0}  # CPU in full passes in a block's sides
+        await block(True)  # warm-up
         gc.callbacks.append(collection)
-        full[True] = full[False] = 0  # the warm-up block apart
-        ratios, on_us, off_us = [], [], []
+        ratios, on_us, off_us, bare = [], [], [], []
         for n in range(blocks):
-            if n % 2:
-                a = await block(on, True)
-                b = await block(off, False)
-            else:
-                b = await block(off, False)
-                a = await block(on, True)
+            a, b = await block(on_first=n % 2 == 1)
             on_us.append(a)
             off_us.append(b)
             ratios.append(a / b)
-        for _ in range(3):
-            await block(on, True, watch=True)
+            a -= full_cpu[True] / per_block * 1e6
+            b -= full_cpu[False] / per_block * 1e6
+            bare.append(a / b)
+        gc.callbacks.remove(collection)  # full passes: the timed blocks' only
+        for _ in range(3):  # the loop held: "on" blocks of their own, the flush watched
+            await run(on, 0, per_block, True)  # (not timed: the watcher spins while the
+            with Ticker() as ticker:  # flush waits for Redis)
+                assert await gate.usage.flush()
+                await asyncio.sleep(0)
+            held.append(ticker.longest)
+            held_gc.append(ticker.longest_gc)
     finally:
         if collection in gc.callbacks:
             gc.callbacks.remove(collection)
@@ -272,7 +324,10 @@ async def on_off(url: str, keys: int, blocks: int, per_block: int) -> dict[str, 
         "held_ms": max(held) * 1e3,
         "held_gc_ms": max(held_gc) * 1e3,
         "full": (full[True] / blocks, full[False] / blocks),
-        "q": statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3,
+        "q": quartiles(ratios),
+        "bare": statistics.median(bare),
+        "bare_q": quartiles(bare),
+        "ratios": ratios,
     }
 
 
@@ -312,23 +367,31 @@ async def main(args: argparse.Namespace) -> int:
         print(
             f"\n(b) middleware, usage on vs off, prod_ keys round-robin (Redis key store, "
             f"cached), "
-            f"{args.blocks} blocks of {args.per_block:,} requests each way, the 'on' block "
-            f"flushing once at its end (alert rules included); CPU µs per request"
+            f"{args.blocks} blocks of {args.per_block:,} requests each way interleaved in "
+            f"sub-blocks of {args.sub_block:,}, the 'on' side flushing once at the block's end "
+            f"(alert rules included); CPU µs per request, medians; on/off: the median of the "
+            f"per-block ratios; w/o full GC: the same with the CPU of the collector's full "
+            f"passes taken out of the side each landed in (for reference: they land where "
+            f"allocation triggers them, 0-2 a side a block, each 0.1-0.25 s at 10,000 keys)"
         )
         head = (
             f"{'keys':>7} {'on µs':>7} {'off µs':>7} {'on/off':>7} {'quartiles':>17} "
-            f"{'loop held ms':>12} {'with GC':>8} {'full GC/block on, off':>21}"
+            f"{'loop held ms':>12} {'with GC':>8} {'full GC/block on, off':>21} "
+            f"{'w/o full GC':>11} {'quartiles':>17}"
         )
         print(head)
         print("-" * len(head))
         results = {}
         for keys in args.mw_keys:
-            r = results[keys] = await on_off(url, keys, args.blocks, args.per_block)
+            r = results[keys] = await on_off(
+                url, keys, args.blocks, args.per_block, args.sub_block
+            )
             print(
                 f"{keys:>7,} {r['on']:>7.2f} {r['off']:>7.2f} {(r['ratio'] - 1) * 100:>+6.1f}% "
                 f"{(r['q'][0] - 1) * 100:>+7.1f} .. {(r['q'][2] - 1) * 100:>+5.1f}% "
                 f"{r['held_ms']:>12.2f} {r['held_gc_ms']:>8.2f} "
-                f"{r['full'][0]:>15.2f}, {r['full'][1]:.2f}"
+                f"{r['full'][0]:>15.2f}, {r['full'][1]:>4.2f} {(r['bare'] - 1) * 100:>+10.1f}% "
+                f"{(r['bare_q'][0] - 1) * 100:>+7.1f} .. {(r['bare_q'][2] - 1) * 100:>+5.1f}%"
             )
         most = max(args.mw_keys)
         r = results[most]
@@ -350,10 +413,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mw-keys", type=int, nargs="+", default=[1, 10_000])
     parser.add_argument("--blocks", type=int, default=10)
     parser.add_argument("--per-block", type=int, default=50_000)
+    parser.add_argument("--sub-block", type=int, default=2_500, help="requests (2500)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.blocks, args.per_block, args.mw_keys = 2, 4, 20_000, [1, 2000]
+        args.sub_block = min(args.sub_block, 2_000)
+    if args.per_block < 1 or args.sub_block < 1 or args.blocks < 1:
+        parser.error("--per-block, --sub-block and --blocks must be positive")
     return args
 
 
