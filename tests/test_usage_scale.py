@@ -135,6 +135,44 @@ async def test_a_flushs_app_side_work_is_per_chunk_not_per_key(
     assert await store.top(keys[-1], "ips", 5) == {"203.0.113.1": 1}
 
 
+async def test_a_keys_later_flushes_that_day_send_no_expire_and_a_new_day_pushes_ttls_on(
+    own_redis: RedisServer, own_client: Any
+) -> None:
+    """Redis work per key (issue #19): a name's TTL is set when a write makes it and pushed
+    on when the key's day is new, so 100 client keys flushed again within the day (same
+    addresses) run no EXPIRE but the index's and trim no address table — 15 commands a
+    key in the script, not 22 — while every name keeps its TTL; the first flush of a
+    new day sets the totals' and the address tables' TTL afresh."""
+    clock = ManualClock(1_700_006_400.5)  # a day's first second
+    recorder = UsageRecorder(RedisUsageStore(own_client, namespace="ks"), clock=clock)
+    keys = key_ids(100)
+    record_each(recorder, keys)
+    assert await recorder.flush()
+    clock.advance(30)  # later in the same minute
+    record_each(recorder, keys)
+    own_redis.reset()
+    assert await recorder.flush()
+    calls = own_redis.commands()
+    assert calls.get("expire", 0) == 1, calls  # the index's
+    assert calls.get("zremrangebyrank", 0) == 0, calls
+    skip = ("evalsha", "info", "ping", "config|resetstat")
+    in_script = sum(n for name, n in calls.items() if name not in skip)
+    assert in_script <= 15 * len(keys) + 1, calls
+    prefix = f"ks:usage:{{{keys[0]}}}:"
+    hour = int(clock() // 3600)
+    names = [f"{prefix}{part}" for part in ("total", "ips", "origins", f"m:{hour}")]
+    names.append(f"{prefix}d:{int(clock() // 86_400)}")
+    assert all([await own_client.ttl(name) > 0 for name in names]), names
+    await own_client.expire(f"{prefix}total", 60)
+    await own_client.expire(f"{prefix}ips", 60)
+    clock.advance(86_400)  # the next day
+    record_each(recorder, keys)
+    assert await recorder.flush()
+    for part in ("total", "ips"):
+        assert await own_client.ttl(f"{prefix}{part}") > 90 * 86_400
+    assert (await recorder.store.totals(keys[0]))[REQUESTS] == 3
+
+
 @pytest.fixture(params=["fakeredis", "redis", "cluster"])
 async def usage_client(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
     """A client of a Redis of its own: fakeredis, a redis-server, a one-node cluster."""

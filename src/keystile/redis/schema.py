@@ -99,7 +99,7 @@ NAMES: tuple[Name, ...] = (
         "<ns>:usage:{<key id>}:total",
         "hash",
         "key id",
-        "day retention + 1 day",
+        "day retention + 1 day, from the key's latest new day",
         "all-time counts, the last use (time, address, origin), and per writing process "
         "(p:<process>) the latest flush sequence applied (a retried flush counts once; a "
         "process that wrote nothing for an hour before another's first write is forgotten; "
@@ -109,7 +109,7 @@ NAMES: tuple[Name, ...] = (
         "<ns>:usage:{<key id>}:m:<hour>",
         "hash",
         "key id",
-        "minute retention + 1 hour",
+        "minute retention + 1 hour, from its latest new minute",
         "per-minute counts of one hour: a field per minute (0-59), the counters one after "
         "another in base-64 digits (a byte per digit, 0-63; a counter's last digit + 64)",
     ),
@@ -132,14 +132,14 @@ NAMES: tuple[Name, ...] = (
         "<ns>:usage:{<key id>}:ips",
         "zset",
         "key id",
-        "day retention + 1 day",
+        "day retention + 1 day, from the key's latest new day",
         "the busiest client addresses (top N)",
     ),
     Name(
         "<ns>:usage:{<key id>}:origins",
         "zset",
         "key id",
-        "day retention + 1 day",
+        "day retention + 1 day, from the key's latest new day",
         "the busiest origins (top N)",
     ),
     Name(

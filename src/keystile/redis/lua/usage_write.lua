@@ -123,7 +123,8 @@ local function minute_counts(prefix, hour, field, fresh)
   return counts
 end
 
--- Whether this process's share with this sequence is new to the key (and note it). The
+-- Whether this process's share with this sequence is new to the key (and note it), and
+-- whether the totals hash had no field of this process (a new writer, or a new hash). The
 -- key's totals hash holds, per writing process, the latest sequence applied (field
 -- p:<process>). A process's first write to the key forgets the processes whose latest
 -- sequence (near their clock in ms) is more than the applied ttl older than this one, and
@@ -132,11 +133,11 @@ local function first_time(total)
   local field = 'p:' .. process
   local seen = redis.call('HGET', total, field)
   if seen and tonumber(seen) >= seq then
-    return false
+    return false, false
   end
   redis.call('HSET', total, field, head[2])
   if seen then
-    return true
+    return true, false
   end
   local all = redis.call('HGETALL', total)
   local oldest, low, kept = nil, nil, 0
@@ -153,10 +154,14 @@ local function first_time(total)
     end
   end
   if kept >= cap and oldest then redis.call('HDEL', total, oldest) end
-  return true
+  return true, true
 end
 
-local key_id, prefix, total, fresh = nil, nil, nil, false
+-- A name's TTL is set when a write makes it (its first field or member) and, for those
+-- that outlive a day (totals, addresses), pushed on when the key's day hash is new: a
+-- key's later flushes that day send no EXPIRE (nor trim an address table no member
+-- joined).
+local key_id, prefix, total, fresh, newer, extend = nil, nil, nil, false, false, false
 for k = 1, #rows do
   local row = rows[k]
   local first = row[1] ~= key_id  -- the key's first row in this call: its share's checks
@@ -164,26 +169,35 @@ for k = 1, #rows do
     key_id = row[1]
     prefix = before_id .. key_id .. after_id
     total = prefix .. 'total'
-    fresh = first_time(total)
+    fresh, newer = first_time(total)
+    extend = false
   end
   local minute = row[2]
   local hour = text(math.floor(minute / 60))
   local field = text(minute % 60)
   local counts = minute_counts(prefix, hour, field, fresh)
+  local new_day = false
   if fresh then
     local day_key = prefix .. 'd:' .. text(math.floor(minute / 1440))
     for i = 1, nfields do
       local value = row[2 + i]
       if value ~= 0 then
         counts[i] = counts[i] + value
-        redis.call('HINCRBY', day_key, fields[i], text(value))
+        -- (a day's counter equal to what it was given is new: counters only grow)
+        if redis.call('HINCRBY', day_key, fields[i], text(value)) == value then
+          new_day = true
+        end
         redis.call('HINCRBY', total, fields[i], text(value))
       end
     end
     local hour_key = prefix .. 'm:' .. hour
-    redis.call('HSET', hour_key, field, pack_digits(counts))
-    redis.call('EXPIRE', hour_key, hour_ttl)
-    redis.call('EXPIRE', day_key, day_ttl)
+    if redis.call('HSET', hour_key, field, pack_digits(counts)) == 1 then
+      redis.call('EXPIRE', hour_key, hour_ttl)
+    end
+    if new_day then
+      redis.call('EXPIRE', day_key, day_ttl)
+      extend = true
+    end
   end
   out[#out + 1] = pack(counts)
   local at, inactive = row[12], row[15]
@@ -203,17 +217,20 @@ for k = 1, #rows do
         redis.call('HSET', total, 'last_inactive_at', stamp(inactive))
       end
     end
-    redis.call('EXPIRE', total, total_ttl)
+    if (first and newer) or new_day then redis.call('EXPIRE', total, total_ttl) end
     if first then
       for t = 1, 2 do
         local members = tops[t][key_id]
         if members then
           local name = prefix .. (t == 1 and 'ips' or 'origins')
+          local joined = false
           for member, count in pairs(members) do
-            redis.call('ZINCRBY', name, text(count), member)
+            if tonumber(redis.call('ZINCRBY', name, text(count), member)) == count then
+              joined = true  -- (a member whose score is what it was given is new)
+            end
           end
-          redis.call('ZREMRANGEBYRANK', name, 0, -(keep + 1))
-          redis.call('EXPIRE', name, total_ttl)
+          if joined then redis.call('ZREMRANGEBYRANK', name, 0, -(keep + 1)) end
+          if joined or extend then redis.call('EXPIRE', name, total_ttl) end
         end
       end
     end
