@@ -17,7 +17,6 @@ import math
 import os
 import secrets
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
@@ -37,7 +36,6 @@ from keystile.usage.models import (
     IP,
     MAX_SEEN,
     MINUTE,
-    NFIELDS,
     ORIGIN,
     QUOTA_EXCEEDED,
     RATE_LIMITED,
@@ -76,8 +74,10 @@ class UsageBatch:
         self.seq = 0
         self.minutes: dict[int, dict[str, Row]] = {}
         self.rows = 0  # key-minutes held (the buffer's bound counts these)
-        self.ips: dict[str, Counter[str]] = {}
-        self.origins: dict[str, Counter[str]] = {}
+        # key id -> address (origin) -> requests: client keys'; plain dicts (a Counter costs
+        # a Python-level call to make).
+        self.ips: dict[str, dict[str, int]] = {}
+        self.origins: dict[str, dict[str, int]] = {}
 
     def __bool__(self) -> bool:
         return self.rows > 0
@@ -139,40 +139,6 @@ class UsageBatch:
             row = table[key_id] = new_row()
             self.rows += 1
         return row
-
-    def merge(
-        self, other: UsageBatch, limit: int | None = None, table_cap: int | None = None
-    ) -> int:
-        """Add ``other``'s counts into this batch; rows beyond ``limit`` are not taken, and
-        per-IP/origin tables keep their ``table_cap`` busiest. Returns the requests the
-        rows not taken held (what was dropped)."""
-        lost = 0
-        for minute, table in other.minutes.items():
-            for key_id, row in table.items():
-                mine_table = self.minutes.get(minute)
-                present = mine_table is not None and key_id in mine_table
-                if not present and limit is not None and self.rows >= limit:
-                    lost += row[REQUESTS] + row[INACTIVE]
-                    continue
-                mine = self.row(key_id, minute)
-                for i in range(NFIELDS):
-                    mine[i] += row[i]
-                if row[AT] is not None and (mine[AT] is None or row[AT] >= mine[AT]):
-                    mine[AT], mine[IP], mine[ORIGIN] = row[AT], row[IP], row[ORIGIN]
-                if row[INACTIVE_AT] is not None and (
-                    mine[INACTIVE_AT] is None or row[INACTIVE_AT] >= mine[INACTIVE_AT]
-                ):
-                    mine[INACTIVE_AT] = row[INACTIVE_AT]
-                if row[SEEN]:
-                    seen = _addresses(mine[SEEN]) | _addresses(row[SEEN])
-                    mine[SEEN] = set(list(seen)[:MAX_SEEN])
-        for table_mine, source in ((self.ips, other.ips), (self.origins, other.origins)):
-            for key_id, counter in source.items():
-                mine_counter = table_mine.setdefault(key_id, Counter())
-                mine_counter.update(counter)
-                if table_cap is not None and len(mine_counter) > table_cap:
-                    table_mine[key_id] = Counter(dict(mine_counter.most_common(table_cap)))
-        return lost
 
 
 # Called after each flush with the batch written and the (key id, minute) counters it
@@ -292,22 +258,17 @@ class UsageRecorder:
                         row[SEEN] = {seen, ip}
                 elif len(seen) < MAX_SEEN:
                     seen.add(ip)
-        elif ip_mode == BY_CLIENT:
-            self._count_client(key_id, ip, origin)
+        elif ip_mode == BY_CLIENT:  # a client key: its requests by address and by origin
+            batch = self._batch
+            if ip is not None:
+                _count(batch.ips, key_id, ip, self.table_cap)
+            if origin is not None:
+                _count(batch.origins, key_id, origin, self.table_cap)
         at = row[AT]
         if at is None or now >= at:  # a slow request ending last is not the last use
             row[AT] = now
             row[IP] = ip
             row[ORIGIN] = origin
-
-    def _count_client(self, key_id: str, ip: str | None, origin: str | None) -> None:
-        """Count a client key's request by IP and by origin."""
-        for tables, member in ((self._batch.ips, ip), (self._batch.origins, origin)):
-            if member is not None:
-                counter = tables.get(key_id)
-                if counter is None:  # not setdefault: that builds a Counter every time
-                    counter = tables[key_id] = Counter()
-                _count(counter, member, self.table_cap)
 
     def record_refusal(self, key_id: str, kind: Literal["quota", "inactive"]) -> None:
         """Count a request refused for its quota (already counted as a request by the
@@ -469,11 +430,17 @@ class UsageRecorder:
         return await reader.report(key_id, start=start, end=end, granularity=granularity)
 
 
-def _count(counter: Counter[str], member: str, cap: int) -> None:
-    """Count ``member`` exactly; a member past ``cap`` distinct ones in one flush is not
-    tracked (memory stays bounded; the store keeps the busiest ``top_n`` of what it gets)."""
-    if member in counter or len(counter) < cap:
-        counter[member] += 1
+def _count(table: dict[str, dict[str, int]], key_id: str, member: str, cap: int) -> None:
+    """Count a request of ``key_id`` from ``member`` exactly; a member past ``cap`` distinct
+    ones of the key in one flush is not tracked (memory stays bounded; the store keeps the
+    busiest ``top_n`` of what it gets)."""
+    counts = table.get(key_id)
+    if counts is None:
+        table[key_id] = {member: 1}
+    elif member in counts:
+        counts[member] += 1
+    elif len(counts) < cap:
+        counts[member] = 1
 
 
 def _addresses(seen: str | set[str] | None) -> set[str]:
