@@ -10,6 +10,20 @@ no server, only the Redis round trips leave the process. Two regimes, rounds int
 (a) one request at a time (sequential awaits): µs per request;
 (b) 64 requests in flight (``asyncio.gather`` of 64 calls per batch): requests per second.
 
+A round runs every contender once in (a), then once in (b). The order rotates by one place
+from round to round, and runs backwards every other cycle of rotations, so that no
+contender always goes first and each pair runs in either order equally often (over two
+cycles); each regime has its own cycle, keystile sitting next to the contenders it is
+judged against: the lower bound in (a) (and the 429 path next to the bare app), ``limits``
+and slowapi in (b). The tables give each contender's median over rounds; the targets that
+compare two contenders are paired: within each round the ratio of the one's figure to the
+other's, and the target is judged by the median of those per-round ratios (quartiles
+beside it, the ratio of the medians for reference): the machine's speed drifts by tens of
+percent from second to second, and two runs of one round meet more of the same drift than
+two medians over all rounds do. What is measured is what it was before the pairing (the
+same requests, apps and batches); only the order and the figures computed from the
+samples changed.
+
 It also counts the Redis commands each contender sends per request, from
 ``INFO commandstats`` deltas. By default it starts its own ``redis-server`` on a free
 loopback port (no persistence) and stops it at the end; without the binary it uses the
@@ -519,6 +533,55 @@ async def build(url: str, namespace: str, opened: list[Any], keys: int = 1) -> l
 
 # -- the run ------------------------------------------------------------------------------------
 
+# Each regime's running cycle (by short name): keystile next to what it is judged against —
+# the lower bound in (a), the 429 path next to the bare app; limits and slowapi in (b).
+CYCLE_SEQUENTIAL = (
+    "lower bound", "keystile", "keystile redis-py", "limits", "slowapi", "raw floor",
+    "bare", "keystile 429",
+)  # fmt: skip
+CYCLE_CONCURRENT = (
+    "limits", "keystile", "slowapi", "keystile redis-py", "lower bound", "raw floor",
+    "bare", "keystile 429",
+)  # fmt: skip
+
+
+def running_cycle(contenders: list[Contender], shorts: tuple[str, ...]) -> list[Contender]:
+    """The contenders in the order of ``shorts`` (those not running left out; any not named
+    there at the end)."""
+    by_short = {c.short: c for c in contenders}
+    named = [by_short[s] for s in shorts if s in by_short]
+    return named + [c for c in contenders if c.short not in shorts]
+
+
+def order(cycle: list[Contender], number: int) -> list[Contender]:
+    """Round ``number``'s running order: ``cycle`` rotated by one place a round, backwards
+    every other cycle of rotations (over two cycles, each pair runs each way equally
+    often)."""
+    start = number % len(cycle)
+    rotated = cycle[start:] + cycle[:start]
+    return rotated[::-1] if (number // len(cycle)) % 2 else rotated
+
+
+def paired(numerator: list[float], denominator: list[float]) -> tuple[float, float, float]:
+    """The median and quartiles of the per-round ratios numerator / denominator."""
+    ratios = [a / b for a, b in zip(numerator, denominator, strict=True)]
+    if len(ratios) == 1:
+        return ratios[0], ratios[0], ratios[0]
+    low, _, high = statistics.quantiles(ratios, n=4)
+    return statistics.median(ratios), low, high
+
+
+def paired_text(numerator: list[float], denominator: list[float], unit: str) -> tuple[float, str]:
+    """The paired figure and how it reads: its quartiles and the ratio of the medians (the
+    medians in ``unit``: "µs" or "req/s")."""
+    ratio, low, high = paired(numerator, denominator)
+    top, bottom = statistics.median(numerator), statistics.median(denominator)
+    medians = f"{top:.1f} / {bottom:.1f}" if unit == "µs" else f"{top:,.0f} / {bottom:,.0f}"
+    return ratio, (
+        f"{ratio:.2f} (paired: median of {len(numerator)} per-round ratios, quartiles "
+        f"{low:.2f} .. {high:.2f}; ratio of the medians {medians} {unit} = {top / bottom:.2f})"
+    )
+
 
 def clear_windows(sync: redis.Redis, contenders: list[Contender]) -> None:
     """A never-refusing limit never trims its list: start every round from empty windows,
@@ -543,10 +606,8 @@ async def timed(contender: Contender, run: Callable[[], Awaitable[None]]) -> flo
     return elapsed / 1e9
 
 
-async def sequential_round(
-    contenders: list[Contender], start: int, requests: int, record: bool
-) -> None:
-    for contender in contenders[start:] + contenders[:start]:
+async def sequential_round(contenders: list[Contender], requests: int, record: bool) -> None:
+    for contender in contenders:  # in the round's running order
         scopes = [contender.scope() for _ in range(requests)]
         app = contender.app
 
@@ -560,10 +621,8 @@ async def sequential_round(
             contender.served += requests
 
 
-async def concurrent_round(
-    contenders: list[Contender], start: int, batches: int, record: bool
-) -> None:
-    for contender in contenders[start:] + contenders[:start]:
+async def concurrent_round(contenders: list[Contender], batches: int, record: bool) -> None:
+    for contender in contenders:  # in the round's running order
         work = [[contender.scope() for _ in range(IN_FLIGHT)] for _ in range(batches)]
         app = contender.app
 
@@ -721,19 +780,20 @@ async def main(args: argparse.Namespace) -> int:
                 counts[contender.short] = (one, many)
 
             # Warm-up round (not recorded), then the measured rounds: regime (a) then (b),
-            # each round starting one contender further on.
+            # each in its cycle's order for the round (rotated, backwards every other cycle).
             clear_windows(sync, contenders)
-            await sequential_round(contenders, 0, max(requests // 4, 20), record=False)
-            await concurrent_round(contenders, 0, 1, record=False)
+            await sequential_round(contenders, max(requests // 4, 20), record=False)
+            await concurrent_round(contenders, 1, record=False)
             for contender in contenders:
                 contender.trips = 0
+            one_at_a_time = running_cycle(contenders, CYCLE_SEQUENTIAL)
+            in_flight = running_cycle(contenders, CYCLE_CONCURRENT)
             began = time.monotonic()
             for number in range(rounds):
-                start = number % len(contenders)
                 clear_windows(sync, contenders)
-                await sequential_round(contenders, start, requests, record=True)
+                await sequential_round(order(one_at_a_time, number), requests, record=True)
                 clear_windows(sync, contenders)
-                await concurrent_round(contenders, start, batches, record=True)
+                await concurrent_round(order(in_flight, number), batches, record=True)
             wall = time.monotonic() - began
 
             report(
@@ -868,39 +928,33 @@ def report(
         "refusal asks Redis once)"
     )
 
-    print("\nTargets:")
-    ratio = keystile.micros / lower.micros
     print(
-        f"  (a) keystile {keystile.micros:.1f} µs / lower bound {lower.micros:.1f} µs = "
-        f"{ratio:.2f} <= 1.10: {verdict(ratio <= 1.10)}"
+        "\nTargets (paired: the median of the per-round ratios of two contenders' figures "
+        "measured in the same round;\n  their quartiles, and for reference the ratio of the "
+        "medians, beside it):"
+    )
+    ratio, text = paired_text(keystile.sequential, lower.sequential, "µs")
+    print(
+        f"  (a) keystile / lower bound, µs per request = {text} <= 1.10: {verdict(ratio <= 1.10)}"
     )
     floor = by_short["raw floor"]
     old = by_short["keystile redis-py"]
     print(
-        f"      (for reference: {ratio_of(keystile, floor):.2f} x the same EVALSHA on a raw "
-        f"asyncio socket, {floor.micros:.1f} µs; the limiter on redis-py, lean=False: "
-        f"{old.micros:.1f} µs = {old.micros / lower.micros:.2f} x the lower bound)"
+        f"      (for reference, by medians: {ratio_of(keystile, floor):.2f} x the same EVALSHA "
+        f"on a raw asyncio socket, {floor.micros:.1f} µs; the limiter on redis-py, "
+        f"lean=False: {old.micros:.1f} µs = {old.micros / lower.micros:.2f} x the lower bound)"
     )
     if "slowapi" in by_short:
         slow = by_short["slowapi"]
-        ratio = keystile.rate / slow.rate
-        print(
-            f"  (b) keystile {keystile.rate:,.0f} req/s / slowapi {slow.rate:,.0f} req/s = "
-            f"{ratio:.2f} >= 3: {verdict(ratio >= 3)}"
-        )
+        ratio, text = paired_text(keystile.concurrent, slow.concurrent, "req/s")
+        print(f"  (b) keystile / slowapi, req/s = {text} >= 3: {verdict(ratio >= 3)}")
     else:
         print("  (b) keystile / slowapi: skipped (slowapi not installed)")
     lim = by_short["limits"]
-    ratio = keystile.rate / lim.rate
-    print(
-        f"  (b) keystile {keystile.rate:,.0f} req/s / limits direct {lim.rate:,.0f} req/s = "
-        f"{ratio:.2f} >= 2: {verdict(ratio >= 2)}"
-    )
-    ratio = refused.micros / bare.micros
-    print(
-        f"  (a) keystile 429 {refused.micros:.1f} µs / bare {bare.micros:.1f} µs = "
-        f"{ratio:.2f} <= 2: {verdict(ratio <= 2)}"
-    )
+    ratio, text = paired_text(keystile.concurrent, lim.concurrent, "req/s")
+    print(f"  (b) keystile / limits direct, req/s = {text} >= 2: {verdict(ratio >= 2)}")
+    ratio, text = paired_text(refused.sequential, bare.sequential, "µs")
+    print(f"  (a) keystile 429 / bare, µs per request = {text} <= 2: {verdict(ratio <= 2)}")
     one, _ = counts["keystile 429"]
     commands = round((one.sent + one.in_lua) * one.requests)
     trips = one.trips or 0
