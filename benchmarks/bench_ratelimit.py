@@ -281,6 +281,9 @@ class Contender:
     lua: frozenset[str] = frozenset()  # the commands its script runs inside Redis
     sequential: list[float] = field(default_factory=list)  # µs per request, per round
     concurrent: list[float] = field(default_factory=list)  # requests per second, per round
+    # this process's CPU µs per request in regime (b), per round: against the wall's µs, how
+    # long the app sat waiting (on Redis) with 64 requests in flight
+    concurrent_cpu: list[float] = field(default_factory=list)
     trips: int = 0  # round trips counted during the timed runs
     served: int = 0
     templates: list[dict[str, Any]] = field(default_factory=list)  # one per key, or none
@@ -626,13 +629,20 @@ async def concurrent_round(contenders: list[Contender], batches: int, record: bo
         work = [[contender.scope() for _ in range(IN_FLIGHT)] for _ in range(batches)]
         app = contender.app
 
-        async def run(app: App = app, work: list[list[dict[str, Any]]] = work) -> None:
+        cpu = [0.0]
+
+        async def run(
+            app: App = app, work: list[list[dict[str, Any]]] = work, cpu: list[float] = cpu
+        ) -> None:
+            began = time.process_time()
             for batch in work:
                 await asyncio.gather(*[app(scope, receive, discard) for scope in batch])
+            cpu[0] = time.process_time() - began
 
         seconds = await timed(contender, run)
         if record:
             contender.concurrent.append(batches * IN_FLIGHT / seconds)
+            contender.concurrent_cpu.append(cpu[0] / (batches * IN_FLIGHT) * 1e6)
             contender.served += batches * IN_FLIGHT
 
 
@@ -877,15 +887,20 @@ def report(
     )
     header = (
         f"{'#':>2}  {'contender':<{width}}  {'median req/s':>12}  {'max req/s':>9}  "
-        f"{'µs/req':>6}  {'keystile ÷ this':>14}  {'status':>6}"
+        f"{'µs/req':>6}  {'CPU µs/req':>10}  {'keystile ÷ this':>14}  {'status':>6}"
     )
     print(header)
     print("-" * len(header))
     for number, c in enumerate(contenders, 1):
         print(
             f"{number:>2}  {c.label:<{width}}  {c.rate:>12,.0f}  {max(c.concurrent):>9,.0f}  "
-            f"{1e6 / c.rate:>6.1f}  {keystile.rate / c.rate:>14.2f}  {c.status:>6}"
+            f"{1e6 / c.rate:>6.1f}  {statistics.median(c.concurrent_cpu):>10.1f}  "
+            f"{keystile.rate / c.rate:>14.2f}  {c.status:>6}"
         )
+    print(
+        "  CPU µs/req: this process's CPU per request (the median over rounds); below µs/req,"
+        " the app sat waiting (on Redis)"
+    )
 
     print(
         "\nRedis commands per request (INFO commandstats deltas, each contender alone, "
