@@ -204,6 +204,30 @@ async def test_callers_sharing_the_socket_each_get_their_own_reply(lean: LeanRed
     assert 1 <= lean.writes - before < 50
 
 
+async def test_a_burst_goes_out_in_parts_the_first_before_the_burst_is_queued(
+    lean: LeanRedis,
+) -> None:
+    """65 callers in one event-loop iteration: the first writes at once; the others, queued
+    while its reply is outstanding, go out 16 at a time — the first part already written
+    while later callers are still being prepared (Redis starts on it), not all at the end
+    of the iteration. Each caller still gets its own reply."""
+    assert await lean.execute("PING") == b"PONG"  # connected: callers send at once
+    before = lean.writes
+    seen_by_caller_40: list[int] = []
+
+    async def caller(n: int) -> Any:
+        if n == 40:  # callers 0..39 have queued their commands in this same iteration
+            seen_by_caller_40.append(lean.writes - before)
+        return await lean.execute("ECHO", f"v{n}")
+
+    replies = await asyncio.gather(*(caller(n) for n in range(65)))
+    assert replies == [f"v{n}".encode() for n in range(65)]
+    # caller 0 alone, then callers 1..16 and 17..32 as two full parts
+    assert seen_by_caller_40 == [3]
+    # and the rest: 33..48 a full part, 49..64 (16) a full part; nothing left at the end
+    assert lean.writes - before == 5
+
+
 async def test_a_killed_connection_fails_its_callers_and_the_next_call_reconnects(
     own_redis: RedisServer,
 ) -> None:

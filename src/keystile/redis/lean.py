@@ -9,7 +9,11 @@ socket, shared by every caller.
 - Redis answers the commands of one connection in order, so callers need not wait for a
   free connection: each appends its future to a queue and the replies resolve them in
   turn. A caller alone writes at once; callers that arrive while replies are outstanding
-  are written together, once per event-loop iteration (one round trip for all of them).
+  are written together, in parts of at most :data:`PART` commands: the rest of an
+  event-loop iteration's at its end, each full part at once, so Redis answers the first
+  requests of a burst while the event loop is still preparing the others rather than
+  after (64 requests in flight: the app waited on Redis a third of the time with one
+  write per iteration, almost never in parts of 16).
 - One timer per connection watches the oldest outstanding reply. When a caller's deadline
   passes, everything queued behind it is stuck too: every caller gets ``TimeoutError``
   and the connection is dropped; the next call connects again.
@@ -37,6 +41,8 @@ __all__ = ["LeanRedis", "ProtocolError", "ReplyError", "RespReader", "encode"]
 _CRLF = b"\r\n"
 _MAX_LENGTH = 512 * 1024 * 1024  # Redis' own proto-max-bulk-len default
 _MAX_DEPTH = 16
+#: Commands queued while replies are outstanding go out at most this many at a time.
+PART = 16
 
 
 class ReplyError(Exception):
@@ -254,10 +260,14 @@ class _Connection(asyncio.Protocol):
             transport.write(command)
             self.writes += 1
         else:
-            # Replies are outstanding: everything that arrives meanwhile goes out together.
-            if not self.unsent:
+            # Replies are outstanding: what arrives meanwhile goes out together, a full
+            # part at once (Redis starts on it), the rest at the end of this iteration.
+            unsent = self.unsent
+            if not unsent:
                 self.loop.call_soon(self.flush)
-            self.unsent.append(command)
+            unsent.append(command)
+            if len(unsent) >= PART:
+                self.flush()
         return future
 
     def flush(self) -> None:
