@@ -5,7 +5,8 @@ One Lua script (``keystile/redis/lua/moving_window.lua``) decides every window o
 atomically on Redis' own clock (``TIME``) and returns the decision with the numbers for
 the headers in the same round trip: one EVALSHA per decision. Over the lean connection
 (:class:`keystile.redis.lean.LeanRedis`, the default) the EVALSHAs of requests that
-arrive together go out in one write; over redis-py each is a command of its own. A key
+arrive together go out together (16 to a write, Redis starting on the first while the
+rest are prepared); over redis-py each is a command of its own. A key
 known to be over its limit is refused locally until its next slot frees, without asking
 Redis (which can only refuse more, never admit more).
 """
@@ -81,7 +82,7 @@ class RedisLimiter(FallingBack):
     With ``lean=True`` (the default) the decisions go over one connection of the
     limiter's own (:class:`keystile.redis.lean.LeanRedis`, to the server ``client`` talks to),
     which costs a fraction of redis-py's Python per round trip and sends the decisions of
-    requests that arrive together in one write; ``client`` carries them, one EVALSHA each,
+    requests that arrive together in a few writes; ``client`` carries them, one EVALSHA each,
     when it cannot (TLS, a credential provider, fakeredis) or with ``lean=False``.
 
     ``monotonic`` is the clock of the local refusals and of the back-off.
