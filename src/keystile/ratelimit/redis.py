@@ -51,6 +51,18 @@ _NOT_HERE = frozenset({"MOVED", "ASK", "CROSSSLOT"})
 _NO_ADDRESS = "-"
 
 
+# How a decision's EVALSHA is put together (RedisLimiter._shape): the bytes before the
+# window names, per name the text before the key id, between it and the address (None: no
+# address) and after, and the bytes after the names.
+_Shape = tuple[bytes, tuple[tuple[str, str | None, str], ...], bytes]
+
+
+def _bulks(words: list[Any]) -> bytes:
+    """``words`` as RESP bulk strings, one after another (a command's part, no header)."""
+    encoded = encode(words)
+    return encoded[encoded.index(b"\r\n") + 2 :]
+
+
 def _not_here(code: str) -> StoreMisconfigured:
     """The error of a decision a cluster node would not make (MOVED, ASK, CROSSSLOT): the
     fallback refuses such a request whatever the failure mode."""
@@ -128,6 +140,9 @@ class RedisLimiter(FallingBack):
         self._routes = lean_routes(client, timeout=timeout) if lean else None
         # (key, address, limit text, cost) -> the encoded EVALSHA of a decision on Redis' clock
         self._commands: dict[tuple[str, str, str, int], bytes] = {}
+        # (limit text, cost) -> how such a command is put together (see _shape): a command
+        # not in the cache above (more keys and addresses than it holds) costs a few joins.
+        self._shapes: dict[tuple[str, int], _Shape] = {}
         self._loading: asyncio.Task[None] | None = None
         # (key, address, limit text) -> (refused until, monotonic; the decision; when; its cost)
         self._blocked: dict[tuple[str, str, str], tuple[float, Decision, float, int]] = {}
@@ -362,14 +377,54 @@ class RedisLimiter(FallingBack):
     def _command(
         self, cached: tuple[str, str, str, int], limits: LimitSet, now_ms: int | None
     ) -> bytes:
-        key, address, _, cost = cached
-        keys, args = self._arguments(key, limits, cost, now_ms, address)
-        command = encode(["EVALSHA", _SHA, len(keys), *keys, *args])
-        if now_ms is None:
-            if len(self._commands) >= 10_000:  # bounded: start again
-                self._commands.clear()
-            self._commands[cached] = command
+        key, address, text, cost = cached
+        if now_ms is not None:  # a test's clock: built word by word, never cached
+            keys, args = self._arguments(key, limits, cost, now_ms, address)
+            return encode(["EVALSHA", _SHA, len(keys), *keys, *args])
+        shape = self._shapes.get((text, cost))
+        if shape is None:
+            shape = self._shape(limits, cost)
+        head, names, tail = shape
+        parts = [head]
+        for before, between, after in names:
+            name = (
+                f"{before}{key}{after}"
+                if between is None
+                else f"{before}{key}{between}{address or _NO_ADDRESS}{after}"
+            ).encode()
+            parts.append(b"$%d\r\n%b\r\n" % (len(name), name))
+        parts.append(tail)
+        command = b"".join(parts)
+        if len(self._commands) >= 10_000:  # bounded: start again
+            self._commands.clear()
+        self._commands[cached] = command
         return command
+
+    def _shape(self, limits: LimitSet, cost: int) -> _Shape:
+        """How the EVALSHA of a decision on ``limits`` at ``cost`` is put together: its
+        bytes before the window names, each name's text around the key id (and around the
+        address, for a window that counts each address apart: ``between`` is then not
+        None), and its bytes after the names — each name as :meth:`window_key` spells it."""
+        _, args = self._arguments("", limits, cost, None, "")
+        count = len(limits.windows)
+        head = b"*%d\r\n" % (3 + count + len(args)) + _bulks(["EVALSHA", _SHA, count])
+        names: list[tuple[str, str | None, str]] = []
+        for window in limits.windows:
+            if window.per_address:
+                spelt = self._schema.window("\n", window.amount, window.seconds, "\r")
+                before, _, rest = spelt.partition("\n")
+                between, _, after = rest.partition("\r")
+                names.append((before, between, after))
+            else:
+                before, _, after = self._schema.window(
+                    "\n", window.amount, window.seconds
+                ).partition("\n")
+                names.append((before, None, after))
+        tail = _bulks(args)
+        if len(self._shapes) >= 1_000:  # bounded (limit strings are few): start again
+            self._shapes.clear()
+        shape = self._shapes[(limits.text, cost)] = (head, tuple(names), tail)
+        return shape
 
     async def _load(self, deadline: float) -> None:
         """SCRIPT LOAD, once for all the callers that found it missing together."""
