@@ -175,7 +175,7 @@ async def test_redis_killed_under_load_fails_closed_and_recovers(
     )
     load.start()
     await asyncio.sleep(0.5)
-    in_flight = load.inflight
+    in_flight = await load.in_flight(100, within=5.0)
     assert in_flight >= 100
     await asyncio.to_thread(own_redis.kill)
     dead_at = time.monotonic()

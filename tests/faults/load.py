@@ -89,6 +89,18 @@ class Load:
 
         self._task = asyncio.gather(*(user(i) for i in range(self.concurrency)))
 
+    async def in_flight(self, least: int, within: float) -> int:
+        """The requests in flight at the first event-loop iteration (within ``within``
+        seconds) that finds ``least`` of them; the most seen if none does. How many are in
+        flight at one moment swings with how the replies of a batch come back: a user
+        whose request just ended is between requests until it runs again."""
+        most = self.inflight
+        deadline = time.monotonic() + within
+        while most < least and time.monotonic() < deadline:
+            await asyncio.sleep(0)
+            most = max(most, self.inflight)
+        return most
+
     def change(self, pick: Pick) -> None:
         """Choose requests differently from now on (requests in flight carry on)."""
         self.pick = pick
