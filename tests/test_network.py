@@ -18,9 +18,15 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from browser.harness import demo_argv, seed_env, serve, uvicorn_argv
-from keystile import Keystile, MemoryStore
+from keystile import Keystile, MemoryStore, network
 from keystile.middleware import KeystileMiddleware
-from keystile.network import ClientAddress, normalize_ip_entry, parse_address, parse_ip_entry
+from keystile.network import (
+    ClientAddress,
+    budget_address,
+    normalize_ip_entry,
+    parse_address,
+    parse_ip_entry,
+)
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -187,6 +193,50 @@ def test_client_address(
     untrusted hop is the client, and a malformed hop on the way leaves no address."""
     address = ClientAddress(trusted)(_scope(peer, xff))
     assert (None if address is None else str(address)) == expected
+
+
+@pytest.mark.parametrize(("trusted", "peer", "xff", "expected"), XFF_CASES)
+def test_a_client_address_read_again_is_read_the_same(
+    trusted: list[str], peer: str | None, xff: list[str | bytes], expected: str | None
+) -> None:
+    """The same requests through one ClientAddress, twice (the second time its addresses
+    are remembered): the same client, and the same budget name as a fresh reading."""
+    reader = ClientAddress(trusted)
+    for _ in range(2):
+        found = reader.read(_scope(peer, xff))
+        assert (None if found is None else str(found[0])) == expected
+        if found is not None:
+            assert found[1] == budget_address(found[0])
+
+
+def test_an_address_is_parsed_once_and_what_is_remembered_is_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A peer seen again costs no parse; past ``max_remembered`` texts the memory starts
+    again, and a text longer than any address is never remembered (a header of junk
+    keeps costing its parse, never memory)."""
+    parsed: list[str] = []
+    real = network.parse_address
+
+    def counting(text: str) -> Any:
+        parsed.append(text)
+        return real(text)
+
+    monkeypatch.setattr(network, "parse_address", counting)
+    reader = ClientAddress(PROXIES)
+    monkeypatch.setattr(reader, "max_remembered", 100)
+    for _ in range(3):
+        assert str(reader(_scope("203.0.113.9"))) == "203.0.113.9"
+        found = reader.read(_scope("2001:db8:1:2::5"))
+        assert found is not None and found[1] == "2001:db8:1:2::/64"
+    assert parsed == ["203.0.113.9", "2001:db8:1:2::5"]
+    for n in range(250):
+        assert reader(_scope(f"198.51.{n // 256}.{n % 256}")) is not None
+        assert len(reader._read) <= 100
+    junk = "9" * 5000
+    for _ in range(2):
+        assert reader(_scope("10.0.0.1", [junk])) is None
+    assert parsed.count(junk) == 2 and junk not in reader._read
 
 
 def test_other_forwarding_headers_are_ignored() -> None:

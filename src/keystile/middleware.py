@@ -34,7 +34,7 @@ from keystile.keys import parse_key
 from keystile.lifespan import gate_lifespan
 from keystile.logs import fields
 from keystile.meter import Meter
-from keystile.network import ClientAddress, allowed, budget_address, single_header
+from keystile.network import ClientAddress, allowed, single_header
 from keystile.origins import Origin, parse_origin
 from keystile.principal import PRINCIPAL, REFUSALS, Principal
 from keystile.ratelimit import LimitSet
@@ -403,13 +403,13 @@ class KeystileMiddleware:
         extra = self._cors(origin)
         address = ""
         if limits.per_address:
-            client = self.client_address(scope)
+            client = self.client_address.read(scope)
             if client is None:  # no address to share the budget by (a Unix socket)
                 if principal.key_limits is None:
                     return extra
                 limits = principal.key_limits
             else:
-                address = budget_address(client)
+                address = client[1]  # the name of its share: see keystile.network
         try:
             with tracing.child(scope, "keystile.rate_limit") as span:
                 decision = await self._limiter.hit(principal.key_id, limits, address=address)
