@@ -42,9 +42,11 @@ def spelt_out(limiter: RedisLimiter, key: str, address: str, text: int, cost: in
     return encode(["EVALSHA", _SHA, len(names), *names, *args])
 
 
-@pytest.fixture(scope="module")
-def limiter() -> RedisLimiter:
-    return RedisLimiter(fakeredis.FakeAsyncRedis(), namespace="ks:{app}", lean=False)
+# An operator's namespace may hold any character (it is configuration, not validated):
+# one with the characters a shape could mistake for where the key id or address goes.
+@pytest.fixture(scope="module", params=["ks:{app}", "ks\n\r:x"])
+def limiter(request: pytest.FixtureRequest) -> RedisLimiter:
+    return RedisLimiter(fakeredis.FakeAsyncRedis(), namespace=request.param, lean=False)
 
 
 keys = st.from_regex(r"[a-z]{2,8}_[A-Za-z0-9]{1,24}", fullmatch=True)

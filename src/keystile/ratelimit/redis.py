@@ -410,15 +410,16 @@ class RedisLimiter(FallingBack):
         head = b"*%d\r\n" % (3 + count + len(args)) + _bulks(["EVALSHA", _SHA, count])
         names: list[tuple[str, str | None, str]] = []
         for window in limits.windows:
+            # Marks where the key id and the address go, found from the right: the
+            # namespace (before them) may hold any character, what follows them never does.
             if window.per_address:
                 spelt = self._schema.window("\n", window.amount, window.seconds, "\r")
-                before, _, rest = spelt.partition("\n")
-                between, _, after = rest.partition("\r")
+                rest, _, after = spelt.rpartition("\r")
+                before, _, between = rest.rpartition("\n")
                 names.append((before, between, after))
             else:
-                before, _, after = self._schema.window(
-                    "\n", window.amount, window.seconds
-                ).partition("\n")
+                spelt = self._schema.window("\n", window.amount, window.seconds)
+                before, _, after = spelt.rpartition("\n")
                 names.append((before, None, after))
         tail = _bulks(args)
         if len(self._shapes) >= 1_000:  # bounded (limit strings are few): start again
