@@ -85,6 +85,7 @@ from keystile.middleware import KeystileMiddleware
 from keystile.ratelimit import RedisLimiter, limit_set
 from keystile.redis.connect import lean_connection
 from keystile.redis.lean import LeanRedis, encode
+from pairing import order, paired
 
 App = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 
@@ -554,24 +555,6 @@ def running_cycle(contenders: list[Contender], shorts: tuple[str, ...]) -> list[
     by_short = {c.short: c for c in contenders}
     named = [by_short[s] for s in shorts if s in by_short]
     return named + [c for c in contenders if c.short not in shorts]
-
-
-def order(cycle: list[Contender], number: int) -> list[Contender]:
-    """Round ``number``'s running order: ``cycle`` rotated by one place a round, backwards
-    every other cycle of rotations (over two cycles, each pair runs each way equally
-    often)."""
-    start = number % len(cycle)
-    rotated = cycle[start:] + cycle[:start]
-    return rotated[::-1] if (number // len(cycle)) % 2 else rotated
-
-
-def paired(numerator: list[float], denominator: list[float]) -> tuple[float, float, float]:
-    """The median and quartiles of the per-round ratios numerator / denominator."""
-    ratios = [a / b for a, b in zip(numerator, denominator, strict=True)]
-    if len(ratios) == 1:
-        return ratios[0], ratios[0], ratios[0]
-    low, _, high = statistics.quantiles(ratios, n=4)
-    return statistics.median(ratios), low, high
 
 
 def paired_text(numerator: list[float], denominator: list[float], unit: str) -> tuple[float, str]:

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from apps import KEYS_ENV, NAMESPACE_ENV, PATH, REDIS_ENV, TOKEN_FILE_ENV, USAGE_ENV
+from pairing import order, paired
 
 HERE = Path(__file__).resolve().parent
 TOKENS_ENV = "KSBENCH_TOKENS"  # the client's: the file of the keys to send, one per line
@@ -296,27 +297,9 @@ def contenders(args: argparse.Namespace, namespace: str) -> list[Server]:
     return servers
 
 
-def order(cycle: list[Server], number: int) -> list[Server]:
-    """Round ``number``'s running order: ``cycle`` rotated by one place a round, backwards
-    every other cycle of rotations (over two cycles, each pair runs each way equally
-    often)."""
-    start = number % len(cycle)
-    rotated = cycle[start:] + cycle[:start]
-    return rotated[::-1] if (number // len(cycle)) % 2 else rotated
-
-
-def paired(numerator: Server, denominator: Server) -> tuple[float, float, float]:
-    """The median and quartiles of the per-round ratios numerator / denominator."""
-    ratios = [a / b for a, b in zip(numerator.samples, denominator.samples, strict=True)]
-    if len(ratios) == 1:
-        return ratios[0], ratios[0], ratios[0]
-    low, _, high = statistics.quantiles(ratios, n=4)
-    return statistics.median(ratios), low, high
-
-
 def paired_text(numerator: Server, denominator: Server) -> tuple[float, str]:
     """The paired figure and how it reads: its quartiles and the ratio of the medians."""
-    ratio, low, high = paired(numerator, denominator)
+    ratio, low, high = paired(numerator.samples, denominator.samples)
     by_medians = numerator.median / denominator.median
     rounds = len(numerator.samples)
     return ratio, (
