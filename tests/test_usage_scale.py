@@ -32,6 +32,8 @@ from keystile.usage import (
     RedisUsageStore,
     UsageRecorder,
 )
+from keystile.usage.models import IP
+from keystile.usage.recorder import _SLICE
 from keystile.usage.stores import CHUNK_ROWS, _chunks
 from test_usage import StallingProxy
 from usage_app import build_app, http
@@ -116,7 +118,7 @@ async def test_a_flushs_app_side_work_is_per_chunk_not_per_key(
     store = recorder.store
     keys = key_ids(20 * CHUNK_ROWS)
     record_each(recorder, keys)
-    batch = recorder._batch
+    batch = recorder.batch
     recorder._stamp(batch)
     calls = 0
 
@@ -206,7 +208,7 @@ async def test_a_flush_over_two_minutes_counts_each_key_once_across_chunks(
     last = clock()
     record_each(recorder, keys[::-1], "203.0.113.2")  # the second minute's rows in other order
     recorder.record_refusal(keys[7], "inactive")
-    batch = recorder._batch
+    batch = recorder.batch
     assert sorted(batch.minutes) == [first, first + 1]
     recorder._stamp(batch)
     touched = await store.write(batch)
@@ -453,14 +455,14 @@ async def test_a_flush_leaves_the_garbage_collector_nothing_to_track_per_key(
             for _ in range(3):
                 recorder.record(key_id, 200, 0, 42, "198.51.100.7", None, WATCH_IPS)
         recorder.record(keys[0], 200, 0, 42, "198.51.100.8", None, WATCH_IPS)
-        rows = recorder._batch.minutes[int(clock() // 60)]
+        rows = recorder.batch.minutes[int(clock() // 60)]
         assert not any(gc.is_tracked(value) for value in rows[keys[1]])
-        assert await recorder._batch.watched_addresses() == {
+        assert await recorder.batch.watched_addresses() == {
             k: {"198.51.100.7", "198.51.100.8"} if k == keys[0] else {"198.51.100.7"} for k in keys
         }
-        recorder._stamp(recorder._batch)
+        recorder._stamp(recorder.batch)
         gc.collect()
-        shares = [share async for chunk in _chunks(recorder._batch, None) for share in chunk]
+        shares = [share async for chunk in _chunks(recorder.batch, None) for share in chunk]
         gc.collect()  # a share is untracked at this pass
         assert len(shares) == 300
         assert [share[0] for share in shares if gc.is_tracked(share)] == []
@@ -510,6 +512,7 @@ async def test_the_alert_rules_get_a_flushs_totals_unpacked_as_read(
     record_each(recorder, keys)
     for _ in range(4):
         record_each(recorder, keys[:3])
+    assert recorder.batch.rows == 2001  # added up in the buffer before the flush is watched
     tracemalloc.start()
     try:
         assert await recorder.flush()
@@ -523,6 +526,42 @@ async def test_the_alert_rules_get_a_flushs_totals_unpacked_as_read(
     busy = [item for part in lazy_totals.at_least(3) for item in part]
     assert sorted((k, m, c[REQUESTS]) for (k, m), c in busy) == [(k, minute, 5) for k in keys[:3]]
     assert plain[(keys[0], minute - 1)][REQUESTS] == 1
+
+
+async def test_a_request_costs_an_append_and_is_added_up_with_a_slices_others(
+    clock: ManualClock,
+) -> None:
+    """Work, not time (issue #19): recording a request appends it to a list of at most
+    ``_SLICE``; its key's row (at thousands of keys, far from the CPU's caches) is touched
+    when the slice is added up, in one loop. Added up later, it counts as it was recorded:
+    in the minute of its own clock reading, the last use the latest of them, and a flush or
+    a read of the buffer adds up what is pending first."""
+    recorder = UsageRecorder(MemoryUsageStore(clock=clock), clock=clock, interval=3600)
+    keys = key_ids(_SLICE + 5)
+    record_each(recorder, keys[:1])  # the first starts the flush task; from then on, appends
+    assert recorder._task is not None and recorder._batch.rows == 1
+    record_each(recorder, keys[1:_SLICE])
+    assert (len(recorder._log), recorder._batch.rows) == (_SLICE - 1, 1)
+    record_each(recorder, keys[_SLICE : _SLICE + 1])  # the slice is full: added up
+    assert (len(recorder._log), recorder._batch.rows) == (0, _SLICE + 1)
+    minute = int(clock() // 60)
+    clock.advance(60 - clock() % 60 - 0.5)
+    recorder.record("key_late", 200, 0, 7, "198.51.100.7", None, WATCH_IPS)  # read: minute
+    recorder.record("key_late", 200, 0, 3, "198.51.100.9", None, WATCH_IPS, now=clock() - 1)
+    clock.advance(1.0)  # the next minute, before they are added up
+    recorder.record("key_late", 200, 0, 5, "198.51.100.8", None, WATCH_IPS)
+    assert len(recorder._log) == 3
+    batch = recorder.batch
+    assert not recorder._log
+    assert batch.minutes[minute]["key_late"][REQUESTS] == 2
+    assert batch.minutes[minute + 1]["key_late"][REQUESTS] == 1
+    assert batch.last["key_late"][:2] == [clock(), "198.51.100.8"]
+    assert batch.minutes[minute]["key_late"][IP] == "198.51.100.7"  # the latest, not the last
+    record_each(recorder, keys[_SLICE + 1 :])
+    assert await recorder.flush()
+    assert not recorder._log and not recorder._batch
+    assert [(await recorder.store.totals(key))[REQUESTS] for key in keys] == [1] * len(keys)
+    assert (await recorder.store.totals("key_late"))[:3] == [3, 0, 15]
 
 
 async def test_a_buffered_row_is_not_tracked_by_the_garbage_collector(clock: ManualClock) -> None:
@@ -540,7 +579,7 @@ async def test_a_buffered_row_is_not_tracked_by_the_garbage_collector(clock: Man
     recorder.record_tokens("key_prod", 30)
     recorder.record("key_moving", 200, 0, 1, "198.51.100.7", None, WATCH_IPS)
     recorder.record("key_moving", 200, 0, 1, "198.51.100.8", None, WATCH_IPS)
-    rows = recorder._batch.minutes[int(clock() // 60)]
+    rows = recorder.batch.minutes[int(clock() // 60)]
     assert {key: gc.is_tracked(row) for key, row in rows.items()} == {
         "key_prod": False,
         "key_client": False,
@@ -682,7 +721,7 @@ async def test_minutes_of_the_earlier_layout_are_read_and_moved_when_written_aga
         (hour * 60 + previous) * 60: [1, 0, 0, 0],
     }
     record_each(recorder, [key])
-    batch = recorder._batch
+    batch = recorder.batch
     recorder._stamp(batch)  # what flush() does before writing a batch
     touched = await store.write(batch)
     assert list(touched[(key, minute)][:3]) == [4, 40, 800]
@@ -808,7 +847,7 @@ async def test_on_a_cluster_each_script_call_stays_in_one_slot(
         record_each(recorder, keys)
         assert await recorder.flush()
         record_each(recorder, keys[:3])
-        batch = recorder._batch
+        batch = recorder.batch
         recorder._stamp(batch)  # what flush() does before writing a batch
         await store.write(batch)
         await store.write(batch)  # the retry of a write whose reply was lost

@@ -59,6 +59,8 @@ if TYPE_CHECKING:
 
 __all__ = ["UsageBatch", "UsageRecorder"]
 
+_SLICE = 512  # requests recorded, at most, before they are added up in the buffer
+
 logger = logging.getLogger("keystile.usage")
 
 
@@ -175,13 +177,15 @@ class UsageRecorder:
         # Exact per-IP/origin counts for up to this many members per key per flush; the
         # store keeps counting as many, and reports the busiest top_n.
         self.table_cap = tracked(top_n)
-        self.dropped = 0
+        self._dropped = 0
         self.flushes = 0
         self.flushed_rows = 0  # key-minutes written (keystile.metrics)
         self.flush_seconds = 0.0  # time spent writing them
         self.failed_flushes = 0
         self.on_flush: list[FlushCallback] = list(on_flush)
         self._batch = UsageBatch()
+        # Requests counted since they were last added up into the buffer, at most _SLICE.
+        self._log: list[tuple[Any, ...]] = []
         self._retry: list[UsageBatch] = []  # a batch whose write failed, kept whole
         self._minute = -1  # the minute whose table _row() last used, in self._batch
         self._span = (0.0, 0.0)  # [start, end) of that minute, in seconds
@@ -228,51 +232,80 @@ class UsageRecorder:
     ) -> None:
         """Count one request a key made. ``ip_mode``: :data:`BY_CLIENT` also counts it by
         IP and origin (client keys); :data:`WATCH_IPS` notes the addresses seen (for the
-        new-IP alert on production keys). ``rate_limited``: refused by the rate limit."""
+        new-IP alert on production keys). ``rate_limited``: refused by the rate limit.
+
+        It costs an append: requests are added up in the buffer a slice at a time, in one
+        tight loop (at thousands of keys a key's row is far from the CPU's caches; touched
+        there, a request would wait for memory once per row it touches)."""
+        log = self._log
         if now is None:
             now = self._clock()
+        log.append((key_id, status, bytes_in, bytes_out, ip, origin, ip_mode, now, rate_limited))
+        if len(log) >= _SLICE or self._task is None:
+            self._settle()
+
+    @property
+    def batch(self) -> UsageBatch:
+        """What is buffered for the next flush, every request recorded so far added up."""
+        self._settle()
+        return self._batch
+
+    @property
+    def dropped(self) -> int:
+        """Requests not counted because the buffer was full (every one recorded so far)."""
+        self._settle()
+        return self._dropped
+
+    def _settle(self) -> None:
+        """Add up the requests recorded since the last time into the buffer's rows."""
+        entries, self._log = self._log, []
         start, end = self._span
-        row = self._table.get(key_id) if start <= now < end else None
-        if row is None:
-            row = self._row(key_id, now)
+        table = self._table
+        watching, by_client, cap = WATCH_IPS, BY_CLIENT, self.table_cap
+        for key_id, status, bytes_in, bytes_out, ip, origin, ip_mode, now, limited in entries:
+            row = table.get(key_id) if start <= now < end else None
             if row is None:
-                self._drop()
-                return
-        row[REQUESTS] += 1
-        if bytes_in:  # most requests have no body: skip making an int for nothing
-            row[BYTES_IN] += bytes_in
-        row[BYTES_OUT] += bytes_out
-        if status >= 400:
-            row[ERRORS_5XX if status >= 500 else ERRORS_4XX] += 1
-            if rate_limited:  # a 429
-                row[RATE_LIMITED] += 1
-        if ip_mode == WATCH_IPS:  # a production key: its addresses, for the new-IP alert
-            if ip is not None and ip != row[IP]:
-                # One address as a str, several as a set: a row of atomic values only,
-                # the usual case, gives the garbage collector one object less to track.
-                seen = row[SEEN]
-                if seen is None:
-                    row[SEEN] = ip
-                elif seen.__class__ is str:
-                    if seen != ip:
-                        row[SEEN] = {seen, ip}
-                elif len(seen) < MAX_SEEN:
-                    seen.add(ip)
-        elif ip_mode == BY_CLIENT:  # a client key: its requests by address and by origin
-            batch = self._batch
-            if ip is not None:
-                _count(batch.ips, key_id, ip, self.table_cap)
-            if origin is not None:
-                _count(batch.origins, key_id, origin, self.table_cap)
-        at = row[AT]
-        if at is None or now >= at:  # a slow request ending last is not the last use
-            row[AT] = now
-            row[IP] = ip
-            row[ORIGIN] = origin
+                row = self._row(key_id, now)
+                (start, end), table = self._span, self._table
+                if row is None:
+                    self._drop()
+                    continue
+            row[REQUESTS] += 1
+            if bytes_in:  # most requests have no body: skip making an int for nothing
+                row[BYTES_IN] += bytes_in
+            row[BYTES_OUT] += bytes_out
+            if status >= 400:
+                row[ERRORS_5XX if status >= 500 else ERRORS_4XX] += 1
+                if limited:  # a 429
+                    row[RATE_LIMITED] += 1
+            if ip_mode == watching:  # a production key: its addresses, for the new-IP alert
+                if ip is not None and ip != row[IP]:
+                    # One address as a str, several as a set: a row of atomic values only,
+                    # the usual case, gives the garbage collector one object less to track.
+                    seen = row[SEEN]
+                    if seen is None:
+                        row[SEEN] = ip
+                    elif seen.__class__ is str:
+                        if seen != ip:
+                            row[SEEN] = {seen, ip}
+                    elif len(seen) < MAX_SEEN:
+                        seen.add(ip)
+            elif ip_mode == by_client:  # a client key: its requests by address and by origin
+                batch = self._batch
+                if ip is not None:
+                    _count(batch.ips, key_id, ip, cap)
+                if origin is not None:
+                    _count(batch.origins, key_id, origin, cap)
+            at = row[AT]
+            if at is None or now >= at:  # a slow request ending last is not the last use
+                row[AT] = now
+                row[IP] = ip
+                row[ORIGIN] = origin
 
     def record_refusal(self, key_id: str, kind: Literal["quota", "inactive"]) -> None:
         """Count a request refused for its quota (already counted as a request by the
         middleware) or an attempt with a revoked or expired key."""
+        self._settle()  # in order after the requests recorded before it
         now = self._clock()
         row = self._row(key_id, now)
         if row is None:
@@ -286,6 +319,7 @@ class UsageRecorder:
 
     def record_tokens(self, key_id: str, tokens: int) -> None:
         """Count AI tokens a key consumed."""
+        self._settle()
         row = self._row(key_id, self._clock())
         if row is None:
             self._drop()
@@ -293,14 +327,14 @@ class UsageRecorder:
         row[TOKENS] += tokens
 
     def _drop(self) -> None:
-        self.dropped += 1
+        self._dropped += 1
         now = self._clock()
         if now - self._last_warning > 60:
             self._last_warning = now
             logger.warning(
                 "usage buffer full (%d key-minutes): dropping counts (%d dropped so far)",
                 self.max_buckets,
-                self.dropped,
+                self._dropped,
                 extra=fields("usage.dropped"),
             )
 
@@ -335,6 +369,7 @@ class UsageRecorder:
                 if ok:
                     self._retry.pop(0)
             if ok:
+                self._settle()
                 batch, self._batch = self._batch, UsageBatch()
                 self._minute = -1
                 self._span = (0.0, 0.0)
