@@ -247,6 +247,42 @@ async def test_thresholds_are_exceeded_not_met(rig_for: Callable[..., Rig]) -> N
     assert await failing.flush() == ["error_rate"]
 
 
+async def test_only_the_key_minutes_that_may_fire_a_per_minute_rule_are_judged(
+    rig_for: Callable[..., Rig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Work, not time (issue #19): a key-minute is judged by the per-minute rules (its
+    key's rules looked up, its counters unpacked from a Redis flush's reply) only when it
+    may fire one: more requests than ``requests_per_minute``, or the error rate's volume
+    with at least one failure. Busy keys with nothing failing cost no judgement."""
+    rig = rig_for(AlertRules(requests_per_minute=20, error_rate=0.5, error_min_requests=10))
+    judged: list[str] = []
+    judge = rig.gate.alerts._judge_minute
+
+    async def counted(key_id: str, minute: int, counts: Any) -> None:
+        judged.append(key_id)
+        await judge(key_id, minute, counts)
+
+    monkeypatch.setattr(rig.gate.alerts, "_judge_minute", counted)
+    ok_id, ok = await rig.key()  # 15 requests, none failing: judged by neither rule
+    one_id, one = await rig.key()  # 12 requests, one failing: judged, fires nothing
+    few_id, few = await rig.key()  # 5 requests, all failing: below the volume
+    busy_id, busy = await rig.key()  # 21 requests: judged, fires
+    assert await rig.send(ok, n=15) == [200] * 15
+    assert await rig.send(one, n=11) == [200] * 11
+    assert await rig.send(one, "/nowhere") == [404]
+    assert await rig.send(few, "/nowhere", n=5) == [404] * 5
+    assert await rig.send(busy, n=21) == [200] * 21
+    assert await rig.flush() == ["requests_per_minute"]
+    assert sorted(judged) == sorted([one_id, busy_id])
+    assert [alert.key_id for alert in rig.alerts] == [busy_id]
+    judged.clear()
+    assert await rig.send(few, "/nowhere", n=5) == [404] * 5  # the volume: 10 of 10 failed
+    assert await rig.send(ok) == [200]
+    assert await rig.flush() == ["error_rate"]
+    assert judged == [few_id] and rig.alerts[-1].key_id == few_id
+    assert ok_id not in judged
+
+
 async def test_new_address_for_a_production_key(rig_for: Callable[..., Rig]) -> None:
     """A production key's first address is its baseline; each address not seen before fires
     once (whatever the cool-down); known addresses, and development keys, never fire."""

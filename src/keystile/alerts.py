@@ -83,14 +83,26 @@ _LOOKUPS_PER_FLUSH = 20  # store reads a flush may make for keys not in the cach
 _YIELD_EVERY = 200  # rows a flush's checks go through between yields to the event loop
 
 
-def minute_floor(rules: AlertRules) -> float:
-    """The fewest requests in one minute that may fire ``rules``' per-minute rules."""
-    floor = math.inf
+# The fewest requests one key makes in one minute that may fire the per-minute rules: the
+# requests_per_minute rule (any requests), and the error_rate rule (some of them failed).
+Floors = tuple[float, float]
+
+
+def minute_floors(rules: AlertRules) -> Floors:
+    """The fewest requests in one minute that may fire ``rules``' ``requests_per_minute``
+    and, with at least one failed, ``error_rate``."""
+    busy = erring = math.inf
     if rules.requests_per_minute is not None:
-        floor = rules.requests_per_minute + 1
+        busy = rules.requests_per_minute + 1
     if rules.error_rate is not None:
-        floor = min(floor, rules.error_min_requests)
-    return floor
+        erring = rules.error_min_requests
+    return busy, erring
+
+
+def lowest(floors: Iterable[Floors]) -> Floors:
+    """Each floor's lowest of ``floors``."""
+    busy, erring = zip(*floors, strict=True)
+    return min(busy), min(erring)
 
 
 class RuleSource(Protocol):
@@ -182,14 +194,14 @@ class Alerter:
             return self.rules
         return self.rulebook.rules(self.rules, project, key_id)
 
-    async def _resolve(self, key_ids: Iterable[str]) -> float:
+    async def _resolve(self, key_ids: Iterable[str]) -> Floors:
         """Load the rules of every key's project for this flush (in one round trip at most;
         a key not cached is looked up, ``_LOOKUPS_PER_FLUSH`` at most, else judged by the
         default); the fewest requests in one minute that may fire a per-minute rule for
-        any of them (:meth:`_known` gives each key's rules)."""
+        any of them, :func:`minute_floors` (:meth:`_known` gives each key's rules)."""
         rulebook = self.rulebook
         if rulebook is None:
-            return minute_floor(self.rules)
+            return minute_floors(self.rules)
         keys = key_ids if isinstance(key_ids, dict) else dict.fromkeys(key_ids)
         projects = set(map(self._projects.get, keys))  # (the keys already known: C speed)
         if None in projects:
@@ -211,8 +223,8 @@ class Alerter:
                 projects.add(project)
         known = {p for p in projects if p}
         await rulebook.refresh(known)
-        floor = getattr(rulebook, "floor", None)
-        return 0.0 if floor is None else float(floor(self.rules, known))
+        floors = getattr(rulebook, "floors", None)
+        return (0.0, 0.0) if floors is None else floors(self.rules, known)
 
     async def on_flush(
         self, batch: UsageBatch, touched: Mapping[tuple[str, int], Sequence[int]]
@@ -225,9 +237,9 @@ class Alerter:
         keys: dict[str, None] = {}
         for table in batch.minutes.values():
             keys.update(dict.fromkeys(table))
-        floor = await self._resolve(itertools.chain(keys, (spend[0] for spend in self._quota)))
+        floors = await self._resolve(itertools.chain(keys, (spend[0] for spend in self._quota)))
         rules_of = self._known
-        await self._per_minute(touched, floor)
+        await self._per_minute(touched, floors)
         inactive: list[tuple[str, int]] = []
         addresses: dict[str, set[str]] = {}
         due: dict[str, None] = {}
@@ -310,14 +322,16 @@ class Alerter:
     on_flush.lazy_totals = True  # type: ignore[attr-defined]
 
     async def _per_minute(
-        self, touched: Mapping[tuple[str, int], Sequence[int]], floor: float
+        self, touched: Mapping[tuple[str, int], Sequence[int]], floors: Floors
     ) -> None:
-        """The per-minute rules, over the key-minutes with at least ``floor`` requests (a
-        store's totals that can pick those out, :meth:`at_least`, unpack no others)."""
-        if floor == math.inf:
+        """The per-minute rules, over the key-minutes that may fire one: at least the
+        ``floors`` of :func:`minute_floors` (a store's totals that can pick those out,
+        :meth:`at_least`, unpack no others)."""
+        busy, erring = floors
+        if busy == erring == math.inf:
             return
         at_least = getattr(touched, "at_least", None)
-        parts = [touched.items()] if at_least is None else at_least(floor)
+        parts = [touched.items()] if at_least is None else at_least(busy, erring)
         n = 0
         for part in parts:  # (a chunk of the flush's buckets: let requests run between)
             await asyncio.sleep(0)
@@ -325,7 +339,10 @@ class Alerter:
                 n += 1
                 if n % _YIELD_EVERY == 0:
                     await asyncio.sleep(0)
-                if counts[REQUESTS] >= floor:
+                requests = counts[REQUESTS]
+                if requests >= busy or (
+                    requests >= erring and (counts[ERRORS_4XX] or counts[ERRORS_5XX])
+                ):
                     await self._judge_minute(key_id, minute, counts)
 
     async def _judge_minute(self, key_id: str, minute: int, counts: Sequence[int]) -> None:

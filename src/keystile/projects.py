@@ -32,7 +32,7 @@ from typing import Annotated, Any, Protocol, cast
 
 from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
 
-from keystile.alerts import AlertRules, minute_floor
+from keystile.alerts import AlertRules, Floors, lowest, minute_floors
 from keystile.clock import to_datetime
 from keystile.exceptions import FieldError, KeyValidationError, StoreError
 from keystile.models import ProjectName, field_errors
@@ -385,7 +385,7 @@ class RuleBook:
         # (project, key or "") -> effective rules over ``_default``, rebuilt as sets change.
         self._effective: dict[tuple[str, str], AlertRules] = {}
         self._default: AlertRules | None = None
-        self._floors: dict[str, float] = {}  # project -> minute_floor of its rules
+        self._floors: dict[str, Floors] = {}  # project -> minute_floors of its rules
         store.add_listener(self.forget)
 
     def forget(self, project: str) -> None:
@@ -434,28 +434,31 @@ class RuleBook:
             self._effective[memo] = rules
         return rules
 
-    def floor(self, default: AlertRules, projects: Iterable[str]) -> float:
+    def floors(self, default: AlertRules, projects: Iterable[str]) -> Floors:
         """The fewest requests one key makes in one minute that may fire a per-minute
-        rule (``requests_per_minute``, ``error_rate``) under the rules of any key of
-        ``projects`` (each one's, each of its keys' overrides) or ``default``, from what
-        is cached: a key-minute with fewer needs no rules looked at."""
+        rule (:func:`~keystile.alerts.minute_floors`: ``requests_per_minute``, and
+        ``error_rate`` with one failed) under the rules of any key of ``projects`` (each
+        one's, each of its keys' overrides) or ``default``, from what is cached: a
+        key-minute with fewer needs no rules looked at."""
         if default is not self._default:
             self._default = default
             self._effective.clear()
             self._floors.clear()
-        lowest = minute_floor(default)
+        found_floors = [minute_floors(default)]
         for project in projects:
-            floor = self._floors.get(project)
-            if floor is None:
+            floors = self._floors.get(project)
+            if floors is None:
                 found = self._sets.get(project)
-                floor = minute_floor(default)
-                for key_id in ("", *(found[1].keys if found is not None else ())):
-                    floor = min(floor, minute_floor(self.rules(default, project, key_id)))
+                keys = ("", *(found[1].keys if found is not None else ()))
+                floors = lowest(
+                    [minute_floors(default)]
+                    + [minute_floors(self.rules(default, project, key_id)) for key_id in keys]
+                )
                 if len(self._floors) >= 100_000:
                     self._floors.clear()
-                self._floors[project] = floor
-            lowest = min(lowest, floor)
-        return lowest
+                self._floors[project] = floors
+            found_floors.append(floors)
+        return lowest(found_floors)
 
 
 def now_record(

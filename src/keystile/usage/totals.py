@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 
-from keystile.usage.models import NFIELDS
+from keystile.usage.models import ERRORS_4XX, ERRORS_5XX, NFIELDS
 
 __all__ = ["FlushTotals"]
 
@@ -37,13 +38,17 @@ class FlushTotals(Mapping[tuple[str, int], Sequence[int]]):
         for keys, minutes, reply in self._chunks:
             yield zip(keys, minutes, reply.split(";"), strict=True)
 
-    def at_least(self, requests: float) -> Iterator[list[tuple[tuple[str, int], Sequence[int]]]]:
-        """Per chunk of the flush, the key-minutes with at least ``requests`` requests."""
+    def at_least(
+        self, requests: float, failing: float = math.inf
+    ) -> Iterator[list[tuple[tuple[str, int], Sequence[int]]]]:
+        """Per chunk of the flush, the key-minutes with at least ``requests`` requests, or
+        at least ``failing`` of which one failed (4xx or 5xx)."""
         for part in self._parts():
             yield [
                 ((key_id, minute), unpack(packed))
                 for key_id, minute, packed in part
-                if int(packed.partition(",")[0] or 0) >= requests
+                if (n := int(packed.partition(",")[0] or 0)) >= requests
+                or (n >= failing and packed.count(",") >= ERRORS_4XX and _failed(packed))
             ]
 
     def whole(self) -> dict[tuple[str, int], Sequence[int]]:
@@ -76,3 +81,9 @@ def unpack(packed: str) -> tuple[int, ...]:
     if len(counts) < NFIELDS:
         counts += _ZEROS[len(counts) :]
     return counts
+
+
+def _failed(packed: str) -> bool:
+    """Whether packed counters count a 4xx or 5xx."""
+    counts = unpack(packed)
+    return bool(counts[ERRORS_4XX] or counts[ERRORS_5XX])
