@@ -540,28 +540,32 @@ async def test_a_request_costs_an_append_and_is_added_up_with_a_slices_others(
     keys = key_ids(_SLICE + 5)
     record_each(recorder, keys[:1])  # the first starts the flush task; from then on, appends
     assert recorder._task is not None and recorder._batch.rows == 1
+    assert recorder.due == _SLICE  # (0 before: every request added up until the task runs)
     record_each(recorder, keys[1:_SLICE])
-    assert (len(recorder._log), recorder._batch.rows) == (_SLICE - 1, 1)
+    assert (len(recorder.pending), recorder._batch.rows) == (_SLICE - 1, 1)
     record_each(recorder, keys[_SLICE : _SLICE + 1])  # the slice is full: added up
-    assert (len(recorder._log), recorder._batch.rows) == (0, _SLICE + 1)
+    assert (len(recorder.pending), recorder._batch.rows) == (0, _SLICE + 1)
     minute = int(clock() // 60)
     clock.advance(60 - clock() % 60 - 0.5)
     recorder.record("key_late", 200, 0, 7, "198.51.100.7", None, WATCH_IPS)  # read: minute
     recorder.record("key_late", 200, 0, 3, "198.51.100.9", None, WATCH_IPS, now=clock() - 1)
     clock.advance(1.0)  # the next minute, before they are added up
     recorder.record("key_late", 200, 0, 5, "198.51.100.8", None, WATCH_IPS)
-    assert len(recorder._log) == 3
+    assert len(recorder.pending) == 3
     batch = recorder.batch
-    assert not recorder._log
+    assert not recorder.pending
     assert batch.minutes[minute]["key_late"][REQUESTS] == 2
     assert batch.minutes[minute + 1]["key_late"][REQUESTS] == 1
     assert batch.last["key_late"][:2] == [clock(), "198.51.100.8"]
     assert batch.minutes[minute]["key_late"][IP] == "198.51.100.7"  # the latest, not the last
     record_each(recorder, keys[_SLICE + 1 :])
     assert await recorder.flush()
-    assert not recorder._log and not recorder._batch
+    assert not recorder.pending and not recorder._batch
     assert [(await recorder.store.totals(key))[REQUESTS] for key in keys] == [1] * len(keys)
     assert (await recorder.store.totals("key_late"))[:3] == [3, 0, 15]
+    await recorder.close()  # no flush task any more: a request is added up as recorded
+    record_each(recorder, keys[:1])
+    assert (recorder.due, recorder.pending, recorder._batch.rows) == (0, [], 1)
 
 
 async def test_a_buffered_row_is_not_tracked_by_the_garbage_collector(clock: ManualClock) -> None:

@@ -220,19 +220,17 @@ class KeystileMiddleware:
                 meter.status = 500
             raise
         finally:
-            if meter is not None and usage is not None:  # _record's work, without its call
+            if meter is not None and usage is not None:  # usage.record's work, without a call
                 client = scope.get("client")
                 ip = self._ip(scope) if self._proxied else client[0] if client else None
-                usage.record(
-                    principal.key_id,
-                    meter.status,
-                    meter.bytes_in,
-                    meter.bytes_out,
-                    ip,
-                    None if origin is None else origin.decode("latin-1"),
-                    principal.ip_mode,
-                    now,
-                )
+                used_from = None if origin is None else origin.decode("latin-1")
+                pending = usage.pending
+                pending.append(
+                    (principal.key_id, meter.status, meter.bytes_in, meter.bytes_out, ip,
+                     used_from, principal.ip_mode, now, False)
+                )  # fmt: skip
+                if len(pending) >= usage.due:
+                    usage.settle()
 
     def _admitted(self, scope: Scope, principal: Principal, started: int) -> None:
         # The key's project, as request.state.keystile_project: a copy of the state, never

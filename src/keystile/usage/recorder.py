@@ -184,8 +184,12 @@ class UsageRecorder:
         self.failed_flushes = 0
         self.on_flush: list[FlushCallback] = list(on_flush)
         self._batch = UsageBatch()
-        # Requests counted since they were last added up into the buffer, at most _SLICE.
-        self._log: list[tuple[Any, ...]] = []
+        # Requests recorded since they were last added up into the buffer (record's
+        # arguments, in order), and how many of them make :meth:`settle` due: _SLICE while
+        # the flush task runs, else 0 (the first request starts it). The middleware appends
+        # to ``pending`` itself (a call less on every request) and settles when it is due.
+        self.pending: list[tuple[Any, ...]] = []
+        self.due = 0
         self._retry: list[UsageBatch] = []  # a batch whose write failed, kept whole
         self._minute = -1  # the minute whose table _row() last used, in self._batch
         self._span = (0.0, 0.0)  # [start, end) of that minute, in seconds
@@ -237,28 +241,28 @@ class UsageRecorder:
         It costs an append: requests are added up in the buffer a slice at a time, in one
         tight loop (at thousands of keys a key's row is far from the CPU's caches; touched
         there, a request would wait for memory once per row it touches)."""
-        log = self._log
+        log = self.pending
         if now is None:
             now = self._clock()
         log.append((key_id, status, bytes_in, bytes_out, ip, origin, ip_mode, now, rate_limited))
-        if len(log) >= _SLICE or self._task is None:
-            self._settle()
+        if len(log) >= self.due:
+            self.settle()
 
     @property
     def batch(self) -> UsageBatch:
         """What is buffered for the next flush, every request recorded so far added up."""
-        self._settle()
+        self.settle()
         return self._batch
 
     @property
     def dropped(self) -> int:
         """Requests not counted because the buffer was full (every one recorded so far)."""
-        self._settle()
+        self.settle()
         return self._dropped
 
-    def _settle(self) -> None:
+    def settle(self) -> None:
         """Add up the requests recorded since the last time into the buffer's rows."""
-        entries, self._log = self._log, []
+        entries, self.pending = self.pending, []
         start, end = self._span
         table = self._table
         watching, by_client, cap = WATCH_IPS, BY_CLIENT, self.table_cap
@@ -305,7 +309,7 @@ class UsageRecorder:
     def record_refusal(self, key_id: str, kind: Literal["quota", "inactive"]) -> None:
         """Count a request refused for its quota (already counted as a request by the
         middleware) or an attempt with a revoked or expired key."""
-        self._settle()  # in order after the requests recorded before it
+        self.settle()  # in order after the requests recorded before it
         now = self._clock()
         row = self._row(key_id, now)
         if row is None:
@@ -319,7 +323,7 @@ class UsageRecorder:
 
     def record_tokens(self, key_id: str, tokens: int) -> None:
         """Count AI tokens a key consumed."""
-        self._settle()
+        self.settle()
         row = self._row(key_id, self._clock())
         if row is None:
             self._drop()
@@ -347,6 +351,7 @@ class UsageRecorder:
             except RuntimeError:
                 return  # recorded outside a loop: the next flush() or close() takes it
             self._task = loop.create_task(self._run(), name="keystile-usage-flush")
+            self.due = _SLICE
 
     async def _run(self) -> None:
         while not self._closed:
@@ -369,7 +374,7 @@ class UsageRecorder:
                 if ok:
                     self._retry.pop(0)
             if ok:
-                self._settle()
+                self.settle()
                 batch, self._batch = self._batch, UsageBatch()
                 self._minute = -1
                 self._span = (0.0, 0.0)
@@ -434,6 +439,7 @@ class UsageRecorder:
         """Stop the background flush and write what is left (one try)."""
         self._closed = True
         task, self._task = self._task, None
+        self.due = 0  # from now on a request is added up as it is recorded
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
