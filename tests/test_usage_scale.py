@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import math
 import os
 import sys
@@ -32,9 +33,9 @@ from keystile.usage import (
     RedisUsageStore,
     UsageRecorder,
 )
-from keystile.usage.models import IP
+from keystile.usage.models import IP, ROW_WIDTH
 from keystile.usage.recorder import _SLICE
-from keystile.usage.stores import CHUNK_ROWS, _chunks
+from keystile.usage.stores import CHUNK_ROWS, _chunks, _payload
 from test_usage import StallingProxy
 from usage_app import build_app, http
 
@@ -439,12 +440,13 @@ async def test_a_flush_leaves_the_garbage_collector_nothing_to_track_per_key(
     own_redis: RedisServer, clock: ManualClock
 ) -> None:
     """What lives from a request to the flush, and through the flush, holds no object the
-    garbage collector tracks beyond the row itself (a set per row, a list per key's share
-    and per key's totals reached its oldest generation by the thousand and made full
-    collections of the app's heap): a production key used from one address keeps that
-    address as a str, the shares sent to Redis and the totals handed to the alert rules
-    are tuples of plain values (untracked at the collector's next pass). The counts stay
-    exact, and a key seen from two addresses still notes both."""
+    garbage collector tracks per key (a set per row, a list per key's share and per key's
+    totals reached its oldest generation by the thousand and made full collections of the
+    app's heap): a row holds plain values only, the addresses a production key used are
+    kept beside the rows (one as a str), a chunk goes to Redis as the rows themselves
+    (their values laid one after another, encoded in C), and the totals handed to the
+    alert rules are tuples of plain values (untracked at the collector's next pass). The
+    counts stay exact, and a key seen from two addresses still notes both."""
     client = redis.asyncio.Redis.from_url(own_redis.url)
     try:
         store = RedisUsageStore(client, namespace="ks")
@@ -455,23 +457,41 @@ async def test_a_flush_leaves_the_garbage_collector_nothing_to_track_per_key(
             for _ in range(3):
                 recorder.record(key_id, 200, 0, 42, "198.51.100.7", None, WATCH_IPS)
         recorder.record(keys[0], 200, 0, 42, "198.51.100.8", None, WATCH_IPS)
-        rows = recorder.batch.minutes[int(clock() // 60)]
-        assert not any(gc.is_tracked(value) for value in rows[keys[1]])
-        assert await recorder.batch.watched_addresses() == {
+        minute = int(clock() // 60)
+        rows = recorder.batch.minutes[minute]
+        assert [key for key, row in rows.items() if gc.is_tracked(row)] == []
+        assert not any(gc.is_tracked(value) for value in rows[keys[1]].values())
+        assert recorder.batch.seen == {
+            k: {"198.51.100.7", "198.51.100.8"} if k == keys[0] else "198.51.100.7" for k in keys
+        }
+        assert recorder.batch.watched_addresses() == {
             k: {"198.51.100.7", "198.51.100.8"} if k == keys[0] else {"198.51.100.7"} for k in keys
         }
         recorder._stamp(recorder.batch)
-        gc.collect()
-        shares = [share async for chunk in _chunks(recorder.batch, None) for share in chunk]
-        gc.collect()  # a share is untracked at this pass
-        assert len(shares) == 300
-        assert [share[0] for share in shares if gc.is_tracked(share)] == []
+        chunks = [chunk async for chunk in _chunks(recorder.batch, None)]
+        assert [len(ids) for ids, _, _ in chunks] == [CHUNK_ROWS, 300 - CHUNK_ROWS]
+        ids, minutes, sent = chunks[0]
+        assert ids == keys[:CHUNK_ROWS] and minutes == [minute] * CHUNK_ROWS
+        assert all(row is rows[key] for key, row in zip(ids, sent, strict=True))  # no copies
+        values = json.loads(_payload(chunks[0]))[2]
+        assert len(values) == CHUNK_ROWS * ROW_WIDTH
+        assert values[ROW_WIDTH : 2 * ROW_WIDTH] == [
+            3,
+            0,
+            126,
+            *[0] * 6,
+            clock(),
+            "198.51.100.7",
+            None,
+            None,
+        ]
         assert await recorder.flush()
         gc.collect()
         [touched] = handed
         assert [t for t in touched.values() if gc.is_tracked(t)] == []
         assert sorted(t[REQUESTS] for t in touched.values()) == [3] * 299 + [4]
         assert [(await store.totals(k))[REQUESTS] for k in keys[:2]] == [4, 3]
+        assert (await store.last_use(keys[1])).ip == "198.51.100.7"
     finally:
         await client.aclose()
 
@@ -572,9 +592,10 @@ async def test_a_buffered_row_is_not_tracked_by_the_garbage_collector(clock: Man
     """Work, not time (issue #19): the row a key's requests are counted in lives from its
     first request to the flush; a list would be tracked by the garbage collector (ten
     thousand keys: ten thousand objects reaching its oldest generation per flush, which
-    trigger full collections of the app's heap). A row of plain values is not tracked —
-    a production key on one address, a client key, a refusal — and one seen from two
-    addresses is (its set of them), and still counts exactly."""
+    trigger full collections of the app's heap). A row holds plain values only and is not
+    tracked — a production key on one address or on two, a client key, a refusal; the
+    addresses a production key used are kept beside the rows, a set only for a key seen
+    from two — and it still counts exactly."""
     recorder = UsageRecorder(MemoryUsageStore(clock=clock), clock=clock)
     recorder.record("key_prod", 200, 10, 500, "198.51.100.7", None, WATCH_IPS)
     recorder.record("key_prod", 404, 0, 20, "198.51.100.7", None, WATCH_IPS)
@@ -588,8 +609,10 @@ async def test_a_buffered_row_is_not_tracked_by_the_garbage_collector(clock: Man
         "key_prod": False,
         "key_client": False,
         "key_revoked": False,
-        "key_moving": True,
+        "key_moving": False,
     }
+    seen = recorder.batch.seen  # beside the rows: one address a str, two a set
+    assert seen == {"key_prod": "198.51.100.7", "key_moving": {"198.51.100.7", "198.51.100.8"}}
     assert await recorder.flush()
     totals = await recorder.store.totals("key_prod")
     assert totals[:4] == [2, 10, 520, 1] and totals[FIELDS.index("tokens")] == 30

@@ -38,8 +38,7 @@ from keystile.clock import Clock, system_clock, to_datetime, to_timestamp
 from keystile.exceptions import KeystileError, StoreError
 from keystile.logs import fields
 from keystile.models import ApiKey, KeyPolicy
-from keystile.usage import ERRORS_4XX, ERRORS_5XX, INACTIVE, REQUESTS, UsageBatch
-from keystile.usage.models import SEEN
+from keystile.usage import ERRORS_4XX, ERRORS_5XX, REQUESTS, UsageBatch
 from keystile.webhooks import WebhookSender
 
 __all__ = ["Alert", "AlertRules", "Alerter", "MemoryAlertState", "RedisAlertState"]
@@ -240,27 +239,25 @@ class Alerter:
         floors = await self._resolve(itertools.chain(keys, (spend[0] for spend in self._quota)))
         rules_of = self._known
         await self._per_minute(touched, floors)
-        inactive: list[tuple[str, int]] = []
-        addresses: dict[str, set[str]] = {}
-        due: dict[str, None] = {}
+        # What may fire, picked out a slice of the keys at a time, with the event loop let
+        # run between: addresses not known to be in a watched key's set, keys whose
+        # rotation may be due (what their record said); and the inactive attempts.
+        inactive = list(batch.inactive.items())
         knowing = getattr(self.state, "knowing", None)
         knows = knowing() if knowing is not None else None
-        due_at = self._due.get
-        n = 0
-        for table in batch.minutes.values():
-            for key_id, row in table.items():
-                n += 1
-                if n % _YIELD_EVERY == 0:  # a flush of many keys lets requests run meanwhile
-                    await asyncio.sleep(0)
-                if row[INACTIVE]:
-                    inactive.append((key_id, row[INACTIVE]))
-                seen = row[SEEN]
-                if seen and (knows is None or not knows(key_id, seen)):
-                    addresses.setdefault(key_id, set()).update(
-                        (seen,) if isinstance(seen, str) else seen
-                    )
-                if due_at(key_id, -math.inf) <= now:
-                    due[key_id] = None
+        seen = list(batch.seen.items())
+        addresses: dict[str, set[str]] = {}
+        due: list[str] = []
+        due_at, listed = self._due.get, list(keys)
+        for start in range(0, max(len(seen), len(listed)), _YIELD_EVERY):
+            await asyncio.sleep(0)  # a flush of many keys lets requests run meanwhile
+            addresses.update(
+                (key_id, {ips} if isinstance(ips, str) else set(ips))
+                for key_id, ips in seen[start : start + _YIELD_EVERY]
+                if knows is None or not knows(key_id, ips)
+            )
+            part = listed[start : start + _YIELD_EVERY]
+            due += [key_id for key_id in part if due_at(key_id, -math.inf) <= now]
         for key_id, attempts in inactive:
             if rules_of(key_id).inactive_key_in_use:
                 await self._fire(

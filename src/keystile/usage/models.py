@@ -2,7 +2,7 @@
 
 A count row is a dict of index -> value: the :data:`FIELDS` counters (indexed by
 :data:`REQUESTS` ... :data:`INACTIVE`), then, in a recorder's buffer, the last use seen
-in that minute and the addresses a watched key used (:data:`AT` ... :data:`SEEN`). The
+in that minute and the last inactive attempt (:data:`AT` ... :data:`INACTIVE_AT`). The
 stores keep the counters only.
 """
 
@@ -60,22 +60,23 @@ MINUTE = 60
 DAY = 86_400
 Granularity = Literal["minute", "day"]
 
-# A buffered row: the FIELDS counters, then the last use seen in that minute, then the
-# addresses a watched key used that minute (None, one as a str, or a set of several).
-AT, IP, ORIGIN, INACTIVE_AT, SEEN = range(NFIELDS, NFIELDS + 5)
-MAX_SEEN = 64  # addresses a buffered row notes
+# A buffered row: the FIELDS counters, then the last use seen in that minute (its time,
+# address and origin), then the last inactive attempt's time; ROW_WIDTH values in all, in
+# that order (a flush sends them so, one row after another).
+AT, IP, ORIGIN, INACTIVE_AT = range(NFIELDS, NFIELDS + 4)
+ROW_WIDTH = NFIELDS + 4
+MAX_SEEN = 64  # addresses a buffer notes per watched key between two flushes
 
 
 # A row is a dict (index -> value), not a list: a list is always tracked by the garbage
 # collector, a dict of plain values never is — thousands of rows living from a request to
 # the flush would reach its oldest generation and trigger full collections of the heap.
 Row = dict[int, Any]
-_EMPTY_ROW: Row = {**dict.fromkeys(range(NFIELDS), 0), **dict.fromkeys(range(AT, SEEN + 1))}
+_EMPTY_ROW: Row = {**dict.fromkeys(range(NFIELDS), 0), **dict.fromkeys(range(AT, ROW_WIDTH))}
 
 
 def new_row() -> Row:
-    """An empty buffered row (untracked by the garbage collector while its values are plain:
-    one address, not a set of several)."""
+    """An empty buffered row (never tracked by the garbage collector: plain values only)."""
     return _EMPTY_ROW.copy()
 
 

@@ -40,7 +40,6 @@ from keystile.usage.models import (
     QUOTA_EXCEEDED,
     RATE_LIMITED,
     REQUESTS,
-    SEEN,
     TOKENS,
     WATCH_IPS,
     Granularity,
@@ -52,7 +51,6 @@ from keystile.usage.models import (
     tracked,
 )
 from keystile.usage.reports import UsageReader
-from keystile.usage.stores import CHUNK_ROWS
 
 if TYPE_CHECKING:
     from keystile.usage.stores import UsageStore
@@ -67,7 +65,7 @@ logger = logging.getLogger("keystile.usage")
 class UsageBatch:
     """Counts gathered since the last flush: per minute, per key, one row each."""
 
-    __slots__ = ("ips", "minutes", "origins", "process", "rows", "seq")
+    __slots__ = ("inactive", "ips", "minutes", "origins", "process", "rows", "seen", "seq")
 
     def __init__(self) -> None:
         # What makes a retried write idempotent: the writing process and a sequence number
@@ -80,6 +78,10 @@ class UsageBatch:
         # a Python-level call to make).
         self.ips: dict[str, dict[str, int]] = {}
         self.origins: dict[str, dict[str, int]] = {}
+        # key id -> the addresses a watched (production) key used: one as a str, several
+        # (MAX_SEEN at most) as a set — a str is one object less for the collector to track.
+        self.seen: dict[str, str | set[str]] = {}
+        self.inactive: dict[str, int] = {}  # key id -> attempts while revoked or expired
 
     def __bool__(self) -> bool:
         return self.rows > 0
@@ -111,25 +113,12 @@ class UsageBatch:
                     mine[3] = row[INACTIVE_AT]
         return out
 
-    async def watched_addresses(self, every: int = CHUNK_ROWS) -> dict[str, set[str]]:
-        """key id -> the addresses a watched key used since the last flush, gathered with a
-        yield to the event loop every ``every`` rows (a flush of many keys lets requests run
-        meanwhile)."""
-        out: dict[str, set[str]] = {}
-        done = 0
-        for table in self.minutes.values():
-            for key_id, row in table.items():
-                seen = row[SEEN]
-                if seen:
-                    mine = out.get(key_id)
-                    if mine is None:
-                        out[key_id] = _addresses(seen)
-                    else:
-                        mine.update(_addresses(seen))
-                done += 1
-                if done % every == 0:
-                    await asyncio.sleep(0)
-        return out
+    def watched_addresses(self) -> dict[str, set[str]]:
+        """key id -> the addresses a watched key used since the last flush (new sets)."""
+        return {
+            key_id: {seen} if seen.__class__ is str else set(seen)
+            for key_id, seen in self.seen.items()
+        }
 
     def requests(self) -> int:
         return sum(c[REQUESTS] + c[INACTIVE] for c in self.buckets.values())
@@ -266,6 +255,8 @@ class UsageRecorder:
         start, end = self._span
         table = self._table
         watching, by_client, cap = WATCH_IPS, BY_CLIENT, self.table_cap
+        batch = self._batch
+        noted = batch.seen.get
         for key_id, status, bytes_in, bytes_out, ip, origin, ip_mode, now, limited in entries:
             row = table.get(key_id) if start <= now < end else None
             if row is None:
@@ -283,19 +274,16 @@ class UsageRecorder:
                 if limited:  # a 429
                     row[RATE_LIMITED] += 1
             if ip_mode == watching:  # a production key: its addresses, for the new-IP alert
-                if ip is not None and ip != row[IP]:
-                    # One address as a str, several as a set: a row of atomic values only,
-                    # the usual case, gives the garbage collector one object less to track.
-                    seen = row[SEEN]
+                if ip is not None and ip != row[IP]:  # (the same as its last: noted)
+                    seen = noted(key_id)
                     if seen is None:
-                        row[SEEN] = ip
-                    elif seen.__class__ is str:
+                        batch.seen[key_id] = ip
+                    elif isinstance(seen, str):
                         if seen != ip:
-                            row[SEEN] = {seen, ip}
+                            batch.seen[key_id] = {seen, ip}
                     elif len(seen) < MAX_SEEN:
                         seen.add(ip)
             elif ip_mode == by_client:  # a client key: its requests by address and by origin
-                batch = self._batch
                 if ip is not None:
                     _count(batch.ips, key_id, ip, cap)
                 if origin is not None:
@@ -320,6 +308,8 @@ class UsageRecorder:
         else:
             row[INACTIVE] += 1
             row[INACTIVE_AT] = now
+            inactive = self._batch.inactive
+            inactive[key_id] = inactive.get(key_id, 0) + 1
 
     def record_tokens(self, key_id: str, tokens: int) -> None:
         """Count AI tokens a key consumed."""
@@ -482,10 +472,3 @@ def _count(table: dict[str, dict[str, int]], key_id: str, member: str, cap: int)
         counts[member] += 1
     elif len(counts) < cap:
         counts[member] = 1
-
-
-def _addresses(seen: str | set[str] | None) -> set[str]:
-    """The addresses a buffered row noted (one is kept as a str), as a new set."""
-    if seen is None:
-        return set()
-    return {seen} if isinstance(seen, str) else set(seen)

@@ -27,11 +27,12 @@ from keystile.redis.errors import translated
 from keystile.redis.schema import RedisSchema
 from keystile.redis.scripts import lua
 from keystile.usage.models import (
+    AT,
     DAY,
     FIELDS,
+    INACTIVE_AT,
     MINUTE,
     NFIELDS,
-    SEEN,
     Granularity,
     LastUse,
     Row,
@@ -240,15 +241,16 @@ class RedisUsageStore:
         sent = False
         async for chunk in _chunks(batch, self._slot):
             # One declared name per call (the chunk's slot); the script makes each key's.
-            keys = [self.names.usage(chunk[0][0], "total")]
-            payload, tops = _encode(chunk), _tops(batch, chunk)
+            ids, minutes, rows = chunk
+            keys = [self.names.usage(ids[0], "total")]
+            payload, tops = _payload(chunk), _tops(batch, ids)
             if cluster:  # one slot per call: the index, in a slot of its own, comes last
                 reply = await self._script(keys=keys, args=[head, payload, tops])
-                for row in chunk:
-                    score = row[_AT] or row[_INACTIVE_AT] or 0
-                    if score >= scores.get(row[0], 0):
-                        scores[row[0]] = score
-                touched.add(*_buckets(chunk), reply)
+                for key_id, row in zip(ids, rows, strict=True):
+                    score = row[AT] or row[INACTIVE_AT] or 0
+                    if score >= scores.get(key_id, 0):
+                        scores[key_id] = score
+                touched.add(ids, minutes, reply)
             else:
                 queued.append((chunk, [*keys, index], payload, tops))
                 # The first chunk goes alone: a flush that hears nothing back (Redis gone,
@@ -284,10 +286,10 @@ class RedisUsageStore:
                 again = await self._pipelined([queued[i] for i in missing], head)
                 for i, reply in zip(missing, again, strict=True):
                     replies[i] = reply
-        for (chunk, _, _, _), reply in zip(queued, replies, strict=True):
+        for ((ids, minutes, _), _, _, _), reply in zip(queued, replies, strict=True):
             if isinstance(reply, Exception):
                 raise reply
-            touched.add(*_buckets(chunk), reply)
+            touched.add(ids, minutes, reply)
 
     async def _pipelined(self, queued: list[_Call], head: str) -> list[Any]:
         async with self.client.pipeline(transaction=False) as pipe:
@@ -366,81 +368,73 @@ class RedisUsageStore:
         return [_text(k) for k in raw]
 
 
-# A key-minute's share of a flush, as the write script takes it: (key id, minute, the
-# counters, last used at, ip, origin, last inactive attempt at). A tuple of plain values:
-# the garbage collector stops tracking it at its next pass.
-Share = tuple[Any, ...]
-_AT, _INACTIVE_AT = 2 + NFIELDS, 2 + NFIELDS + 3  # the times' places in a share
-# The shares of a chunk as JSON, by the C encoder (no check for cycles: tuples of plain
-# values have none).
+# A chunk of a flush, as the write script takes it: the key id and the minute of each of
+# its rows, and the rows (a key's one after another, in minute order).
+Chunk = tuple[list[str], list[int], list[Row]]
+# JSON by the C encoder (no check for cycles: lists of plain values have none).
 _encode = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
 _NO_TOPS = _encode([{}, {}])
-# A script call waiting to be sent: its chunk's shares, KEYS, and ARGV after the head.
-_Call = tuple[list[Share], list[str], str, str]
+# A script call waiting to be sent: its chunk, KEYS, and ARGV after the head.
+_Call = tuple[Chunk, list[str], str, str]
+_values = dict.values
 
 
-def _share(key_id: str, minute: int, row: Row) -> Share:
-    """A buffered row's share: its values up to the addresses it noted (the alert's), which
-    stay in the process."""
-    return (key_id, minute, *itertools.islice(row.values(), SEEN))
+def _payload(chunk: Chunk) -> str:
+    """A chunk as the write script takes it: ``[key ids, minutes, values]``, the values
+    every row's ``ROW_WIDTH`` one after another (counters, last used at, ip, origin, last
+    inactive attempt at). Made and encoded in C: no Python call per row."""
+    ids, minutes, rows = chunk
+    return _encode([ids, minutes, list(itertools.chain.from_iterable(map(_values, rows)))])
 
 
-async def _chunks(
-    batch: UsageBatch, slot: Callable[[str], int] | None
-) -> AsyncIterator[list[Share]]:
-    """The shares of ``batch`` in chunks of about ``CHUNK_ROWS``, a key's shares one after
-    another in one chunk (the script checks a key's sequence at its first); with ``slot``
-    (a cluster), each chunk of keys of one slot. A flush of one minute (the usual) is cut
-    as it comes; one of several minutes is grouped by key first, with a yield to the event
+async def _chunks(batch: UsageBatch, slot: Callable[[str], int] | None) -> AsyncIterator[Chunk]:
+    """``batch`` in chunks of about ``CHUNK_ROWS`` rows, a key's rows one after another in
+    one chunk (the script checks a key's sequence at its first); with ``slot`` (a
+    cluster), each chunk of keys of one slot. A flush of one minute (the usual) is cut as
+    it comes; one of several minutes is grouped by key first, with a yield to the event
     loop every ``CHUNK_ROWS`` rows."""
     if len(batch.minutes) == 1 and slot is None:
         [(minute, table)] = batch.minutes.items()
-        rows = list(table.items())
-        for start in range(0, len(rows), CHUNK_ROWS):
-            # _share's work, inline: no call per key
-            yield [
-                (key_id, minute, *itertools.islice(row.values(), SEEN))
-                for key_id, row in rows[start : start + CHUNK_ROWS]
-            ]
+        ids, rows = list(table), list(table.values())
+        for start in range(0, len(ids), CHUNK_ROWS):
+            part = ids[start : start + CHUNK_ROWS]
+            yield part, [minute] * len(part), rows[start : start + CHUNK_ROWS]
         return
-    groups: dict[int, dict[str, list[Share]]] = {}
+    groups: dict[int, dict[str, list[tuple[int, Row]]]] = {}
     done = 0
     for minute in sorted(batch.minutes):
         for key_id, row in batch.minutes[minute].items():
             group = groups.setdefault(0 if slot is None else slot(key_id), {})
-            shares = group.get(key_id)
-            if shares is None:
-                shares = group[key_id] = []
-            shares.append(_share(key_id, minute, row))
+            mine = group.get(key_id)
+            if mine is None:
+                mine = group[key_id] = []
+            mine.append((minute, row))
             done += 1
             if done % CHUNK_ROWS == 0:
                 await asyncio.sleep(0)
     for group in groups.values():
-        chunk: list[Share] = []
-        for shares in group.values():
-            chunk += shares  # a key's shares are never cut apart
-            if len(chunk) >= CHUNK_ROWS:
+        chunk: Chunk = ([], [], [])
+        for key_id, mine in group.items():
+            for minute, row in mine:  # a key's rows are never cut apart
+                chunk[0].append(key_id)
+                chunk[1].append(minute)
+                chunk[2].append(row)
+            if len(chunk[0]) >= CHUNK_ROWS:
                 yield chunk
-                chunk = []
-        if chunk:
+                chunk = ([], [], [])
+        if chunk[0]:
             yield chunk
 
 
-def _tops(batch: UsageBatch, chunk: list[Share]) -> str:
+def _tops(batch: UsageBatch, ids: list[str]) -> str:
     """The per-IP and per-origin counts of the chunk's keys that have any, as the write
     script takes them: ``[{key id: {member: count}}, {...}]`` (client keys only)."""
     ips, origins = batch.ips, batch.origins
     if not ips and not origins:
         return _NO_TOPS
-    keys = [share[0] for share in chunk]
     return _encode(
-        [{k: ips[k] for k in keys if k in ips}, {k: origins[k] for k in keys if k in origins}]
+        [{k: ips[k] for k in ids if k in ips}, {k: origins[k] for k in ids if k in origins}]
     )
-
-
-def _buckets(chunk: list[Share]) -> tuple[list[str], list[int]]:
-    """The key id and the minute of each share of ``chunk``, in order."""
-    return [share[0] for share in chunk], [share[1] for share in chunk]
 
 
 _ZEROS = (0,) * NFIELDS

@@ -16,9 +16,10 @@
 -- total ttl, top n, index ttl, what a key's names start with before its id (<ns>:usage:{),
 -- what they go on with after it (}:)].
 -- ARGV[2], JSON, one row per key-minute, a key's rows one after another (and in one call):
--- [key id, minute, the 9 counters, last used at, ip, origin, last inactive attempt at];
--- the times as numbers, what a row lacks null. ARGV[3], JSON: [ips, origins], each an
--- object of key id -> {member: count} for the keys of the chunk that have any.
+-- [the key ids, the minutes, the values], the values 13 per row one row after another:
+-- the 9 counters, last used at, ip, origin, last inactive attempt at; the times as
+-- numbers, what a row lacks null. ARGV[3], JSON: [ips, origins], each an object of key
+-- id -> {member: count} for the keys of the chunk that have any.
 -- The minute counts of an hour live in its hash m:<hour> as one field per minute of the hour
 -- (0-59), the counters one after another, trailing zeros left out, each in base 64 most
 -- significant digit first: a digit is one byte, 0-63, and the last one of a counter carries
@@ -28,7 +29,8 @@
 -- Returns the totals of every bucket after the write, in order: each bucket's counters
 -- comma-separated, the buckets joined by ';'.
 local head = cjson.decode(ARGV[1])
-local rows = cjson.decode(ARGV[2])
+local chunk = cjson.decode(ARGV[2])
+local ids, minutes, values = chunk[1], chunk[2], chunk[3]
 local tops = cjson.decode(ARGV[3])
 local null = cjson.null
 local process, seq = head[1], tonumber(head[2])
@@ -40,6 +42,7 @@ if index_ttl > 0 then index = KEYS[#KEYS] end
 local fields = {'requests', 'bytes_in', 'bytes_out', 'errors_4xx', 'errors_5xx',
                 'rate_limited', 'quota_exceeded', 'tokens', 'inactive_attempts'}
 local nfields = #fields
+local width = nfields + 4  -- a row's values: the counters, at, ip, origin, inactive at
 local out = {}
 
 local function text(value)
@@ -162,17 +165,17 @@ end
 -- key's later flushes that day send no EXPIRE (nor trim an address table no member
 -- joined).
 local key_id, prefix, total, fresh, newer, extend = nil, nil, nil, false, false, false
-for k = 1, #rows do
-  local row = rows[k]
-  local first = row[1] ~= key_id  -- the key's first row in this call: its share's checks
+for k = 1, #ids do
+  local base = (k - 1) * width  -- the row's values: values[base + 1 .. base + width]
+  local first = ids[k] ~= key_id  -- the key's first row in this call: its share's checks
   if first then
-    key_id = row[1]
+    key_id = ids[k]
     prefix = before_id .. key_id .. after_id
     total = prefix .. 'total'
     fresh, newer = first_time(total)
     extend = false
   end
-  local minute = row[2]
+  local minute = minutes[k]
   local hour = text(math.floor(minute / 60))
   local field = text(minute % 60)
   local counts = minute_counts(prefix, hour, field, fresh)
@@ -180,7 +183,7 @@ for k = 1, #rows do
   if fresh then
     local day_key = prefix .. 'd:' .. text(math.floor(minute / 1440))
     for i = 1, nfields do
-      local value = row[2 + i]
+      local value = values[base + i]
       if value ~= 0 then
         counts[i] = counts[i] + value
         -- (a day's counter equal to what it was given is new: counters only grow)
@@ -200,13 +203,13 @@ for k = 1, #rows do
     end
   end
   out[#out + 1] = pack(counts)
-  local at, inactive = row[12], row[15]
+  local at, inactive = values[base + nfields + 1], values[base + nfields + 4]
   if fresh then
     -- The latest use wins (a key's rows come in minute order; another process's may be later).
     if at ~= null then
       local seen = redis.call('HGET', total, 'last_at')
       if not seen or at >= tonumber(seen) then
-        local ip, origin = row[13], row[14]
+        local ip, origin = values[base + nfields + 2], values[base + nfields + 3]
         redis.call('HSET', total, 'last_at', stamp(at), 'last_ip', ip == null and '' or ip,
                    'last_origin', origin == null and '' or origin)
       end
