@@ -13,15 +13,20 @@ __all__ = ["Meter"]
 
 class Meter:
     """The send (and receive) of an admitted HTTP request: adds the rate-limit and CORS
-    ``headers`` to the response, and counts body bytes in and out, and the status."""
+    ``headers`` to the response, and counts body bytes in and out, and the status.
+
+    Made as ``Meter()``, every slot then set by its maker (the middleware, on every
+    request): a class with no ``__init__`` of its own is made in C, where a Python
+    ``__init__`` cost a call."""
 
     __slots__ = ("_receive", "_send", "bytes_in", "bytes_out", "headers", "status")
 
-    def __init__(self, receive: Receive, send: Send, headers: Headers) -> None:
-        self._receive = receive
-        self._send = send
-        self.headers = headers
-        self.bytes_in = self.bytes_out = self.status = 0
+    _receive: Receive
+    _send: Send
+    bytes_in: int
+    bytes_out: int
+    headers: Headers
+    status: int
 
     async def receive(self) -> Message:
         message = await self._receive()
