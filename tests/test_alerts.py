@@ -281,6 +281,27 @@ async def test_only_the_key_minutes_that_may_fire_a_per_minute_rule_are_judged(
     assert await rig.flush() == ["error_rate"]
     assert judged == [few_id] and rig.alerts[-1].key_id == few_id
     assert ok_id not in judged
+    # With no requests_per_minute rule (the default), a busy key-minute with no failure is
+    # passed over (on Redis, a chunk's reply with no failure in it is searched once, in C),
+    # and one with failures in the same flush is still found.
+    quiet = rig_for(AlertRules(error_rate=0.5, error_min_requests=10))
+    judged_quietly: list[str] = []
+    judge_quietly = quiet.gate.alerts._judge_minute
+
+    async def counted_quietly(key_id: str, minute: int, counts: Any) -> None:
+        judged_quietly.append(key_id)
+        await judge_quietly(key_id, minute, counts)
+
+    monkeypatch.setattr(quiet.gate.alerts, "_judge_minute", counted_quietly)
+    _, calm = await quiet.key()
+    failing_id, failing = await quiet.key()
+    assert await quiet.send(calm, n=25) == [200] * 25
+    assert await quiet.flush() == []
+    assert judged_quietly == []
+    assert await quiet.send(failing, "/nowhere", n=10) == [404] * 10
+    assert await quiet.send(calm) == [200]
+    assert await quiet.flush() == ["error_rate"]
+    assert judged_quietly == [failing_id]
 
 
 async def test_new_address_for_a_production_key(rig_for: Callable[..., Rig]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator, Mapping, Sequence
 
 from keystile.usage.models import ERRORS_4XX, ERRORS_5XX, NFIELDS
@@ -10,6 +11,8 @@ from keystile.usage.models import ERRORS_4XX, ERRORS_5XX, NFIELDS
 __all__ = ["FlushTotals"]
 
 _ZEROS = (0,) * NFIELDS
+# A bucket of a reply with a counter after bytes out (the 4xx errors, or a later one).
+_ERRORS_KEPT = re.compile("(?:^|;)" + "[^;,]*," * ERRORS_4XX)
 
 
 class FlushTotals(Mapping[tuple[str, int], Sequence[int]]):
@@ -43,10 +46,15 @@ class FlushTotals(Mapping[tuple[str, int], Sequence[int]]):
     ) -> Iterator[list[tuple[tuple[str, int], Sequence[int]]]]:
         """Per chunk of the flush, the key-minutes with at least ``requests`` requests, or
         at least ``failing`` of which one failed (4xx or 5xx)."""
-        for part in self._parts():
+        for keys, minutes, reply in self._chunks:
+            if requests == math.inf and _ERRORS_KEPT.search(reply) is None:
+                # No bucket of the chunk counts past bytes out (so none failed), and no
+                # request count is enough: nothing to pick out, found by C in one pass.
+                yield []
+                continue
             yield [
                 ((key_id, minute), unpack(packed))
-                for key_id, minute, packed in part
+                for key_id, minute, packed in zip(keys, minutes, reply.split(";"), strict=True)
                 if (n := int(packed.partition(",")[0] or 0)) >= requests
                 or (n >= failing and packed.count(",") >= ERRORS_4XX and _failed(packed))
             ]
