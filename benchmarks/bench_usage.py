@@ -4,6 +4,7 @@ keys called round-robin, over a ``redis-server`` of its own.
 
     python benchmarks/bench_usage.py            # ~1-2 min
     python benchmarks/bench_usage.py --quick    # ~20 s
+    python benchmarks/bench_usage.py --keys 10000 --mw-keys 10000 --collector off  # (b): code only
 
 (a) The recorder and the Redis usage store alone: each round records one request of each
 key (a client key: by address and origin), then flushes once. Per flush: the app's CPU
@@ -49,6 +50,7 @@ import statistics
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -213,12 +215,25 @@ async def flushes(url: str, keys: int, rounds: int) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def collecting_if(collector: bool) -> Iterator[None]:
+    """The garbage collector as it is (``collector``), or off for the block."""
+    if collector:
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 def quartiles(values: list[float]) -> list[float]:
     return statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
 
 
 async def on_off(
-    url: str, keys: int, blocks: int, per_block: int, sub_block: int
+    url: str, keys: int, blocks: int, per_block: int, sub_block: int, collector: bool = True
 ) -> dict[str, Any]:
     """Part (b): µs per request, usage on and off, ``keys`` keys round-robin.
 
@@ -226,7 +241,9 @@ async def on_off(
     (off then on, on then off, ... the first side alternating from block to block): each
     side's CPU is summed over the block, the "on" side's flush at the block's end counted
     in its sum. The two sides of a ratio meet the same stretch of a machine whose speed
-    drifts from second to second."""
+    drifts from second to second. ``collector=False``: the garbage collector is frozen
+    after the warm-up and off while a side or a flush is timed (no pass of it, young or
+    full, lands in either side: the code's own cost)."""
     namespace = f"ksbench-usage-{uuid.uuid4().hex[:8]}"
     settings = KeystileSettings(cache_ttl=3600.0, cache_size=keys + 100, usage_flush_interval=3600)
     store = RedisStore.from_url(url, namespace=namespace)
@@ -263,8 +280,9 @@ async def on_off(
             """CPU seconds of requests ``first`` to ``last`` of a block through ``app``."""
             batch = [dict(s, headers=list(s["headers"]), state={}) for s in prepared[first:last]]
             began, before, collecting = time.process_time(), passes[0], in_full[0]
-            for scope in batch:
-                await app(scope, receive, discard)
+            with collecting_if(collector):
+                for scope in batch:
+                    await app(scope, receive, discard)
             spent = time.process_time() - began
             full[usage] += passes[0] - before
             full_cpu[usage] += in_full[0] - collecting
@@ -272,7 +290,8 @@ async def on_off(
 
         async def flush() -> float:
             began, before, collecting = time.process_time(), passes[0], in_full[0]
-            assert await gate.usage.flush()
+            with collecting_if(collector):
+                assert await gate.usage.flush()
             spent = time.process_time() - began
             full[True] += passes[0] - before
             full_cpu[True] += in_full[0] - collecting
@@ -291,6 +310,9 @@ async def on_off(
 
         full_cpu = {True: 0.0, False: 0.0}  # CPU in full passes in a block's sides
         await block(True)  # warm-up
+        if not collector:
+            gc.collect()
+            gc.freeze()  # what lives now (the keys, the cache, the app) is never scanned
         gc.callbacks.append(collection)
         ratios, on_us, off_us, bare = [], [], [], []
         for n in range(blocks):
@@ -310,6 +332,8 @@ async def on_off(
             held.append(ticker.longest)
             held_gc.append(ticker.longest_gc)
     finally:
+        gc.unfreeze()
+        gc.enable()
         if collection in gc.callbacks:
             gc.callbacks.remove(collection)
         client = gate.store.store.client  # type: ignore[attr-defined]
@@ -373,6 +397,12 @@ async def main(args: argparse.Namespace) -> int:
             f"per-block ratios; w/o full GC: the same with the CPU of the collector's full "
             f"passes taken out of the side each landed in (for reference: they land where "
             f"allocation triggers them, 0-2 a side a block, each 0.1-0.25 s at 10,000 keys)"
+            + (
+                ""
+                if args.collector == "on"
+                else "; --collector off: the collector frozen after the warm-up and off while "
+                "timed (the code's own cost: no pass of it in either side)"
+            )
         )
         head = (
             f"{'keys':>7} {'on µs':>7} {'off µs':>7} {'on/off':>7} {'quartiles':>17} "
@@ -384,7 +414,7 @@ async def main(args: argparse.Namespace) -> int:
         results = {}
         for keys in args.mw_keys:
             r = results[keys] = await on_off(
-                url, keys, args.blocks, args.per_block, args.sub_block
+                url, keys, args.blocks, args.per_block, args.sub_block, args.collector == "on"
             )
             print(
                 f"{keys:>7,} {r['on']:>7.2f} {r['off']:>7.2f} {(r['ratio'] - 1) * 100:>+6.1f}% "
@@ -414,6 +444,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--blocks", type=int, default=10)
     parser.add_argument("--per-block", type=int, default=50_000)
     parser.add_argument("--sub-block", type=int, default=2_500, help="requests (2500)")
+    parser.add_argument(
+        "--collector",
+        choices=["on", "off"],
+        default="on",
+        help="off: (b) with the garbage collector frozen and off while timed",
+    )
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
