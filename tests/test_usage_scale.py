@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import logging
 import math
 import os
 import sys
+import threading
 import time
 import tracemalloc
 from collections import Counter
@@ -464,7 +466,7 @@ async def test_a_flush_leaves_the_garbage_collector_nothing_to_track_per_key(
         assert recorder.batch.seen == {
             k: {"198.51.100.7", "198.51.100.8"} if k == keys[0] else "198.51.100.7" for k in keys
         }
-        assert recorder.batch.watched_addresses() == {
+        assert await recorder.batch.watched_addresses() == {
             k: {"198.51.100.7", "198.51.100.8"} if k == keys[0] else {"198.51.100.7"} for k in keys
         }
         recorder._stamp(recorder.batch)
@@ -586,6 +588,79 @@ async def test_a_request_costs_an_append_and_is_added_up_with_a_slices_others(
     await recorder.close()  # no flush task any more: a request is added up as recorded
     record_each(recorder, keys[:1])
     assert (recorder.due, recorder.pending, recorder._batch.rows) == (0, [], 1)
+
+
+async def test_reading_dropped_from_another_thread_leaves_the_buffer_alone(
+    clock: ManualClock,
+) -> None:
+    """A metrics scrape reads ``dropped`` in its server's thread (prometheus_client's
+    ``start_http_server``): it reads a number, and neither adds up nor swaps the requests
+    the event loop's thread is recording (found by an attacker's review: adding up from
+    two threads lost counts)."""
+    recorder = UsageRecorder(MemoryUsageStore(clock=clock), clock=clock, interval=3600)
+    record_each(recorder, key_ids(3))  # the first starts the flush task; two wait
+    pending = recorder.pending
+    read: list[int] = []
+    thread = threading.Thread(target=lambda: read.append(recorder.dropped))
+    thread.start()
+    thread.join()
+    assert read == [0] and recorder.pending is pending and len(pending) == 2
+
+
+async def test_a_request_recorded_with_a_wrong_value_costs_itself_only(
+    clock: ManualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request recorded with a value of the wrong type (a raw ASGI app's status as
+    text) is not counted, and counted as dropped with one logged line; the requests
+    recorded before and after it in the same slice are counted, and the flush task
+    goes on (found by an attacker's review: the slice after it was lost, and the task
+    ended)."""
+    store = MemoryUsageStore(clock=clock)
+    recorder = UsageRecorder(store, clock=clock, interval=0.01)
+    recorder.record("key_good", 200, 0, 1)  # starts the flush task
+    recorder.record("key_bad", "200", 0, 1)  # type: ignore[arg-type]
+    for _ in range(20):
+        recorder.record("key_good", 200, 0, 1)
+    with caplog.at_level(logging.ERROR, logger="keystile.usage"):
+        assert await recorder.flush()
+    assert (await store.totals("key_good"))[REQUESTS] == 21
+    assert (await store.totals("key_bad"))[REQUESTS] == 0
+    assert recorder.dropped == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        "usage: a request recorded with a value of the wrong type was not counted "
+        "(TypeError; 1 dropped so far)"
+    ]
+    recorder.record("key_bad", 200, 0, "1")  # type: ignore[arg-type]
+    recorder.record("key_good", 200, 0, 1)
+    for _ in range(200):  # the background task flushes what follows
+        if (await store.totals("key_good"))[REQUESTS] == 22:
+            break
+        await asyncio.sleep(0.01)
+    assert (await store.totals("key_good"))[REQUESTS] == 22
+    assert recorder._task is not None and not recorder._task.done()
+    await recorder.close()
+
+
+async def test_closing_while_a_flush_is_writing_loses_nothing(clock: ManualClock) -> None:
+    """``close()`` cancels the background flush; a batch it cancels in the middle of its
+    write is kept whole and written by the last flush, once (found by an attacker's
+    review: it was lost)."""
+
+    class SlowStore(MemoryUsageStore):
+        writing = asyncio.Event()
+
+        async def write(self, batch: Any) -> Any:
+            self.writing.set()
+            await asyncio.sleep(0.2)
+            return await super().write(batch)
+
+    store = SlowStore(clock=clock)
+    recorder = UsageRecorder(store, clock=clock, interval=0.01)
+    for _ in range(10):
+        recorder.record("key_a", 200, 0, 1)
+    await asyncio.wait_for(store.writing.wait(), 5)  # the background flush is mid-write
+    await recorder.close()
+    assert (await store.totals("key_a"))[REQUESTS] == 10
 
 
 async def test_a_buffered_row_is_not_tracked_by_the_garbage_collector(clock: ManualClock) -> None:

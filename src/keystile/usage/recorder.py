@@ -113,12 +113,20 @@ class UsageBatch:
                     mine[3] = row[INACTIVE_AT]
         return out
 
-    def watched_addresses(self) -> dict[str, set[str]]:
-        """key id -> the addresses a watched key used since the last flush (new sets)."""
-        return {
-            key_id: {seen} if seen.__class__ is str else set(seen)
-            for key_id, seen in self.seen.items()
-        }
+    async def watched_addresses(self, every: int = 1000) -> dict[str, set[str]]:
+        """key id -> the addresses a watched key used since the last flush (new sets),
+        gathered with a yield to the event loop every ``every`` keys (a flush of many keys
+        lets requests run meanwhile)."""
+        out: dict[str, set[str]] = {}
+        seen = list(self.seen.items())
+        for start in range(0, len(seen), every):
+            if start:
+                await asyncio.sleep(0)
+            out.update(
+                (key_id, {ips} if isinstance(ips, str) else set(ips))
+                for key_id, ips in seen[start : start + every]
+            )
+        return out
 
     def requests(self) -> int:
         return sum(c[REQUESTS] + c[INACTIVE] for c in self.buckets.values())
@@ -166,7 +174,10 @@ class UsageRecorder:
         # Exact per-IP/origin counts for up to this many members per key per flush; the
         # store keeps counting as many, and reports the busiest top_n.
         self.table_cap = tracked(top_n)
-        self._dropped = 0
+        # Requests not counted because the buffer was full: up to date as of the last time
+        # the pending requests were added up (a slice, or a flush, ago at most). A plain
+        # int: a metrics scrape in another thread reads it without touching the buffer.
+        self.dropped = 0
         self.flushes = 0
         self.flushed_rows = 0  # key-minutes written (keystile.metrics)
         self.flush_seconds = 0.0  # time spent writing them
@@ -187,6 +198,7 @@ class UsageRecorder:
         self._closed = False
         self._flush_lock = asyncio.Lock()
         self._last_warning = -math.inf
+        self._last_rejection = -math.inf
         self._process = (os.getpid(), secrets.token_hex(8))  # made anew in a forked child
         self._seq = 0
 
@@ -239,60 +251,81 @@ class UsageRecorder:
 
     @property
     def batch(self) -> UsageBatch:
-        """What is buffered for the next flush, every request recorded so far added up."""
+        """What is buffered for the next flush, every request recorded so far added up
+        (on the event loop's thread only, as recording: it adds up what is pending)."""
         self.settle()
         return self._batch
 
-    @property
-    def dropped(self) -> int:
-        """Requests not counted because the buffer was full (every one recorded so far)."""
-        self.settle()
-        return self._dropped
-
     def settle(self) -> None:
-        """Add up the requests recorded since the last time into the buffer's rows."""
+        """Add up the requests recorded since the last time into the buffer's rows (on the
+        event loop's thread: recording and flushing run there). A request recorded with a
+        value of the wrong type is not counted, and counted in :attr:`dropped` (logged
+        once a minute at most); the others are, before and after it."""
         entries, self.pending = self.pending, []
         start, end = self._span
         table = self._table
         watching, by_client, cap = WATCH_IPS, BY_CLIENT, self.table_cap
         batch = self._batch
         noted = batch.seen.get
-        for key_id, status, bytes_in, bytes_out, ip, origin, ip_mode, now, limited in entries:
-            row = table.get(key_id) if start <= now < end else None
-            if row is None:
-                row = self._row(key_id, now)
-                (start, end), table = self._span, self._table
-                if row is None:
-                    self._drop()
-                    continue
-            row[REQUESTS] += 1
-            if bytes_in:  # most requests have no body: skip making an int for nothing
-                row[BYTES_IN] += bytes_in
-            row[BYTES_OUT] += bytes_out
-            if status >= 400:
-                row[ERRORS_5XX if status >= 500 else ERRORS_4XX] += 1
-                if limited:  # a 429
-                    row[RATE_LIMITED] += 1
-            if ip_mode == watching:  # a production key: its addresses, for the new-IP alert
-                if ip is not None and ip != row[IP]:  # (the same as its last: noted)
-                    seen = noted(key_id)
-                    if seen is None:
-                        batch.seen[key_id] = ip
-                    elif isinstance(seen, str):
-                        if seen != ip:
-                            batch.seen[key_id] = {seen, ip}
-                    elif len(seen) < MAX_SEEN:
-                        seen.add(ip)
-            elif ip_mode == by_client:  # a client key: its requests by address and by origin
-                if ip is not None:
-                    _count(batch.ips, key_id, ip, cap)
-                if origin is not None:
-                    _count(batch.origins, key_id, origin, cap)
-            at = row[AT]
-            if at is None or now >= at:  # a slow request ending last is not the last use
-                row[AT] = now
-                row[IP] = ip
-                row[ORIGIN] = origin
+        rest = iter(entries)
+        while True:
+            try:  # (costs nothing in the loop while nothing raises)
+                for entry in rest:
+                    key_id, status, bytes_in, bytes_out, ip, origin, ip_mode, now, limited = entry
+                    failed = status >= 400  # (a status of the wrong type stops here: no row)
+                    row = table.get(key_id) if start <= now < end else None
+                    if row is None:
+                        row = self._row(key_id, now)
+                        (start, end), table = self._span, self._table
+                        if row is None:
+                            self._drop()
+                            continue
+                    row[REQUESTS] += 1
+                    if bytes_in:  # most requests have no body: skip making an int for nothing
+                        row[BYTES_IN] += bytes_in
+                    row[BYTES_OUT] += bytes_out
+                    if failed:
+                        row[ERRORS_5XX if status >= 500 else ERRORS_4XX] += 1
+                        if limited:  # a 429
+                            row[RATE_LIMITED] += 1
+                    if ip_mode == watching:  # a production key: its addresses (new-IP alert)
+                        if ip is not None and ip != row[IP]:  # (the same as its last: noted)
+                            seen = noted(key_id)
+                            if seen is None:
+                                batch.seen[key_id] = ip
+                            elif isinstance(seen, str):
+                                if seen != ip:
+                                    batch.seen[key_id] = {seen, ip}
+                            elif len(seen) < MAX_SEEN:
+                                seen.add(ip)
+                    elif ip_mode == by_client:  # a client key: its requests by address, origin
+                        if ip is not None:
+                            _count(batch.ips, key_id, ip, cap)
+                        if origin is not None:
+                            _count(batch.origins, key_id, origin, cap)
+                    at = row[AT]
+                    if at is None or now >= at:  # a slow request ending last is not the last
+                        row[AT] = now
+                        row[IP] = ip
+                        row[ORIGIN] = origin
+                return
+            except (TypeError, ValueError, ArithmeticError) as exc:  # a wrong value: this entry
+                self._reject(exc)
+
+    def _reject(self, exc: Exception) -> None:
+        """Count a request recorded with a wrong value as dropped (what it added to its
+        row before the wrong value stays)."""
+        self.dropped += 1
+        now = time.monotonic()
+        if now - self._last_rejection > 60:
+            self._last_rejection = now
+            logger.error(
+                "usage: a request recorded with a value of the wrong type was not counted "
+                "(%s; %d dropped so far)",
+                type(exc).__name__,
+                self.dropped,
+                extra=fields("usage.rejected"),
+            )
 
     def record_refusal(self, key_id: str, kind: Literal["quota", "inactive"]) -> None:
         """Count a request refused for its quota (already counted as a request by the
@@ -321,14 +354,14 @@ class UsageRecorder:
         row[TOKENS] += tokens
 
     def _drop(self) -> None:
-        self._dropped += 1
+        self.dropped += 1
         now = self._clock()
         if now - self._last_warning > 60:
             self._last_warning = now
             logger.warning(
                 "usage buffer full (%d key-minutes): dropping counts (%d dropped so far)",
                 self.max_buckets,
-                self._dropped,
+                self.dropped,
                 extra=fields("usage.dropped"),
             )
 
@@ -346,7 +379,10 @@ class UsageRecorder:
     async def _run(self) -> None:
         while not self._closed:
             await asyncio.sleep(self.interval)
-            await self.flush()
+            try:
+                await self.flush()
+            except Exception:  # the task flushes again next time, whatever this one met
+                logger.exception("usage flush failed", extra=fields("usage.flush_error"))
 
     async def flush(self) -> bool:
         """Write what is buffered now; whether everything was written (or nothing was due).
@@ -370,7 +406,11 @@ class UsageRecorder:
                 self._span = (0.0, 0.0)
                 if batch:
                     self._stamp(batch)
-                    ok = await self._write(batch, written)
+                    try:
+                        ok = await self._write(batch, written)
+                    except BaseException:  # cancelled mid-write (close, a reader's timeout):
+                        self._retry.append(batch)  # kept whole, written once (its sequence)
+                        raise
                     if not ok:
                         self._retry.append(batch)
         for batch, touched in written:
