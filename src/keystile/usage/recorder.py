@@ -57,7 +57,7 @@ if TYPE_CHECKING:
 
 __all__ = ["UsageBatch", "UsageRecorder"]
 
-_SLICE = 512  # requests recorded, at most, before they are added up in the buffer
+_SLICE = 64  # requests recorded, at most, before they are added up in the buffer
 
 logger = logging.getLogger("keystile.usage")
 
