@@ -247,14 +247,8 @@ async def test_thresholds_are_exceeded_not_met(rig_for: Callable[..., Rig]) -> N
     assert await failing.flush() == ["error_rate"]
 
 
-async def test_only_the_key_minutes_that_may_fire_a_per_minute_rule_are_judged(
-    rig_for: Callable[..., Rig], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Work, not time (issue #19): a key-minute is judged by the per-minute rules (its
-    key's rules looked up, its counters unpacked from a Redis flush's reply) only when it
-    may fire one: more requests than ``requests_per_minute``, or the error rate's volume
-    with at least one failure. Busy keys with nothing failing cost no judgement."""
-    rig = rig_for(AlertRules(requests_per_minute=20, error_rate=0.5, error_min_requests=10))
+def judgements(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The key ids ``rig``'s alert rules judge by the per-minute rules, as they do."""
     judged: list[str] = []
     judge = rig.gate.alerts._judge_minute
 
@@ -263,6 +257,18 @@ async def test_only_the_key_minutes_that_may_fire_a_per_minute_rule_are_judged(
         await judge(key_id, minute, counts)
 
     monkeypatch.setattr(rig.gate.alerts, "_judge_minute", counted)
+    return judged
+
+
+async def test_only_the_key_minutes_that_may_fire_a_per_minute_rule_are_judged(
+    rig_for: Callable[..., Rig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Work, not time (issue #19): a key-minute is judged by the per-minute rules (its
+    key's rules looked up, its counters unpacked from a Redis flush's reply) only when it
+    may fire one: more requests than ``requests_per_minute``, or the error rate's volume
+    with at least one failure. Busy keys with nothing failing cost no judgement."""
+    rig = rig_for(AlertRules(requests_per_minute=20, error_rate=0.5, error_min_requests=10))
+    judged = judgements(rig, monkeypatch)
     ok_id, ok = await rig.key()  # 15 requests, none failing: judged by neither rule
     one_id, one = await rig.key()  # 12 requests, one failing: judged, fires nothing
     few_id, few = await rig.key()  # 5 requests, all failing: below the volume
@@ -285,14 +291,7 @@ async def test_only_the_key_minutes_that_may_fire_a_per_minute_rule_are_judged(
     # passed over (on Redis, a chunk's reply with no failure in it is searched once, in C),
     # and one with failures in the same flush is still found.
     quiet = rig_for(AlertRules(error_rate=0.5, error_min_requests=10))
-    judged_quietly: list[str] = []
-    judge_quietly = quiet.gate.alerts._judge_minute
-
-    async def counted_quietly(key_id: str, minute: int, counts: Any) -> None:
-        judged_quietly.append(key_id)
-        await judge_quietly(key_id, minute, counts)
-
-    monkeypatch.setattr(quiet.gate.alerts, "_judge_minute", counted_quietly)
+    judged_quietly = judgements(quiet, monkeypatch)
     _, calm = await quiet.key()
     failing_id, failing = await quiet.key()
     assert await quiet.send(calm, n=25) == [200] * 25
