@@ -131,14 +131,6 @@ class UsageBatch:
     def requests(self) -> int:
         return sum(c[REQUESTS] + c[INACTIVE] for c in self.buckets.values())
 
-    def row(self, key_id: str, minute: int) -> Row:
-        table = self.minutes.setdefault(minute, {})
-        row = table.get(key_id)
-        if row is None:
-            row = table[key_id] = new_row()
-            self.rows += 1
-        return row
-
 
 # Called after each flush with the batch written and the (key id, minute) counters it
 # touched; may be a coroutine function (the alerter's is).
