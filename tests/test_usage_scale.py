@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import msgpack
 import pytest
 import redis
 from redis.asyncio.cluster import RedisCluster
@@ -26,7 +27,9 @@ from redis.asyncio.cluster import RedisCluster
 from conftest import REDIS_URL, Figures, fake_redis
 from faults.redis_server import RedisServer, free_port, need_redis_server
 from keystile import KeystileSettings, ManualClock, RedisStore
+from keystile.clock import to_datetime
 from keystile.gate import Keystile
+from keystile.redis.packing import to_json
 from keystile.usage import (
     BY_CLIENT,
     FIELDS,
@@ -35,7 +38,7 @@ from keystile.usage import (
     RedisUsageStore,
     UsageRecorder,
 )
-from keystile.usage.models import IP, ROW_WIDTH
+from keystile.usage.models import IP, ROW_WIDTH, TOKENS
 from keystile.usage.recorder import _SLICE
 from keystile.usage.stores import CHUNK_ROWS, _chunks, _payload
 from test_usage import StallingProxy
@@ -475,7 +478,8 @@ async def test_a_flush_leaves_the_garbage_collector_nothing_to_track_per_key(
         ids, minutes, sent = chunks[0]
         assert ids == keys[:CHUNK_ROWS] and minutes == [minute] * CHUNK_ROWS
         assert all(row is rows[key] for key, row in zip(ids, sent, strict=True))  # no copies
-        values = json.loads(_payload(chunks[0]))[2]
+        values = json.loads(_payload(chunks[0], to_json))[2]
+        assert msgpack.unpackb(_payload(chunks[0], msgpack.packb))[2] == values
         assert len(values) == CHUNK_ROWS * ROW_WIDTH
         assert values[ROW_WIDTH : 2 * ROW_WIDTH] == [
             3,
@@ -957,5 +961,65 @@ async def test_on_a_cluster_each_script_call_stays_in_one_slot(
         assert len(await store.keys(limit=1000)) == 300
         minutes = await store.series(keys[0], clock() - 60, clock() + 60, "minute")
         assert [counts[REQUESTS] for _, counts in minutes] == [2]
+    finally:
+        await client.aclose()
+
+
+async def dump(client: Any, namespace: str) -> dict[str, Any]:
+    """Every name under ``namespace`` (the namespace cut off): its value and whether it
+    has a TTL."""
+    out: dict[str, Any] = {}
+    async for raw in client.scan_iter(match=f"{namespace}:*", count=1000):
+        name = raw.decode()
+        kind = (await client.type(name)).decode()
+        if kind == "hash":
+            value: Any = await client.hgetall(name)
+        elif kind == "zset":
+            value = await client.zrange(name, 0, -1, withscores=True)
+        else:
+            value = await client.get(name)
+        out[name.removeprefix(namespace)] = (kind, value, await client.ttl(name) > 0)
+    return out
+
+
+async def test_rows_go_packed_where_the_servers_lua_unpacks_them(
+    own_redis: RedisServer, clock: ManualClock
+) -> None:
+    """A flush sends its rows to Redis in MessagePack (its Lua has cmsgpack; making it
+    costs a quarter of making JSON), to fakeredis in JSON (asked once, at the first
+    write). The two leave Redis holding the same, to the byte: counters, last use (a
+    time to the microsecond, an address, an origin), an inactive attempt's time, tokens,
+    a client key's addresses and origins."""
+    client = redis.asyncio.Redis.from_url(own_redis.url)
+    try:
+        packed = RedisUsageStore(client, namespace="packed")
+        text = RedisUsageStore(client, namespace="text")
+        fake = RedisUsageStore(fake_redis(), namespace="fake")
+        recorder = UsageRecorder(packed, clock=clock)
+        prod, browser, revoked = key_ids(3)
+        clock.advance(0.123456)
+        recorder.record(prod, 200, 0, 1 << 40, "198.51.100.7", None, WATCH_IPS)
+        recorder.record(prod, 503, 17, 0, "2001:db8::1", None, WATCH_IPS)
+        recorder.record_tokens(prod, 12_345)
+        recorder.record(browser, 429, 0, 31, "203.0.113.9", ORIGIN, BY_CLIENT, rate_limited=True)
+        recorder.record(browser, 200, 0, 5, "203.0.113.10", ORIGIN, BY_CLIENT)
+        recorder.record_refusal(revoked, "inactive")
+        batch = recorder.batch
+        recorder._stamp(batch)
+        text._pack = to_json  # the other way, against the same server
+        for store in (packed, text, fake):
+            totals = await store.write(batch)
+            assert totals[(prod, int(clock() // 60))][:5] == (2, 17, (1 << 40) + 0, 0, 1)
+        assert (packed._pack, text._pack, fake._pack) == (msgpack.packb, to_json, to_json)
+        wrote = await dump(client, "packed")
+        assert wrote == await dump(client, "text")
+        assert len(wrote) >= 8 and all(has_ttl for _, _, has_ttl in wrote.values())
+        for store in (packed, fake):
+            last = await store.last_use(prod)
+            assert (last.at, last.ip) == (to_datetime(clock()), "2001:db8::1")
+            assert (await store.totals(prod))[TOKENS] == 12_345
+            assert await store.top(browser, "ips", 5) == {"203.0.113.9": 1, "203.0.113.10": 1}
+            assert await store.top(browser, "origins", 5) == {ORIGIN: 2}
+            assert (await store.last_use(revoked)).inactive_attempt_at == to_datetime(clock())
     finally:
         await client.aclose()

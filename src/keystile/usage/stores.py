@@ -24,6 +24,7 @@ from redis.exceptions import NoScriptError
 from keystile.clock import Clock, system_clock
 from keystile.redis.connect import RedisClient
 from keystile.redis.errors import translated
+from keystile.redis.packing import Pack, packer
 from keystile.redis.schema import RedisSchema
 from keystile.redis.scripts import lua
 from keystile.usage.models import (
@@ -208,6 +209,9 @@ class RedisUsageStore:
         self.day_retention = day_retention
         self.top_n = top_n
         self._script = client.register_script(_WRITE)
+        # How a chunk's rows are sent: MessagePack where the server unpacks it, else JSON
+        # (asked at the first write).
+        self._pack: Pack | None = None
         # What a key's usage names are made of around its id: ``<ns>:usage:{``, ``}:``.
         before, _, after = self.names.usage("\n", "").partition("\n")
         self._names = (before, after)
@@ -220,6 +224,9 @@ class RedisUsageStore:
     @translated("writing usage")
     async def write(self, batch: UsageBatch) -> Mapping[tuple[str, int], Sequence[int]]:
         index, index_ttl = self.names.usage_index, self.day_retention + DAY
+        pack = self._pack
+        if pack is None:
+            pack = self._pack = await packer(self.client)
         cluster = self._slot is not None
         head = json.dumps(
             [
@@ -243,7 +250,7 @@ class RedisUsageStore:
             # One declared name per call (the chunk's slot); the script makes each key's.
             ids, minutes, rows = chunk
             keys = [self.names.usage(ids[0], "total")]
-            payload, tops = _payload(chunk), _tops(batch, ids)
+            payload, tops = _payload(chunk, pack), _tops(batch, ids, pack)
             if cluster:  # one slot per call: the index, in a slot of its own, comes last
                 reply = await self._script(keys=keys, args=[head, payload, tops])
                 for key_id, row in zip(ids, rows, strict=True):
@@ -371,20 +378,18 @@ class RedisUsageStore:
 # A chunk of a flush, as the write script takes it: the key id and the minute of each of
 # its rows, and the rows (a key's one after another, in minute order).
 Chunk = tuple[list[str], list[int], list[Row]]
-# JSON by the C encoder (no check for cycles: lists of plain values have none).
-_encode = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
-_NO_TOPS = _encode([{}, {}])
 # A script call waiting to be sent: its chunk, KEYS, and ARGV after the head.
-_Call = tuple[Chunk, list[str], str, str]
+_Call = tuple[Chunk, list[str], str | bytes, str | bytes]
+_NO_TOPS: list[dict[str, Any]] = [{}, {}]
 _values = dict.values
 
 
-def _payload(chunk: Chunk) -> str:
+def _payload(chunk: Chunk, pack: Pack) -> str | bytes:
     """A chunk as the write script takes it: ``[key ids, minutes, values]``, the values
     every row's ``ROW_WIDTH`` one after another (counters, last used at, ip, origin, last
-    inactive attempt at). Made and encoded in C: no Python call per row."""
+    inactive attempt at). Made and packed in C: no Python call per row."""
     ids, minutes, rows = chunk
-    return _encode([ids, minutes, list(itertools.chain.from_iterable(map(_values, rows)))])
+    return pack([ids, minutes, list(itertools.chain.from_iterable(map(_values, rows)))])
 
 
 async def _chunks(batch: UsageBatch, slot: Callable[[str], int] | None) -> AsyncIterator[Chunk]:
@@ -426,13 +431,13 @@ async def _chunks(batch: UsageBatch, slot: Callable[[str], int] | None) -> Async
             yield chunk
 
 
-def _tops(batch: UsageBatch, ids: list[str]) -> str:
+def _tops(batch: UsageBatch, ids: list[str], pack: Pack) -> str | bytes:
     """The per-IP and per-origin counts of the chunk's keys that have any, as the write
     script takes them: ``[{key id: {member: count}}, {...}]`` (client keys only)."""
     ips, origins = batch.ips, batch.origins
     if not ips and not origins:
-        return _NO_TOPS
-    return _encode(
+        return pack(_NO_TOPS)
+    return pack(
         [{k: ips[k] for k in ids if k in ips}, {k: origins[k] for k in ids if k in origins}]
     )
 

@@ -15,11 +15,12 @@
 -- ARGV[1], JSON: [process, sequence (text), applied ttl, applied cap, hour ttl, day ttl,
 -- total ttl, top n, index ttl, what a key's names start with before its id (<ns>:usage:{),
 -- what they go on with after it (}:)].
--- ARGV[2], JSON, one row per key-minute, a key's rows one after another (and in one call):
+-- ARGV[2], one row per key-minute, a key's rows one after another (and in one call):
 -- [the key ids, the minutes, the values], the values 13 per row one row after another:
 -- the 9 counters, last used at, ip, origin, last inactive attempt at; the times as
--- numbers, what a row lacks null. ARGV[3], JSON: [ips, origins], each an object of key
--- id -> {member: count} for the keys of the chunk that have any.
+-- numbers, what a row lacks null (nil). ARGV[3]: [ips, origins], each a map of key id ->
+-- {member: count} for the keys of the chunk that have any. Both in MessagePack where this
+-- server's Lua has cmsgpack (the store asks first), else in JSON (a JSON text starts '[').
 -- The minute counts of an hour live in its hash m:<hour> as one field per minute of the hour
 -- (0-59), the counters one after another, trailing zeros left out, each in base 64 most
 -- significant digit first: a digit is one byte, 0-63, and the last one of a counter carries
@@ -29,10 +30,13 @@
 -- Returns the totals of every bucket after the write, in order: each bucket's counters
 -- comma-separated, the buckets joined by ';'.
 local head = cjson.decode(ARGV[1])
-local chunk = cjson.decode(ARGV[2])
+local chunk, tops, null
+if string.byte(ARGV[2], 1) == 91 then  -- '[': JSON
+  chunk, tops, null = cjson.decode(ARGV[2]), cjson.decode(ARGV[3]), cjson.null
+else
+  chunk, tops, null = cmsgpack.unpack(ARGV[2]), cmsgpack.unpack(ARGV[3]), nil
+end
 local ids, minutes, values = chunk[1], chunk[2], chunk[3]
-local tops = cjson.decode(ARGV[3])
-local null = cjson.null
 local process, seq = head[1], tonumber(head[2])
 local applied_ttl, cap = head[3], head[4]
 local hour_ttl, day_ttl, total_ttl, keep = head[5], head[6], head[7], head[8]
