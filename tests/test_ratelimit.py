@@ -58,6 +58,7 @@ from keystile.ratelimit import (
     parse_rate_limit,
 )
 from keystile.redis.connect import close_redis, open_redis
+from keystile.redis.lean import LeanRedis
 from keystile.stores import KeyStore
 from test_middleware import assert_refused, bearer, call, client, make_app
 
@@ -2066,3 +2067,30 @@ async def test_a_window_list_holds_its_times_compactly_and_stays_exact(
         assert await hit(later + 60_102) == (True, 3, later + 200)
     finally:
         await client.aclose()
+
+
+async def test_start_up_may_take_as_long_as_a_connection_attempt(
+    own_redis: OwnRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Starting (connect, then load the script over the lean connection) when connecting
+    takes 0.5 s (a cold DNS lookup, a far server, a busy machine) succeeds: start-up waits
+    as long as a connection attempt may take (1 s), not a request's 250 ms (in CI, a
+    start on a busy machine failed with "could not connect to Redis in time")."""
+    opened = LeanRedis._open
+
+    async def slow_open(self: LeanRedis) -> Any:
+        await asyncio.sleep(0.5)
+        return await opened(self)
+
+    monkeypatch.setattr(LeanRedis, "_open", slow_open)
+    client_ = Redis.from_url(own_redis.url)
+    limiter = RedisLimiter(client_, namespace=new_namespace())
+    try:
+        assert limiter.timeout == 0.25 and limiter.lean
+        started = time.perf_counter()
+        await limiter.start()
+        assert time.perf_counter() - started >= 0.5 and limiter.sha
+        assert not (await limiter.hit("k", limit_set("100/minute", "dev"))).degraded
+    finally:
+        await limiter.close()
+        await client_.aclose()

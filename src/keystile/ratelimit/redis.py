@@ -180,7 +180,11 @@ class RedisLimiter(FallingBack):
         """Load the script, so no request pays for a NOSCRIPT retry (and, on the lean
         path, connect)."""
         if self._lean is not None:
-            loaded = await self._lean.execute("SCRIPT", "LOAD", _SCRIPT)
+            # As long as a connection attempt may take, not a request's timeout: at start-up
+            # nobody waits on it (a worker booting beside others on a busy machine took
+            # more than 250 ms), and a reload's callers wait within their own deadlines.
+            deadline = asyncio.get_running_loop().time() + max(self.timeout, 1.0)
+            loaded = await self._lean.execute("SCRIPT", "LOAD", _SCRIPT, deadline=deadline)
             if isinstance(loaded, ReplyError):
                 raise StoreUnavailable(f"Redis refused the rate-limit script: {loaded.code}")
             if loaded != _SHA.encode():  # the EVALSHA commands are built with _SHA
