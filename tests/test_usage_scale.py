@@ -447,11 +447,12 @@ async def test_a_flush_leaves_the_garbage_collector_nothing_to_track_per_key(
     """What lives from a request to the flush, and through the flush, holds no object the
     garbage collector tracks per key (a set per row, a list per key's share and per key's
     totals reached its oldest generation by the thousand and made full collections of the
-    app's heap): a row holds plain values only, the addresses a production key used are
-    kept beside the rows (one as a str), a chunk goes to Redis as the rows themselves
-    (their values laid one after another, encoded in C), and the totals handed to the
-    alert rules are tuples of plain values (untracked at the collector's next pass). The
-    counts stay exact, and a key seen from two addresses still notes both."""
+    app's heap): a minute's rows are columns of plain values (13 lists, whatever the
+    keys), the addresses a production key used are kept beside them (one as a str), a
+    chunk goes to Redis as slices of the columns (laid one after another, in C), and the
+    totals handed to the alert rules are tuples of plain values (untracked at the
+    collector's next pass). The counts stay exact, and a key seen from two addresses
+    still notes both."""
     client = redis.asyncio.Redis.from_url(own_redis.url)
     try:
         store = RedisUsageStore(client, namespace="ks")
@@ -463,9 +464,11 @@ async def test_a_flush_leaves_the_garbage_collector_nothing_to_track_per_key(
                 recorder.record(key_id, 200, 0, 42, "198.51.100.7", None, WATCH_IPS)
         recorder.record(keys[0], 200, 0, 42, "198.51.100.8", None, WATCH_IPS)
         minute = int(clock() // 60)
-        rows = recorder.batch.minutes[minute]
-        assert [key for key, row in rows.items() if gc.is_tracked(row)] == []
-        assert not any(gc.is_tracked(value) for value in rows[keys[1]].values())
+        table = recorder.batch.minutes[minute]
+        assert len(table.columns) == ROW_WIDTH and not gc.is_tracked(table.index)
+        assert not any(gc.is_tracked(value) for column in table.columns for value in column)
+        row = (3, 0, 126, *[0] * 6, clock(), "198.51.100.7", None, None)
+        assert table[keys[1]] == row
         assert recorder.batch.seen == {
             k: {"198.51.100.7", "198.51.100.8"} if k == keys[0] else "198.51.100.7" for k in keys
         }
@@ -477,20 +480,10 @@ async def test_a_flush_leaves_the_garbage_collector_nothing_to_track_per_key(
         assert [len(ids) for ids, _, _ in chunks] == [CHUNK_ROWS, 300 - CHUNK_ROWS]
         ids, minutes, sent = chunks[0]
         assert ids == keys[:CHUNK_ROWS] and minutes == [minute] * CHUNK_ROWS
-        assert all(row is rows[key] for key, row in zip(ids, sent, strict=True))  # no copies
         values = json.loads(_payload(chunks[0], to_json))[2]
-        assert msgpack.unpackb(_payload(chunks[0], msgpack.packb))[2] == values
-        assert len(values) == CHUNK_ROWS * ROW_WIDTH
-        assert values[ROW_WIDTH : 2 * ROW_WIDTH] == [
-            3,
-            0,
-            126,
-            *[0] * 6,
-            clock(),
-            "198.51.100.7",
-            None,
-            None,
-        ]
+        assert msgpack.unpackb(_payload(chunks[0], msgpack.packb))[2] == values == sent
+        assert len(values) == CHUNK_ROWS * ROW_WIDTH  # column after column:
+        assert values[1::CHUNK_ROWS] == list(row)  # each column's second value: key 1's
         assert await recorder.flush()
         gc.collect()
         [touched] = handed
@@ -667,14 +660,14 @@ async def test_closing_while_a_flush_is_writing_loses_nothing(clock: ManualClock
     assert (await store.totals("key_a"))[REQUESTS] == 10
 
 
-async def test_a_buffered_row_is_not_tracked_by_the_garbage_collector(clock: ManualClock) -> None:
-    """Work, not time (issue #19): the row a key's requests are counted in lives from its
-    first request to the flush; a list would be tracked by the garbage collector (ten
-    thousand keys: ten thousand objects reaching its oldest generation per flush, which
-    trigger full collections of the app's heap). A row holds plain values only and is not
-    tracked — a production key on one address or on two, a client key, a refusal; the
-    addresses a production key used are kept beside the rows, a set only for a key seen
-    from two — and it still counts exactly."""
+async def test_buffered_rows_are_not_tracked_by_the_garbage_collector(clock: ManualClock) -> None:
+    """Work, not time (issue #19): the rows a key's requests are counted in live from its
+    first request to the flush; an object per row would be tracked by the garbage
+    collector (ten thousand keys: ten thousand objects reaching its oldest generation per
+    flush, which trigger full collections of the app's heap). A minute's rows are columns
+    of plain values, the same 13 lists whatever the keys — a production key on one
+    address or on two, a client key, a refusal; the addresses a production key used are
+    kept beside the rows, a set only for a key seen from two — and they count exactly."""
     recorder = UsageRecorder(MemoryUsageStore(clock=clock), clock=clock)
     recorder.record("key_prod", 200, 10, 500, "198.51.100.7", None, WATCH_IPS)
     recorder.record("key_prod", 404, 0, 20, "198.51.100.7", None, WATCH_IPS)
@@ -683,15 +676,19 @@ async def test_a_buffered_row_is_not_tracked_by_the_garbage_collector(clock: Man
     recorder.record_tokens("key_prod", 30)
     recorder.record("key_moving", 200, 0, 1, "198.51.100.7", None, WATCH_IPS)
     recorder.record("key_moving", 200, 0, 1, "198.51.100.8", None, WATCH_IPS)
-    rows = recorder.batch.minutes[int(clock() // 60)]
-    assert {key: gc.is_tracked(row) for key, row in rows.items()} == {
-        "key_prod": False,
-        "key_client": False,
-        "key_revoked": False,
-        "key_moving": False,
-    }
+    table = recorder.batch.minutes[int(clock() // 60)]
+    assert list(table) == ["key_prod", "key_client", "key_revoked", "key_moving"]
+    assert len(table.columns) == ROW_WIDTH and not gc.is_tracked(table.index)
+    assert not any(gc.is_tracked(value) for column in table.columns for value in column)
+    before = [list(column) for column in table.columns]
+    for n in range(1000):  # a thousand keys more: the same columns, longer
+        recorder.record(f"key_{n}", 200, 0, 1, "198.51.100.9", None, WATCH_IPS)
+    assert recorder.batch.minutes[int(clock() // 60)] is table
+    assert [column[:4] for column in table.columns] == [column[:4] for column in before]
+    assert len(table) == 1004 and len(table.columns) == ROW_WIDTH
     seen = recorder.batch.seen  # beside the rows: one address a str, two a set
-    assert seen == {"key_prod": "198.51.100.7", "key_moving": {"198.51.100.7", "198.51.100.8"}}
+    assert seen["key_prod"] == "198.51.100.7"
+    assert seen["key_moving"] == {"198.51.100.7", "198.51.100.8"}
     assert await recorder.flush()
     totals = await recorder.store.totals("key_prod")
     assert totals[:4] == [2, 10, 520, 1] and totals[FIELDS.index("tokens")] == 30

@@ -235,7 +235,7 @@ class Alerter:
         now = self.clock()
         keys: dict[str, None] = {}
         for table in batch.minutes.values():
-            keys.update(dict.fromkeys(table))
+            keys.update(dict.fromkeys(table.index))
         floors = await self._resolve(itertools.chain(keys, (spend[0] for spend in self._quota)))
         rules_of = self._known
         await self._per_minute(touched, floors)

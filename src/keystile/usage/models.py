@@ -9,7 +9,7 @@ stores keep the counters only.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Literal
 
@@ -62,27 +62,79 @@ Granularity = Literal["minute", "day"]
 
 # A buffered row: the FIELDS counters, then the last use seen in that minute (its time,
 # address and origin), then the last inactive attempt's time; ROW_WIDTH values in all, in
-# that order (a flush sends them so, one row after another).
+# that order.
 AT, IP, ORIGIN, INACTIVE_AT = range(NFIELDS, NFIELDS + 4)
 ROW_WIDTH = NFIELDS + 4
 MAX_SEEN = 64  # addresses a buffer notes per watched key between two flushes
+Row = tuple[Any, ...]  # a row read out of a Table: its ROW_WIDTH values
+_GROW = 256  # rows a table's columns grow by at a time
 
 
-# A row is a dict (index -> value), not a list: a list is always tracked by the garbage
-# collector, a dict of plain values never is — thousands of rows living from a request to
-# the flush would reach its oldest generation and trigger full collections of the heap.
-Row = dict[int, Any]
-_EMPTY_ROW: Row = {**dict.fromkeys(range(NFIELDS), 0), **dict.fromkeys(range(AT, ROW_WIDTH))}
+class Table(Mapping[str, Row]):
+    """A minute's rows in a recorder's buffer, one per key, kept as ``ROW_WIDTH`` columns
+    (lists): a key's row is its index (:attr:`index`) in each. Read as a mapping, key id
+    -> the row's values (a tuple, made when read).
 
+    Columns, not an object per row: at thousands of keys a request's row is far from the
+    CPU's caches, and a row of its own was several cache lines away (the object, its
+    table, its values); a column holds a value of each key side by side, so adding up
+    touches a slot of each column a request counts in. And the collector tracks the
+    columns (13 lists a minute), not thousands of rows that would reach its oldest
+    generation and trigger full collections of the heap."""
 
-def new_row() -> Row:
-    """An empty buffered row (never tracked by the garbage collector: plain values only)."""
-    return _EMPTY_ROW.copy()
+    __slots__ = ("columns", "index")
+
+    def __init__(self) -> None:
+        self.index: dict[str, int] = {}  # key id -> its row
+        self.columns: list[list[Any]] = [[] for _ in range(ROW_WIDTH)]
+
+    def add(self, key_id: str) -> int:
+        """A new (empty) row for ``key_id``; its index."""
+        at = len(self.index)
+        columns = self.columns
+        if at == len(columns[0]):  # grown a few hundred rows at a time, not a row
+            for field, column in enumerate(columns):
+                column.extend(itertools.repeat(0 if field < NFIELDS else None, _GROW))
+        self.index[key_id] = at
+        return at
+
+    def hot(self) -> tuple[Any, ...]:
+        """What adding up a request reads: the rows' index (its ``get``), the columns, and
+        those every request touches (requests, bytes out, last used at, ip, origin)."""
+        columns = self.columns
+        return (
+            self.index.get,
+            columns,
+            columns[REQUESTS],
+            columns[BYTES_OUT],
+            columns[AT],
+            columns[IP],
+            columns[ORIGIN],
+        )
+
+    def flat(self, start: int = 0, stop: int | None = None) -> list[Any]:
+        """Rows ``start`` to ``stop`` (index order): their values column after column (each
+        counter of every row, ..., each last inactive attempt), as a flush sends them."""
+        stop = len(self.index) if stop is None else min(stop, len(self.index))
+        return list(itertools.chain.from_iterable(c[start:stop] for c in self.columns))
+
+    def __getitem__(self, key_id: str) -> Row:
+        at = self.index[key_id]
+        return tuple(column[at] for column in self.columns)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.index)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __contains__(self, key_id: object) -> bool:
+        return key_id in self.index
 
 
 def counters(row: Row) -> tuple[int, ...]:
     """A row's :data:`FIELDS` counters."""
-    return tuple(itertools.islice(row.values(), NFIELDS))
+    return row[:NFIELDS]
 
 
 def tracked(top_n: int) -> int:

@@ -28,7 +28,6 @@ from keystile.usage.models import (
     AT,
     BY_CLIENT,
     BYTES_IN,
-    BYTES_OUT,
     ERRORS_4XX,
     ERRORS_5XX,
     INACTIVE,
@@ -43,11 +42,10 @@ from keystile.usage.models import (
     TOKENS,
     WATCH_IPS,
     Granularity,
-    Row,
+    Table,
     UsageOverview,
     UsageReport,
     counters,
-    new_row,
     tracked,
 )
 from keystile.usage.reports import UsageReader
@@ -72,7 +70,7 @@ class UsageBatch:
         # that only grows within it (the recorder stamps a batch when it takes it to flush).
         self.process = secrets.token_hex(8)
         self.seq = 0
-        self.minutes: dict[int, dict[str, Row]] = {}
+        self.minutes: dict[int, Table] = {}
         self.rows = 0  # key-minutes held (the buffer's bound counts these)
         # key id -> address (origin) -> requests: client keys'; plain dicts (a Counter costs
         # a Python-level call to make).
@@ -183,9 +181,9 @@ class UsageRecorder:
         self.pending: list[tuple[Any, ...]] = []
         self.due = 0
         self._retry: list[UsageBatch] = []  # a batch whose write failed, kept whole
-        self._minute = -1  # the minute whose table _row() last used, in self._batch
+        self._minute = -1  # the minute whose table _index() last used, in self._batch
         self._span = (0.0, 0.0)  # [start, end) of that minute, in seconds
-        self._table: dict[str, Row] = {}
+        self._table = Table()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._flush_lock = asyncio.Lock()
@@ -196,24 +194,27 @@ class UsageRecorder:
 
     # -- recording (no I/O) ----------------------------------------------------------------
 
-    def _row(self, key_id: str, now: float) -> Row | None:
+    def _index(self, key_id: str, now: float) -> int | None:
+        """The row of ``key_id`` for the minute of ``now`` (made if new) in ``self._table``,
+        that minute's table; None when the buffer is full."""
         minute = int(now // MINUTE)
         if minute == self._minute:
             table = self._table
         else:
-            table = self._batch.minutes.setdefault(minute, {})
+            minutes = self._batch.minutes
+            table = minutes[minute] if minute in minutes else minutes.setdefault(minute, Table())
             self._minute, self._table = minute, table
             # Floats: `now` is one, and a float compares slowly with an int past 2**30.
             self._span = (float(minute * MINUTE), float((minute + 1) * MINUTE))
-        row = table.get(key_id)
-        if row is None:
+        at = table.index.get(key_id)
+        if at is None:
             if self._batch.rows >= self.max_buckets:
                 return None
-            row = table[key_id] = new_row()
+            at = table.add(key_id)
             self._batch.rows += 1
             if self._task is None:
                 self._ensure_task()
-        return row
+        return at
 
     def record(
         self,
@@ -255,33 +256,35 @@ class UsageRecorder:
         once a minute at most); the others are, before and after it."""
         entries, self.pending = self.pending, []
         start, end = self._span
-        table = self._table
+        row_of, columns, requests, sent, last_at, last_ip, last_origin = self._table.hot()
         watching, by_client, cap = WATCH_IPS, BY_CLIENT, self.table_cap
         batch = self._batch
         noted = batch.seen.get
         rest = iter(entries)
         while True:
             try:  # (costs nothing in the loop while nothing raises)
-                for entry in rest:
-                    key_id, status, bytes_in, bytes_out, ip, origin, ip_mode, now, limited = entry
+                for key_id, status, bytes_in, bytes_out, ip, origin, ip_mode, now, limited in rest:
                     failed = status >= 400  # (a status of the wrong type stops here: no row)
-                    row = table.get(key_id) if start <= now < end else None
-                    if row is None:
-                        row = self._row(key_id, now)
-                        (start, end), table = self._span, self._table
-                        if row is None:
+                    at = row_of(key_id) if start <= now < end else None
+                    if at is None:
+                        at = self._index(key_id, now)
+                        if at is None:
                             self._drop()
                             continue
-                    row[REQUESTS] += 1
+                        start, end = self._span  # (the minute's table may be another)
+                        row_of, columns, requests, sent, last_at, last_ip, last_origin = (
+                            self._table.hot()
+                        )
+                    requests[at] += 1
                     if bytes_in:  # most requests have no body: skip making an int for nothing
-                        row[BYTES_IN] += bytes_in
-                    row[BYTES_OUT] += bytes_out
+                        columns[BYTES_IN][at] += bytes_in
+                    sent[at] += bytes_out
                     if failed:
-                        row[ERRORS_5XX if status >= 500 else ERRORS_4XX] += 1
+                        columns[ERRORS_5XX if status >= 500 else ERRORS_4XX][at] += 1
                         if limited:  # a 429
-                            row[RATE_LIMITED] += 1
+                            columns[RATE_LIMITED][at] += 1
                     if ip_mode == watching:  # a production key: its addresses (new-IP alert)
-                        if ip is not None and ip != row[IP]:  # (the same as its last: noted)
+                        if ip is not None and ip != last_ip[at]:  # (the same as its last: noted)
                             seen = noted(key_id)
                             if seen is None:
                                 batch.seen[key_id] = ip
@@ -295,11 +298,11 @@ class UsageRecorder:
                             _count(batch.ips, key_id, ip, cap)
                         if origin is not None:
                             _count(batch.origins, key_id, origin, cap)
-                    at = row[AT]
-                    if at is None or now >= at:  # a slow request ending last is not the last
-                        row[AT] = now
-                        row[IP] = ip
-                        row[ORIGIN] = origin
+                    latest = last_at[at]
+                    if latest is None or now >= latest:  # a slow request ending last is not
+                        last_at[at] = now  # the last
+                        last_ip[at] = ip
+                        last_origin[at] = origin
                 return
             except (TypeError, ValueError, ArithmeticError) as exc:  # a wrong value: this entry
                 self._reject(exc)
@@ -324,26 +327,27 @@ class UsageRecorder:
         middleware) or an attempt with a revoked or expired key."""
         self.settle()  # in order after the requests recorded before it
         now = self._clock()
-        row = self._row(key_id, now)
-        if row is None:
+        at = self._index(key_id, now)
+        if at is None:
             self._drop()
             return
+        columns = self._table.columns
         if kind == "quota":
-            row[QUOTA_EXCEEDED] += 1
+            columns[QUOTA_EXCEEDED][at] += 1
         else:
-            row[INACTIVE] += 1
-            row[INACTIVE_AT] = now
+            columns[INACTIVE][at] += 1
+            columns[INACTIVE_AT][at] = now
             inactive = self._batch.inactive
             inactive[key_id] = inactive.get(key_id, 0) + 1
 
     def record_tokens(self, key_id: str, tokens: int) -> None:
         """Count AI tokens a key consumed."""
         self.settle()
-        row = self._row(key_id, self._clock())
-        if row is None:
+        at = self._index(key_id, self._clock())
+        if at is None:
             self._drop()
             return
-        row[TOKENS] += tokens
+        self._table.columns[TOKENS][at] += tokens
 
     def _drop(self) -> None:
         self.dropped += 1

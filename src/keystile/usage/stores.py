@@ -34,9 +34,10 @@ from keystile.usage.models import (
     INACTIVE_AT,
     MINUTE,
     NFIELDS,
+    ROW_WIDTH,
     Granularity,
     LastUse,
-    Row,
+    Table,
     tracked,
 )
 from keystile.usage.totals import FlushTotals, unpack
@@ -248,13 +249,15 @@ class RedisUsageStore:
         sent = False
         async for chunk in _chunks(batch, self._slot):
             # One declared name per call (the chunk's slot); the script makes each key's.
-            ids, minutes, rows = chunk
+            ids, minutes, rows = chunk  # (rows: their values, column after column)
             keys = [self.names.usage(ids[0], "total")]
             payload, tops = _payload(chunk, pack), _tops(batch, ids, pack)
             if cluster:  # one slot per call: the index, in a slot of its own, comes last
                 reply = await self._script(keys=keys, args=[head, payload, tops])
-                for key_id, row in zip(ids, rows, strict=True):
-                    score = row[AT] or row[INACTIVE_AT] or 0
+                n = len(ids)
+                used, inactive = rows[AT * n : (AT + 1) * n], rows[INACTIVE_AT * n :]
+                for key_id, at, attempt in zip(ids, used, inactive, strict=True):
+                    score = at or attempt or 0
                     if score >= scores.get(key_id, 0):
                         scores[key_id] = score
                 touched.add(ids, minutes, reply)
@@ -376,59 +379,61 @@ class RedisUsageStore:
 
 
 # A chunk of a flush, as the write script takes it: the key id and the minute of each of
-# its rows, and the rows (a key's one after another, in minute order).
-Chunk = tuple[list[str], list[int], list[Row]]
+# its rows (a key's one after another, in minute order), and the rows' values column after
+# column (each row's first counter, then each row's second, ... each row's last inactive
+# attempt at: ``ROW_WIDTH`` columns of ``len(ids)``).
+Chunk = tuple[list[str], list[int], list[Any]]
 # A script call waiting to be sent: its chunk, KEYS, and ARGV after the head.
 _Call = tuple[Chunk, list[str], str | bytes, str | bytes]
 _NO_TOPS: list[dict[str, Any]] = [{}, {}]
-_values = dict.values
 
 
 def _payload(chunk: Chunk, pack: Pack) -> str | bytes:
-    """A chunk as the write script takes it: ``[key ids, minutes, values]``, the values
-    every row's ``ROW_WIDTH`` one after another (counters, last used at, ip, origin, last
-    inactive attempt at). Made and packed in C: no Python call per row."""
-    ids, minutes, rows = chunk
-    return pack([ids, minutes, list(itertools.chain.from_iterable(map(_values, rows)))])
+    """A chunk as the write script takes it, ``[key ids, minutes, values]``, packed in C."""
+    return pack(chunk)
 
 
 async def _chunks(batch: UsageBatch, slot: Callable[[str], int] | None) -> AsyncIterator[Chunk]:
     """``batch`` in chunks of about ``CHUNK_ROWS`` rows, a key's rows one after another in
     one chunk (the script checks a key's sequence at its first); with ``slot`` (a
     cluster), each chunk of keys of one slot. A flush of one minute (the usual) is cut as
-    it comes; one of several minutes is grouped by key first, with a yield to the event
-    loop every ``CHUNK_ROWS`` rows."""
+    it comes, its columns sliced in C; one of several minutes is grouped by key first,
+    with a yield to the event loop every ``CHUNK_ROWS`` rows."""
     if len(batch.minutes) == 1 and slot is None:
         [(minute, table)] = batch.minutes.items()
-        ids, rows = list(table), list(table.values())
+        ids = list(table)
         for start in range(0, len(ids), CHUNK_ROWS):
             part = ids[start : start + CHUNK_ROWS]
-            yield part, [minute] * len(part), rows[start : start + CHUNK_ROWS]
+            yield part, [minute] * len(part), table.flat(start, start + CHUNK_ROWS)
         return
-    groups: dict[int, dict[str, list[tuple[int, Row]]]] = {}
+    groups: dict[int, dict[str, list[tuple[int, Table, int]]]] = {}
     done = 0
     for minute in sorted(batch.minutes):
-        for key_id, row in batch.minutes[minute].items():
+        table = batch.minutes[minute]
+        for key_id, at in table.index.items():
             group = groups.setdefault(0 if slot is None else slot(key_id), {})
             mine = group.get(key_id)
             if mine is None:
                 mine = group[key_id] = []
-            mine.append((minute, row))
+            mine.append((minute, table, at))
             done += 1
             if done % CHUNK_ROWS == 0:
                 await asyncio.sleep(0)
     for group in groups.values():
-        chunk: Chunk = ([], [], [])
+        rows: list[tuple[str, int, Table, int]] = []
         for key_id, mine in group.items():
-            for minute, row in mine:  # a key's rows are never cut apart
-                chunk[0].append(key_id)
-                chunk[1].append(minute)
-                chunk[2].append(row)
-            if len(chunk[0]) >= CHUNK_ROWS:
-                yield chunk
-                chunk = ([], [], [])
-        if chunk[0]:
-            yield chunk
+            rows += [(key_id, minute, table, at) for minute, table, at in mine]  # never cut
+            if len(rows) >= CHUNK_ROWS:
+                yield _gathered(rows)
+                rows = []
+        if rows:
+            yield _gathered(rows)
+
+
+def _gathered(rows: list[tuple[str, int, Table, int]]) -> Chunk:
+    """A chunk of rows from tables of several minutes: (key id, minute, table, index)."""
+    values = [t.columns[field][at] for field in range(ROW_WIDTH) for _, _, t, at in rows]
+    return [k for k, _, _, _ in rows], [m for _, m, _, _ in rows], values
 
 
 def _tops(batch: UsageBatch, ids: list[str], pack: Pack) -> str | bytes:

@@ -16,9 +16,10 @@
 -- total ttl, top n, index ttl, what a key's names start with before its id (<ns>:usage:{),
 -- what they go on with after it (}:)].
 -- ARGV[2], one row per key-minute, a key's rows one after another (and in one call):
--- [the key ids, the minutes, the values], the values 13 per row one row after another:
--- the 9 counters, last used at, ip, origin, last inactive attempt at; the times as
--- numbers, what a row lacks null (nil). ARGV[3]: [ips, origins], each a map of key id ->
+-- [the key ids, the minutes, the values], the values 13 columns of one value per row,
+-- one column after another: the 9 counters, last used at, ip, origin, last inactive
+-- attempt at (the value of column c for row k is values[(c - 1) * rows + k]); the times
+-- as numbers, what a row lacks null (nil). ARGV[3]: [ips, origins], each a map of key id ->
 -- {member: count} for the keys of the chunk that have any. Both in MessagePack where this
 -- server's Lua has cmsgpack (the store asks first), else in JSON (a JSON text starts '[').
 -- The minute counts of an hour live in its hash m:<hour> as one field per minute of the hour
@@ -46,7 +47,7 @@ if index_ttl > 0 then index = KEYS[#KEYS] end
 local fields = {'requests', 'bytes_in', 'bytes_out', 'errors_4xx', 'errors_5xx',
                 'rate_limited', 'quota_exceeded', 'tokens', 'inactive_attempts'}
 local nfields = #fields
-local width = nfields + 4  -- a row's values: the counters, at, ip, origin, inactive at
+local rows = #ids  -- a column's values: the counters', then at, ip, origin, inactive at
 local out = {}
 
 local function text(value)
@@ -170,7 +171,6 @@ end
 -- joined).
 local key_id, prefix, total, fresh, newer, extend = nil, nil, nil, false, false, false
 for k = 1, #ids do
-  local base = (k - 1) * width  -- the row's values: values[base + 1 .. base + width]
   local first = ids[k] ~= key_id  -- the key's first row in this call: its share's checks
   if first then
     key_id = ids[k]
@@ -187,7 +187,7 @@ for k = 1, #ids do
   if fresh then
     local day_key = prefix .. 'd:' .. text(math.floor(minute / 1440))
     for i = 1, nfields do
-      local value = values[base + i]
+      local value = values[(i - 1) * rows + k]
       if value ~= 0 then
         counts[i] = counts[i] + value
         -- (a day's counter equal to what it was given is new: counters only grow)
@@ -207,13 +207,13 @@ for k = 1, #ids do
     end
   end
   out[#out + 1] = pack(counts)
-  local at, inactive = values[base + nfields + 1], values[base + nfields + 4]
+  local at, inactive = values[nfields * rows + k], values[(nfields + 3) * rows + k]
   if fresh then
     -- The latest use wins (a key's rows come in minute order; another process's may be later).
     if at ~= null then
       local seen = redis.call('HGET', total, 'last_at')
       if not seen or at >= tonumber(seen) then
-        local ip, origin = values[base + nfields + 2], values[base + nfields + 3]
+        local ip, origin = values[(nfields + 1) * rows + k], values[(nfields + 2) * rows + k]
         redis.call('HSET', total, 'last_at', stamp(at), 'last_ip', ip == null and '' or ip,
                    'last_origin', origin == null and '' or origin)
       end
