@@ -154,12 +154,24 @@ async def test_quota_api_needs_the_middleware() -> None:
 
 
 async def test_negative_tokens_are_refused() -> None:
-    """A negative or non-integer token count is a ValueError, not a silent credit."""
+    """A negative or non-integer token count is a ValueError, not a silent credit; so is
+    one past 2**36 (a count an upstream service reports, say: summed in a minute, it
+    could pass the 64 bits a usage flush sends, and jam every later flush), both when
+    spent and when recorded in usage directly. 2**36 itself counts."""
     gate = Keystile(store="memory://")
     created = await gate.manager.create({"name": "n", "type": "dev"})
-    for bad in (-1, 1.5, True):
-        with pytest.raises(ValueError, match="non-negative integer"):
-            await gate.quotas.spend(created.key, bad, "reserve")  # type: ignore[arg-type]
+    for bad in (-1, 1.5, True, 2**36 + 1, 2**64):
+        with pytest.raises(ValueError, match=r"tokens must be an integer from 0 to 68719476736"):
+            await gate.quotas.spend(created.key, bad, "record")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=r"tokens must be an integer from 0 to 68719476736"):
+            gate.usage.record_tokens(created.key.id, bad)  # type: ignore[arg-type]
+    for bad in (-1, 2**36 + 1, 2**64):  # (a value of another type: dropped when added up)
+        with pytest.raises(ValueError, match=r"byte counts must be integers from 0 to"):
+            gate.usage.record(created.key.id, 200, 0, bad)
+    assert gate.usage.dropped == 0
+    gate.usage.record_tokens(created.key.id, 2**36)
+    assert await gate.usage.flush()
+    assert (await gate.usage.report(created.key.id)).all_time.tokens == 2**36
 
 
 # -- when the quota store fails ----------------------------------------------------------------

@@ -788,8 +788,9 @@ async def test_a_minute_is_held_in_base_64_digits_and_read_back_exactly(
     key = key_ids(2)
     for _ in range(240):
         recorder.record(key[0], 200, 10, 500, "203.0.113.1", ORIGIN, BY_CLIENT)
-    recorder.record(key[1], 200, 0, 2**40 + 5, "203.0.113.1", ORIGIN, BY_CLIENT)
-    recorder.record(key[1], 503, 0, 0, "203.0.113.1", ORIGIN, BY_CLIENT)
+    recorder.record(key[1], 200, 0, 5, "203.0.113.1", ORIGIN, BY_CLIENT)
+    for _ in range(16):  # one call counts 2^36 at most
+        recorder.record(key[1], 503, 0, 2**36, "203.0.113.1", ORIGIN, BY_CLIENT)
     assert await recorder.flush()
     minute = int(clock() // 60)
     name = f"ks:usage:{{{key[0]}}}:m:{minute // 60}"
@@ -797,8 +798,8 @@ async def test_a_minute_is_held_in_base_64_digits_and_read_back_exactly(
     series = await store.series(key[0], clock() - 60, clock() + 60, "minute")
     assert [counts[:3] for _, counts in series] == [[240, 2400, 120_000]]
     (_, other), *_ = await store.series(key[1], clock() - 60, clock() + 60, "minute")
-    expected = dict.fromkeys(FIELDS, 0) | {"requests": 2, "bytes_out": 2**40 + 5}
-    assert other == list((expected | {"errors_5xx": 1}).values())
+    expected = dict.fromkeys(FIELDS, 0) | {"requests": 17, "bytes_out": 2**40 + 5}
+    assert other == list((expected | {"errors_5xx": 16}).values())
 
 
 async def test_minutes_of_the_earlier_layout_are_read_and_moved_when_written_again(
@@ -995,7 +996,7 @@ async def test_rows_go_packed_where_the_servers_lua_unpacks_them(
         recorder = UsageRecorder(packed, clock=clock)
         prod, browser, revoked = key_ids(3)
         clock.advance(0.123456)
-        recorder.record(prod, 200, 0, 1 << 40, "198.51.100.7", None, WATCH_IPS)
+        recorder.record(prod, 200, 0, 1 << 35, "198.51.100.7", None, WATCH_IPS)
         recorder.record(prod, 503, 17, 0, "2001:db8::1", None, WATCH_IPS)
         recorder.record_tokens(prod, 12_345)
         recorder.record(browser, 429, 0, 31, "203.0.113.9", ORIGIN, BY_CLIENT, rate_limited=True)
@@ -1006,7 +1007,7 @@ async def test_rows_go_packed_where_the_servers_lua_unpacks_them(
         text._pack = to_json  # the other way, against the same server
         for store in (packed, text, fake):
             totals = await store.write(batch)
-            assert totals[(prod, int(clock() // 60))][:5] == (2, 17, (1 << 40) + 0, 0, 1)
+            assert totals[(prod, int(clock() // 60))][:5] == (2, 17, 1 << 35, 0, 1)
         assert (packed._pack, text._pack, fake._pack) == (msgpack.packb, to_json, to_json)
         wrote = await dump(client, "packed")
         assert wrote == await dump(client, "text")
@@ -1018,5 +1019,37 @@ async def test_rows_go_packed_where_the_servers_lua_unpacks_them(
             assert await store.top(browser, "ips", 5) == {"203.0.113.9": 1, "203.0.113.10": 1}
             assert await store.top(browser, "origins", 5) == {ORIGIN: 2}
             assert (await store.last_use(revoked)).inactive_attempt_at == to_datetime(clock())
+    finally:
+        await client.aclose()
+
+
+async def test_a_probe_that_meets_an_error_is_asked_again(
+    own_redis: RedisServer, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first write asks the server whether its Lua unpacks MessagePack. An error
+    reply then (BUSY: another script running; a failover's READONLY or TRYAGAIN) fails
+    that write, retried whole, and is no answer: the next write asks again and packs
+    (found by an attacker's review: any error reply chose JSON for the process's life)."""
+    client = redis.asyncio.Redis.from_url(own_redis.url)
+    try:
+        store = RedisUsageStore(client, namespace="probe")
+        recorder = UsageRecorder(store, clock=clock)
+        asked = 0
+        evaluate = client.eval
+
+        async def busy_once(*args: Any) -> Any:
+            nonlocal asked
+            asked += 1
+            if asked == 1:
+                raise redis.exceptions.ResponseError("BUSY Redis is busy running a script")
+            return await evaluate(*args)
+
+        monkeypatch.setattr(client, "eval", busy_once)
+        recorder.record("key_a", 200, 0, 7)
+        assert not await recorder.flush()
+        assert store._pack is None and recorder.failed_flushes == 1
+        assert await recorder.flush()
+        assert (asked, store._pack) == (2, msgpack.packb)
+        assert (await store.totals("key_a"))[:3] == [1, 0, 7]
     finally:
         await client.aclose()

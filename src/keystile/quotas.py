@@ -39,6 +39,7 @@ from keystile.redis.schema import RedisSchema
 from keystile.redis.scripts import lua
 from keystile.responses import Headers, Refusal, Refusals, raise_refusal
 from keystile.usage import UsageRecorder
+from keystile.usage.models import check_tokens
 
 __all__ = ["MemoryQuotaStore", "QuotaState", "QuotaStore", "Quotas", "RedisQuotaStore"]
 
@@ -199,8 +200,7 @@ class Quotas(FallingBack):
 
     async def spend(self, key: ApiKey, tokens: int, mode: Mode) -> QuotaState | None:
         """Count ``tokens`` for ``key`` in ``mode``; ``None`` when the key has no budget."""
-        if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
-            raise ValueError("tokens must be a non-negative integer")
+        check_tokens(tokens)
         quota = self.quota_of(key)
         if quota is None:
             return None

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from typing import Any
 
 import msgpack
-from redis.exceptions import ResponseError
 
 from keystile.redis.connect import RedisClient
 
@@ -25,9 +24,10 @@ Pack = Callable[[Any], str | bytes]
 to_json: Pack = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
 
 # What a flush sends, each kind once: a long text, a time, a missing value, a large count,
-# a map. The script hands back what it unpacked, as text.
+# a map. The script hands back what it unpacked, as text (0 when its Lua has no cmsgpack).
 _SAMPLE = ["k" * 40, 1764880000.123456, None, 2**40 + 1, {"203.0.113.7": 3}]
 _PROBE = """
+if type(cmsgpack) ~= 'table' then return 0 end
 local v = cmsgpack.unpack(ARGV[1])
 return {v[1], string.format('%.17g', v[2]), tostring(v[3]), string.format('%.0f', v[4]),
         tostring(v[5]['203.0.113.7'])}
@@ -37,10 +37,10 @@ _UNPACKED = ["k" * 40, "1764880000.123456", "nil", str(2**40 + 1), "3"]
 
 async def packer(client: RedisClient) -> Pack:
     """MessagePack's if the server behind ``client`` unpacks a sample of what is sent just
-    as it was packed, else JSON's. A server that cannot be reached raises (ask again)."""
-    try:
-        reply = await client.eval(_PROBE, 0, msgpack.packb(_SAMPLE))
-    except ResponseError:  # no cmsgpack: fakeredis
+    as it was packed, else JSON's. An error (the server unreachable, busy, failing over)
+    is raised: the next write asks again."""
+    reply = await client.eval(_PROBE, 0, msgpack.packb(_SAMPLE))
+    if not isinstance(reply, list):  # no cmsgpack: fakeredis
         return to_json
     unpacked = [part.decode() if isinstance(part, bytes) else str(part) for part in reply]
     pack: Pack = msgpack.packb

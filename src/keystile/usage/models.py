@@ -66,6 +66,18 @@ Granularity = Literal["minute", "day"]
 AT, IP, ORIGIN, INACTIVE_AT = range(NFIELDS, NFIELDS + 4)
 ROW_WIDTH = NFIELDS + 4
 MAX_SEEN = 64  # addresses a buffer notes per watched key between two flushes
+# The most one call may count (tokens, a request's bytes recorded by hand): whatever a
+# minute adds up stays within the 64 bits a flush sends a count in (2**63 needs 2**27
+# such calls for one key in one minute).
+MAX_COUNT = 2**36
+
+
+def check_tokens(tokens: int) -> None:
+    """Raise ValueError unless ``tokens`` is an integer from 0 to :data:`MAX_COUNT`."""
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or not 0 <= tokens <= MAX_COUNT:
+        raise ValueError(f"tokens must be an integer from 0 to {MAX_COUNT}")
+
+
 Row = tuple[Any, ...]  # a row read out of a Table: its ROW_WIDTH values
 _GROW = 256  # rows a table's columns grow by at a time
 

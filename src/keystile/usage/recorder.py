@@ -33,6 +33,7 @@ from keystile.usage.models import (
     INACTIVE,
     INACTIVE_AT,
     IP,
+    MAX_COUNT,
     MAX_SEEN,
     MINUTE,
     ORIGIN,
@@ -45,6 +46,7 @@ from keystile.usage.models import (
     Table,
     UsageOverview,
     UsageReport,
+    check_tokens,
     counters,
     tracked,
 )
@@ -235,6 +237,10 @@ class UsageRecorder:
         It costs an append: requests are added up in the buffer a slice at a time, in one
         tight loop (at thousands of keys a key's row is far from the CPU's caches; touched
         there, a request would wait for memory once per row it touches)."""
+        if type(bytes_in) is int is type(bytes_out) and not (
+            0 <= bytes_in <= MAX_COUNT and 0 <= bytes_out <= MAX_COUNT
+        ):  # (a value of another type is dropped when added up, and logged)
+            raise ValueError(f"byte counts must be integers from 0 to {MAX_COUNT}")
         log = self.pending
         if now is None:
             now = self._clock()
@@ -341,7 +347,8 @@ class UsageRecorder:
             inactive[key_id] = inactive.get(key_id, 0) + 1
 
     def record_tokens(self, key_id: str, tokens: int) -> None:
-        """Count AI tokens a key consumed."""
+        """Count AI tokens a key consumed (an integer from 0 to :data:`MAX_COUNT`)."""
+        check_tokens(tokens)
         self.settle()
         at = self._index(key_id, self._clock())
         if at is None:
