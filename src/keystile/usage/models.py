@@ -1,9 +1,9 @@
 """The usage reports (pydantic models) and the layout of the rows usage is counted in.
 
-A count row is a dict of index -> value: the :data:`FIELDS` counters (indexed by
-:data:`REQUESTS` ... :data:`INACTIVE`), then, in a recorder's buffer, the last use seen
-in that minute and the last inactive attempt (:data:`AT` ... :data:`INACTIVE_AT`). The
-stores keep the counters only.
+A count row holds the :data:`FIELDS` counters (indexed by :data:`REQUESTS` ...
+:data:`INACTIVE`), then, in a recorder's buffer, the last use seen in that minute and the
+last inactive attempt (:data:`AT` ... :data:`INACTIVE_AT`); a buffer keeps a minute's rows
+as columns (:class:`Table`). The stores keep the counters only.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def check_tokens(tokens: int) -> None:
 
 
 Row = tuple[Any, ...]  # a row read out of a Table: its ROW_WIDTH values
-_GROW = 256  # rows a table's columns grow by at a time
+_FIRST = 1  # rows a table's columns hold at first; then they double when full
 
 
 class Table(Mapping[str, Row]):
@@ -90,9 +90,9 @@ class Table(Mapping[str, Row]):
     Columns, not an object per row: at thousands of keys a request's row is far from the
     CPU's caches, and a row of its own was several cache lines away (the object, its
     table, its values); a column holds a value of each key side by side, so adding up
-    touches a slot of each column a request counts in. And the collector tracks the
-    columns (13 lists a minute), not thousands of rows that would reach its oldest
-    generation and trigger full collections of the heap."""
+    touches a slot of each column a request counts in. The columns hold plain values
+    only (the collector tracks the 13 lists, not what is in them), and double when full:
+    a table's memory follows its rows, whatever the minutes held."""
 
     __slots__ = ("columns", "index")
 
@@ -104,9 +104,10 @@ class Table(Mapping[str, Row]):
         """A new (empty) row for ``key_id``; its index."""
         at = len(self.index)
         columns = self.columns
-        if at == len(columns[0]):  # grown a few hundred rows at a time, not a row
+        if at == len(columns[0]):  # full: doubled (not grown a row at a time)
+            more = max(at, _FIRST)
             for field, column in enumerate(columns):
-                column.extend(itertools.repeat(0 if field < NFIELDS else None, _GROW))
+                column.extend(itertools.repeat(0 if field < NFIELDS else None, more))
         self.index[key_id] = at
         return at
 

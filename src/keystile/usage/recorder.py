@@ -183,7 +183,7 @@ class UsageRecorder:
         self.pending: list[tuple[Any, ...]] = []
         self.due = 0
         self._retry: list[UsageBatch] = []  # a batch whose write failed, kept whole
-        self._minute = -1  # the minute whose table _index() last used, in self._batch
+        self._minute: float = math.inf  # whose table _index() last used (none: inf)
         self._span = (0.0, 0.0)  # [start, end) of that minute, in seconds
         self._table = Table()
         self._task: asyncio.Task[None] | None = None
@@ -200,14 +200,16 @@ class UsageRecorder:
         """The row of ``key_id`` for the minute of ``now`` (made if new) in ``self._table``,
         that minute's table; None when the buffer is full."""
         minute = int(now // MINUTE)
-        if minute == self._minute:
-            table = self._table
-        else:
-            minutes = self._batch.minutes
-            table = minutes[minute] if minute in minutes else minutes.setdefault(minute, Table())
-            self._minute, self._table = minute, table
+        if minute != self._minute:
+            found = self._batch.minutes.get(minute)
+            if found is None:
+                if self._batch.rows >= self.max_buckets:  # full: not even an empty table
+                    return None
+                found = self._batch.minutes[minute] = Table()
+            self._minute, self._table = minute, found
             # Floats: `now` is one, and a float compares slowly with an int past 2**30.
             self._span = (float(minute * MINUTE), float((minute + 1) * MINUTE))
+        table = self._table
         at = table.index.get(key_id)
         if at is None:
             if self._batch.rows >= self.max_buckets:
@@ -405,7 +407,7 @@ class UsageRecorder:
             if ok:
                 self.settle()
                 batch, self._batch = self._batch, UsageBatch()
-                self._minute = -1
+                self._minute = math.inf
                 self._span = (0.0, 0.0)
                 if batch:
                     self._stamp(batch)
