@@ -50,11 +50,16 @@ def test_every_generated_key_parses(prefix: str) -> None:
     assert parse_key(generate_key(prefix), PREFIXES) == prefix
 
 
+# One key per prefix for the whole run: a key made inside a hypothesis example would differ
+# when hypothesis replays it, and the draws that depend on it with it (CI saw Flaky).
+_KEYS = {prefix: generate_key(prefix) for prefix in PREFIXES}
+
+
 @settings(max_examples=200)
 @given(prefixes, st.data())
 def test_every_single_character_change_is_rejected(prefix: str, data: st.DataObject) -> None:
     """Changing any one character of a valid key to any other character is refused."""
-    key = generate_key(prefix)
+    key = _KEYS[prefix]
     position = data.draw(st.integers(0, len(key) - 1))
     replacement = data.draw(st.characters().filter(lambda c: c != key[position]))
     changed = key[:position] + replacement + key[position + 1 :]
