@@ -40,7 +40,7 @@ from keystile.usage import (
 )
 from keystile.usage.models import IP, ROW_WIDTH, TOKENS
 from keystile.usage.recorder import _SLICE
-from keystile.usage.stores import CHUNK_ROWS, _chunks, _payload
+from keystile.usage.stores import CHUNK_ROWS, _chunks
 from test_usage import StallingProxy
 from usage_app import build_app, http
 
@@ -480,8 +480,8 @@ async def test_a_flush_leaves_the_garbage_collector_nothing_to_track_per_key(
         assert [len(ids) for ids, _, _ in chunks] == [CHUNK_ROWS, 300 - CHUNK_ROWS]
         ids, minutes, sent = chunks[0]
         assert ids == keys[:CHUNK_ROWS] and minutes == [minute] * CHUNK_ROWS
-        values = json.loads(_payload(chunks[0], to_json))[2]
-        assert msgpack.unpackb(_payload(chunks[0], msgpack.packb))[2] == values == sent
+        values = json.loads(to_json(chunks[0]))[2]
+        assert msgpack.unpackb(msgpack.packb(chunks[0]))[2] == values == sent
         assert len(values) == CHUNK_ROWS * ROW_WIDTH  # column after column:
         assert values[1::CHUNK_ROWS] == list(row)  # each column's second value: key 1's
         assert await recorder.flush()

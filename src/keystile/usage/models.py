@@ -125,10 +125,10 @@ class Table(Mapping[str, Row]):
             columns[ORIGIN],
         )
 
-    def flat(self, start: int = 0, stop: int | None = None) -> list[Any]:
+    def flat(self, start: int, stop: int) -> list[Any]:
         """Rows ``start`` to ``stop`` (index order): their values column after column (each
         counter of every row, ..., each last inactive attempt), as a flush sends them."""
-        stop = len(self.index) if stop is None else min(stop, len(self.index))
+        stop = min(stop, len(self.index))  # (the columns run on past the last row)
         return list(itertools.chain.from_iterable(c[start:stop] for c in self.columns))
 
     def __getitem__(self, key_id: str) -> Row:

@@ -251,7 +251,7 @@ class RedisUsageStore:
             # One declared name per call (the chunk's slot); the script makes each key's.
             ids, minutes, rows = chunk  # (rows: their values, column after column)
             keys = [self.names.usage(ids[0], "total")]
-            payload, tops = _payload(chunk, pack), _tops(batch, ids, pack)
+            payload, tops = pack(chunk), _tops(batch, ids, pack)  # [key ids, minutes, values]
             if cluster:  # one slot per call: the index, in a slot of its own, comes last
                 reply = await self._script(keys=keys, args=[head, payload, tops])
                 n = len(ids)
@@ -386,11 +386,6 @@ Chunk = tuple[list[str], list[int], list[Any]]
 # A script call waiting to be sent: its chunk, KEYS, and ARGV after the head.
 _Call = tuple[Chunk, list[str], str | bytes, str | bytes]
 _NO_TOPS: list[dict[str, Any]] = [{}, {}]
-
-
-def _payload(chunk: Chunk, pack: Pack) -> str | bytes:
-    """A chunk as the write script takes it, ``[key ids, minutes, values]``, packed in C."""
-    return pack(chunk)
 
 
 async def _chunks(batch: UsageBatch, slot: Callable[[str], int] | None) -> AsyncIterator[Chunk]:
